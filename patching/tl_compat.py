@@ -1,0 +1,137 @@
+"""Every TransformerLens-specific call, in one place.
+
+TransformerLens 3.x (what SAELens allows) provides `HookedTransformer`; 4.x replaces it with
+`TransformerBridge`. Moving to the bridge should touch this module only: the rest of
+latentpatch sees a model through these functions and through `torch.nn.Module` hooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import loading_from_pretrained as tl_loading
+
+HookFn = Callable[[Tensor], Tensor | None]
+
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+def is_supported_model(model: Any) -> bool:
+    return isinstance(model, HookedTransformer)
+
+
+def build_from_local_folder(
+    folder: Path,
+    hf_model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    flags: dict[str, bool],
+    n_layers: int | None,
+    n_ctx: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> HookedTransformer:
+    """Build a HookedTransformer from a local HF folder the way `from_pretrained` does inside.
+
+    `from_pretrained` refuses names outside TransformerLens's official list, so we run its
+    three steps ourselves: config from the folder, converted state dict, then weight processing.
+    """
+    cfg = tl_loading.get_pretrained_model_config(
+        str(folder), hf_cfg=hf_model.config.to_dict(), fold_ln=flags["fold_ln"], device=device,
+        dtype=dtype, first_n_layers=n_layers, n_ctx=n_ctx,
+    )
+    state_dict = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **flags)
+    model.cfg.model_name = model_name
+    return model.to(device)
+
+
+def load_official(name: str, *, flags: dict[str, bool], n_layers: int | None, device: Any, dtype: torch.dtype) -> HookedTransformer:
+    """Any official TransformerLens name, through its own loader (needs the hub)."""
+    return HookedTransformer.from_pretrained_no_processing(
+        name, device=device, dtype=dtype, first_n_layers=n_layers, **flags
+    )
+
+
+def tiny_config(**overrides: Any) -> HookedTransformerConfig:
+    """A HookedTransformerConfig for tests and examples (random weights)."""
+    defaults: dict[str, Any] = dict(
+        n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=50, n_ctx=32,
+        act_fn="gelu", normalization_type="LN", seed=0,
+    )
+    return HookedTransformerConfig(**{**defaults, **overrides})
+
+
+def random_model(**overrides: Any) -> HookedTransformer:
+    return HookedTransformer(tiny_config(**overrides))
+
+
+def n_layers(model: HookedTransformer) -> int:
+    return model.cfg.n_layers
+
+
+def d_model(model: HookedTransformer) -> int:
+    return model.cfg.d_model
+
+
+def d_mlp(model: HookedTransformer) -> int | None:
+    return model.cfg.d_mlp
+
+
+def model_name(model: HookedTransformer) -> str:
+    return model.cfg.model_name
+
+
+def hook_names(model: HookedTransformer) -> set[str]:
+    return set(model.hook_dict)
+
+
+def hook_module(model: HookedTransformer, hook_name: str) -> torch.nn.Module:
+    return model.hook_dict[hook_name]
+
+
+def attach_hook(model: HookedTransformer, hook_name: str, fn: HookFn) -> RemovableHandle:
+    """Attach a forward hook that may replace the hook point's output.
+
+    A plain torch hook on the HookPoint: TransformerLens's `reset_hooks` (called by
+    `run_with_hooks`) does not know it, so a user's TransformerLens hooks inside a splice
+    cannot remove ours; we remove it ourselves through the returned handle.
+    """
+
+    def forward_hook(module: torch.nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+        return fn(output)
+
+    return hook_module(model, hook_name).register_forward_hook(forward_hook)
+
+
+def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: bool = True) -> Tensor:
+    return model.to_tokens(text, prepend_bos=prepend_bos)
+
+
+def to_str_tokens(model: HookedTransformer, tokens: Tensor) -> list[str]:
+    return model.to_str_tokens(tokens)
+
+
+def forward_logits(model: HookedTransformer, tokens: Tensor) -> Tensor:
+    return model(tokens, return_type="logits")
+
+
+def model_dtype(model: HookedTransformer) -> torch.dtype:
+    return model.cfg.dtype
+
+
+def model_device(model: HookedTransformer) -> torch.device:
+    return next(model.parameters()).device
+
+
+def inferred_flags(model: HookedTransformer) -> dict[str, bool]:
+    """What can be read off a model not loaded by latentpatch: folded norms show in its type."""
+    norm = model.cfg.normalization_type or ""
+    return {"fold_ln": norm.endswith("Pre")}
