@@ -8,7 +8,8 @@ latentpatch sees a model through these functions and through `torch.nn.Module` h
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -46,6 +46,8 @@ LEGACY_KEYS = {
     "prepend_bos", "sae_lens_version", "sae_lens_training_version", "model_from_pretrained_kwargs",
     "seqpos_slice", "neuronpedia_id", "exclude_special_tokens", "model_class_name",
 }
+# Metadata that `save_sae` writes anew each time rather than carrying over from the file read.
+REWRITTEN_METADATA = ("latentpatch", "sae_lens_version", "sae_lens_training_version")
 METADATA_FIELDS = ("hook_name", "model_name", "model_from_pretrained_kwargs", "prepend_bos",
                    "context_size", "dataset_path")
 
@@ -70,8 +72,7 @@ def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:
 def config_to_dict(cfg: SAEConfig, *, weights_sha256: str | None = None) -> dict[str, Any]:
     """The SAELens 6.x `cfg.json` dictionary for `cfg`."""
     metadata: dict[str, Any] = dict(cfg.extra_metadata)
-    metadata.setdefault("sae_lens_version", _sae_lens_version())
-    metadata.setdefault("sae_lens_training_version", metadata["sae_lens_version"])
+    metadata["sae_lens_version"] = metadata["sae_lens_training_version"] = _sae_lens_version()
     for name in METADATA_FIELDS:
         metadata[name] = getattr(cfg, name) if name != "model_from_pretrained_kwargs" else dict(cfg.model_from_pretrained_kwargs)
     section: dict[str, Any] = {"format_version": FORMAT_VERSION}
@@ -150,7 +151,7 @@ def config_from_dict(raw: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, st
         raise SAEFileError(cfg_path, f"architecture {architecture!r} is not read natively (supported: {ARCHITECTURES}); "
                            "load it with sae_lens.SAE.load_from_disk and pass that object instead")
     fields = {name: merged[name] for name in METADATA_FIELDS if merged.get(name) is not None}
-    extra = {k: v for k, v in metadata.items() if k not in METADATA_FIELDS and k != "latentpatch"}
+    extra = {k: v for k, v in metadata.items() if k not in METADATA_FIELDS and k not in REWRITTEN_METADATA}
     try:
         cfg = SAEConfig(d_in=raw["d_in"], d_sae=raw["d_sae"], architecture=architecture, k=k,
                         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models for invariants, the default model for integration.
+
+Models are built inside fixtures (never at import time) and shared per module or session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from patching import tl_compat
+from sae import SAEConfig, SparseAutoencoder
+
+
+def construct_unchecked(cls, **values):
+    """Build a frozen dataclass without its generated __init__, then run its __post_init__.
+
+    The test run type-checks every call (jaxtyping + beartype), which would refuse a value of
+    the wrong type before our own validation runs; users without a checker meet our check.
+    """
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    fields.update({f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING})
+    fields.update(values)
+    obj = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
+    obj.__post_init__()
+    return obj
+
+
+def make_sae(d_in: int, d_sae: int, *, hook_name: str | None, model_name: str | None, seed: int = 0,
+             architecture: str = "standard", k: int | None = None, **kwargs) -> SparseAutoencoder:
+    """A random SAE with non-trivial biases, so that tests exercise every term."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook_name, model_name=model_name,
+                    architecture=architecture, k=k, **kwargs)
+    sae = SparseAutoencoder(cfg, generator=gen)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
+        sae.W_enc.mul_(1 + torch.rand(d_in, d_sae, generator=gen))
+        if architecture == "jumprelu":
+            sae.threshold.copy_(torch.rand(d_sae, generator=gen) * 0.2)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tiny_model):
+    return make_sae(tiny_model.cfg.d_model, 48, hook_name="blocks.1.hook_resid_pre",
+                    model_name=tiny_model.cfg.model_name)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens():
+    return torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from patching import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def default_model_4l():
+    from patching import load_model
+
+    return load_model(n_layers=4)

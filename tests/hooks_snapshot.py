@@ -1,0 +1,32 @@
+"""Snapshot every hook, flag and mode of a model, to prove a call left it as it found it."""
+
+from __future__ import annotations
+
+import torch
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    state = {}
+    for name, module in model.named_modules():
+        hooks = tuple((attr, tuple(getattr(module, attr, {}).keys())) for attr in HOOK_DICTS)
+        tl_lists = tuple(len(getattr(module, attr, ())) for attr in ("fwd_hooks", "bwd_hooks"))
+        state[name] = (hooks, tl_lists, module.training, len(getattr(module, "ctx", {}) or {}))
+    state["<grad>"] = tuple(p.requires_grad for p in model.parameters())
+    return state
+
+
+class CountingHook:
+    """Counts forward passes by hooking the embedding."""
+
+    def __init__(self, model) -> None:
+        self.count = 0
+        self.handle = model.embed.register_forward_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self.handle.remove()

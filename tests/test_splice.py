@@ -1,0 +1,201 @@
+"""The splicer: exact identity, exact edits, gradient nodes, validation and hook hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching import LatentEdit, Site, SiteError, SpliceError, splice
+from patching import tl_compat
+from sae import NotAnSAEError
+from tests.conftest import construct_unchecked, make_sae
+from tests.hooks_snapshot import CountingHook, snapshot
+
+
+def site_input(model, site: Site, tokens: torch.Tensor) -> torch.Tensor:
+    _, cache = model.run_with_cache(tokens, names_filter=site.hook_name)
+    return cache[site.hook_name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [False, True])
+def test_splice_without_edit_is_exact_identity(dtype, cache, tiny_tokens):
+    model = tl_compat.random_model(n_layers=3, dtype=dtype)
+    sae = make_sae(16, 40, hook_name="blocks.1.hook_resid_mid", model_name=model.cfg.model_name)
+    reference = model(tiny_tokens)
+    with splice(model, sae, cache=cache) as state:
+        assert torch.equal(model(tiny_tokens), reference)
+    assert (Site(1, "resid_mid") in state.records) == cache
+
+
+def test_known_edit_changes_only_its_position_by_exact_amount(tiny_model, tiny_sae, tiny_tokens):
+    site, j, v, p = Site(1), 7, 3.25, 5
+    x = site_input(tiny_model, site, tiny_tokens)
+    z = tiny_sae.encode(x)
+    seen = {}
+    with splice(tiny_model, tiny_sae, edits=[LatentEdit(site, j, v, positions=p)]):
+        with tiny_model.hooks(fwd_hooks=[(site.hook_name, lambda out, hook: seen.update(out=out.clone()))]):
+            tiny_model(tiny_tokens)
+    expected = x.clone()
+    expected[:, p] = x[:, p] + (v - z[:, p, j])[:, None] * tiny_sae.W_dec[j]
+    assert torch.equal(seen["out"], expected)
+    mask = torch.ones(x.shape[1], dtype=torch.bool)
+    mask[p] = False
+    assert torch.equal(seen["out"][:, mask], x[:, mask])
+
+
+def test_edit_modes_batch_rows_and_tensor_values(tiny_model, tiny_sae, tiny_tokens):
+    site = Site(1)
+    z = tiny_sae.encode(site_input(tiny_model, site, tiny_tokens))
+    values = torch.tensor([[1.0, 2.0]])  # broadcast over the two selected positions
+    edits = [LatentEdit(site, [2, 4], 2.0, mode="scale", batch=0),
+             LatentEdit(site, 9, values.T, mode="add", positions=[1, 3], batch=[1])]
+    with splice(tiny_model, tiny_sae, edits=edits, cache=True) as state:
+        tiny_model(tiny_tokens)
+    edited = state.records[site].edited_latents
+    expected = z.clone()
+    expected[0, :, [2, 4]] *= 2
+    expected[1, [1, 3], 9] += torch.tensor([1.0, 2.0])
+    assert torch.equal(edited, expected)
+
+
+def test_bottleneck_runs_the_model_on_the_reconstruction(tiny_model, tiny_sae, tiny_tokens):
+    site = Site(1)
+    replace = lambda out, hook: tiny_sae.decode(tiny_sae.encode(out))  # noqa: E731
+    with tiny_model.hooks(fwd_hooks=[(site.hook_name, replace)]):
+        reference = tiny_model(tiny_tokens)
+    with splice(tiny_model, tiny_sae, error_term=False):
+        assert torch.equal(tiny_model(tiny_tokens), reference)
+
+
+def test_gradients_reach_latents_and_error_node(tiny_model, tiny_sae, tiny_tokens):
+    site = Site(1)
+    grad_at_site = {}
+
+    def keep_grad(out, hook):
+        out.register_hook(lambda g: grad_at_site.update(g=g))
+
+    with splice(tiny_model, tiny_sae, track_grads=True) as state:
+        with tiny_model.hooks(fwd_hooks=[(site.hook_name, keep_grad)]):
+            logits = tiny_model(tiny_tokens)
+        logits[:, -1, 3].sum().backward()
+    record = state.records[site]
+    g = grad_at_site["g"]
+    torch.testing.assert_close(record.error_grad, g)
+    torch.testing.assert_close(record.latents_grad, g @ tiny_sae.W_dec.T, atol=1e-6, rtol=1e-5)
+    # The gradient upstream of the splice is the unspliced model's.
+    tiny_model.zero_grad()
+    logits_plain = tiny_model(tiny_tokens)
+    logits_plain[:, -1, 3].sum().backward()
+    grads_plain = [p.grad.clone() for p in tiny_model.blocks[0].parameters()]
+    tiny_model.zero_grad()
+    with splice(tiny_model, tiny_sae, track_grads=True):
+        tiny_model(tiny_tokens)[:, -1, 3].sum().backward()
+    for plain, spliced in zip(grads_plain, [p.grad for p in tiny_model.blocks[0].parameters()]):
+        torch.testing.assert_close(spliced, plain, atol=1e-6, rtol=1e-5)
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_saelens_sae_is_accepted(tiny_model, tiny_tokens):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    theirs = StandardSAE(StandardSAEConfig(d_in=16, d_sae=32))
+    theirs.cfg.metadata.hook_name = "blocks.2.hook_resid_pre"
+    reference = tiny_model(tiny_tokens)
+    with splice(tiny_model, theirs, cache=True) as state:
+        assert torch.equal(tiny_model(tiny_tokens), reference)
+    z = state.records[Site(2)].latents
+    assert torch.equal(z, theirs.encode(site_input(tiny_model, Site(2), tiny_tokens)))
+
+
+def test_several_sites_at_once(tiny_model, tiny_tokens):
+    saes = {Site(0): make_sae(16, 24, hook_name=None, model_name=None, seed=1),
+            "blocks.2.hook_mlp_out": make_sae(16, 24, hook_name=None, model_name=None, seed=2)}
+    with splice(tiny_model, saes, cache=True) as state:
+        tiny_model(tiny_tokens)
+    assert set(state.records) == {Site(0), Site(2, "mlp_out")}
+
+
+@pytest.mark.parametrize("make_args,error,pattern", [
+    (lambda m: ({Site(1): make_sae(17, 8, hook_name=None, model_name=None)},), SpliceError, r"d_in=17.*width 16"),
+    (lambda m: (make_sae(16, 8, hook_name="blocks.1.hook_resid_pre", model_name="gpt2"),), SpliceError, "trained on model 'gpt2'"),
+    (lambda m: ({Site(2): make_sae(16, 8, hook_name="blocks.1.hook_resid_pre", model_name=None)},), SpliceError, "allow_hook_mismatch"),
+    (lambda m: ({Site(7): make_sae(16, 8, hook_name=None, model_name=None)},), SiteError, r"layers 0\.\.2"),
+    (lambda m: (make_sae(16, 8, hook_name=None, model_name=None),), SpliceError, "records no hook_name"),
+    (lambda m: (object(),), NotAnSAEError, "expected an SAE"),
+    (lambda m: (make_sae(16, 8, hook_name="blocks.1.hook_resid_pre", model_name=None), [LatentEdit(Site(1), 8, 1.0)]), SpliceError, "latent index 8"),
+    (lambda m: (make_sae(16, 8, hook_name="blocks.1.hook_resid_pre", model_name=None), [LatentEdit(Site(2), 1, 1.0)]), SpliceError, "spliced only at"),
+])
+def test_bad_input_raises_before_any_forward(tiny_model, tiny_tokens, make_args, error, pattern):
+    args = make_args(tiny_model)
+    before = snapshot(tiny_model)
+    counter = CountingHook(tiny_model)
+    try:
+        with pytest.raises(error, match=pattern):
+            edits = args[1] if len(args) > 1 else ()
+            with splice(tiny_model, args[0], edits=edits):
+                tiny_model(tiny_tokens)
+        assert counter.count == 0
+    finally:
+        counter.remove()
+    assert snapshot(tiny_model) == before
+
+
+@pytest.mark.parametrize("bad", [dict(latents=-1), dict(positions=[0, -2]), dict(value=float("nan")),
+                                 dict(value="big"), dict(mode="multiply"), dict(latents=[])])
+def test_bad_edits_are_refused(bad):
+    with pytest.raises(SpliceError):
+        construct_unchecked(LatentEdit, **{"site": Site(0), "latents": 1, "value": 1.0, **bad})
+
+
+def test_model_flag_mismatch_is_refused(tiny_model):
+    sae = make_sae(16, 8, hook_name="blocks.1.hook_resid_pre", model_name=tiny_model.cfg.model_name,
+                   model_from_pretrained_kwargs={"fold_ln": True})
+    with pytest.raises(SpliceError, match="fold_ln: SAE True vs model False"):
+        with splice(tiny_model, sae):
+            pass
+    with splice(tiny_model, sae, allow_model_mismatch=True):
+        pass
+
+
+class Boom(Exception):
+    pass
+
+
+def raise_in_user_hook(model, tokens):
+    def hook(out, hook):
+        raise Boom
+
+    with model.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", hook)]):
+        model(tokens)
+
+
+def interrupt_mid_forward(model, tokens):
+    handle = model.blocks[2].register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        model(tokens)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("fault,error", [
+    (lambda m, t: (_ for _ in ()).throw(Boom()), Boom),
+    (raise_in_user_hook, Boom),
+    (interrupt_mid_forward, KeyboardInterrupt),
+])
+@pytest.mark.parametrize("track_grads", [False, True])
+def test_hooks_restored_after_faults(tiny_model, tiny_sae, tiny_tokens, fault, error, track_grads):
+    before = snapshot(tiny_model)
+    with pytest.raises(error):
+        with splice(tiny_model, tiny_sae, cache=True, track_grads=track_grads,
+                    edits=[LatentEdit(Site(1), 0, 1.0)]):
+            fault(tiny_model, tiny_tokens)
+    assert snapshot(tiny_model) == before
+    reference = tiny_model(tiny_tokens)
+    assert torch.equal(tiny_model(tiny_tokens), reference)
+
+
+def test_position_out_of_range_names_it(tiny_model, tiny_sae, tiny_tokens):
+    with pytest.raises(SpliceError, match="positions index 40 out of range for size 12"):
+        with splice(tiny_model, tiny_sae, edits=[LatentEdit(Site(1), 0, 1.0, positions=40)]):
+            tiny_model(tiny_tokens)
