@@ -1,0 +1,3 @@
+from latentpatch.cli import main
+
+raise SystemExit(main())
