@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Union
 
 import torch
@@ -79,8 +80,12 @@ class LatentEdit:
 def _as_index(name: str, index: Index) -> tuple[int, ...] | None:
     if index is None:
         return None
-    items = (index,) if isinstance(index, int) else tuple(index)
-    if not items or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+    raw = index.flatten().tolist() if isinstance(index, Tensor) else list(index) if isinstance(index, Sequence) else [index]
+    try:
+        items = tuple(operator.index(i) for i in raw if not isinstance(i, bool))
+    except TypeError:
+        items = ()
+    if not items or len(items) != len(raw) or min(items) < 0:
         raise SpliceError(f"LatentEdit.{name} must be None or non-negative ints (no negative indices), got {index!r}")
     return items
 
@@ -89,3 +94,88 @@ def _index_tensor(index: tuple[int, ...] | None, size: int, device: torch.device
     if index is None:
         return torch.arange(size, device=device)
     return torch.tensor(index, device=device, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class LatentPatch:
+    """Element-wise latent assignment: `z[batch[i], positions[i], latents[i]] = values[i]`.
+
+    The vectorised form sweeps use: one value carries thousands of single-latent patches, each
+    on its own batch row. All four tensors are 1-D of equal length.
+    """
+
+    site: Site
+    """Where the SAE sits."""
+    batch: Tensor
+    """Batch row of each element (long)."""
+    positions: Tensor
+    """Token position of each element (long)."""
+    latents: Tensor
+    """Latent index of each element (long)."""
+    values: Tensor
+    """New value of each element."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "site", as_site(self.site))
+        _check_coordinates(self, ("batch", "positions", "latents"))
+
+    def check_latents(self, d_sae: int) -> None:
+        if self.latents.numel() and int(self.latents.max()) >= d_sae:
+            raise SpliceError(f"{self.site}: latent index {int(self.latents.max())} out of range for d_sae={d_sae}")
+
+    def apply_(self, z: Float[Tensor, "batch pos d_sae"]) -> None:
+        _check_bounds(self.site, z.shape[:2], self.batch, self.positions)
+        z[self.batch, self.positions, self.latents] = self.values.to(z.dtype)
+
+
+@dataclass(frozen=True)
+class ErrorPatch:
+    """Replace the SAE error term `e = x - decode(z)` at given rows and positions.
+
+    In error-term mode the site outputs `x + decode_delta(z', z) + (values - e)` at those
+    elements, so patching the error of the other run is exact. Refused in bottleneck mode.
+    """
+
+    site: Site
+    """Where the SAE sits."""
+    batch: Tensor
+    """Batch row of each element (long)."""
+    positions: Tensor
+    """Token position of each element (long)."""
+    values: Float[Tensor, "n d_in"]
+    """The error vector to install at each element."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "site", as_site(self.site))
+        _check_coordinates(self, ("batch", "positions"))
+
+    def check_latents(self, d_sae: int) -> None:
+        """Errors carry no latent index (present so that every edit is validated alike)."""
+
+    def delta(self, error: Float[Tensor, "batch pos d_in"]) -> Float[Tensor, "batch pos d_in"]:
+        """`values - e` at the patched elements, zero elsewhere."""
+        _check_bounds(self.site, error.shape[:2], self.batch, self.positions)
+        out = torch.zeros_like(error)
+        out[self.batch, self.positions] = self.values.to(error.dtype) - error[self.batch, self.positions]
+        return out
+
+
+def _check_coordinates(edit: object, names: tuple[str, ...]) -> None:
+    tensors = [getattr(edit, name) for name in names] + [edit.values]  # type: ignore[attr-defined]
+    if not all(isinstance(t, Tensor) for t in tensors):
+        raise SpliceError(f"{type(edit).__name__}: {names} and values must be tensors")
+    n = tensors[0].shape[0] if tensors[0].dim() == 1 else -1
+    for name, t in zip(names, tensors):
+        if t.dim() != 1 or t.shape[0] != n or t.dtype != torch.long:
+            raise SpliceError(f"{type(edit).__name__}.{name} must be a 1-D long tensor of length {n}, got {tuple(t.shape)} {t.dtype}")
+        if n and int(t.min()) < 0:
+            raise SpliceError(f"{type(edit).__name__}.{name} holds negative indices")
+    values = tensors[-1]
+    if values.shape[0] != n or not torch.isfinite(values).all():
+        raise SpliceError(f"{type(edit).__name__}.values must hold {n} finite entries, got shape {tuple(values.shape)}")
+
+
+def _check_bounds(site: Site, shape: tuple[int, ...], batch: Tensor, positions: Tensor) -> None:
+    for name, index, size in (("batch", batch, shape[0]), ("positions", positions, shape[1])):
+        if index.numel() and int(index.max()) >= size:
+            raise SpliceError(f"{site}: {name} index {int(index.max())} out of range for size {size}")

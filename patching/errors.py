@@ -13,3 +13,7 @@ class SiteError(ValueError):
 
 class SpliceError(ValueError):
     """An SAE cannot be spliced at a site (width, hook or model mismatch, bad edit)."""
+
+
+class PatchingError(ValueError):
+    """A patching or attribution call got inputs it cannot use (named, expected versus actual)."""

@@ -23,11 +23,14 @@ import torch
 from torch import Tensor
 
 from patching import tl_compat
-from patching.edits import LatentEdit
+from patching.edits import ErrorPatch, LatentEdit, LatentPatch
 from patching.errors import SpliceError
 from patching.models import model_flags
 from patching.sites import Site, as_site
 from sae.protocol import SAELike, as_sae
+
+
+Edit = LatentEdit | LatentPatch | ErrorPatch
 
 
 @dataclass
@@ -65,22 +68,24 @@ class Splice:
         self.cache = cache
         self.track_grads = track_grads
         self.records: dict[Site, SiteRecord] = {}
-        self._edits: dict[Site, tuple[LatentEdit, ...]] = {}
+        self._edits: dict[Site, tuple[Edit, ...]] = {}
 
     @property
     def sites(self) -> tuple[Site, ...]:
         return tuple(self.saes)
 
     @property
-    def edits(self) -> tuple[LatentEdit, ...]:
+    def edits(self) -> tuple[Edit, ...]:
         return tuple(edit for edits in self._edits.values() for edit in edits)
 
-    def set_edits(self, edits: Sequence[LatentEdit]) -> None:
+    def set_edits(self, edits: Sequence[Edit]) -> None:
         """Replace the current edits (validated against the spliced SAEs)."""
-        grouped: dict[Site, list[LatentEdit]] = {}
+        grouped: dict[Site, list[Edit]] = {}
         for edit in edits:
-            if not isinstance(edit, LatentEdit):
-                raise SpliceError(f"edits must be LatentEdit values, got {type(edit).__name__}")
+            if not isinstance(edit, (LatentEdit, LatentPatch, ErrorPatch)):
+                raise SpliceError(f"edits must be LatentEdit, LatentPatch or ErrorPatch values, got {type(edit).__name__}")
+            if isinstance(edit, ErrorPatch) and not self.error_term:
+                raise SpliceError(f"ErrorPatch at {edit.site} needs error-term mode; the bottleneck has no error term")
             if edit.site not in self.saes:
                 raise SpliceError(f"edit at {edit.site}, but SAEs are spliced only at {list(map(str, self.saes))}")
             edit.check_latents(self.saes[edit.site].d_sae)
@@ -94,10 +99,12 @@ class Splice:
             return x  # exact identity, nothing to compute
         sae = self.saes[site]
         z = sae.encode(x)
+        latent_edits = [edit for edit in edits if not isinstance(edit, ErrorPatch)]
+        error_edits = [edit for edit in edits if isinstance(edit, ErrorPatch)]
         z_edit = z
-        if edits:
+        if latent_edits:
             z_edit = z.clone()
-            for edit in edits:
+            for edit in latent_edits:
                 edit.apply_(z_edit)
         grads = self.track_grads and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         latents_node = torch.zeros_like(z_edit, requires_grad=True) if grads else None
@@ -106,6 +113,9 @@ class Splice:
         error_node = None
         if self.error_term:
             out = x if z_edit is z else x + sae.decode_delta(z_edit, z).to(x.dtype)
+            if error_edits:
+                error_now = x - sae.decode(z).to(x.dtype)
+                out = out + sum(edit.delta(error_now) for edit in error_edits)
             if grads:
                 error_node = torch.zeros_like(x, requires_grad=True)
                 out = out + error_node
@@ -180,7 +190,7 @@ def splice(
     saes: SAEsArg,
     *,
     error_term: bool = True,
-    edits: Sequence[LatentEdit] = (),
+    edits: Sequence[Edit] = (),
     cache: bool = False,
     track_grads: bool = False,
     allow_model_mismatch: bool = False,

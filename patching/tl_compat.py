@@ -117,6 +117,9 @@ def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: b
 
 
 def to_str_tokens(model: HookedTransformer, tokens: Tensor) -> list[str]:
+    """String tokens; token ids as text for models without a tokenizer (tiny test models)."""
+    if model.tokenizer is None:
+        return [str(t) for t in tokens.tolist()]
     return model.to_str_tokens(tokens)
 
 
@@ -136,3 +139,84 @@ def inferred_flags(model: HookedTransformer) -> dict[str, bool]:
     """What can be read off a model not loaded by latentpatch: folded norms show in its type."""
     norm = model.cfg.normalization_type or ""
     return {"fold_ln": norm.endswith("Pre")}
+
+
+def d_vocab(model: HookedTransformer) -> int:
+    return model.cfg.d_vocab
+
+
+def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int) -> Tensor:
+    """Run blocks `start_layer..n_layers-1` on a residual stream; return it before the final norm."""
+    return model(residual, start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers)
+
+
+def readout(model: HookedTransformer, residual: Tensor) -> Tensor:
+    """Final norm, unembedding and soft-cap on a slice of the final residual stream."""
+    from transformer_lens.utilities import apply_softcap
+
+    if model.cfg.normalization_type is not None:
+        residual = model.ln_final(residual)
+    return apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)
+
+
+def n_heads(model: HookedTransformer) -> int:
+    return model.cfg.n_heads
+
+
+def run_until_end_with_cache(model: HookedTransformer, tokens: Tensor, hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The final residual stream (before the final norm) and the named activations, one forward."""
+    final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers)
+    return final, {name: cache[name] for name in hook_names}
+
+
+def to_string(model: HookedTransformer, tokens: Tensor) -> str:
+    if model.tokenizer is None:
+        return " ".join(str(t) for t in tokens.tolist())
+    return model.to_string(tokens)
+
+
+class _StopForward(Exception):
+    """Raised by the harvest hook once it has the activation: nothing later needs to run."""
+
+
+def run_to_hook(model: HookedTransformer, tokens: Tensor, hook_name: str, layer: int) -> Tensor:
+    """The activation at `hook_name` (in block `layer`), running the model no further.
+
+    `stop_at_layer=layer + 1` skips every later block, and the hook aborts the forward pass as
+    soon as it has fired, so even the rest of block `layer` is skipped.
+    """
+    captured: list[Tensor] = []
+
+    def capture(activation: Tensor) -> None:
+        captured.append(activation.detach())
+        raise _StopForward
+
+    handle = attach_hook(model, hook_name, capture)
+    try:
+        model(tokens, stop_at_layer=layer + 1)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"hook {hook_name} did not fire within the first {layer + 1} blocks")
+    return captured[0]
+
+
+def encode_text(model: HookedTransformer, text: str) -> list[int]:
+    """Token ids of `text` with no BOS or other special tokens added."""
+    return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def bos_token_id(model: HookedTransformer) -> int:
+    return model.tokenizer.bos_token_id
+
+
+def special_token_ids(model: HookedTransformer) -> list[int]:
+    """BOS, EOS, padding and every other special token of the model's tokenizer."""
+    tokenizer = model.tokenizer
+    ids = set(tokenizer.all_special_ids)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            ids.add(getattr(tokenizer, name))
+    return sorted(ids)

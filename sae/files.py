@@ -63,9 +63,9 @@ def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:
     sae = sae.folded()
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
     blob = save_safetensors_bytes(tensors)
-    _atomic_write(folder / WEIGHTS_FILE, blob)
+    atomic_write(folder / WEIGHTS_FILE, blob)
     cfg = config_to_dict(sae.cfg, weights_sha256=hashlib.sha256(blob).hexdigest())
-    _atomic_write(folder / CONFIG_FILE, json.dumps(cfg, indent=2, allow_nan=False).encode())
+    atomic_write(folder / CONFIG_FILE, json.dumps(cfg, indent=2, allow_nan=False).encode())
     return folder
 
 
@@ -243,7 +243,7 @@ def _read_bytes(path: Path) -> bytes:
         raise SAEFileError(path, f"cannot be read ({err})") from err
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -270,3 +270,14 @@ def _sae_lens_version() -> str:
         return "6.0.0"
     major = found.split(".")[0]
     return found if major.isdigit() and int(major) >= 6 else "6.0.0"
+
+
+def weights_sha256(sae: Any) -> str:
+    """SHA-256 of an SAE's weights as `save_sae` would write them (a provenance fingerprint).
+
+    For a latentpatch SAE this equals the hash recorded in its saved `cfg.json`; for a SAELens
+    SAE it hashes its state dict serialised the same way.
+    """
+    module = sae.folded() if isinstance(sae, SparseAutoencoder) else getattr(sae, "sae", sae)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+    return hashlib.sha256(save_safetensors_bytes(tensors)).hexdigest()

@@ -6,6 +6,7 @@ Models are built inside fixtures (never at import time) and shared per module or
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -28,6 +29,11 @@ def construct_unchecked(cls, **values):
         object.__setattr__(obj, name, value)
     obj.__post_init__()
     return obj
+
+
+def unchecked(fn):
+    """`fn` without the test run's type-checking wrapper, to reach our own validation."""
+    return inspect.unwrap(fn)
 
 
 def make_sae(d_in: int, d_sae: int, *, hook_name: str | None, model_name: str | None, seed: int = 0,

@@ -1,0 +1,167 @@
+"""`patch_latents` and `patch_residual`: exact activation-patching sweeps, one call each.
+
+Semantics (DESIGN.md, Patching): denoise runs the corrupted prompt and sets the chosen units to
+their clean values, effect = (M_patched − M_corr) / (M_clean − M_corr); noise runs the clean
+prompt and sets them to their corrupted values, effect = (M_clean − M_patched) / (M_clean − M_corr).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patching import tl_compat
+from patching.errors import PatchingError
+from patching.models import model_flags
+from patching.objectives import as_metric, describe
+from patching.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
+from patching.results import PatchResult, library_version
+from patching.sites import Site
+from patching.splice import Splice, resolve_saes, splice
+from patching.sweep import (DEFAULT_MEMORY_MB, RunCache, bind_metric, chunk_rows, evaluate_units, normalized_effect,
+                            reference_run)
+from patching.units import UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, joint_units
+from sae.files import weights_sha256
+
+
+def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
+                  direction: Direction = "denoise", unit: UnitKind = "latent_position",
+                  positions: Sequence[int] | None = None, align: Align = None,
+                  latent_sets: Sequence[LatentSet] | None = None, units: Sequence[PatchUnit] | None = None,
+                  batch_size: int | None = None,
+                  memory_mb: int = DEFAULT_MEMORY_MB, progress: bool = True,
+                  allow_model_mismatch: bool = False) -> PatchResult:
+    """Patch SAE latents (or error nodes) between clean and corrupted runs; one unit per column.
+
+    `unit`: `latent_position` (each differing latent at each position), `latent` (a latent at
+    all positions), `position` (all latents at one position), `error` (the error node at each
+    position) or `joint` (each of `latent_sets` at once); explicit `units` replace `unit`.
+    `positions` restricts the base-run positions considered. Results are indexed by site when
+    SAEs sit at several sites.
+    """
+    if unit not in UNIT_KINDS:
+        raise PatchingError(f"unit must be one of {UNIT_KINDS}, got {unit!r}")
+    metric = as_metric(metric)
+    pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
+    positions = check_positions(pairs, positions)
+    _check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
+    resolved = resolve_saes(model, saes, allow_model_mismatch=allow_model_mismatch)
+    if unit == "joint":
+        for part in (p for u in joint_units(latent_sets, list(resolved), positions) for p in u.parts):
+            if max(part.latents) >= resolved[part.site].d_sae:
+                raise PatchingError(f"latent_sets names latent {max(part.latents)} at {part.site}, beyond d_sae={resolved[part.site].d_sae}")
+    if units is not None:
+        _check_units(units, resolved, min(pair.n_base for pair in pairs))
+    layers = sorted({site.layer for site in resolved})
+    with torch.inference_mode(), splice(model, resolved, allow_model_mismatch=allow_model_mismatch) as state:
+        runs = [(reference_run(model, state, p.base, layers, metric.readout),
+                 reference_run(model, state, p.source, layers, metric.readout)) for p in pairs]
+        if units is None:
+            units = differing_units(unit, _differs(pairs, runs, resolved), positions, latent_sets)
+        units = list(units)
+        return _sweep(model, state, pairs, runs, units, metric, direction, positions, batch_size, memory_mb, progress,
+                      provenance={"unit": unit, "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()}})
+
+
+def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, direction: Direction = "denoise",
+                   layers: Sequence[int] | None = None, positions: Sequence[int] | None = None, align: Align = None,
+                   batch_size: int | None = None, memory_mb: int = DEFAULT_MEMORY_MB, progress: bool = True) -> PatchResult:
+    """Raw residual-stream patching at `resid_pre` per (layer, position): the causal-tracing picture."""
+    metric = as_metric(metric)
+    pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
+    positions = check_positions(pairs, positions)
+    _check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
+    n_layers = tl_compat.n_layers(model)
+    layers = list(range(n_layers)) if layers is None else [Site(layer).check(model).layer for layer in layers]
+    shortest = min(pair.n_base for pair in pairs)
+    units = [PatchUnit((UnitPart(Site(layer), "resid", (p,)),)) for layer in layers
+             for p in (positions if positions is not None else range(shortest))]
+    with torch.inference_mode():
+        runs = [(reference_run(model, None, p.base, layers, metric.readout),
+                 reference_run(model, None, p.source, layers, metric.readout)) for p in pairs]
+        return _sweep(model, None, pairs, runs, units, metric, direction, positions, batch_size, memory_mb, progress,
+                      provenance={"unit": "resid_layer_position", "saes": {}})
+
+
+def _check_units(units: Sequence[PatchUnit], saes: dict[Site, Any], n_pos: int) -> None:
+    for unit in units:
+        if not isinstance(unit, PatchUnit):
+            raise PatchingError(f"units must be PatchUnit values, got {type(unit).__name__}")
+        for part in unit.parts:
+            if part.kind == "resid":
+                raise PatchingError("raw residual units belong to patch_residual, not patch_latents")
+            if part.site not in saes:
+                raise PatchingError(f"unit {unit.label()} names {part.site}, but SAEs are at {[str(s) for s in saes]}")
+            if part.latents is not None and (min(part.latents) < 0 or max(part.latents) >= saes[part.site].d_sae):
+                raise PatchingError(f"unit {unit.label()}: latents must lie in [0, {saes[part.site].d_sae})")
+            if part.positions is not None and (min(part.positions) < 0 or max(part.positions) >= n_pos):
+                raise PatchingError(f"unit {unit.label()}: positions must lie in [0, {n_pos}) (the shortest base prompt)")
+
+
+def _check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | None, memory_mb: int) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
+        raise PatchingError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
+        raise PatchingError(f"memory_mb must be a positive int, got {memory_mb!r}")
+    vocab = tl_compat.d_vocab(model)
+    for tokens in getattr(metric, "token_ids", lambda: [])():
+        if tokens.numel() not in (1, n_pairs):
+            raise PatchingError(f"metric {describe(metric)} gives {tokens.numel()} token ids for {n_pairs} pairs; give 1 or {n_pairs}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+            raise PatchingError(f"metric {describe(metric)} names token ids outside [0, {vocab})")
+
+
+def _differs(pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]], saes: dict[Site, Any]) -> dict[Site, Tensor]:
+    """Per site, (pos, d_sae): whether the latent differs between aligned runs in any pair."""
+    n_pos = max(pair.n_base for pair in pairs)
+    out = {site: torch.zeros(n_pos, sae.d_sae, dtype=torch.bool) for site, sae in saes.items()}
+    for pair, (base, source) in zip(pairs, runs):
+        mapped = pair.source_position >= 0
+        src = pair.source_position.clamp(min=0)
+        for site in saes:
+            differ = (source.latents[site][src] != base.latents[site]) & mapped[:, None]
+            out[site][: pair.n_base] |= differ.cpu()
+    return out
+
+
+def _sweep(model: Any, state: Splice | None, pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]],
+           units: list[PatchUnit], metric: Any, direction: str, positions: tuple[int, ...] | None,
+           batch_size: int | None, memory_mb: int, progress: bool, provenance: dict[str, Any]) -> PatchResult:
+    clean_runs = [source if direction == "denoise" else base for base, source in runs]
+    metric = bind_metric(metric, clean_runs)
+    m_base = torch.stack([metric(base.logits[None], torch.tensor([i]))[0] for i, (base, _) in enumerate(runs)]).cpu()
+    m_source = torch.stack([metric(src.logits[None], torch.tensor([i]))[0] for i, (_, src) in enumerate(runs)]).cpu()
+    m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
+    same = torch.nonzero(m_clean == m_corrupted).flatten().tolist()
+    if same:
+        raise PatchingError(f"the metric gives the same value on the clean and corrupted prompts of pair(s) {same}: "
+                            "effects cannot be normalised; choose a metric that tells them apart")
+    n_pos = max(pair.n_base for pair in pairs)
+    rows = chunk_rows(len(units), n_pos, model, state.saes if state else {}, metric.readout, batch_size, memory_mb)
+    values = torch.empty(len(pairs), len(units))
+    evaluated = torch.zeros(len(pairs), len(units), dtype=torch.bool)
+    with tqdm(total=len(units) * len(pairs), desc="patching", unit="patch", disable=not progress, leave=False) as bar:
+        for i, (pair, (base, source)) in enumerate(zip(pairs, runs)):
+            values[i], evaluated[i] = evaluate_units(model, state, units, i, pair, base, source, metric, positions, rows, bar)
+    result = PatchResult(
+        units=units, effect=normalized_effect(values, m_clean, m_corrupted, direction), metric=values,
+        metric_clean=m_clean, metric_corrupted=m_corrupted, direction=direction, method="exact",
+        base_tokens=[tl_compat.to_str_tokens(model, pair.base[0]) for pair in pairs],
+        provenance=_provenance(model, pairs, metric, direction, provenance, int(evaluated.sum())),
+    )
+    return result
+
+
+def _provenance(model: Any, pairs: list[PromptPair], metric: Any, direction: str, extra: dict[str, Any],
+                n_forward_rows: int) -> dict[str, Any]:
+    return {
+        "model": tl_compat.model_name(model), "model_flags": model_flags(model), "direction": direction,
+        "metric": describe(metric), "library_version": library_version(), "torch_version": torch.__version__,
+        "base_prompts": [tl_compat.to_string(model, pair.base[0]) for pair in pairs],
+        "source_prompts": [tl_compat.to_string(model, pair.source[0]) for pair in pairs],
+        "patched_rows_evaluated": n_forward_rows, **extra,
+    }

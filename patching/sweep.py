@@ -1,0 +1,221 @@
+"""The sweep engine: exact activation patching, many patches per forward pass.
+
+For each prompt pair it runs the base and source prompts once (caching latents, errors and the
+residual stream), keeps only units whose elements differ between the runs, and evaluates the
+rest in chunks along the batch dimension: every row of a chunk starts at the unit's first layer
+from the cached base residual stream, carries its own patch, and is read out only at the
+metric's position. A unit none of whose elements differ in a pair has the base run's metric
+exactly, without a forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patching import tl_compat
+from patching.edits import ErrorPatch, LatentPatch
+from patching.errors import PatchingError
+from patching.objectives import KLFromClean, Metric
+from patching.pairs import PromptPair
+from patching.sites import Site
+from patching.splice import Splice
+from patching.units import PatchUnit
+
+DEFAULT_MEMORY_MB = 1024
+
+
+@dataclass
+class RunCache:
+    """One reference run of one prompt (batch dimension dropped)."""
+
+    logits: Tensor
+    """Logits at the metric's readout position, (vocab,), or every position, (pos, vocab)."""
+    latents: dict[Site, Tensor] = field(default_factory=dict)
+    """SAE latents per site, (pos, d_sae)."""
+    errors: dict[Site, Tensor] = field(default_factory=dict)
+    """SAE errors per site, (pos, d_in)."""
+    resid: dict[int, Tensor] = field(default_factory=dict)
+    """resid_pre per layer, (pos, d_model)."""
+
+
+def readout_logits(model: Any, final_resid: Tensor, readout: int | None) -> Tensor:
+    """Logits at one position `(rows, vocab)` or every position `(rows, pos, vocab)`."""
+    if readout is None:
+        return tl_compat.readout(model, final_resid)
+    return tl_compat.readout(model, final_resid[:, readout])
+
+
+def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None) -> RunCache:
+    names = [Site(layer).hook_name for layer in layers]
+    if state is not None:
+        state.cache = True
+    try:
+        final, acts = tl_compat.run_until_end_with_cache(model, tokens, names)
+    finally:
+        if state is not None:
+            state.cache = False
+    records = state.records if state is not None else {}
+    return RunCache(
+        logits=readout_logits(model, final, readout)[0],
+        latents={site: r.latents[0] for site, r in records.items()},
+        errors={site: r.error[0] for site, r in records.items()},
+        resid={layer: acts[name][0] for layer, name in zip(layers, names)},
+    )
+
+
+def element_patches(unit: PatchUnit, row: int, pair: PromptPair, base: RunCache, source: RunCache,
+                    positions: tuple[int, ...] | None) -> list[tuple[str, Site, Tensor, Tensor, Tensor]]:
+    """The elements of `unit` that differ in this pair, as (kind, site, positions, latents, values)."""
+    out = []
+    mapped = pair.source_position >= 0
+    for part in unit.parts:
+        allowed = mapped.clone()
+        restrict = part.positions if part.positions is not None else positions
+        if restrict is not None:
+            keep = torch.zeros_like(allowed)
+            keep[[p for p in restrict if p < allowed.shape[0]]] = True
+            allowed &= keep
+        pos = torch.nonzero(allowed).flatten()
+        src = pair.source_position[pos]
+        if part.kind == "latent":
+            lat = torch.arange(base.latents[part.site].shape[1]) if part.latents is None else torch.tensor(part.latents)
+            z_src, z_base = source.latents[part.site][src][:, lat], base.latents[part.site][pos][:, lat]
+            p_idx, l_idx = torch.nonzero(z_src != z_base, as_tuple=True)
+            if p_idx.numel():
+                out.append(("latent", part.site, pos[p_idx], lat[l_idx], z_src[p_idx, l_idx]))
+        elif part.kind == "error":
+            if pos.numel():
+                out.append(("error", part.site, pos, pos, source.errors[part.site][src]))
+        else:
+            x_src, x_base = source.resid[part.site.layer][src], base.resid[part.site.layer][pos]
+            differ = (x_src != x_base).any(-1)
+            if differ.any():
+                out.append(("resid", part.site, pos[differ], pos[differ], x_src[differ]))
+    return out
+
+
+def chunk_rows(n_units: int, n_pos: int, model: Any, saes: Mapping[Site, Any], readout: int | None,
+               batch_size: int | None, memory_mb: int) -> int:
+    """Rows per forward pass: `batch_size` if given, else what fits a rough memory budget."""
+    if batch_size is not None:
+        return batch_size
+    d_model, d_mlp = tl_compat.d_model(model), tl_compat.d_mlp(model) or 0
+    per_row = n_pos * (8 * d_model + 3 * d_mlp + 2 * tl_compat.n_heads(model) * n_pos + 3 * sum(s.d_sae for s in saes.values()))
+    per_row += tl_compat.d_vocab(model) * (n_pos if readout is None else 1) * 2
+    return max(1, min(n_units, int(memory_mb * 2**20 / (4 * per_row))))
+
+
+@contextlib.contextmanager
+def resid_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor]]) -> Iterator[None]:
+    """Write raw activations: `x[rows, positions] = values` at each site, for one forward."""
+    by_site: dict[Site, list[tuple[Tensor, Tensor, Tensor]]] = {}
+    for rows, site, pos, values in patches:
+        by_site.setdefault(site, []).append((rows, pos, values))
+    handles = []
+
+    def make_hook(items: list[tuple[Tensor, Tensor, Tensor]]):
+        rows = torch.cat([r for r, _, _ in items])
+        pos = torch.cat([p for _, p, _ in items])
+        values = torch.cat([v for _, _, v in items])
+
+        def hook(x: Tensor) -> Tensor:
+            x = x.clone()
+            x[rows, pos] = values.to(x.dtype)
+            return x
+
+        return hook
+
+    try:
+        for site, items in by_site.items():
+            handles.append(tl_compat.attach_hook(model, site.hook_name, make_hook(items)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pair_index: int, pair: PromptPair,
+                   base: RunCache, source: RunCache, metric: Metric, positions: tuple[int, ...] | None,
+                   rows_per_chunk: int, progress: tqdm | None) -> tuple[Tensor, Tensor]:
+    """Metric values of every unit for one pair, and a mask of which needed a forward pass."""
+    values = torch.empty(len(units))
+    evaluated = torch.zeros(len(units), dtype=torch.bool)
+    base_metric = metric(base.logits[None], torch.tensor([pair_index]))[0]
+    pending: dict[int, list[tuple[int, list]]] = {}
+    for i, unit in enumerate(units):
+        elements = element_patches(unit, i, pair, base, source, positions)
+        if elements:
+            pending.setdefault(unit.start_layer, []).append((i, elements))
+        else:
+            values[i] = base_metric
+    if progress is not None:
+        progress.update(len(units) - sum(len(items) for items in pending.values()))
+    readout = metric.readout
+    for start, items in sorted(pending.items()):
+        for lo in range(0, len(items), rows_per_chunk):
+            chunk = items[lo : lo + rows_per_chunk]
+            logits = _run_chunk(model, state, chunk, base, start, readout)
+            values[[i for i, _ in chunk]] = metric(logits, torch.full((len(chunk),), pair_index)).cpu()
+            evaluated[[i for i, _ in chunk]] = True
+            if progress is not None:
+                progress.update(len(chunk))
+    return values, evaluated
+
+
+def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int,
+               readout: int | None) -> Tensor:
+    latent_patches, error_patches, resid_patches = [], [], []
+    for row, (_, elements) in enumerate(chunk):
+        for kind, site, pos, lat, vals in elements:
+            rows = torch.full_like(pos, row)
+            if kind == "latent":
+                latent_patches.append((site, rows, pos, lat, vals))
+            elif kind == "error":
+                error_patches.append((site, rows, pos, vals))
+            else:
+                resid_patches.append((rows, site, pos, vals))
+    edits = [LatentPatch(site, torch.cat([p[1] for p in group]), torch.cat([p[2] for p in group]),
+                         torch.cat([p[3] for p in group]), torch.cat([p[4] for p in group]))
+             for site, group in _group(latent_patches).items()]
+    edits += [ErrorPatch(site, torch.cat([p[1] for p in group]), torch.cat([p[2] for p in group]),
+                         torch.cat([p[3] for p in group]))
+              for site, group in _group(error_patches).items()]
+    if edits and state is None:
+        raise PatchingError("latent or error patches need SAEs spliced")
+    if state is not None:
+        state.set_edits(edits)
+    residual = base.resid[start][None].expand(len(chunk), -1, -1)
+    try:
+        with resid_patch_hooks(model, resid_patches):
+            final = tl_compat.run_blocks(model, residual, start)
+    finally:
+        if state is not None:
+            state.set_edits(())
+    return readout_logits(model, final, readout)
+
+
+def _group(items: list[tuple]) -> dict[Site, list[tuple]]:
+    grouped: dict[Site, list[tuple]] = {}
+    for item in items:
+        grouped.setdefault(item[0], []).append(item)
+    return grouped
+
+
+def bind_metric(metric: Metric, clean_runs: list[RunCache]) -> Metric:
+    """Metrics that compare against the clean run (KL) get each pair's clean logits."""
+    if isinstance(metric, KLFromClean):
+        return metric.bind(torch.stack([run.logits for run in clean_runs]))
+    return metric
+
+
+def normalized_effect(values: Tensor, m_clean: Tensor, m_corrupted: Tensor, direction: str) -> Tensor:
+    """DESIGN.md: denoise (M_p - M_corr) / (M_clean - M_corr); noise (M_clean - M_p) / (same)."""
+    span = (m_clean - m_corrupted)[:, None]
+    return (values - m_corrupted[:, None]) / span if direction == "denoise" else (m_clean[:, None] - values) / span

@@ -1,0 +1,138 @@
+"""Patch units: what one patched run changes, and how a sweep enumerates them.
+
+A unit is one or more parts; a part names a site, a kind (`latent`, `error` or `resid`), base
+positions and latents (None meaning all of them). The sweep turns a unit into element
+coordinates for one pair, keeping only elements whose source and base values differ: only
+those can have an effect (DESIGN.md, Patching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+
+from patching.errors import PatchingError
+from patching.sites import Site, as_site
+
+PartKind = Literal["latent", "error", "resid"]
+UnitKind = Literal["latent_position", "latent", "position", "error", "joint"]
+UNIT_KINDS: tuple[str, ...] = ("latent_position", "latent", "position", "error", "joint")
+LatentSet = Union[Sequence[int], Mapping[Union[Site, str], Sequence[int]]]
+
+
+@dataclass(frozen=True)
+class UnitPart:
+    """One site's share of a unit."""
+
+    site: Site
+    """Where the patch applies."""
+    kind: PartKind
+    """`latent` (SAE latents), `error` (the SAE error node) or `resid` (the raw activation)."""
+    positions: tuple[int, ...] | None
+    """Base-run positions; None for every considered position."""
+    latents: tuple[int, ...] | None = None
+    """Latent indices for `latent` parts; None for every latent."""
+
+
+@dataclass(frozen=True)
+class PatchUnit:
+    """What one patched run changes: the union of its parts."""
+
+    parts: tuple[UnitPart, ...]
+    """The parts, patched jointly."""
+
+    @property
+    def start_layer(self) -> int:
+        return min(part.site.layer for part in self.parts)
+
+    def _single(self, attribute: str) -> object:
+        values = {getattr(part, attribute) for part in self.parts}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def site(self) -> Site | None:
+        return self._single("site")  # type: ignore[return-value]
+
+    @property
+    def kind(self) -> str:
+        return str(self._single("kind") or "mixed")
+
+    @property
+    def position(self) -> int | None:
+        positions = self._single("positions")
+        return positions[0] if isinstance(positions, tuple) and len(positions) == 1 else None
+
+    @property
+    def latent(self) -> int | None:
+        latents = self._single("latents")
+        return latents[0] if isinstance(latents, tuple) and len(latents) == 1 else None
+
+    def label(self) -> str:
+        return " + ".join(
+            f"{part.site.hook_name}:{part.kind}"
+            + ("" if part.positions is None else f"@{','.join(map(str, part.positions))}")
+            + ("" if part.latents is None else f"#{','.join(map(str, part.latents[:8]))}{'…' if len(part.latents) > 8 else ''}")
+            for part in self.parts
+        )
+
+
+def differing_units(kind: str, differs: Mapping[Site, Tensor], positions: tuple[int, ...] | None,
+                    latent_sets: Sequence[LatentSet] | None) -> list[PatchUnit]:
+    """Units of `kind` over every site; `differs[site]` is a (pos, d_sae) mask, any pair."""
+    if kind not in UNIT_KINDS:
+        raise PatchingError(f"unit must be one of {UNIT_KINDS}, got {kind!r}")
+    if kind == "joint":
+        return joint_units(latent_sets, list(differs), positions)
+    if latent_sets is not None:
+        raise PatchingError("latent_sets is only used with unit='joint'")
+    units: list[PatchUnit] = []
+    for site, mask in differs.items():
+        mask = _restrict(mask, positions)
+        if kind == "latent_position":
+            for p, latent in torch.nonzero(mask).tolist():
+                units.append(PatchUnit((UnitPart(site, "latent", (p,), (latent,)),)))
+        elif kind == "latent":
+            for latent in torch.nonzero(mask.any(0)).flatten().tolist():
+                units.append(PatchUnit((UnitPart(site, "latent", positions, (latent,)),)))
+        elif kind == "position":
+            for p in torch.nonzero(mask.any(1)).flatten().tolist():
+                units.append(PatchUnit((UnitPart(site, "latent", (p,), None),)))
+        else:
+            for p in (positions if positions is not None else range(mask.shape[0])):
+                units.append(PatchUnit((UnitPart(site, "error", (p,)),)))
+    return units
+
+
+def joint_units(latent_sets: Sequence[LatentSet] | None, sites: list[Site], positions: tuple[int, ...] | None) -> list[PatchUnit]:
+    if not latent_sets:
+        raise PatchingError("unit='joint' needs latent_sets: a list of latent lists (or {site: latents} dicts)")
+    units = []
+    for i, latent_set in enumerate(latent_sets):
+        if isinstance(latent_set, Mapping):
+            by_site = {as_site(site): latents for site, latents in latent_set.items()}
+        elif len(sites) == 1:
+            by_site = {sites[0]: latent_set}
+        else:
+            raise PatchingError(f"latent_sets[{i}]: with SAEs at several sites each set must be a {{site: latents}} dict")
+        parts = []
+        for site, latents in by_site.items():
+            if site not in sites:
+                raise PatchingError(f"latent_sets[{i}] names {site}, but SAEs are at {[str(s) for s in sites]}")
+            items = tuple(int(latent) for latent in latents)
+            if not items or min(items) < 0:
+                raise PatchingError(f"latent_sets[{i}] at {site} must be a non-empty list of non-negative latent indices")
+            parts.append(UnitPart(site, "latent", positions, items))
+        units.append(PatchUnit(tuple(parts)))
+    return units
+
+
+def _restrict(mask: Tensor, positions: tuple[int, ...] | None) -> Tensor:
+    if positions is None:
+        return mask
+    keep = torch.zeros(mask.shape[0], dtype=torch.bool)
+    keep[list(positions)] = True
+    return mask & keep[:, None]

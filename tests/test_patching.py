@@ -1,0 +1,252 @@
+"""Latent patching sweeps against a naive hook-by-hook reference, and their invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching import LatentEdit, Site, splice, tl_compat
+from patching.edits import ErrorPatch, LatentPatch
+from patching.errors import PatchingError, SiteError, SpliceError
+from patching.objectives import KLFromClean, LogitDiff, TokenLogProb, TokenProb
+from patching.patch import patch_latents, patch_residual
+from patching.results import PatchResult
+from patching.units import PatchUnit, UnitPart
+from tests.conftest import make_sae, unchecked
+from tests.hooks_snapshot import CountingHook, snapshot
+
+SITE = Site(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def sae(model):
+    return make_sae(16, 40, hook_name=SITE.hook_name, model_name=model.cfg.model_name, seed=3)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(7)
+    clean = torch.randint(0, 50, (2, 9), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 3] = (corrupted[:, 3] + 11) % 50
+    corrupted[1, 6] = (corrupted[1, 6] + 5) % 50
+    return clean, corrupted
+
+
+METRIC = LogitDiff(answer=[3, 5], wrong=[4, 6])
+
+
+def naive_metric(model, saes, tokens, edits, i, metric=METRIC):
+    """One full forward per patch, edits through the splice: the reference."""
+    with torch.inference_mode(), splice(model, saes, edits=edits):
+        logits = model(tokens[i : i + 1])
+    return metric(logits[:, metric.readout], torch.tensor([i]))[0].item()
+
+
+def naive_latents(model, saes, tokens, i):
+    with torch.inference_mode(), splice(model, saes, cache=True) as state:
+        model(tokens[i : i + 1])
+    return {site: (r.latents[0], r.error[0]) for site, r in state.records.items()}
+
+
+def naive_unit_value(model, saes, base, source, unit, i):
+    src = naive_latents(model, saes, source, i)
+    edits = []
+    for part in unit.parts:
+        z_src, e_src = src[part.site]
+        positions = list(part.positions) if part.positions is not None else list(range(base.shape[1]))
+        for p in positions:
+            if part.kind == "error":
+                edits.append(ErrorPatch(part.site, torch.tensor([0]), torch.tensor([p]), e_src[p][None]))
+            else:
+                lat = part.latents if part.latents is not None else tuple(range(z_src.shape[1]))
+                edits.append(LatentEdit(part.site, lat, z_src[p, list(lat)], positions=p))
+    return naive_metric(model, saes, base, edits, i)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("unit", ["latent_position", "latent", "position", "error"])
+def test_sweep_matches_naive_reference(model, sae, prompts, direction, unit):
+    clean, corrupted = prompts
+    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, unit=unit, progress=False)
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    assert len(result.units) > 0
+    for j in range(0, len(result.units), max(1, len(result.units) // 12)):
+        for i in range(2):
+            expected = naive_unit_value(model, sae, base, source, result.units[j], i)
+            assert result.metric[i, j].item() == pytest.approx(expected, abs=1e-4)
+    m_base = [naive_metric(model, sae, base, [], i) for i in range(2)]
+    m_src = [naive_metric(model, sae, source, [], i) for i in range(2)]
+    m_clean, m_corr = (m_src, m_base) if direction == "denoise" else (m_base, m_src)
+    torch.testing.assert_close(result.metric_clean, torch.tensor(m_clean), atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.metric_corrupted, torch.tensor(m_corr), atol=1e-5, rtol=0)
+    span = torch.tensor(m_clean) - torch.tensor(m_corr)
+    expected_effect = ((result.metric - torch.tensor(m_corr)[:, None]) if direction == "denoise"
+                       else (torch.tensor(m_clean)[:, None] - result.metric)) / span[:, None]
+    torch.testing.assert_close(result.effect, expected_effect, atol=1e-5, rtol=1e-5)
+
+
+def test_only_differing_latents_are_units(model, sae, prompts):
+    clean, corrupted = prompts
+    result = patch_latents(model, sae, clean, corrupted, METRIC, progress=False)
+    z_clean = [naive_latents(model, sae, clean, i)[SITE][0] for i in range(2)]
+    z_corr = [naive_latents(model, sae, corrupted, i)[SITE][0] for i in range(2)]
+    differ = (z_clean[0] != z_corr[0]) | (z_clean[1] != z_corr[1])
+    assert {(u.position, u.latent) for u in result.units} == {tuple(x) for x in torch.nonzero(differ).tolist()}
+    assert all(u.position >= 3 for u in result.units)  # causal: nothing differs before the corruption
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_everything_with_error_node_gives_effect_one(model, sae, prompts, direction):
+    clean, corrupted = prompts
+    everything = PatchUnit((UnitPart(SITE, "latent", None, None), UnitPart(SITE, "error", None)))
+    latents_only = PatchUnit((UnitPart(SITE, "latent", None, None),))
+    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, units=[everything, latents_only],
+                           progress=False)
+    torch.testing.assert_close(result.effect[:, 0], torch.ones(2), atol=1e-4, rtol=0)
+    assert not torch.allclose(result.effect[:, 1], torch.ones(2), atol=1e-3)  # the error node matters
+
+
+def test_patching_own_value_gives_zero(model, sae, prompts):
+    clean, corrupted = prompts
+    # Before the first corrupted token every latent is equal in both runs: nothing to patch.
+    unit = PatchUnit((UnitPart(SITE, "latent", (0, 1, 2), None),))
+    result = patch_latents(model, sae, clean, corrupted, METRIC, units=[unit], progress=False)
+    assert torch.equal(result.effect, torch.zeros(2, 1))
+    assert result.provenance["patched_rows_evaluated"] == 0
+
+
+def test_joint_sets_and_several_sites(model, prompts):
+    clean, corrupted = prompts
+    saes = {Site(0, "resid_post"): make_sae(16, 24, hook_name=None, model_name=None, seed=1),
+            Site(2): make_sae(16, 24, hook_name=None, model_name=None, seed=2)}
+    sets = [{Site(0, "resid_post"): [1, 2, 3]}, {Site(2): [0, 5]}, {Site(0, "resid_post"): [4], Site(2): [7, 8]}]
+    result = patch_latents(model, saes, clean, corrupted, METRIC, unit="joint", latent_sets=sets, progress=False)
+    for j, unit in enumerate(result.units):
+        for i in range(2):
+            assert result.metric[i, j].item() == pytest.approx(naive_unit_value(model, saes, corrupted, clean, unit, i), abs=1e-4)
+    per_site = patch_latents(model, saes, clean, corrupted, METRIC, unit="latent", progress=False)
+    assert {u.site for u in per_site.units} == set(saes)
+
+
+def test_batch_size_does_not_change_results(model, sae, prompts):
+    clean, corrupted = prompts
+    results = [patch_latents(model, sae, clean, corrupted, METRIC, batch_size=b, progress=False) for b in (1, 7, None)]
+    for other in results[1:]:
+        torch.testing.assert_close(other.effect, results[0].effect, atol=1e-5, rtol=0)
+
+
+def test_residual_patching_equals_transformer_lens(model, prompts):
+    from transformer_lens import patching as tl_patching
+
+    clean, corrupted = prompts
+    metric = LogitDiff(answer=3, wrong=4)
+    ours = patch_residual(model, clean[:1], corrupted[:1], metric, progress=False)
+    _, clean_cache = model.run_with_cache(clean[:1])
+    reference = tl_patching.get_act_patch_resid_pre(
+        model, corrupted[:1], clean_cache, lambda logits: (logits[0, -1, 3] - logits[0, -1, 4]))
+    torch.testing.assert_close(ours.metric[0].reshape(3, 9), reference, atol=1e-5, rtol=0)
+
+
+def test_alignment_on_end_and_explicit_map(model, sae):
+    clean = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    corrupted = torch.tensor([[9, 2, 3, 8, 5, 6, 7, 10, 11]])
+    with pytest.raises(PatchingError, match="different token lengths"):
+        patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), progress=False)
+    result = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), align="end", unit="position", progress=False)
+    assert min(u.position for u in result.units) >= 2  # base (corrupted) positions 0, 1 have no clean partner
+    mapped = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), align={8: 6, 7: 5}, unit="position",
+                           progress=False)
+    assert {u.position for u in mapped.units} <= {7, 8}
+
+
+def test_metrics_library(model, sae, prompts):
+    clean, corrupted = prompts
+    kl = patch_latents(model, sae, clean, corrupted, KLFromClean(), unit="position", progress=False)
+    assert torch.equal(kl.metric_clean, torch.zeros(2)) and (kl.metric_corrupted > 0).all()
+    prob = patch_latents(model, sae, clean, corrupted, TokenProb(3), unit="position", progress=False)
+    logp = patch_latents(model, sae, clean, corrupted, TokenLogProb(3), unit="position", progress=False)
+    torch.testing.assert_close(prob.metric, logp.metric.exp())
+    custom = patch_latents(model, sae, clean, corrupted, lambda logits: logits[:, -1, 3] - logits[:, -1, 4],
+                           unit="position", progress=False)
+    reference = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), unit="position", progress=False)
+    torch.testing.assert_close(custom.effect, reference.effect, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("call,error,pattern", [
+    (lambda m, s, c, r: patch_latents(m, s, c, r[:1], METRIC), PatchingError, "no broadcasting"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r[:, :-1], METRIC), PatchingError, "different token lengths"),
+    (lambda m, s, c, r: patch_latents(m, s, c + 100, r, METRIC), PatchingError, r"lie in \[0, 50\)"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, positions=[-1]), PatchingError, "positions must be ints"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, positions=[9]), PatchingError, "positions must be ints"),
+    (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, direction="sideways"), PatchingError, "direction"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, batch_size=0), PatchingError, "batch_size"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, LogitDiff(99, 4)), PatchingError, "token ids outside"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, LogitDiff([1, 2, 3], 4)), PatchingError, "3 token ids for 2 pairs"),
+    (lambda m, s, c, r: patch_latents(m, {SITE: make_sae(12, 8, hook_name=None, model_name=None)}, c, r, METRIC),
+     SpliceError, "d_in=12"),
+    (lambda m, s, c, r: patch_latents(m, {Site(5): s}, c, r, METRIC, allow_model_mismatch=True), SiteError, "out of range"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, unit="joint", latent_sets=[[1, 40]]), PatchingError, "beyond d_sae"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, unit="joint"), PatchingError, "needs latent_sets"),
+    (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, unit="neuron"), PatchingError, "unit must be one of"),
+    (lambda m, s, c, r: patch_residual(m, c, r, METRIC, layers=[3]), SiteError, "out of range"),
+])
+def test_bad_input_raises_before_any_forward(model, sae, prompts, call, error, pattern):
+    clean, corrupted = prompts
+    before = snapshot(model)
+    counter = CountingHook(model)
+    try:
+        with pytest.raises(error, match=pattern):
+            call(model, sae, clean, corrupted)
+        forwards = counter.count
+    finally:
+        counter.remove()
+    assert forwards == 0
+    assert snapshot(model) == before
+
+
+def test_metric_that_cannot_tell_pairs_apart_is_refused(model, sae, prompts):
+    clean, _ = prompts
+    with pytest.raises(PatchingError, match="same value on the clean and corrupted"):
+        patch_latents(model, sae, clean, clean.clone(), METRIC, progress=False)
+
+
+def test_hooks_restored_after_exception_in_metric(model, sae, prompts):
+    clean, corrupted = prompts
+    calls = {"n": 0}
+
+    def flaky(logits):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise RuntimeError("metric failed")
+        return logits[:, -1, 3]
+
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        patch_latents(model, sae, clean, corrupted, flaky, progress=False)
+    assert snapshot(model) == before
+
+
+def test_result_save_load_top_dataframe_plot(model, sae, prompts, tmp_path):
+    clean, corrupted = prompts
+    result = patch_latents(model, sae, clean, corrupted, METRIC, progress=False)
+    loaded = PatchResult.load(result.save(tmp_path / "r"))
+    assert torch.equal(loaded.effect, result.effect) and loaded.units == result.units
+    assert loaded.provenance["saes"][SITE.hook_name] == result.provenance["saes"][SITE.hook_name]
+    assert loaded.provenance["metric"].startswith("LogitDiff") and loaded.provenance["direction"] == "denoise"
+    top = result.top(3)
+    assert [t.effect for t in top] == sorted([t.effect for t in top], key=abs, reverse=True)
+    assert abs(top[0].effect) == result.mean_effect.abs().max().item()
+    frame = result.to_dataframe()
+    assert len(frame) == len(result.units) and {"effect_pair0", "effect_pair1", "token"} <= set(frame.columns)
+    png = result.plot(tmp_path / "heat.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resid = patch_residual(model, clean, corrupted, METRIC, progress=False)
+    assert resid.plot(tmp_path / "resid.png").exists()
