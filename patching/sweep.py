@@ -70,7 +70,7 @@ def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequ
     )
 
 
-def element_patches(unit: PatchUnit, row: int, pair: PromptPair, base: RunCache, source: RunCache,
+def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: RunCache,
                     positions: tuple[int, ...] | None) -> list[tuple[str, Site, Tensor, Tensor, Tensor]]:
     """The elements of `unit` that differ in this pair, as (kind, site, positions, latents, values)."""
     out = []
@@ -144,24 +144,34 @@ def resid_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tens
 def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pair_index: int, pair: PromptPair,
                    base: RunCache, source: RunCache, metric: Metric, positions: tuple[int, ...] | None,
                    rows_per_chunk: int, progress: tqdm | None) -> tuple[Tensor, Tensor]:
-    """Metric values of every unit for one pair, and a mask of which needed a forward pass."""
+    """Metric values of every unit for one pair, and a mask of which needed a forward pass.
+
+    Rows are grouped by (first layer, first patched position). Positions before the first
+    patched one are causally untouched, so a group reuses the base prompt's keys and values
+    there and runs only the suffix (when the metric reads one position).
+    """
     values = torch.empty(len(units))
     evaluated = torch.zeros(len(units), dtype=torch.bool)
     base_metric = metric(base.logits[None], torch.tensor([pair_index]))[0]
-    pending: dict[int, list[tuple[int, list]]] = {}
+    readout = metric.readout
+    last_read = None if readout is None else readout % pair.n_base
+    pending: dict[tuple[int, int], list[tuple[int, list]]] = {}
     for i, unit in enumerate(units):
-        elements = element_patches(unit, i, pair, base, source, positions)
-        if elements:
-            pending.setdefault(unit.start_layer, []).append((i, elements))
+        elements = element_patches(unit, pair, base, source, positions)
+        first = min(int(e[2].min()) for e in elements) if elements else None
+        if first is None or (last_read is not None and first > last_read):
+            values[i] = base_metric  # nothing differs, or only after the position the metric reads
         else:
-            values[i] = base_metric
+            pending.setdefault((unit.start_layer, first if readout is not None else 0), []).append((i, elements))
     if progress is not None:
         progress.update(len(units) - sum(len(items) for items in pending.values()))
-    readout = metric.readout
-    for start, items in sorted(pending.items()):
+    prefixes: dict[int, Any] = {}
+    for (start, first), items in sorted(pending.items()):
+        if first > 0 and first not in prefixes:
+            prefixes[first] = tl_compat.prefix_cache(model, pair.base[:, :first])
         for lo in range(0, len(items), rows_per_chunk):
             chunk = items[lo : lo + rows_per_chunk]
-            logits = _run_chunk(model, state, chunk, base, start, readout)
+            logits = _run_chunk(model, state, chunk, base, start, first, prefixes.get(first), readout)
             values[[i for i, _ in chunk]] = metric(logits, torch.full((len(chunk),), pair_index)).cpu()
             evaluated[[i for i, _ in chunk]] = True
             if progress is not None:
@@ -169,12 +179,12 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
     return values, evaluated
 
 
-def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int,
-               readout: int | None) -> Tensor:
+def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int, first: int,
+               prefix: Any, readout: int | None) -> Tensor:
     latent_patches, error_patches, resid_patches = [], [], []
     for row, (_, elements) in enumerate(chunk):
         for kind, site, pos, lat, vals in elements:
-            rows = torch.full_like(pos, row)
+            rows, pos = torch.full_like(pos, row), pos - first  # positions within the suffix
             if kind == "latent":
                 latent_patches.append((site, rows, pos, lat, vals))
             elif kind == "error":
@@ -191,14 +201,16 @@ def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], 
         raise PatchingError("latent or error patches need SAEs spliced")
     if state is not None:
         state.set_edits(edits)
-    residual = base.resid[start][None].expand(len(chunk), -1, -1)
+    residual = base.resid[start][first:][None].expand(len(chunk), -1, -1)
+    cache = tl_compat.expand_cache(prefix, len(chunk)) if prefix is not None else None
     try:
         with resid_patch_hooks(model, resid_patches):
-            final = tl_compat.run_blocks(model, residual, start)
+            final = tl_compat.run_blocks(model, residual, start, cache)
     finally:
         if state is not None:
             state.set_edits(())
-    return readout_logits(model, final, readout)
+    suffix_readout = None if readout is None else readout if readout < 0 else readout - first
+    return readout_logits(model, final, suffix_readout)
 
 
 def _group(items: list[tuple]) -> dict[Site, list[tuple]]:

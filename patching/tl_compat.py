@@ -145,9 +145,11 @@ def d_vocab(model: HookedTransformer) -> int:
     return model.cfg.d_vocab
 
 
-def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int) -> Tensor:
-    """Run blocks `start_layer..n_layers-1` on a residual stream; return it before the final norm."""
-    return model(residual, start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers)
+def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int, past_kv_cache: Any = None) -> Tensor:
+    """Run blocks `start_layer..n_layers-1` on a residual stream; return it before the final norm.
+
+    With `past_kv_cache` the residual holds only the positions after the cached prefix."""
+    return model(residual, start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
 
 
 def readout(model: HookedTransformer, residual: Tensor) -> Tensor:
@@ -220,3 +222,24 @@ def special_token_ids(model: HookedTransformer) -> list[int]:
         if getattr(tokenizer, name, None) is not None:
             ids.add(getattr(tokenizer, name))
     return sorted(ids)
+
+
+def prefix_cache(model: HookedTransformer, prefix_tokens: Tensor) -> Any:
+    """Keys and values of a prompt prefix at every layer, frozen for reuse by many suffix runs."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    mask = torch.ones_like(prefix_tokens)  # no padding: every prefix token is attended
+    model(prefix_tokens, past_kv_cache=cache, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
+    cache.freeze()
+    return cache
+
+
+def expand_cache(cache: Any, rows: int) -> Any:
+    """A frozen view of a batch-1 cache broadcast to `rows` rows (no copy)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1), e.past_values.expand(rows, -1, -1, -1),
+                                                 frozen=True) for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(rows, -1), frozen=True)

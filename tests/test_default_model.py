@@ -83,3 +83,23 @@ def test_missing_wheel_is_a_clear_error(monkeypatch):
 def test_bad_n_layers(monkeypatch):
     with pytest.raises(ModelLoadError, match="n_layers"):
         load_model(n_layers=0)
+
+
+def test_patching_on_default_model(default_model):
+    from patching import LogitDiff, PatchUnit, UnitPart, patch_latents, patch_residual
+
+    site = Site(20)
+    sae = make_sae(576, 1024, hook_name=site.hook_name, model_name=DEFAULT_MODEL, architecture="topk", k=32)
+    metric = LogitDiff(default_model.to_single_token(" Paris"), default_model.to_single_token(" Rome"))
+    clean, corrupted = "The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"
+    everything = PatchUnit((UnitPart(site, "latent", None, None), UnitPart(site, "error", None)))
+    result = patch_latents(default_model, sae, clean, corrupted, metric, units=[everything], progress=False)
+    assert result.metric_clean[0] > 2 and result.metric_corrupted[0] < 0  # Paris vs Rome flips
+    assert abs(result.effect[0, 0].item() - 1) < 1e-4
+    positions = patch_latents(default_model, sae, clean, corrupted, metric, unit="position", progress=False)
+    assert {u.position for u in positions.units} <= set(range(2, 11))  # only after the corrupted tokens
+    resid = patch_residual(default_model, clean, corrupted, metric, layers=[0, 29], progress=False)
+    by_unit = {(u.parts[0].site.layer, u.position): resid.effect[0, i].item() for i, u in enumerate(resid.units)}
+    assert by_unit[(0, 0)] == 0.0 and by_unit[(29, 0)] == 0.0  # BOS is the same in both prompts
+    # At layer 0 the subject tokens carry the fact: patching " Col" → " E" moves the answer most.
+    assert max(by_unit[(0, p)] for p in range(2, 5)) > 0.2
