@@ -120,14 +120,18 @@ class KLFromClean:
 
 @dataclass(frozen=True)
 class CallableMetric:
-    """Any callable on full logits `(rows, pos, vocab) -> (rows,)`, optionally taking `pair`."""
+    """Any callable on logits returning one value per row, optionally taking `pair`.
+
+    With `readout=None` the function sees every position, `(rows, pos, vocab)`; with an int it
+    sees that position only, `(rows, vocab)` — cheaper, and what attribution needs.
+    """
 
     fn: Callable[..., Tensor]
     """The user's function."""
     readout: int | None = None
-    """Always None: the function sees every position."""
+    """Position the function reads, or None for all."""
 
-    def __call__(self, logits: Float[Tensor, "rows pos vocab"], pair: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
+    def __call__(self, logits: Tensor, pair: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
         takes_pair = len(inspect.signature(self.fn).parameters) >= 2
         out = self.fn(logits, pair) if takes_pair else self.fn(logits)
         if not isinstance(out, Tensor) or out.shape != (logits.shape[0],):

@@ -22,7 +22,7 @@ from patching.pairs import Align, Direction, PromptPair, Prompts, check_position
 from patching.results import PatchResult, library_version
 from patching.sites import Site
 from patching.splice import Splice, resolve_saes, splice
-from patching.sweep import (DEFAULT_MEMORY_MB, RunCache, bind_metric, chunk_rows, evaluate_units, normalized_effect,
+from patching.sweep import (DEFAULT_MEMORY_MB, RunCache, chunk_rows, evaluate_units, normalized_effect, reference_metrics,
                             reference_run)
 from patching.units import UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, joint_units
 from sae.files import weights_sha256
@@ -48,7 +48,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
-    _check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
+    check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
     resolved = resolve_saes(model, saes, allow_model_mismatch=allow_model_mismatch)
     if unit == "joint":
         for part in (p for u in joint_units(latent_sets, list(resolved), positions) for p in u.parts):
@@ -61,7 +61,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
         runs = [(reference_run(model, state, p.base, layers, metric.readout),
                  reference_run(model, state, p.source, layers, metric.readout)) for p in pairs]
         if units is None:
-            units = differing_units(unit, _differs(pairs, runs, resolved), positions, latent_sets)
+            units = differing_units(unit, differs_mask(pairs, runs, resolved), positions, latent_sets)
         units = list(units)
         return _sweep(model, state, pairs, runs, units, metric, direction, positions, batch_size, memory_mb, progress,
                       provenance={"unit": unit, "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()}})
@@ -74,7 +74,7 @@ def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, 
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
-    _check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
+    check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
     n_layers = tl_compat.n_layers(model)
     layers = list(range(n_layers)) if layers is None else [Site(layer).check(model).layer for layer in layers]
     shortest = min(pair.n_base for pair in pairs)
@@ -102,7 +102,7 @@ def _check_units(units: Sequence[PatchUnit], saes: dict[Site, Any], n_pos: int) 
                 raise PatchingError(f"unit {unit.label()}: positions must lie in [0, {n_pos}) (the shortest base prompt)")
 
 
-def _check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | None, memory_mb: int) -> None:
+def check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | None, memory_mb: int) -> None:
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
         raise PatchingError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
@@ -115,7 +115,7 @@ def _check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int |
             raise PatchingError(f"metric {describe(metric)} names token ids outside [0, {vocab})")
 
 
-def _differs(pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]], saes: dict[Site, Any]) -> dict[Site, Tensor]:
+def differs_mask(pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]], saes: dict[Site, Any]) -> dict[Site, Tensor]:
     """Per site, (pos, d_sae): whether the latent differs between aligned runs in any pair."""
     n_pos = max(pair.n_base for pair in pairs)
     out = {site: torch.zeros(n_pos, sae.d_sae, dtype=torch.bool) for site, sae in saes.items()}
@@ -131,15 +131,7 @@ def _differs(pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]], sae
 def _sweep(model: Any, state: Splice | None, pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]],
            units: list[PatchUnit], metric: Any, direction: str, positions: tuple[int, ...] | None,
            batch_size: int | None, memory_mb: int, progress: bool, provenance: dict[str, Any]) -> PatchResult:
-    clean_runs = [source if direction == "denoise" else base for base, source in runs]
-    metric = bind_metric(metric, clean_runs)
-    m_base = torch.stack([metric(base.logits[None], torch.tensor([i]))[0] for i, (base, _) in enumerate(runs)]).cpu()
-    m_source = torch.stack([metric(src.logits[None], torch.tensor([i]))[0] for i, (_, src) in enumerate(runs)]).cpu()
-    m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
-    same = torch.nonzero(m_clean == m_corrupted).flatten().tolist()
-    if same:
-        raise PatchingError(f"the metric gives the same value on the clean and corrupted prompts of pair(s) {same}: "
-                            "effects cannot be normalised; choose a metric that tells them apart")
+    metric, m_clean, m_corrupted = reference_metrics(metric, runs, direction)
     n_pos = max(pair.n_base for pair in pairs)
     rows = chunk_rows(len(units), n_pos, model, state.saes if state else {}, metric.readout, batch_size, memory_mb)
     values = torch.empty(len(pairs), len(units))
@@ -151,13 +143,13 @@ def _sweep(model: Any, state: Splice | None, pairs: list[PromptPair], runs: list
         units=units, effect=normalized_effect(values, m_clean, m_corrupted, direction), metric=values,
         metric_clean=m_clean, metric_corrupted=m_corrupted, direction=direction, method="exact",
         base_tokens=[tl_compat.to_str_tokens(model, pair.base[0]) for pair in pairs],
-        provenance=_provenance(model, pairs, metric, direction, provenance, int(evaluated.sum())),
+        provenance=provenance_record(model, pairs, metric, direction, provenance, int(evaluated.sum())),
     )
     return result
 
 
-def _provenance(model: Any, pairs: list[PromptPair], metric: Any, direction: str, extra: dict[str, Any],
-                n_forward_rows: int) -> dict[str, Any]:
+def provenance_record(model: Any, pairs: list[PromptPair], metric: Any, direction: str, extra: dict[str, Any],
+                      n_forward_rows: int) -> dict[str, Any]:
     return {
         "model": tl_compat.model_name(model), "model_flags": model_flags(model), "direction": direction,
         "metric": describe(metric), "library_version": library_version(), "torch_version": torch.__version__,

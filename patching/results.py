@@ -69,6 +69,8 @@ class PatchResult:
     """String tokens of each pair's base prompt (corrupted for denoise, clean for noise)."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Model, SAE fingerprints, prompts, metric, unit kind, library version, extra settings."""
+    context: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The live inputs (model, SAEs, prompts, metric) of an estimate, for `verify`; not saved."""
 
     @property
     def mean_effect(self) -> Tensor:

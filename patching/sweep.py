@@ -227,6 +227,20 @@ def bind_metric(metric: Metric, clean_runs: list[RunCache]) -> Metric:
     return metric
 
 
+def reference_metrics(metric: Metric, runs: list[tuple[RunCache, RunCache]], direction: str) -> tuple[Metric, Tensor, Tensor]:
+    """The metric bound to the clean runs, M_clean and M_corrupted per pair; refuses pairs it cannot tell apart."""
+    clean_runs = [source if direction == "denoise" else base for base, source in runs]
+    metric = bind_metric(metric, clean_runs)
+    m_base = torch.stack([metric(base.logits[None], torch.tensor([i]))[0] for i, (base, _) in enumerate(runs)]).cpu()
+    m_source = torch.stack([metric(src.logits[None], torch.tensor([i]))[0] for i, (_, src) in enumerate(runs)]).cpu()
+    m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
+    same = torch.nonzero(m_clean == m_corrupted).flatten().tolist()
+    if same:
+        raise PatchingError(f"the metric gives the same value on the clean and corrupted prompts of pair(s) {same}: "
+                            "effects cannot be normalised; choose a metric that tells them apart")
+    return metric, m_clean, m_corrupted
+
+
 def normalized_effect(values: Tensor, m_clean: Tensor, m_corrupted: Tensor, direction: str) -> Tensor:
     """DESIGN.md: denoise (M_p - M_corr) / (M_clean - M_corr); noise (M_clean - M_p) / (same)."""
     span = (m_clean - m_corrupted)[:, None]

@@ -98,7 +98,7 @@ def hook_module(model: HookedTransformer, hook_name: str) -> torch.nn.Module:
     return model.hook_dict[hook_name]
 
 
-def attach_hook(model: HookedTransformer, hook_name: str, fn: HookFn) -> RemovableHandle:
+def attach_hook(model: HookedTransformer, hook_name: str, fn: HookFn, *, prepend: bool = False) -> RemovableHandle:
     """Attach a forward hook that may replace the hook point's output.
 
     A plain torch hook on the HookPoint: TransformerLens's `reset_hooks` (called by
@@ -109,7 +109,7 @@ def attach_hook(model: HookedTransformer, hook_name: str, fn: HookFn) -> Removab
     def forward_hook(module: torch.nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
         return fn(output)
 
-    return hook_module(model, hook_name).register_forward_hook(forward_hook)
+    return hook_module(model, hook_name).register_forward_hook(forward_hook, prepend=prepend)
 
 
 def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: bool = True) -> Tensor:
