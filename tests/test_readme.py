@@ -18,6 +18,7 @@ def test_python_quick_start_runs(tmp_path, monkeypatch, default_model):
     assert blocks, "the README has no Python example"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(patching, "load_model", lambda *a, **k: default_model)  # reuse the session's model
+    namespace = {"__name__": "readme"}  # later examples build on earlier ones, as in a session
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+        exec(compile(block, str(README), "exec"), namespace)
     assert (tmp_path / "my-sae" / "cfg.json").exists()
