@@ -69,22 +69,43 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
 
 def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, direction: Direction = "denoise",
                    layers: Sequence[int] | None = None, positions: Sequence[int] | None = None, align: Align = None,
-                   batch_size: int | None = None, memory_mb: int = DEFAULT_MEMORY_MB, progress: bool = True) -> PatchResult:
-    """Raw residual-stream patching at `resid_pre` per (layer, position): the causal-tracing picture."""
+                   units: Sequence[PatchUnit] | None = None, batch_size: int | None = None,
+                   memory_mb: int = DEFAULT_MEMORY_MB, progress: bool = True) -> PatchResult:
+    """Raw activation patching. By default one unit per (layer, position) at `resid_pre`: the
+    causal-tracing picture. Explicit `units` of kind `raw` patch any site, any set of dimensions
+    or MLP neurons (`UnitPart(Site(6, "mlp_post"), "raw", None, (12, 40))`), jointly."""
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
     check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
-    n_layers = tl_compat.n_layers(model)
-    layers = list(range(n_layers)) if layers is None else [Site(layer).check(model).layer for layer in layers]
     shortest = min(pair.n_base for pair in pairs)
-    units = [PatchUnit((UnitPart(Site(layer), "resid", (p,)),)) for layer in layers
-             for p in (positions if positions is not None else range(shortest))]
+    if units is None:
+        layers = list(range(tl_compat.n_layers(model))) if layers is None else [Site(layer).check(model).layer for layer in layers]
+        units = [PatchUnit((UnitPart(Site(layer), "raw", (p,)),)) for layer in layers
+                 for p in (positions if positions is not None else range(shortest))]
+    else:
+        _check_raw_units(model, units, shortest)
+    raw_sites = sorted({part.site for unit in units for part in unit.parts})
+    start_layers = sorted({site.layer for site in raw_sites})
     with torch.inference_mode():
-        runs = [(reference_run(model, None, p.base, layers, metric.readout),
-                 reference_run(model, None, p.source, layers, metric.readout)) for p in pairs]
-        return _sweep(model, None, pairs, runs, units, metric, direction, positions, batch_size, memory_mb, progress,
-                      provenance={"unit": "resid_layer_position", "saes": {}})
+        runs = [(reference_run(model, None, p.base, start_layers, metric.readout, raw_sites),
+                 reference_run(model, None, p.source, start_layers, metric.readout, raw_sites)) for p in pairs]
+        return _sweep(model, None, pairs, runs, list(units), metric, direction, positions, batch_size, memory_mb,
+                      progress, provenance={"unit": "raw", "saes": {}})
+
+
+def _check_raw_units(model: Any, units: Sequence[PatchUnit], n_pos: int) -> None:
+    for unit in units:
+        if not isinstance(unit, PatchUnit):
+            raise PatchingError(f"units must be PatchUnit values, got {type(unit).__name__}")
+        for part in unit.parts:
+            if part.kind != "raw":
+                raise PatchingError(f"patch_residual takes raw units; {unit.label()} is {part.kind!r} (use patch_latents)")
+            width = part.site.check(model).width(model)
+            if part.latents is not None and (min(part.latents) < 0 or max(part.latents) >= width):
+                raise PatchingError(f"unit {unit.label()}: dimensions must lie in [0, {width})")
+            if part.positions is not None and (min(part.positions) < 0 or max(part.positions) >= n_pos):
+                raise PatchingError(f"unit {unit.label()}: positions must lie in [0, {n_pos}) (the shortest base prompt)")
 
 
 def _check_units(units: Sequence[PatchUnit], saes: dict[Site, Any], n_pos: int) -> None:
@@ -92,8 +113,8 @@ def _check_units(units: Sequence[PatchUnit], saes: dict[Site, Any], n_pos: int) 
         if not isinstance(unit, PatchUnit):
             raise PatchingError(f"units must be PatchUnit values, got {type(unit).__name__}")
         for part in unit.parts:
-            if part.kind == "resid":
-                raise PatchingError("raw residual units belong to patch_residual, not patch_latents")
+            if part.kind == "raw":
+                raise PatchingError("raw units belong to patch_residual, not patch_latents")
             if part.site not in saes:
                 raise PatchingError(f"unit {unit.label()} names {part.site}, but SAEs are at {[str(s) for s in saes]}")
             if part.latents is not None and (min(part.latents) < 0 or max(part.latents) >= saes[part.site].d_sae):

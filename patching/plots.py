@@ -25,7 +25,7 @@ def plot_result(result: "PatchResult", path: Path, *, top_k: int = 20) -> Path:
     (raw residual units), else a bar chart of the top units."""
     units = result.units
     single = all(len(u.parts) == 1 and u.position is not None for u in units)
-    if units and single and all(u.kind == "resid" for u in units):
+    if units and single and all(u.kind == "raw" for u in units):
         return _heatmap(result, path, row_of=lambda u: u.parts[0].site.layer, row_label="layer", top_k=None)
     if units and single and all(u.kind == "latent" and u.latent is not None for u in units):
         return _heatmap(result, path, row_of=lambda u: (u.site.hook_name, u.latent), row_label="latent", top_k=top_k)

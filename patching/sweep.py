@@ -42,7 +42,9 @@ class RunCache:
     errors: dict[Site, Tensor] = field(default_factory=dict)
     """SAE errors per site, (pos, d_in)."""
     resid: dict[int, Tensor] = field(default_factory=dict)
-    """resid_pre per layer, (pos, d_model)."""
+    """resid_pre per layer where patched rows may start, (pos, d_model)."""
+    raw: dict[Site, Tensor] = field(default_factory=dict)
+    """Raw activations at sites with raw units, (pos, width)."""
 
 
 def readout_logits(model: Any, final_resid: Tensor, readout: int | None) -> Tensor:
@@ -52,8 +54,10 @@ def readout_logits(model: Any, final_resid: Tensor, readout: int | None) -> Tens
     return tl_compat.readout(model, final_resid[:, readout])
 
 
-def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None) -> RunCache:
-    names = [Site(layer).hook_name for layer in layers]
+def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None,
+                  raw_sites: Sequence[Site] = ()) -> RunCache:
+    """Run `tokens` once; keep the readout logits, SAE records, resid_pre at `layers` and `raw_sites`."""
+    names = list(dict.fromkeys([Site(layer).hook_name for layer in layers] + [site.hook_name for site in raw_sites]))
     if state is not None:
         state.cache = True
     try:
@@ -66,13 +70,16 @@ def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequ
         logits=readout_logits(model, final, readout)[0],
         latents={site: r.latents[0] for site, r in records.items()},
         errors={site: r.error[0] for site, r in records.items()},
-        resid={layer: acts[name][0] for layer, name in zip(layers, names)},
+        resid={layer: acts[Site(layer).hook_name][0] for layer in layers},
+        raw={site: acts[site.hook_name][0] for site in raw_sites},
     )
 
 
 def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: RunCache,
                     positions: tuple[int, ...] | None) -> list[tuple[str, Site, Tensor, Tensor, Tensor]]:
-    """The elements of `unit` that differ in this pair, as (kind, site, positions, latents, values)."""
+    """The elements of `unit` that differ in this pair, as (kind, site, positions, indices, values).
+
+    Indices are latents for `latent` parts and dimensions for `raw` parts (unused for `error`)."""
     out = []
     mapped = pair.source_position >= 0
     for part in unit.parts:
@@ -94,10 +101,12 @@ def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: R
             if pos.numel():
                 out.append(("error", part.site, pos, pos, source.errors[part.site][src]))
         else:
-            x_src, x_base = source.resid[part.site.layer][src], base.resid[part.site.layer][pos]
-            differ = (x_src != x_base).any(-1)
-            if differ.any():
-                out.append(("resid", part.site, pos[differ], pos[differ], x_src[differ]))
+            width = base.raw[part.site].shape[1]
+            dims = torch.arange(width) if part.latents is None else torch.tensor(part.latents)
+            x_src, x_base = source.raw[part.site][src][:, dims], base.raw[part.site][pos][:, dims]
+            p_idx, d_idx = torch.nonzero(x_src != x_base, as_tuple=True)
+            if p_idx.numel():
+                out.append(("raw", part.site, pos[p_idx], dims[d_idx], x_src[p_idx, d_idx]))
     return out
 
 
@@ -113,21 +122,19 @@ def chunk_rows(n_units: int, n_pos: int, model: Any, saes: Mapping[Site, Any], r
 
 
 @contextlib.contextmanager
-def resid_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor]]) -> Iterator[None]:
-    """Write raw activations: `x[rows, positions] = values` at each site, for one forward."""
-    by_site: dict[Site, list[tuple[Tensor, Tensor, Tensor]]] = {}
-    for rows, site, pos, values in patches:
-        by_site.setdefault(site, []).append((rows, pos, values))
+def raw_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor, Tensor]]) -> Iterator[None]:
+    """Write raw activations element-wise, `x[rows, positions, dims] = values`, for one forward."""
+    by_site: dict[Site, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+    for rows, site, pos, dims, values in patches:
+        by_site.setdefault(site, []).append((rows, pos, dims, values))
     handles = []
 
-    def make_hook(items: list[tuple[Tensor, Tensor, Tensor]]):
-        rows = torch.cat([r for r, _, _ in items])
-        pos = torch.cat([p for _, p, _ in items])
-        values = torch.cat([v for _, _, v in items])
+    def make_hook(items: list[tuple[Tensor, Tensor, Tensor, Tensor]]):
+        rows, pos, dims, values = (torch.cat([item[k] for item in items]) for k in range(4))
 
         def hook(x: Tensor) -> Tensor:
             x = x.clone()
-            x[rows, pos] = values.to(x.dtype)
+            x[rows, pos, dims] = values.to(x.dtype)
             return x
 
         return hook
@@ -181,7 +188,7 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
 
 def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int, first: int,
                prefix: Any, readout: int | None) -> Tensor:
-    latent_patches, error_patches, resid_patches = [], [], []
+    latent_patches, error_patches, raw_patches = [], [], []
     for row, (_, elements) in enumerate(chunk):
         for kind, site, pos, lat, vals in elements:
             rows, pos = torch.full_like(pos, row), pos - first  # positions within the suffix
@@ -190,7 +197,7 @@ def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], 
             elif kind == "error":
                 error_patches.append((site, rows, pos, vals))
             else:
-                resid_patches.append((rows, site, pos, vals))
+                raw_patches.append((rows, site, pos, lat, vals))
     edits = [LatentPatch(site, torch.cat([p[1] for p in group]), torch.cat([p[2] for p in group]),
                          torch.cat([p[3] for p in group]), torch.cat([p[4] for p in group]))
              for site, group in _group(latent_patches).items()]
@@ -204,7 +211,7 @@ def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], 
     residual = base.resid[start][first:][None].expand(len(chunk), -1, -1)
     cache = tl_compat.expand_cache(prefix, len(chunk)) if prefix is not None else None
     try:
-        with resid_patch_hooks(model, resid_patches):
+        with raw_patch_hooks(model, raw_patches):
             final = tl_compat.run_blocks(model, residual, start, cache)
     finally:
         if state is not None:

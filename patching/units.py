@@ -1,6 +1,6 @@
 """Patch units: what one patched run changes, and how a sweep enumerates them.
 
-A unit is one or more parts; a part names a site, a kind (`latent`, `error` or `resid`), base
+A unit is one or more parts; a part names a site, a kind (`latent`, `error` or `raw`), base
 positions and latents (None meaning all of them). The sweep turns a unit into element
 coordinates for one pair, keeping only elements whose source and base values differ: only
 those can have an effect (DESIGN.md, Patching).
@@ -18,7 +18,7 @@ from torch import Tensor
 from patching.errors import PatchingError
 from patching.sites import Site, as_site
 
-PartKind = Literal["latent", "error", "resid"]
+PartKind = Literal["latent", "error", "raw"]
 UnitKind = Literal["latent_position", "latent", "position", "error", "joint"]
 UNIT_KINDS: tuple[str, ...] = ("latent_position", "latent", "position", "error", "joint")
 LatentSet = Union[Sequence[int], Mapping[Union[Site, str], Sequence[int]]]
@@ -31,11 +31,11 @@ class UnitPart:
     site: Site
     """Where the patch applies."""
     kind: PartKind
-    """`latent` (SAE latents), `error` (the SAE error node) or `resid` (the raw activation)."""
+    """`latent` (SAE latents), `error` (the SAE error node) or `raw` (the site's raw activation)."""
     positions: tuple[int, ...] | None
     """Base-run positions; None for every considered position."""
     latents: tuple[int, ...] | None = None
-    """Latent indices for `latent` parts; None for every latent."""
+    """Latent indices (`latent` parts) or dimensions / neurons (`raw` parts); None for all."""
 
 
 @dataclass(frozen=True)

@@ -250,3 +250,28 @@ def test_result_save_load_top_dataframe_plot(model, sae, prompts, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resid = patch_residual(model, clean, corrupted, METRIC, progress=False)
     assert resid.plot(tmp_path / "resid.png").exists()
+
+
+def test_raw_units_patch_chosen_dimensions_and_neurons(model, prompts):
+    clean, corrupted = prompts
+    neurons = Site(1, "mlp_post")
+    units = [PatchUnit((UnitPart(neurons, "raw", None, (0, 5, 9)),)),
+             PatchUnit((UnitPart(Site(2), "raw", (3, 4), (1, 2)), UnitPart(neurons, "raw", (6,), None)))]
+    result = patch_residual(model, clean, corrupted, METRIC, units=units, progress=False)
+    _, cache = model.run_with_cache(clean)
+    for j, unit in enumerate(units):
+        for i in range(2):
+            def make_hook(part):
+                def hook(x, hook):
+                    x = x.clone()
+                    pos = list(part.positions) if part.positions is not None else list(range(x.shape[1]))
+                    dims = list(part.latents) if part.latents is not None else list(range(x.shape[2]))
+                    for p in pos:
+                        x[0, p, dims] = cache[part.site.hook_name][i, p, dims]
+                    return x
+                return hook
+            hooks = [(part.site.hook_name, make_hook(part)) for part in unit.parts]
+            logits = model.run_with_hooks(corrupted[i : i + 1], fwd_hooks=hooks)
+            assert result.metric[i, j].item() == pytest.approx(METRIC(logits[:, -1], torch.tensor([i]))[0].item(), abs=1e-4)
+    with pytest.raises(PatchingError, match=r"dimensions must lie in \[0, 32\)"):
+        patch_residual(model, clean, corrupted, METRIC, units=[PatchUnit((UnitPart(neurons, "raw", None, (32,)),))])
