@@ -146,8 +146,8 @@ class CallableMetric:
 
 
 def as_metric(metric: Any) -> Metric:
-    """A built-in metric as it is; a plain callable wrapped; anything else refused."""
-    if isinstance(metric, (LogitDiff, TokenLogProb, KLFromClean, CallableMetric)):
+    """A metric object (callable with a `readout`) as it is; a plain callable wrapped; else refused."""
+    if isinstance(metric, Metric):
         return metric
     if callable(metric):
         return CallableMetric(metric)

@@ -243,3 +243,60 @@ def expand_cache(cache: Any, rows: int) -> Any:
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1), e.past_values.expand(rows, -1, -1, -1),
                                                  frozen=True) for e in cache.entries]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(rows, -1), frozen=True)
+
+
+def attach_block_pre_hook(model: HookedTransformer, layer: int, fn: Callable[[int, int], None]) -> RemovableHandle:
+    """Call `fn(n_positions, past_positions)` before block `layer` runs.
+
+    `past_positions` is the length of the block's key-value cache entry (0 without a cache):
+    under `generate` with the cache each step feeds only the new positions, so this offset is
+    what turns call-relative positions into absolute ones. Blocks are called as modules even by
+    `generate` (which calls `forward` directly), so the hook fires on every path.
+    """
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        entry = kwargs.get("past_kv_cache_entry")
+        past = 0 if entry is None else int(entry.past_keys.shape[1])
+        fn(int(args[0].shape[1]), past)
+
+    return model.blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def generate(model: HookedTransformer, inputs: Tensor | list[str], *, max_new_tokens: int, use_past_kv_cache: bool = True,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+             stop_at_eos: bool = False) -> Tensor:
+    """Token ids of prompt + continuation, `(batch, pos + new)`.
+
+    A list of strings is tokenized with BOS and left-padded by TransformerLens (which then masks
+    the padding); a tensor is used as given. `stop_at_eos=False` gives every row exactly
+    `max_new_tokens` new tokens. `generate` runs under inference mode; the clone is an ordinary
+    tensor that later forward passes with autograd can take.
+    """
+    tokens = model.generate(inputs, max_new_tokens=max_new_tokens, use_past_kv_cache=use_past_kv_cache,
+                            do_sample=do_sample, temperature=temperature, top_p=top_p, stop_at_eos=stop_at_eos,
+                            return_type="tokens", verbose=False)
+    return tokens.clone()
+
+
+def direction_logits(model: HookedTransformer, direction: Tensor) -> Tensor:
+    """Direct logit effect of a residual-stream direction, `(d_vocab,)`: through the final norm's
+    weight (when it has one, i.e. the norm is not folded) and the unembedding.
+
+    The norm's input-dependent scale is left out, as in the logit lens: the ranking of tokens is
+    what this is for.
+    """
+    weight = getattr(model.ln_final, "w", None) if model.cfg.normalization_type is not None else None
+    scaled = direction * weight if weight is not None else direction
+    return scaled.to(model.W_U.dtype) @ model.W_U
+
+
+def has_tokenizer(model: HookedTransformer) -> bool:
+    return model.tokenizer is not None
+
+
+def pad_token_id(model: HookedTransformer) -> int:
+    """The id used to right-pad token rows (0 for models without a tokenizer)."""
+    if model.tokenizer is None:
+        return 0
+    pad = model.tokenizer.pad_token_id
+    return pad if pad is not None else model.tokenizer.eos_token_id
