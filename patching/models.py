@@ -161,9 +161,17 @@ def _convert_gguf(folder: Path) -> None:
 def _load_default(*, n_layers: int | None, device: Any, dtype: torch.dtype, flags: ModelFlags, n_ctx: int) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     folder = default_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in a CLI
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return tl_compat.build_from_local_folder(
         folder, hf_model, tokenizer, model_name=DEFAULT_MODEL, flags=flags.as_kwargs(),
         n_layers=n_layers, n_ctx=n_ctx, device=device, dtype=dtype,

@@ -70,17 +70,17 @@ def make_pairs(model: Any, clean: Prompts, corrupted: Prompts, *, direction: str
     pairs = []
     for i, (c, r) in enumerate(zip(clean_rows, corrupted_rows)):
         base, source = (r, c) if direction == "denoise" else (c, r)
+        if align is None and c.shape[1] != r.shape[1]:
+            raise PatchingError(
+                f"pair {i}: prompts of different token lengths (clean has {c.shape[1]} tokens, corrupted {r.shape[1]}); "
+                "make them equal, or pass align='end' or an explicit {base_position: source_position} map"
+            )
         pairs.append(PromptPair(base, source, _alignment(i, base.shape[1], source.shape[1], align)))
     return pairs
 
 
 def _alignment(i: int, n_base: int, n_source: int, align: Align) -> Tensor:
     if align is None:
-        if n_base != n_source:
-            raise PatchingError(
-                f"pair {i}: clean and corrupted prompts have different token lengths ({n_base} vs {n_source}); "
-                "make them equal, or pass align='end' or an explicit {base_position: source_position} map"
-            )
         return torch.arange(n_base)
     if align == "end":
         offset = n_source - n_base

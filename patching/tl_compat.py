@@ -7,8 +7,10 @@ latentpatch sees a model through these functions and through `torch.nn.Module` h
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
+import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +53,8 @@ def build_from_local_folder(
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **flags)
     model.cfg.model_name = model_name
-    return model.to(device)
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to device"
+        return model.to(device)
 
 
 def load_official(name: str, *, flags: dict[str, bool], n_layers: int | None, device: Any, dtype: torch.dtype) -> HookedTransformer:
@@ -300,3 +303,67 @@ def pad_token_id(model: HookedTransformer) -> int:
         return 0
     pad = model.tokenizer.pad_token_id
     return pad if pad is not None else model.tokenizer.eos_token_id
+
+
+def run_to_hooks(model: HookedTransformer, tokens: Tensor, hook_names: list[str], layer: int) -> dict[str, Tensor]:
+    """The activations at several hooks within blocks `0..layer`, stopping once the last has fired."""
+    captured: dict[str, Tensor] = {}
+    handles = []
+
+    def capture(name: str) -> HookFn:
+        def fn(activation: Tensor) -> None:
+            captured[name] = activation.detach()
+            if len(captured) == len(hook_names):
+                raise _StopForward
+        return fn
+
+    try:
+        handles = [attach_hook(model, name, capture(name)) for name in hook_names]
+        model(tokens, stop_at_layer=layer + 1)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in hook_names if name not in captured]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire within the first {layer + 1} blocks")
+    return captured
+
+
+def mlp_input_kind(model: HookedTransformer) -> str:
+    """The residual-stream site kind the MLP reads: `resid_pre` with parallel attention (GPT-J,
+    GPT-NeoX), else `resid_mid`."""
+    return "resid_pre" if model.cfg.parallel_attn_mlp else "resid_mid"
+
+
+def mlp_pre_affine(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor, str, float]:
+    """`mlp.hook_pre` of block `layer` as an affine map of its norm's normalized input.
+
+    Returns `(W, b, norm, eps)` with `hook_pre = normalized(x) @ W + b`, where `normalized(x)` is
+    `center(x) / sqrt(mean(center(x)^2) + eps)`, `center` subtracts the mean for LayerNorm kinds
+    and is the identity for RMSNorm kinds (`norm` is "ln", "rms" or "none"). The norm's weight is
+    folded into `W` and its bias into `b`. For a gated MLP `hook_pre` is the gate's pre-activation
+    (`W_gate`, no bias); otherwise `W_in` and `b_in`.
+    """
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    cfg, block = model.cfg, model.blocks[layer]
+    if cfg.attn_only or cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        raise ValueError(f"block {layer} has no pre-norm MLP reading the residual stream "
+                         f"(attn_only={cfg.attn_only}, architecture={cfg.original_architecture})")
+    mlp = block.mlp
+    weight = (mlp.W_gate if cfg.gated_mlp else mlp.W_in).detach()  # (d_model, d_mlp)
+    bias = torch.zeros(weight.shape[1], dtype=weight.dtype) if cfg.gated_mlp else mlp.b_in.detach().clone()
+    kind = cfg.normalization_type
+    norm = {"LN": "ln", "LNPre": "ln", "RMS": "rms", "RMSPre": "rms", None: "none"}[kind]
+    if kind in ("LN", "RMS"):
+        weight = block.ln2.w.detach()[:, None] * weight
+    if kind == "LN":
+        bias = bias + block.ln2.b.detach() @ (mlp.W_gate if cfg.gated_mlp else mlp.W_in).detach()
+    return weight, bias, norm, float(cfg.eps)
+
+
+def mlp_out_weight(model: HookedTransformer, layer: int) -> Tensor:
+    """`W_out` of block `layer`, `(d_mlp, d_model)`: row n is what neuron n writes to the residual stream."""
+    return model.blocks[layer].mlp.W_out.detach()

@@ -1,0 +1,153 @@
+"""`latentpatch eval | patch | attribute | safety`: the experiments, one command each."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+EVAL_TEXTS = (
+    "The Eiffel Tower is located in the city of Paris, which is also famous for the Louvre.",
+    "When Mary and John went to the store, John gave a drink to Mary.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "The stock market fell sharply on Monday after the central bank raised interest rates.",
+    "She opened the old wooden door slowly and stepped into the dark hallway.",
+    "To bake bread, mix flour, water, salt and yeast, knead the dough and let it rise for an hour.",
+    "The committee will meet again next Thursday to review the budget proposal.",
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add `eval`, `patch`, `attribute` and `safety` to the `latentpatch` parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+    ev = subparsers.add_parser("eval", help="splice metrics of an SAE (CE recovered, KL, EV, L0)", formatter_class=raw,
+                               description="Splice an SAE into its model and measure it on text.\n\n"
+                                           "example: latentpatch eval runs/sae-l15 --text notes.txt --json")
+    _common(ev)
+    ev.add_argument("--text", type=Path, help="a .txt file (one document per line) to evaluate on; default: built-in sentences")
+    ev.set_defaults(run=run_eval)
+    for name, helptext in (("patch", "exact latent patching sweep on a prompt pair"),
+                           ("attribute", "attribution estimate (AtP / IG / GradDrop) on a prompt pair")):
+        p = subparsers.add_parser(name, help=helptext, formatter_class=raw, description=helptext + ".\n\nexample: "
+                                  f"latentpatch {name} runs/sae-l15 --clean 'The Eiffel Tower is located in the city of' "
+                                  "--corrupted 'The Colosseum is located in the city of' --answer ' Paris' --wrong ' Rome' "
+                                  "--out results/eiffel")
+        _common(p)
+        _pair_options(p)
+        p.set_defaults(run=run_patch if name == "patch" else run_attribute)
+    _patch_specific(subparsers.choices["patch"])
+    _attribute_specific(subparsers.choices["attribute"])
+    sf = subparsers.add_parser("safety", help="safety latents: refusal rates, restoration curves, dynamic patching",
+                               formatter_class=raw, description="Find the SAE latents behind refusals on the built-in "
+                               "suite and write report.json, prompts.json and curves.png.\n\n"
+                               "example: latentpatch safety runs/sae-l15 --max-pairs 8 --out results/safety")
+    _common(sf)
+    sf.add_argument("--out", type=Path, required=True, help="folder for the report")
+    sf.add_argument("--max-pairs", type=int, default=None, help="use at most this many refuse/comply pairs (default: all)")
+    sf.add_argument("--counts", type=int, nargs="+", default=None, help="numbers of latents patched jointly")
+    sf.set_defaults(run=run_safety)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", type=Path, help="SAE folder (cfg.json + sae_weights.safetensors, ours or SAELens's)")
+    p.add_argument("--model", default=None, help="model name (default: the one the SAE records)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _pair_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clean", required=True, help="prompt that shows the behaviour")
+    p.add_argument("--corrupted", required=True, help="prompt that does not (same token length unless --align end)")
+    p.add_argument("--answer", required=True, help="answer token of the clean prompt, with its leading space (' Paris')")
+    p.add_argument("--wrong", required=True, help="answer token of the corrupted prompt (' Rome')")
+    p.add_argument("--direction", choices=("denoise", "noise"), default="denoise",
+                   help="denoise: corrupted run, clean values patched in; noise: the reverse (default: denoise)")
+    p.add_argument("--align", choices=("end",), default=None, help="align prompts of different length on their ends")
+    p.add_argument("--top", type=int, default=10, help="how many units to list (default 10)")
+    p.add_argument("--out", type=Path, default=None, help="save the result (safetensors + manifest) and a PNG here")
+
+
+def _patch_specific(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unit", choices=("latent_position", "latent", "position", "error"), default="latent_position",
+                   help="what one patch changes (default: each differing latent at each position)")
+
+
+def _attribute_specific(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("atp", "ig", "atp_gd"), default="atp", help="estimator (default atp)")
+    p.add_argument("--steps", type=int, default=8, help="integrated-gradients path points (default 8)")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="check the estimate by exact patching of its top K units and K random others")
+
+
+def load_for(sae_dir: Path, model_name: str | None) -> tuple[Any, Any]:
+    """The SAE and a model loaded with the weight processing the SAE records."""
+    from patching import ModelFlags, load_model
+    from patching.models import DEFAULT_MODEL
+    from sae import load_sae
+
+    sae = load_sae(sae_dir)
+    recorded = sae.cfg.model_from_pretrained_kwargs
+    flags = ModelFlags(**{name: bool(recorded.get(name, False)) for name in ModelFlags.__dataclass_fields__})
+    return sae, load_model(model_name or sae.cfg.model_name or DEFAULT_MODEL, flags=flags)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from patching import splice_metrics
+
+    sae, model = load_for(args.sae, args.model)
+    texts = args.text.read_text().splitlines() if args.text else list(EVAL_TEXTS)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"{args.text} holds no text")
+    tokens = model.to_tokens(texts)
+    metrics = splice_metrics(model, sae, tokens)
+    return {"sae": str(args.sae), "site": sae.cfg.hook_name, "texts": len(texts), **metrics.to_dict()}
+
+
+def _pair(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
+    from patching import LogitDiff
+
+    return LogitDiff(model.to_single_token(args.answer), model.to_single_token(args.wrong)), args.align
+
+
+def _report(result: Any, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    if args.out is not None:
+        result.save(args.out)
+        result.plot(args.out / "effects.png")
+    top = [entry._asdict() for entry in result.top(args.top)]
+    return {"method": result.method, "direction": result.direction, "units": len(result.units),
+            "metric_clean": result.metric_clean.tolist(), "metric_corrupted": result.metric_corrupted.tolist(),
+            "top": top, "saved_to": str(args.out) if args.out else None, **extra}
+
+
+def run_patch(args: argparse.Namespace) -> dict[str, Any]:
+    from patching import patch_latents
+
+    sae, model = load_for(args.sae, args.model)
+    metric, align = _pair(args, model)
+    result = patch_latents(model, sae, args.clean, args.corrupted, metric, direction=args.direction, unit=args.unit,
+                           align=align)
+    return _report(result, args, {})
+
+
+def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
+    from patching import attribute_latents, verify
+
+    sae, model = load_for(args.sae, args.model)
+    metric, align = _pair(args, model)
+    result = attribute_latents(model, sae, args.clean, args.corrupted, metric, method=args.method, steps=args.steps,
+                               direction=args.direction, align=align)
+    checked = verify(result, top_k=args.verify, random_k=args.verify).to_dict() if args.verify else None
+    return _report(result, args, {"verification": checked})
+
+
+def run_safety(args: argparse.Namespace) -> dict[str, Any]:
+    from patching.safety import DEFAULT_COUNTS, find_safety_latents
+    from patching.safety_prompts import SafetySuite
+    from sae.files import weights_sha256
+
+    sae, model = load_for(args.sae, args.model)
+    suite = SafetySuite()
+    report = find_safety_latents(model, sae, suite, counts=tuple(args.counts or DEFAULT_COUNTS), max_pairs=args.max_pairs)
+    report.save(args.out, model_name=model.cfg.model_name, sae_sha256=weights_sha256(sae), suite=suite)
+    return {"saved_to": str(args.out), **report.summary()}
