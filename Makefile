@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install browser clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -20,10 +20,14 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# Render tests open HTML reports in Debian's headless Chromium (needs root or sudo to install).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 demo: $(STAMP)
 	$(VENV)/bin/latentpatch demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 clean-venv:
