@@ -12,6 +12,10 @@ from patching.sites import Site
 from patching.splice import SiteRecord, Splice, splice
 from patching.units import PatchUnit, UnitPart
 from patching.verify import Verification, verify
+from patching.latent_inspect import InspectConfig, LatentReport, inspect_latent, inspect_latents, logit_effect
+from patching.steering import (LatentChoice, SteeredGeneration, Steering, SteeringConfig, SteeringError,
+                               contrast_latents, generate_steered, latents_from_result, steer, steering_vector)
+from patching.steering_compare import CompareSettings, Concept, SteeringComparison, compare_steering
 
 __all__ = [
     "CallableMetric",
@@ -45,4 +49,45 @@ __all__ = [
     "patch_residual",
     "splice",
     "splice_metrics",
+    "CompareSettings",
+    "Concept",
+    "InspectConfig",
+    "LatentChoice",
+    "LatentReport",
+    "SteeredGeneration",
+    "Steering",
+    "SteeringComparison",
+    "SteeringConfig",
+    "SteeringError",
+    "compare_steering",
+    "contrast_latents",
+    "generate_steered",
+    "inspect_latent",
+    "inspect_latents",
+    "latents_from_result",
+    "logit_effect",
+    "steer",
+    "steering_vector",
+]
+
+from patching.dashboards import write_dashboards
+from patching.neuron_inspect import NeuronConfig, UnitReport, UnitScores, inspect_units, unit_scores
+from patching.neurons import Decomposition, Direction, Neuron, decompose, readout
+from patching.restoration import RestorationCurve, latent_restoration, raw_restoration
+
+__all__ += [
+    "Decomposition",
+    "Direction",
+    "Neuron",
+    "NeuronConfig",
+    "RestorationCurve",
+    "UnitReport",
+    "UnitScores",
+    "decompose",
+    "inspect_units",
+    "latent_restoration",
+    "raw_restoration",
+    "readout",
+    "unit_scores",
+    "write_dashboards",
 ]

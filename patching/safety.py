@@ -25,15 +25,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patching import tl_compat
-from patching.attribution import attribute_latents, frozen_parameters
 from patching.edits import LatentEdit
 from patching.errors import PatchingError
-from patching.patch import patch_latents, patch_residual
+from patching.restoration import RestorationCurve, latent_restoration, raw_restoration
 from patching.results import library_version
 from patching.safety_prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
 from patching.sites import Site
 from patching.splice import resolve_saes, splice
-from patching.units import PatchUnit, UnitPart
 from sae.files import atomic_write
 
 DEFAULT_COUNTS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500)
@@ -108,29 +106,6 @@ def _forward_clamped(model: Any, tokens: Tensor, clamp: Any) -> Tensor:
 
 def refusal_rate(generations: Sequence[str]) -> float:
     return sum(map(is_refusal, generations)) / max(1, len(generations))
-
-
-@dataclass
-class RestorationCurve:
-    """Fraction of the refusal score restored by patching the top n units jointly, per pair."""
-
-    counts: list[int]
-    """n, the number of (position, unit) elements patched."""
-    fraction: Tensor
-    """(pairs, counts): effect of patching the top n from the refusing run into the complying one."""
-    n_active: list[int]
-    """Per pair, the elements the percent is taken of (active latents, or dimensions × positions)."""
-
-    def median(self) -> list[float]:
-        return self.fraction.median(0).values.tolist()
-
-    def needed(self, threshold: float) -> list[float | None]:
-        """Per pair, the smallest n (as a percent of active) reaching `threshold`, or None."""
-        out = []
-        for row, active in zip(self.fraction, self.n_active):
-            hits = [n for n, value in zip(self.counts, row.tolist()) if value >= threshold]
-            out.append(100.0 * min(hits) / active if hits else None)
-        return out
 
 
 @dataclass
@@ -222,10 +197,10 @@ def find_safety_latents(model: Any, sae: Any, suite: SafetySuite = SafetySuite()
     start = query_start(model, suite)
     rows, raw_rows, actives, raw_actives, totals = [], [], [], [], torch.zeros(sae.d_sae)
     for i in tqdm(used, desc="safety pairs", disable=not progress, leave=False):
-        curve, active, full, scores = _latent_curve(model, site, sae, harmful[i], harmless[i], metric, counts, start)
+        curve, active, full, scores = latent_restoration(model, site, sae, harmful[i], harmless[i], metric, counts, start)
         rows.append(curve), actives.append(active), report.full_patch_fraction.append(full)
         totals += scores
-        raw_curve, raw_active = _raw_curve(model, site, harmful[i], harmless[i], metric, counts, start)
+        raw_curve, raw_active = raw_restoration(model, site, harmful[i], harmless[i], metric, counts, start)
         raw_rows.append(raw_curve), raw_actives.append(raw_active)
     report.latents = RestorationCurve(list(counts), torch.stack(rows), actives)
     report.raw = RestorationCurve(list(counts), torch.stack(raw_rows), raw_actives)
@@ -244,72 +219,6 @@ def _refusal_rates(model: Any, suite: SafetySuite, harmful: list[Tensor], harmle
     }
     return SafetyReport(site="", refusal_rates={k: refusal_rate(v) for k, v in generations.items()}, pairs_used=[],
                         generations=generations)
-
-
-def _latent_curve(model: Any, site: Site, sae: Any, harmful: Tensor, harmless: Tensor, metric: RefusalScore,
-                  counts: Sequence[int], start: int) -> tuple[Tensor, int, float, Tensor]:
-    """Rank (position, latent) elements by AtP; patch the top n jointly; return the curve."""
-    positions = list(range(start, harmful.shape[1]))
-    estimate = attribute_latents(model, {site: sae}, harmful, harmless, metric, include_error=False,
-                                 positions=positions, progress=False)
-    order = torch.argsort(estimate.effect[0], descending=True, stable=True).tolist()
-    units = [_joint([estimate.units[j] for j in order[:n]], site) for n in counts]
-    everything = PatchUnit((UnitPart(site, "latent", None, None), UnitPart(site, "error", None)))
-    exact = patch_latents(model, {site: sae}, harmful, harmless, metric, units=units + [everything], progress=False)
-    with torch.inference_mode(), splice(model, {site: sae}, cache=True) as state:
-        tl_compat.forward_logits(model, harmful)
-    active = int((state.records[site].latents[0, start:] != 0).sum())
-    scores = torch.zeros(sae.d_sae)
-    for unit, value in zip(estimate.units, estimate.effect[0].tolist()):
-        scores[unit.latent] += value
-    return exact.effect[0, :-1], active, exact.effect[0, -1].item(), scores
-
-
-def _joint(units: list[PatchUnit], site: Site) -> PatchUnit:
-    """One unit patching the given single (position, latent) units together, grouped by position."""
-    by_position: dict[int, list[int]] = {}
-    for unit in units:
-        by_position.setdefault(unit.position, []).append(unit.latent)
-    parts = tuple(UnitPart(site, "latent", (p,), tuple(sorted(latents))) for p, latents in sorted(by_position.items()))
-    return PatchUnit(parts or (UnitPart(site, "latent", (0,), (0,)),))
-
-
-def _raw_curve(model: Any, site: Site, harmful: Tensor, harmless: Tensor, metric: RefusalScore,
-               counts: Sequence[int], start: int) -> tuple[Tensor, int]:
-    """The same curve for raw dimensions at the site, ranked by AtP on the raw activation."""
-    scores = raw_attribution(model, site, harmful, harmless, metric)[start:]
-    order = torch.argsort(scores.flatten(), descending=True, stable=True)
-    width = scores.shape[1]
-    units = []
-    for n in counts:
-        by_position: dict[int, list[int]] = {}
-        for flat in order[:n].tolist():
-            by_position.setdefault(start + flat // width, []).append(flat % width)
-        units.append(PatchUnit(tuple(UnitPart(site, "raw", (p,), tuple(sorted(d))) for p, d in sorted(by_position.items()))))
-    exact = patch_residual(model, harmful, harmless, metric, units=units, progress=False)
-    return exact.effect[0], scores.numel()
-
-
-def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any) -> Tensor:
-    """AtP on a raw activation: (x_clean − x_corrupted) · dM/dx at the corrupted run, (pos, width)."""
-    with torch.inference_mode():
-        _, acts = tl_compat.run_until_end_with_cache(model, clean, [site.hook_name])
-    x_clean = acts[site.hook_name][0].clone()
-    probe: dict[str, Tensor] = {}
-
-    def add_probe(x: Tensor) -> Tensor:
-        probe["node"] = torch.zeros_like(x, requires_grad=True)
-        probe["x"] = x.detach()
-        return x + probe["node"]
-
-    handle = tl_compat.attach_hook(model, site.hook_name, add_probe)
-    try:
-        with frozen_parameters(model), torch.enable_grad():
-            logits = tl_compat.forward_logits(model, corrupted)
-            metric(logits[:, metric.readout], torch.tensor([0])).sum().backward()
-    finally:
-        handle.remove()
-    return (x_clean - probe["x"][0]) * probe["node"].grad[0]
 
 
 def _dynamic(model: Any, site: Site, sae: Any, report: SafetyReport, harmful: list[Tensor], harmless: list[Tensor],

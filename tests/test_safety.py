@@ -9,8 +9,8 @@ import torch
 
 from patching import Site, tl_compat
 from patching.errors import SpliceError
-from patching.safety import (RefusalScore, RestorationCurve, SafetyReport, _latent_curve, _raw_curve, greedy_generate,
-                             query_start, tokenize_chat)
+from patching.restoration import RestorationCurve, latent_restoration, raw_restoration
+from patching.safety import RefusalScore, SafetyReport, greedy_generate, query_start, tokenize_chat
 from patching.safety_prompts import SafetySuite, is_refusal
 from tests.conftest import make_sae
 from tests.hooks_snapshot import snapshot
@@ -64,12 +64,12 @@ def toy():
 
 def test_patching_everything_restores_exactly_all_of_it(toy):
     model, site, sae, harmful, harmless, metric = toy
-    curve, active, full, scores = _latent_curve(model, site, sae, harmful, harmless, metric, (1, 3, 1000), start=3)
+    curve, active, full, scores = latent_restoration(model, site, sae, harmful, harmless, metric, (1, 3, 1000), start=3)
     assert full == pytest.approx(1.0, abs=1e-4)
     assert 0 < active <= 40 * 5 and scores.shape == (40,)
     # Every differing latent, without the error node, is what the largest count patches.
     assert curve.shape == (3,)
-    raw, n_elements = _raw_curve(model, site, harmful, harmless, metric, (1, 16 * 5), start=3)
+    raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 16 * 5), start=3)
     assert n_elements == 16 * 5
     assert raw[-1].item() == pytest.approx(1.0, abs=1e-4)  # every dimension at every query position
 

@@ -1,0 +1,184 @@
+"""Static HTML dashboards for SAE latents, MLP neurons and residual directions (no server needed).
+
+One page per unit: top-activating contexts with the activating token highlighted, the
+activation histogram and firing density, the direct logit effect (top promoted and suppressed
+tokens), the token-concentration score and, for neurons and directions, the latent
+decomposition: the latents that drive each top context, each latent's share of the unit's
+variance and the top contexts grouped by dominant latent. Plots are PNG files beside the pages;
+`index.html` lists every unit. Pages are built from `LatentReport` (`patching.latent_inspect`)
+and `UnitReport` (`patching.neuron_inspect`) values, written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from patching.latent_inspect import MARK_CLOSE, MARK_OPEN, LatentReport, TokenEffect, draw_histogram, draw_logit_effect
+from patching.neuron_inspect import UnitReport
+from patching.neurons import Neuron, token_concentration
+from sae.files import atomic_write
+
+Report = LatentReport | UnitReport
+STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;vertical-align:top}th{background:#f3f3f3}
+mark{background:#ffd54f;font-weight:bold}.ctx{font-family:monospace;white-space:pre-wrap}img{max-width:100%}
+.pos{color:#1565c0}.neg{color:#c62828}"""
+
+
+def slug(report: Report) -> str:
+    """File-name stem of a report's page: `latent-12`, `L12N40`, `dir-name-blocks.6.hook_resid_pre`."""
+    label = f"latent-{report.latent}" if isinstance(report, LatentReport) else report.label
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
+def write_dashboards(folder: str | Path, reports: Sequence[Report], *, title: str = "latentpatch dashboards",
+                     provenance: Mapping[str, object] | None = None) -> Path:
+    """Write one page (and its PNGs) per report and `index.html`; return the index's path.
+
+    `provenance` (model, SAE hash, corpus, library version, ...) is listed on the index page."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for report in reports:
+        page = write_page(folder, report)
+        kind = "latent" if isinstance(report, LatentReport) else "neuron" if isinstance(report.unit, Neuron) else "direction"
+        score = _token_score(report)
+        rows.append(f"<tr><td><a href='{page.name}'>{html.escape(_title(report))}</a></td><td>{kind}</td>"
+                    f"<td>{100 * report.frequency:.2f}%</td><td>{_num(score)}</td>"
+                    f"<td>{html.escape(report.contexts[0].token if report.contexts else '')!s}</td></tr>")
+    body = (f"<h1>{html.escape(title)}</h1><table><tr><th>unit</th><th>kind</th><th>density</th>"
+            f"<th>token concentration</th><th>top token</th></tr>{''.join(rows)}</table>")
+    if provenance:
+        cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in provenance.items())
+        body += f"<h2>Provenance</h2><table>{cells}</table>"
+    index = folder / "index.html"
+    atomic_write(index, _document(title, body).encode())
+    return index
+
+
+def write_page(folder: Path, report: Report) -> Path:
+    """One unit's page and its PNG plots in `folder`."""
+    stem = slug(report)
+    images = [_plot_activity(report, folder / f"{stem}_activity.png")]
+    sections = [f"<p>positive on {report.n_active}/{report.n_tokens} tokens ({100 * report.frequency:.2f}%); "
+                f"token concentration of the top contexts: {_num(_token_score(report))}</p>",
+                f"<img src='{images[0].name}' alt='logit effect and activation histogram'>",
+                _effects_table(report.top_tokens, report.bottom_tokens), _contexts_table(report)]
+    if isinstance(report, UnitReport):
+        images.append(_plot_decomposition(report, folder / f"{stem}_decomposition.png"))
+        sections += [f"<h2>Decomposition through the SAE at {html.escape(report.sae_site.hook_name)}</h2>",
+                     f"<img src='{images[1].name}' alt='variance shares and groups'>", _variance_table(report),
+                     _groups_table(report)]
+    page = folder / f"{stem}.html"
+    body = f"<p><a href='index.html'>index</a></p><h1>{html.escape(_title(report))}</h1>" + "".join(sections)
+    atomic_write(page, _document(_title(report), body).encode())
+    return page
+
+
+def _title(report: Report) -> str:
+    if isinstance(report, LatentReport):
+        return f"latent {report.latent} at {report.site.hook_name}"
+    return f"{report.label} (SAE at {report.sae_site.hook_name})"
+
+
+def _token_score(report: Report) -> float | None:
+    if isinstance(report, UnitReport):
+        return report.token_score
+    return token_concentration([c.token for c in report.contexts if c.activation > 0])
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _document(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def highlight(text: str) -> str:
+    """A context's text, escaped, with the «activating token» in a <mark>."""
+    before, _, rest = text.partition(MARK_OPEN)
+    token, _, after = rest.partition(MARK_CLOSE)
+    return f"{html.escape(before)}<mark>{html.escape(token)}</mark>{html.escape(after)}"
+
+
+def _effects_table(top: list[TokenEffect] | None, bottom: list[TokenEffect] | None) -> str:
+    if top is None or bottom is None:
+        return "<p>not residual-width: no direct path to the logits</p>"
+    cells = "".join(f"<tr><td class='pos'>{html.escape(repr(a.token))}</td><td>{a.logit:+.3f}</td>"
+                    f"<td class='neg'>{html.escape(repr(b.token))}</td><td>{b.logit:+.3f}</td></tr>" for a, b in zip(top, bottom))
+    return f"<h2>Direct logit effect</h2><table><tr><th colspan=2>promoted</th><th colspan=2>suppressed</th></tr>{cells}</table>"
+
+
+def _contexts_table(report: Report) -> str:
+    terms = report.terms if isinstance(report, UnitReport) else []
+    rows = []
+    for i, context in enumerate(report.contexts):
+        extra = ""
+        if i < len(terms):
+            t = terms[i]
+            latents = ", ".join(f"#{latent} {value:+.2f}" for latent, value in t.latents)
+            extra = f"<td>{t.total:+.3f}</td><td>{latents}</td><td>{t.error:+.3f}</td>"
+        rows.append(f"<tr><td>{context.activation:.3f}</td><td class='ctx'>{highlight(context.text)}</td>{extra}</tr>")
+    head = "<th>pre-activation</th><th>top latent contributions</th><th>SAE error</th>" if terms else ""
+    return (f"<h2>Top-activating contexts</h2><table><tr><th>activation</th><th>context</th>{head}</tr>"
+            f"{''.join(rows) or '<tr><td colspan=2>never active in the corpus</td></tr>'}</table>")
+
+
+def _variance_table(report: UnitReport) -> str:
+    rows = "".join(f"<tr><td>#{latent}</td><td>{share:.3f}</td></tr>" for latent, share in report.variance)
+    rows += "".join(f"<tr><td>{html.escape(name)}</td><td>{share:.3f}</td></tr>" for name, share in report.variance_terms.items())
+    return f"<h3>Share of the pre-activation's variance, Cov(term, pre) / Var(pre)</h3><table>{rows}</table>"
+
+
+def _groups_table(report: UnitReport) -> str:
+    rows = []
+    for latent, members in report.groups:
+        shown = [i for i in members if i < len(report.contexts)]
+        texts = "<br>".join(f"<span class='ctx'>{highlight(report.contexts[i].text)}</span>" for i in shown)
+        rows.append(f"<tr><td>#{latent}</td><td>{len(members)}</td><td>{texts}</td></tr>")
+    return (f"<h3>Top {len(report.terms)} contexts grouped by dominant latent (cluster score "
+            f"{_num(report.cluster_score)})</h3><table><tr><th>latent</th><th>contexts</th><th>shown</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
+def _plot_activity(report: Report, path: Path) -> Path:
+    from patching.plots import _figure
+
+    plt = _figure()
+    fig, (bars, hist) = plt.subplots(1, 2, figsize=(11, 4))
+    draw_logit_effect(bars, report.top_tokens, report.bottom_tokens)
+    label = "activation (non-zero only)" if isinstance(report, LatentReport) else "activation"
+    draw_histogram(hist, report.counts, report.edges, report.n_active, report.n_tokens, label=label)
+    fig.suptitle(_title(report), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_decomposition(report: UnitReport, path: Path) -> Path:
+    from patching.plots import _figure
+
+    plt = _figure()
+    fig, (shares, groups) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = [f"#{latent}" for latent, _ in report.variance] + list(report.variance_terms)
+    values = [share for _, share in report.variance] + list(report.variance_terms.values())
+    shares.barh(range(len(values)), values, color=["tab:purple"] * len(report.variance) + ["tab:gray"] * len(report.variance_terms))
+    shares.set_yticks(range(len(values)), names, fontsize=7)
+    shares.invert_yaxis()
+    shares.set_xlabel("share of the pre-activation's variance")
+    shares.set_title("latents by Cov(term, pre) / Var(pre)", fontsize=9)
+    sizes = [len(members) for _, members in report.groups][:15]
+    groups.bar(range(len(sizes)), sizes, color="tab:orange")
+    groups.set_xticks(range(len(sizes)), [f"#{latent}" for latent, _ in report.groups][:15], rotation=60, fontsize=7)
+    groups.set_ylabel("top contexts")
+    groups.set_title(f"top {len(report.terms)} contexts by dominant latent", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

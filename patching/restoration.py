@@ -1,0 +1,151 @@
+"""Restoration curves: how much of a behaviour the top n units restore when patched jointly.
+
+For one clean/corrupted pair and a metric, units are ranked by attribution (AtP, Nanda 2023,
+"Attribution Patching"; Syed et al. 2023) and the top n are patched *jointly and exactly* from
+the clean run into the corrupted one (denoising). The curve is that normalized effect against n,
+for SAE latents and for raw units at a site (residual dimensions, or MLP neurons at `mlp_post`).
+Joint patching, not a sum of single-unit effects: single-unit patching misses redundant units
+that compensate for each other (the Hydra effect, McGrath et al. 2023, "The Hydra Effect").
+
+An element is one unit at one position; n counts elements. The safety-latent search
+(`patching.safety`) and the polysemanticity benchmark both build on these curves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from patching import tl_compat
+from patching.attribution import attribute_latents, frozen_parameters
+from patching.patch import patch_latents, patch_residual
+from patching.sites import Site
+from patching.splice import splice
+from patching.units import PatchUnit, UnitPart
+
+
+@dataclass
+class RestorationCurve:
+    """Fraction of a behaviour restored by patching the top n units jointly, per pair."""
+
+    counts: list[int]
+    """n, the number of (position, unit) elements patched."""
+    fraction: Tensor
+    """(pairs, counts): normalized denoising effect of patching the top n elements."""
+    n_active: list[int]
+    """Per pair, the elements the percent is taken of (active latents, or dimensions x positions)."""
+
+    def median(self) -> list[float]:
+        return self.fraction.median(0).values.tolist()
+
+    def needed(self, threshold: float) -> list[float | None]:
+        """Per pair, the smallest n (as a percent of active) reaching `threshold`, or None."""
+        return [None if n is None else 100.0 * n / active for n, active in zip(self.needed_count(threshold), self.n_active)]
+
+    def needed_count(self, threshold: float) -> list[int | None]:
+        """Per pair, the smallest n among `counts` whose fraction reaches `threshold`, or None."""
+        out = []
+        for row in self.fraction:
+            hits = [n for n, value in zip(self.counts, row.tolist()) if value >= threshold]
+            out.append(min(hits) if hits else None)
+        return out
+
+
+class LatentRestoration(NamedTuple):
+    """One pair's latent curve."""
+
+    fraction: Tensor
+    """(counts,): effect of the top n (position, latent) elements patched jointly."""
+    n_active: int
+    """Non-zero (position, latent) elements of the corrupted run from `start` on."""
+    full: float
+    """Effect of patching every latent and the error node (bookkeeping: 1.0)."""
+    scores: Tensor
+    """(d_sae,): each latent's AtP estimate summed over positions."""
+
+
+class RawRestoration(NamedTuple):
+    """One pair's raw-unit curve."""
+
+    fraction: Tensor
+    """(counts,): effect of the top n (position, dimension) elements patched jointly."""
+    n_elements: int
+    """Dimensions x positions considered."""
+
+
+def latent_restoration(model: Any, site: Site, sae: Any, clean: Tensor, corrupted: Tensor, metric: Any,
+                       counts: Sequence[int], start: int, *, with_error: bool = False) -> LatentRestoration:
+    """Rank (position, latent) elements from `start` on by AtP; patch the top n jointly.
+
+    `with_error` also patches the SAE's error node at every position from `start` with each
+    top n: what the latents add to what the SAE does not reconstruct (Marks et al. 2024,
+    "Sparse Feature Circuits", treat the error as one more node the same way)."""
+    positions = list(range(start, clean.shape[1]))
+    estimate = attribute_latents(model, {site: sae}, clean, corrupted, metric, include_error=False,
+                                 positions=positions, progress=False)
+    order = torch.argsort(estimate.effect[0], descending=True, stable=True).tolist()
+    units = [joint_latent_unit([estimate.units[j] for j in order[:n]], site) for n in counts]
+    if with_error:
+        error = UnitPart(site, "error", tuple(positions))
+        units = [PatchUnit(unit.parts + (error,)) for unit in units]
+    everything = PatchUnit((UnitPart(site, "latent", None, None), UnitPart(site, "error", None)))
+    exact = patch_latents(model, {site: sae}, clean, corrupted, metric, units=units + [everything], progress=False)
+    with torch.inference_mode(), splice(model, {site: sae}, cache=True) as state:
+        tl_compat.forward_logits(model, clean)
+    active = int((state.records[site].latents[0, start:] != 0).sum())
+    scores = torch.zeros(sae.d_sae)
+    for unit, value in zip(estimate.units, estimate.effect[0].tolist()):
+        scores[unit.latent] += value
+    return LatentRestoration(exact.effect[0, :-1], active, exact.effect[0, -1].item(), scores)
+
+
+def joint_latent_unit(units: list[PatchUnit], site: Site) -> PatchUnit:
+    """One unit patching the given single (position, latent) units together, grouped by position."""
+    by_position: dict[int, list[int]] = {}
+    for unit in units:
+        by_position.setdefault(unit.position, []).append(unit.latent)
+    parts = tuple(UnitPart(site, "latent", (p,), tuple(sorted(latents))) for p, latents in sorted(by_position.items()))
+    return PatchUnit(parts or (UnitPart(site, "latent", (0,), (0,)),))
+
+
+def raw_restoration(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any,
+                    counts: Sequence[int], start: int) -> RawRestoration:
+    """The same curve for raw units at `site` (residual dimensions, or neurons at `mlp_pre` /
+    `mlp_post`), ranked by AtP on the raw activation."""
+    scores = raw_attribution(model, site, clean, corrupted, metric)[start:]
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    width = scores.shape[1]
+    units = []
+    for n in counts:
+        by_position: dict[int, list[int]] = {}
+        for flat in order[:n].tolist():
+            by_position.setdefault(start + flat // width, []).append(flat % width)
+        units.append(PatchUnit(tuple(UnitPart(site, "raw", (p,), tuple(sorted(d))) for p, d in sorted(by_position.items()))))
+    exact = patch_residual(model, clean, corrupted, metric, units=units, progress=False)
+    return RawRestoration(exact.effect[0], scores.numel())
+
+
+def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any) -> Tensor:
+    """AtP on a raw activation: (x_clean − x_corrupted) · dM/dx at the corrupted run, (pos, width)."""
+    with torch.inference_mode():
+        _, acts = tl_compat.run_until_end_with_cache(model, clean, [site.hook_name])
+    x_clean = acts[site.hook_name][0].clone()
+    probe: dict[str, Tensor] = {}
+
+    def add_probe(x: Tensor) -> Tensor:
+        probe["node"] = torch.zeros_like(x, requires_grad=True)
+        probe["x"] = x.detach()
+        return x + probe["node"]
+
+    handle = tl_compat.attach_hook(model, site.hook_name, add_probe)
+    try:
+        with frozen_parameters(model), torch.enable_grad():
+            logits = tl_compat.forward_logits(model, corrupted)
+            metric(logits[:, metric.readout], torch.tensor([0])).sum().backward()
+    finally:
+        handle.remove()
+    return (x_clean - probe["x"][0]) * probe["node"].grad[0]

@@ -1,0 +1,389 @@
+"""Steering with dictionary latents: choose latents for a concept, add or clamp them, generate.
+
+A steering direction is a decoder row `W_dec[i]`; Top-1 steers with the single best latent for a
+concept, Top-K with the K best (DESIGN.md, Steering). Two methods:
+
+- `add`: `x <- x + c * v` at the SAE's site, with `v = sum_i w_i W_dec[i] / ||W_dec[i]||`
+  rescaled to unit norm (`scale="unit"`: `c` is the L2 norm of what is added, the same for every
+  K), or `v = sum_i w_i a_i W_dec[i]` with `a_i` the latent's typical activation and weights
+  summing to 1 (`scale="activation"`: `c` counts typical activations). This is activation
+  addition (Turner et al. 2023, "Activation Addition") along SAE directions (Templeton et al.
+  2024, "Scaling Monosemanticity", section "Feature steering").
+- `clamp`: set each chosen latent to `c` (or `c * a_i`) through the splice, i.e. a
+  `LatentEdit(mode="set")`: the site outputs `x + decode(z') - decode(z)`.
+
+Positions are absolute token indices (left padding included): `all`, `prompt`, `generated`
+or explicit ones. Under `generate` with the key-value cache each step runs only the new
+position; a hook before the site's block reads the cache length, so the same absolute
+positions are steered with and without the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from patching import tl_compat
+from patching.edits import LatentEdit
+from patching.errors import PatchingError
+from patching.latent_inspect import Corpus, check_latent_indices, iter_site_latents, resolve_site
+from patching.results import PatchResult
+from patching.sites import Site
+from patching.splice import Splice, splice
+from sae.protocol import SAELike
+
+SteerMethod = Literal["add", "clamp"]
+PositionMode = Literal["all", "prompt", "generated"]
+SteerScale = Literal["unit", "activation"]
+Weighting = Literal["uniform", "score"]
+POSITION_MODES = ("all", "prompt", "generated")
+
+
+class SteeringError(PatchingError):
+    """Steering inputs that cannot be used (names the argument, expected versus actual)."""
+
+
+@dataclass(frozen=True)
+class LatentChoice:
+    """Latents ranked for a concept, best first; `top(k)` is the Top-k choice."""
+
+    site: Site
+    """The SAE's site."""
+    latents: tuple[int, ...]
+    """Latent indices, best first."""
+    scores: tuple[float, ...]
+    """Ranking score of each (mean activation difference, or patching effect)."""
+    typical_activations: tuple[float, ...] | None = None
+    """Mean non-zero activation of each on the concept prompts (None when unknown)."""
+    source: str = "given"
+    """How the ranking was made (`contrast`, `result:<method>`, `given`)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.latents)
+        if n == 0 or len(self.scores) != n or (self.typical_activations is not None and len(self.typical_activations) != n):
+            raise SteeringError(f"LatentChoice needs equally many latents ({n}), scores ({len(self.scores)}) and "
+                                f"typical activations; got {self.typical_activations!r}")
+
+    def top(self, k: int) -> "LatentChoice":
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.latents):
+            raise SteeringError(f"k must be an int in 1..{len(self.latents)} (latents ranked), got {k!r}")
+        acts = None if self.typical_activations is None else self.typical_activations[:k]
+        return LatentChoice(self.site, self.latents[:k], self.scores[:k], acts, self.source)
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """How to steer: method, strength, scale, weights and positions."""
+
+    method: SteerMethod = "add"
+    """`add` a direction to the site's activation, or `clamp` latents through the splice."""
+    coefficient: float = 4.0
+    """`c`: the norm added (`add`, scale `unit`), the value set (`clamp`, scale `unit`), or a
+    multiple of typical activations (scale `activation`)."""
+    scale: SteerScale = "unit"
+    """`unit` or `activation` (see the module docstring); `activation` needs typical activations."""
+    weighting: Weighting = "uniform"
+    """`add` only: equal weights, or weights proportional to the ranking scores."""
+    positions: PositionMode | tuple[int, ...] = "all"
+    """`all`, `prompt`, `generated`, or absolute positions."""
+    prompt_length: int | None = None
+    """Positions below it are the prompt; None: the first forward pass in the block (or each
+    `Steering.generate` call) fixes it."""
+
+    def __post_init__(self) -> None:
+        c = self.coefficient
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise SteeringError(f"SteeringConfig.coefficient must be a real number (int or float), got "
+                                f"{type(c).__name__} {c!r}")
+        if not math.isfinite(c):
+            raise SteeringError(f"SteeringConfig.coefficient must be finite, got {c}")
+        for name, allowed in (("method", ("add", "clamp")), ("scale", ("unit", "activation")),
+                              ("weighting", ("uniform", "score"))):
+            if getattr(self, name) not in allowed:
+                raise SteeringError(f"SteeringConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.positions, str):
+            if self.positions not in POSITION_MODES:
+                raise SteeringError(f"SteeringConfig.positions must be one of {POSITION_MODES} or a tuple of "
+                                    f"non-negative ints, got {self.positions!r}")
+        else:
+            object.__setattr__(self, "positions", _as_positions(self.positions))
+        p = self.prompt_length
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise SteeringError(f"SteeringConfig.prompt_length must be a positive int or None, got {p!r}")
+
+
+def _as_positions(positions: Any) -> tuple[int, ...]:
+    try:
+        items = tuple(operator.index(p) for p in positions if not isinstance(p, bool))
+        ok = len(items) == len(positions) and len(items) > 0 and min(items) >= 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise SteeringError(f"SteeringConfig.positions must be non-empty non-negative ints, got {positions!r}")
+    return tuple(sorted(set(items)))
+
+
+def contrast_latents(model: Any, sae: Any, positive: Corpus, negative: Corpus, *, k: int = 16,
+                     site: Site | None = None, batch_rows: int = 8, allow_model_mismatch: bool = False) -> LatentChoice:
+    """Rank latents by mean activation on `positive` minus mean on `negative` (tokens pooled,
+    special tokens left out) and keep the `k` best: the difference-of-means direction of Rimsky
+    et al. 2024 ("Steering Llama 2 via Contrastive Activation Addition"), read in the SAE's basis.
+    """
+    site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= sae.d_sae:
+        raise SteeringError(f"k must be an int in 1..{sae.d_sae} (d_sae), got {k!r}")
+    pos_mean, pos_active_mean = _mean_latents(model, sae, site, positive, batch_rows)
+    neg_mean, _ = _mean_latents(model, sae, site, negative, batch_rows)
+    difference = pos_mean - neg_mean
+    order = torch.argsort(difference, descending=True, stable=True)[:k]
+    return LatentChoice(site, tuple(int(i) for i in order), tuple(float(difference[i]) for i in order),
+                        tuple(float(pos_active_mean[i]) for i in order), "contrast")
+
+
+def _mean_latents(model: Any, sae: SAELike, site: Site, corpus: Corpus, batch_rows: int) -> tuple[Tensor, Tensor]:
+    """Mean activation per latent over counted tokens, and mean over the tokens where it fires."""
+    total = torch.zeros(sae.d_sae, dtype=torch.float64)
+    active = torch.zeros(sae.d_sae, dtype=torch.float64)
+    n = 0
+    for item in iter_site_latents(model, sae, site, corpus, batch_rows=batch_rows):
+        z = item.latents[item.keep].double()
+        total += z.sum(0)
+        active += (z > 0).sum(0)
+        n += z.shape[0]
+    if n == 0:
+        raise SteeringError("the contrast corpus has no counted tokens (only special tokens?)")
+    return total / n, total / active.clamp(min=1)
+
+
+def latents_from_result(result: PatchResult, k: int, *, site: Site | None = None) -> LatentChoice:
+    """The `k` latents with the largest positive mean effect in a patching/attribution result
+    (from `result.top`), each latent counted once; all at one site."""
+    entries = [e for e in result.top(len(result.units), by_abs=False) if e.kind == "latent" and e.latent is not None]
+    sites = {e.site for e in entries}
+    wanted = site.hook_name if site is not None else (sites.pop() if len(sites) == 1 else None)
+    if wanted is None:
+        raise SteeringError(f"the result has latents at several sites {sorted(map(str, sites))}: pass site=")
+    chosen: dict[int, float] = {}
+    for entry in entries:
+        if entry.site == wanted and entry.effect > 0 and entry.latent not in chosen:
+            chosen[entry.latent] = entry.effect
+    if len(chosen) < k:
+        raise SteeringError(f"asked for k={k} latents but the result has {len(chosen)} with a positive effect at {wanted}")
+    top = list(chosen.items())[:k]
+    return LatentChoice(Site.from_hook_name(wanted), tuple(i for i, _ in top), tuple(e for _, e in top), None,
+                        f"result:{result.method}")
+
+
+Target = LatentChoice | Sequence[int] | int | Tensor
+
+
+def _resolve_target(model: Any, sae: Any, target: Any, site: Site | None,
+                    allow_model_mismatch: bool) -> tuple[Site, SAELike | None, LatentChoice | Tensor]:
+    """Validate what is steered with, before anything is attached."""
+    if isinstance(target, Tensor):
+        if sae is None and site is None:
+            raise SteeringError("a steering vector needs site= (or the SAE whose site it is)")
+        if sae is None:
+            width = site.check(model).width(model)
+        else:
+            site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+            width = sae.d_in
+        if tuple(target.shape) != (width,) or not torch.is_floating_point(target) or not torch.isfinite(target).all():
+            raise SteeringError(f"steering vector must be a finite float tensor of shape ({width},) (d_in at {site}); "
+                                f"got shape {tuple(target.shape)}, dtype {target.dtype}")
+        return site, sae, target
+    if sae is None:
+        raise SteeringError("steering with latents needs the SAE")
+    if isinstance(target, LatentChoice) and site is None:
+        site = target.site
+    site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+    if not isinstance(target, LatentChoice):
+        latents = [target] if isinstance(target, int) else list(target)
+        check_latent_indices(latents, sae.d_sae, error=SteeringError)
+        target = LatentChoice(site, tuple(latents), tuple(1.0 for _ in latents))
+    elif target.site != site:
+        raise SteeringError(f"the latents were chosen at {target.site} but the SAE sits at {site}")
+    check_latent_indices(target.latents, sae.d_sae, error=SteeringError)
+    return site, sae, target
+
+
+def steering_vector(sae: SAELike, choice: LatentChoice, config: SteeringConfig) -> Float[Tensor, " d_in"]:
+    """`v` of the `add` method (module docstring); `add` adds `config.coefficient * v`."""
+    with torch.no_grad():
+        rows = sae.W_dec[list(choice.latents)].float()  # (k, d_in)
+        scores = torch.tensor(choice.scores, dtype=torch.float32)
+        if config.weighting == "score" and not (scores > 0).all():
+            raise SteeringError(f"weighting='score' needs positive scores, got {choice.scores}")
+        weights = scores / scores.sum() if config.weighting == "score" else torch.full_like(scores, 1 / len(scores))
+        if config.scale == "activation":
+            acts = torch.tensor(_typical(choice), dtype=torch.float32)
+            return (weights * acts) @ rows
+        vector = weights @ (rows / rows.norm(dim=-1, keepdim=True))
+        return vector / vector.norm()
+
+
+def _typical(choice: LatentChoice) -> tuple[float, ...]:
+    if choice.typical_activations is None:
+        raise SteeringError("scale='activation' needs typical activations: choose latents with contrast_latents, "
+                            "or use scale='unit'")
+    return choice.typical_activations
+
+
+class Steering:
+    """The live state of a `steer(...)` block; `generate` runs TransformerLens generation in it."""
+
+    def __init__(self, model: Any, site: Site, config: SteeringConfig, *, vector: Tensor | None,
+                 choice: LatentChoice | None) -> None:
+        self.model = model
+        self.site = site
+        self.config = config
+        self.vector = vector
+        """`c * v` for `add` (on the model's device and dtype); None for `clamp`."""
+        self.choice = choice
+        self.prompt_length = config.prompt_length
+        self._splice: Splice | None = None
+        self._selected: list[int] = []  # call-relative positions steered in the current forward
+
+    def _before_block(self, n_positions: int, past: int) -> None:
+        """Turn the configured absolute positions into this forward's relative ones."""
+        if self.prompt_length is None and past == 0:
+            self.prompt_length = n_positions
+        mode = self.config.positions
+        absolute = range(past, past + n_positions)
+        if mode == "all":
+            selected = list(range(n_positions))
+        elif mode == "prompt":
+            selected = [p - past for p in absolute if p < self.prompt_length]
+        elif mode == "generated":
+            selected = [p - past for p in absolute if p >= self.prompt_length]
+        else:
+            wanted = set(mode)
+            selected = [p - past for p in absolute if p in wanted]
+        self._selected = selected
+        if self._splice is not None:
+            self._splice.set_edits([self._clamp_edit(selected)] if selected else [])
+
+    def _clamp_edit(self, positions: list[int]) -> LatentEdit:
+        assert self.choice is not None
+        c = self.config.coefficient
+        if self.config.scale == "activation":
+            value: float | Tensor = torch.tensor([c * a for a in _typical(self.choice)])
+        else:
+            value = float(c)
+        return LatentEdit(self.site, self.choice.latents, value, mode="set", positions=positions)
+
+    def _add(self, x: Tensor) -> Tensor:
+        selected = self._selected
+        if not selected:
+            return x
+        if len(selected) == x.shape[1]:
+            return x + self.vector
+        out = x.clone()
+        out[:, selected] = out[:, selected] + self.vector
+        return out
+
+    def generate(self, prompts: str | list[str] | Tensor, *, max_new_tokens: int = 32, use_kv_cache: bool = True,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+                 seed: int | None = None) -> Tensor:
+        """Steered TransformerLens `generate`; returns prompt + continuation token ids.
+
+        Texts are tokenized with BOS (a list is left-padded). The prompt length is reset for each
+        call unless the config fixes it.
+        """
+        self.prompt_length = self.config.prompt_length
+        if seed is not None:
+            torch.manual_seed(seed)
+        return tl_compat.generate(self.model, prompts, max_new_tokens=max_new_tokens, use_past_kv_cache=use_kv_cache,
+                                  do_sample=do_sample, temperature=temperature, top_p=top_p)
+
+
+@contextlib.contextmanager
+def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = None, *, site: Site | None = None,
+          allow_model_mismatch: bool = False, **overrides: Any) -> Iterator[Steering]:
+    """Steer `model` for the duration of the block; yields the `Steering`.
+
+    `target` is a `LatentChoice` (e.g. `contrast_latents(...).top(1)`), latent indices, or a
+    steering vector `(d_in,)` (`add` only; `sae` may then be None if `site` is given).
+    `overrides` replace fields of `config` (`steer(model, sae, choice, coefficient=8.0)`).
+    Everything is validated before the first hook is attached; every hook is removed on exit.
+    """
+    config = dataclasses.replace(config or SteeringConfig(), **overrides) if overrides else (config or SteeringConfig())
+    if not isinstance(config, SteeringConfig):
+        raise SteeringError(f"config must be a SteeringConfig, got {type(config).__name__}")
+    site, sae, resolved = _resolve_target(model, sae, target, site, allow_model_mismatch)
+    if config.method == "clamp" and isinstance(resolved, Tensor):
+        raise SteeringError("method='clamp' sets latents: pass latents or a LatentChoice, not a vector")
+    if config.method == "add":
+        vector = resolved if isinstance(resolved, Tensor) else steering_vector(sae, resolved, config)
+        vector = (config.coefficient * vector.detach()).to(tl_compat.model_dtype(model)).to(tl_compat.model_device(model))
+        state = Steering(model, site, config, vector=vector, choice=None if isinstance(resolved, Tensor) else resolved)
+    else:
+        if config.scale == "activation":
+            _typical(resolved)  # refuse now, not in the middle of a forward pass
+        state = Steering(model, site, config, vector=None, choice=resolved)
+    with contextlib.ExitStack() as stack:
+        if config.method == "clamp":
+            state._splice = stack.enter_context(splice(model, {site: sae}, allow_model_mismatch=allow_model_mismatch))
+        stack.callback(tl_compat.attach_block_pre_hook(model, site.layer, state._before_block).remove)
+        if config.method == "add":
+            stack.callback(tl_compat.attach_hook(model, site.hook_name, state._add).remove)
+        yield state
+
+
+@dataclass(frozen=True)
+class SteeredGeneration:
+    """Steered and unsteered continuations of the same prompts, side by side."""
+
+    prompts: list[str]
+    """The prompts (decoded, padding removed)."""
+    steered: list[str]
+    """Continuations with steering."""
+    unsteered: list[str]
+    """Continuations without."""
+    steered_tokens: Tensor
+    """Prompt + steered continuation token ids, `(batch, pos + new)`."""
+    unsteered_tokens: Tensor
+    """Prompt + unsteered continuation token ids."""
+    config: SteeringConfig
+    """How the steered run was steered."""
+
+    def side_by_side(self) -> str:
+        blocks = [f"{self.config}"]
+        for prompt, steered, unsteered in zip(self.prompts, self.steered, self.unsteered):
+            blocks.append(f"prompt:     {prompt!r}\n  unsteered: {unsteered!r}\n  steered:   {steered!r}")
+        return "\n".join(blocks)
+
+
+def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[str] | Tensor,
+                     config: SteeringConfig | None = None, *, max_new_tokens: int = 32, do_sample: bool = False,
+                     temperature: float = 1.0, top_p: float | None = None, seed: int = 0, use_kv_cache: bool = True,
+                     site: Site | None = None, allow_model_mismatch: bool = False,
+                     **overrides: Any) -> SteeredGeneration:
+    """Generate from `prompts` without and with steering (same seed), for comparison."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise SteeringError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    with steer(model, sae, target, config, site=site, allow_model_mismatch=allow_model_mismatch, **overrides) as state:
+        steered = state.generate(prompts, use_kv_cache=use_kv_cache, seed=seed, **kwargs)
+    torch.manual_seed(seed)
+    unsteered = tl_compat.generate(model, prompts, use_past_kv_cache=use_kv_cache, **kwargs)
+    start = steered.shape[1] - max_new_tokens
+    texts = [_decode(model, row[:start]) for row in steered]
+    return SteeredGeneration(texts, [_decode(model, row[start:]) for row in steered],
+                             [_decode(model, row[start:]) for row in unsteered], steered, unsteered, state.config)
+
+
+def _decode(model: Any, tokens: Tensor) -> str:
+    if tl_compat.has_tokenizer(model):
+        special = torch.tensor(tl_compat.special_token_ids(model))
+        tokens = tokens[~torch.isin(tokens.cpu(), special)]
+    return tl_compat.to_string(model, tokens)

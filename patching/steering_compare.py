@@ -1,0 +1,316 @@
+"""Comparing Top-1 and Top-K steering: target effect against collateral cost, per setting.
+
+For each method, K and coefficient `c` (latents from `contrast_latents` on the concept's
+contrast sets, or a given `LatentChoice`):
+
+- target effect: the change, steered minus unsteered, of log P(any concept token) at the last
+  position of each held-out prompt (or of a given metric on those logits); mean and spread
+  over prompts;
+- collateral cost: KL(unsteered || steered) of the next-token distribution on neutral text,
+  mean over its tokens; and the perplexity, under the unsteered model, of sampled steered
+  continuations of the held-out prompts (a fluency proxy);
+- stability: spread of the effect over prompts, and of perplexity and the rate of concept
+  tokens in the continuations over sampling seeds.
+
+The claim under test (Top-1 is more interpretable and stable than aggregating Top-K, which
+injects non-semantic latents): e.g. Arad et al. 2025, "SAEs Are Good for Steering – If You
+Select the Right Features". Forward-pass measurements steer every position; `positions` of the
+settings applies to generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patching import tl_compat
+from patching.latent_inspect import resolve_site
+from patching.metrics import kl_divergence
+from patching.models import model_flags
+from patching.results import library_version
+from patching.steering import (LatentChoice, PositionMode, SteerMethod, SteerScale, SteeringConfig, SteeringError,
+                               Weighting, contrast_latents, steer)
+from sae.files import atomic_write, weights_sha256
+
+log = logging.getLogger(__name__)
+CSV_FILE, MANIFEST_FILE, PLOT_FILE = "steering.csv", "manifest.json", "effect_vs_cost.png"
+
+
+def _texts(owner: str, name: str, value: Any) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else tuple(value)
+    if not items or not all(isinstance(t, str) and t for t in items):
+        raise SteeringError(f"{owner}.{name} must be a non-empty list of non-empty strings, got {value!r:.80}")
+    return items
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept to steer towards, with the texts that define and measure it."""
+
+    name: str
+    """Short label (`paris`, `positive-sentiment`)."""
+    positive: Sequence[str]
+    """Prompts that show the concept (latents are ranked on these minus `negative`)."""
+    negative: Sequence[str]
+    """Matched prompts that do not."""
+    target_tokens: Sequence[str]
+    """Concept tokens, each a single token with its leading space (`" Paris"`)."""
+    heldout: Sequence[str]
+    """Held-out prompts: the effect is read at their last position; continuations start there."""
+    neutral: Sequence[str]
+    """Neutral text for the KL cost."""
+
+    def __post_init__(self) -> None:
+        # Lists are accepted and stored as tuples, so that a Concept is hashable and immutable.
+        if not isinstance(self.name, str) or not self.name:
+            raise SteeringError(f"Concept.name must be a non-empty string, got {self.name!r}")
+        for name in ("positive", "negative", "target_tokens", "heldout", "neutral"):
+            object.__setattr__(self, name, _texts("Concept", name, getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """How each setting is applied and measured (the grid itself is k_values × coefficients × methods)."""
+
+    scale: SteerScale = "activation"
+    """Coefficient units (SteeringConfig.scale); `activation` makes `c` a multiple of typical activations."""
+    weighting: Weighting = "uniform"
+    """Weights of the `add` method."""
+    positions: PositionMode = "all"
+    """Positions steered during generation."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Sampling seeds of the continuations."""
+    max_new_tokens: int = 16
+    """Tokens sampled per continuation."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+
+    def __post_init__(self) -> None:
+        SteeringConfig(scale=self.scale, weighting=self.weighting, positions=self.positions)  # same checks
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise SteeringError(f"CompareSettings.seeds must be a non-empty tuple of ints, got {self.seeds!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SteeringError(f"CompareSettings.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise SteeringError(f"CompareSettings.temperature must be > 0, got {self.temperature!r}")
+
+
+@dataclass
+class SteeringComparison:
+    """The table of `compare_steering` with its provenance; `save` writes CSV, manifest and plot."""
+
+    table: Any
+    """pandas DataFrame, one row per (method, k, coefficient) plus the unsteered baseline."""
+    provenance: dict[str, Any]
+    """Model, SAE hash, site, concept texts, settings, chosen latents, library version."""
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / CSV_FILE, self.table.to_csv(index=False).encode())
+        atomic_write(folder / MANIFEST_FILE, json.dumps({"provenance": self.provenance, "csv": CSV_FILE,
+                                                         "columns": list(self.table.columns)}, indent=1).encode())
+        self.plot(folder / PLOT_FILE)
+        return folder
+
+    def plot(self, path: str | Path) -> Path:
+        return plot_comparison(self.table, Path(path), title=self.provenance.get("concept", {}).get("name", ""))
+
+
+@dataclass(frozen=True)
+class _Data:
+    """Tokenized texts, shared by every setting."""
+
+    heldout: Tensor
+    heldout_last: Tensor
+    neutral: Tensor
+    neutral_mask: Tensor
+    target_ids: Tensor
+    prompt_lengths: list[int]
+    heldout_texts: tuple[str, ...]
+
+
+def _single_token_ids(model: Any, tokens: Sequence[str]) -> Tensor:
+    ids = []
+    for text in tokens:
+        encoded = tl_compat.encode_text(model, text)
+        if len(encoded) != 1:
+            raise SteeringError(f"target token {text!r} is {len(encoded)} tokens {encoded}; give single tokens")
+        ids.append(encoded[0])
+    return torch.tensor(sorted(set(ids)))
+
+
+def _right_padded(model: Any, texts: Sequence[str]) -> tuple[Tensor, list[int]]:
+    rows = [tl_compat.to_tokens(model, text)[0] for text in texts]
+    batch = torch.full((len(rows), max(map(len, rows))), tl_compat.pad_token_id(model), dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, : len(row)] = row
+    return batch.to(tl_compat.model_device(model)), [len(row) for row in rows]
+
+
+def _prepare(model: Any, concept: Concept) -> _Data:
+    if not tl_compat.has_tokenizer(model):
+        raise SteeringError("compare_steering needs a model with a tokenizer (concepts are texts)")
+    heldout, lengths = _right_padded(model, concept.heldout)
+    neutral, neutral_lengths = _right_padded(model, concept.neutral)
+    mask = torch.arange(neutral.shape[1])[None, :] < torch.tensor(neutral_lengths)[:, None]
+    mask[:, 0] = False  # BOS: its next-token distribution carries no information about the text
+    return _Data(heldout, torch.tensor(lengths) - 1, neutral, mask, _single_token_ids(model, concept.target_tokens),
+                 lengths, concept.heldout)
+
+
+def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequence[int] = (1, 2, 4, 8, 16),
+                     coefficients: Sequence[float] = (1.0, 2.0, 4.0, 8.0), methods: Sequence[SteerMethod] = ("add", "clamp"),
+                     settings: CompareSettings = CompareSettings(), choice: LatentChoice | None = None,
+                     metric: Callable[[Tensor], Tensor] | None = None, allow_model_mismatch: bool = False,
+                     progress: bool = True) -> SteeringComparison:
+    """Measure every (method, K, coefficient) on `concept`; see the module docstring.
+
+    `metric`, if given, maps last-position logits `(batch, vocab)` to a score per prompt and
+    replaces log P(concept tokens) as the target.
+    """
+    k_values, coefficients, methods = _check_grid(k_values, coefficients, methods)
+    site, _ = resolve_site(model, sae, choice.site if choice is not None else None, allow_model_mismatch=allow_model_mismatch)
+    data = _prepare(model, concept)
+    if choice is None:
+        choice = contrast_latents(model, sae, list(concept.positive), list(concept.negative), k=max(k_values),
+                                  allow_model_mismatch=allow_model_mismatch)
+    elif len(choice.latents) < max(k_values):
+        raise SteeringError(f"the choice ranks {len(choice.latents)} latents but k_values go up to {max(k_values)}")
+    score = metric or (lambda logits: logits.float().log_softmax(-1)[:, data.target_ids].logsumexp(-1))
+    n_new = settings.max_new_tokens
+    base = _run(model, data, settings, score)
+    rows = [_row(concept, "none", 0, 0.0, (), base, base, _fluency(model, data, base["generated"], n_new), metric is None)]
+    grid = [(m, k, c) for m in methods for k in k_values for c in coefficients]
+    for method, k, c in tqdm(grid, desc=f"steering {concept.name}", disable=not progress):
+        config = SteeringConfig(method=method, coefficient=float(c), scale=settings.scale, weighting=settings.weighting,
+                                positions=settings.positions)
+        top = choice.top(k)
+        with steer(model, sae, top, config, allow_model_mismatch=allow_model_mismatch):
+            run = _run(model, data, settings, score)
+        # Fluency is judged by the unsteered model, so it is scored outside the steering block.
+        rows.append(_row(concept, method, k, float(c), top.latents, run, base, _fluency(model, data, run["generated"], n_new),
+                         metric is None))
+    import pandas as pd
+
+    grid_record = {"k_values": list(k_values), "coefficients": list(coefficients), "methods": list(methods)}
+    return SteeringComparison(pd.DataFrame(rows), _provenance(model, sae, site, concept, choice, settings, grid_record, metric))
+
+
+def _check_grid(k_values: Any, coefficients: Any, methods: Any) -> tuple[tuple[int, ...], tuple[float, ...], tuple[str, ...]]:
+    k_values, coefficients, methods = tuple(k_values), tuple(coefficients), tuple(methods)
+    if not k_values or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in k_values):
+        raise SteeringError(f"k_values must be positive ints, got {k_values!r}")
+    if not coefficients or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coefficients):
+        raise SteeringError(f"coefficients must be real numbers, got {coefficients!r}")
+    if not methods or not set(methods) <= {"add", "clamp"}:
+        raise SteeringError(f"methods must be a non-empty subset of ('add', 'clamp'), got {methods!r}")
+    return k_values, coefficients, methods
+
+
+@torch.inference_mode()
+def _run(model: Any, data: _Data, settings: CompareSettings, score: Callable[[Tensor], Tensor]) -> dict[str, Any]:
+    """Target scores, neutral-text logits and sampled continuations under whatever steering is active."""
+    logits = tl_compat.forward_logits(model, data.heldout)
+    last = logits[torch.arange(logits.shape[0]), data.heldout_last.to(logits.device)]
+    neutral = tl_compat.forward_logits(model, data.neutral)[data.neutral_mask.to(logits.device)]
+    generated = []
+    for seed in settings.seeds:
+        torch.manual_seed(seed)
+        generated.append(tl_compat.generate(model, list(data.heldout_texts), max_new_tokens=settings.max_new_tokens,
+                                            do_sample=True, temperature=settings.temperature).cpu())
+    return {"score": score(last).float().cpu(), "neutral": neutral.float().cpu(), "generated": generated}
+
+
+@torch.inference_mode()
+def _fluency(model: Any, data: _Data, generated: list[Tensor], n_new: int) -> tuple[Tensor, Tensor]:
+    """Per seed: perplexity of the continuations under the (unsteered) model, and the fraction of
+    continuation tokens that are concept tokens."""
+    ppl, rates = [], []
+    pad = tl_compat.pad_token_id(model)
+    for batch in generated:
+        # Generation left-pads; each row's real tokens are its last (prompt length + n_new).
+        rows = [row[len(row) - (length + n_new):] for row, length in zip(batch, data.prompt_lengths)]
+        padded = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = row
+        log_probs = tl_compat.forward_logits(model, padded.to(tl_compat.model_device(model))).float().log_softmax(-1).cpu()
+        nll = [-log_probs[i, length - 1 + torch.arange(n_new), rows[i][length:]].mean()
+               for i, length in enumerate(data.prompt_lengths)]
+        ppl.append(torch.stack(nll).mean().exp().item())
+        rates.append(torch.isin(batch[:, -n_new:], data.target_ids).float().mean().item())
+    return torch.tensor(ppl), torch.tensor(rates)
+
+
+def _row(concept: Concept, method: str, k: int, c: float, latents: tuple[int, ...], run: dict[str, Any],
+         base: dict[str, Any], fluency: tuple[Tensor, Tensor], log_prob_target: bool) -> dict[str, Any]:
+    delta = run["score"] - base["score"]
+    ppl, rates = fluency
+    std = (lambda t: float(t.std()) if t.numel() > 1 else 0.0)  # noqa: E731
+    return {
+        "concept": concept.name, "method": method, "k": k, "coefficient": c, "latents": " ".join(map(str, latents)),
+        "target_score": float(run["score"].mean()), "target_effect": float(delta.mean()), "target_effect_std": std(delta),
+        "target_prob": float(run["score"].exp().mean()) if log_prob_target else float("nan"),
+        "kl_neutral": float(kl_divergence(base["neutral"], run["neutral"])),
+        "gen_perplexity": float(ppl.mean()), "gen_perplexity_std": std(ppl),
+        "gen_concept_rate": float(rates.mean()), "gen_concept_rate_std": std(rates),
+    }
+
+
+def _provenance(model: Any, sae: Any, site: Any, concept: Concept, choice: LatentChoice, settings: CompareSettings,
+                grid: dict[str, Any], metric: Any) -> dict[str, Any]:
+    return {
+        "model": tl_compat.model_name(model), "model_flags": model_flags(model), "site": site.hook_name,
+        "sae_sha256": weights_sha256(sae), "concept": dataclasses.asdict(concept), "settings": dataclasses.asdict(settings),
+        "grid": grid, "metric": "log P(concept tokens) at the last position" if metric is None else repr(metric),
+        "choice": {"latents": list(choice.latents), "scores": list(choice.scores),
+                   "typical_activations": None if choice.typical_activations is None else list(choice.typical_activations),
+                   "source": choice.source},
+        "library_version": library_version(), "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def plot_comparison(table: Any, path: Path, *, title: str = "") -> Path:
+    """Effect against cost, one curve per K (points ordered by coefficient), one column per method:
+    top row KL on neutral text, bottom row perplexity of steered continuations."""
+    from patching.plots import _figure
+
+    plt = _figure()
+    methods = [m for m in table["method"].unique() if m != "none"]
+    base = table[table["method"] == "none"]
+    fig, axes = plt.subplots(2, max(len(methods), 1), figsize=(5.5 * max(len(methods), 1), 8), squeeze=False)
+    for j, method in enumerate(methods):
+        part = table[table["method"] == method]
+        for row, cost in enumerate(("kl_neutral", "gen_perplexity")):
+            ax = axes[row, j]
+            for k in sorted(part["k"].unique()):
+                curve = part[part["k"] == k].sort_values("coefficient")
+                ax.plot(curve[cost], curve["target_effect"], marker="o", label=f"K={k}")
+            ax.scatter(base[cost], base["target_effect"], marker="*", s=120, color="black", label="unsteered", zorder=3)
+            ax.set_xlabel("KL(unsteered || steered) on neutral text [nats]" if row == 0
+                          else "perplexity of steered continuations (unsteered model)")
+            ax.set_ylabel("target effect (Δ score)")
+            # KL starts at exactly 0 (the unsteered point); perplexity spans orders of magnitude.
+            if row == 0:
+                ax.set_xscale("symlog", linthresh=1e-3)
+            else:
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(plt.NullFormatter())
+            ax.set_title(f"{title} — {method}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
