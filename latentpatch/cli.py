@@ -1,4 +1,4 @@
-"""The `latentpatch` command: `demo` and `inspect` (further subcommands arrive with their issues).
+"""The `latentpatch` command: demo, train, eval, patch, attribute, steer, safety, inspect, dashboards.
 
 Errors print one line and exit with status 1; `--debug` shows the traceback.
 """
@@ -12,29 +12,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEMO_TEXTS = (
-    "The Eiffel Tower is located in the city of Paris, which is also famous for the Louvre.",
-    "When Mary and John went to the store, John gave a drink to Mary.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "The stock market fell sharply on Monday after the central bank raised interest rates.",
-    "She opened the old wooden door slowly and stepped into the dark hallway.",
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentpatch", description="Causal experiments on sparse-autoencoder latents.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="load the default model, splice a fresh SAE, print its splice metrics",
-                          description="Load SmolLM2-135M-Instruct offline, check it (Paris, IOI), splice a freshly "
-                                      "initialised SAE at a middle layer and print its splice metrics.\n\n"
-                                      "example: latentpatch demo --layer 15 --d-sae 4608 --json",
+    demo = sub.add_parser("demo", help="the main job end to end on the default model, into an HTML report",
+                          description="Train (or reuse) an SAE at a middle layer of SmolLM2-135M-Instruct on the default "
+                                      "corpus, print its splice metrics, run a denoising sweep, attribution checked "
+                                      "against exact patching, Top-1 vs Top-K steering and a safety restoration curve, "
+                                      "and write index.html, its plots and results.json to --out.\n\n"
+                                      "example: latentpatch demo --out latentpatch-output",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--layer", type=int, default=15, help="layer of the resid_pre site (default: 15 of 30)")
-    demo.add_argument("--d-sae", type=int, default=4608, help="number of latents of the fresh SAE (default: 8 x 576)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the SAE's initialisation (default: 0)")
+    demo.add_argument("--out", type=Path, default=Path("latentpatch-output"), help="report folder (default: latentpatch-output)")
+    demo.add_argument("--layer", type=int, default=15, help="resid_pre layer of the SAE (default: 15 of 30)")
+    demo.add_argument("--d-sae", type=int, default=4608, help="dictionary size (default: 8 x 576)")
+    demo.add_argument("--train-tokens", type=int, default=600_000, help="activations the SAE trains on (default 600000)")
+    demo.add_argument("--safety-pairs", type=int, default=6, help="refuse/comply pairs in the safety curve (default 6)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     demo.set_defaults(run=run_demo)
 
@@ -45,41 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", type=Path, help="folder holding cfg.json and sae_weights.safetensors")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     inspect.set_defaults(run=run_inspect)
+    from latentpatch.cli_experiments import register as register_experiments
+    from latentpatch.cli_inspect import register_dashboards
+    from latentpatch.cli_steer import register as register_steer
+    from training.cli import register as register_train
+
+    for register in (register_train, register_experiments, register_steer, register_dashboards):
+        register(sub)
     return parser
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+    from latentpatch.demo import DemoConfig, run_demo as run
 
-    from patching import DEFAULT_MODEL, Site, load_model, splice, splice_metrics
-    from sae import SAEConfig, SparseAutoencoder
-
-    model = load_model()
-    site = Site(args.layer).check(model)
-    sanity = _sanity(model)
-    sae = SparseAutoencoder(
-        SAEConfig(d_in=site.width(model), d_sae=args.d_sae, hook_name=site.hook_name, model_name=DEFAULT_MODEL,
-                  model_from_pretrained_kwargs=model.latentpatch_origin.flags.as_kwargs()),
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    tokens = model.to_tokens(list(DEMO_TEXTS))
-    with torch.inference_mode():
-        reference = model(tokens)
-        with splice(model, sae):
-            identical = torch.equal(model(tokens), reference)
-    metrics = splice_metrics(model, sae, tokens)
-    return {"model": DEFAULT_MODEL, "site": site.hook_name, "d_sae": args.d_sae, "sanity": sanity,
-            "splice_identity_exact": identical, "splice_metrics": metrics.to_dict()}
-
-
-def _sanity(model: Any) -> dict[str, Any]:
-    import torch
-
-    with torch.inference_mode():
-        paris = model(model.to_tokens("The Eiffel Tower is located in the city of"))[0, -1]
-        ioi = model(model.to_tokens("When Mary and John went to the store, John gave a drink to"))[0, -1]
-    diff = ioi[model.to_single_token(" Mary")] - ioi[model.to_single_token(" John")]
-    return {"eiffel_top_token": model.to_string(paris.argmax()), "ioi_logit_diff_mary_minus_john": round(diff.item(), 4)}
+    config = DemoConfig(out=args.out, layer=args.layer, d_sae=args.d_sae, train_tokens=args.train_tokens,
+                        safety_pairs=args.safety_pairs)
+    results = run(config)
+    brief = {key: results[key] for key in ("splice_metrics", "attribution", "seconds", "report") if key in results}
+    brief["sweep"] = {k: v for k, v in results.get("sweep", {}).items() if k != "top"}
+    brief["safety"] = {k: results.get("safety", {}).get(k) for k in ("refusal_rates", "n_pairs", "dynamic")}
+    return brief
 
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,196 @@
+"""Checkpoints: atomic directories of safetensors + strict JSON, manifest written last.
+
+A checkpoint is `step-<N>/` holding `state.safetensors` (every tensor of the trainer state),
+`state.json` (every other value, tensors replaced by references) and `manifest.json` (step,
+config fingerprint, SHA-256 of both files). It is assembled in a hidden temporary folder and
+renamed into place only once the manifest is on disk, so a process killed at any moment leaves
+either a complete checkpoint or a temporary folder that is ignored and later removed
+(RELIABILITY.md R8). Nothing is unpickled on load (R1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from training.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_TENSORS, STATE_JSON, MANIFEST = "state.safetensors", "state.json", "manifest.json"
+CHECKPOINT_FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_TENSOR_KEY = "__tensor__"
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split nested state into named tensors and a JSON tree that refers to them by name."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state.detach().cpu().contiguous().clone()}, {_TENSOR_KEY: prefix}
+    if isinstance(state, dict):
+        tensors: dict[str, torch.Tensor] = {}
+        tree = {}
+        for key, value in state.items():
+            if not isinstance(key, str) or "/" in key:
+                raise CheckpointError(prefix or ".", f"state key {key!r} must be a string without '/'")
+            sub_tensors, tree[key] = flatten_state(value, f"{prefix}/{key}" if prefix else key)
+            tensors.update(sub_tensors)
+        return tensors, tree
+    if isinstance(state, (list, tuple)):
+        tensors, tree = {}, []
+        for index, value in enumerate(state):
+            sub_tensors, sub_tree = flatten_state(value, f"{prefix}/{index}")
+            tensors.update(sub_tensors)
+            tree.append(sub_tree)
+        return tensors, tree
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return {}, state
+    raise CheckpointError(prefix or ".", f"cannot store a {type(state).__name__} in a checkpoint")
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {_TENSOR_KEY}:
+            return tensors[tree[_TENSOR_KEY]]
+        return {key: unflatten_state(value, tensors) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten_state(value, tensors) for value in tree]
+    return tree
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG: torch (CPU), numpy, Python's `random`."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss}}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's `random`: a fresh run is reproducible from its seed even when
+    the caller's batch iterator draws from the global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_checkpoint(root: str | Path, step: int, state: dict[str, Any], *, fingerprint: str, keep: int = 2) -> Path:
+    """Write `state` as checkpoint `step` under `root`, keep the newest `keep`, return its folder."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    if final.exists() and verify_checkpoint(final) is not None:
+        return final  # the same step's state, already complete (training is deterministic)
+    tensors, tree = flatten_state(state)
+    blob = save_safetensors_bytes(tensors)
+    text = json.dumps(tree, allow_nan=False).encode()
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_synced(tmp / STATE_TENSORS, blob)
+    _write_synced(tmp / STATE_JSON, text)
+    manifest = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "fingerprint": fingerprint,
+                "files": {STATE_TENSORS: hashlib.sha256(blob).hexdigest(), STATE_JSON: hashlib.sha256(text).hexdigest()}}
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)  # an incomplete folder of the same name (it failed verification above)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Checkpoint folders under `root`, oldest first (complete or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The manifest if `folder` is a complete checkpoint whose files match it, else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for name, digest in manifest["files"].items():
+            if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
+                return None
+        return manifest
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint under `root` that verifies; newer broken ones are skipped."""
+    for folder in reversed(checkpoint_dirs(root)):
+        if verify_checkpoint(folder) is not None:
+            return folder
+        log.warning("skipping incomplete or corrupt checkpoint %s", folder)
+    return None
+
+
+def load_checkpoint(folder: str | Path, *, fingerprint: str) -> tuple[int, dict[str, Any]]:
+    """Read a checkpoint's step and state; refuse one written under a different configuration."""
+    folder = Path(folder)
+    manifest = verify_checkpoint(folder)
+    if manifest is None:
+        raise CheckpointError(folder, "incomplete or corrupt (manifest missing or hashes differ)")
+    if manifest.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(folder, f"format_version {manifest['format_version']} is newer than "
+                              f"{CHECKPOINT_FORMAT_VERSION}; upgrade latentpatch")
+    if manifest["fingerprint"] != fingerprint:
+        raise CheckpointError(folder, f"written under another configuration (fingerprint {manifest['fingerprint'][:12]}, "
+                              f"now {fingerprint[:12]}): trainer config, SAE configs and data must match to resume")
+    try:
+        # safetensors never runs code; the SHA-256 in the manifest was checked just above.
+        tensors = load_safetensors_bytes((folder / STATE_TENSORS).read_bytes())
+    except Exception as err:  # the library's parse errors carry no path
+        raise CheckpointError(folder, f"bad state tensors ({err})") from err
+    tree = json.loads((folder / STATE_JSON).read_text())
+    return int(manifest["step"]), unflatten_state(tree, tensors)

@@ -1,0 +1,174 @@
+"""TrainerConfig: the L1 training recipe, and nothing about models, data or paths.
+
+The recipe follows Anthropic's "Towards Monosemanticity" (2023) and its April 2024 update
+("Training Sparse Autoencoders", Circuits Updates): Adam, linear lr warmup and a linear decay
+over the final part of training, an L1 coefficient warmed up from zero, the L1 weighted by
+decoder row norms, inputs scaled to a fixed norm estimated before training, `b_dec`
+initialised at the data's geometric median, dead-latent resampling, gradient clipping.
+The run configuration (model, site, text, output folder) lives in `training.cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from training.errors import TrainingConfigError
+
+Normalization = Literal["expected_norm", "none"]
+BDecInit = Literal["geometric_median", "mean", "zeros"]
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How to train one or several SAEs on a stream of activation batches."""
+
+    total_steps: int
+    """Optimizer steps to take (one batch per step, shared by every SAE trained together)."""
+    lr: float = 4e-4
+    """Peak Adam learning rate."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    lr_warmup_fraction: float = 0.01
+    """Fraction of `total_steps` over which the lr rises linearly from 0 to `lr`."""
+    lr_decay_fraction: float = 0.2
+    """Fraction of `total_steps`, at the end, over which the lr falls linearly to 0 (April 2024
+    update: the last 20%)."""
+    l1_coefficient: float | tuple[float, ...] = 5.0
+    """L1 coefficient lambda of `mean ||x - x_hat||^2 + lambda * mean sum_i z_i ||W_dec[i]||`
+    (in normalized units). A tuple gives one value per SAE trained together (an L1 sweep)."""
+    l1_warmup_fraction: float = 0.05
+    """Fraction of `total_steps` over which lambda rises linearly from 0 (April 2024 update: 5%)."""
+    grad_clip_norm: float | None = 1.0
+    """Clip each SAE's gradient to this global L2 norm; None disables clipping."""
+    normalization: Normalization = "expected_norm"
+    """`expected_norm`: divide inputs by a fixed scalar s so that E||x/s|| = sqrt(d_in),
+    estimated before training and folded into the weights at save. `none`: train on raw inputs."""
+    b_dec_init: BDecInit = "geometric_median"
+    """Initial `b_dec`: the geometric median (Towards Monosemanticity), the mean, or zeros."""
+    decoder_init_norm: float | None = 0.1
+    """Before training, rescale decoder rows to this norm and tie the encoder to the decoder's
+    transpose (April 2024 update: "fixed L2 norm of 0.05 to 1"; SAELens uses 0.1). Small rows
+    keep the first reconstructions near b_dec. None keeps the SAE's own initialisation."""
+    init_batches: int = 4
+    """Batches read (and not trained on) before step 1 to estimate the scale and `b_dec`."""
+    dead_window_tokens: int = 1_000_000
+    """A latent that has not fired on any of the last this many tokens counts as dead."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of tokens (between two logs) counts as dense."""
+    resample_steps: tuple[int, ...] = ()
+    """Steps after which dead latents are resampled (Towards Monosemanticity used 25k, 50k, 75k
+    and 100k of 200k+); empty disables resampling."""
+    resample_encoder_scale: float = 0.2
+    """A resampled encoder column gets this multiple of the mean alive encoder norm."""
+    log_every: int = 50
+    """Steps between metric records (JSONL log, progress bar, wandb)."""
+    eval_every: int | None = None
+    """Steps between `splice_metrics` evaluations on held-out tokens (needs a model); None: never."""
+    checkpoint_every: int | None = 1000
+    """Steps between checkpoints (one is also written at the end); None: only at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk; at least two, so a crash while writing one leaves another."""
+    seed: int = 0
+    """Seed of the trainer's own generator (resampling) and of the global torch, numpy and Python
+    RNGs at the start of a fresh run."""
+    progress_bar: bool = True
+    """Show a tqdm bar with the latest figures."""
+
+    def __post_init__(self) -> None:
+        _check_int(self, "total_steps", minimum=1)
+        for name in ("init_batches", "log_every", "dead_window_tokens"):
+            _check_int(self, name, minimum=1)
+        _check_int(self, "keep_checkpoints", minimum=2)
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise TrainingConfigError(f"TrainerConfig.lr must be a positive float, got {self.lr!r}")
+        if not (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas)):
+            raise TrainingConfigError(f"TrainerConfig.adam_betas must be two floats in [0, 1), got {self.adam_betas!r}")
+        for name in ("lr_warmup_fraction", "lr_decay_fraction", "l1_warmup_fraction", "dense_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise TrainingConfigError(f"TrainerConfig.{name} must be in [0, 1], got {value!r}")
+        if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
+            raise TrainingConfigError(
+                f"lr_warmup_fraction + lr_decay_fraction = {self.lr_warmup_fraction + self.lr_decay_fraction} "
+                "exceeds 1; shorten one of them")
+        if not self.l1_coefficients or any(not (isinstance(c, (int, float)) and c >= 0) for c in self.l1_coefficients):
+            raise TrainingConfigError(f"TrainerConfig.l1_coefficient must be >= 0 (or a non-empty tuple of such), "
+                                      f"got {self.l1_coefficient!r}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise TrainingConfigError(f"TrainerConfig.grad_clip_norm must be positive or None, got {self.grad_clip_norm!r}")
+        bad = [s for s in self.resample_steps if not (isinstance(s, int) and 0 < s < self.total_steps)]
+        if bad or list(self.resample_steps) != sorted(set(self.resample_steps)):
+            raise TrainingConfigError(f"TrainerConfig.resample_steps must be increasing steps in 1..{self.total_steps - 1}, "
+                                      f"got {self.resample_steps!r}")
+        for name, kind in (("normalization", Normalization), ("b_dec_init", BDecInit)):
+            if getattr(self, name) not in get_args(kind):
+                raise TrainingConfigError(f"TrainerConfig.{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
+        if self.decoder_init_norm is not None and not self.decoder_init_norm > 0:
+            raise TrainingConfigError(f"decoder_init_norm must be positive or None, got {self.decoder_init_norm!r}")
+        if not self.resample_encoder_scale > 0:
+            raise TrainingConfigError(f"resample_encoder_scale must be positive, got {self.resample_encoder_scale!r}")
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        object.__setattr__(self, "resample_steps", tuple(self.resample_steps))
+
+    @property
+    def l1_coefficients(self) -> tuple[float, ...]:
+        c = self.l1_coefficient
+        return tuple(float(v) for v in c) if isinstance(c, (tuple, list)) else (float(c),)
+
+    def l1_for(self, n_saes: int) -> tuple[float, ...]:
+        """One lambda per SAE: a single value is shared, a tuple must have one per SAE."""
+        coefficients = self.l1_coefficients
+        if len(coefficients) == 1:
+            return coefficients * n_saes
+        if len(coefficients) != n_saes:
+            raise TrainingConfigError(f"l1_coefficient has {len(coefficients)} values but {n_saes} SAEs are trained; "
+                                      "give one value or one per SAE")
+        return coefficients
+
+    @property
+    def lr_warmup_steps(self) -> int:
+        return round(self.lr_warmup_fraction * self.total_steps)
+
+    @property
+    def lr_decay_steps(self) -> int:
+        return round(self.lr_decay_fraction * self.total_steps)
+
+    @property
+    def l1_warmup_steps(self) -> int:
+        return round(self.l1_warmup_fraction * self.total_steps)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for step `step` (1-based): linear warmup, flat, linear decay to 0."""
+        warm, decay = self.lr_warmup_steps, self.lr_decay_steps
+        if warm and step <= warm:
+            return self.lr * step / warm
+        decay_start = self.total_steps - decay
+        if decay and step > decay_start:
+            return self.lr * (self.total_steps - step + 1) / (decay + 1)
+        return self.lr
+
+    def l1_scale_at(self, step: int) -> float:
+        """Multiplier of every lambda at step `step` (1-based): linear warmup from 0 to 1."""
+        warm = self.l1_warmup_steps
+        return min(1.0, step / warm) if warm else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *extra: Any) -> str:
+        """SHA-256 of this config and `extra` (SAE configs, data description): resume checks it."""
+        blob = json.dumps([self.to_dict(), *extra], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_int(cfg: TrainerConfig, name: str, *, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TrainingConfigError(f"TrainerConfig.{name} must be an int >= {minimum}, got {value!r}")

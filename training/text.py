@@ -1,0 +1,135 @@
+"""Text sources and their tokenization into fixed-length rows for harvesting.
+
+Texts come from local files (`.txt`: documents separated by blank lines; `.jsonl`: one JSON
+object per line with a text field), from a Hugging Face dataset through `datasets` when the
+hub is reachable, or from the default corpus (`training.corpus`). `TokenRows` packs them as
+SAELens does: documents are concatenated with a BOS token between them and cut into rows of
+`context_size` tokens, each starting with BOS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from patching import tl_compat
+from training.errors import DataSourceError
+
+log = logging.getLogger(__name__)
+
+TextOpener = Callable[[], Iterator[str]]
+
+
+def file_texts(path: str | Path, *, text_key: str = "text") -> TextOpener:
+    """An opener for the documents of a `.txt` or `.jsonl` file (checked now, read lazily)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataSourceError(f"text file {path} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataSourceError(f"text file {path} must end in .txt or .jsonl, got {path.suffix!r}")
+
+    def open_txt() -> Iterator[str]:
+        block: list[str] = []
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield "".join(block).strip()
+                    block = []
+        if block:
+            yield "".join(block).strip()
+
+    def open_jsonl() -> Iterator[str]:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataSourceError(f"{path}:{number} is not valid JSON ({err})") from err
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise DataSourceError(f"{path}:{number} has no string field {text_key!r}")
+                yield record[text_key]
+
+    return open_txt if path.suffix == ".txt" else open_jsonl
+
+
+def hf_texts(name: str, *, split: str = "train", text_key: str = "text") -> TextOpener:
+    """An opener streaming a Hugging Face dataset's text field (needs the hub, or its local cache)."""
+    import datasets
+
+    def open_dataset() -> Iterator[str]:
+        for record in datasets.load_dataset(name, split=split, streaming=True):
+            if text_key not in record:
+                raise DataSourceError(f"dataset {name!r} has no field {text_key!r}; fields: {sorted(record)}")
+            yield record[text_key]
+
+    return open_dataset
+
+
+class TokenRows:
+    """Fixed-length token rows from a text opener, cycling over the texts when they run out.
+
+    The position (rows served, epoch) is the state; restoring it re-reads and re-tokenizes the
+    texts up to that point, which costs far less than the forward passes it saves.
+    """
+
+    def __init__(self, model: Any, open_texts: TextOpener, *, context_size: int, description: str) -> None:
+        if context_size < 2:
+            raise DataSourceError(f"context_size must be at least 2 (BOS + one token), got {context_size}")
+        self.model = model
+        self.open_texts = open_texts
+        self.context_size = context_size
+        self.description = description
+        self.bos = tl_compat.bos_token_id(model)
+        self.epoch, self.rows_served = 0, 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self._texts = self.open_texts()
+        self._pending: list[int] = []
+        self._rows_in_epoch = 0
+
+    def _next_row(self) -> list[int]:
+        need = self.context_size - 1
+        while len(self._pending) < need:
+            text = next(self._texts, None)
+            if text is None:
+                if self._rows_in_epoch == 0:
+                    raise DataSourceError(f"{self.description} holds fewer than {need} tokens: not one row")
+                log.info("%s: epoch %d done after %d rows; starting again", self.description, self.epoch,
+                         self._rows_in_epoch)
+                self.epoch += 1
+                self._start_epoch()
+                continue
+            self._pending.extend(tl_compat.encode_text(self.model, text) + [self.bos])
+        row, self._pending = [self.bos] + self._pending[:need], self._pending[need:]
+        self._rows_in_epoch += 1
+        self.rows_served += 1
+        return row
+
+    def next_rows(self, n: int) -> Int[Tensor, "row pos"]:
+        return torch.tensor([self._next_row() for _ in range(n)], dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "rows_in_epoch": self._rows_in_epoch, "rows_served": self.rows_served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._start_epoch()
+        self.epoch = int(state["epoch"])
+        for _ in range(int(state["rows_in_epoch"])):
+            self._next_row()
+        self.rows_served = int(state["rows_served"])
+        self.epoch = int(state["epoch"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"text": self.description, "context_size": self.context_size}
