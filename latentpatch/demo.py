@@ -1,0 +1,217 @@
+"""`latentpatch demo`: the main job on the default model, end to end, into an HTML report.
+
+Trains (or reuses) an SAE at a middle layer on the default corpus, measures it spliced, runs a
+denoising sweep on a factual pair, attribution checked against exact patching, Top-1 versus
+Top-K steering and a safety restoration curve, and writes `index.html` with its plots and
+`results.json` into the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentpatch.report import Section, write_report
+
+log = logging.getLogger(__name__)
+
+FACTUAL = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs; the defaults fit about 15 minutes on 2 CPU cores on a first run."""
+
+    out: Path = Path("latentpatch-output")
+    """Output folder for the report."""
+    layer: int = 15
+    """resid_pre layer of the SAE (15 of 30)."""
+    d_sae: int = 4608
+    """Dictionary size (8 x d_model)."""
+    l1: float = 5.0
+    """L1 coefficient (normalized units)."""
+    train_tokens: int = 600_000
+    """Activations the SAE trains on (about 40 passes over the default corpus's ~15k tokens)."""
+    batch_size: int = 1024
+    """Activations per training step."""
+    safety_pairs: int = 6
+    """Refuse/comply pairs in the restoration curve."""
+    steering_k: tuple[int, ...] = (1, 4, 16)
+    """K values compared in the steering section."""
+    steering_coefficients: tuple[float, ...] = (2.0, 8.0)
+    """Coefficients (multiples of typical activations) compared in the steering section."""
+    steering_tokens: int = 12
+    """Tokens sampled per steered continuation."""
+    suite_pairs: int | None = None
+    """Use only the first n pairs of the safety suite (None: all 30)."""
+    seed: int = 0
+    """Seed of the SAE's initialisation and of the data order."""
+
+    def __post_init__(self) -> None:
+        for name in ("layer", "d_sae", "train_tokens", "batch_size", "safety_pairs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "layer" else 1):
+                raise ValueError(f"DemoConfig.{name} must be a positive int, got {value!r}")
+        if not self.l1 > 0:
+            raise ValueError(f"DemoConfig.l1 must be positive, got {self.l1!r}")
+
+    def sae_key(self) -> str:
+        return f"l{self.layer}-d{self.d_sae}-l1_{self.l1:g}-t{self.train_tokens}-b{self.batch_size}-s{self.seed}"
+
+
+def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
+    """Where the demo's SAE is cached (under the model cache), trained on first use."""
+    from patching.models import cache_root
+
+    return cache_root() / "demo-saes" / config.sae_key()
+
+
+def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
+    """The demo SAE: loaded from the cache, or trained now on the default corpus.
+
+    The corpus is harvested once (the forward pass stops at the site's layer) and the SAE trains
+    for several epochs over those activations in memory: re-running the model every epoch would
+    cost far more than the training itself.
+    """
+    import torch
+
+    from patching import Site, load_model
+    from sae import SAEConfig, SAEFileError, SparseAutoencoder, load_sae
+    from training import TensorBatches, Trainer, TrainerConfig
+    from training.corpus import default_texts
+    from training.harvest import HarvestChunks
+    from training.text import TokenRows
+
+    folder = demo_sae_dir(config)
+    try:
+        return load_sae(folder)
+    except SAEFileError:
+        log.info("training the demo SAE at layer %d into %s", config.layer, folder)
+    model = load_model(n_layers=config.layer + 1)
+    site = Site(config.layer).check(model)
+    rows = TokenRows(model, default_texts(), context_size=128, description="default corpus")
+    chunks = HarvestChunks(model, site, rows, rows_per_chunk=16)
+    acts = [chunks.next_chunk()]
+    while rows.epoch == 0:
+        acts.append(chunks.next_chunk())
+    activations = torch.cat(acts)
+    sae = SparseAutoencoder(SAEConfig(d_in=site.width(model), d_sae=config.d_sae, hook_name=site.hook_name,
+                                      model_name=model.cfg.model_name, context_size=128, dataset_path="default corpus",
+                                      model_from_pretrained_kwargs=model.latentpatch_origin.flags.as_kwargs()),
+                            generator=torch.Generator().manual_seed(config.seed))
+    trainer_config = TrainerConfig(total_steps=max(1, config.train_tokens // config.batch_size), l1_coefficient=config.l1,
+                                   checkpoint_every=200, log_every=50, seed=config.seed)
+    trainer = Trainer(trainer_config, sae, TensorBatches(activations, config.batch_size, seed=config.seed), out_dir=folder)
+    if (folder / "checkpoints").is_dir():
+        trainer.resume()
+    trainer.fit()
+    return load_sae(folder)
+
+
+def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
+    """Run every step; return the results (also written to `config.out`)."""
+    from patching import load_model
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sae = demo_sae(config)
+    model = load_model()
+    results: dict[str, Any] = {"config": {k: str(v) for k, v in dataclasses.asdict(config).items()}}
+    sections = [_splice_section(model, sae, results), _sweep_section(model, sae, out, results),
+                _attribution_section(model, sae, out, results), _steering_section(model, sae, config, out, results),
+                _safety_section(model, sae, config, out, results)]
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["report"] = str(write_report(out, sections, "latentpatch demo: SmolLM2-135M-Instruct", results))
+    return results
+
+
+def _splice_section(model: Any, sae: Any, results: dict[str, Any]) -> Section:
+    from latentpatch.cli_experiments import EVAL_TEXTS
+    from patching import splice_metrics
+
+    metrics = splice_metrics(model, sae, model.to_tokens(list(EVAL_TEXTS)))
+    results["splice_metrics"] = metrics.to_dict()
+    return Section(f"SAE at {sae.cfg.hook_name}: splice metrics",
+                   "The SAE replaces the residual stream (bottleneck mode) on held-out sentences.",
+                   figures=metrics.to_dict())
+
+
+def _factual(model: Any) -> tuple[str, str, Any]:
+    from patching import LogitDiff
+
+    clean, corrupted, answer, wrong = FACTUAL
+    return clean, corrupted, LogitDiff(model.to_single_token(answer), model.to_single_token(wrong))
+
+
+def _sweep_section(model: Any, sae: Any, out: Path, results: dict[str, Any]) -> Section:
+    from patching import patch_latents
+
+    clean, corrupted, metric = _factual(model)
+    start = time.perf_counter()
+    sweep = patch_latents(model, sae, clean, corrupted, metric)
+    seconds = time.perf_counter() - start
+    sweep.save(out / "sweep")
+    sweep.plot(out / "sweep.png")
+    top = [entry._asdict() for entry in sweep.top(10)]
+    results["sweep"] = {"units": len(sweep.units), "seconds": round(seconds, 2), "top": top,
+                        "metric_clean": sweep.metric_clean.item(), "metric_corrupted": sweep.metric_corrupted.item()}
+    return Section("Denoising sweep: Eiffel Tower → Colosseum",
+                   f"Every latent that differs between the runs, at every position, set to its clean value in the "
+                   f"corrupted run; effect 1 restores ' Paris' over ' Rome' fully. {len(sweep.units)} patches in "
+                   f"{seconds:.1f} s.", figures={"M_clean": sweep.metric_clean.item(),
+                                                 "M_corrupted": sweep.metric_corrupted.item()},
+                   images=["sweep.png"], table=[{k: v for k, v in row.items() if k != "label"} for row in top])
+
+
+def _attribution_section(model: Any, sae: Any, out: Path, results: dict[str, Any]) -> Section:
+    from patching import attribute_latents, verify
+
+    clean, corrupted, metric = _factual(model)
+    estimate = attribute_latents(model, sae, clean, corrupted, metric)
+    check = verify(estimate, top_k=50, random_k=50)
+    estimate.plot(out / "attribution.png")
+    results["attribution"] = check.to_dict()
+    return Section("Attribution patching (AtP), checked against exact patching",
+                   "AtP estimates every latent's and error node's effect from one gradient; its top 50 and 50 random "
+                   "others are then patched exactly.", figures=check.to_dict(), images=["attribution.png"])
+
+
+def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
+    from patching.steering_compare import PLOT_FILE, CompareSettings, compare_steering
+    from patching.steering_concepts import PARIS
+
+    comparison = compare_steering(model, sae, PARIS, k_values=config.steering_k, coefficients=config.steering_coefficients,
+                                  methods=("add",), settings=CompareSettings(seeds=(0,), max_new_tokens=config.steering_tokens))
+    comparison.save(out / "steering")
+    (out / "steering.png").write_bytes((out / "steering" / PLOT_FILE).read_bytes())
+    table = comparison.table.drop(columns=[c for c in comparison.table.columns if c.startswith("sample")], errors="ignore")
+    results["steering"] = table.to_dict(orient="records")
+    return Section(f"Top-1 versus Top-K steering towards '{PARIS.name}'",
+                   "Target effect against collateral cost (KL on neutral text) per K and coefficient.",
+                   images=["steering.png"], table=results["steering"])
+
+
+def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
+    from patching.safety import find_safety_latents
+    from patching.safety_prompts import SafetySuite
+    from sae.files import weights_sha256
+
+    full = SafetySuite()
+    suite = SafetySuite(pairs=full.pairs[: config.suite_pairs], jailbreak_templates=full.jailbreak_templates[:1])
+    report = find_safety_latents(model, sae, suite, counts=(1, 2, 5, 10, 20, 50, 100, 200), max_pairs=config.safety_pairs)
+    report.save(out / "safety", model_name=model.cfg.model_name, sae_sha256=weights_sha256(sae), suite=suite)
+    images = []
+    if (out / "safety" / "curves.png").exists():
+        (out / "safety.png").write_bytes((out / "safety" / "curves.png").read_bytes())
+        images = ["safety.png"]
+    results["safety"] = report.summary()
+    return Section("Safety latents: restoring refusals", "Top-n latents (by AtP) patched jointly from the refusing "
+                   "harmful prompt into its complying harmless twin, against the same for residual dimensions.",
+                   figures={"refusal_rates": report.refusal_rates, "pairs": len(report.pairs_used),
+                            "dynamic": report.dynamic}, images=images)
+

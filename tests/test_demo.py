@@ -1,0 +1,36 @@
+"""`latentpatch demo` end to end with small settings; its report renders in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from latentpatch.cli import main
+from latentpatch.demo import DemoConfig, demo_sae_dir
+from tests.browser import dom, screenshot
+
+
+@pytest.mark.default_model
+def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys):
+    from latentpatch import demo
+
+    small = dict(layer=3, d_sae=576, train_tokens=20480, batch_size=512, safety_pairs=1, steering_k=(1, 2),
+                 steering_coefficients=(4.0,), steering_tokens=3, suite_pairs=3)
+    monkeypatch.setattr(demo, "DemoConfig", lambda **kw: DemoConfig(**{**kw, **small}))
+    out = tmp_path / "report"
+    assert main(["demo", "--out", str(out), "--json"]) == 0
+    brief = json.loads(capsys.readouterr().out)
+    assert brief["splice_metrics"]["l0"] > 0 and brief["attribution"]["n_checked"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"splice_metrics", "sweep", "attribution", "steering", "safety"} <= set(results)
+    page = out / "index.html"
+    html = dom(page)
+    for image in ("sweep.png", "attribution.png", "steering.png"):
+        assert image in html and (out / image).exists()
+    shot = Image.open(screenshot(page, tmp_path / "shot.png", size="1200,4000")).convert("RGB")
+    colored = sum(1 for r, g, b in shot.getdata() if max(r, g, b) - min(r, g, b) > 60)
+    assert colored > 20_000  # the heatmaps and plots were drawn, not just text
+    assert demo_sae_dir(DemoConfig(**small)).exists()
+
