@@ -22,7 +22,7 @@ import torch
 
 from patching import LogitDiff, Site, attribute_latents, load_model, patch_latents
 from patching.verify import spearman
-from sae import SAEConfig, SparseAutoencoder, load_sae
+from _common import benchmark_sae
 
 PAIRS = {
     "factual": ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome"),
@@ -83,12 +83,7 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=8, help="integrated-gradients path points (default 8)")
     args = parser.parse_args()
     model = load_model()
-    if args.sae:
-        sae = load_sae(args.sae)
-    else:
-        site = Site(args.layer)
-        sae = SparseAutoencoder(SAEConfig(d_in=576, d_sae=4608, architecture="topk", k=64, hook_name=site.hook_name,
-                                          model_name=model.cfg.model_name), generator=torch.Generator().manual_seed(0))
+    sae = benchmark_sae(model, args.sae, args.layer)
     rows = [run_pair(model, sae, name, args.ig_steps) for name in PAIRS]
     for row in rows:
         print(f"{row['pair']:8s} units {row['units']:5d}  AtP {row['atp_forward_equivalents']:5.2f} forward-equivalents "

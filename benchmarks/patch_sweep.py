@@ -24,7 +24,7 @@ import time
 import torch
 
 from patching import LogitDiff, Site, load_model, patch_latents
-from sae import SAEConfig, SparseAutoencoder, load_sae
+from _common import benchmark_sae
 
 CLEAN = "The Eiffel Tower is located in the city of"
 CORRUPTED = "The Colosseum is located in the city of"
@@ -58,12 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model()
-    if args.sae:
-        sae = load_sae(args.sae)
-    else:
-        site = Site(args.layer)
-        sae = SparseAutoencoder(SAEConfig(d_in=576, d_sae=4608, architecture="topk", k=64, hook_name=site.hook_name,
-                                          model_name=model.cfg.model_name), generator=torch.Generator().manual_seed(0))
+    sae = benchmark_sae(model, args.sae, args.layer)
     site = Site.from_hook_name(sae.cfg.hook_name)
     metric = LogitDiff(model.to_single_token(" Paris"), model.to_single_token(" Rome"))
     clean, corrupted = model.to_tokens(CLEAN), model.to_tokens(CORRUPTED)

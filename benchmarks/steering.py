@@ -22,7 +22,7 @@ import torch
 
 from patching import DEFAULT_MODEL, Site, load_model, tl_compat
 from patching.steering import LatentChoice, steer
-from sae import SAEConfig, SparseAutoencoder, load_sae
+from _common import benchmark_sae
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -43,12 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model()
-    if args.sae:
-        sae = load_sae(args.sae)
-    else:
-        site = Site(args.layer)
-        sae = SparseAutoencoder(SAEConfig(d_in=576, d_sae=4608, hook_name=site.hook_name, model_name=DEFAULT_MODEL),
-                                generator=torch.Generator().manual_seed(0))
+    sae = benchmark_sae(model, args.sae, args.layer, topk=None)
     site = Site.from_hook_name(sae.cfg.hook_name)
     choice = LatentChoice(site, tuple(range(args.k)), tuple(1.0 for _ in range(args.k)))
     timed_generate(model, 4)  # warm-up: first-call allocations

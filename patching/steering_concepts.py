@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from patching.steering_compare import Concept
 
+NEUTRAL = (
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "To make the sauce, melt the butter and slowly whisk in the flour.",
+    "The function returns the sum of the two numbers passed to it.",
+    "The stock market fell sharply on Monday after the central bank raised interest rates.",
+    "She opened the old wooden door slowly and stepped into the dark hallway.",
+    "Regular exercise improves sleep quality and reduces stress.",
+)
+"""Text unrelated to either concept, on which steering's KL cost is measured."""
+
 PARIS = Concept(
     name='paris',
     positive=(
@@ -41,14 +51,7 @@ PARIS = Concept(
         'The photograph on the wall was taken in',
         'If I could live anywhere, I would choose',
     ),
-    neutral=(
-        'Photosynthesis converts light energy into chemical energy stored in glucose.',
-        'To make the sauce, melt the butter and slowly whisk in the flour.',
-        'The function returns the sum of the two numbers passed to it.',
-        'The stock market fell sharply on Monday after the central bank raised interest rates.',
-        'She opened the old wooden door slowly and stepped into the dark hallway.',
-        'Regular exercise improves sleep quality and reduces stress.',
-    ),
+    neutral=NEUTRAL,
 )
 
 POSITIVE = Concept(
@@ -95,14 +98,7 @@ POSITIVE = Concept(
         'The weather this weekend looks',
         'When I read the reviews, the hotel seemed',
     ),
-    neutral=(
-        'Photosynthesis converts light energy into chemical energy stored in glucose.',
-        'To make the sauce, melt the butter and slowly whisk in the flour.',
-        'The function returns the sum of the two numbers passed to it.',
-        'The stock market fell sharply on Monday after the central bank raised interest rates.',
-        'She opened the old wooden door slowly and stepped into the dark hallway.',
-        'Regular exercise improves sleep quality and reduces stress.',
-    ),
+    neutral=NEUTRAL,
 )
 
 CONCEPTS = {PARIS.name: PARIS, POSITIVE.name: POSITIVE}

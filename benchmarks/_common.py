@@ -1,0 +1,25 @@
+"""What the benchmark scripts share: the SAE they measure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from patching import Site
+from sae import SAEConfig, SparseAutoencoder, load_sae
+
+
+def benchmark_sae(model: Any, path: str | None, layer: int, *, topk: int | None = 64) -> SparseAutoencoder:
+    """The SAE at `path`, else a seeded random one at `layer` (TopK with `topk`, or ReLU when None).
+
+    Speed figures depend on how many latents are active, not on what they mean, so a random SAE
+    is a fair stand-in where no trained one is given.
+    """
+    if path:
+        return load_sae(path)
+    site = Site(layer)
+    architecture = {"architecture": "topk", "k": topk} if topk is not None else {}
+    cfg = SAEConfig(d_in=site.width(model), d_sae=8 * site.width(model), hook_name=site.hook_name,
+                    model_name=model.cfg.model_name, **architecture)
+    return SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(0))
