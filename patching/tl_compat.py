@@ -265,13 +265,13 @@ def attach_block_pre_hook(model: HookedTransformer, layer: int, fn: Callable[[in
     return model.blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
-def generate(model: HookedTransformer, inputs: Tensor | list[str], *, max_new_tokens: int, use_past_kv_cache: bool = True,
+def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_new_tokens: int, use_past_kv_cache: bool = True,
              do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
              stop_at_eos: bool = False) -> Tensor:
     """Token ids of prompt + continuation, `(batch, pos + new)`.
 
-    A list of strings is tokenized with BOS and left-padded by TransformerLens (which then masks
-    the padding); a tensor is used as given. `stop_at_eos=False` gives every row exactly
+    A string or a list of strings is tokenized with BOS (a list is left-padded and TransformerLens
+    masks the padding); a tensor is used as given. `stop_at_eos=False` gives every row exactly
     `max_new_tokens` new tokens. `generate` runs under inference mode; the clone is an ordinary
     tensor that later forward passes with autograd can take.
     """
