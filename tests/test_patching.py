@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patching import LatentEdit, Site, splice, tl_compat
+from patching import LatentEdit, Site, splice
 from patching.edits import ErrorPatch, LatentPatch
 from patching.errors import PatchingError, SiteError, SpliceError
 from patching.objectives import KLFromClean, LogitDiff, TokenLogProb, TokenProb
@@ -19,10 +19,8 @@ SITE = Site(1)
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)
-    m.eval()
-    return m
+def model(tiny_model):
+    return tiny_model  # conftest's tiny random model, under the name these tests use
 
 
 @pytest.fixture(scope="module")
