@@ -56,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     config = DemoConfig(out=args.out, layer=args.layer, d_sae=args.d_sae, train_tokens=args.train_tokens,
                         safety_pairs=args.safety_pairs)
     results = run(config)
-    brief = {key: results[key] for key in ("splice_metrics", "attribution", "seconds", "report") if key in results}
+    brief = {key: results[key] for key in ("splice_metrics", "attribution", "seconds", "section_seconds", "report") if key in results}
     brief["sweep"] = {k: v for k, v in results.get("sweep", {}).items() if k != "top"}
     brief["safety"] = {k: results.get("safety", {}).get(k) for k in ("refusal_rates", "n_pairs", "dynamic")}
     return brief

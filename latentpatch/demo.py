@@ -60,7 +60,10 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.l1 must be positive, got {self.l1!r}")
 
     def sae_key(self) -> str:
-        return f"l{self.layer}-d{self.d_sae}-l1_{self.l1:g}-t{self.train_tokens}-b{self.batch_size}-s{self.seed}"
+        from training.corpus import CorpusConfig
+
+        corpus = CorpusConfig().file_name().removesuffix(".jsonl").rsplit("-", 1)[-1]
+        return f"l{self.layer}-d{self.d_sae}-l1_{self.l1:g}-t{self.train_tokens}-b{self.batch_size}-s{self.seed}-c{corpus}"
 
 
 def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
@@ -122,10 +125,19 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     sae = demo_sae(config)
     model = load_model()
     results: dict[str, Any] = {"config": {k: str(v) for k, v in dataclasses.asdict(config).items()}}
-    sections = [_splice_section(model, sae, results), _sweep_section(model, sae, out, results),
-                _attribution_section(model, sae, out, results), _steering_section(model, sae, config, out, results),
-                _safety_section(model, sae, config, out, results)]
+    timings = {"sae": round(time.perf_counter() - started, 1)}
+    steps = {"splice": lambda: _splice_section(model, sae, results),
+             "sweep": lambda: _sweep_section(model, sae, out, results),
+             "attribution": lambda: _attribution_section(model, sae, out, results),
+             "steering": lambda: _steering_section(model, sae, config, out, results),
+             "safety": lambda: _safety_section(model, sae, config, out, results)}
+    sections = []
+    for name, run in steps.items():
+        start = time.perf_counter()
+        sections.append(run())
+        timings[name] = round(time.perf_counter() - start, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
+    results["section_seconds"] = timings
     results["report"] = str(write_report(out, sections, "latentpatch demo: SmolLM2-135M-Instruct", results))
     return results
 

@@ -45,8 +45,9 @@ class CorpusConfig:
     """Sampling temperature."""
     top_p: float = 0.95
     """Nucleus-sampling mass."""
-    batch_size: int = 16
-    """Continuations generated together (left-padded)."""
+    batch_size: int = 48
+    """Continuations generated together (left-padded); on 2 CPU cores 48 rows generate about 1.5x
+    the tokens/s of 16."""
     n_prompts: int | None = None
     """Use only the first n prompts (chat and text interleaved); None uses all 48."""
 
