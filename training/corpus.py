@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from patching.models import cache_root, default_model_folder
 from sae.files import atomic_write
@@ -107,13 +108,16 @@ def build_corpus(config: CorpusConfig, path: Path) -> dict[str, Any]:
     jobs = [(i, s, kind, text) for i, (kind, text) in enumerate(config.prompts())
             for s in range(config.samples_per_prompt)]
     lines, n_tokens = [], 0
+    n_batches = -(-len(jobs) // config.batch_size)
+    progress = tqdm(total=n_batches * config.max_new_tokens, desc="generating the default corpus", unit="token step")
     for b in range(0, len(jobs), config.batch_size):
         batch = jobs[b : b + config.batch_size]
         inputs = [_render(tokenizer, kind, text) for _, _, kind, text in batch]
         encoded = tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(config.seed * 1_000_003 + b // config.batch_size)
         out = model.generate(**encoded, do_sample=True, temperature=config.temperature, top_p=config.top_p,
-                             max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                             max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             logits_processor=[_Progress(progress)])
         prompt_len = encoded["input_ids"].shape[1]
         for row, (prompt_index, sample, _, _) in enumerate(batch):
             n_pad = int((encoded["attention_mask"][row] == 0).sum())
@@ -122,12 +126,24 @@ def build_corpus(config: CorpusConfig, path: Path) -> dict[str, Any]:
             text = tokenizer.decode(ids, skip_special_tokens=False)
             n_tokens += int(ids.numel())
             lines.append(json.dumps({"text": text, "prompt": prompt_index, "sample": sample}))
-        log.info("default corpus: %d / %d texts", len(lines), len(jobs))
+        progress.update((b // config.batch_size + 1) * config.max_new_tokens - progress.n)  # rows that stopped early
+    progress.close()
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     info = {"texts": len(lines), "tokens": n_tokens, "bytes": path.stat().st_size,
             "build_seconds": round(time.perf_counter() - start, 1), "config": asdict(config)}
     atomic_write(path.with_suffix(".info.json"), json.dumps(info, indent=2).encode())
     return info
+
+
+class _Progress:
+    """A logits processor that leaves the logits alone and advances a bar once per generated token."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.bar.update(1)
+        return scores
 
 
 def _render(tokenizer: Any, kind: str, text: str) -> str:

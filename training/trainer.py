@@ -35,6 +35,7 @@ from training.init import geometric_median, normalization_scale
 from training.metrics import FiringTracker, batch_metrics
 from training.resample import resample_dead_
 from training.runlog import RunLog
+from training.step import L1Gradients
 from training.sources import StatefulSource, skip_batches
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class _Member:
     optimizer: torch.optim.Adam
     l1_coefficient: float
     firing: FiringTracker
+    gradients: L1Gradients
 
 
 class Trainer:
@@ -96,7 +98,7 @@ class Trainer:
         betas = config.adam_betas
         # fused Adam: one kernel per parameter instead of a dozen elementwise passes.
         self.members = [_Member(sae, torch.optim.Adam(sae.parameters(), lr=config.lr, betas=betas, fused=True),
-                                coefficient, FiringTracker(sae.cfg.d_sae))
+                                coefficient, FiringTracker(sae.cfg.d_sae), L1Gradients(sae))
                         for sae, coefficient in zip(sae_list, config.l1_for(len(sae_list)))]
         self.fingerprint = config.fingerprint(
             [_cfg_identity(s) for s in sae_list],
@@ -209,31 +211,20 @@ class Trainer:
 
     def _sae_step(self, index: int, member: _Member, x_n: Tensor, lr: float, l1_scale: float, step: int,
                   is_log: bool) -> tuple[float, dict[str, float]] | None:
-        sae = member.sae
-        # The SAE's `encode` on normalized inputs, written out: (x - b_dec) @ W_enc + b_enc is
-        # computed as x @ W_enc + (b_enc - b_dec @ W_enc), so that b_dec's gradient through the
-        # encoder is a vector-matrix product instead of a sixth (batch x d_in x d_sae) matmul.
-        bias = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
-        z = torch.addmm(bias, x_n, sae.W_enc).relu()  # (batch, d_sae)
-        x_hat = torch.addmm(sae.b_dec, z, sae.W_dec)  # (batch, d_in)
-        norms = sae.W_dec.norm(dim=-1)  # (d_sae,)
-        mse_loss = (x_hat - x_n).pow(2).sum(-1).mean()
-        l1_loss = (z @ norms).mean()
-        loss = mse_loss + (member.l1_coefficient * l1_scale) * l1_loss
+        # Loss and gradients written out (training/step.py), into buffers reused every step.
+        coefficient = member.l1_coefficient * l1_scale
+        out = member.gradients(x_n, coefficient)
+        loss = out.mse + coefficient * out.l1
         if not torch.isfinite(loss):
             raise NonFiniteError(step, f"loss of SAE {index}")
-        member.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self._clip_and_check(index, member, step)
         for group in member.optimizer.param_groups:
             group["lr"] = lr
         member.optimizer.step()
-        with torch.no_grad():
-            member.firing.update_(torch.count_nonzero(z, dim=0), x_n.shape[0])
+        member.firing.update_(out.fired, x_n.shape[0])
         if not is_log:
             return None
-        metrics = batch_metrics(x_n, x_hat.detach(), z.detach(), norms.detach())
-        return loss.item(), metrics
+        return loss.item(), batch_metrics(x_n, out.x_hat, out.z, out.decoder_norms)
 
     def _clip_and_check(self, index: int, member: _Member, step: int) -> None:
         params = list(member.sae.parameters())
