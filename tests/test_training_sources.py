@@ -142,3 +142,26 @@ def test_token_rows_and_harvest_chunks_on_the_default_model(default_model_4l, tm
     chunk = chunks.next_chunk()
     n_special = int(torch.isin(first[:2], torch.tensor(tl_compat.special_token_ids(default_model_4l))).sum())
     assert chunk.shape == (12 - n_special, 576)
+
+
+def test_hf_dataset_source_streams_a_local_dataset_offline(tmp_path, monkeypatch):
+    """The `hf:NAME` path through `datasets.load_dataset(..., streaming=True)`, on a dataset folder
+    (the hub is unreachable here; a folder of data files is what `load_dataset` reads the same way)."""
+    from training.text import hf_texts
+
+    import datasets
+    import huggingface_hub
+
+    # read at import time by both libraries, so set on their modules: no network attempt at all
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    folder = tmp_path / "tiny-dataset"
+    folder.mkdir()
+    texts = [f"text number {i}" for i in range(5)]
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    assert list(hf_texts(str(folder))()) == texts
+    assert list(hf_texts(str(folder))()) == texts  # the opener opens afresh each epoch
+    with pytest.raises(DataSourceError, match="no field 'body'"):
+        list(hf_texts(str(folder), text_key="body")())
+    with pytest.raises(DataSourceError, match="cannot open Hugging Face dataset 'no-such-owner/no-such-dataset'"):
+        hf_texts("no-such-owner/no-such-dataset")  # raises on creation, before any iteration

@@ -64,11 +64,22 @@ def file_texts(path: str | Path, *, text_key: str = "text") -> TextOpener:
 
 
 def hf_texts(name: str, *, split: str = "train", text_key: str = "text") -> TextOpener:
-    """An opener streaming a Hugging Face dataset's text field (needs the hub, or its local cache)."""
+    """An opener streaming a Hugging Face dataset's text field (needs the hub, or its local cache).
+
+    The dataset is resolved now, so that a wrong name or an unreachable hub is a `DataSourceError`
+    before any model is loaded; each call of the opener streams it from the start.
+    """
     import datasets
 
+    try:
+        dataset = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types: connection, not found, bad split
+        raise DataSourceError(f"cannot open Hugging Face dataset {name!r} split {split!r} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); it needs the hub or a local "
+                              "dataset folder; pass a .txt or .jsonl file otherwise") from err
+
     def open_dataset() -> Iterator[str]:
-        for record in datasets.load_dataset(name, split=split, streaming=True):
+        for record in dataset:
             if text_key not in record:
                 raise DataSourceError(f"dataset {name!r} has no field {text_key!r}; fields: {sorted(record)}")
             yield record[text_key]
