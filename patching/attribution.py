@@ -57,7 +57,7 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
         raise PatchingError("attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
-    check_run_settings(model, metric, len(pairs), None, 1)
+    check_run_settings(model, metric, len(pairs))
     resolved = resolve_saes(model, saes, allow_model_mismatch=allow_model_mismatch)
     layers = sorted({site.layer for site in resolved})
     with frozen_parameters(model), splice(model, resolved, allow_model_mismatch=allow_model_mismatch) as state:

@@ -17,3 +17,7 @@ class SpliceError(ValueError):
 
 class PatchingError(ValueError):
     """A patching or attribution call got inputs it cannot use (named, expected versus actual)."""
+
+
+class SteeringError(PatchingError):
+    """Steering inputs that cannot be used (names the argument, expected versus actual)."""

@@ -123,10 +123,12 @@ def _check_units(units: Sequence[PatchUnit], saes: dict[Site, Any], n_pos: int) 
                 raise PatchingError(f"unit {unit.label()}: positions must lie in [0, {n_pos}) (the shortest base prompt)")
 
 
-def check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | None, memory_mb: int) -> None:
+def check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | None = None,
+                       memory_mb: int | None = None) -> None:
+    """Refuse bad batch settings and metric token ids before any forward pass (None: not used by the caller)."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
         raise PatchingError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
+    if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0):
         raise PatchingError(f"memory_mb must be a positive int, got {memory_mb!r}")
     vocab = tl_compat.d_vocab(model)
     for tokens in getattr(metric, "token_ids", lambda: [])():

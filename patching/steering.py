@@ -34,7 +34,7 @@ from torch import Tensor
 
 from patching import tl_compat
 from patching.edits import LatentEdit
-from patching.errors import PatchingError
+from patching.errors import SteeringError
 from patching.latent_inspect import Corpus, check_latent_indices, iter_site_latents, resolve_site
 from patching.results import PatchResult
 from patching.sites import Site
@@ -46,10 +46,6 @@ PositionMode = Literal["all", "prompt", "generated"]
 SteerScale = Literal["unit", "activation"]
 Weighting = Literal["uniform", "score"]
 POSITION_MODES = ("all", "prompt", "generated")
-
-
-class SteeringError(PatchingError):
-    """Steering inputs that cannot be used (names the argument, expected versus actual)."""
 
 
 @dataclass(frozen=True)
