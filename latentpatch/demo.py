@@ -62,8 +62,8 @@ class DemoConfig:
     def sae_key(self) -> str:
         from training.corpus import CorpusConfig
 
-        corpus = CorpusConfig().file_name().removesuffix(".jsonl").rsplit("-", 1)[-1]
-        return f"l{self.layer}-d{self.d_sae}-l1_{self.l1:g}-t{self.train_tokens}-b{self.batch_size}-s{self.seed}-c{corpus}"
+        return (f"l{self.layer}-d{self.d_sae}-l1_{self.l1:g}-t{self.train_tokens}-b{self.batch_size}-s{self.seed}"
+                f"-c{CorpusConfig().digest()}")
 
 
 def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
