@@ -92,15 +92,15 @@ def load_for(sae_dir: Path, model_name: str | None) -> tuple[Any, Any]:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from patching import splice_metrics
+    from patching import padded_tokens, splice_metrics
 
     sae, model = load_for(args.sae, args.model)
     texts = args.text.read_text().splitlines() if args.text else list(EVAL_TEXTS)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"{args.text} holds no text")
-    tokens = model.to_tokens(texts)
-    metrics = splice_metrics(model, sae, tokens)
+    tokens, mask = padded_tokens(model, texts)  # padding is never scored
+    metrics = splice_metrics(model, sae, tokens, mask=mask)
     return {"sae": str(args.sae), "site": sae.cfg.hook_name, "texts": len(texts), **metrics.to_dict()}
 
 

@@ -144,9 +144,10 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
 
 def _splice_section(model: Any, sae: Any, results: dict[str, Any]) -> Section:
     from latentpatch.cli_experiments import EVAL_TEXTS
-    from patching import splice_metrics
+    from patching import padded_tokens, splice_metrics
 
-    metrics = splice_metrics(model, sae, model.to_tokens(list(EVAL_TEXTS)))
+    tokens, mask = padded_tokens(model, list(EVAL_TEXTS))
+    metrics = splice_metrics(model, sae, tokens, mask=mask)
     results["splice_metrics"] = metrics.to_dict()
     return Section(f"SAE at {sae.cfg.hook_name}: splice metrics",
                    "The SAE replaces the residual stream (bottleneck mode) on held-out sentences.",

@@ -3,7 +3,7 @@
 from patching.attribution import attribute_latents
 from patching.edits import ErrorPatch, LatentEdit, LatentPatch
 from patching.errors import ModelLoadError, PatchingError, SiteError, SpliceError
-from patching.metrics import SpliceMetrics, splice_metrics
+from patching.metrics import SpliceMetrics, padded_tokens, splice_metrics
 from patching.models import DEFAULT_MODEL, ModelFlags, ModelOrigin, load_model
 from patching.objectives import CallableMetric, KLFromClean, LogitDiff, TokenLogProb, TokenProb
 from patching.patch import patch_latents, patch_residual
@@ -49,6 +49,7 @@ __all__ = [
     "patch_residual",
     "splice",
     "splice_metrics",
+    "padded_tokens",
     "CompareSettings",
     "Concept",
     "InspectConfig",

@@ -8,6 +8,10 @@ Definitions (each has a closed-form test):
 - KL(model || spliced) = sum_v p(v) (log p(v) - log q(v)), averaged over positions;
 - explained variance = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (mean over tokens);
 - MSE = mean squared error per element; L0 = mean number of non-zero latents per token.
+
+Batches of texts of unequal length are right-padded (`padded_tokens`); the `mask` of real tokens
+keeps padding out of every statistic. With right padding the logits at real positions do not
+depend on the padding (attention is causal), so masking is exact.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from patching import tl_compat
@@ -24,14 +28,19 @@ from patching.sites import Site
 from patching.splice import splice
 
 
-def cross_entropy(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
-    log_probs = logits[:, :-1].float().log_softmax(-1)
-    return -log_probs.gather(-1, tokens[:, 1:, None]).mean()
+def cross_entropy(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"],
+                  mask: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, ""]:
+    """Mean next-token NLL; with `mask`, only over targets that are real tokens."""
+    nll = -logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return nll.mean() if mask is None else nll[mask[:, 1:]].mean()
 
 
-def kl_divergence(logits_p: Float[Tensor, "... vocab"], logits_q: Float[Tensor, "... vocab"]) -> Float[Tensor, ""]:
+def kl_divergence(logits_p: Float[Tensor, "... vocab"], logits_q: Float[Tensor, "... vocab"],
+                  mask: Bool[Tensor, "..."] | None = None) -> Float[Tensor, ""]:
+    """KL(p || q) per position, averaged over the positions (those in `mask`, when given)."""
     log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl.mean() if mask is None else kl[mask].mean()
 
 
 def explained_variance(x: Float[Tensor, "token d_in"], x_hat: Float[Tensor, "token d_in"]) -> Float[Tensor, ""]:
@@ -81,13 +90,30 @@ class SpliceMetrics:
 
 
 @torch.inference_mode()
-def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, site: Site | None = None,
-                   exclude_first_position: bool = True, allow_model_mismatch: bool = False) -> SpliceMetrics:
+def padded_tokens(model: Any, texts: list[str]) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """Texts tokenized one by one (BOS prepended as the model does), right-padded to the longest,
+    and the mask of real tokens; the padding repeats each row's last token and is never scored."""
+    rows = [tl_compat.to_tokens(model, text)[0] for text in texts]
+    length = max(row.shape[0] for row in rows)
+    tokens = torch.stack([torch.cat([row, row[-1:].expand(length - row.shape[0])]) for row in rows])
+    mask = torch.arange(length)[None, :] < torch.tensor([row.shape[0] for row in rows])[:, None]
+    return tokens, mask
+
+
+def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, mask: Bool[Tensor, "batch pos"] | None = None,
+                   site: Site | None = None, exclude_first_position: bool = True,
+                   allow_model_mismatch: bool = False) -> SpliceMetrics:
     """Measure `sae` at its site (or `site`) on `tokens`.
 
-    `exclude_first_position` leaves position 0 (BOS, whose residual norm is an outlier in most
-    models) out of the reconstruction statistics; the losses always use every position.
+    `mask` marks the real tokens of a right-padded batch (`padded_tokens` gives both); padding is
+    left out of every statistic. `exclude_first_position` leaves position 0 (BOS, whose residual
+    norm is an outlier in most models) out of the reconstruction statistics; the losses always
+    use every position.
     """
+    if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool or not mask[:, 0].all()
+                             or (mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError(f"mask must be a bool tensor of the tokens' shape {tuple(tokens.shape)} marking a "
+                         "non-empty prefix of each row (right padding)")
     saes = {site: sae} if site is not None else sae
     logits_clean = tl_compat.forward_logits(model, tokens)
     with splice(model, saes, error_term=False, cache=True, allow_model_mismatch=allow_model_mismatch) as state:
@@ -99,16 +125,19 @@ def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, si
     finally:
         handle.remove()
     start = 1 if exclude_first_position and tokens.shape[1] > 1 else 0
-    x = record.inputs[:, start:]
-    x_hat = x - record.error[:, start:]
-    z = record.latents[:, start:]
-    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-    ce_clean, ce_spliced = cross_entropy(logits_clean, tokens).item(), cross_entropy(logits_spliced, tokens).item()
-    ce_ablated = cross_entropy(logits_ablated, tokens).item()
+    keep = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.to(tokens.device)
+    scored = keep.clone()
+    scored[:, :start] = False
+    x = record.inputs[scored]  # (token, d_in)
+    x_hat = x - record.error[scored]
+    z = record.latents[scored]
+    ce_clean = cross_entropy(logits_clean, tokens, keep).item()
+    ce_spliced = cross_entropy(logits_spliced, tokens, keep).item()
+    ce_ablated = cross_entropy(logits_ablated, tokens, keep).item()
     return SpliceMetrics(
         ce_clean=ce_clean, ce_spliced=ce_spliced, ce_ablated=ce_ablated,
         ce_loss_recovered=ce_loss_recovered(ce_clean, ce_spliced, ce_ablated),
-        kl_spliced=kl_divergence(logits_clean, logits_spliced).item(),
-        explained_variance=explained_variance(flat(x), flat(x_hat)).item(),
-        mse=mse(flat(x), flat(x_hat)).item(), l0=l0(flat(z)).item(), n_tokens=flat(z).shape[0],
+        kl_spliced=kl_divergence(logits_clean, logits_spliced, keep).item(),
+        explained_variance=explained_variance(x, x_hat).item(),
+        mse=mse(x, x_hat).item(), l0=l0(z).item(), n_tokens=z.shape[0],
     )

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from patching import Site, splice_metrics
+from patching import Site, padded_tokens, splice_metrics
 from patching.metrics import ce_loss_recovered, cross_entropy, explained_variance, kl_divergence, l0, mse
+from tests.conftest import unchecked
 
 
 def test_cross_entropy_closed_form():
@@ -65,3 +66,61 @@ def test_splice_metrics_match_direct_computation(tiny_model, tiny_sae, tiny_toke
     assert metrics.explained_variance == pytest.approx(explained_variance(xs, xh).item(), rel=1e-5)
     assert metrics.l0 == pytest.approx(l0(z).item())
     assert metrics.n_tokens == 3 * 11
+
+
+def _row_statistics(model, sae, row: torch.Tensor, site: Site) -> dict[str, torch.Tensor]:
+    """One unpadded text through plain TransformerLens calls: summed NLLs and KLs, x, x_hat, z."""
+    tokens = row[None]
+    _, cache = model.run_with_cache(tokens, names_filter=site.hook_name)
+    out = sae(cache[site.hook_name])
+    recon = lambda a, hook: sae(a).reconstruction  # noqa: E731
+    ablate = lambda a, hook: torch.zeros_like(a)  # noqa: E731
+    clean = model(tokens)
+    spliced = model.run_with_hooks(tokens, fwd_hooks=[(site.hook_name, recon)])
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[(site.hook_name, ablate)])
+    n_targets = row.shape[0] - 1
+    nll = {name: cross_entropy(logits, tokens).item() * n_targets
+           for name, logits in (("clean", clean), ("spliced", spliced), ("ablated", ablated))}
+    return {**nll, "kl": kl_divergence(clean, spliced).item() * row.shape[0], "x": cache[site.hook_name][0, 1:],
+            "x_hat": out.reconstruction[0, 1:], "z": out.latents[0, 1:]}
+
+
+def test_splice_metrics_with_a_mask_equal_unpadded_rows_and_ignore_the_padding(tiny_model, tiny_sae, tiny_tokens):
+    site, lengths = Site(1), [12, 7, 9]
+    mask = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+    garbage = [torch.where(mask, tiny_tokens, torch.randint(0, 50, tiny_tokens.shape, generator=torch.Generator().manual_seed(s)))
+               for s in (2, 3)]
+    first, second = (splice_metrics(tiny_model, tiny_sae, tokens, mask=mask) for tokens in garbage)
+    assert first == second  # the padding's tokens change nothing
+    rows = [_row_statistics(tiny_model, tiny_sae, tiny_tokens[i, :n], site) for i, n in enumerate(lengths)]
+    n_targets, n_positions = sum(n - 1 for n in lengths), sum(lengths)
+    ce = {name: sum(r[name] for r in rows) / n_targets for name in ("clean", "spliced", "ablated")}
+    x, x_hat, z = (torch.cat([r[key] for r in rows]) for key in ("x", "x_hat", "z"))
+    assert first.ce_clean == pytest.approx(ce["clean"], rel=1e-5)
+    assert first.ce_spliced == pytest.approx(ce["spliced"], rel=1e-5)
+    assert first.ce_ablated == pytest.approx(ce["ablated"], rel=1e-5)
+    assert first.kl_spliced == pytest.approx(sum(r["kl"] for r in rows) / n_positions, rel=1e-4)
+    assert first.explained_variance == pytest.approx(explained_variance(x, x_hat).item(), rel=1e-5)
+    assert first.mse == pytest.approx(mse(x, x_hat).item(), rel=1e-5)
+    assert first.l0 == pytest.approx(l0(z).item())
+    assert first.n_tokens == sum(n - 1 for n in lengths)
+    assert splice_metrics(tiny_model, tiny_sae, tiny_tokens, mask=torch.ones(3, 12, dtype=torch.bool)) == \
+        splice_metrics(tiny_model, tiny_sae, tiny_tokens)
+
+
+def test_splice_metrics_refuses_a_mask_that_is_not_right_padding(tiny_model, tiny_sae, tiny_tokens):
+    holes = torch.ones(3, 12, dtype=torch.bool)
+    holes[1, 4] = False
+    for bad in (holes, torch.ones(3, 11, dtype=torch.bool), torch.ones(3, 12), ~torch.ones(3, 12, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="right padding"):
+            unchecked(splice_metrics)(tiny_model, tiny_sae, tiny_tokens, mask=bad)
+
+
+@pytest.mark.default_model
+def test_padded_tokens_rows_are_the_texts_tokenized_alone(default_model_4l):
+    texts = ["Short.", "A somewhat longer text than the first one.", "Middle length here."]
+    tokens, mask = padded_tokens(default_model_4l, texts)
+    for row, row_mask, text in zip(tokens, mask, texts):
+        alone = default_model_4l.to_tokens(text)[0]
+        assert int(row_mask.sum()) == alone.shape[0] and torch.equal(row[row_mask], alone)
+    assert mask.shape == tokens.shape and mask.all(-1).any()
