@@ -89,7 +89,6 @@ class SpliceMetrics:
         return asdict(self)
 
 
-@torch.inference_mode()
 def padded_tokens(model: Any, texts: list[str]) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Texts tokenized one by one (BOS prepended as the model does), right-padded to the longest,
     and the mask of real tokens; the padding repeats each row's last token and is never scored."""
@@ -100,6 +99,7 @@ def padded_tokens(model: Any, texts: list[str]) -> tuple[Int[Tensor, "batch pos"
     return tokens, mask
 
 
+@torch.inference_mode()
 def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, mask: Bool[Tensor, "batch pos"] | None = None,
                    site: Site | None = None, exclude_first_position: bool = True,
                    allow_model_mismatch: bool = False) -> SpliceMetrics:

@@ -9,7 +9,7 @@ import torch
 
 from patching import Site, padded_tokens, splice_metrics
 from patching.metrics import ce_loss_recovered, cross_entropy, explained_variance, kl_divergence, l0, mse
-from tests.conftest import unchecked
+from tests.conftest import make_sae, unchecked
 
 
 def test_cross_entropy_closed_form():
@@ -124,3 +124,6 @@ def test_padded_tokens_rows_are_the_texts_tokenized_alone(default_model_4l):
         alone = default_model_4l.to_tokens(text)[0]
         assert int(row_mask.sum()) == alone.shape[0] and torch.equal(row[row_mask], alone)
     assert mask.shape == tokens.shape and mask.all(-1).any()
+    sae = make_sae(576, 64, hook_name=Site(2).hook_name, model_name=default_model_4l.cfg.model_name)
+    metrics = splice_metrics(default_model_4l, sae, tokens, mask=mask)
+    assert metrics.n_tokens == int(mask[:, 1:].sum())
