@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from patching import tl_compat
 from patching.latent_inspect import resolve_site
-from patching.metrics import kl_divergence
+from patching.metrics import kl_divergence, padded_tokens
 from patching.models import model_flags
 from patching.results import library_version
 from patching.steering import (LatentChoice, PositionMode, SteerMethod, SteerScale, SteeringConfig, SteeringError,
@@ -151,23 +151,16 @@ def _single_token_ids(model: Any, tokens: Sequence[str]) -> Tensor:
     return torch.tensor(sorted(set(ids)))
 
 
-def _right_padded(model: Any, texts: Sequence[str]) -> tuple[Tensor, list[int]]:
-    rows = [tl_compat.to_tokens(model, text)[0] for text in texts]
-    batch = torch.full((len(rows), max(map(len, rows))), tl_compat.pad_token_id(model), dtype=torch.long)
-    for i, row in enumerate(rows):
-        batch[i, : len(row)] = row
-    return batch.to(tl_compat.model_device(model)), [len(row) for row in rows]
-
-
 def _prepare(model: Any, concept: Concept) -> _Data:
     if not tl_compat.has_tokenizer(model):
         raise SteeringError("compare_steering needs a model with a tokenizer (concepts are texts)")
-    heldout, lengths = _right_padded(model, concept.heldout)
-    neutral, neutral_lengths = _right_padded(model, concept.neutral)
-    mask = torch.arange(neutral.shape[1])[None, :] < torch.tensor(neutral_lengths)[:, None]
+    device = tl_compat.model_device(model)
+    heldout, heldout_mask = padded_tokens(model, list(concept.heldout))
+    neutral, mask = padded_tokens(model, list(concept.neutral))
     mask[:, 0] = False  # BOS: its next-token distribution carries no information about the text
-    return _Data(heldout, torch.tensor(lengths) - 1, neutral, mask, _single_token_ids(model, concept.target_tokens),
-                 lengths, concept.heldout)
+    lengths = heldout_mask.sum(-1).tolist()
+    return _Data(heldout.to(device), torch.tensor(lengths) - 1, neutral.to(device), mask,
+                 _single_token_ids(model, concept.target_tokens), lengths, concept.heldout)
 
 
 def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequence[int] = (1, 2, 4, 8, 16),
