@@ -107,8 +107,8 @@ def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, ma
 
     `mask` marks the real tokens of a right-padded batch (`padded_tokens` gives both); padding is
     left out of every statistic. `exclude_first_position` leaves position 0 (BOS, whose residual
-    norm is an outlier in most models) out of the reconstruction statistics; the losses always
-    use every position.
+    norm is an outlier in most models) out of the reconstruction statistics; the losses use every
+    real position.
     """
     if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool or not mask[:, 0].all()
                              or (mask[:, 1:] & ~mask[:, :-1]).any()):
