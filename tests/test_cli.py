@@ -53,9 +53,7 @@ def test_patch_attribute_eval_commands(topk_sae_dir, tmp_path, capsys, default_m
     assert evaluated["site"] == "blocks.20.hook_resid_pre" and evaluated["l0"] == pytest.approx(16.0)
 
 
-def test_patch_with_mismatched_lengths_is_one_line_error(topk_sae_dir, capsys, monkeypatch):
-    import patching
-
+def test_patch_with_mismatched_lengths_is_one_line_error(topk_sae_dir, capsys):
     args = ["patch", str(topk_sae_dir), "--clean", "Short prompt", "--corrupted", "A much longer prompt than that one",
             "--answer", " a", "--wrong", " b"]
     assert main(args) == 1

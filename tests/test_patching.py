@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patching import LatentEdit, Site, splice
-from patching.edits import ErrorPatch, LatentPatch
+from patching.edits import ErrorPatch
 from patching.errors import PatchingError, SiteError, SpliceError
 from patching.objectives import KLFromClean, LogitDiff, TokenLogProb, TokenProb
 from patching.patch import patch_latents, patch_residual

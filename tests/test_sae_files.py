@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae import SAEFileError, SparseAutoencoder, load_sae
+from sae import SAEFileError, load_sae
 from sae.files import CONFIG_FILE, WEIGHTS_FILE
 from tests.conftest import make_sae
 

@@ -10,10 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from training import checkpoint as ckpt
-from tests.test_training_helpers import fresh_saes, make_trainer, shuffled_batches, small_config
+from tests.test_training_helpers import make_trainer, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
