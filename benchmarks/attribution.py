@@ -21,7 +21,7 @@ import time
 import torch
 
 from patching import LogitDiff, attribute_latents, load_model, patch_latents
-from patching.verify import spearman
+from patching.attribution.verify import spearman
 from _common import benchmark_sae
 
 PAIRS = {

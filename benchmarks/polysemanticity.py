@@ -2,7 +2,7 @@
 
 On the default model with an SAE at the MLP input (`resid_mid`) of a middle layer (`--sae`):
 
-1. Monosemanticity, one formula for both (`patching.neurons.token_concentration`, 1 - H/log N of
+1. Monosemanticity, one formula for both (`patching.inspect.neurons.token_concentration`, 1 - H/log N of
    the tokens at a unit's top N contexts over the default corpus): the median over the top-k
    neurons (`mlp_post`, ranked by their largest activation) against the top-k latents (same
    ranking), and over every unit with N positive contexts. For the top-k neurons also the
@@ -11,7 +11,7 @@ On the default model with an SAE at the MLP input (`resid_mid`) of a middle laye
    located in the city of", metric LogitDiff(" Paris", " Rome"). Units ranked by AtP are
    patched jointly and exactly (denoising) at every position; the smallest n of (position, unit)
    elements restoring 50% / 90% of the effect, for SAE latents, MLP neurons of the same layer
-   and residual dimensions at the SAE's site (`patching.restoration`); also the latents patched
+   and residual dimensions at the SAE's site (`patching.attribution.restoration`); also the latents patched
    together with the SAE's error node at every position (the error carries what the SAE misses).
 
 The last line printed is one JSON object. With `--out DIR` it also writes the restoration plot
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from patching import DEFAULT_MODEL, LogitDiff, Site, load_model, tl_compat
-from patching.neuron_inspect import NeuronConfig, inspect_units, unit_scores
-from patching.neurons import Neuron
-from patching.restoration import RestorationCurve, latent_restoration, raw_restoration
+from patching import DEFAULT_MODEL, LogitDiff, Site, load_model
+from patching.model import tl_compat
+from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
+from patching.inspect.neurons import Neuron
+from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
 from sae import load_sae
 from sae.files import weights_sha256
 
@@ -124,9 +125,9 @@ def main() -> None:
 
 
 def write_figures(out: Path, model, sae, site, texts, curves, neuron_reports, latents) -> None:
-    from patching.dashboards import write_dashboards
-    from patching.latent_inspect import inspect_latents
-    from patching.plots import plot_restoration_curves
+    from patching.inspect.dashboards import write_dashboards
+    from patching.inspect.latents import inspect_latents
+    from patching.attribution.plots import plot_restoration_curves
 
     out.mkdir(parents=True, exist_ok=True)
     plot_restoration_curves(curves, out / "paris_rome_restoration.png", x="count",

@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from patching import DEFAULT_MODEL, Site, load_model, tl_compat
-from patching.steering import LatentChoice, steer
+from patching import DEFAULT_MODEL, Site, load_model
+from patching.model import tl_compat
+from patching.steering.steer import LatentChoice, steer
 from _common import benchmark_sae
 
 PROMPT = "The Eiffel Tower is located in the city of"

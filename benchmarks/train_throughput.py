@@ -141,7 +141,7 @@ def train_saelens(batches: list[torch.Tensor], steps: int, l1: float, lr: float,
 
 @torch.no_grad()
 def score(encode, decode, x: torch.Tensor) -> dict[str, float]:
-    from patching.metrics import explained_variance, l0
+    from patching.splice.quality import explained_variance, l0
 
     z = encode(x)
     return {"explained_variance": explained_variance(x, decode(z)).item(), "l0": l0(z).item()}

@@ -82,7 +82,7 @@ def _attribute_specific(p: argparse.ArgumentParser) -> None:
 def load_for(sae_dir: Path, model_name: str | None) -> tuple[Any, Any]:
     """The SAE and a model loaded with the weight processing the SAE records."""
     from patching import ModelFlags, load_model
-    from patching.models import DEFAULT_MODEL
+    from patching.model.loading import DEFAULT_MODEL
     from sae import load_sae
 
     sae = load_sae(sae_dir)
@@ -142,8 +142,8 @@ def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_safety(args: argparse.Namespace) -> dict[str, Any]:
-    from patching.safety import DEFAULT_COUNTS, find_safety_latents
-    from patching.safety_prompts import SafetySuite
+    from patching.safety.search import DEFAULT_COUNTS, find_safety_latents
+    from patching.safety.prompts import SafetySuite
     from sae.files import weights_sha256
 
     sae, model = load_for(args.sae, args.model)

@@ -40,14 +40,15 @@ def register_dashboards(subparsers: Any) -> None:
 
 
 def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
-    from patching import tl_compat
-    from patching.dashboards import write_dashboards
+    from patching.model import tl_compat
+    from patching.inspect.dashboards import write_dashboards
     from patching.errors import PatchingError
-    from patching.latent_inspect import InspectConfig, check_latent_indices, inspect_latents
-    from patching.neuron_inspect import NeuronConfig, inspect_units, unit_scores
-    from patching.neurons import Neuron
-    from patching.results import library_version
-    from patching.sites import Site
+    from patching.inspect.latents import InspectConfig, inspect_latents
+    from patching.splice.collect import check_latent_indices
+    from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
+    from patching.inspect.neurons import Neuron
+    from patching.sweep.results import library_version
+    from patching.model.sites import Site
     from sae import load_sae
     from sae.files import weights_sha256
 
@@ -61,7 +62,7 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model_for(sae, args.model)
     neurons = [Neuron(site.layer, i) for i in args.neurons]
     if args.neurons:  # validated before the corpus pass
-        from patching.neurons import check_units
+        from patching.inspect.neurons import check_units
 
         check_units(model, neurons)
     if args.top_latents or args.top_neurons:
@@ -83,7 +84,7 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
 def load_model_for(sae: Any, name: str | None) -> Any:
     """The SAE's model (or `name`), loaded only up to the SAE's block."""
     from patching import load_model
-    from patching.sites import Site
+    from patching.model.sites import Site
 
     model = load_model(name or sae.cfg.model_name or "smollm2-135m-instruct",
                        n_layers=Site.from_hook_name(sae.cfg.hook_name).layer + 1)

@@ -61,7 +61,7 @@ def load_model_for(sae: Any) -> Any:
 
 
 def run_steer(args: argparse.Namespace) -> dict[str, Any]:
-    from patching.steering import SteeringError
+    from patching.steering.steer import SteeringError
     from sae import load_sae
 
     if args.compare is None and not (args.positive and args.negative and args.prompt):
@@ -77,8 +77,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_concept(path: Path) -> Any:
-    from patching.steering import SteeringError
-    from patching.steering_compare import Concept
+    from patching.steering.steer import SteeringError
+    from patching.steering.compare import Concept
 
     try:
         raw = json.loads(path.read_text())
@@ -92,8 +92,8 @@ def _read_concept(path: Path) -> Any:
 
 
 def _generate(args: argparse.Namespace, model: Any, sae: Any) -> dict[str, Any]:
-    from patching.latent_inspect import logit_effect
-    from patching.steering import contrast_latents, generate_steered
+    from patching.inspect.latents import logit_effect
+    from patching.steering.steer import contrast_latents, generate_steered
 
     choice = contrast_latents(model, sae, args.positive, args.negative, k=args.k)
     result = generate_steered(model, sae, choice, args.prompt, method=args.method, coefficient=args.coefficient,
@@ -111,7 +111,7 @@ def _generate(args: argparse.Namespace, model: Any, sae: Any) -> dict[str, Any]:
 
 
 def _compare(args: argparse.Namespace, model: Any, sae: Any, concept: Any) -> dict[str, Any]:
-    from patching.steering_compare import CompareSettings, compare_steering
+    from patching.steering.compare import CompareSettings, compare_steering
 
     settings = CompareSettings(scale=args.scale, positions=args.positions, seeds=tuple(args.seeds),
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature)

@@ -68,7 +68,7 @@ class DemoConfig:
 
 def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
     """Where the demo's SAE is cached (under the model cache), trained on first use."""
-    from patching.models import cache_root
+    from patching.model.loading import cache_root
 
     return cache_root() / "demo-saes" / config.sae_key()
 
@@ -195,8 +195,8 @@ def _attribution_section(model: Any, sae: Any, out: Path, results: dict[str, Any
 
 
 def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
-    from patching.steering_compare import PLOT_FILE, CompareSettings, compare_steering
-    from patching.steering_concepts import PARIS
+    from patching.steering.compare import PLOT_FILE, CompareSettings, compare_steering
+    from patching.steering.concepts import PARIS
 
     comparison = compare_steering(model, sae, PARIS, k_values=config.steering_k, coefficients=config.steering_coefficients,
                                   methods=("add",), settings=CompareSettings(seeds=(0,), max_new_tokens=config.steering_tokens))
@@ -210,8 +210,8 @@ def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
 
 
 def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
-    from patching.safety import find_safety_latents
-    from patching.safety_prompts import SafetySuite
+    from patching.safety.search import find_safety_latents
+    from patching.safety.prompts import SafetySuite
     from sae.files import weights_sha256
 
     full = SafetySuite()

@@ -1,94 +1,39 @@
-"""The model side: loading models, hook sites, the splicer, latent edits and splice metrics."""
+"""latentpatch's model side, in rooms that import only downward (a test enforces it):
 
-from patching.attribution import attribute_latents
-from patching.edits import ErrorPatch, LatentEdit, LatentPatch
+    model/        TransformerLens access (the only importer of it), loading models, Site, tokenising
+    splice/       typed edits, the splicer, collecting latents over a corpus, splice quality
+    sweep/        metrics, prompt pairs, units, the batched exact engine, results and plots
+    attribution/  AtP, integrated gradients, AtP*-GradDrop, verify against exact, restoration curves
+    steering/  inspect/  safety/   the three uses; they never import each other
+
+`errors` and `figures` sit below every room. This module re-exports the public API of each room.
+"""
+
+from patching.attribution import (RestorationCurve, Verification, attribute_latents, latent_restoration,
+                                  raw_restoration, verify)
 from patching.errors import ModelLoadError, PatchingError, SiteError, SpliceError
-from patching.metrics import SpliceMetrics, padded_tokens, splice_metrics
-from patching.models import DEFAULT_MODEL, ModelFlags, ModelOrigin, load_model
-from patching.objectives import CallableMetric, KLFromClean, LogitDiff, TokenLogProb, TokenProb
-from patching.patch import patch_latents, patch_residual
-from patching.results import PatchResult, TopEntry
-from patching.sites import Site
-from patching.splice import SiteRecord, Splice, splice
-from patching.units import PatchUnit, UnitPart
-from patching.verify import Verification, verify
-from patching.latent_inspect import InspectConfig, LatentReport, inspect_latent, inspect_latents, logit_effect
-from patching.steering import (LatentChoice, SteeredGeneration, Steering, SteeringConfig, SteeringError,
-                               contrast_latents, generate_steered, latents_from_result, steer, steering_vector)
-from patching.steering_compare import CompareSettings, Concept, SteeringComparison, compare_steering
+from patching.inspect import (Decomposition, Direction, InspectConfig, LatentReport, Neuron, NeuronConfig, UnitReport,
+                              UnitScores, decompose, inspect_latent, inspect_latents, inspect_units, logit_effect, readout,
+                              unit_scores, write_dashboards)
+from patching.model import DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, load_model, padded_tokens
+from patching.safety import PAIRS, RefusalScore, SafetyReport, SafetySuite, find_safety_latents, is_refusal, refusal_rate
+from patching.splice import ErrorPatch, LatentEdit, LatentPatch, SiteRecord, Splice, SpliceMetrics, splice, splice_metrics
+from patching.steering import (CompareSettings, Concept, LatentChoice, SteeredGeneration, Steering, SteeringComparison,
+                               SteeringConfig, SteeringError, compare_steering, contrast_latents, generate_steered,
+                               latents_from_result, steer, steering_vector)
+from patching.sweep import (CallableMetric, KLFromClean, LogitDiff, PatchResult, PatchUnit, TokenLogProb, TokenProb,
+                            TopEntry, UnitPart, patch_latents, patch_residual)
 
 __all__ = [
-    "CallableMetric",
-    "DEFAULT_MODEL",
-    "Verification",
-    "attribute_latents",
-    "verify",
-    "ErrorPatch",
-    "KLFromClean",
-    "LatentEdit",
-    "LatentPatch",
-    "LogitDiff",
-    "PatchResult",
-    "PatchUnit",
-    "PatchingError",
-    "TokenLogProb",
-    "TokenProb",
-    "TopEntry",
-    "UnitPart",
-    "ModelFlags",
-    "ModelLoadError",
-    "ModelOrigin",
-    "SiteError",
-    "SiteRecord",
-    "Splice",
-    "SpliceError",
-    "SpliceMetrics",
-    "Site",
-    "load_model",
-    "patch_latents",
-    "patch_residual",
-    "splice",
-    "splice_metrics",
-    "padded_tokens",
-    "CompareSettings",
-    "Concept",
-    "InspectConfig",
-    "LatentChoice",
-    "LatentReport",
-    "SteeredGeneration",
-    "Steering",
-    "SteeringComparison",
-    "SteeringConfig",
-    "SteeringError",
-    "compare_steering",
-    "contrast_latents",
-    "generate_steered",
-    "inspect_latent",
-    "inspect_latents",
-    "latents_from_result",
-    "logit_effect",
-    "steer",
-    "steering_vector",
-]
-
-from patching.dashboards import write_dashboards
-from patching.neuron_inspect import NeuronConfig, UnitReport, UnitScores, inspect_units, unit_scores
-from patching.neurons import Decomposition, Direction, Neuron, decompose, readout
-from patching.restoration import RestorationCurve, latent_restoration, raw_restoration
-
-__all__ += [
-    "Decomposition",
-    "Direction",
-    "Neuron",
-    "NeuronConfig",
-    "RestorationCurve",
-    "UnitReport",
-    "UnitScores",
-    "decompose",
-    "inspect_units",
-    "latent_restoration",
-    "raw_restoration",
-    "readout",
-    "unit_scores",
-    "write_dashboards",
+    "CallableMetric", "CompareSettings", "Concept", "DEFAULT_MODEL", "Decomposition", "Direction", "ErrorPatch",
+    "InspectConfig", "KLFromClean", "LatentChoice", "LatentEdit", "LatentPatch", "LatentReport", "LogitDiff",
+    "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "PAIRS", "PatchResult", "PatchUnit",
+    "PatchingError", "RefusalScore", "RestorationCurve", "SafetyReport", "SafetySuite", "Site", "SiteError",
+    "SiteRecord", "Splice", "SpliceError", "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison",
+    "SteeringConfig", "SteeringError", "TokenLogProb", "TokenProb", "TopEntry", "UnitPart", "UnitReport",
+    "UnitScores", "Verification", "attribute_latents", "compare_steering", "contrast_latents", "decompose",
+    "find_safety_latents", "generate_steered", "inspect_latent", "inspect_latents", "inspect_units", "is_refusal",
+    "latent_restoration", "latents_from_result", "load_model", "logit_effect", "padded_tokens", "patch_latents",
+    "patch_residual", "raw_restoration", "readout", "refusal_rate", "splice", "splice_metrics", "steer",
+    "steering_vector", "unit_scores", "verify", "write_dashboards",
 ]

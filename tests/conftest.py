@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from patching import tl_compat
+from patching.model import tl_compat
 from sae import SAEConfig, SparseAutoencoder
 
 

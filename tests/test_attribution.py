@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patching import LogitDiff, PatchResult, PatchUnit, Site, UnitPart, patch_latents, tl_compat
-from patching.attribution import attribute_latents
+from patching import LogitDiff, PatchResult, PatchUnit, Site, UnitPart, patch_latents
+from patching.model import tl_compat
+from patching.attribution.estimators import attribute_latents
 from patching.errors import PatchingError
-from patching.verify import spearman, verify
+from patching.attribution.verify import spearman, verify
 from tests.conftest import make_sae, unchecked
 from tests.hooks_snapshot import CountingHook, snapshot
 
@@ -113,7 +114,7 @@ def test_flags_and_hooks_restored_after_call_and_exception(tiny):
             raise RuntimeError("metric failed in the backward-pass run")
         return logits[torch.arange(logits.shape[0]), 3]
 
-    from patching.objectives import CallableMetric
+    from patching.sweep.objectives import CallableMetric
 
     with pytest.raises(RuntimeError, match="metric failed"):
         attribute_latents(model, sae, clean, corrupted, CallableMetric(failing, readout=-1), progress=False)

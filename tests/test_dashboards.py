@@ -11,11 +11,12 @@ import torch
 
 from browser import dom, screenshot
 from conftest import make_sae
-from patching import Site, tl_compat
-from patching.dashboards import highlight, write_dashboards
-from patching.latent_inspect import InspectConfig, inspect_latents
-from patching.neuron_inspect import NeuronConfig, inspect_units
-from patching.neurons import Direction, Neuron
+from patching import Site
+from patching.model import tl_compat
+from patching.inspect.dashboards import highlight, write_dashboards
+from patching.inspect.latents import InspectConfig, inspect_latents
+from patching.inspect.neuron_cards import NeuronConfig, inspect_units
+from patching.inspect.neurons import Direction, Neuron
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patching import DEFAULT_MODEL, LatentEdit, ModelLoadError, Site, load_model, splice, splice_metrics
-from patching import models
+from patching.model import loading as models
 from tests.conftest import make_sae
 
 pytestmark = pytest.mark.default_model

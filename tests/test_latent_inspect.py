@@ -8,7 +8,8 @@ import torch
 from conftest import construct_unchecked, make_sae, unchecked
 from hooks_snapshot import CountingHook
 from patching import PatchingError, Site, splice
-from patching.latent_inspect import InspectConfig, _token_rows, inspect_latent, inspect_latents, iter_site_latents, logit_effect
+from patching.inspect.latents import InspectConfig, inspect_latent, inspect_latents, logit_effect
+from patching.splice.collect import _token_rows, iter_site_latents
 
 SITE = Site(1, "resid_pre")
 

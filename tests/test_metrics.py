@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patching import Site, padded_tokens, splice_metrics
-from patching.metrics import ce_loss_recovered, cross_entropy, explained_variance, kl_divergence, l0, mse
+from patching.splice.quality import ce_loss_recovered, cross_entropy, explained_variance, kl_divergence, l0, mse
 from tests.conftest import make_sae, unchecked
 
 

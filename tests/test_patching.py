@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from patching import LatentEdit, Site, splice
-from patching.edits import ErrorPatch
+from patching.splice.edits import ErrorPatch
 from patching.errors import PatchingError, SiteError, SpliceError
-from patching.objectives import KLFromClean, LogitDiff, TokenLogProb, TokenProb
-from patching.patch import patch_latents, patch_residual
-from patching.results import PatchResult
-from patching.units import PatchUnit, UnitPart
+from patching.sweep.objectives import KLFromClean, LogitDiff, TokenLogProb, TokenProb
+from patching.sweep.patch import patch_latents, patch_residual
+from patching.sweep.results import PatchResult
+from patching.sweep.units import PatchUnit, UnitPart
 from tests.conftest import make_sae, unchecked
 from tests.hooks_snapshot import CountingHook, snapshot
 

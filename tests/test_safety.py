@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from patching import Site, tl_compat
+from patching import Site
+from patching.model import tl_compat
 from patching.errors import SpliceError
-from patching.restoration import RestorationCurve, latent_restoration, raw_restoration
-from patching.safety import RefusalScore, SafetyReport, greedy_generate, query_start, tokenize_chat
-from patching.safety_prompts import SafetySuite, is_refusal
+from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
+from patching.safety.search import RefusalScore, SafetyReport, greedy_generate, query_start, tokenize_chat
+from patching.safety.prompts import SafetySuite, is_refusal
 from tests.conftest import make_sae
 from tests.hooks_snapshot import snapshot
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patching import LatentEdit, Site, SiteError, SpliceError, splice
-from patching import tl_compat
+from patching.model import tl_compat
 from sae import NotAnSAEError
 from tests.conftest import construct_unchecked, make_sae
 from tests.hooks_snapshot import CountingHook, snapshot

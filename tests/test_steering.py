@@ -8,11 +8,12 @@ import torch
 
 from conftest import construct_unchecked, make_sae
 from hooks_snapshot import CountingHook, snapshot
-from patching import Site, SpliceError, splice, tl_compat
-from patching.results import PatchResult
-from patching.steering import (LatentChoice, SteeringConfig, SteeringError, contrast_latents, generate_steered,
+from patching import Site, SpliceError, splice
+from patching.model import tl_compat
+from patching.sweep.results import PatchResult
+from patching.steering.steer import (LatentChoice, SteeringConfig, SteeringError, contrast_latents, generate_steered,
                                latents_from_result, steer, steering_vector)
-from patching.units import PatchUnit, UnitPart
+from patching.sweep.units import PatchUnit, UnitPart
 
 SITE = Site(1, "resid_pre")
 

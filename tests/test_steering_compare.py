@@ -11,9 +11,9 @@ import torch
 
 from conftest import make_sae
 from hooks_snapshot import CountingHook
-from patching import tl_compat
-from patching.steering import SteeringError, contrast_latents
-from patching.steering_compare import CompareSettings, Concept, compare_steering
+from patching.model import tl_compat
+from patching.steering.steer import SteeringError, contrast_latents
+from patching.steering.compare import CompareSettings, Concept, compare_steering
 from sae.files import weights_sha256
 
 pytestmark = pytest.mark.default_model

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from patching import Site, splice_metrics
-from patching.metrics import explained_variance, l0
+from patching.splice.quality import explained_variance, l0
 from sae import SAEConfig, SparseAutoencoder
 from training import TensorBatches, Trainer, TrainerConfig, TrainingConfigError
 from training.harvest import HarvestChunks

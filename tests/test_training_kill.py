@@ -41,6 +41,15 @@ print("DONE", flush=True)
 """
 
 
+def _wait_for_checkpoint_after(folder: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        names = [p.name for p in folder.glob("step-*")] if folder.is_dir() else []
+        if any(name.split("-")[-1].isdigit() and int(name.split("-")[-1]) > step for name in names):
+            return
+        time.sleep(0.01)
+
+
 def _config():
     return small_config(total_steps=40, checkpoint_every=1, resample_steps=(4, 20))
 
@@ -57,6 +66,10 @@ def test_killed_at_random_moments_newest_checkpoint_loads_and_resumes(tmp_path):
         proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 text=True)
         assert proc.stdout.readline().strip() == "READY"
+        # Let the run write one more checkpoint before the random moment, so that every kill lands
+        # mid-run even when a loaded machine makes steps slow (a fixed sleep alone killed some runs
+        # before their first step).
+        _wait_for_checkpoint_after(out / "checkpoints", steps_seen[-1] if steps_seen else 0, proc)
         time.sleep(rng.uniform(0.0, 0.25))
         proc.kill()
         proc.wait()

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from patching import Site, tl_compat
+from patching import Site
+from patching.model import tl_compat
 from training import DataSourceError, ShuffleBuffer, TokenRows, cached_batches, file_texts, harvest
 from training.cache import CachedChunks, write_activation_cache
 from training.harvest import HarvestChunks

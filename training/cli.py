@@ -123,7 +123,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_site(text: str) -> Any:
-    from patching.sites import Site
+    from patching.model.sites import Site
 
     if text.startswith("blocks."):
         return Site.from_hook_name(text)
@@ -142,7 +142,7 @@ def _check_out(out: Path, resume: bool) -> None:
 
 
 def _load(run: RunConfig, *, full: bool) -> tuple[Any, Any]:
-    from patching.models import load_model
+    from patching.model.loading import load_model
 
     site = parse_site(run.site)
     # Harvesting runs blocks 0..layer only, so the rest of the model is not even loaded unless
@@ -202,7 +202,7 @@ def _texts(text: str) -> tuple[Any, str]:
 def _eval_tokens(model: Any, context_size: int) -> Any:
     import torch
 
-    from patching import tl_compat
+    from patching.model import tl_compat
     from training.prompts import EVAL_TEXTS
 
     # Cut every text to the shortest one's length: no padding tokens in the losses.

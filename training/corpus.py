@@ -2,7 +2,7 @@
 
 The model (SmolLM2-135M-Instruct) continues each prompt of `training.prompts` a few times by
 sampling; the texts (prompt + continuation) are written once to a JSONL file under the same
-cache root as the model (`patching.models.cache_root()/corpora`), named by a hash of the
+cache root as the model (`patching.model.loading.cache_root()/corpora`), named by a hash of the
 prompts and the `CorpusConfig`, so the same config always gives the same file and a different
 one never reuses it. Generation is seeded per batch: rebuilding gives the same text on the
 same machine and library versions.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from patching.models import cache_root, default_model_folder
+from patching.model.loading import cache_root, default_model_folder
 from sae.files import atomic_write
 from training.errors import DataSourceError
 from training.prompts import CHAT_PROMPTS, TEXT_PROMPTS

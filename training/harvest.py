@@ -14,9 +14,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from patching import tl_compat
-from patching.models import model_flags
-from patching.sites import Site
+from patching.model import tl_compat
+from patching.model.loading import model_flags
+from patching.model.sites import Site
 from training.errors import DataSourceError
 from training.sources import ShuffleBuffer
 from training.text import TextOpener, TokenRows

@@ -1,7 +1,7 @@
 """Training metrics: reconstruction statistics of a batch and latent firing statistics.
 
 Definitions (closed-form tests in tests/test_training_metrics.py):
-- MSE, explained variance and L0 are `patching.metrics`'s (one definition in the project);
+- MSE, explained variance and L0 are `patching.splice.quality`'s (one definition in the project);
 - L1 = mean over tokens of `sum_i z_i ||W_dec[i]||` (the penalty actually optimised);
 - a latent is dead when it has not fired (z > 0) on any of the last `window` tokens it saw;
 - a latent is dense when it fired on more than `threshold` of the tokens since the last log.
@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from patching.metrics import explained_variance, l0, mse
+from patching.splice.quality import explained_variance, l0, mse
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from patching import tl_compat
+from patching.model import tl_compat
 from training.errors import DataSourceError
 
 log = logging.getLogger(__name__)

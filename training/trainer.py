@@ -258,7 +258,7 @@ class Trainer:
             runlog.write(record)
 
     def _evaluate(self, runlog: RunLog) -> None:
-        from patching.metrics import splice_metrics
+        from patching.splice.quality import splice_metrics
 
         for index, member in enumerate(self.members):
             metrics = splice_metrics(self.model, member.sae, self.eval_tokens)

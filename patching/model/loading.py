@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from patching import tl_compat
+from patching.model import tl_compat
 from patching.errors import ModelLoadError
 
 log = logging.getLogger(__name__)

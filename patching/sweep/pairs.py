@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from patching import tl_compat
+from patching.model import tl_compat
 from patching.errors import PatchingError
 
 Direction = Literal["denoise", "noise"]

@@ -2,7 +2,7 @@
 unit's top contexts, activation histogram, output logit effect, per-context latent decomposition,
 variance shares over the corpus, grouping of its top contexts by dominant latent and
 monosemanticity scores. `unit_scores` scores every neuron of a layer and every latent of the SAE
-with the same formula (the polysemanticity benchmark). The maths is in `patching.neurons`.
+with the same formula (the polysemanticity benchmark). The maths is in `patching.inspect.neurons`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from patching import tl_compat
+from patching.model import tl_compat
 from patching.errors import PatchingError
-from patching.latent_inspect import (ActivatingContext, Corpus, InspectConfig, TokenEffect, activating_context,
-                                     direction_effect, histogram, iter_site_values)
-from patching.neurons import (Decomposition, Neuron, TopKTracker, Unit, check_sae_site, check_units, cluster_concentration,
+from patching.inspect.latents import (ActivatingContext, InspectConfig, TokenEffect, activating_context, direction_effect,
+                                     histogram)
+from patching.splice.collect import Corpus, iter_site_values
+from patching.inspect.neurons import (Decomposition, Neuron, TopKTracker, Unit, check_sae_site, check_units, cluster_concentration,
                               decompose, group_by_dominant, output_direction, readout, token_concentration)
-from patching.sites import Site
+from patching.model.sites import Site
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class UnitScores(NamedTuple):
 def unit_scores(model: Any, sae: Any, layer: int, corpus: Corpus, *, n_top: int = 20, hook: str = "mlp_post",
                 site: Site | None = None, batch_rows: int = 8, allow_model_mismatch: bool = False) -> UnitScores:
     """Score every `hook` neuron of `layer` and every latent of `sae` in one pass."""
-    from patching.latent_inspect import resolve_site
+    from patching.splice.collect import resolve_site
 
     sae_site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
     neuron_site = Site(layer, hook).check(model)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""PNG plots of patching and attribution results (matplotlib, no display needed)."""
+"""PNG plots of patching results: heatmaps of layers or latents against positions, or bars."""
 
 from __future__ import annotations
 
@@ -7,17 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from patching.figures import pyplot
+
 if TYPE_CHECKING:
-    from patching.results import PatchResult
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    from patching.sweep.results import PatchResult
 
 
 def plot_result(result: "PatchResult", path: Path, *, top_k: int = 20) -> Path:
@@ -33,7 +26,7 @@ def plot_result(result: "PatchResult", path: Path, *, top_k: int = 20) -> Path:
 
 
 def _heatmap(result: "PatchResult", path: Path, *, row_of, row_label: str, top_k: int | None) -> Path:
-    plt = _figure()
+    plt = pyplot()
     effects = result.mean_effect
     tokens = result.base_tokens[0] if result.base_tokens else []
     n_pos = max([u.position for u in result.units] + [len(tokens) - 1]) + 1
@@ -59,7 +52,7 @@ def _heatmap(result: "PatchResult", path: Path, *, row_of, row_label: str, top_k
 
 
 def _bars(result: "PatchResult", path: Path, *, top_k: int) -> Path:
-    plt = _figure()
+    plt = pyplot()
     top = result.top(top_k)
     fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(top) + 1.5)))
     ax.barh(range(len(top)), [entry.effect for entry in top], color="tab:blue")
@@ -67,45 +60,6 @@ def _bars(result: "PatchResult", path: Path, *, top_k: int) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("normalized effect")
     ax.set_title(f"{result.method} {result.direction}: top {len(top)} units", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_restoration(latents, raw, path: Path, *, title: str) -> Path:
-    """Fraction of the behaviour restored against the percent of units patched: SAE latents
-    against raw units, one thin line per pair and the median in bold."""
-    return plot_restoration_curves({"SAE latents": latents, "raw dimensions": raw}, path, title=title,
-                                   ylabel="fraction of refusal score restored")
-
-
-COLORS = ("tab:red", "tab:gray", "tab:blue", "tab:green", "tab:purple")
-
-
-def plot_restoration_curves(curves, path: Path, *, title: str, ylabel: str, x: str = "percent") -> Path:
-    """Restoration curves (`{label: RestorationCurve}`) against the units patched, as a percent
-    of the active units (`x="percent"`) or as a count (`x="count"`); one thin line per pair, the
-    median in bold, dotted lines at 50% and 90%."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (label, curve), color in zip(curves.items(), COLORS * len(curves)):
-        if x == "percent":
-            xs_rows = [[100.0 * n / active for n in curve.counts] for active in curve.n_active]
-        else:
-            xs_rows = [list(curve.counts) for _ in curve.n_active]
-        for xs, row in zip(xs_rows, curve.fraction.tolist()):
-            ax.plot(xs, row, color=color, alpha=0.25, linewidth=0.8)
-        median_x = torch.tensor(xs_rows).median(0).values.tolist()
-        ax.plot(median_x, curve.median(), color=color, linewidth=2.2, marker="o", label=f"{label} (median)")
-    ax.axhline(0.9, color="black", linestyle=":", linewidth=0.8)
-    ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("units patched (% of active latents / of dimensions x positions)" if x == "percent"
-                  else "(position, unit) elements patched jointly")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

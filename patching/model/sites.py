@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from patching import tl_compat
+from patching.model import tl_compat
 from patching.errors import SiteError
 
 SiteKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_pre", "mlp_post"]

@@ -14,17 +14,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching import tl_compat
+from patching.model import tl_compat
 from patching.errors import PatchingError
-from patching.models import model_flags
-from patching.objectives import as_metric, describe
-from patching.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
-from patching.results import PatchResult, library_version
-from patching.sites import Site
-from patching.splice import Splice, resolve_saes, splice
-from patching.sweep import (DEFAULT_MEMORY_MB, RunCache, chunk_rows, evaluate_units, normalized_effect, reference_metrics,
+from patching.model.loading import model_flags
+from patching.sweep.objectives import as_metric, describe
+from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
+from patching.sweep.results import PatchResult, library_version
+from patching.model.sites import Site
+from patching.splice.splicer import Splice, resolve_saes, splice
+from patching.sweep.engine import (DEFAULT_MEMORY_MB, RunCache, chunk_rows, evaluate_units, normalized_effect, reference_metrics,
                             reference_run)
-from patching.units import UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, joint_units
+from patching.sweep.units import UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, joint_units
 from sae.files import weights_sha256
 
 

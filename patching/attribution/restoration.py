@@ -8,7 +8,7 @@ Joint patching, not a sum of single-unit effects: single-unit patching misses re
 that compensate for each other (the Hydra effect, McGrath et al. 2023, "The Hydra Effect").
 
 An element is one unit at one position; n counts elements. The safety-latent search
-(`patching.safety`) and the polysemanticity benchmark both build on these curves.
+(`patching.safety.search`) and the polysemanticity benchmark both build on these curves.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from patching import tl_compat
-from patching.attribution import attribute_latents, frozen_parameters
-from patching.patch import patch_latents, patch_residual
-from patching.sites import Site
-from patching.splice import splice
-from patching.units import PatchUnit, UnitPart
+from patching.model import tl_compat
+from patching.attribution.estimators import attribute_latents, frozen_parameters
+from patching.sweep.patch import patch_latents, patch_residual
+from patching.model.sites import Site
+from patching.splice.splicer import splice
+from patching.sweep.units import PatchUnit, UnitPart
 
 
 @dataclass

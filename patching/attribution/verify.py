@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
-from patching.patch import patch_latents
-from patching.results import PatchResult
+from patching.sweep.patch import patch_latents
+from patching.sweep.results import PatchResult
 
 
 @dataclass(frozen=True)

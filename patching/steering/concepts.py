@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patching.steering_compare import Concept
+from patching.steering.compare import Concept
 
 NEUTRAL = (
     "Photosynthesis converts light energy into chemical energy stored in glucose.",

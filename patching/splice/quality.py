@@ -23,9 +23,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from patching import tl_compat
-from patching.sites import Site
-from patching.splice import splice
+from patching.model import tl_compat
+from patching.model.sites import Site
+from patching.model.tokens import padded_tokens  # noqa: F401  (re-exported: quality's callers pad with it)
+from patching.splice.splicer import splice
 
 
 def cross_entropy(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"],
@@ -87,16 +88,6 @@ class SpliceMetrics:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def padded_tokens(model: Any, texts: list[str]) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
-    """Texts tokenized one by one (BOS prepended as the model does), right-padded to the longest,
-    and the mask of real tokens; the padding repeats each row's last token and is never scored."""
-    rows = [tl_compat.to_tokens(model, text)[0] for text in texts]
-    length = max(row.shape[0] for row in rows)
-    tokens = torch.stack([torch.cat([row, row[-1:].expand(length - row.shape[0])]) for row in rows])
-    mask = torch.arange(length)[None, :] < torch.tensor([row.shape[0] for row in rows])[:, None]
-    return tokens, mask
 
 
 @torch.inference_mode()

@@ -19,8 +19,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from patching.errors import PatchingError
-from patching.sites import Site
-from patching.units import PatchUnit, UnitPart
+from patching.model.sites import Site
+from patching.sweep.units import PatchUnit, UnitPart
 from sae.files import atomic_write
 
 RESULT_FORMAT_VERSION = 1
@@ -133,7 +133,7 @@ class PatchResult:
 
     def plot(self, path: str | Path, *, top_k: int = 20) -> Path:
         """A heatmap PNG: base positions × the top latents (or layers × positions for raw units)."""
-        from patching.plots import plot_result
+        from patching.sweep.plots import plot_result
 
         return plot_result(self, Path(path), top_k=top_k)
 

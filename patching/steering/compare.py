@@ -33,12 +33,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching import tl_compat
-from patching.latent_inspect import resolve_site
-from patching.metrics import kl_divergence, padded_tokens
-from patching.models import model_flags
-from patching.results import library_version
-from patching.steering import (LatentChoice, PositionMode, SteerMethod, SteerScale, SteeringConfig, SteeringError,
+from patching.model import tl_compat
+from patching.model.tokens import padded_tokens
+from patching.splice.collect import resolve_site
+from patching.splice.quality import kl_divergence
+from patching.model.loading import model_flags
+from patching.sweep.results import library_version
+from patching.steering.steer import (LatentChoice, PositionMode, SteerMethod, SteerScale, SteeringConfig, SteeringError,
                                Weighting, contrast_latents, steer)
 from sae.files import atomic_write, weights_sha256
 
@@ -278,9 +279,9 @@ def _provenance(model: Any, sae: Any, site: Any, concept: Concept, choice: Laten
 def plot_comparison(table: Any, path: Path, *, title: str = "") -> Path:
     """Effect against cost, one curve per K (points ordered by coefficient), one column per method:
     top row KL on neutral text, bottom row perplexity of steered continuations."""
-    from patching.plots import _figure
+    from patching.figures import pyplot
 
-    plt = _figure()
+    plt = pyplot()
     methods = [m for m in table["method"].unique() if m != "none"]
     base = table[table["method"] == "none"]
     fig, axes = plt.subplots(2, max(len(methods), 1), figsize=(5.5 * max(len(methods), 1), 8), squeeze=False)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
-from patching.sites import Site, as_site
+from patching.model.sites import Site, as_site
 
 PartKind = Literal["latent", "error", "raw"]
 UnitKind = Literal["latent_position", "latent", "position", "error", "joint"]

@@ -19,14 +19,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching import tl_compat
-from patching.edits import ErrorPatch, LatentPatch
+from patching.model import tl_compat
+from patching.splice.edits import ErrorPatch, LatentPatch
 from patching.errors import PatchingError
-from patching.objectives import KLFromClean, Metric
-from patching.pairs import PromptPair
-from patching.sites import Site
-from patching.splice import Splice
-from patching.units import PatchUnit
+from patching.sweep.objectives import KLFromClean, Metric
+from patching.sweep.pairs import PromptPair
+from patching.model.sites import Site
+from patching.splice.splicer import Splice
+from patching.sweep.units import PatchUnit
 
 DEFAULT_MEMORY_MB = 1024
 

@@ -5,8 +5,8 @@ activation histogram and firing density, the direct logit effect (top promoted a
 tokens), the token-concentration score and, for neurons and directions, the latent
 decomposition: the latents that drive each top context, each latent's share of the unit's
 variance and the top contexts grouped by dominant latent. Plots are PNG files beside the pages;
-`index.html` lists every unit. Pages are built from `LatentReport` (`patching.latent_inspect`)
-and `UnitReport` (`patching.neuron_inspect`) values, written atomically.
+`index.html` lists every unit. Pages are built from `LatentReport` (`patching.inspect.latents`)
+and `UnitReport` (`patching.inspect.neuron_cards`) values, written atomically.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from patching.latent_inspect import MARK_CLOSE, MARK_OPEN, LatentReport, TokenEffect, draw_histogram, draw_logit_effect
-from patching.neuron_inspect import UnitReport
-from patching.neurons import Neuron, token_concentration
+from patching.inspect.latents import MARK_CLOSE, MARK_OPEN, LatentReport, TokenEffect, draw_histogram, draw_logit_effect
+from patching.inspect.neuron_cards import UnitReport
+from patching.inspect.neurons import Neuron, token_concentration
 from sae.files import atomic_write
 
 Report = LatentReport | UnitReport
@@ -147,9 +147,9 @@ def _groups_table(report: UnitReport) -> str:
 
 
 def _plot_activity(report: Report, path: Path) -> Path:
-    from patching.plots import _figure
+    from patching.figures import pyplot
 
-    plt = _figure()
+    plt = pyplot()
     fig, (bars, hist) = plt.subplots(1, 2, figsize=(11, 4))
     draw_logit_effect(bars, report.top_tokens, report.bottom_tokens)
     label = "activation (non-zero only)" if isinstance(report, LatentReport) else "activation"
@@ -162,9 +162,9 @@ def _plot_activity(report: Report, path: Path) -> Path:
 
 
 def _plot_decomposition(report: UnitReport, path: Path) -> Path:
-    from patching.plots import _figure
+    from patching.figures import pyplot
 
-    plt = _figure()
+    plt = pyplot()
     fig, (shares, groups) = plt.subplots(1, 2, figsize=(11, 3.8))
     names = [f"#{latent}" for latent, _ in report.variance] + list(report.variance_terms)
     values = [share for _, share in report.variance] + list(report.variance_terms.values())

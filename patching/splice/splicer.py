@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patching import tl_compat
-from patching.edits import ErrorPatch, LatentEdit, LatentPatch
+from patching.model import tl_compat
+from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
 from patching.errors import SpliceError
-from patching.models import model_flags
-from patching.sites import Site, as_site
+from patching.model.loading import model_flags
+from patching.model.sites import Site, as_site
 from sae.protocol import SAELike, as_sae
 
 

@@ -28,9 +28,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from patching import tl_compat
+from patching.model import tl_compat
 from patching.errors import PatchingError
-from patching.sites import Site
+from patching.model.sites import Site
 
 NeuronHook = Literal["mlp_pre", "mlp_post"]
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
@@ -192,7 +192,7 @@ def decompose(sae: Any, read: Readout, x: Float[Tensor, "... d_model"]) -> Decom
 def check_sae_site(model: Any, sae: Any, site: Site | None, reads: Sequence[Readout], *,
                    allow_model_mismatch: bool = False) -> tuple[Site, Any]:
     """The SAE (validated like a splice) must sit where every unit reads the residual stream."""
-    from patching.latent_inspect import resolve_site
+    from patching.splice.collect import resolve_site
 
     found, adapted = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
     wrong = sorted({str(r.site) for r in reads if r.site != found})

@@ -26,17 +26,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching import tl_compat
-from patching.edits import ErrorPatch, LatentEdit
+from patching.model import tl_compat
+from patching.splice.edits import ErrorPatch, LatentEdit
 from patching.errors import PatchingError
-from patching.objectives import Metric, as_metric
-from patching.pairs import Align, PromptPair, Prompts, check_positions, make_pairs
-from patching.patch import check_run_settings, differs_mask, provenance_record
-from patching.results import PatchResult
-from patching.sites import Site
-from patching.splice import Splice, resolve_saes, splice
-from patching.sweep import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
-from patching.units import PatchUnit, UnitPart
+from patching.sweep.objectives import Metric, as_metric
+from patching.sweep.pairs import Align, PromptPair, Prompts, check_positions, make_pairs
+from patching.sweep.patch import check_run_settings, differs_mask, provenance_record
+from patching.sweep.results import PatchResult
+from patching.model.sites import Site
+from patching.splice.splicer import Splice, resolve_saes, splice
+from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
+from patching.sweep.units import PatchUnit, UnitPart
 from sae.files import weights_sha256
 
 Method = Literal["atp", "ig", "atp_gd"]

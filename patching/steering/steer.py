@@ -32,13 +32,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from patching import tl_compat
-from patching.edits import LatentEdit
+from patching.model import tl_compat
+from patching.splice.edits import LatentEdit
 from patching.errors import SteeringError
-from patching.latent_inspect import Corpus, check_latent_indices, iter_site_latents, resolve_site
-from patching.results import PatchResult
-from patching.sites import Site
-from patching.splice import Splice, splice
+from patching.splice.collect import Corpus, check_latent_indices, iter_site_latents, resolve_site
+from patching.sweep.results import PatchResult
+from patching.model.sites import Site
+from patching.splice.splicer import Splice, splice
 from sae.protocol import SAELike
 
 SteerMethod = Literal["add", "clamp"]

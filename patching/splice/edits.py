@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patching.errors import SpliceError
-from patching.sites import Site, as_site
+from patching.model.sites import Site, as_site
 
 EditMode = Literal["set", "add", "scale"]
 EDIT_MODES: tuple[str, ...] = ("set", "add", "scale")

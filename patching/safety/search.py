@@ -24,14 +24,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching import tl_compat
-from patching.edits import LatentEdit
+from patching.model import tl_compat
+from patching.splice.edits import LatentEdit
 from patching.errors import PatchingError
-from patching.restoration import RestorationCurve, latent_restoration, raw_restoration
-from patching.results import library_version
-from patching.safety_prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
-from patching.sites import Site
-from patching.splice import resolve_saes, splice
+from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
+from patching.sweep.results import library_version
+from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
+from patching.model.sites import Site
+from patching.splice.splicer import resolve_saes, splice
 from sae.files import atomic_write
 
 DEFAULT_COUNTS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500)
@@ -133,7 +133,7 @@ class SafetyReport:
 
     def save(self, path: str | Path, *, model_name: str, sae_sha256: str, suite: SafetySuite) -> Path:
         """report.json (figures, generations, provenance), prompts.json and curves.png, atomically."""
-        from patching.plots import plot_restoration
+        from patching.attribution.plots import plot_restoration
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -173,10 +173,12 @@ def query_start(model: Any, suite: SafetySuite) -> int:
     return int(differ[0]) if differ.numel() else n
 
 
-def find_safety_latents(model: Any, sae: Any, suite: SafetySuite = SafetySuite(), *,
+def find_safety_latents(model: Any, sae: Any, suite: SafetySuite | None = None, *,
                         counts: Sequence[int] = DEFAULT_COUNTS, max_pairs: int | None = None,
                         max_new_tokens: int = 8, n_dynamic: int = 20, progress: bool = True) -> SafetyReport:
-    """Refusal rates, restoration curves (latents vs residual dimensions) and dynamic patching."""
+    """Refusal rates, restoration curves (latents vs residual dimensions) and dynamic patching on
+    `suite` (the full default suite when None)."""
+    suite = SafetySuite() if suite is None else suite
     (site, sae), = resolve_saes(model, sae).items()
     if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in counts):
         raise PatchingError(f"counts must be positive ints, got {counts!r}")

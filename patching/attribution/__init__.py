@@ -1,0 +1,11 @@
+"""The attribution room: gradient estimators of patching effects (AtP, integrated gradients,
+AtP*-GradDrop), `verify` against exact patching, and restoration curves (the top n units patched
+jointly and exactly).
+
+Imports `model`, `splice` and `sweep` below it."""
+
+from patching.attribution.estimators import attribute_latents
+from patching.attribution.verify import Verification, verify
+from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
+
+__all__ = ["RestorationCurve", "Verification", "attribute_latents", "latent_restoration", "raw_restoration", "verify"]

@@ -1,0 +1,10 @@
+"""The model room: the only place that touches TransformerLens (`tl_compat`), loading models
+(the offline default and official names), hook `Site`s, and tokenising texts into padded batches.
+
+Imports nothing of `patching` but the base modules (`errors`, `figures`)."""
+
+from patching.model.loading import DEFAULT_MODEL, ModelFlags, ModelOrigin, cache_root, load_model, model_flags
+from patching.model.sites import Site, as_site
+from patching.model.tokens import padded_tokens
+
+__all__ = ["DEFAULT_MODEL", "ModelFlags", "ModelOrigin", "Site", "as_site", "cache_root", "load_model", "model_flags", "padded_tokens"]

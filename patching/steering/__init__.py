@@ -1,0 +1,9 @@
+"""The steering room: steering vectors from decoder rows (add, clamp), Top-1 versus Top-K
+comparisons of effect against cost, and built-in concepts.
+
+A leaf: imports the rooms below it, never `inspect` or `safety`."""
+
+from patching.steering.steer import LatentChoice, SteeredGeneration, Steering, SteeringConfig, SteeringError, contrast_latents, generate_steered, latents_from_result, steer, steering_vector
+from patching.steering.compare import CompareSettings, Concept, SteeringComparison, compare_steering
+
+__all__ = ["CompareSettings", "Concept", "LatentChoice", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "compare_steering", "contrast_latents", "generate_steered", "latents_from_result", "steer", "steering_vector"]
