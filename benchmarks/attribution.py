@@ -19,10 +19,10 @@ import statistics
 import time
 
 import torch
+from _common import benchmark_sae
 
 from patching import LogitDiff, attribute_latents, load_model, patch_latents
 from patching.attribution.verify import spearman
-from _common import benchmark_sae
 
 PAIRS = {
     "factual": ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome"),

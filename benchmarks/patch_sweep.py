@@ -22,9 +22,9 @@ import random
 import time
 
 import torch
+from _common import benchmark_sae
 
 from patching import LogitDiff, Site, load_model, patch_latents
-from _common import benchmark_sae
 
 CLEAN = "The Eiffel Tower is located in the city of"
 CORRUPTED = "The Colosseum is located in the city of"

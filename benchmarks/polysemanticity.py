@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from patching import DEFAULT_MODEL, LogitDiff, Site, load_model
-from patching.model import tl_compat
+from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
 from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
 from patching.inspect.neurons import Neuron
-from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
+from patching.model import tl_compat
 from sae import load_sae
+from sae.metrics import median
 from sae.files import weights_sha256
 
 CLEAN = "The Eiffel Tower is located in the city of"
@@ -52,7 +53,7 @@ def top_k_median(scores: torch.Tensor, ranking: torch.Tensor, k: int) -> tuple[f
 
 def nanmedian(values: torch.Tensor) -> float | None:
     kept = values[~values.isnan()]
-    return float(kept.median()) if kept.numel() else None
+    return float(median(kept)) if kept.numel() else None
 
 
 def restoration(model, site, sae, layer):
@@ -125,9 +126,9 @@ def main() -> None:
 
 
 def write_figures(out: Path, model, sae, site, texts, curves, neuron_reports, latents) -> None:
+    from patching.attribution.plots import plot_restoration_curves
     from patching.inspect.dashboards import write_dashboards
     from patching.inspect.latents import inspect_latents
-    from patching.attribution.plots import plot_restoration_curves
 
     out.mkdir(parents=True, exist_ok=True)
     plot_restoration_curves(curves, out / "paris_rome_restoration.png", x="count",

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from latentpatch.demo import DemoConfig, demo_sae
 from patching import load_model
-from patching.safety.search import find_safety_latents
 from patching.safety.prompts import SafetySuite
+from patching.safety.search import find_safety_latents
 from sae import load_sae
 from sae.files import weights_sha256
 

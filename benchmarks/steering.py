@@ -19,11 +19,11 @@ import statistics
 import time
 
 import torch
+from _common import benchmark_sae
 
 from patching import DEFAULT_MODEL, Site, load_model
 from patching.model import tl_compat
 from patching.steering.steer import LatentChoice, steer
-from _common import benchmark_sae
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

@@ -40,8 +40,9 @@ def mmcs(decoder_rows: torch.Tensor, true_features: torch.Tensor) -> float:
 
 
 def train_ours(features, generator, steps: int, l1: float, lr: float, seed: int):
-    from sae import SAEConfig, SparseAutoencoder
     from sae_lens.synthetic import SyntheticActivationIterator
+
+    from sae import SAEConfig, SparseAutoencoder
     from training import Trainer, TrainerConfig
 
     cfg = TrainerConfig(total_steps=steps, lr=lr, l1_coefficient=l1, log_every=steps, checkpoint_every=None,
@@ -80,6 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     from sae_lens.synthetic import SyntheticActivationIterator
+
     from training.init import normalization_scale
 
     features, generator = synthetic_model(args.seed)

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from latentpatch.demo import DemoConfig, run_demo as run
+    from latentpatch.demo import DemoConfig
+    from latentpatch.demo import run_demo as run
 
     config = DemoConfig(out=args.out, layer=args.layer, d_sae=args.d_sae, train_tokens=args.train_tokens,
                         safety_pairs=args.safety_pairs)

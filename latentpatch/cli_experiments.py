@@ -142,8 +142,8 @@ def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_safety(args: argparse.Namespace) -> dict[str, Any]:
-    from patching.safety.search import DEFAULT_COUNTS, find_safety_latents
     from patching.safety.prompts import SafetySuite
+    from patching.safety.search import DEFAULT_COUNTS, find_safety_latents
     from sae.files import weights_sha256
 
     sae, model = load_for(args.sae, args.model)

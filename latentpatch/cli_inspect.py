@@ -40,15 +40,15 @@ def register_dashboards(subparsers: Any) -> None:
 
 
 def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
-    from patching.model import tl_compat
-    from patching.inspect.dashboards import write_dashboards
     from patching.errors import PatchingError
+    from patching.inspect.dashboards import write_dashboards
     from patching.inspect.latents import InspectConfig, inspect_latents
-    from patching.splice.collect import check_latent_indices
     from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
     from patching.inspect.neurons import Neuron
-    from patching.sweep.results import library_version
+    from patching.model import tl_compat
     from patching.model.sites import Site
+    from patching.splice.collect import check_latent_indices
+    from patching.sweep.results import library_version
     from sae import load_sae
     from sae.files import weights_sha256
 

@@ -77,8 +77,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_concept(path: Path) -> Any:
-    from patching.steering.steer import SteeringError
     from patching.steering.compare import Concept
+    from patching.steering.steer import SteeringError
 
     try:
         raw = json.loads(path.read_text())

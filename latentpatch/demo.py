@@ -210,8 +210,8 @@ def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
 
 
 def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
-    from patching.safety.search import find_safety_latents
     from patching.safety.prompts import SafetySuite
+    from patching.safety.search import find_safety_latents
     from sae.files import weights_sha256
 
     full = SafetySuite()

@@ -9,20 +9,58 @@
 `errors` and `figures` sit below every room. This module re-exports the public API of each room.
 """
 
-from patching.attribution import (RestorationCurve, Verification, attribute_latents, latent_restoration,
-                                  raw_restoration, verify)
+from patching.attribution import RestorationCurve, Verification, attribute_latents, latent_restoration, raw_restoration, verify
 from patching.errors import ModelLoadError, PatchingError, SiteError, SpliceError
-from patching.inspect import (Decomposition, Direction, InspectConfig, LatentReport, Neuron, NeuronConfig, UnitReport,
-                              UnitScores, decompose, inspect_latent, inspect_latents, inspect_units, logit_effect, readout,
-                              unit_scores, write_dashboards)
+from patching.inspect import (
+                                  Decomposition,
+                                  Direction,
+                                  InspectConfig,
+                                  LatentReport,
+                                  Neuron,
+                                  NeuronConfig,
+                                  UnitReport,
+                                  UnitScores,
+                                  decompose,
+                                  inspect_latent,
+                                  inspect_latents,
+                                  inspect_units,
+                                  logit_effect,
+                                  readout,
+                                  unit_scores,
+                                  write_dashboards,
+)
 from patching.model import DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, load_model, padded_tokens
 from patching.safety import PAIRS, RefusalScore, SafetyReport, SafetySuite, find_safety_latents, is_refusal, refusal_rate
 from patching.splice import ErrorPatch, LatentEdit, LatentPatch, SiteRecord, Splice, SpliceMetrics, splice, splice_metrics
-from patching.steering import (CompareSettings, Concept, LatentChoice, SteeredGeneration, Steering, SteeringComparison,
-                               SteeringConfig, SteeringError, compare_steering, contrast_latents, generate_steered,
-                               latents_from_result, steer, steering_vector)
-from patching.sweep import (CallableMetric, KLFromClean, LogitDiff, PatchResult, PatchUnit, TokenLogProb, TokenProb,
-                            TopEntry, UnitPart, patch_latents, patch_residual)
+from patching.steering import (
+                                  CompareSettings,
+                                  Concept,
+                                  LatentChoice,
+                                  SteeredGeneration,
+                                  Steering,
+                                  SteeringComparison,
+                                  SteeringConfig,
+                                  SteeringError,
+                                  compare_steering,
+                                  contrast_latents,
+                                  generate_steered,
+                                  latents_from_result,
+                                  steer,
+                                  steering_vector,
+)
+from patching.sweep import (
+                                  CallableMetric,
+                                  KLFromClean,
+                                  LogitDiff,
+                                  PatchResult,
+                                  PatchUnit,
+                                  TokenLogProb,
+                                  TokenProb,
+                                  TopEntry,
+                                  UnitPart,
+                                  patch_latents,
+                                  patch_residual,
+)
 
 __all__ = [
     "CallableMetric", "CompareSettings", "Concept", "DEFAULT_MODEL", "Decomposition", "Direction", "ErrorPatch",

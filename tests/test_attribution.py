@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from patching import LogitDiff, PatchResult, PatchUnit, Site, UnitPart, patch_latents
-from patching.model import tl_compat
 from patching.attribution.estimators import attribute_latents
-from patching.errors import PatchingError
 from patching.attribution.verify import spearman, verify
+from patching.errors import PatchingError
+from patching.model import tl_compat
 from tests.conftest import make_sae, unchecked
 from tests.hooks_snapshot import CountingHook, snapshot
 

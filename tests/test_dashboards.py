@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from browser import dom, screenshot
 from conftest import make_sae
+
 from patching import Site
-from patching.model import tl_compat
 from patching.inspect.dashboards import highlight, write_dashboards
 from patching.inspect.latents import InspectConfig, inspect_latents
 from patching.inspect.neuron_cards import NeuronConfig, inspect_units
 from patching.inspect.neurons import Direction, Neuron
+from patching.model import tl_compat
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import construct_unchecked, make_sae, unchecked
 from hooks_snapshot import CountingHook
+
 from patching import PatchingError, Site, splice
 from patching.inspect.latents import InspectConfig, inspect_latent, inspect_latents, logit_effect
 from patching.splice.collect import _token_rows, iter_site_latents

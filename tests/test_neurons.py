@@ -7,16 +7,25 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_sae, unchecked
 from hooks_snapshot import CountingHook, snapshot
+
 from patching import PatchingError, Site
-from patching.model import tl_compat
 from patching.errors import SiteError
 from patching.inspect.latents import InspectConfig
 from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
-from patching.inspect.neurons import (Direction, Neuron, TopKTracker, check_units, cluster_concentration, decompose,
-                              group_by_dominant, readout, token_concentration)
+from patching.inspect.neurons import (
+    Direction,
+    Neuron,
+    TopKTracker,
+    check_units,
+    cluster_concentration,
+    decompose,
+    group_by_dominant,
+    readout,
+    token_concentration,
+)
+from patching.model import tl_compat
 
 LAYER = 1
 
@@ -210,9 +219,9 @@ def test_a_failure_mid_pass_leaves_the_model_as_it_was(setup, corpus):
 
 
 def test_neuron_restoration_of_every_element_equals_patching_the_mlp_output(tiny_model):
+    from patching.attribution.restoration import raw_restoration
     from patching.sweep.objectives import LogitDiff
     from patching.sweep.patch import patch_residual
-    from patching.attribution.restoration import raw_restoration
     from patching.sweep.units import PatchUnit, UnitPart
 
     clean = torch.tensor([[1, 8, 9, 3, 4, 5, 6, 7]])
@@ -243,8 +252,8 @@ def test_decomposition_is_exact_on_the_default_model(default_model_4l):
 
 
 def test_latents_with_the_error_node_restore_everything_at_the_largest_count(tiny_model):
-    from patching.sweep.objectives import LogitDiff
     from patching.attribution.restoration import latent_restoration
+    from patching.sweep.objectives import LogitDiff
 
     site = Site(1, "resid_pre")
     sae = make_sae(16, 30, hook_name=site.hook_name, model_name=tiny_model.cfg.model_name, seed=8)

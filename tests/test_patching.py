@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from patching.splice.splicer import SpliceChecks
 from patching import LatentEdit, Site, splice
-from patching.splice.edits import ErrorPatch
 from patching.errors import PatchingError, SiteError, SpliceError
+from patching.splice.edits import ErrorPatch
 from patching.sweep.objectives import KLFromClean, LogitDiff, TokenLogProb, TokenProb
 from patching.sweep.patch import patch_latents, patch_residual
 from patching.sweep.results import PatchResult
@@ -190,7 +191,7 @@ def test_metrics_library(model, sae, prompts):
     (lambda m, s, c, r: patch_latents(m, s, c, r, LogitDiff([1, 2, 3], 4)), PatchingError, "3 token ids for 2 pairs"),
     (lambda m, s, c, r: patch_latents(m, {SITE: make_sae(12, 8, hook_name=None, model_name=None)}, c, r, METRIC),
      SpliceError, "d_in=12"),
-    (lambda m, s, c, r: patch_latents(m, {Site(5): s}, c, r, METRIC, allow_model_mismatch=True), SiteError, "out of range"),
+    (lambda m, s, c, r: patch_latents(m, {Site(5): s}, c, r, METRIC, checks=SpliceChecks(allow_model_mismatch=True)), SiteError, "out of range"),
     (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, unit="joint", latent_sets=[[1, 40]]), PatchingError, "beyond d_sae"),
     (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, unit="joint"), PatchingError, "needs latent_sets"),
     (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, unit="neuron"), PatchingError, "unit must be one of"),

@@ -71,8 +71,7 @@ def test_saelens_reads_our_files(tmp_path, architecture, k):
 
 @pytest.mark.parametrize("kind", ["standard", "topk", "jumprelu"])
 def test_we_read_saelens_files(tmp_path, kind):
-    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
-                          TopKSAEConfig)
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
     classes = {"standard": (StandardSAE, StandardSAEConfig, {}), "topk": (TopKSAE, TopKSAEConfig, {"k": 4}),
                "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {})}

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from patching import Site
-from patching.model import tl_compat
-from patching.errors import SpliceError
 from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
-from patching.safety.search import RefusalScore, SafetyReport, greedy_generate, query_start, tokenize_chat
+from patching.errors import SpliceError
+from patching.model import tl_compat
 from patching.safety.prompts import SafetySuite, is_refusal
+from patching.safety.search import RefusalScore, SafetyReport, greedy_generate, query_start, tokenize_chat
 from tests.conftest import make_sae
 from tests.hooks_snapshot import snapshot
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from patching.splice.splicer import SpliceChecks
 from patching import LatentEdit, Site, SiteError, SpliceError, splice
 from patching.model import tl_compat
 from sae import NotAnSAEError
@@ -154,7 +155,10 @@ def test_model_flag_mismatch_is_refused(tiny_model):
     with pytest.raises(SpliceError, match="fold_ln: SAE True vs model False"):
         with splice(tiny_model, sae):
             pass
-    with splice(tiny_model, sae, allow_model_mismatch=True):
+    with pytest.raises(SpliceError, match="fold_ln"):  # waiving the name does not waive the processing
+        with splice(tiny_model, sae, checks=SpliceChecks(allow_model_mismatch=True)):
+            pass
+    with splice(tiny_model, sae, checks=SpliceChecks(allow_processing_mismatch=True)):
         pass
 
 

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import construct_unchecked, make_sae
 from hooks_snapshot import CountingHook, snapshot
+
 from patching import Site, SpliceError, splice
 from patching.model import tl_compat
+from patching.steering.steer import (
+    LatentChoice,
+    SteeringConfig,
+    SteeringError,
+    contrast_latents,
+    generate_steered,
+    latents_from_result,
+    steer,
+    steering_vector,
+)
 from patching.sweep.results import PatchResult
-from patching.steering.steer import (LatentChoice, SteeringConfig, SteeringError, contrast_latents, generate_steered,
-                               latents_from_result, steer, steering_vector)
 from patching.sweep.units import PatchUnit, UnitPart
 
 SITE = Site(1, "resid_pre")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import make_sae
+
 from latentpatch import cli, cli_steer
 
 pytestmark = pytest.mark.default_model

@@ -8,12 +8,12 @@ import json
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_sae
 from hooks_snapshot import CountingHook
+
 from patching.model import tl_compat
-from patching.steering.steer import SteeringError, contrast_latents
 from patching.steering.compare import CompareSettings, Concept, compare_steering
+from patching.steering.steer import SteeringError, contrast_latents
 from sae.files import weights_sha256
 
 pytestmark = pytest.mark.default_model

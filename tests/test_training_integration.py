@@ -20,8 +20,21 @@ from training.text import TokenRows
 
 def offline_texts() -> list[str]:
     """English prose that every Python install carries: long standard-library docstrings."""
-    import argparse, collections, dataclasses, decimal, email.message, enum, functools, json as json_module  # noqa: E401
-    import logging, pathlib, random as random_module, statistics, textwrap, typing, unittest  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import dataclasses
+    import decimal
+    import email.message
+    import enum
+    import functools
+    import json as json_module
+    import logging  # noqa: E401
+    import pathlib
+    import random as random_module
+    import statistics
+    import textwrap
+    import typing
+    import unittest
 
     modules = [argparse, textwrap, json_module, pathlib, random_module, statistics, collections, functools, email.message,
                logging, unittest, typing, dataclasses, enum, decimal]
@@ -68,8 +81,9 @@ def test_short_run_at_a_middle_layer_reaches_ev_and_l0_and_loads_in_saelens(defa
 
 @pytest.mark.default_model
 def test_train_command_end_to_end_with_resume_and_refusal(tmp_path):
-    from latentpatch.cli import main
     from sae_lens import SAE
+
+    from latentpatch.cli import main
 
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(offline_texts()[:40]))

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from training import checkpoint as ckpt
 from tests.test_training_helpers import make_trainer, small_config
+from training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """

@@ -27,6 +27,19 @@ def test_batch_metrics_match_hand_computed_values():
     assert m["l1"] == pytest.approx(4.0)
 
 
+def test_logged_mse_is_in_the_activations_units_like_the_evaluations():
+    """The trainer works on x / scale; its logged MSE must be the same quantity as eval/mse
+    (splice metrics on the raw activations), not the normalized one beside it."""
+    from patching.splice.quality import mse
+
+    x, x_hat = torch.tensor([[1.0, 0.0], [3.0, 2.0]]), torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    z, norms = torch.zeros(2, 3), torch.ones(3)
+    scale = 4.0
+    normalized = batch_metrics(x / scale, x_hat / scale, z, norms, scale=scale)
+    assert normalized["mse"] == pytest.approx(mse(x, x_hat).item())
+    assert normalized["explained_variance"] == pytest.approx(batch_metrics(x, x_hat, z, norms)["explained_variance"])
+
+
 def test_firing_tracker_dead_and_dense_fractions():
     tracker = FiringTracker(4)
     tracker.update_(torch.tensor([5, 0, 1, 0]), 10)

@@ -7,10 +7,10 @@ import signal
 import pytest
 import torch
 
+from tests.test_training_helpers import BATCH, D_IN, fresh_saes, make_trainer, same_run, shuffled_batches, small_config
 from training import CheckpointError, NonFiniteError, Trainer, TrainingInterrupted
 from training import checkpoint as ckpt
 from training.metrics import FiringTracker
-from tests.test_training_helpers import BATCH, D_IN, fresh_saes, make_trainer, same_run, shuffled_batches, small_config
 
 
 @pytest.mark.parametrize("source", ["shuffled", "global_rng"])

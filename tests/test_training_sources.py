@@ -9,10 +9,10 @@ import torch
 
 from patching import Site
 from patching.model import tl_compat
+from tests.test_training_helpers import RandomChunks
 from training import DataSourceError, ShuffleBuffer, TokenRows, cached_batches, file_texts, harvest
 from training.cache import CachedChunks, write_activation_cache
 from training.harvest import HarvestChunks
-from tests.test_training_helpers import RandomChunks
 
 
 class CountingChunks:
@@ -148,10 +148,10 @@ def test_token_rows_and_harvest_chunks_on_the_default_model(default_model_4l, tm
 def test_hf_dataset_source_streams_a_local_dataset_offline(tmp_path, monkeypatch):
     """The `hf:NAME` path through `datasets.load_dataset(..., streaming=True)`, on a dataset folder
     (the hub is unreachable here; a folder of data files is what `load_dataset` reads the same way)."""
-    from training.text import hf_texts
-
     import datasets
     import huggingface_hub
+
+    from training.text import hf_texts
 
     # read at import time by both libraries, so set on their modules: no network attempt at all
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

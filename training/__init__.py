@@ -3,8 +3,7 @@
 from training.cache import CachedChunks, cached_batches, write_activation_cache
 from training.config import TrainerConfig
 from training.corpus import CorpusConfig, default_corpus
-from training.errors import (CheckpointError, DataSourceError, NonFiniteError, TrainingConfigError,
-                             TrainingInterrupted)
+from training.errors import CheckpointError, DataSourceError, NonFiniteError, TrainingConfigError, TrainingInterrupted
 from training.harvest import HarvestChunks, harvest, harvested_batches
 from training.sources import ShuffleBuffer, TensorBatches
 from training.text import TokenRows, file_texts, hf_texts

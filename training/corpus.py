@@ -26,7 +26,6 @@ from training.errors import DataSourceError
 from training.prompts import CHAT_PROMPTS, TEXT_PROMPTS
 from training.text import TextOpener, file_texts
 
-
 CORPUS_VERSION = 1
 
 

@@ -1,7 +1,7 @@
 """Training metrics: reconstruction statistics of a batch and latent firing statistics.
 
 Definitions (closed-form tests in tests/test_training_metrics.py):
-- MSE, explained variance and L0 are `patching.splice.quality`'s (one definition in the project);
+- MSE, explained variance and L0 are `sae.metrics`'s (one definition in the project);
 - L1 = mean over tokens of `sum_i z_i ||W_dec[i]||` (the penalty actually optimised);
 - a latent is dead when it has not fired (z > 0) on any of the last `window` tokens it saw;
 - a latent is dense when it fired on more than `threshold` of the tokens since the last log.
@@ -15,14 +15,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from patching.splice.quality import explained_variance, l0, mse
+from sae.metrics import explained_variance, l0, mse
 
 
 @torch.no_grad()
 def batch_metrics(x: Float[Tensor, "batch d_in"], x_hat: Float[Tensor, "batch d_in"], z: Float[Tensor, "batch d_sae"],
-                  decoder_norms: Float[Tensor, " d_sae"]) -> dict[str, float]:
-    """MSE, explained variance, L0 and decoder-norm-weighted L1 of one batch."""
-    return {"mse": mse(x, x_hat).item(), "explained_variance": explained_variance(x, x_hat).item(),
+                  decoder_norms: Float[Tensor, " d_sae"], *, scale: float = 1.0) -> dict[str, float]:
+    """MSE, explained variance, L0 and decoder-norm-weighted L1 of one batch.
+
+    `x` and `x_hat` are in the trainer's normalized units (the activations divided by `scale`);
+    MSE is reported in the activations' own units (times `scale**2`), so that the training log's
+    `mse` and the evaluation's `eval/mse` are one quantity. Explained variance does not depend on
+    the scale.
+    """
+    return {"mse": mse(x, x_hat).item() * scale**2, "explained_variance": explained_variance(x, x_hat).item(),
             "l0": l0(z).item(), "l1": (z @ decoder_norms).mean().item()}
 
 

@@ -35,8 +35,8 @@ from training.init import geometric_median, normalization_scale
 from training.metrics import FiringTracker, batch_metrics
 from training.resample import resample_dead_
 from training.runlog import RunLog
-from training.step import L1Gradients
 from training.sources import StatefulSource, skip_batches
+from training.step import L1Gradients
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class Trainer:
         member.firing.update_(out.fired, x_n.shape[0])
         if not is_log:
             return None
-        return loss.item(), batch_metrics(x_n, out.x_hat, out.z, out.decoder_norms)
+        return loss.item(), batch_metrics(x_n, out.x_hat, out.z, out.decoder_norms, scale=self.scale)
 
     def _clip_and_check(self, index: int, member: _Member, step: int) -> None:
         params = list(member.sae.parameters())

@@ -5,7 +5,7 @@ jointly and exactly).
 Imports `model`, `splice` and `sweep` below it."""
 
 from patching.attribution.estimators import attribute_latents
-from patching.attribution.verify import Verification, verify
 from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
+from patching.attribution.verify import Verification, verify
 
 __all__ = ["RestorationCurve", "Verification", "attribute_latents", "latent_restoration", "raw_restoration", "verify"]

@@ -26,17 +26,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching.model import tl_compat
-from patching.splice.edits import ErrorPatch, LatentEdit
 from patching.errors import PatchingError
+from patching.model import tl_compat
+from patching.model.sites import Site
+from patching.splice.edits import ErrorPatch, LatentEdit
+from patching.splice.splicer import Splice, SpliceChecks, resolve_saes, splice
+from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Align, PromptPair, Prompts, check_positions, make_pairs
 from patching.sweep.patch import check_run_settings, differs_mask, provenance_record
 from patching.sweep.results import PatchResult
-from patching.model.sites import Site
-from patching.splice.splicer import Splice, resolve_saes, splice
-from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
-from patching.sweep.units import PatchUnit, UnitPart
+from patching.sweep.units import PatchUnit, differing_units
 from sae.files import weights_sha256
 
 Method = Literal["atp", "ig", "atp_gd"]
@@ -46,7 +46,7 @@ METHODS: tuple[str, ...] = ("atp", "ig", "atp_gd")
 def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
                       method: Method = "atp", steps: int = 8, direction: str = "denoise",
                       positions: Sequence[int] | None = None, align: Align = None, include_error: bool = True,
-                      progress: bool = True, allow_model_mismatch: bool = False) -> PatchResult:
+                      progress: bool = True, checks: SpliceChecks | None = None) -> PatchResult:
     """Estimate every latent's (and error node's) patching effect; see the module docstring."""
     if method not in METHODS:
         raise PatchingError(f"method must be one of {METHODS}, got {method!r}")
@@ -58,14 +58,14 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
     check_run_settings(model, metric, len(pairs))
-    resolved = resolve_saes(model, saes, allow_model_mismatch=allow_model_mismatch)
+    resolved = resolve_saes(model, saes, checks=checks)
     layers = sorted({site.layer for site in resolved})
-    with frozen_parameters(model), splice(model, resolved, allow_model_mismatch=allow_model_mismatch) as state:
+    with frozen_parameters(model), splice(model, resolved, checks=checks) as state:
         with torch.no_grad():
             runs = [(reference_run(model, state, p.base, layers, metric.readout),
                      reference_run(model, state, p.source, layers, metric.readout)) for p in pairs]
         metric, m_clean, m_corrupted = reference_metrics(metric, runs, direction)
-        units = _units(differs_mask(pairs, runs, resolved), positions, include_error, min(p.n_base for p in pairs))
+        units = _units(differs_mask(pairs, runs, resolved), positions, include_error)
         estimates = torch.zeros(len(pairs), len(units))
         for i, (pair, (base, source)) in enumerate(tqdm(list(zip(pairs, runs)), desc=f"attribution ({method})",
                                                         disable=not progress, leave=False)):
@@ -78,13 +78,14 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
         effect, values = effect.abs(), m_base[:, None] + estimates
     extra = {"unit": "latent_position+error" if include_error else "latent_position", "method": method,
              "steps": steps if method == "ig" else None,
-             "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()}}
+             "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()},
+             "checks": (checks or SpliceChecks()).to_dict()}
     result = PatchResult(units=units, effect=effect, metric=values, metric_clean=m_clean, metric_corrupted=m_corrupted,
                          direction=direction, method=method,
                          base_tokens=[tl_compat.to_str_tokens(model, pair.base[0]) for pair in pairs],
                          provenance=provenance_record(model, pairs, metric, direction, extra, 0),
                          context={"model": model, "saes": resolved, "clean": clean, "corrupted": corrupted,
-                                  "metric": metric, "direction": direction, "align": align})
+                                  "metric": metric, "direction": direction, "align": align, "checks": checks})
     return result
 
 
@@ -101,38 +102,32 @@ def frozen_parameters(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _units(differs: dict[Site, Tensor], positions: tuple[int, ...] | None, include_error: bool, n_pos: int) -> list[PatchUnit]:
-    units = []
-    for site, mask in differs.items():
-        if positions is not None:
-            keep = torch.zeros(mask.shape[0], dtype=torch.bool)
-            keep[list(positions)] = True
-            mask = mask & keep[:, None]
-        units += [PatchUnit((UnitPart(site, "latent", (p,), (lat,)),)) for p, lat in torch.nonzero(mask).tolist()]
-        if include_error:
-            units += [PatchUnit((UnitPart(site, "error", (p,)),)) for p in (positions or range(n_pos))]
-    return units
+def _units(differs: dict[Site, Tensor], positions: tuple[int, ...] | None, include_error: bool) -> list[PatchUnit]:
+    """The exact sweep's units: each differing (position, latent) and, with `include_error`, each
+    position's error node, over the positions every pair has."""
+    units = differing_units("latent_position", differs, positions, None)
+    return units + (differing_units("error", differs, positions, None) if include_error else [])
 
 
 def _gather(units: list[PatchUnit], scores: dict[Site, tuple[Tensor, Tensor]]) -> Tensor:
-    """Pick each unit's score from the per-site (pos, d_sae) latent and (pos,) error score maps."""
+    """Pick each unit's score from the per-site (pos, d_sae) latent and (pos,) error score maps.
+    Units lie within every pair (`differs_mask` spans the shortest base prompt), so every score
+    exists: a position beyond a pair is an error, never a silent zero."""
     out = torch.zeros(len(units))
     for j, unit in enumerate(units):
         part = unit.parts[0]
         latent_scores, error_scores = scores[part.site]
         p = part.positions[0]
-        if p < latent_scores.shape[0]:
-            out[j] = latent_scores[p, part.latents[0]] if part.kind == "latent" else error_scores[p]
+        if p >= latent_scores.shape[0]:
+            raise PatchingError(f"unit {unit.label()} lies beyond a pair of {latent_scores.shape[0]} positions")
+        out[j] = latent_scores[p, part.latents[0]] if part.kind == "latent" else error_scores[p]
     return out
 
 
 def _deltas(pair: PromptPair, base: RunCache, source: RunCache, site: Site) -> tuple[Tensor, Tensor]:
     """Source minus base latents and errors at aligned positions; zero where nothing is aligned."""
-    mapped = (pair.source_position >= 0)[:, None]
-    src = pair.source_position.clamp(min=0)
-    dz = torch.where(mapped, source.latents[site][src] - base.latents[site], 0.0)
-    de = torch.where(mapped, source.errors[site][src] - base.errors[site], 0.0)
-    return dz, de
+    return (pair.source_minus_base(source.latents[site], base.latents[site]),
+            pair.source_minus_base(source.errors[site], base.errors[site]))
 
 
 def _estimate(model: Any, state: Splice, method: str, steps: int, pair_index: int, pair: PromptPair,
@@ -199,10 +194,6 @@ def _drop_block_gradient(model: Any, layer: int) -> Iterator[None]:
     """GradDrop: block `layer`'s attention and MLP writes keep their values but pass no gradient."""
     # Prepended so that a splice at the same hook still builds its gradient probes on top.
     names = [Site(layer, kind).hook_name for kind in ("attn_out", "mlp_out")]
-    handles = [tl_compat.attach_hook(model, name, lambda x: x.detach(), prepend=True)
-               for name in names if name in tl_compat.hook_names(model)]
-    try:
+    present = [(name, lambda x: x.detach()) for name in names if name in tl_compat.hook_names(model)]
+    with tl_compat.hooks(model, present, prepend=True):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from patching.figures import pyplot
+from sae.metrics import median
 
 
 def plot_restoration(latents, raw, path: Path, *, title: str) -> Path:
@@ -32,7 +33,7 @@ def plot_restoration_curves(curves, path: Path, *, title: str, ylabel: str, x: s
             xs_rows = [list(curve.counts) for _ in curve.n_active]
         for xs, row in zip(xs_rows, curve.fraction.tolist()):
             ax.plot(xs, row, color=color, alpha=0.25, linewidth=0.8)
-        median_x = torch.tensor(xs_rows).median(0).values.tolist()
+        median_x = median(torch.tensor(xs_rows), 0).tolist()
         ax.plot(median_x, curve.median(), color=color, linewidth=2.2, marker="o", label=f"{label} (median)")
     ax.axhline(0.9, color="black", linestyle=":", linewidth=0.8)
     ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8)

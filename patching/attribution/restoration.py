@@ -20,12 +20,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from patching.model import tl_compat
 from patching.attribution.estimators import attribute_latents, frozen_parameters
-from patching.sweep.patch import patch_latents, patch_residual
+from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.splice.splicer import splice
+from patching.errors import PatchingError
+from patching.splice.splicer import SpliceChecks, splice
+from patching.sweep.objectives import as_metric
+from patching.sweep.patch import patch_latents, patch_residual
 from patching.sweep.units import PatchUnit, UnitPart
+from sae.metrics import median
 
 
 @dataclass
@@ -40,7 +43,7 @@ class RestorationCurve:
     """Per pair, the elements the percent is taken of (active latents, or dimensions x positions)."""
 
     def median(self) -> list[float]:
-        return self.fraction.median(0).values.tolist()
+        return median(self.fraction, 0).tolist()  # true median: the mean of the middle two for even counts
 
     def needed(self, threshold: float) -> list[float | None]:
         """Per pair, the smallest n (as a percent of active) reaching `threshold`, or None."""
@@ -78,38 +81,46 @@ class RawRestoration(NamedTuple):
 
 
 def latent_restoration(model: Any, site: Site, sae: Any, clean: Tensor, corrupted: Tensor, metric: Any,
-                       counts: Sequence[int], start: int, *, with_error: bool = False) -> LatentRestoration:
+                       counts: Sequence[int], start: int, *, with_error: bool = False,
+                       checks: SpliceChecks | None = None) -> LatentRestoration:
     """Rank (position, latent) elements from `start` on by AtP; patch the top n jointly.
 
     `with_error` also patches the SAE's error node at every position from `start` with each
     top n: what the latents add to what the SAE does not reconstruct (Marks et al. 2024,
-    "Sparse Feature Circuits", treat the error as one more node the same way)."""
+    "Sparse Feature Circuits", treat the error as one more node the same way). A count that
+    selects no element (no latent differs from `start` on) restores exactly 0 and is not run."""
     positions = list(range(start, clean.shape[1]))
     estimate = attribute_latents(model, {site: sae}, clean, corrupted, metric, include_error=False,
-                                 positions=positions, progress=False)
+                                 positions=positions, progress=False, checks=checks)
     order = torch.argsort(estimate.effect[0], descending=True, stable=True).tolist()
-    units = [joint_latent_unit([estimate.units[j] for j in order[:n]], site) for n in counts]
+    units = [joint_latent_unit([estimate.units[j] for j in order[:n]], site) if order else None for n in counts]
+    everything = PatchUnit((UnitPart(site, "latent", None, None), UnitPart(site, "error", None)))
     if with_error:
         error = UnitPart(site, "error", tuple(positions))
-        units = [PatchUnit(unit.parts + (error,)) for unit in units]
-    everything = PatchUnit((UnitPart(site, "latent", None, None), UnitPart(site, "error", None)))
-    exact = patch_latents(model, {site: sae}, clean, corrupted, metric, units=units + [everything], progress=False)
-    with torch.inference_mode(), splice(model, {site: sae}, cache=True) as state:
+        units = [PatchUnit((unit.parts if unit else ()) + (error,)) for unit in units]
+    run = [unit for unit in units if unit is not None] + [everything]
+    exact = patch_latents(model, {site: sae}, clean, corrupted, metric, units=run, progress=False, checks=checks)
+    values = iter(exact.effect[0, :-1].tolist())
+    fraction = torch.tensor([next(values) if unit is not None else 0.0 for unit in units])
+    with torch.inference_mode(), splice(model, {site: sae}, cache=True, checks=checks) as state:
         tl_compat.forward_logits(model, clean)
     active = int((state.records[site].latents[0, start:] != 0).sum())
     scores = torch.zeros(sae.d_sae)
     for unit, value in zip(estimate.units, estimate.effect[0].tolist()):
         scores[unit.latent] += value
-    return LatentRestoration(exact.effect[0, :-1], active, exact.effect[0, -1].item(), scores)
+    return LatentRestoration(fraction, active, exact.effect[0, -1].item(), scores)
 
 
 def joint_latent_unit(units: list[PatchUnit], site: Site) -> PatchUnit:
-    """One unit patching the given single (position, latent) units together, grouped by position."""
+    """One unit patching the given single (position, latent) units together, grouped by position.
+    An empty selection is an error: there is no unit that patches nothing (the old placeholder
+    patched latent 0 at position 0)."""
+    if not units:
+        raise PatchingError("joint_latent_unit needs at least one (position, latent) unit")
     by_position: dict[int, list[int]] = {}
     for unit in units:
         by_position.setdefault(unit.position, []).append(unit.latent)
-    parts = tuple(UnitPart(site, "latent", (p,), tuple(sorted(latents))) for p, latents in sorted(by_position.items()))
-    return PatchUnit(parts or (UnitPart(site, "latent", (0,), (0,)),))
+    return PatchUnit(tuple(UnitPart(site, "latent", (p,), tuple(sorted(latents))) for p, latents in sorted(by_position.items())))
 
 
 def raw_restoration(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any,
@@ -131,6 +142,9 @@ def raw_restoration(model: Any, site: Site, clean: Tensor, corrupted: Tensor, me
 
 def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any) -> Tensor:
     """AtP on a raw activation: (x_clean − x_corrupted) · dM/dx at the corrupted run, (pos, width)."""
+    metric = as_metric(metric)
+    if metric.readout is None:
+        raise PatchingError("raw attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")
     with torch.inference_mode():
         _, acts = tl_compat.run_until_end_with_cache(model, clean, [site.hook_name])
     x_clean = acts[site.hook_name][0].clone()
@@ -141,11 +155,7 @@ def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, me
         probe["x"] = x.detach()
         return x + probe["node"]
 
-    handle = tl_compat.attach_hook(model, site.hook_name, add_probe)
-    try:
-        with frozen_parameters(model), torch.enable_grad():
-            logits = tl_compat.forward_logits(model, corrupted)
-            metric(logits[:, metric.readout], torch.tensor([0])).sum().backward()
-    finally:
-        handle.remove()
+    with tl_compat.hooks(model, [(site.hook_name, add_probe)]), frozen_parameters(model), torch.enable_grad():
+        logits = tl_compat.forward_logits(model, corrupted)
+        metric(logits[:, metric.readout], torch.tensor([0])).sum().backward()
     return (x_clean - probe["x"][0]) * probe["node"].grad[0]

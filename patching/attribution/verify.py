@@ -65,7 +65,7 @@ def verify(result: PatchResult, *, top_k: int = 50, random_k: int = 50, seed: in
     checked = top + sampled
     exact = patch_latents(context["model"], context["saes"], context["clean"], context["corrupted"], context["metric"],
                           direction=context["direction"], align=context["align"], units=[result.units[i] for i in checked],
-                          batch_size=batch_size, progress=False)
+                          batch_size=batch_size, progress=False, checks=context.get("checks"))
     estimate = result.mean_effect[checked]
     truth = exact.mean_effect
     signed = result.method != "atp_gd"

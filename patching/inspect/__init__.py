@@ -3,9 +3,9 @@ their exact decomposition into SAE latents, unit reports and HTML dashboards.
 
 A leaf: imports the rooms below it, never `steering` or `safety`."""
 
-from patching.inspect.latents import InspectConfig, LatentReport, inspect_latent, inspect_latents, logit_effect
-from patching.inspect.neurons import Decomposition, Direction, Neuron, decompose, readout
-from patching.inspect.neuron_cards import NeuronConfig, UnitReport, UnitScores, inspect_units, unit_scores
 from patching.inspect.dashboards import write_dashboards
+from patching.inspect.latents import InspectConfig, LatentReport, inspect_latent, inspect_latents, logit_effect
+from patching.inspect.neuron_cards import NeuronConfig, UnitReport, UnitScores, inspect_units, unit_scores
+from patching.inspect.neurons import Decomposition, Direction, Neuron, decompose, readout
 
 __all__ = ["Decomposition", "Direction", "InspectConfig", "LatentReport", "Neuron", "NeuronConfig", "UnitReport", "UnitScores", "decompose", "inspect_latent", "inspect_latents", "inspect_units", "logit_effect", "readout", "unit_scores", "write_dashboards"]

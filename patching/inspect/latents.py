@@ -21,10 +21,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from patching.model import tl_compat
 from patching.errors import PatchingError
+from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.splice.collect import Corpus, check_latent_indices, iter_site_latents, resolve_site
+from patching.splice.splicer import SpliceChecks
 from sae.protocol import SAELike
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
@@ -151,9 +152,9 @@ def direction_effect(model: Any, direction: Tensor, k: int = 10) -> tuple[list[T
 
 
 def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus, config: InspectConfig = InspectConfig(),
-                    *, site: Site | None = None, allow_model_mismatch: bool = False) -> list[LatentReport]:
+                    *, site: Site | None = None, checks: SpliceChecks | None = None) -> list[LatentReport]:
     """Reports for several latents from one pass over the corpus (validated before any forward)."""
-    site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+    site, sae = resolve_site(model, sae, site, checks=checks)
     latents = check_latent_indices(latents, sae.d_sae)
     rows: list[Tensor] = []
     active: list[list[Tensor]] = [[] for _ in latents]
@@ -182,9 +183,9 @@ def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus
 
 
 def inspect_latent(model: Any, sae: Any, latent: int, corpus: Corpus, config: InspectConfig = InspectConfig(),
-                   *, site: Site | None = None, allow_model_mismatch: bool = False) -> LatentReport:
+                   *, site: Site | None = None, checks: SpliceChecks | None = None) -> LatentReport:
     """`inspect_latents` for one latent."""
-    return inspect_latents(model, sae, [latent], corpus, config, site=site, allow_model_mismatch=allow_model_mismatch)[0]
+    return inspect_latents(model, sae, [latent], corpus, config, site=site, checks=checks)[0]
 
 
 def histogram(values: Tensor, bins: int) -> tuple[Tensor, Tensor]:

@@ -14,14 +14,33 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from patching.model import tl_compat
 from patching.errors import PatchingError
-from patching.inspect.latents import (ActivatingContext, InspectConfig, TokenEffect, activating_context, direction_effect,
-                                     histogram)
-from patching.splice.collect import Corpus, iter_site_values
-from patching.inspect.neurons import (Decomposition, Neuron, TopKTracker, Unit, check_sae_site, check_units, cluster_concentration,
-                              decompose, group_by_dominant, output_direction, readout, token_concentration)
+from patching.inspect.latents import (
+    ActivatingContext,
+    InspectConfig,
+    TokenEffect,
+    activating_context,
+    direction_effect,
+    histogram,
+)
+from patching.inspect.neurons import (
+    Decomposition,
+    Neuron,
+    TopKTracker,
+    Unit,
+    check_sae_site,
+    check_units,
+    cluster_concentration,
+    decompose,
+    group_by_dominant,
+    output_direction,
+    readout,
+    token_concentration,
+)
+from patching.model import tl_compat
 from patching.model.sites import Site
+from patching.splice.collect import Corpus, iter_site_values
+from patching.splice.splicer import SpliceChecks
 
 
 @dataclass(frozen=True)
@@ -150,11 +169,11 @@ class _Moments:
 
 
 def inspect_units(model: Any, sae: Any, units: Sequence[Unit], corpus: Corpus, config: NeuronConfig = NeuronConfig(),
-                  *, site: Site | None = None, allow_model_mismatch: bool = False) -> list[UnitReport]:
+                  *, site: Site | None = None, checks: SpliceChecks | None = None) -> list[UnitReport]:
     """Reports for neurons / directions from one pass over the corpus (validated before any forward)."""
     units = check_units(model, units)
     reads = [readout(model, unit) for unit in units]
-    sae_site, sae = check_sae_site(model, sae, site, reads, allow_model_mismatch=allow_model_mismatch)
+    sae_site, sae = check_sae_site(model, sae, site, reads, checks=checks)
     act_sites = [unit.site for unit in units]
     sites = sorted(set(act_sites) | {sae_site})
     n = len(units)
@@ -252,11 +271,11 @@ class UnitScores(NamedTuple):
 
 
 def unit_scores(model: Any, sae: Any, layer: int, corpus: Corpus, *, n_top: int = 20, hook: str = "mlp_post",
-                site: Site | None = None, batch_rows: int = 8, allow_model_mismatch: bool = False) -> UnitScores:
+                site: Site | None = None, batch_rows: int = 8, checks: SpliceChecks | None = None) -> UnitScores:
     """Score every `hook` neuron of `layer` and every latent of `sae` in one pass."""
     from patching.splice.collect import resolve_site
 
-    sae_site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+    sae_site, sae = resolve_site(model, sae, site, checks=checks)
     neuron_site = Site(layer, hook).check(model)  # type: ignore[arg-type]
     if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 2:
         raise PatchingError(f"n_top must be an int >= 2, got {n_top!r}")

@@ -28,9 +28,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from patching.model import tl_compat
 from patching.errors import PatchingError
+from patching.model import tl_compat
 from patching.model.sites import Site
+from patching.splice.splicer import SpliceChecks
 
 NeuronHook = Literal["mlp_pre", "mlp_post"]
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
@@ -190,11 +191,11 @@ def decompose(sae: Any, read: Readout, x: Float[Tensor, "... d_model"]) -> Decom
 
 
 def check_sae_site(model: Any, sae: Any, site: Site | None, reads: Sequence[Readout], *,
-                   allow_model_mismatch: bool = False) -> tuple[Site, Any]:
+                   checks: SpliceChecks | None = None) -> tuple[Site, Any]:
     """The SAE (validated like a splice) must sit where every unit reads the residual stream."""
     from patching.splice.collect import resolve_site
 
-    found, adapted = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+    found, adapted = resolve_site(model, sae, site, checks=checks)
     wrong = sorted({str(r.site) for r in reads if r.site != found})
     if wrong:
         raise PatchingError(f"the units read the residual stream at {wrong}, but the SAE is at {found}; decomposing "

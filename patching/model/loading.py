@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from patching.model import tl_compat
 from patching.errors import ModelLoadError
+from patching.model import tl_compat
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def load_model(
     return model
 
 
-def model_flags(model: Any) -> dict[str, bool]:
-    """The processing flags a model was loaded with, as far as they are known."""
+def model_flags(model: Any) -> dict[str, bool | None]:
+    """The processing flags a model was loaded with; None where a flag cannot be told apart
+    (a model not loaded by latentpatch on which that step would change nothing)."""
     origin = getattr(model, ORIGIN_ATTRIBUTE, None)
     return origin.flags.as_kwargs() if origin is not None else tl_compat.inferred_flags(model)
 
@@ -160,7 +161,6 @@ def _convert_gguf(folder: Path) -> None:
 
 def _load_default(*, n_layers: int | None, device: Any, dtype: torch.dtype, flags: ModelFlags, n_ctx: int) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     folder = default_model_folder()

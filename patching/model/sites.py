@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from patching.model import tl_compat
 from patching.errors import SiteError
+from patching.model import tl_compat
 
 SiteKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_pre", "mlp_post"]
 SITE_KINDS: tuple[str, ...] = get_args(SiteKind)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,38 @@ def attach_hook(model: HookedTransformer, hook_name: str, fn: HookFn, *, prepend
     return hook_module(model, hook_name).register_forward_hook(forward_hook, prepend=prepend)
 
 
+@contextlib.contextmanager
+def hooks(model: HookedTransformer, pairs: Sequence[tuple[str, HookFn]], *, prepend: bool = False) -> Iterator[None]:
+    """Forward hooks `(hook_name, fn)` attached for the block (see `attach_hook`) and removed when
+    it is left, however it is left: the one place that holds R5 for every caller. Every name is
+    checked before the first hook is attached."""
+    unknown = [name for name, _ in pairs if name not in model.hook_dict]
+    if unknown:
+        raise KeyError(f"no hook point named {unknown} in the model")
+    handles: list[RemovableHandle] = []
+    try:
+        for name, fn in pairs:
+            handles.append(attach_hook(model, name, fn, prepend=prepend))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def canonical_model_name(name: str) -> str:
+    """TransformerLens's official name for `name` or any of its aliases ("gpt2-small" -> "gpt2");
+    names it does not know are returned as given (the offline default, local folders)."""
+    try:
+        return tl_loading.get_official_model_name(name)
+    except ValueError:
+        return name
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names denote the same model, aliases resolved."""
+    return a == b or canonical_model_name(a) == canonical_model_name(b)
+
+
 def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: bool = True) -> Tensor:
     return model.to_tokens(text, prepend_bos=prepend_bos)
 
@@ -138,10 +170,29 @@ def model_device(model: HookedTransformer) -> torch.device:
     return next(model.parameters()).device
 
 
-def inferred_flags(model: HookedTransformer) -> dict[str, bool]:
-    """What can be read off a model not loaded by latentpatch: folded norms show in its type."""
+def inferred_flags(model: HookedTransformer) -> dict[str, bool | None]:
+    """The weight processing of a model not loaded by latentpatch, read off the model itself.
+
+    Folded norms show in its type (`LNPre`, `RMSPre`); centred writing weights as a zero mean over
+    `d_model` of every matrix that writes to the residual stream; a centred unembedding as a zero
+    mean over the vocabulary. Value-bias folding leaves `b_V` zero, which a model without value
+    biases shows too: there folding changes nothing, and the flag reads None (either value holds).
+    """
     norm = model.cfg.normalization_type or ""
-    return {"fold_ln": norm.endswith("Pre")}
+
+    def centred(weight: Tensor, dim: int) -> bool:
+        weight = weight.detach().float()
+        return bool(weight.mean(dim).abs().max() <= 1e-5 * max(weight.abs().max().item(), 1e-12))
+
+    writers = [model.W_E] + [block.attn.W_O for block in model.blocks] + [block.mlp.W_out for block in model.blocks
+                                                                           if hasattr(block, "mlp")]
+    b_v = [getattr(block.attn, "b_V", None) for block in model.blocks]
+    return {
+        "fold_ln": norm.endswith("Pre"),
+        "center_writing_weights": all(centred(w, -1) for w in writers),
+        "center_unembed": centred(model.W_U, -1),
+        "fold_value_biases": None if all(b is None or not b.detach().any() for b in b_v) else False,
+    }
 
 
 def d_vocab(model: HookedTransformer) -> int:
@@ -185,27 +236,8 @@ class _StopForward(Exception):
 
 
 def run_to_hook(model: HookedTransformer, tokens: Tensor, hook_name: str, layer: int) -> Tensor:
-    """The activation at `hook_name` (in block `layer`), running the model no further.
-
-    `stop_at_layer=layer + 1` skips every later block, and the hook aborts the forward pass as
-    soon as it has fired, so even the rest of block `layer` is skipped.
-    """
-    captured: list[Tensor] = []
-
-    def capture(activation: Tensor) -> None:
-        captured.append(activation.detach())
-        raise _StopForward
-
-    handle = attach_hook(model, hook_name, capture)
-    try:
-        model(tokens, stop_at_layer=layer + 1)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"hook {hook_name} did not fire within the first {layer + 1} blocks")
-    return captured[0]
+    """The activation at `hook_name` (in block `layer`), running the model no further."""
+    return run_to_hooks(model, tokens, [hook_name], layer)[hook_name]
 
 
 def encode_text(model: HookedTransformer, text: str) -> list[int]:
@@ -306,9 +338,12 @@ def pad_token_id(model: HookedTransformer) -> int:
 
 
 def run_to_hooks(model: HookedTransformer, tokens: Tensor, hook_names: list[str], layer: int) -> dict[str, Tensor]:
-    """The activations at several hooks within blocks `0..layer`, stopping once the last has fired."""
+    """The activations at several hooks within blocks `0..layer`, running the model no further.
+
+    `stop_at_layer=layer + 1` skips every later block, and the last hook to fire aborts the forward
+    pass, so even the rest of block `layer` is skipped.
+    """
     captured: dict[str, Tensor] = {}
-    handles = []
 
     def capture(name: str) -> HookFn:
         def fn(activation: Tensor) -> None:
@@ -318,13 +353,10 @@ def run_to_hooks(model: HookedTransformer, tokens: Tensor, hook_names: list[str]
         return fn
 
     try:
-        handles = [attach_hook(model, name, capture(name)) for name in hook_names]
-        model(tokens, stop_at_layer=layer + 1)
+        with hooks(model, [(name, capture(name)) for name in hook_names]):
+            model(tokens, stop_at_layer=layer + 1)
     except _StopForward:
         pass
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [name for name in hook_names if name not in captured]
     if missing:
         raise RuntimeError(f"hooks {missing} did not fire within the first {layer + 1} blocks")

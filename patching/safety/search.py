@@ -24,15 +24,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching.model import tl_compat
-from patching.splice.edits import LatentEdit
-from patching.errors import PatchingError
 from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
-from patching.sweep.results import library_version
-from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
+from patching.errors import PatchingError
+from patching.model import tl_compat
 from patching.model.sites import Site
+from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
+from patching.splice.edits import LatentEdit
 from patching.splice.splicer import resolve_saes, splice
+from patching.sweep.results import library_version
 from sae.files import atomic_write
+from sae.metrics import median
 
 DEFAULT_COUNTS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 
@@ -161,7 +162,7 @@ def _curve_summary(curve: RestorationCurve | None) -> dict[str, Any] | None:
     out: dict[str, Any] = {"counts": curve.counts, "median_fraction": curve.median()}
     for threshold in (0.5, 0.9):
         reached = [x for x in curve.needed(threshold) if x is not None]
-        out[f"median_percent_for_{int(threshold * 100)}"] = float(torch.tensor(reached).median()) if reached else None
+        out[f"median_percent_for_{int(threshold * 100)}"] = float(median(reached)) if reached else None
         out[f"pairs_reaching_{int(threshold * 100)}"] = len(reached)
     return out
 

@@ -4,9 +4,9 @@ recovered, KL, explained variance, L0).
 
 Imports `model` below it."""
 
-from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
-from patching.splice.splicer import SiteRecord, Splice, resolve_saes, splice
 from patching.splice.collect import Corpus, iter_site_latents, iter_site_values, resolve_site
+from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
 from patching.splice.quality import SpliceMetrics, splice_metrics
+from patching.splice.splicer import SiteRecord, Splice, resolve_saes, splice
 
 __all__ = ["Corpus", "ErrorPatch", "LatentEdit", "LatentPatch", "SiteRecord", "Splice", "SpliceMetrics", "iter_site_latents", "iter_site_values", "resolve_saes", "resolve_site", "splice", "splice_metrics"]

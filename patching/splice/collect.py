@@ -17,16 +17,16 @@ from torch import Tensor
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.splice.splicer import resolve_saes
+from patching.splice.splicer import SpliceChecks, resolve_saes
 from sae.protocol import SAELike
 
 Corpus = Sequence[str] | Int[Tensor, "_rows _pos"]  # dims unchecked: two corpora may differ
 
 
-def resolve_site(model: Any, sae: Any, site: Site | None, *, allow_model_mismatch: bool = False) -> tuple[Site, SAELike]:
+def resolve_site(model: Any, sae: Any, site: Site | None, *, checks: SpliceChecks | None = None) -> tuple[Site, SAELike]:
     """The SAE's site (its recorded hook, or `site`), checked against the model like a splice."""
     ((found, adapted),) = resolve_saes(model, {site: sae} if site is not None else sae,
-                                       allow_model_mismatch=allow_model_mismatch).items()
+                                       checks=checks).items()
     return found, adapted
 
 

@@ -1,6 +1,7 @@
 """How well an SAE stands in for its site: reconstruction statistics and spliced-model losses.
 
-Definitions (each has a closed-form test):
+The formulas live in `sae.metrics` (training logs the same ones); their definitions, each with a
+closed-form test:
 - cross-entropy: mean next-token negative log-likelihood over positions 0..n-2 predicting 1..n-1;
 - CE loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean), with the site
   zero-ablated for CE_ablated: 1 means the bottleneck loses nothing, 0 means it is as bad as
@@ -20,47 +21,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.model.tokens import padded_tokens  # noqa: F401  (re-exported: quality's callers pad with it)
-from patching.splice.splicer import splice
+from patching.splice.splicer import SpliceChecks, splice
+from sae.metrics import ce_loss_recovered, cross_entropy, explained_variance, kl_divergence, l0, mse
 
-
-def cross_entropy(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"],
-                  mask: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, ""]:
-    """Mean next-token NLL; with `mask`, only over targets that are real tokens."""
-    nll = -logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    return nll.mean() if mask is None else nll[mask[:, 1:]].mean()
-
-
-def kl_divergence(logits_p: Float[Tensor, "... vocab"], logits_q: Float[Tensor, "... vocab"],
-                  mask: Bool[Tensor, "..."] | None = None) -> Float[Tensor, ""]:
-    """KL(p || q) per position, averaged over the positions (those in `mask`, when given)."""
-    log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl.mean() if mask is None else kl[mask].mean()
-
-
-def explained_variance(x: Float[Tensor, "token d_in"], x_hat: Float[Tensor, "token d_in"]) -> Float[Tensor, ""]:
-    x, x_hat = x.float(), x_hat.float()
-    residual = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(0)).pow(2).sum()
-    return 1 - residual / total
-
-
-def mse(x: Float[Tensor, "token d_in"], x_hat: Float[Tensor, "token d_in"]) -> Float[Tensor, ""]:
-    return (x.float() - x_hat.float()).pow(2).mean()
-
-
-def l0(z: Float[Tensor, "token d_sae"]) -> Float[Tensor, ""]:
-    return (z != 0).float().sum(-1).mean()
-
-
-def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> float:
-    return (ce_ablated - ce_spliced) / (ce_ablated - ce_clean)
+__all__ = ["SpliceMetrics", "ce_loss_recovered", "cross_entropy", "explained_variance", "kl_divergence", "l0", "mse",
+           "padded_tokens", "splice_metrics"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +64,7 @@ class SpliceMetrics:
 @torch.inference_mode()
 def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, mask: Bool[Tensor, "batch pos"] | None = None,
                    site: Site | None = None, exclude_first_position: bool = True,
-                   allow_model_mismatch: bool = False) -> SpliceMetrics:
+                   checks: SpliceChecks | None = None) -> SpliceMetrics:
     """Measure `sae` at its site (or `site`) on `tokens`.
 
     `mask` marks the real tokens of a right-padded batch (`padded_tokens` gives both); padding is
@@ -107,14 +78,11 @@ def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, ma
                          "non-empty prefix of each row (right padding)")
     saes = {site: sae} if site is not None else sae
     logits_clean = tl_compat.forward_logits(model, tokens)
-    with splice(model, saes, error_term=False, cache=True, allow_model_mismatch=allow_model_mismatch) as state:
+    with splice(model, saes, error_term=False, cache=True, checks=checks) as state:
         logits_spliced = tl_compat.forward_logits(model, tokens)
     (site_used, record), = state.records.items()
-    handle = tl_compat.attach_hook(model, site_used.hook_name, torch.zeros_like)
-    try:
+    with tl_compat.hooks(model, [(site_used.hook_name, torch.zeros_like)]):
         logits_ablated = tl_compat.forward_logits(model, tokens)
-    finally:
-        handle.remove()
     start = 1 if exclude_first_position and tokens.shape[1] > 1 else 0
     keep = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.to(tokens.device)
     scored = keep.clone()

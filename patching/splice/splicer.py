@@ -15,20 +15,19 @@ reaching `x` is exactly the model's, and `dz.grad = dM/dz` (error held fixed), `
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from patching.model import tl_compat
-from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
 from patching.errors import SpliceError
+from patching.model import tl_compat
 from patching.model.loading import model_flags
 from patching.model.sites import Site, as_site
+from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
 from sae.protocol import SAELike, as_sae
-
 
 Edit = LatentEdit | LatentPatch | ErrorPatch
 
@@ -131,9 +130,35 @@ class Splice:
 SAEsArg = Any  # one SAE, a sequence of SAEs, or a mapping {Site | hook name: SAE}
 
 
-def resolve_saes(model: Any, saes: SAEsArg, *, allow_model_mismatch: bool = False,
-                 allow_hook_mismatch: bool = False) -> dict[Site, SAELike]:
-    """Map sites to SAEs and refuse every mismatch before anything is attached."""
+@dataclass(frozen=True)
+class SpliceChecks:
+    """Which mismatches between an SAE and the model a splice refuses: all of them by default.
+
+    One value that every entry point takes (`checks=`) and every result records, so that a rerun
+    (`verify`, a restoration curve) splices under exactly the checks its first run used.
+    """
+
+    allow_model_mismatch: bool = False
+    """Splice an SAE trained on another model. Names are compared after resolving TransformerLens's
+    aliases ("gpt2-small" and "gpt2" are one model)."""
+    allow_hook_mismatch: bool = False
+    """Splice an SAE at a hook other than the one it records."""
+    allow_processing_mismatch: bool = False
+    """Splice an SAE on a model whose weight processing (fold_ln, centring, value-bias folding)
+    differs from what the SAE records; the residual stream then holds something else."""
+
+    def to_dict(self) -> dict[str, bool]:
+        return asdict(self)
+
+
+NO_WAIVERS = SpliceChecks()
+
+
+def resolve_saes(model: Any, saes: SAEsArg, *, checks: SpliceChecks | None = None) -> dict[Site, SAELike]:
+    """Map sites to SAEs and refuse every mismatch `checks` does not waive, before anything is attached."""
+    checks = NO_WAIVERS if checks is None else checks
+    if not isinstance(checks, SpliceChecks):
+        raise SpliceError(f"checks must be a SpliceChecks, got {type(checks).__name__}")
     if isinstance(saes, Mapping):
         pairs = [(as_site(site), as_sae(sae)) for site, sae in saes.items()]
     else:
@@ -149,38 +174,43 @@ def resolve_saes(model: Any, saes: SAEsArg, *, allow_model_mismatch: bool = Fals
             site = Site.from_hook_name(sae.hook_name)
         if site in resolved:
             raise SpliceError(f"two SAEs given for {site}")
-        check_sae_fits(model, site, sae, allow_model_mismatch=allow_model_mismatch, allow_hook_mismatch=allow_hook_mismatch)
+        check_sae_fits(model, site, sae, checks)
         resolved[site] = sae
     return resolved
 
 
-def check_sae_fits(model: Any, site: Site, sae: SAELike, *, allow_model_mismatch: bool, allow_hook_mismatch: bool) -> None:
+def check_sae_fits(model: Any, site: Site, sae: SAELike, checks: SpliceChecks) -> None:
     site.check(model)
     width = site.width(model)
     if sae.d_in != width:
         raise SpliceError(f"SAE d_in={sae.d_in} but {site} ({site.hook_name}) has width {width}")
-    if sae.hook_name and sae.hook_name != site.hook_name and not allow_hook_mismatch:
+    if sae.hook_name and sae.hook_name != site.hook_name and not checks.allow_hook_mismatch:
         raise SpliceError(
             f"SAE was trained on {sae.hook_name!r} but is spliced at {site.hook_name!r}; "
-            "pass allow_hook_mismatch=True if that is intended"
+            "pass checks=SpliceChecks(allow_hook_mismatch=True) if that is intended"
         )
-    if allow_model_mismatch or not sae.model_name:
-        return
     name = tl_compat.model_name(model)
-    if sae.model_name != name:
+    if sae.model_name and not checks.allow_model_mismatch and not tl_compat.same_model(sae.model_name, name):
         raise SpliceError(
             f"SAE was trained on model {sae.model_name!r} but the model is {name!r}; "
-            "pass allow_model_mismatch=True if that is intended"
+            "pass checks=SpliceChecks(allow_model_mismatch=True) if that is intended"
         )
+    # An SAE that records no model at all (a fresh one) has no processing to compare against.
+    if not checks.allow_processing_mismatch and (sae.model_name or sae.model_from_pretrained_kwargs):
+        _check_processing(model, sae)
+
+
+def _check_processing(model: Any, sae: SAELike) -> None:
     # SAELens records overrides of from_pretrained_no_processing: an absent flag means False.
     have = model_flags(model)
     want = {flag: bool(sae.model_from_pretrained_kwargs.get(flag, False)) for flag in have}
-    differ = {flag: (want[flag], have[flag]) for flag in have if want[flag] != have[flag]}
+    differ = {flag: (want[flag], have[flag]) for flag in have if have[flag] is not None and want[flag] != have[flag]}
     if differ:
         described = ", ".join(f"{flag}: SAE {w} vs model {h}" for flag, (w, h) in differ.items())
         raise SpliceError(
             f"the model was loaded with different weight processing than the SAE was trained on ({described}); "
-            "load it with the SAE's flags (load_model(..., flags=ModelFlags(...))) or pass allow_model_mismatch=True"
+            "load it with the SAE's flags (load_model(..., flags=ModelFlags(...))) or pass "
+            "checks=SpliceChecks(allow_processing_mismatch=True)"
         )
 
 
@@ -193,25 +223,18 @@ def splice(
     edits: Sequence[Edit] = (),
     cache: bool = False,
     track_grads: bool = False,
-    allow_model_mismatch: bool = False,
-    allow_hook_mismatch: bool = False,
+    checks: SpliceChecks | None = None,
 ) -> Iterator[Splice]:
     """Splice SAEs into `model` for the duration of the block; yields the `Splice`.
 
     `saes` is one SAE (placed at its recorded hook), a list of them, or `{Site: sae}`.
     `cache=True` keeps each site's latents and error from the latest forward in
     `Splice.records`; `track_grads=True` adds the gradient probes described in the module
-    docstring. Every check runs before the first hook is attached; leaving the block, however
-    it is left, removes exactly the hooks it added.
+    docstring. Every check `checks` does not waive runs before the first hook is attached; leaving
+    the block, however it is left, removes exactly the hooks it added.
     """
-    resolved = resolve_saes(model, saes, allow_model_mismatch=allow_model_mismatch, allow_hook_mismatch=allow_hook_mismatch)
+    resolved = resolve_saes(model, saes, checks=checks)
     state = Splice(resolved, error_term=error_term, cache=cache, track_grads=track_grads)
     state.set_edits(edits)
-    handles = []
-    try:
-        for site in resolved:
-            handles.append(tl_compat.attach_hook(model, site.hook_name, lambda x, site=site: state.hook(site, x)))
+    with tl_compat.hooks(model, [(site.hook_name, lambda x, site=site: state.hook(site, x)) for site in resolved]):
         yield state
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -3,7 +3,18 @@ comparisons of effect against cost, and built-in concepts.
 
 A leaf: imports the rooms below it, never `inspect` or `safety`."""
 
-from patching.steering.steer import LatentChoice, SteeredGeneration, Steering, SteeringConfig, SteeringError, contrast_latents, generate_steered, latents_from_result, steer, steering_vector
 from patching.steering.compare import CompareSettings, Concept, SteeringComparison, compare_steering
+from patching.steering.steer import (
+    LatentChoice,
+    SteeredGeneration,
+    Steering,
+    SteeringConfig,
+    SteeringError,
+    contrast_latents,
+    generate_steered,
+    latents_from_result,
+    steer,
+    steering_vector,
+)
 
 __all__ = ["CompareSettings", "Concept", "LatentChoice", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "compare_steering", "contrast_latents", "generate_steered", "latents_from_result", "steer", "steering_vector"]

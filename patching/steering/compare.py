@@ -40,7 +40,8 @@ from patching.splice.quality import kl_divergence
 from patching.model.loading import model_flags
 from patching.sweep.results import library_version
 from patching.steering.steer import (LatentChoice, PositionMode, SteerMethod, SteerScale, SteeringConfig, SteeringError,
-                               Weighting, contrast_latents, steer)
+                                     Weighting, contrast_latents, steer)
+from patching.splice.splicer import SpliceChecks
 from sae.files import atomic_write, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _prepare(model: Any, concept: Concept) -> _Data:
 def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequence[int] = (1, 2, 4, 8, 16),
                      coefficients: Sequence[float] = (1.0, 2.0, 4.0, 8.0), methods: Sequence[SteerMethod] = ("add", "clamp"),
                      settings: CompareSettings = CompareSettings(), choice: LatentChoice | None = None,
-                     metric: Callable[[Tensor], Tensor] | None = None, allow_model_mismatch: bool = False,
+                     metric: Callable[[Tensor], Tensor] | None = None, checks: SpliceChecks | None = None,
                      progress: bool = True) -> SteeringComparison:
     """Measure every (method, K, coefficient) on `concept`; see the module docstring.
 
@@ -175,11 +176,11 @@ def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequen
     replaces log P(concept tokens) as the target.
     """
     k_values, coefficients, methods = _check_grid(k_values, coefficients, methods)
-    site, _ = resolve_site(model, sae, choice.site if choice is not None else None, allow_model_mismatch=allow_model_mismatch)
+    site, _ = resolve_site(model, sae, choice.site if choice is not None else None, checks=checks)
     data = _prepare(model, concept)
     if choice is None:
         choice = contrast_latents(model, sae, list(concept.positive), list(concept.negative), k=max(k_values),
-                                  allow_model_mismatch=allow_model_mismatch)
+                                  checks=checks)
     elif len(choice.latents) < max(k_values):
         raise SteeringError(f"the choice ranks {len(choice.latents)} latents but k_values go up to {max(k_values)}")
     score = metric or (lambda logits: logits.float().log_softmax(-1)[:, data.target_ids].logsumexp(-1))
@@ -191,7 +192,7 @@ def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequen
         config = SteeringConfig(method=method, coefficient=float(c), scale=settings.scale, weighting=settings.weighting,
                                 positions=settings.positions)
         top = choice.top(k)
-        with steer(model, sae, top, config, allow_model_mismatch=allow_model_mismatch):
+        with steer(model, sae, top, config, checks=checks):
             run = _run(model, data, settings, score)
         # Fluency is judged by the unsteered model, so it is scored outside the steering block.
         rows.append(_row(concept, method, k, float(c), top.latents, run, base, _fluency(model, data, run["generated"], n_new),

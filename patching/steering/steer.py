@@ -32,13 +32,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from patching.model import tl_compat
-from patching.splice.edits import LatentEdit
 from patching.errors import SteeringError
-from patching.splice.collect import Corpus, check_latent_indices, iter_site_latents, resolve_site
-from patching.sweep.results import PatchResult
+from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.splice.splicer import Splice, splice
+from patching.splice.collect import Corpus, check_latent_indices, iter_site_latents, resolve_site
+from patching.splice.edits import LatentEdit
+from patching.splice.splicer import Splice, SpliceChecks, splice
+from patching.sweep.results import PatchResult
 from sae.protocol import SAELike
 
 SteerMethod = Literal["add", "clamp"]
@@ -129,12 +129,12 @@ def _as_positions(positions: Any) -> tuple[int, ...]:
 
 
 def contrast_latents(model: Any, sae: Any, positive: Corpus, negative: Corpus, *, k: int = 16,
-                     site: Site | None = None, batch_rows: int = 8, allow_model_mismatch: bool = False) -> LatentChoice:
+                     site: Site | None = None, batch_rows: int = 8, checks: SpliceChecks | None = None) -> LatentChoice:
     """Rank latents by mean activation on `positive` minus mean on `negative` (tokens pooled,
     special tokens left out) and keep the `k` best: the difference-of-means direction of Rimsky
     et al. 2024 ("Steering Llama 2 via Contrastive Activation Addition"), read in the SAE's basis.
     """
-    site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+    site, sae = resolve_site(model, sae, site, checks=checks)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= sae.d_sae:
         raise SteeringError(f"k must be an int in 1..{sae.d_sae} (d_sae), got {k!r}")
     pos_mean, pos_active_mean = _mean_latents(model, sae, site, positive, batch_rows)
@@ -183,7 +183,7 @@ Target = LatentChoice | Sequence[int] | int | Tensor
 
 
 def _resolve_target(model: Any, sae: Any, target: Any, site: Site | None,
-                    allow_model_mismatch: bool) -> tuple[Site, SAELike | None, LatentChoice | Tensor]:
+                    checks: SpliceChecks | None) -> tuple[Site, SAELike | None, LatentChoice | Tensor]:
     """Validate what is steered with, before anything is attached."""
     if isinstance(target, Tensor):
         if sae is None and site is None:
@@ -191,7 +191,7 @@ def _resolve_target(model: Any, sae: Any, target: Any, site: Site | None,
         if sae is None:
             width = site.check(model).width(model)
         else:
-            site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+            site, sae = resolve_site(model, sae, site, checks=checks)
             width = sae.d_in
         if tuple(target.shape) != (width,) or not torch.is_floating_point(target) or not torch.isfinite(target).all():
             raise SteeringError(f"steering vector must be a finite float tensor of shape ({width},) (d_in at {site}); "
@@ -201,7 +201,7 @@ def _resolve_target(model: Any, sae: Any, target: Any, site: Site | None,
         raise SteeringError("steering with latents needs the SAE")
     if isinstance(target, LatentChoice) and site is None:
         site = target.site
-    site, sae = resolve_site(model, sae, site, allow_model_mismatch=allow_model_mismatch)
+    site, sae = resolve_site(model, sae, site, checks=checks)
     if not isinstance(target, LatentChoice):
         latents = [target] if isinstance(target, int) else list(target)
         check_latent_indices(latents, sae.d_sae, error=SteeringError)
@@ -304,7 +304,7 @@ class Steering:
 
 @contextlib.contextmanager
 def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = None, *, site: Site | None = None,
-          allow_model_mismatch: bool = False, **overrides: Any) -> Iterator[Steering]:
+          checks: SpliceChecks | None = None, **overrides: Any) -> Iterator[Steering]:
     """Steer `model` for the duration of the block; yields the `Steering`.
 
     `target` is a `LatentChoice` (e.g. `contrast_latents(...).top(1)`), latent indices, or a
@@ -315,7 +315,7 @@ def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = 
     config = dataclasses.replace(config or SteeringConfig(), **overrides) if overrides else (config or SteeringConfig())
     if not isinstance(config, SteeringConfig):
         raise SteeringError(f"config must be a SteeringConfig, got {type(config).__name__}")
-    site, sae, resolved = _resolve_target(model, sae, target, site, allow_model_mismatch)
+    site, sae, resolved = _resolve_target(model, sae, target, site, checks)
     if config.method == "clamp" and isinstance(resolved, Tensor):
         raise SteeringError("method='clamp' sets latents: pass latents or a LatentChoice, not a vector")
     if config.method == "add":
@@ -328,10 +328,10 @@ def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = 
         state = Steering(model, site, config, vector=None, choice=resolved)
     with contextlib.ExitStack() as stack:
         if config.method == "clamp":
-            state._splice = stack.enter_context(splice(model, {site: sae}, allow_model_mismatch=allow_model_mismatch))
+            state._splice = stack.enter_context(splice(model, {site: sae}, checks=checks))
         stack.callback(tl_compat.attach_block_pre_hook(model, site.layer, state._before_block).remove)
         if config.method == "add":
-            stack.callback(tl_compat.attach_hook(model, site.hook_name, state._add).remove)
+            stack.enter_context(tl_compat.hooks(model, [(site.hook_name, state._add)]))
         yield state
 
 
@@ -362,13 +362,13 @@ class SteeredGeneration:
 def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[str] | Tensor,
                      config: SteeringConfig | None = None, *, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float | None = None, seed: int = 0, use_kv_cache: bool = True,
-                     site: Site | None = None, allow_model_mismatch: bool = False,
+                     site: Site | None = None, checks: SpliceChecks | None = None,
                      **overrides: Any) -> SteeredGeneration:
     """Generate from `prompts` without and with steering (same seed), for comparison."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise SteeringError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
-    with steer(model, sae, target, config, site=site, allow_model_mismatch=allow_model_mismatch, **overrides) as state:
+    with steer(model, sae, target, config, site=site, checks=checks, **overrides) as state:
         steered = state.generate(prompts, use_kv_cache=use_kv_cache, seed=seed, **kwargs)
     torch.manual_seed(seed)
     unsteered = tl_compat.generate(model, prompts, use_past_kv_cache=use_kv_cache, **kwargs)

@@ -19,14 +19,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching.model import tl_compat
-from patching.splice.edits import ErrorPatch, LatentPatch
 from patching.errors import PatchingError
+from patching.model import tl_compat
+from patching.model.sites import Site
+from patching.splice.edits import ErrorPatch, LatentPatch
+from patching.splice.splicer import Splice
 from patching.sweep.objectives import KLFromClean, Metric
 from patching.sweep.pairs import PromptPair
-from patching.model.sites import Site
-from patching.splice.splicer import Splice
-from patching.sweep.units import PatchUnit
+from patching.sweep.units import PatchUnit, position_mask
 
 DEFAULT_MEMORY_MB = 1024
 
@@ -81,14 +81,9 @@ def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: R
 
     Indices are latents for `latent` parts and dimensions for `raw` parts (unused for `error`)."""
     out = []
-    mapped = pair.source_position >= 0
+    mapped = pair.mapped
     for part in unit.parts:
-        allowed = mapped.clone()
-        restrict = part.positions if part.positions is not None else positions
-        if restrict is not None:
-            keep = torch.zeros_like(allowed)
-            keep[[p for p in restrict if p < allowed.shape[0]]] = True
-            allowed &= keep
+        allowed = mapped & position_mask(mapped.shape[0], part.positions if part.positions is not None else positions)
         pos = torch.nonzero(allowed).flatten()
         src = pair.source_position[pos]
         if part.kind == "latent":
@@ -127,7 +122,6 @@ def raw_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor
     by_site: dict[Site, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
     for rows, site, pos, dims, values in patches:
         by_site.setdefault(site, []).append((rows, pos, dims, values))
-    handles = []
 
     def make_hook(items: list[tuple[Tensor, Tensor, Tensor, Tensor]]):
         rows, pos, dims, values = (torch.cat([item[k] for item in items]) for k in range(4))
@@ -139,13 +133,8 @@ def raw_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor
 
         return hook
 
-    try:
-        for site, items in by_site.items():
-            handles.append(tl_compat.attach_hook(model, site.hook_name, make_hook(items)))
+    with tl_compat.hooks(model, [(site.hook_name, make_hook(items)) for site, items in by_site.items()]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pair_index: int, pair: PromptPair,

@@ -15,8 +15,8 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from patching.model import tl_compat
 from patching.errors import PatchingError
+from patching.model import tl_compat
 
 Direction = Literal["denoise", "noise"]
 Align = Union[None, Literal["end"], Mapping[int, int]]
@@ -37,6 +37,18 @@ class PromptPair:
     @property
     def n_base(self) -> int:
         return self.base.shape[1]
+
+    @property
+    def mapped(self) -> Tensor:
+        """(pos_base,) bool: base positions that have an aligned source position."""
+        return self.source_position >= 0
+
+    def source_minus_base(self, source: Tensor, base: Tensor) -> Tensor:
+        """`source[aligned] - base` per base position, `(pos_base, ...)`; zero where no source
+        position is aligned. The one way every module lines the two runs up."""
+        aligned = source[self.source_position.clamp(min=0)]
+        mapped = self.mapped.reshape(-1, *([1] * (base.dim() - 1)))
+        return torch.where(mapped, aligned - base, torch.zeros((), dtype=base.dtype))
 
 
 def tokenize(model: Any, prompts: Prompts, name: str) -> list[Tensor]:

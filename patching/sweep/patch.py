@@ -14,16 +14,23 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching.model import tl_compat
 from patching.errors import PatchingError
+from patching.model import tl_compat
 from patching.model.loading import model_flags
+from patching.model.sites import Site
+from patching.splice.splicer import Splice, SpliceChecks, resolve_saes, splice
+from patching.sweep.engine import (
+    DEFAULT_MEMORY_MB,
+    RunCache,
+    chunk_rows,
+    evaluate_units,
+    normalized_effect,
+    reference_metrics,
+    reference_run,
+)
 from patching.sweep.objectives import as_metric, describe
 from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
 from patching.sweep.results import PatchResult, library_version
-from patching.model.sites import Site
-from patching.splice.splicer import Splice, resolve_saes, splice
-from patching.sweep.engine import (DEFAULT_MEMORY_MB, RunCache, chunk_rows, evaluate_units, normalized_effect, reference_metrics,
-                            reference_run)
 from patching.sweep.units import UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, joint_units
 from sae.files import weights_sha256
 
@@ -34,7 +41,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
                   latent_sets: Sequence[LatentSet] | None = None, units: Sequence[PatchUnit] | None = None,
                   batch_size: int | None = None,
                   memory_mb: int = DEFAULT_MEMORY_MB, progress: bool = True,
-                  allow_model_mismatch: bool = False) -> PatchResult:
+                  checks: SpliceChecks | None = None) -> PatchResult:
     """Patch SAE latents (or error nodes) between clean and corrupted runs; one unit per column.
 
     `unit`: `latent_position` (each differing latent at each position), `latent` (a latent at
@@ -49,7 +56,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
     check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
-    resolved = resolve_saes(model, saes, allow_model_mismatch=allow_model_mismatch)
+    resolved = resolve_saes(model, saes, checks=checks)
     if unit == "joint":
         for part in (p for u in joint_units(latent_sets, list(resolved), positions) for p in u.parts):
             if max(part.latents) >= resolved[part.site].d_sae:
@@ -57,14 +64,15 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
     if units is not None:
         _check_units(units, resolved, min(pair.n_base for pair in pairs))
     layers = sorted({site.layer for site in resolved})
-    with torch.inference_mode(), splice(model, resolved, allow_model_mismatch=allow_model_mismatch) as state:
+    with torch.inference_mode(), splice(model, resolved, checks=checks) as state:
         runs = [(reference_run(model, state, p.base, layers, metric.readout),
                  reference_run(model, state, p.source, layers, metric.readout)) for p in pairs]
         if units is None:
             units = differing_units(unit, differs_mask(pairs, runs, resolved), positions, latent_sets)
         units = list(units)
         return _sweep(model, state, pairs, runs, units, metric, direction, positions, batch_size, memory_mb, progress,
-                      provenance={"unit": unit, "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()}})
+                      provenance={"unit": unit, "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()},
+                                  "checks": (checks or SpliceChecks()).to_dict()})
 
 
 def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, direction: Direction = "denoise",
@@ -139,15 +147,15 @@ def check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | 
 
 
 def differs_mask(pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]], saes: dict[Site, Any]) -> dict[Site, Tensor]:
-    """Per site, (pos, d_sae): whether the latent differs between aligned runs in any pair."""
-    n_pos = max(pair.n_base for pair in pairs)
+    """Per site, (pos, d_sae): whether the latent differs between aligned runs in any pair.
+
+    Positions run over the shortest base prompt: a unit must exist in every pair it is averaged
+    over (explicit `positions` and `units` are held to the same range)."""
+    n_pos = min(pair.n_base for pair in pairs)
     out = {site: torch.zeros(n_pos, sae.d_sae, dtype=torch.bool) for site, sae in saes.items()}
     for pair, (base, source) in zip(pairs, runs):
-        mapped = pair.source_position >= 0
-        src = pair.source_position.clamp(min=0)
         for site in saes:
-            differ = (source.latents[site][src] != base.latents[site]) & mapped[:, None]
-            out[site][: pair.n_base] |= differ.cpu()
+            out[site] |= (pair.source_minus_base(source.latents[site], base.latents[site]) != 0)[:n_pos].cpu()
     return out
 
 

@@ -91,7 +91,7 @@ def differing_units(kind: str, differs: Mapping[Site, Tensor], positions: tuple[
         raise PatchingError("latent_sets is only used with unit='joint'")
     units: list[PatchUnit] = []
     for site, mask in differs.items():
-        mask = _restrict(mask, positions)
+        mask = mask & position_mask(mask.shape[0], positions)[:, None]
         if kind == "latent_position":
             for p, latent in torch.nonzero(mask).tolist():
                 units.append(PatchUnit((UnitPart(site, "latent", (p,), (latent,)),)))
@@ -130,9 +130,10 @@ def joint_units(latent_sets: Sequence[LatentSet] | None, sites: list[Site], posi
     return units
 
 
-def _restrict(mask: Tensor, positions: tuple[int, ...] | None) -> Tensor:
+def position_mask(n_pos: int, positions: Sequence[int] | None) -> Tensor:
+    """(n_pos,) bool: the positions kept (all when None; positions at or beyond n_pos are left out)."""
     if positions is None:
-        return mask
-    keep = torch.zeros(mask.shape[0], dtype=torch.bool)
-    keep[list(positions)] = True
-    return mask & keep[:, None]
+        return torch.ones(n_pos, dtype=torch.bool)
+    keep = torch.zeros(n_pos, dtype=torch.bool)
+    keep[[p for p in positions if 0 <= p < n_pos]] = True
+    return keep
