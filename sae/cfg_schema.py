@@ -66,7 +66,8 @@ TOP_LEVEL_KEYS: dict[str, KeyRule] = {
     "device": KeyRule("a string", _is(str)),
     "apply_b_dec_to_input": KeyRule("true or false", _is(bool)),
     # Pre-6.0 files wrote false or null for "none".
-    "normalize_activations": KeyRule("a string, false or null", lambda v: v is None or v is False or isinstance(v, str)),
+    "normalize_activations": KeyRule("a string, false or null",
+                                     lambda v: v is None or v is False or isinstance(v, str)),
     "reshape_activations": KeyRule("a string", _is(str)),
     "metadata": KeyRule("an object", _str_keyed_object),
     "architecture": KeyRule("a string", _is(str)),
@@ -95,8 +96,9 @@ PROVENANCE_KEYS: dict[str, KeyRule] = {
     "seqpos_slice": KeyRule("an array of ints or nulls, or null",
                             _optional(lambda v: isinstance(v, list) and all(x is None or _int(x) for x in v))),
     "neuronpedia_id": KeyRule("a string or null", _optional(_is(str))),
-    "exclude_special_tokens": KeyRule("true, false, an array of ints or null",
-                                      _optional(lambda v: isinstance(v, bool) or (isinstance(v, list) and all(map(_int, v))))),
+    "exclude_special_tokens": KeyRule(
+        "true, false, an array of ints or null",
+        _optional(lambda v: isinstance(v, bool) or (isinstance(v, list) and all(map(_int, v))))),
     "model_class_name": KeyRule("a string or null", _optional(_is(str))),
 }
 LATENTPATCH_KEYS: dict[str, KeyRule] = {

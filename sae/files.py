@@ -65,7 +65,8 @@ def config_to_dict(cfg: SAEConfig, *, weights_sha256: str | None = None) -> dict
     metadata: dict[str, Any] = dict(cfg.extra_metadata)
     metadata["sae_lens_version"] = metadata["sae_lens_training_version"] = _sae_lens_version()
     for name in METADATA_FIELDS:
-        metadata[name] = getattr(cfg, name) if name != "model_from_pretrained_kwargs" else dict(cfg.model_from_pretrained_kwargs)
+        value = getattr(cfg, name)
+        metadata[name] = dict(value) if name == "model_from_pretrained_kwargs" else value
     section: dict[str, Any] = {"format_version": FORMAT_VERSION}
     if weights_sha256 is not None:
         section["weights_sha256"] = weights_sha256
@@ -133,8 +134,9 @@ def config_from_dict(raw: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, st
         architecture = "topk"
     k = raw.get("k", (merged.get("activation_fn_kwargs") or {}).get("k")) if architecture == "topk" else None
     if architecture not in ARCHITECTURES:
-        raise SAEFileError(cfg_path, f"architecture {architecture!r} is not read natively (supported: {ARCHITECTURES}); "
-                           "load it with sae_lens.SAE.load_from_disk and pass that object instead")
+        raise SAEFileError(cfg_path, f"architecture {architecture!r} is not read natively "
+                           f"(supported: {ARCHITECTURES}); load it with sae_lens.SAE.load_from_disk "
+                           "and pass that object instead")
     fields = {name: merged[name] for name in METADATA_FIELDS if merged.get(name) is not None}
     extra = {k: v for k, v in metadata.items() if k not in METADATA_FIELDS and k not in REWRITTEN_METADATA}
     try:
@@ -218,11 +220,13 @@ def _header_entries(head: bytes, size: int, path: Path) -> dict[str, _Entry]:
     for name, entry in sorted(entries.items(), key=lambda item: item[1].start):
         itemsize = SAFETENSORS_DTYPES[entry.dtype].itemsize
         if entry.start != end or entry.stop - entry.start != math.prod(entry.shape) * itemsize:
-            raise SAEFileError(path, f"tensor {name!r} offsets {entry.start}..{entry.stop} do not match its shape and position")
+            raise SAEFileError(path, f"tensor {name!r} offsets {entry.start}..{entry.stop} "
+                               "do not match its shape and position")
         end = entry.stop
     data_len = size - len(head)
     if end != data_len:
-        raise SAEFileError(path, f"data section is {data_len} bytes but tensors cover {end}: truncated or trailing bytes")
+        raise SAEFileError(path, f"data section is {data_len} bytes but tensors cover {end}: "
+                           "truncated or trailing bytes")
     return entries
 
 
@@ -231,7 +235,8 @@ def _entry(name: str, info: Any, path: Path) -> _Entry:
         raise SAEFileError(path, f"tensor {name!r}: header entry must be an object with dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise SAEFileError(path, f"tensor {name!r} key 'dtype' is {dtype!r}; expected one of {sorted(SAFETENSORS_DTYPES)}")
+        raise SAEFileError(path, f"tensor {name!r} key 'dtype' is {dtype!r}; "
+                           f"expected one of {sorted(SAFETENSORS_DTYPES)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise SAEFileError(path, f"tensor {name!r} key 'shape' is invalid: {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
@@ -252,12 +257,14 @@ def _decode(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_shapes(shapes: dict[str, tuple[int, ...]], cfg: SAEConfig, path: Path) -> None:
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
+                "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
     if cfg.architecture == "jumprelu":
         expected["threshold"] = (cfg.d_sae,)
     missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or extra:
-        raise SAEFileError(path, f"tensor names differ from a {cfg.architecture} SAE's: missing {missing}, unexpected {extra}")
+        raise SAEFileError(path, f"tensor names differ from a {cfg.architecture} SAE's: "
+                           f"missing {missing}, unexpected {extra}")
     for name, shape in expected.items():
         if shapes[name] != shape:
             raise SAEFileError(path, f"tensor {name!r} has shape {shapes[name]} but cfg.json implies {shape}")

@@ -94,7 +94,8 @@ def test_oversized_config_is_refused_unread(folder):
 
 
 def _bytes_read() -> int:
-    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+    lines = Path("/proc/self/io").read_text().splitlines()
+    return int(next(line for line in lines if line.startswith("rchar")).split()[1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts read bytes through Linux /proc/self/io")
@@ -156,7 +157,8 @@ def test_saelens_file_without_our_section_loads_unverified(folder):
     assert load_sae(folder).cfg.k == 3
 
 
-@pytest.mark.parametrize("text", ['{"d_in": 8, "d_in": 8, "d_sae": 16}', '{"d_in": 8, "d_sae": 16, "metadata": {"a": 1, "a": 2}}'])
+@pytest.mark.parametrize("text", ['{"d_in": 8, "d_in": 8, "d_sae": 16}',
+                                  '{"d_in": 8, "d_sae": 16, "metadata": {"a": 1, "a": 2}}'])
 def test_duplicate_config_keys_are_refused(folder, text):
     (folder / CONFIG_FILE).write_text(text)
     refused(folder, "appears twice")

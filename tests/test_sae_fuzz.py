@@ -15,7 +15,6 @@ import json
 import random
 import shutil
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -119,7 +118,8 @@ def test_fuzzed_folders_raise_sae_file_error_or_load_identically(originals, tmp_
     failures, outcomes = [], {"refused": 0, "loaded": 0}
     for case in range(CASES):
         source, sae, hashed = originals[case % len(originals)]
-        kind, cfg, weights = _mutate(rng, (source / CONFIG_FILE).read_bytes(), (source / WEIGHTS_FILE).read_bytes(), hashed)
+        original = (source / CONFIG_FILE).read_bytes(), (source / WEIGHTS_FILE).read_bytes()
+        kind, cfg, weights = _mutate(rng, *original, hashed)
         folder = tmp_path / f"case{case}"
         folder.mkdir()
         (folder / CONFIG_FILE).write_bytes(cfg)
