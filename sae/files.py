@@ -3,7 +3,9 @@
 Reading never unpickles: the config is strict JSON and the weights are safetensors, whose
 header we check by hand (length, JSON, dtypes, shapes, offsets, no trailing bytes) before the
 library touches it. Saving records the weights' SHA-256 and a format version under
-`metadata.latentpatch`; loading verifies both when present. Writes are atomic.
+`metadata.latentpatch`; loading verifies both when present. Writes are atomic: `atomic_write`
+(one file) and `atomic_folder` (a folder of files saved as one unit, used by every result's
+`save`) live in `sae.atomic` and are imported from here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import math
 import os
 import stat
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -25,6 +26,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from sae.atomic import atomic_folder as atomic_folder  # re-exported: results import it from here
+from sae.atomic import atomic_write
 from sae.cfg_schema import FORMAT_VERSION, PROVENANCE_KEYS, check_config, strict_json
 from sae.config import ARCHITECTURES, SAEConfig
 from sae.errors import SAEConfigError, SAEFileError
@@ -306,25 +309,6 @@ def _read_exact(handle: BinaryIO, n: int, path: Path) -> bytes:
     if len(data) != n:
         raise SAEFileError(path, f"changed while being read: expected {n} more bytes, got {len(data)}")
     return data
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _sae_lens_version() -> str:
