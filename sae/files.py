@@ -3,49 +3,43 @@
 Reading never unpickles: the config is strict JSON and the weights are safetensors, whose
 header we check by hand (length, JSON, dtypes, shapes, offsets, no trailing bytes) before the
 library touches it. Saving records the weights' SHA-256 and a format version under
-`metadata.latentpatch`; loading verifies both when present. Writes are atomic.
+`metadata.latentpatch`; loading verifies both when present. Writes are atomic: `atomic_write`
+(one file) and `atomic_folder` (a folder of files saved as one unit, used by every result's
+`save`) live in `sae.atomic` and are imported from here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
+import stat
 import struct
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from sae.atomic import atomic_folder as atomic_folder  # re-exported: results import it from here
+from sae.atomic import atomic_write
+from sae.cfg_schema import FORMAT_VERSION, PROVENANCE_KEYS, check_config, strict_json
 from sae.config import ARCHITECTURES, SAEConfig
 from sae.errors import SAEConfigError, SAEFileError
 from sae.model import TORCH_DTYPES, SparseAutoencoder
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-FORMAT_VERSION = 1
-"""Version of the `metadata.latentpatch` section; files from a newer version are refused."""
-
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+"""Largest `cfg.json` read (SAELens configs are under 2 KiB); larger files are refused unread."""
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
-# Top-level keys of SAELens configs, current (6.x) and flat pre-6.0 ones; anything else is refused.
-SAELENS_KEYS = {
-    "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
-    "reshape_activations", "metadata", "architecture", "k", "rescale_acts_by_decoder_norm",
-}
-LEGACY_KEYS = {
-    "model_name", "hook_name", "hook_point", "hook_layer", "hook_point_layer", "hook_head_index",
-    "hook_point_head_index", "activation_fn", "activation_fn_str", "activation_fn_kwargs",
-    "finetuning_scaling_factor", "context_size", "dataset_path", "dataset_trust_remote_code",
-    "prepend_bos", "sae_lens_version", "sae_lens_training_version", "model_from_pretrained_kwargs",
-    "seqpos_slice", "neuronpedia_id", "exclude_special_tokens", "model_class_name",
-}
 # Metadata that `save_sae` writes anew each time rather than carrying over from the file read.
 REWRITTEN_METADATA = ("latentpatch", "sae_lens_version", "sae_lens_training_version")
 METADATA_FIELDS = ("hook_name", "model_name", "model_from_pretrained_kwargs", "prepend_bos",
@@ -74,7 +68,8 @@ def config_to_dict(cfg: SAEConfig, *, weights_sha256: str | None = None) -> dict
     metadata: dict[str, Any] = dict(cfg.extra_metadata)
     metadata["sae_lens_version"] = metadata["sae_lens_training_version"] = _sae_lens_version()
     for name in METADATA_FIELDS:
-        metadata[name] = getattr(cfg, name) if name != "model_from_pretrained_kwargs" else dict(cfg.model_from_pretrained_kwargs)
+        value = getattr(cfg, name)
+        metadata[name] = dict(value) if name == "model_from_pretrained_kwargs" else value
     section: dict[str, Any] = {"format_version": FORMAT_VERSION}
     if weights_sha256 is not None:
         section["weights_sha256"] = weights_sha256
@@ -91,75 +86,69 @@ def config_to_dict(cfg: SAEConfig, *, weights_sha256: str | None = None) -> dict
 
 
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Read and validate an SAE folder; every problem raises `SAEFileError` naming the file."""
+    """Read and validate an SAE folder; every problem raises `SAEFileError` naming the file.
+
+    Sizes and file types are checked before anything is read: a symlink to a device, a FIFO or a
+    folder is refused, `cfg.json` may hold at most `MAX_CONFIG_BYTES`, and the weights' data is
+    read only once the safetensors header, the file size and the shapes `cfg.json` implies agree.
+
+    A file written by latentpatch carries `metadata.latentpatch.weights_sha256` and is verified
+    against it. A file without that section is taken as SAELens-written (SAELens records no
+    hash): its structure, names, shapes and finiteness are checked, but a corruption of the data
+    bytes that leaves the values finite cannot be detected, as safetensors has no checksum.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise SAEFileError(folder, "is not a folder (an SAE is a folder holding cfg.json and sae_weights.safetensors)")
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    raw_cfg = read_config_json(cfg_path)
-    cfg, expected_sha = config_from_dict(raw_cfg, cfg_path)
-    blob = _read_bytes(weights_path)
-    if expected_sha is not None and hashlib.sha256(blob).hexdigest() != expected_sha:
-        raise SAEFileError(weights_path, "SHA-256 differs from the one recorded in cfg.json (file changed or truncated)")
-    tensors = read_safetensors(blob, weights_path)
-    _check_tensors(tensors, cfg, weights_path)
+    cfg, expected_sha = config_from_dict(read_config_json(cfg_path), cfg_path)
+    tensors = _read_weights(weights_path, cfg, expected_sha)
     sae = SparseAutoencoder(cfg)
     sae.load_state_dict({name: t.to(TORCH_DTYPES[cfg.dtype]) for name, t in tensors.items()})
     return sae.to(device)
 
 
 def read_config_json(cfg_path: Path) -> dict[str, Any]:
-    text = _read_bytes(cfg_path)
-
-    def refuse_constant(name: str) -> Any:
-        raise SAEFileError(cfg_path, f"non-standard JSON constant {name} (strict JSON only)")
-
-    try:
-        raw = json.loads(text.decode("utf-8"), parse_constant=refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SAEFileError(cfg_path, f"is not valid JSON ({err})") from err
+    """`cfg.json` as a dictionary: a regular file of at most `MAX_CONFIG_BYTES`, strict JSON, an object."""
+    with _open_regular(cfg_path) as (handle, size):
+        if size > MAX_CONFIG_BYTES:
+            raise SAEFileError(cfg_path, f"is {size} bytes, more than the {MAX_CONFIG_BYTES} a cfg.json may hold")
+        raw = strict_json(_read_exact(handle, size, cfg_path), cfg_path, "cfg.json")
     if not isinstance(raw, dict):
         raise SAEFileError(cfg_path, f"must hold a JSON object, found {type(raw).__name__}")
     return raw
 
 
 def config_from_dict(raw: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, str | None]:
-    """Map a SAELens (6.x or flat pre-6.0) config to `SAEConfig`; return it with the recorded hash."""
-    unknown = sorted(set(raw) - SAELENS_KEYS - LEGACY_KEYS)
-    if unknown:
-        raise SAEFileError(cfg_path, f"unknown config keys {unknown}")
-    missing = [key for key in ("d_in", "d_sae") if key not in raw]
-    if missing:
-        raise SAEFileError(cfg_path, f"missing config keys {missing}")
+    """Map a SAELens (6.x or flat pre-6.0) config to `SAEConfig`; return it with the recorded hash.
+
+    The hash is None exactly when the file has no `metadata.latentpatch` section (SAELens-written).
+    """
+    sha = check_config(raw, cfg_path)
     metadata = raw.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise SAEFileError(cfg_path, f"'metadata' must be an object, found {type(metadata).__name__}")
     # Flat pre-6.0 configs keep provenance at the top level.
-    merged = {**{k: v for k, v in raw.items() if k in LEGACY_KEYS}, **metadata}
+    merged = {**{k: v for k, v in raw.items() if k in PROVENANCE_KEYS}, **metadata}
     if "hook_point" in merged and "hook_name" not in merged:
         merged["hook_name"] = merged["hook_point"]
-    section = merged.pop("latentpatch", None) or {}
-    version = section.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SAEFileError(cfg_path, f"format_version {version!r} is newer than the supported {FORMAT_VERSION}; upgrade latentpatch")
+    merged.pop("latentpatch", None)
     _refuse_unsupported(raw, merged, cfg_path)
     architecture = raw.get("architecture", "standard")
     if architecture == "standard" and merged.get("activation_fn") == "topk":
         architecture = "topk"
     k = raw.get("k", (merged.get("activation_fn_kwargs") or {}).get("k")) if architecture == "topk" else None
     if architecture not in ARCHITECTURES:
-        raise SAEFileError(cfg_path, f"architecture {architecture!r} is not read natively (supported: {ARCHITECTURES}); "
-                           "load it with sae_lens.SAE.load_from_disk and pass that object instead")
+        raise SAEFileError(cfg_path, f"architecture {architecture!r} is not read natively "
+                           f"(supported: {ARCHITECTURES}); load it with sae_lens.SAE.load_from_disk "
+                           "and pass that object instead")
     fields = {name: merged[name] for name in METADATA_FIELDS if merged.get(name) is not None}
     extra = {k: v for k, v in metadata.items() if k not in METADATA_FIELDS and k not in REWRITTEN_METADATA}
     try:
         cfg = SAEConfig(d_in=raw["d_in"], d_sae=raw["d_sae"], architecture=architecture, k=k,
-                        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+                        apply_b_dec_to_input=raw.get("apply_b_dec_to_input", True),
                         dtype=raw.get("dtype", "float32"), extra_metadata=extra, **fields)
     except (SAEConfigError, TypeError) as err:
         raise SAEFileError(cfg_path, f"invalid config: {err}") from err
-    sha = section.get("weights_sha256")
-    return cfg, sha if isinstance(sha, str) else None
+    return cfg, sha
 
 
 def _refuse_unsupported(raw: dict[str, Any], merged: dict[str, Any], cfg_path: Path) -> None:
@@ -177,89 +166,149 @@ def _refuse_unsupported(raw: dict[str, Any], merged: dict[str, Any], cfg_path: P
                            "sae_lens.SAE.load_from_disk and pass that object (latentpatch accepts SAELens SAEs)")
 
 
+def _read_weights(path: Path, cfg: SAEConfig, expected_sha: str | None) -> dict[str, torch.Tensor]:
+    """Check header, file size and shapes against `cfg`, then read the data, verify the hash, decode."""
+    with _open_regular(path) as (handle, size):
+        if size < 8:
+            raise SAEFileError(path, f"truncated: {size} bytes, shorter than the 8-byte header length")
+        head = _read_exact(handle, 8, path)
+        header_len = _header_length(head, size, path)
+        head += _read_exact(handle, header_len, path)
+        entries = _header_entries(head, size, path)
+        _check_shapes({name: entry.shape for name, entry in entries.items()}, cfg, path)
+        blob = head + _read_exact(handle, size - len(head), path)
+    if expected_sha is not None and hashlib.sha256(blob).hexdigest() != expected_sha:
+        raise SAEFileError(path, "SHA-256 differs from the one recorded in cfg.json (file changed or truncated)")
+    tensors = _decode(blob, path)
+    _check_shapes({name: tuple(t.shape) for name, t in tensors.items()}, cfg, path)
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise SAEFileError(path, f"tensor {name!r} holds non-finite values")
+    return tensors
+
+
 def read_safetensors(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
     """Validate a safetensors byte string's structure, then decode it (no code runs)."""
     if len(blob) < 8:
         raise SAEFileError(path, f"truncated: {len(blob)} bytes, shorter than the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(blob):
-        raise SAEFileError(path, f"header length {header_len} exceeds the file ({len(blob)} bytes): truncated or corrupt")
-    try:
-        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SAEFileError(path, f"header is not valid JSON ({err})") from err
+    header_len = _header_length(blob[:8], len(blob), path)
+    _header_entries(blob[: 8 + header_len], len(blob), path)
+    return _decode(blob, path)
+
+
+class _Entry(NamedTuple):
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def _header_length(first8: bytes, size: int, path: Path) -> int:
+    (header_len,) = struct.unpack("<Q", first8)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise SAEFileError(path, f"header length {header_len} exceeds the file ({size} bytes): truncated or corrupt")
+    return header_len
+
+
+def _header_entries(head: bytes, size: int, path: Path) -> dict[str, _Entry]:
+    """Validate the header (`head` = length prefix + JSON) against the file's `size`, before any data is read."""
+    header = strict_json(head[8:], path, "safetensors header")
     if not isinstance(header, dict):
-        raise SAEFileError(path, "header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_len, end = len(blob) - 8 - header_len, 0
-    for name, info in sorted(header.items(), key=lambda item: _offsets(item, path)[0]):
-        start, stop = _offsets((name, info), path)
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise SAEFileError(path, f"tensor {name!r} has dtype {info.get('dtype')!r}; expected one of {sorted(SAFETENSORS_DTYPES)}")
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise SAEFileError(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        itemsize = SAFETENSORS_DTYPES[info["dtype"]].itemsize
-        if start != end or stop - start != math.prod(shape) * itemsize:
-            raise SAEFileError(path, f"tensor {name!r} offsets {start}..{stop} do not match its shape and position")
-        end = stop
+        raise SAEFileError(path, "safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise SAEFileError(path, "safetensors header key '__metadata__' must be an object of strings")
+    entries = {name: _entry(name, info, path) for name, info in header.items()}
+    end = 0
+    for name, entry in sorted(entries.items(), key=lambda item: item[1].start):
+        itemsize = SAFETENSORS_DTYPES[entry.dtype].itemsize
+        if entry.start != end or entry.stop - entry.start != math.prod(entry.shape) * itemsize:
+            raise SAEFileError(path, f"tensor {name!r} offsets {entry.start}..{entry.stop} "
+                               "do not match its shape and position")
+        end = entry.stop
+    data_len = size - len(head)
     if end != data_len:
-        raise SAEFileError(path, f"data section is {data_len} bytes but tensors cover {end}: truncated or trailing bytes")
+        raise SAEFileError(path, f"data section is {data_len} bytes but tensors cover {end}: "
+                           "truncated or trailing bytes")
+    return entries
+
+
+def _entry(name: str, info: Any, path: Path) -> _Entry:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise SAEFileError(path, f"tensor {name!r}: header entry must be an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise SAEFileError(path, f"tensor {name!r} key 'dtype' is {dtype!r}; "
+                           f"expected one of {sorted(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SAEFileError(path, f"tensor {name!r} key 'shape' is invalid: {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise SAEFileError(path, f"tensor {name!r} key 'data_offsets' is invalid: {offsets!r}")
+    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _decode(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors_bytes(blob)
     except Exception as err:  # the library's own parse errors carry no path
         raise SAEFileError(path, f"corrupt safetensors data ({err})") from err
 
 
-def _offsets(item: tuple[str, Any], path: Path) -> tuple[int, int]:
-    name, info = item
-    offsets = info.get("data_offsets") if isinstance(info, dict) else None
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise SAEFileError(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    return offsets[0], offsets[1]
-
-
-def _check_tensors(tensors: dict[str, torch.Tensor], cfg: SAEConfig, path: Path) -> None:
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+def _check_shapes(shapes: dict[str, tuple[int, ...]], cfg: SAEConfig, path: Path) -> None:
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
+                "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
     if cfg.architecture == "jumprelu":
         expected["threshold"] = (cfg.d_sae,)
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or extra:
-        raise SAEFileError(path, f"tensor names differ from a {cfg.architecture} SAE's: missing {missing}, unexpected {extra}")
+        raise SAEFileError(path, f"tensor names differ from a {cfg.architecture} SAE's: "
+                           f"missing {missing}, unexpected {extra}")
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise SAEFileError(path, f"tensor {name!r} has shape {tuple(tensors[name].shape)} but cfg.json implies {shape}")
-        if not torch.isfinite(tensors[name]).all():
-            raise SAEFileError(path, f"tensor {name!r} holds non-finite values")
+        if shapes[name] != shape:
+            raise SAEFileError(path, f"tensor {name!r} has shape {shapes[name]} but cfg.json implies {shape}")
 
 
-def _read_bytes(path: Path) -> bytes:
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """Open `path` only if it is, or links to, a regular file; yield the handle and its size.
+
+    Symlinks are followed (the Hugging Face cache links into blobs) but must end at a regular
+    file: a link to /dev/zero would read forever and a FIFO would block forever.
+    """
     try:
-        return path.read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SAEFileError(path, f"is not a regular file ({_kind(path)})")
+        # O_NONBLOCK: a FIFO swapped in after the check must not block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as err:
         raise SAEFileError(path, "file is missing") from err
     except OSError as err:
         raise SAEFileError(path, f"cannot be read ({err})") from err
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SAEFileError(path, f"is not a regular file ({_kind(path)})")
+        yield handle, info.st_size
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def _kind(path: Path) -> str:
+    mode = os.stat(path).st_mode
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    kind = next((word for test, word in kinds.items() if test(mode)), "not a plain file")
+    return f"a symlink to {kind}" if path.is_symlink() else kind
+
+
+def _read_exact(handle: BinaryIO, n: int, path: Path) -> bytes:
+    data = handle.read(n)
+    if len(data) != n:
+        raise SAEFileError(path, f"changed while being read: expected {n} more bytes, got {len(data)}")
+    return data
 
 
 def _sae_lens_version() -> str:

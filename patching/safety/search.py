@@ -32,7 +32,7 @@ from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite
 from patching.splice.edits import LatentEdit
 from patching.splice.splicer import resolve_saes, splice
 from patching.sweep.results import library_version
-from sae.files import atomic_write
+from sae.files import atomic_folder
 from sae.metrics import median
 
 DEFAULT_COUNTS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500)
@@ -137,16 +137,17 @@ class SafetyReport:
         from patching.attribution.plots import plot_restoration
 
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         provenance = {"model": model_name, "sae_sha256": sae_sha256, "library_version": library_version(),
                       "metric": f"RefusalScore({REFUSAL_START!r} vs {COMPLIANCE_START!r}) at the first assistant position"}
         report = {"summary": self.summary(), "pairs_used": self.pairs_used, "generations": self.generations,
                   "latent_fractions": None if self.latents is None else self.latents.fraction.tolist(),
                   "raw_fractions": None if self.raw is None else self.raw.fraction.tolist(), "provenance": provenance}
-        atomic_write(folder / "report.json", json.dumps(report, indent=1).encode())
-        atomic_write(folder / "prompts.json", json.dumps(dataclasses.asdict(suite), indent=1).encode())
-        if self.latents is not None and self.raw is not None:
-            plot_restoration(self.latents, self.raw, folder / "curves.png", title=f"refusal restoration at {self.site}")
+        with atomic_folder(folder, owned=("report.json", "prompts.json", "curves.png")) as tmp:
+            (tmp / "report.json").write_bytes(json.dumps(report, indent=1).encode())
+            (tmp / "prompts.json").write_bytes(json.dumps(dataclasses.asdict(suite), indent=1).encode())
+            if self.latents is not None and self.raw is not None:
+                plot_restoration(self.latents, self.raw, tmp / "curves.png",
+                                 title=f"refusal restoration at {self.site}")
         return folder
 
     def summary(self) -> dict[str, Any]:

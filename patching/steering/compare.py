@@ -42,7 +42,7 @@ from patching.sweep.results import library_version
 from patching.steering.steer import (LatentChoice, PositionMode, SteerMethod, SteerScale, SteeringConfig, SteeringError,
                                      Weighting, contrast_latents, steer)
 from patching.splice.splicer import SpliceChecks
-from sae.files import atomic_write, weights_sha256
+from sae.files import atomic_folder, weights_sha256
 
 log = logging.getLogger(__name__)
 CSV_FILE, MANIFEST_FILE, PLOT_FILE = "steering.csv", "manifest.json", "effect_vs_cost.png"
@@ -119,11 +119,11 @@ class SteeringComparison:
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / CSV_FILE, self.table.to_csv(index=False).encode())
-        atomic_write(folder / MANIFEST_FILE, json.dumps({"provenance": self.provenance, "csv": CSV_FILE,
-                                                         "columns": list(self.table.columns)}, indent=1).encode())
-        self.plot(folder / PLOT_FILE)
+        with atomic_folder(folder, owned=(CSV_FILE, MANIFEST_FILE, PLOT_FILE)) as tmp:
+            (tmp / CSV_FILE).write_bytes(self.table.to_csv(index=False).encode())
+            (tmp / MANIFEST_FILE).write_bytes(json.dumps({"provenance": self.provenance, "csv": CSV_FILE,
+                                                          "columns": list(self.table.columns)}, indent=1).encode())
+            self.plot(tmp / PLOT_FILE)
         return folder
 
     def plot(self, path: str | Path) -> Path:

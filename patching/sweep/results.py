@@ -1,8 +1,8 @@
 """PatchResult: the effects of a sweep (exact or estimated), with provenance, saved and plotted.
 
 Saved as a folder: `tensors.safetensors` (effects, metric values, tokens) and `manifest.json`
-(units, prompts, metric, direction, model, SAE fingerprints, library version), both written
-atomically. Nothing is unpickled on load.
+(units, prompts, metric, direction, model, SAE fingerprints, library version), written together
+as one atomic folder. Nothing is unpickled on load.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 from patching.errors import PatchingError
 from patching.model.sites import Site
 from patching.sweep.units import PatchUnit, UnitPart
-from sae.files import atomic_write
+from sae.files import atomic_folder
 
 RESULT_FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -102,17 +102,19 @@ class PatchResult:
         return pd.DataFrame(rows)
 
     def save(self, path: str | Path) -> Path:
+        """Write the folder as one unit: a crash leaves the old result whole, never new tensors under it."""
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {"effect": self.effect, "metric": self.metric, "metric_clean": self.metric_clean,
                    "metric_corrupted": self.metric_corrupted}
-        atomic_write(folder / TENSORS_FILE, save_safetensors_bytes({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}))
         manifest = {
             "format_version": RESULT_FORMAT_VERSION, "direction": self.direction, "method": self.method,
             "units": [[_part_to_json(part) for part in unit.parts] for unit in self.units],
             "base_tokens": self.base_tokens, "provenance": self.provenance,
         }
-        atomic_write(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, allow_nan=False).encode())
+        with atomic_folder(folder, owned=(TENSORS_FILE, MANIFEST_FILE)) as tmp:
+            (tmp / TENSORS_FILE).write_bytes(save_safetensors_bytes(
+                {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}))
+            (tmp / MANIFEST_FILE).write_bytes(json.dumps(manifest, indent=1, allow_nan=False).encode())
         return folder
 
     @classmethod
