@@ -3,7 +3,7 @@
     python tests/distributed_worker.py SCENARIO OUT [--resume] [--slow]
 
 with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set as torchrun sets them. Scenarios:
-- `dp`: data-parallel training of the kill test's run (global batch 32, 16 rows per rank);
+- `dp`: data-parallel training of 2 SAEs (global batch 32, 16 rows per rank), resampling twice;
 - `saes`: SAE-parallel training of a 4-SAE L1 sweep, then a per-rank activation cache written
   and read back (each rank lists the shards it read in OUT/cache-read-RANK.json).
 """
@@ -29,7 +29,7 @@ SWEEP_L1 = (0.5, 8.0, 2.0, 4.0)
 
 
 def dp_config() -> TrainerConfig:
-    return small_config(total_steps=40, checkpoint_every=1, resample_steps=(4, 20))
+    return small_config(total_steps=24, checkpoint_every=2, resample_steps=(4, 14))
 
 
 def sweep_config(indices: list[int]) -> TrainerConfig:
