@@ -5,19 +5,22 @@
 with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set as torchrun sets them. Scenarios:
 - `dp`: data-parallel training of 2 SAEs (global batch 32, 16 rows per rank), resampling twice;
 - `saes`: SAE-parallel training of a 4-SAE L1 sweep, then a per-rank activation cache written
-  and read back (each rank lists the shards it read in OUT/cache-read-RANK.json).
+  and read back (each rank lists the shards it read in OUT/cache-read-RANK.json), then two short
+  data-parallel runs in which only rank 1 meets Ctrl-C or a non-finite batch (each rank records
+  how its run ended in OUT/faults-RANK.json).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from tests.test_training_helpers import RandomChunks, fresh_saes, shuffled_batches, small_config
-from training import Trainer, TrainerConfig
+from training import NonFiniteError, Trainer, TrainerConfig, TrainingInterrupted
 from training import checkpoint as ckpt
 from training.cache import CachedChunks, write_activation_cache
 from training.data_parallel import DataParallelTrainer
@@ -89,6 +92,44 @@ def run_saes(comm, out: Path) -> None:
     (out / f"cache-read-{comm.rank}.json").write_text(json.dumps({"files": sorted(read), "rows": rows}))
 
 
+class Faulty:
+    """Rank 1 only: Ctrl-C while reading the batch of step `at`, or a NaN in it."""
+
+    def __init__(self, inner, rank: int, fault: str, at: int):
+        self.inner, self.rank, self.fault, self.at, self.count = inner, rank, fault, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        batch = next(self.inner)
+        if self.rank == 1 and self.count == self.at + small_config().init_batches:
+            if self.fault == "sigint":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                batch = batch.clone()
+                batch[0, 0] = float("nan")
+        return batch
+
+    def describe(self):
+        return self.inner.describe()
+
+
+def run_faults(comm, out: Path) -> None:
+    ended = {}
+    for fault in ("sigint", "nan"):
+        batches = Faulty(RowStripe(shuffled_batches(), comm.rank, comm.world_size), comm.rank, fault, at=5)
+        trainer = DataParallelTrainer(small_config(checkpoint_every=None), fresh_saes(), batches, collective=comm,
+                                      out_dir=out / f"fault-{fault}")
+        try:
+            trainer.fit()
+            ended[fault] = {"error": None}
+        except (TrainingInterrupted, NonFiniteError) as err:
+            ended[fault] = {"error": type(err).__name__, "step": err.step, "message": str(err)}
+    (out / f"faults-{comm.rank}.json").write_text(json.dumps(ended))
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +140,7 @@ def main() -> None:
                    slow="--slow" in sys.argv)
         else:
             run_saes(comm, out)
+            run_faults(comm, out)
     finally:
         shutdown_distributed()
     print("DONE", flush=True)

@@ -5,7 +5,8 @@
   its ranks is killed mid-run, the job fails loudly and bounded in time, and the rerun resumes
   from the last checkpoint; rank 0's log agrees with the single-process log;
 - SAE parallel: each rank's SAEs equal the same SAEs trained alone, bit for bit;
-- the activation cache written per rank (shards with one manifest) and read per rank.
+- the activation cache written per rank (shards with one manifest) and read per rank;
+- Ctrl-C or a non-finite batch on one rank stops every rank at the same step.
 """
 
 from __future__ import annotations
@@ -143,3 +144,11 @@ def test_sae_parallel_ranks_train_their_saes_as_alone_and_the_cache_is_written_p
     read = [json.loads((out / f"cache-read-{rank}.json").read_text()) for rank in range(WORLD)]
     assert sorted(read[0]["files"] + read[1]["files"]) == sorted(files)  # disjoint stripes covering the cache
     assert read[0]["rows"] + read[1]["rows"] == manifest["n_tokens"]
+
+    # Ctrl-C or a NaN batch on rank 1 alone: both ranks stop at the same step, the same way.
+    faults = [json.loads((out / f"faults-{rank}.json").read_text()) for rank in range(WORLD)]
+    assert faults[0] == faults[1], faults
+    assert faults[0]["sigint"]["error"] == "TrainingInterrupted" and faults[0]["sigint"]["step"] == 5
+    assert (out / "fault-sigint" / "checkpoints" / "step-00000005" / "manifest.json").exists()
+    assert faults[0]["nan"]["error"] == "NonFiniteError" and faults[0]["nan"]["step"] == 5
+    assert "activations" in faults[0]["nan"]["message"]
