@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"latentpatch {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sae.errors import SAEFileError
 from sae.files import atomic_write, read_safetensors
+from training.distributed import Collective
 from training.errors import DataSourceError
 from training.sources import ChunkSource, ShuffleBuffer
 
@@ -32,12 +33,41 @@ CACHE_FORMAT_VERSION = 1
 
 
 def write_activation_cache(chunks: ChunkSource, folder: str | Path, *, n_tokens: int,
-                           shard_tokens: int = 65536) -> Path:
-    """Write at least `n_tokens` activations from `chunks` to `folder` in shards; return it."""
+                           shard_tokens: int = 65536, collective: Collective | None = None) -> Path:
+    """Write at least `n_tokens` activations from `chunks` to `folder` in shards; return it.
+
+    With a `collective`, every rank writes about `n_tokens / world_size` activations of its own
+    `chunks` (its stripe) to shards named after it, and rank 0 writes the manifest last, listing
+    the ranks' shards interleaved. The folder must be one every rank can write (a shared
+    filesystem across nodes).
+    """
     folder = Path(folder)
     if (folder / MANIFEST).exists():
         raise DataSourceError(f"{folder} already holds an activation cache; choose another folder")
     folder.mkdir(parents=True, exist_ok=True)
+    if collective is None:
+        shards = _write_shards(chunks, folder, n_tokens, shard_tokens, prefix="shard-")
+    else:
+        world = collective.world_size
+        own = _write_shards(chunks, folder, -(-n_tokens // world), shard_tokens,
+                            prefix=f"shard-r{collective.rank:03d}-")
+        gathered = collective.gather_bytes(json.dumps(own).encode())
+        if gathered is None:
+            collective.barrier()  # returns once rank 0's manifest is on disk
+            return folder
+        per_rank = [json.loads(part) for part in gathered]
+        shards = [rank_shards[i] for i in range(max(map(len, per_rank))) for rank_shards in per_rank
+                  if i < len(rank_shards)]
+    manifest = {"format_version": CACHE_FORMAT_VERSION, "d_in": chunks.d_in, "dtype": "float32",
+                "n_tokens": sum(entry["n_tokens"] for entry in shards), "shards": shards, "source": chunks.describe()}
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+    if collective is not None:
+        collective.barrier()
+    return folder
+
+
+def _write_shards(chunks: ChunkSource, folder: Path, n_tokens: int, shard_tokens: int, *,
+                  prefix: str) -> list[dict[str, Any]]:
     shards: list[dict[str, Any]] = []
     pending: list[Tensor] = []
     written = pending_rows = 0
@@ -49,19 +79,15 @@ def write_activation_cache(chunks: ChunkSource, folder: str | Path, *, n_tokens:
         while pending_rows >= shard_tokens or (pending_rows and written + pending_rows >= n_tokens):
             rows = torch.cat(pending)
             shard, rest = rows[:shard_tokens], rows[shard_tokens:]
-            shards.append(_write_shard(folder, len(shards), shard))
+            shards.append(_write_shard(folder, f"{prefix}{len(shards):05d}.safetensors", shard))
             written += shard.shape[0]
             pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
             log.info("activation cache %s: %d / %d tokens", folder, written, n_tokens)
-    manifest = {"format_version": CACHE_FORMAT_VERSION, "d_in": chunks.d_in, "dtype": "float32",
-                "n_tokens": written, "shards": shards, "source": chunks.describe()}
-    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
-    return folder
+    return shards
 
 
-def _write_shard(folder: Path, index: int, rows: Tensor) -> dict[str, Any]:
+def _write_shard(folder: Path, name: str, rows: Tensor) -> dict[str, Any]:
     blob = save_safetensors_bytes({"activations": rows.contiguous()})
-    name = f"shard-{index:05d}.safetensors"
     atomic_write(folder / name, blob)
     return {"file": name, "n_tokens": rows.shape[0], "sha256": hashlib.sha256(blob).hexdigest()}
 
@@ -84,21 +110,30 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 class CachedChunks:
-    """A `ChunkSource` over a cache: one whole shard per chunk, shards in a new order each epoch."""
+    """A `ChunkSource` over a cache: one whole shard per chunk, shards in a new order each epoch.
 
-    def __init__(self, folder: str | Path, *, seed: int = 0) -> None:
+    With `world_size` > 1 (data parallelism), rank r reads only shards r, r + N, r + 2N, ... of
+    the manifest, whatever number of ranks wrote the cache.
+    """
+
+    def __init__(self, folder: str | Path, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.d_in: int = self.manifest["d_in"]
+        self.world_size = world_size
+        self._shards = self.manifest["shards"][rank::world_size]
+        if not 0 <= rank < world_size or not self._shards:
+            raise DataSourceError(f"activation cache {self.folder} has {len(self.manifest['shards'])} shard(s): "
+                                  f"rank {rank} of {world_size} gets none; write a cache with more, smaller shards")
         self._gen = torch.Generator().manual_seed(seed)
         self._epoch, self._index = 0, 0
-        self._order = torch.randperm(len(self.manifest["shards"]), generator=self._gen)
+        self._order = torch.randperm(len(self._shards), generator=self._gen)
 
     def next_chunk(self) -> Float[Tensor, "token d_in"]:
         if self._index == self._order.shape[0]:
             self._epoch, self._index = self._epoch + 1, 0
-            self._order = torch.randperm(len(self.manifest["shards"]), generator=self._gen)
-        entry = self.manifest["shards"][int(self._order[self._index])]
+            self._order = torch.randperm(len(self._shards), generator=self._gen)
+        entry = self._shards[int(self._order[self._index])]
         self._index += 1
         return self._read_shard(entry)
 
@@ -129,11 +164,13 @@ class CachedChunks:
         self._gen.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "cache", "folder": str(self.folder), "n_tokens": self.manifest["n_tokens"],
-                "origin": self.manifest.get("source")}
+        described = {"source": "cache", "folder": str(self.folder), "n_tokens": self.manifest["n_tokens"],
+                     "origin": self.manifest.get("source")}
+        return described if self.world_size == 1 else {**described, "stripe_of": self.world_size}
 
 
-def cached_batches(folder: str | Path, *, batch_size: int, buffer_tokens: int = 131072, seed: int = 0) -> ShuffleBuffer:
+def cached_batches(folder: str | Path, *, batch_size: int, buffer_tokens: int = 131072, seed: int = 0, rank: int = 0,
+                   world_size: int = 1) -> ShuffleBuffer:
     """Shuffled `(batch_size, d_in)` batches from an activation cache, one shard in memory at a time."""
-    chunks = CachedChunks(folder, seed=seed)
-    return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed)
+    chunks = CachedChunks(folder, seed=seed + rank, rank=rank, world_size=world_size)
+    return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed + rank)

@@ -20,7 +20,10 @@ from training.errors import TrainingConfigError
 
 EXAMPLE = ("example: latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15\n"
            "         latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15 --resume\n"
-           "         latentpatch train --site 6:resid_post --d-sae 2304 --l1 3 5 8 --tokens 1000000 --out runs/sweep")
+           "         latentpatch train --site 6:resid_post --d-sae 2304 --l1 3 5 8 --tokens 1000000 --out runs/sweep\n"
+           "         torchrun --nproc-per-node 4 -m latentpatch train --site 15 --tokens 20000000 --out runs/dp\n"
+           "         torchrun --nproc-per-node 4 -m latentpatch train --parallel saes --site 5 10 15 20 "
+           "--tokens 2000000 --out runs/sites")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ def register(subparsers: Any) -> None:
                                           "train_log.jsonl and checkpoints/.\n\n" + EXAMPLE,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the offline SmolLM2-135M-Instruct)")
-    p.add_argument("--site", required=True, help="hook site: layer (15), layer:kind (15:resid_post) or hook name")
+    p.add_argument("--site", required=True, nargs="+", help="hook site: layer (15), layer:kind (15:resid_post) or hook "
+                                                           "name; several sites need --parallel saes under torchrun")
     p.add_argument("--d-sae", type=int, nargs="+", default=[4608], help="latents per SAE; several values train several SAEs")
     p.add_argument("--l1", type=float, nargs="+", default=[5.0], help="L1 coefficient(s) in normalized units (default 5)")
     p.add_argument("--tokens", type=int, required=True, help="training activations (steps = tokens // batch size)")
@@ -65,7 +69,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
     p.add_argument("--text", default="default", help="'default' (self-generated corpus, built once), a .txt/.jsonl file, "
                                                      "or hf:NAME (a Hugging Face dataset; needs the hub)")
-    p.add_argument("--batch-size", type=int, default=4096, help="activations per step (default 4096)")
+    p.add_argument("--batch-size", type=int, default=4096, help="activations per step (default 4096; under torchrun "
+                                                                   "with --parallel data, the global batch over all ranks)")
+    p.add_argument("--parallel", choices=("data", "saes"), default="data",
+                   help="under torchrun: 'data' (each rank harvests a stripe of the tokens, gradients all-reduced) or "
+                        "'saes' (the SAEs, or sites, dealt over ranks, each trained on its rank's own harvest)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds a collective may wait for a rank that "
+                                                                     "stopped answering before the job fails (default 600)")
     p.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate (default 4e-4)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")
     p.add_argument("--buffer-tokens", type=int, default=65536, help="shuffle-buffer capacity in activations")
@@ -83,43 +93,112 @@ def register(subparsers: Any) -> None:
     p.set_defaults(run=run_train)
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
+def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train; under torchrun (WORLD_SIZE > 1) data- or SAE-parallel. Only rank 0 returns a summary."""
+    from training.distributed import init_distributed, launched_world_size, shutdown_distributed
+
+    world = launched_world_size()
+    if len(args.site) > 1 and (world == 1 or args.parallel != "saes"):
+        raise TrainingConfigError(f"{len(args.site)} sites given: several sites train SAE-parallel, "
+                                  "`torchrun --nproc-per-node N -m latentpatch train --parallel saes --site ...`")
+    if len(args.site) > 1 and args.activation_cache is not None:
+        raise TrainingConfigError("--activation-cache holds one site's activations; give one --site with it")
+    if world == 1:
+        return _train_group(args, args.site[0], _units(args), Path(args.out), None, data_parallel=False)
+    collective = init_distributed(timeout_s=args.dist_timeout)
+    try:
+        if args.parallel == "data":
+            result = _train_group(args, args.site[0], _units(args), Path(args.out), collective, data_parallel=True)
+            return {**result, "world_size": world, "parallel": "data"} if collective.is_main else None
+        return _train_sae_parallel(args, collective)
+    finally:
+        shutdown_distributed()
+
+
+def _units(args: argparse.Namespace) -> list[tuple[int, float]]:
+    """(d_sae, l1) of every SAE trained at one site."""
+    n_saes = max(len(args.d_sae), len(args.l1))
+    if {len(args.d_sae), len(args.l1)} - {1, n_saes}:
+        raise TrainingConfigError(f"--d-sae has {len(args.d_sae)} values and --l1 {len(args.l1)}: give one, "
+                                  "or the same number")
+    widths = args.d_sae * n_saes if len(args.d_sae) == 1 else args.d_sae
+    l1s = args.l1 * n_saes if len(args.l1) == 1 else args.l1
+    return list(zip(widths, l1s))
+
+
+def _train_sae_parallel(args: argparse.Namespace, collective: Any) -> dict[str, Any] | None:
+    """Deal (site, SAE) units round-robin over ranks; each rank trains its units site by site."""
+    from training.distributed import assigned
+
+    units = [(site, index) for site in args.site for index in range(len(_units(args)))]
+    mine = [units[i] for i in assigned(len(units), collective.rank, collective.world_size)]
+    summaries = []
+    for site in dict.fromkeys(site for site, _ in mine):
+        indices = [index for unit_site, index in mine if unit_site == site]
+        group = [_units(args)[i] for i in indices]
+        out = Path(args.out) / f"rank-{collective.rank}" / parse_site(site).hook_name
+        result = _train_group(args, site, group, out, collective if args.activation_cache else None,
+                              data_parallel=False, seed_offsets=indices)
+        summaries.append({**result, "sae_indices": indices})
+    gathered = collective.gather_bytes(json.dumps(summaries).encode())
+    if gathered is None:
+        return None
+    groups = [group for part in gathered for group in json.loads(part)]
+    (Path(args.out) / "sae_parallel.json").write_text(json.dumps({"world_size": collective.world_size,
+                                                                  "groups": groups}, indent=2))
+    return {"out": str(args.out), "world_size": collective.world_size, "parallel": "saes", "groups": groups}
+
+
+def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int, float]], out: Path, collective: Any,
+                 *, data_parallel: bool, seed_offsets: list[int] | None = None) -> dict[str, Any]:
+    """One trainer: the SAEs `group` at one site, on this process (data_parallel: on every rank at once)."""
     from training.config import TrainerConfig
+    from training.data_parallel import DataParallelTrainer
     from training.trainer import Trainer
 
-    run = RunConfig(model=args.model, site=args.site, d_sae=tuple(args.d_sae), text=args.text, out=str(args.out),
+    world = collective.world_size if data_parallel else 1
+    if args.batch_size % world:
+        raise TrainingConfigError(f"--batch-size {args.batch_size} does not split over {world} ranks; give a multiple")
+    run = RunConfig(model=args.model, site=site_text, d_sae=tuple(d for d, _ in group), text=args.text, out=str(out),
                     batch_size=args.batch_size, context_size=args.context_size, buffer_tokens=args.buffer_tokens,
                     drop_special_tokens=not args.keep_special_tokens, activation_cache=args.activation_cache)
     steps = args.tokens // args.batch_size
     if steps < 1:
         raise TrainingConfigError(f"--tokens {args.tokens} is less than one batch of {args.batch_size}")
-    _check_out(args.out, args.resume)
-    n_saes = max(len(args.d_sae), len(args.l1))
-    if {len(args.d_sae), len(args.l1)} - {1, n_saes}:
-        raise TrainingConfigError(f"--d-sae has {len(args.d_sae)} values and --l1 {len(args.l1)}: give one, or the same number")
-    config = TrainerConfig(total_steps=steps, lr=args.lr, l1_coefficient=tuple(args.l1) if n_saes > 1 else args.l1[0],
+    if not data_parallel or collective.is_main:  # only rank 0 writes (or must see) a data-parallel run's folder
+        _check_out(out, args.resume)
+    l1s = tuple(l1 for _, l1 in group)
+    config = TrainerConfig(total_steps=steps, lr=args.lr, l1_coefficient=l1s if len(group) > 1 else l1s[0],
                            resample_steps=tuple(args.resample_steps), log_every=args.log_every,
                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                            progress_bar=not args.no_progress)
     model, site = _load(run, full=args.eval_every is not None)
-    saes = _new_saes(run, model, site, n_saes, args.seed)
-    batches = _batches(run, model, site, args.seed, tokens=args.tokens)
+    saes = _new_saes(run, model, site, args.seed, seed_offsets or list(range(len(group))))
+    batches = _batches(run, model, site, args.seed, tokens=args.tokens, collective=collective,
+                       stripe=data_parallel)
     eval_tokens = _eval_tokens(model, run.context_size) if args.eval_every is not None else None
-    trainer = Trainer(config, saes if n_saes > 1 else saes[0], batches, out_dir=args.out,
-                      model=model if eval_tokens is not None else None, eval_tokens=eval_tokens,
-                      wandb_project=args.wandb_project)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "run_config.json").write_text(json.dumps({"run": dataclasses.asdict(run),
-                                                                "trainer": config.to_dict()}, indent=2))
+    sae_arg = saes if len(saes) > 1 or seed_offsets is not None else saes[0]
+    common = dict(out_dir=out, model=model if eval_tokens is not None else None, eval_tokens=eval_tokens,
+                  wandb_project=args.wandb_project)
+    trainer = (DataParallelTrainer(config, sae_arg, batches, collective=collective, **common) if data_parallel
+               else Trainer(config, sae_arg, batches, **common))
+    if trainer.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        recorded = {"run": dataclasses.asdict(run), "trainer": config.to_dict()}
+        (out / "run_config.json").write_text(json.dumps({**recorded, "world_size": world} if world > 1 else recorded,
+                                                        indent=2))
     start_step = trainer.resume() if args.resume else 0
     start = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - start
-    last = [r for r in trainer.history if "explained_variance" in r][-n_saes:]
-    return {"out": str(args.out), "site": site.hook_name, "steps": trainer.step, "resumed_from_step": start_step,
-            "tokens": trainer.tokens_seen, "seconds": round(elapsed, 1),
-            "tokens_per_s": round((trainer.step - start_step) * args.batch_size / max(elapsed, 1e-9), 1),
-            "final": last}
+    last = [r for r in trainer.history if "explained_variance" in r][-len(group):]
+    summary = {"out": str(out), "site": site.hook_name, "steps": trainer.step, "resumed_from_step": start_step,
+               "tokens": trainer.tokens_seen, "seconds": round(elapsed, 1),
+               "tokens_per_s": round((trainer.step - start_step) * args.batch_size / max(elapsed, 1e-9), 1),
+               "final": last}
+    if data_parallel:
+        summary["communication_share"] = round(collective.comm_seconds / max(elapsed, 1e-9), 4)
+    return summary
 
 
 def parse_site(text: str) -> Any:
@@ -152,14 +231,15 @@ def _load(run: RunConfig, *, full: bool) -> tuple[Any, Any]:
     return model, site.check(model)
 
 
-def _new_saes(run: RunConfig, model: Any, site: Any, n_saes: int, seed: int) -> list[Any]:
+def _new_saes(run: RunConfig, model: Any, site: Any, seed: int, indices: list[int]) -> list[Any]:
     import torch
 
     from sae import SAEConfig, SparseAutoencoder
 
-    widths = run.d_sae * n_saes if len(run.d_sae) == 1 else run.d_sae
     saes = []
-    for index, d_sae in enumerate(widths):
+    # Seeded by the SAE's index in the whole sweep: an SAE-parallel rank builds exactly the SAEs
+    # a single process would.
+    for index, d_sae in zip(indices, run.d_sae, strict=True):
         cfg = SAEConfig(d_in=site.width(model), d_sae=d_sae, hook_name=site.hook_name, model_name=run.model,
                         model_from_pretrained_kwargs=model.latentpatch_origin.flags.as_kwargs(),
                         context_size=run.context_size, dataset_path=run.text, prepend_bos=True)
@@ -167,24 +247,36 @@ def _new_saes(run: RunConfig, model: Any, site: Any, n_saes: int, seed: int) -> 
     return saes
 
 
-def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int) -> Any:
+def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, collective: Any = None,
+             stripe: bool = False) -> Any:
+    """This process's activation batches; with `stripe` (data parallel), its stripe of every step's batch."""
     from training.cache import cached_batches, read_manifest, write_activation_cache
     from training.harvest import HarvestChunks, harvested_batches
     from training.text import TokenRows
 
+    rank, world = (collective.rank, collective.world_size) if collective is not None else (0, 1)
     opener, description = _texts(run.text)
     if run.activation_cache is None:
-        return harvested_batches(model, site, opener, batch_size=run.batch_size, context_size=run.context_size,
-                                 buffer_tokens=run.buffer_tokens, drop_special_tokens=run.drop_special_tokens,
-                                 seed=seed, description=description)
-    if not (Path(run.activation_cache) / "manifest.json").exists():
-        rows = TokenRows(model, opener, context_size=run.context_size, description=description)
+        return harvested_batches(model, site, opener, batch_size=run.batch_size // (world if stripe else 1),
+                                 context_size=run.context_size, buffer_tokens=run.buffer_tokens,
+                                 drop_special_tokens=run.drop_special_tokens, seed=seed, description=description,
+                                 rank=rank if stripe else 0, world_size=world if stripe else 1)
+    exists = (Path(run.activation_cache) / "manifest.json").exists()
+    if collective is not None:  # rank 0 decides, so that every rank takes the same branch
+        exists = collective.broadcast_bytes(b"1" if exists else b"") == b"1"
+    if not exists:
+        # Every rank harvests its stripe of the token rows into its own shards.
+        rows = TokenRows(model, opener, context_size=run.context_size, description=description, rank=rank,
+                         world_size=world)
         write_activation_cache(HarvestChunks(model, site, rows, drop_special_tokens=run.drop_special_tokens),
-                               run.activation_cache, n_tokens=tokens)
+                               run.activation_cache, n_tokens=tokens, collective=collective)
     manifest = read_manifest(run.activation_cache)
     if manifest.get("source", {}).get("hook_name") not in (None, site.hook_name):
         raise TrainingConfigError(f"activation cache {run.activation_cache} holds {manifest['source']['hook_name']}, "
                                   f"not {site.hook_name}")
+    if stripe:
+        return cached_batches(run.activation_cache, batch_size=run.batch_size // world, buffer_tokens=run.buffer_tokens,
+                              seed=seed, rank=rank, world_size=world)
     return cached_batches(run.activation_cache, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed)
 
 

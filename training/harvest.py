@@ -69,8 +69,13 @@ class HarvestChunks:
 
 def harvested_batches(model: Any, site: Site, open_texts: TextOpener, *, batch_size: int, context_size: int = 128,
                       buffer_tokens: int = 65536, rows_per_chunk: int = 8, drop_special_tokens: bool = True,
-                      seed: int = 0, description: str = "texts") -> ShuffleBuffer:
-    """Shuffled `(batch_size, d_in)` activation batches harvested from `open_texts` on the fly."""
-    rows = TokenRows(model, open_texts, context_size=context_size, description=description)
+                      seed: int = 0, description: str = "texts", rank: int = 0,
+                      world_size: int = 1) -> ShuffleBuffer:
+    """Shuffled `(batch_size, d_in)` activation batches harvested from `open_texts` on the fly.
+
+    With `world_size` > 1, this rank harvests only its stripe of the token rows (data parallelism).
+    """
+    rows = TokenRows(model, open_texts, context_size=context_size, description=description, rank=rank,
+                     world_size=world_size)
     chunks = HarvestChunks(model, site, rows, rows_per_chunk=rows_per_chunk, drop_special_tokens=drop_special_tokens)
-    return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed)
+    return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed + rank)

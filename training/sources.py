@@ -156,6 +156,41 @@ class ShuffleBuffer:
                 "chunks": self.chunks.describe()}
 
 
+class RowStripe:
+    """This rank's rows of every batch of a global-batch source (data parallelism).
+
+    Rank r of N keeps rows `[r * b, (r + 1) * b)` of each `(N * b, d_in)` batch, so the N ranks
+    together see exactly the batches of a single-process run over the same source. Every rank
+    reads the whole source, so it suits sources that are cheap to read (in memory, a cache);
+    expensive ones (harvesting) stripe their inputs instead (`TokenRows(..., rank=, world_size=)`).
+    """
+
+    def __init__(self, batches: Iterator[Tensor], rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise DataSourceError(f"RowStripe rank must be in [0, {world_size}), got {rank}")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> "RowStripe":
+        return self
+
+    def __next__(self) -> Float[Tensor, "batch d_in"]:
+        batch = next(self.batches)
+        if batch.shape[0] % self.world_size:
+            raise DataSourceError(f"global batch of {batch.shape[0]} rows does not split over {self.world_size} ranks")
+        rows = batch.shape[0] // self.world_size
+        return batch[self.rank * rows : (self.rank + 1) * rows]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)
+
+    def describe(self) -> dict[str, Any]:
+        inner = self.batches.describe() if hasattr(self.batches, "describe") else type(self.batches).__name__
+        return {"source": "row_stripe", "world_size": self.world_size, "batches": inner}
+
+
 def skip_batches(batches: Iterator[Tensor], n: int) -> None:
     """Advance a plain iterator by `n` batches (how a stateless source is resumed)."""
     for index in range(n):

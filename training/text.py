@@ -94,9 +94,15 @@ class TokenRows:
     texts up to that point, which costs far less than the forward passes it saves.
     """
 
-    def __init__(self, model: Any, open_texts: TextOpener, *, context_size: int, description: str) -> None:
+    def __init__(self, model: Any, open_texts: TextOpener, *, context_size: int, description: str, rank: int = 0,
+                 world_size: int = 1) -> None:
         if context_size < 2:
             raise DataSourceError(f"context_size must be at least 2 (BOS + one token), got {context_size}")
+        if not 0 <= rank < world_size:
+            raise DataSourceError(f"TokenRows rank must be in [0, {world_size}), got {rank}")
+        # Data parallelism: rank r of N keeps rows r, r + N, r + 2N, ... of the one token stream
+        # (tokenizing every row is cheap next to the forward passes it saves the other ranks).
+        self.rank, self.world_size = rank, world_size
         self.model = model
         self.open_texts = open_texts
         self.context_size = context_size
@@ -129,7 +135,14 @@ class TokenRows:
         return row
 
     def next_rows(self, n: int) -> Int[Tensor, "row pos"]:
-        return torch.tensor([self._next_row() for _ in range(n)], dtype=torch.long)
+        if self.world_size == 1:
+            return torch.tensor([self._next_row() for _ in range(n)], dtype=torch.long)
+        rows: list[list[int]] = []
+        while len(rows) < n:
+            row = self._next_row()
+            if (self.rows_served - 1) % self.world_size == self.rank:
+                rows.append(row)
+        return torch.tensor(rows, dtype=torch.long)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "rows_in_epoch": self._rows_in_epoch, "rows_served": self.rows_served}
@@ -143,4 +156,6 @@ class TokenRows:
         self.epoch = int(state["epoch"])
 
     def describe(self) -> dict[str, Any]:
-        return {"text": self.description, "context_size": self.context_size}
+        described = {"text": self.description, "context_size": self.context_size}
+        # The rank is left out: every rank of a job must describe the same run.
+        return described if self.world_size == 1 else {**described, "stripe_of": self.world_size}

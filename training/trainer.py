@@ -35,8 +35,8 @@ from training.init import geometric_median, normalization_scale
 from training.metrics import FiringTracker, batch_metrics
 from training.resample import resample_dead_
 from training.runlog import RunLog
+from training.step import L1Forward, L1Gradients
 from training.sources import StatefulSource, skip_batches
-from training.step import L1Gradients
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.history: list[dict[str, Any]] = []
         self._interrupt_requested = False
+        # Data-parallel training (training/data_parallel.py) runs this loop on every rank; a plain
+        # Trainer is rank 0 of 1, and the seams below (`_reduce_gradients`, ...) do nothing.
+        self.rank, self.world_size = 0, 1
 
     @property
     def saes(self) -> list[SparseAutoencoder]:
@@ -121,14 +124,12 @@ class Trainer:
     def fit(self, *, until_step: int | None = None) -> SparseAutoencoder | list[SparseAutoencoder]:
         """Train to `config.total_steps` (or stop after `until_step`, checkpointed) and return the SAE(s)."""
         stop = self.config.total_steps if until_step is None else min(until_step, self.config.total_steps)
-        runlog = RunLog(self.out_dir, total_steps=self.config.total_steps, start_step=self.step,
-                        progress_bar=self.config.progress_bar, wandb_project=self.wandb_project,
-                        run_config=self.config.to_dict())
+        runlog = self._runlog()
         self.history = runlog.history
         try:
             with self._sigint_deferred():
                 if self.step == 0 and self.scale is None:
-                    ckpt.seed_everything(self.config.seed)
+                    ckpt.seed_everything(self.config.seed + self.rank)
                     self._initialise()
                 while self.step < stop:
                     output = self._step(self._next_batch())
@@ -141,6 +142,11 @@ class Trainer:
             self.save(self.out_dir)
         return self.saes[0] if self.single else self.saes
 
+    def _runlog(self) -> RunLog:
+        return RunLog(self.out_dir, total_steps=self.config.total_steps, start_step=self.step,
+                      progress_bar=self.config.progress_bar, wandb_project=self.wandb_project,
+                      run_config=self.config.to_dict())
+
     def _after_step(self, output: StepOutput, runlog: RunLog) -> None:
         cfg = self.config
         if output.metrics is not None:
@@ -149,7 +155,7 @@ class Trainer:
             runlog.write({"step": self.step, "tokens": self.tokens_seen, "resampled": list(output.resampled)})
         if cfg.eval_every is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
             self._evaluate(runlog)
-        if self._interrupt_requested:
+        if self._stop_requested():
             raise TrainingInterrupted(self.step, self._checkpoint())
         if cfg.checkpoint_every is not None and self.step % cfg.checkpoint_every == 0:
             self._checkpoint()
@@ -158,7 +164,7 @@ class Trainer:
         try:
             batch = next(self.batches)
         except StopIteration as err:
-            checkpoint = self._checkpoint()
+            checkpoint = self._checkpoint_when_exhausted()
             saved = f"; checkpoint {checkpoint} holds the run so far" if checkpoint is not None else ""
             raise DataSourceError(f"the batch iterator ended after {self.batches_consumed} batches, before step "
                                   f"{self.config.total_steps}{saved}") from err
@@ -172,7 +178,7 @@ class Trainer:
     @torch.no_grad()
     def _initialise(self) -> None:
         """Estimate the scale and b_dec from `init_batches` batches (not trained on); set decoder norms."""
-        x = torch.cat([self._next_batch() for _ in range(self.config.init_batches)])  # (token, d_in)
+        x = self._init_rows([self._next_batch() for _ in range(self.config.init_batches)])  # (token, d_in)
         if not torch.isfinite(x).all():
             raise NonFiniteError(0, "activations (initialisation batches)")
         self.scale = normalization_scale(x) if self.config.normalization == "expected_norm" else 1.0
@@ -186,8 +192,15 @@ class Trainer:
                 sae.W_dec.mul_(self.config.decoder_init_norm / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
                 sae.W_enc.copy_(sae.W_dec.T)
             self._set_scale(sae)
+        self._after_initialise()
         log.info("normalization scale %.6g, b_dec init %s (norm %.4g)", self.scale, self.config.b_dec_init,
                  self.members[0].sae.b_dec.norm().item())
+
+    def _init_rows(self, batches: list[Tensor]) -> Tensor:
+        return torch.cat(batches)
+
+    def _after_initialise(self) -> None:
+        """Data parallel: every rank takes rank 0's initial parameters and scale."""
 
     def _set_scale(self, sae: SparseAutoencoder) -> None:
         # Only `expected_norm` runs carry a scale: it is folded into the weights at save.
@@ -197,14 +210,13 @@ class Trainer:
     # ----------------------------------------------------------------------------- one step
     def _step(self, x: Float[Tensor, "batch d_in"]) -> StepOutput:
         cfg, step = self.config, self.step + 1
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(step, "activations (input batch)")
+        self._check_input(x, step)
         lr, l1_scale = cfg.lr_at(step), cfg.l1_scale_at(step)
         is_log = step % cfg.log_every == 0 or step == cfg.total_steps
         x_n = x / self.scale  # (batch, d_in), normalized units: the loss is measured here
         results = [self._sae_step(i, m, x_n, lr, l1_scale, step, is_log) for i, m in enumerate(self.members)]
         resampled = tuple(self._resample(m, x_n) if step in cfg.resample_steps else 0 for m in self.members)
-        self.step, self.tokens_seen = step, self.tokens_seen + x.shape[0]
+        self.step, self.tokens_seen = step, self.tokens_seen + x.shape[0] * self.world_size
         return StepOutput(step=step, lr=lr, l1_scale=l1_scale,
                           losses=tuple(r[0] for r in results) if is_log else None,
                           metrics=tuple(r[1] for r in results) if is_log else None, resampled=resampled)
@@ -213,7 +225,7 @@ class Trainer:
                   is_log: bool) -> tuple[float, dict[str, float]] | None:
         # Loss and gradients written out (training/step.py), into buffers reused every step.
         coefficient = member.l1_coefficient * l1_scale
-        out = member.gradients(x_n, coefficient)
+        out = self._reduce_gradients(member, member.gradients(x_n, coefficient))
         loss = out.mse + coefficient * out.l1
         if not torch.isfinite(loss):
             raise NonFiniteError(step, f"loss of SAE {index}")
@@ -221,10 +233,24 @@ class Trainer:
         for group in member.optimizer.param_groups:
             group["lr"] = lr
         member.optimizer.step()
-        member.firing.update_(out.fired, x_n.shape[0])
+        member.firing.update_(out.fired, x_n.shape[0] * self.world_size)
         if not is_log:
             return None
-        return loss.item(), batch_metrics(x_n, out.x_hat, out.z, out.decoder_norms, scale=self.scale)
+        return loss.item(), self._batch_metrics(x_n, out)
+
+    def _check_input(self, x: Tensor, step: int) -> None:
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(step, "activations (input batch)")
+
+    def _reduce_gradients(self, member: _Member, out: L1Forward) -> L1Forward:
+        """Data parallel: average the gradients and losses over ranks, sum the firing counts."""
+        return out
+
+    def _batch_metrics(self, x_n: Tensor, out: L1Forward) -> dict[str, float]:
+        return batch_metrics(x_n, out.x_hat, out.z, out.decoder_norms, scale=self.scale)
+
+    def _stop_requested(self) -> bool:
+        return self._interrupt_requested
 
     def _clip_and_check(self, index: int, member: _Member, step: int) -> None:
         params = list(member.sae.parameters())
@@ -291,6 +317,9 @@ class Trainer:
         else:
             skip_batches(self.batches, self.batches_consumed)
         ckpt.set_rng_state(state["rng"])
+
+    def _checkpoint_when_exhausted(self) -> Path | None:
+        return self._checkpoint()
 
     def _checkpoint(self) -> Path | None:
         if self.checkpoint_root is None or self.step == 0:
