@@ -88,6 +88,16 @@ def test_a_custom_metric_replaces_the_concept_log_probability(default_model_4l, 
     assert result.table["target_prob"].isna().all() and result.table["target_effect"].iloc[1] != 0
 
 
+def test_generated_positions_are_measured(default_model_4l, sae):
+    """Before, positions="generated" ran the forward-pass measurements under that setting too:
+    no prompt position is generated, so the target effect and the KL were exactly 0."""
+    settings = CompareSettings(seeds=(0,), max_new_tokens=2, positions="generated")
+    result = compare_steering(default_model_4l, sae, CONCEPT, k_values=(1,), coefficients=(4.0,), methods=("add",),
+                              settings=settings, progress=False)
+    steered = result.table.iloc[1]
+    assert steered["target_effect"] != 0.0 and steered["kl_neutral"] > 0.0
+
+
 def test_bad_inputs_are_refused_before_any_forward(default_model_4l, sae):
     model = default_model_4l
     counter = CountingHook(model)

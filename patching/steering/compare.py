@@ -15,7 +15,7 @@ contrast sets, or a given `LatentChoice`):
 The claim under test (Top-1 is more interpretable and stable than aggregating Top-K, which
 injects non-semantic latents): e.g. Arad et al. 2025, "SAEs Are Good for Steering – If You
 Select the Right Features". Forward-pass measurements steer every position; `positions` of the
-settings applies to generation.
+settings applies to generation (positions="generated" steers only the sampled tokens).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from patching.splice.collect import resolve_site
 from patching.splice.quality import kl_divergence
 from patching.model.loading import model_flags
 from patching.sweep.results import library_version
-from patching.steering.steer import (LatentChoice, PositionMode, SteerMethod, SteerScale, SteeringConfig, SteeringError,
-                                     Weighting, contrast_latents, steer)
+from patching.steering.steer import (LatentChoice, PositionMode, SteerMethod, SteerScale, Steering, SteeringConfig,
+                                     SteeringError, Weighting, contrast_latents, steer)
 from patching.splice.splicer import SpliceChecks
 from sae.files import atomic_folder, weights_sha256
 
@@ -185,15 +185,19 @@ def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequen
         raise SteeringError(f"the choice ranks {len(choice.latents)} latents but k_values go up to {max(k_values)}")
     score = metric or (lambda logits: logits.float().log_softmax(-1)[:, data.target_ids].logsumexp(-1))
     n_new = settings.max_new_tokens
-    base = _run(model, data, settings, score)
+    base = {**_measure(model, data, score), "generated": _generate(model, data, settings)}
     rows = [_row(concept, "none", 0, 0.0, (), base, base, _fluency(model, data, base["generated"], n_new), metric is None)]
     grid = [(m, k, c) for m in methods for k in k_values for c in coefficients]
     for method, k, c in tqdm(grid, desc=f"steering {concept.name}", disable=not progress):
         config = SteeringConfig(method=method, coefficient=float(c), scale=settings.scale, weighting=settings.weighting,
-                                positions=settings.positions)
+                                positions="all")
         top = choice.top(k)
+        # Forward-pass measurements steer every position; generation steers `settings.positions`
+        # (with positions="generated" a prompt-only forward pass would steer nothing at all).
         with steer(model, sae, top, config, checks=checks):
-            run = _run(model, data, settings, score)
+            run = _measure(model, data, score)
+        with steer(model, sae, top, dataclasses.replace(config, positions=settings.positions), checks=checks) as state:
+            run["generated"] = _generate(state, data, settings)
         # Fluency is judged by the unsteered model, so it is scored outside the steering block.
         rows.append(_row(concept, method, k, float(c), top.latents, run, base, _fluency(model, data, run["generated"], n_new),
                          metric is None))
@@ -215,17 +219,30 @@ def _check_grid(k_values: Any, coefficients: Any, methods: Any) -> tuple[tuple[i
 
 
 @torch.inference_mode()
-def _run(model: Any, data: _Data, settings: CompareSettings, score: Callable[[Tensor], Tensor]) -> dict[str, Any]:
-    """Target scores, neutral-text logits and sampled continuations under whatever steering is active."""
+def _measure(model: Any, data: _Data, score: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Target scores and neutral-text logits under whatever steering is active."""
     logits = tl_compat.forward_logits(model, data.heldout)
     last = logits[torch.arange(logits.shape[0]), data.heldout_last.to(logits.device)]
     neutral = tl_compat.forward_logits(model, data.neutral)[data.neutral_mask.to(logits.device)]
+    return {"score": score(last).float().cpu(), "neutral": neutral.float().cpu()}
+
+
+@torch.inference_mode()
+def _generate(runner: Any, data: _Data, settings: CompareSettings) -> list[Tensor]:
+    """Sampled continuations of the held-out prompts, one batch per seed. A `Steering` generates
+    through its own `generate`, which resets the prompt length each call (what positions
+    "generated" and "prompt" are measured from)."""
     generated = []
     for seed in settings.seeds:
         torch.manual_seed(seed)
-        generated.append(tl_compat.generate(model, list(data.heldout_texts), max_new_tokens=settings.max_new_tokens,
-                                            do_sample=True, temperature=settings.temperature).cpu())
-    return {"score": score(last).float().cpu(), "neutral": neutral.float().cpu(), "generated": generated}
+        if isinstance(runner, Steering):
+            tokens = runner.generate(list(data.heldout_texts), max_new_tokens=settings.max_new_tokens, do_sample=True,
+                                     temperature=settings.temperature)
+        else:
+            tokens = tl_compat.generate(runner, list(data.heldout_texts), max_new_tokens=settings.max_new_tokens,
+                                        do_sample=True, temperature=settings.temperature)
+        generated.append(tokens.cpu())
+    return generated
 
 
 @torch.inference_mode()
