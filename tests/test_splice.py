@@ -190,12 +190,12 @@ def interrupt_mid_forward(model, tokens):
 @pytest.mark.parametrize("track_grads", [False, True])
 def test_hooks_restored_after_faults(tiny_model, tiny_sae, tiny_tokens, fault, error, track_grads):
     before = snapshot(tiny_model)
+    reference = tiny_model(tiny_tokens)  # before the fault: a hook left behind would change what follows
     with pytest.raises(error):
         with splice(tiny_model, tiny_sae, cache=True, track_grads=track_grads,
                     edits=[LatentEdit(Site(1), 0, 1.0)]):
             fault(tiny_model, tiny_tokens)
     assert snapshot(tiny_model) == before
-    reference = tiny_model(tiny_tokens)
     assert torch.equal(tiny_model(tiny_tokens), reference)
 
 
