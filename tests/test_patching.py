@@ -274,3 +274,67 @@ def test_raw_units_patch_chosen_dimensions_and_neurons(model, prompts):
             assert result.metric[i, j].item() == pytest.approx(METRIC(logits[:, -1], torch.tensor([i]))[0].item(), abs=1e-4)
     with pytest.raises(PatchingError, match=r"dimensions must lie in \[0, 32\)"):
         patch_residual(model, clean, corrupted, METRIC, units=[PatchUnit((UnitPart(neurons, "raw", None, (32,)),))])
+
+
+@pytest.fixture(scope="module")
+def llama_like():
+    """Rotary positions, RMSNorm and a gated SiLU MLP with grouped keys and values, like the
+    default model (the engine starts mid-model and reuses the prefix's keys and values: both
+    depend on the position scheme)."""
+    from patching.model import tl_compat
+
+    model = tl_compat.random_model(n_layers=3, d_vocab=50, positional_embedding_type="rotary", rotary_dim=4,
+                                   normalization_type="RMS", act_fn="silu", gated_mlp=True, n_key_value_heads=2)
+    model.eval()
+    sae = make_sae(16, 40, hook_name=SITE.hook_name, model_name=model.cfg.model_name, seed=5)
+    return model, sae
+
+
+def naive_aligned_value(model, sae, base, source, unit, offset):
+    """The naive reference with the source read `offset` positions later (align="end")."""
+    src = naive_latents(model, sae, source, 0)
+    edits = []
+    for part in unit.parts:
+        z_src, e_src = src[part.site]
+        for p in (part.positions if part.positions is not None else range(base.shape[1])):
+            if p + offset < 0:
+                continue
+            if part.kind == "error":
+                edits.append(ErrorPatch(part.site, torch.tensor([0]), torch.tensor([p]), e_src[p + offset][None]))
+            else:
+                lat = part.latents if part.latents is not None else tuple(range(z_src.shape[1]))
+                edits.append(LatentEdit(part.site, lat, z_src[p + offset, list(lat)], positions=p))
+    return naive_metric(model, sae, base, edits, 0, metric=ONE_PAIR)
+
+
+ONE_PAIR = LogitDiff(answer=3, wrong=4)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("unit", ["latent_position", "error", "position"])
+def test_sweep_matches_naive_reference_on_a_rotary_rmsnorm_gated_model(llama_like, prompts, direction, unit):
+    model, sae = llama_like
+    clean, corrupted = prompts
+    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, unit=unit, progress=False)
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    assert len(result.units) > 0
+    for j in range(0, len(result.units), max(1, len(result.units) // 10)):
+        for i in range(2):
+            assert result.metric[i, j].item() == pytest.approx(
+                naive_unit_value(model, sae, base, source, result.units[j], i), abs=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_sweep_matches_naive_reference_with_end_alignment(llama_like, direction):
+    """Prompts of different lengths aligned on their final positions."""
+    model, sae = llama_like
+    clean = torch.tensor([[1, 8, 3, 9, 4, 7, 2, 6, 5]])
+    corrupted = torch.tensor([[1, 3, 9, 11, 7, 2, 6, 5]])  # one token shorter, differs at the aligned position 2
+    result = patch_latents(model, sae, clean, corrupted, ONE_PAIR, direction=direction, align="end", progress=False)
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    offset = source.shape[1] - base.shape[1]
+    assert len(result.units) > 0
+    assert max(u.position for u in result.units) < base.shape[1]
+    for j in range(0, len(result.units), max(1, len(result.units) // 12)):
+        expected = naive_aligned_value(model, sae, base, source, result.units[j], offset)
+        assert result.metric[0, j].item() == pytest.approx(expected, abs=1e-4)
