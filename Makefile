@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install browser clean-venv
+.PHONY: demo test test-fast install browser clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,8 +27,15 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/latentpatch demo
 
+# Lint and type-check first: they take seconds and fail on what reading by hand used to find.
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy sae/ --ignore-missing-imports
 	$(PY) -m pytest
+
+# The fast layer: no default model, nothing slow (seconds to a minute).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not default_model"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -95,6 +95,7 @@ class SparseAutoencoder(nn.Module):
 
     def activation(self, h: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         if self.cfg.architecture == "topk":
+            assert self.cfg.k is not None  # SAEConfig.__post_init__ requires k for topk
             top = torch.topk(h, k=self.cfg.k, dim=-1)
             return torch.zeros_like(h).scatter(-1, top.indices, top.values.relu())
         if self.cfg.architecture == "jumprelu":

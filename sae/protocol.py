@@ -19,11 +19,21 @@ class SAELike(Protocol):
     provenance is unknown; the splicer then checks only shapes.
     """
 
-    d_in: int
-    d_sae: int
-    hook_name: str | None
-    model_name: str | None
-    model_from_pretrained_kwargs: dict
+    # Read-only: our SparseAutoencoder derives them from its config.
+    @property
+    def d_in(self) -> int: ...
+
+    @property
+    def d_sae(self) -> int: ...
+
+    @property
+    def hook_name(self) -> str | None: ...
+
+    @property
+    def model_name(self) -> str | None: ...
+
+    @property
+    def model_from_pretrained_kwargs(self) -> dict: ...
 
     @property
     def W_dec(self) -> Float[Tensor, "d_sae d_in"]: ...

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from browser import dom, screenshot
-from conftest import make_sae
+from tests.browser import dom, screenshot
+from tests.conftest import make_sae
 
 from patching import Site
 from patching.inspect.dashboards import highlight, write_dashboards
@@ -57,6 +57,7 @@ def test_contexts_are_highlighted_and_escaped():
     assert highlight("a <b> «c&d» e") == "a &lt;b&gt; <mark>c&amp;d</mark> e"
 
 
+@pytest.mark.browser
 def test_a_page_renders_in_headless_chromium(site_book, tmp_path):
     index, _ = site_book
     shot = screenshot(index.parent / "L1N2.html", tmp_path / "shot.png", size="1200,1600")

@@ -11,8 +11,11 @@ from latentpatch.cli import main
 from latentpatch.demo import DemoConfig, demo_sae_dir
 from tests.browser import dom, screenshot
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.default_model
+@pytest.mark.browser
 def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys):
     from latentpatch import demo
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import construct_unchecked, make_sae, unchecked
-from hooks_snapshot import CountingHook
+from tests.conftest import construct_unchecked, make_sae, unchecked
+from tests.hooks_snapshot import CountingHook
 
 from patching import PatchingError, Site, splice
 from patching.inspect.latents import InspectConfig, inspect_latent, inspect_latents, logit_effect

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import make_sae, unchecked
-from hooks_snapshot import CountingHook, snapshot
+from tests.conftest import make_sae, unchecked
+from tests.hooks_snapshot import CountingHook, snapshot
 
 from patching import PatchingError, Site
 from patching.errors import SiteError

@@ -14,6 +14,7 @@ def red_square(path):
     return path.name
 
 
+@pytest.mark.browser
 def test_report_renders_with_its_plots(tmp_path):
     name = red_square(tmp_path / "plot.png")
     sections = [Section("Splice metrics", "How the SAE does.", figures={"ce_recovered": 0.91, "l0": 42}, images=[name]),

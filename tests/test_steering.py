@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import construct_unchecked, make_sae
-from hooks_snapshot import CountingHook, snapshot
+from tests.conftest import construct_unchecked, make_sae
+from tests.hooks_snapshot import CountingHook, snapshot
 
 from patching import Site, SpliceError, splice
 from patching.model import tl_compat

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_sae
+from tests.conftest import make_sae
 
 from latentpatch import cli, cli_steer
 

@@ -8,8 +8,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import make_sae
-from hooks_snapshot import CountingHook
+from tests.conftest import make_sae
+from tests.hooks_snapshot import CountingHook
 
 from patching.model import tl_compat
 from patching.steering.compare import CompareSettings, Concept, compare_steering

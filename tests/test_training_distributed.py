@@ -30,6 +30,8 @@ from training.sources import RowStripe
 from tests.distributed_worker import dp_config, sweep_config, sweep_saes
 from tests.test_training_helpers import fresh_saes, make_trainer, shuffled_batches
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 WORLD = 2
