@@ -211,3 +211,21 @@ def test_default_model_texts_ignore_saelens_special_ids_and_batching_does_not_ma
     for name in SAME_NAME + ("mse", "relative_reconstruction_bias"):
         assert getattr(padded, name) == pytest.approx(getattr(one, name), rel=1e-4, abs=1e-6), name
     assert padded.n_tokens == one.n_tokens and padded.n_texts == one.n_texts == 4
+
+
+def test_cli_eval_writes_folder_and_prints_grouped_figures(default_model_4l, tmp_path, capsys, monkeypatch):
+    import patching
+    from latentpatch.cli import main
+
+    model = default_model_4l
+    monkeypatch.setattr(patching, "load_model", lambda *a, **k: model)
+    folder = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name,
+                      model_from_pretrained_kwargs=tl_compat.inferred_flags(model)).save(tmp_path / "sae")
+    (tmp_path / "held.txt").write_text("The cat sat on the mat.\n\nOne two three four.\n")
+    args = ["eval", str(folder), "--text", str(tmp_path / "held.txt"), "--out", str(tmp_path / "ev"), "--json"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert printed["token_stats"]["n_texts"] == 2 and printed["saved_to"] == str(tmp_path / "ev")
+    assert saved["sparsity"] == printed["sparsity"] and saved["provenance"]["sae_sha256"]
+    assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 0
