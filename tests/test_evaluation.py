@@ -167,6 +167,8 @@ def test_max_decoder_cosine_closed_form():
     expected = torch.tensor([1.0, 2 ** -0.5, 2 ** -0.5, 1.0])  # rows 0 and 3 are antiparallel: |cos| 1
     for chunk in (1, 3, 100):
         torch.testing.assert_close(max_decoder_cosine(rows, chunk=chunk), expected)
+    signed = torch.tensor([2 ** -0.5, 2 ** -0.5, 2 ** -0.5, 0.0])  # SAEBench's signed max: row 3's best is row 1
+    torch.testing.assert_close(max_decoder_cosine(rows, chunk=2, absolute=False), signed)
     assert max_decoder_cosine(torch.ones(1, 3)).isnan().all()  # no other row to compare with
     summary = cosine_summary(torch.tensor([0.1, 0.2, 0.4, 0.9]))
     assert summary["median"] == pytest.approx(0.3)  # the mean of the middle two, not the lower

@@ -27,7 +27,7 @@ SAELens's own functions on the same tokens (tests/test_evaluation.py). What we m
 Beyond SAELens (SAEBench's "misc" figures): dead fraction (never fired on the evaluated tokens),
 dense fraction (fired on more than `dense_threshold` of them, default 10%, SAEBench's
 `freq_over_10_percent`), and per latent the largest |cosine| between its decoder row and any other
-latent's, summarised by mean, true median and quantiles.
+latent's, summarised by mean, true median and quantiles (plus SAEBench's signed-max mean).
 
 Padding of unequal texts never counts (right padding, see `patching.model.tokens`).
 """
@@ -137,7 +137,8 @@ class SAEEvaluation:
     dense_threshold: float
     """The threshold `frac_dense` used."""
     decoder_cosine: dict[str, float]
-    """Max |cos| of each decoder row with any other row: mean, median, min, max and quantiles."""
+    """Max |cos| of each decoder row with any other row: mean, median, min, max and quantiles; and
+    SAEBench's `average_max_decoder_cosine_sim` (mean of the signed max)."""
     n_tokens: int
     """Kept tokens the reconstruction statistics and densities were measured on."""
     n_loss_positions: int
@@ -222,17 +223,22 @@ def explained_variance_from_sums(sse: float, sum_sq: float, sum_x: Tensor, n: in
 
 
 @torch.inference_mode()
-def max_decoder_cosine(W_dec: Float[Tensor, "d_sae d_in"], *, chunk: int = 4096) -> Float[Tensor, " d_sae"]:
+def max_decoder_cosine(W_dec: Float[Tensor, "d_sae d_in"], *, chunk: int = 4096,
+                       absolute: bool = True) -> Float[Tensor, " d_sae"]:
     """For each latent, the largest |cos| between its decoder row and any other latent's row.
 
-    Computed in blocks of `chunk` rows so that the d_sae x d_sae matrix never exists at once. A
-    zero row has cosine 0 with everything. With one latent there is no other row: NaN.
+    `absolute=False` takes the signed maximum instead, as SAEBench's `calculate_max_cosine_sim`
+    (evals/core/main.py) does for `average_max_decoder_cosine_sim`; |cos| also counts antiparallel
+    rows as duplicates. Computed in blocks of `chunk` rows so that the d_sae x d_sae matrix never
+    exists at once. A zero row has cosine 0 with everything. With one latent there is no other
+    row: NaN.
     """
     rows = W_dec.detach().float()
     unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
     for start in range(0, rows.shape[0], chunk):
-        block = (unit[start:start + chunk] @ unit.T).abs()  # (chunk, d_sae)
+        block = unit[start:start + chunk] @ unit.T  # (chunk, d_sae)
+        block = block.abs() if absolute else block
         index = torch.arange(block.shape[0], device=rows.device)
         block[index, index + start] = float("-inf")  # a row's cosine with itself is not a neighbour
         out[start:start + chunk] = block.max(dim=-1).values
@@ -307,7 +313,8 @@ def evaluate_sae(model: Any, sae: Any, corpus: Iterable[str] | Int[Tensor, "rows
     if sums.n == 0 or sums.n_loss == 0:
         raise ValueError(f"the corpus gave no evaluable tokens at {site.hook_name} ({sums.n_texts} rows read; "
                          f"ignored ids {ignored.tolist()})")
-    return _finish(site, sums, max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk), config)
+    signed = max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk, absolute=False)
+    return _finish(site, sums, max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk), signed, config)
 
 
 @torch.inference_mode()
@@ -339,7 +346,7 @@ def _evaluate_batch(model: Any, site: Site, sae: Any, tokens: Tensor, real: Tens
         sums.add_tokens(x, x - record.error[keep], record.latents[keep])
 
 
-def _finish(site: Site, sums: _Sums, max_cos: Tensor, config: EvalConfig) -> SAEEvaluation:
+def _finish(site: Site, sums: _Sums, max_cos: Tensor, signed: Tensor, config: EvalConfig) -> SAEEvaluation:
     t, n = sums.totals, sums.n
     ce_clean, ce_spliced, ce_ablated = (t[k] / sums.n_loss for k in ("ce_clean", "ce_spliced", "ce_ablated"))
     kl_spliced, kl_ablated = t["kl_spliced"] / n, t["kl_ablated"] / n
@@ -357,7 +364,7 @@ def _finish(site: Site, sums: _Sums, max_cos: Tensor, config: EvalConfig) -> SAE
         frac_dead=(sums.fires == 0).double().mean().item(),
         frac_dense=(density > config.dense_threshold).double().mean().item(),
         frac_over_1_percent=(density > 0.01).double().mean().item(), dense_threshold=config.dense_threshold,
-        decoder_cosine=cosine_summary(max_cos), n_tokens=n, n_loss_positions=sums.n_loss, n_texts=sums.n_texts,
+        decoder_cosine={**cosine_summary(max_cos), "average_max_decoder_cosine_sim": signed.nanmean().item()}, n_tokens=n, n_loss_positions=sums.n_loss, n_texts=sums.n_texts,
         feature_density=density.float(), max_decoder_cosine=max_cos,
     )
 
