@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,18 @@ EVAL_TEXTS = (
 def register(subparsers: Any) -> None:
     """Add `eval`, `patch`, `attribute` and `safety` to the `latentpatch` parser."""
     raw = argparse.RawDescriptionHelpFormatter
-    ev = subparsers.add_parser("eval", help="splice metrics of an SAE (CE recovered, KL, EV, L0)", formatter_class=raw,
-                               description="Splice an SAE into its model and measure it on text.\n\n"
-                                           "example: latentpatch eval runs/sae-l15 --text notes.txt --json")
+    ev = subparsers.add_parser("eval", help="SAEBench core evaluation of an SAE (CE/KL scores, EV, L0, density, ...)",
+                               formatter_class=raw,
+                               description="Splice an SAE into its model and measure SAEBench's core figures on text "
+                                           "(SAELens's definitions; see patching/splice/evaluation.py); --out also "
+                                           "writes eval.json and the density and decoder-cosine histograms.\n\n"
+                                           "example: latentpatch eval runs/sae-l15 --text heldout.txt --out results/eval")
     _common(ev)
     ev.add_argument("--text", type=Path, help="a .txt file (one document per line) to evaluate on; default: built-in sentences")
+    ev.add_argument("--out", type=Path, default=None, help="write eval.json and the two histograms into this folder")
+    ev.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
+    ev.add_argument("--context-size", type=int, default=128, help="truncate each text to this many tokens (default 128)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="stop once this many tokens are evaluated (default: all)")
     ev.set_defaults(run=run_eval)
     for name, helptext in (("patch", "exact latent patching sweep on a prompt pair"),
                            ("attribute", "attribution estimate (AtP / IG / GradDrop) on a prompt pair")):
@@ -92,16 +101,26 @@ def load_for(sae_dir: Path, model_name: str | None) -> tuple[Any, Any]:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from patching import padded_tokens, splice_metrics
+    from patching.splice import EvalConfig, evaluate_sae, save_evaluation
+    from patching.sweep import library_version
+    from sae.files import weights_sha256
 
+    config = EvalConfig(batch_size=args.batch_size, context_size=args.context_size, max_tokens=args.max_tokens)
     sae, model = load_for(args.sae, args.model)
-    texts = args.text.read_text().splitlines() if args.text else list(EVAL_TEXTS)
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ValueError(f"{args.text} holds no text")
-    tokens, mask = padded_tokens(model, texts)  # padding is never scored
-    metrics = splice_metrics(model, sae, tokens, mask=mask)
-    return {"sae": str(args.sae), "site": sae.cfg.hook_name, "texts": len(texts), **metrics.to_dict()}
+    texts = _text_lines(args.text) if args.text else iter(EVAL_TEXTS)
+    result = evaluate_sae(model, sae, texts, config=config)
+    if args.out is not None:
+        save_evaluation(result, args.out, provenance={
+            "model": model.cfg.model_name, "sae": str(args.sae), "sae_sha256": weights_sha256(sae),
+            "text": str(args.text) if args.text else "built-in sentences", "config": asdict(config),
+            "library_version": library_version()})
+    return {"sae": str(args.sae), **result.to_dict(), "saved_to": str(args.out) if args.out else None}
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The non-blank lines of `path`, read lazily (a held-out file can be large)."""
+    with path.open(encoding="utf-8") as handle:
+        yield from (line.rstrip("\n") for line in handle if line.strip())
 
 
 def _pair(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:

@@ -50,7 +50,7 @@ def test_patch_attribute_eval_commands(topk_sae_dir, tmp_path, capsys, default_m
     assert attributed["method"] == "atp" and attributed["verification"]["n_checked"] == 10
     assert main(["eval", str(topk_sae_dir), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["site"] == "blocks.20.hook_resid_pre" and evaluated["l0"] == pytest.approx(16.0)
+    assert evaluated["site"] == "blocks.20.hook_resid_pre" and evaluated["sparsity"]["l0"] == pytest.approx(16.0)
 
 
 def test_patch_with_mismatched_lengths_is_one_line_error(topk_sae_dir, capsys):

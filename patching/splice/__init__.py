@@ -1,12 +1,14 @@
 """The splice room: typed latent edits, the splicer that inserts SAEs at their sites (error-term
 and bottleneck modes), collecting an SAE's latents over a corpus, and splice quality (CE loss
-recovered, KL, explained variance, L0).
+recovered, KL, explained variance, L0), and SAEBench's core evaluation streamed over many texts.
 
 Imports `model` below it."""
 
 from patching.splice.collect import Corpus, iter_site_latents, iter_site_values, resolve_site
 from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
+from patching.splice.evaluation import EvalConfig, SAEEvaluation, evaluate_sae
+from patching.splice.evaluation_files import save_evaluation
 from patching.splice.quality import SpliceMetrics, splice_metrics
 from patching.splice.splicer import SiteRecord, Splice, resolve_saes, splice
 
-__all__ = ["Corpus", "ErrorPatch", "LatentEdit", "LatentPatch", "SiteRecord", "Splice", "SpliceMetrics", "iter_site_latents", "iter_site_values", "resolve_saes", "resolve_site", "splice", "splice_metrics"]
+__all__ = ["Corpus", "ErrorPatch", "EvalConfig", "LatentEdit", "LatentPatch", "SAEEvaluation", "SiteRecord", "Splice", "SpliceMetrics", "evaluate_sae", "iter_site_latents", "iter_site_values", "resolve_saes", "resolve_site", "save_evaluation", "splice", "splice_metrics"]

@@ -1,0 +1,370 @@
+"""SAEBench's core evaluation of an SAE at its site, streamed over many texts.
+
+The figures and their definitions follow SAELens 6.54 `sae_lens/evals.py` (`get_recons_loss`,
+`get_downstream_reconstruction_metrics`, `get_sparsity_and_variance_metrics`,
+`ExplainedVarianceCalculator`), which SAEBench's core evaluation calls; a test recomputes them with
+SAELens's own functions on the same tokens (tests/test_evaluation.py). What we matched:
+
+- Ignored tokens: by token id, SAELens's `get_special_token_ids` (BOS, EOS, PAD, SEP and
+  decoder-start ids; not chat-template tokens). At an ignored position the spliced run keeps the
+  original activation (`torch.where(mask, sae_out, x)`), the zero-ablated run zeroes every
+  position, the next-token loss predicted *from* it and its KL are dropped, and it is left out of
+  every reconstruction statistic and every latent's firing count.
+- `ce_loss_score = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)`;
+  `kl_div_score = (KL_ablated - KL_spliced) / KL_ablated`, KL(clean || run) per position, in nats.
+  Means are over all kept positions of all batches.
+- `explained_variance = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)`: about the mean, accumulated
+  in float64 across batches (SAELens's `ExplainedVarianceCalculator`; `sae.metrics.explained_variance`
+  on one tensor).
+- `mse_per_token = E||x - x_hat||^2` (SAELens's "mse": sum over d_in, mean over tokens); `mse` is
+  the project's per-element figure (`sae.metrics.mse`), `mse_per_token / d_in`.
+- `cossim = E cos(x, x_hat)`; `l0 = E #{z != 0}`; `l1 = E sum |z|`; `l2_ratio = E ||x_hat|| / ||x||`
+  (a norm under 1e-4 divides by 1, as SAELens); `relative_reconstruction_bias = E||x_hat||^2 /
+  E<x, x_hat>` (Gao et al. 2024 eq. 10) over all tokens (SAELens averages per-batch ratios; the two
+  agree for one batch).
+- Feature density = firing count / kept tokens, per latent (SAELens's `feature_density`).
+
+Beyond SAELens (SAEBench's "misc" figures): dead fraction (never fired on the evaluated tokens),
+dense fraction (fired on more than `dense_threshold` of them, default 10%, SAEBench's
+`freq_over_10_percent`), and per latent the largest |cosine| between its decoder row and any other
+latent's, summarised by mean, true median and quantiles (plus SAEBench's signed-max mean).
+
+Padding of unequal texts never counts (right padding, see `patching.model.tokens`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patching.model import tl_compat
+from patching.model.sites import Site
+from patching.model.tokens import padded_tokens
+from patching.splice.collect import resolve_site
+from patching.splice.splicer import SpliceChecks, splice
+from sae.metrics import ce_loss_recovered, cross_entropy, kl_divergence, median
+
+STRUCTURAL_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+"""The tokenizer attributes SAELens's `get_special_token_ids` reads (sae_lens/util.py)."""
+COSINE_QUANTILES = (0.1, 0.25, 0.75, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How an evaluation runs: batching, which tokens count, and the thresholds it reports."""
+
+    batch_size: int = 8
+    """Texts (or token rows) per forward pass."""
+    context_size: int = 128
+    """Texts are truncated to this many tokens (BOS included), as SAELens's activation store does."""
+    max_tokens: int | None = None
+    """Stop after the batch that brings the evaluated (kept) tokens to this many; None: the whole corpus."""
+    ignore_tokens: tuple[int, ...] | None = None
+    """Token ids left out of every figure; None: the tokenizer's BOS/EOS/PAD/SEP/decoder-start ids
+    (SAELens's default); (): none."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of tokens counts as dense."""
+    cosine_chunk: int = 4096
+    """Decoder rows per block of the pairwise-cosine product (memory: chunk x d_sae floats)."""
+    progress: bool = True
+    """Show a tqdm progress bar over batches."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "context_size", "cosine_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_size < 2:
+            raise ValueError(f"EvalConfig.context_size must be >= 2 (one next-token target), got {self.context_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"EvalConfig.max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if not 0 < self.dense_threshold < 1:
+            raise ValueError(f"EvalConfig.dense_threshold must be in (0, 1), got {self.dense_threshold}")
+
+
+@dataclass(frozen=True)
+class SAEEvaluation:
+    """SAEBench's core figures for one SAE at one site (definitions in the module docstring)."""
+
+    site: str
+    """Hook name the SAE was evaluated at."""
+    ce_loss_score: float
+    """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean)."""
+    ce_loss_with_sae: float
+    """Mean next-token CE with the SAE's reconstruction in place of the site (kept positions)."""
+    ce_loss_without_sae: float
+    """Mean next-token CE of the unmodified model."""
+    ce_loss_with_ablation: float
+    """Mean next-token CE with the site zeroed at every position."""
+    kl_div_score: float
+    """(KL_ablated - KL_spliced) / KL_ablated."""
+    kl_div_with_sae: float
+    """Mean KL(clean || spliced) per kept position, nats."""
+    kl_div_with_ablation: float
+    """Mean KL(clean || zero-ablated) per kept position, nats."""
+    explained_variance: float
+    """1 - E||x - x_hat||^2 / total variance of x about its mean."""
+    mse: float
+    """Mean squared error per element."""
+    mse_per_token: float
+    """E||x - x_hat||^2 (SAELens's "mse")."""
+    cossim: float
+    """Mean cosine similarity of x and x_hat."""
+    l2_norm_in: float
+    """Mean ||x||."""
+    l2_norm_out: float
+    """Mean ||x_hat||."""
+    l2_ratio: float
+    """Mean ||x_hat|| / ||x|| (relative reconstruction norm)."""
+    relative_reconstruction_bias: float
+    """E||x_hat||^2 / E<x, x_hat>; 1 means no shrinkage."""
+    l0: float
+    """Mean number of non-zero latents per token."""
+    l1: float
+    """Mean sum of |latent| per token."""
+    frac_dead: float
+    """Fraction of latents that never fired on the evaluated tokens."""
+    frac_dense: float
+    """Fraction of latents firing on more than `dense_threshold` of the tokens."""
+    frac_over_1_percent: float
+    """Fraction of latents firing on more than 1% of the tokens (SAEBench's freq_over_1_percent)."""
+    dense_threshold: float
+    """The threshold `frac_dense` used."""
+    decoder_cosine: dict[str, float]
+    """Max |cos| of each decoder row with any other row: mean, median, min, max and quantiles; and
+    SAEBench's `average_max_decoder_cosine_sim` (mean of the signed max)."""
+    n_tokens: int
+    """Kept tokens the reconstruction statistics and densities were measured on."""
+    n_loss_positions: int
+    """Next-token predictions the CE figures averaged."""
+    n_texts: int
+    """Texts (or token rows) read."""
+    feature_density: Tensor = field(repr=False)
+    """Per latent: fraction of kept tokens on which it fired, (d_sae,)."""
+    max_decoder_cosine: Tensor = field(repr=False)
+    """Per latent: max |cos| with any other decoder row, (d_sae,)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures grouped as SAEBench's core output is, without the per-latent arrays."""
+        return {
+            "site": self.site,
+            "model_behavior_preservation": {k: getattr(self, k) for k in
+                                            ("kl_div_score", "kl_div_with_sae", "kl_div_with_ablation")},
+            "model_performance_preservation": {k: getattr(self, k) for k in ("ce_loss_score", "ce_loss_with_sae",
+                                               "ce_loss_without_sae", "ce_loss_with_ablation")},
+            "reconstruction_quality": {k: getattr(self, k) for k in
+                                       ("explained_variance", "mse", "mse_per_token", "cossim")},
+            "shrinkage": {k: getattr(self, k) for k in
+                          ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")},
+            "sparsity": {"l0": self.l0, "l1": self.l1, "frac_dead": self.frac_dead, "frac_dense": self.frac_dense,
+                         "frac_over_1_percent": self.frac_over_1_percent, "dense_threshold": self.dense_threshold},
+            "decoder_cosine": dict(self.decoder_cosine),
+            "token_stats": {"n_tokens": self.n_tokens, "n_loss_positions": self.n_loss_positions,
+                            "n_texts": self.n_texts},
+        }
+
+
+@dataclass
+class _Sums:
+    """Running sums over batches (float64 on the CPU: the total variance is a difference of two
+    large, nearly equal numbers when x has a large mean)."""
+
+    d_in: int
+    d_sae: int
+    n: int = 0
+    sum_x: Tensor = field(init=False)
+    fires: Tensor = field(init=False)
+    totals: dict[str, float] = field(default_factory=dict)
+    n_loss: int = 0
+    n_texts: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
+        self.fires = torch.zeros(self.d_sae, dtype=torch.int64)
+
+    def add(self, name: str, value: Tensor | float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + float(value)
+
+    def add_tokens(self, x: Float[Tensor, "token d_in"], x_hat: Float[Tensor, "token d_in"],
+                   z: Float[Tensor, "token d_sae"]) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.n += x.shape[0]
+        self.sum_x += x.sum(0).cpu()
+        norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        self.add("sum_sq", x.pow(2).sum())
+        self.add("sse", (x - x_hat).pow(2).sum())
+        self.add("cossim", ((x / norm_in[:, None]) * (x_hat / norm_out[:, None])).sum())
+        self.add("l2_in", norm_in.sum())
+        self.add("l2_out", norm_out.sum())
+        self.add("l2_ratio", (norm_out / torch.where(norm_in.abs() < 1e-4, 1.0, norm_in)).sum())
+        self.add("xhat_sq", norm_out.pow(2).sum())
+        self.add("x_dot_xhat", (x * x_hat).sum())
+        active = z != 0  # != rather than >, as SAELens: signed architectures count too
+        self.add("l0", active.sum())
+        self.add("l1", z.double().abs().sum())
+        self.fires += active.sum(0).cpu()
+
+
+def explained_variance_from_sums(sse: float, sum_sq: float, sum_x: Tensor, n: int) -> float:
+    """1 - (SSE/n) / (E||x||^2 - ||E x||^2), SAELens's `ExplainedVarianceCalculator.compute`
+    (including its convention for zero variance: 1 if the error is zero too, else 0)."""
+    if n == 0:
+        return float("nan")
+    variance = sum_sq / n - (sum_x / n).pow(2).sum().item()
+    if variance < 1e-10:
+        return 1.0 if sse / n < 1e-10 else 0.0
+    return 1.0 - (sse / n) / variance
+
+
+@torch.inference_mode()
+def max_decoder_cosine(W_dec: Float[Tensor, "d_sae d_in"], *, chunk: int = 4096,
+                       absolute: bool = True) -> Float[Tensor, " d_sae"]:
+    """For each latent, the largest |cos| between its decoder row and any other latent's row.
+
+    `absolute=False` takes the signed maximum instead, as SAEBench's `calculate_max_cosine_sim`
+    (evals/core/main.py) does for `average_max_decoder_cosine_sim`; |cos| also counts antiparallel
+    rows as duplicates. Computed in blocks of `chunk` rows so that the d_sae x d_sae matrix never
+    exists at once. A zero row has cosine 0 with everything. With one latent there is no other
+    row: NaN.
+    """
+    rows = W_dec.detach().float()
+    unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], chunk):
+        block = unit[start:start + chunk] @ unit.T  # (chunk, d_sae)
+        block = block.abs() if absolute else block
+        index = torch.arange(block.shape[0], device=rows.device)
+        block[index, index + start] = float("-inf")  # a row's cosine with itself is not a neighbour
+        out[start:start + chunk] = block.max(dim=-1).values
+    return out.cpu().masked_fill(torch.isinf(out.cpu()), float("nan"))
+
+
+def cosine_summary(values: Tensor) -> dict[str, float]:
+    """Mean, true median, min, max and `COSINE_QUANTILES` of per-latent max |cos|."""
+    values = values.double()
+    summary = {"mean": values.mean().item(), "median": median(values).item(),
+               "min": values.min().item(), "max": values.max().item()}
+    for q in COSINE_QUANTILES:
+        summary[f"q{round(q * 100):02d}"] = values.nanquantile(q).item()
+    return summary
+
+
+def ignored_token_ids(model: Any, config: EvalConfig) -> tuple[int, ...]:
+    """The ids `config` ignores: given, or the tokenizer's structural special ids (SAELens's rule)."""
+    if config.ignore_tokens is not None:
+        return tuple(config.ignore_tokens)
+    tokenizer = getattr(model, "tokenizer", None)
+    found = {getattr(tokenizer, name, None) for name in STRUCTURAL_SPECIAL_TOKENS} if tokenizer is not None else set()
+    return tuple(sorted(i for i in found if i is not None))
+
+
+def token_batches(model: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"],
+                  config: EvalConfig) -> Iterator[tuple[Tensor, Bool[Tensor, "batch pos"]]]:
+    """Batches of (tokens, real-token mask): token rows as given, or texts tokenized with BOS,
+    truncated to `context_size` and right-padded."""
+    if isinstance(corpus, Tensor):
+        if corpus.ndim != 2 or corpus.is_floating_point() or corpus.shape[1] < 2:
+            raise ValueError(f"a token corpus must be an integer tensor (rows, pos >= 2); got {corpus.dtype} "
+                             f"{tuple(corpus.shape)}")
+        for start in range(0, corpus.shape[0], config.batch_size):
+            rows = corpus[start:start + config.batch_size, :config.context_size]
+            yield rows, torch.ones_like(rows, dtype=torch.bool)
+        return
+    if isinstance(corpus, str):
+        raise TypeError("corpus must be an iterable of texts or a token tensor, not one string; wrap it in a list")
+    texts = iter(corpus)
+    while batch := list(itertools.islice(texts, config.batch_size)):
+        if not all(isinstance(text, str) and text for text in batch):
+            raise ValueError("every text in the corpus must be a non-empty string")
+        tokens, real = padded_tokens(model, batch)
+        yield tokens[:, :config.context_size], real[:, :config.context_size]
+
+
+def evaluate_sae(model: Any, sae: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"], *, site: Site | None = None,
+                 config: EvalConfig | None = None, checks: SpliceChecks | None = None) -> SAEEvaluation:
+    """SAEBench's core figures for `sae` at its site (or `site`) over `corpus`.
+
+    `corpus` is an iterable of texts (read lazily, `batch_size` at a time, so a held-out split can
+    stream in) or a (rows, pos) token tensor used as given. The SAE is checked against the model
+    as a splice checks it, before the first forward pass.
+    """
+    config = EvalConfig() if config is None else config
+    site, adapted = resolve_site(model, sae, site, checks=checks)
+    ignored = torch.tensor(ignored_token_ids(model, config), dtype=torch.long)
+    sums = _Sums(d_in=adapted.d_in, d_sae=adapted.d_sae)
+    bar = tqdm(desc=f"eval {site.hook_name}", unit="tok", disable=not config.progress, total=config.max_tokens)
+    with bar:
+        for tokens, real in token_batches(model, corpus, config):
+            device = tl_compat.model_device(model)
+            tokens, real = tokens.to(device), real.to(device)
+            keep = real & ~torch.isin(tokens, ignored.to(device))
+            before = sums.n
+            _evaluate_batch(model, site, adapted, tokens, real, keep, sums, checks)
+            sums.n_texts += tokens.shape[0]
+            bar.update(sums.n - before)
+            if config.max_tokens is not None and sums.n >= config.max_tokens:
+                break
+    if sums.n == 0 or sums.n_loss == 0:
+        raise ValueError(f"the corpus gave no evaluable tokens at {site.hook_name} ({sums.n_texts} rows read; "
+                         f"ignored ids {ignored.tolist()})")
+    signed = max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk, absolute=False)
+    return _finish(site, sums, max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk), signed, config)
+
+
+@torch.inference_mode()
+def _evaluate_batch(model: Any, site: Site, sae: Any, tokens: Tensor, real: Tensor, keep: Tensor, sums: _Sums,
+                    checks: SpliceChecks | None) -> None:
+    """Three runs (clean, spliced where kept, zero-ablated everywhere) and the sums of one batch."""
+    logits_clean = tl_compat.forward_logits(model, tokens)
+    with splice(model, {site: sae}, error_term=False, cache=True, checks=checks) as state:
+        # SAELens keeps the original activation at ignored positions: torch.where(mask, sae_out, x)
+        restore = [(site.hook_name, lambda out: torch.where(keep[..., None], out, state.records[site].inputs))]
+        with tl_compat.hooks(model, restore):
+            logits_spliced = tl_compat.forward_logits(model, tokens)
+    record = state.records[site]
+    with tl_compat.hooks(model, [(site.hook_name, torch.zeros_like)]):
+        logits_ablated = tl_compat.forward_logits(model, tokens)
+    # cross_entropy scores target t+1 where mask[t+1]; SAELens drops the prediction made *from* an
+    # ignored token, and padding is never a target
+    loss_mask = torch.zeros_like(keep)
+    loss_mask[:, 1:] = keep[:, :-1] & real[:, 1:]
+    n_loss, n_keep = int(loss_mask.sum()), int(keep.sum())
+    if n_loss:
+        for name, logits in (("ce_clean", logits_clean), ("ce_spliced", logits_spliced), ("ce_ablated", logits_ablated)):
+            sums.add(name, cross_entropy(logits, tokens, loss_mask) * n_loss)
+        sums.n_loss += n_loss
+    if n_keep:
+        sums.add("kl_spliced", kl_divergence(logits_clean, logits_spliced, keep) * n_keep)
+        sums.add("kl_ablated", kl_divergence(logits_clean, logits_ablated, keep) * n_keep)
+        x = record.inputs[keep]  # (token, d_in)
+        sums.add_tokens(x, x - record.error[keep], record.latents[keep])
+
+
+def _finish(site: Site, sums: _Sums, max_cos: Tensor, signed: Tensor, config: EvalConfig) -> SAEEvaluation:
+    t, n = sums.totals, sums.n
+    ce_clean, ce_spliced, ce_ablated = (t[k] / sums.n_loss for k in ("ce_clean", "ce_spliced", "ce_ablated"))
+    kl_spliced, kl_ablated = t["kl_spliced"] / n, t["kl_ablated"] / n
+    density = sums.fires.double() / n
+    return SAEEvaluation(
+        site=site.hook_name,
+        ce_loss_score=ce_loss_recovered(ce_clean, ce_spliced, ce_ablated), ce_loss_with_sae=ce_spliced,
+        ce_loss_without_sae=ce_clean, ce_loss_with_ablation=ce_ablated,
+        kl_div_score=(kl_ablated - kl_spliced) / kl_ablated, kl_div_with_sae=kl_spliced, kl_div_with_ablation=kl_ablated,
+        explained_variance=explained_variance_from_sums(t["sse"], t["sum_sq"], sums.sum_x, n),
+        mse=t["sse"] / (n * sums.d_in), mse_per_token=t["sse"] / n, cossim=t["cossim"] / n,
+        l2_norm_in=t["l2_in"] / n, l2_norm_out=t["l2_out"] / n, l2_ratio=t["l2_ratio"] / n,
+        relative_reconstruction_bias=t["xhat_sq"] / t["x_dot_xhat"],
+        l0=t["l0"] / n, l1=t["l1"] / n,
+        frac_dead=(sums.fires == 0).double().mean().item(),
+        frac_dense=(density > config.dense_threshold).double().mean().item(),
+        frac_over_1_percent=(density > 0.01).double().mean().item(), dense_threshold=config.dense_threshold,
+        decoder_cosine={**cosine_summary(max_cos), "average_max_decoder_cosine_sim": signed.nanmean().item()}, n_tokens=n, n_loss_positions=sums.n_loss, n_texts=sums.n_texts,
+        feature_density=density.float(), max_decoder_cosine=max_cos,
+    )
+

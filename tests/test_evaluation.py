@@ -1,0 +1,233 @@
+"""SAEBench's core evaluation: SAELens's own evaluation code on the same tokens gives the same
+figures; closed-form values of each new statistic on hand-made inputs; the text path is
+independent of batching and padding; the saved folder holds what it says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_sae
+
+from patching.model import tl_compat
+from patching.splice import EvalConfig, evaluate_sae, save_evaluation, splice_metrics
+from patching.splice.evaluation import (
+    _Sums,
+    cosine_summary,
+    explained_variance_from_sums,
+    ignored_token_ids,
+    max_decoder_cosine,
+)
+from sae.metrics import explained_variance
+
+BOS = 0
+REL = 1e-5  # float32 forward passes; our sums are float64, SAELens's partly float32
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def sae(model):
+    return make_sae(model.cfg.d_model, 48, hook_name="blocks.1.hook_resid_pre", model_name=model.cfg.model_name)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    """BOS (id 0) first in every row, and id 0 inside some rows too: SAELens ignores by id."""
+    tokens = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = BOS
+    tokens[1, 5] = tokens[4, 9] = BOS
+    return tokens
+
+
+class _Store:
+    """The one method of SAELens's ActivationsStore its evaluation functions call."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def get_batch_tokens(self, n):
+        batch = self.batches.pop(0)
+        assert batch.shape[0] == n
+        return batch
+
+
+def _saelens(sae, model, tokens, tmp_path, n_batches):
+    from sae_lens import SAE
+    from sae_lens.evals import get_downstream_reconstruction_metrics, get_sparsity_and_variance_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    theirs = SAE.load_from_disk(str(sae.save(tmp_path / f"sae{n_batches}")))
+    batches = tokens.chunk(n_batches)
+    size = batches[0].shape[0]
+    down = get_downstream_reconstruction_metrics(theirs, model, _Store(batches), ActivationScaler(), compute_kl=True,
+                                                 compute_ce_loss=True, n_batches=n_batches, eval_batch_size_prompts=size,
+                                                 ignore_tokens=[BOS])
+    sparse, per_latent = get_sparsity_and_variance_metrics(
+        theirs, model, _Store(batches), ActivationScaler(), n_batches=n_batches, compute_l2_norms=True,
+        compute_sparsity_metrics=True, compute_variance_metrics=True, compute_featurewise_density_statistics=True,
+        eval_batch_size_prompts=size, model_kwargs={}, ignore_tokens=[BOS])
+    return {**down, **sparse}, per_latent
+
+
+SAME_NAME = ("ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_score",
+             "kl_div_with_sae", "kl_div_with_ablation", "explained_variance", "cossim", "l2_norm_in", "l2_norm_out",
+             "l2_ratio", "l0", "l1")
+
+
+def test_figures_equal_saelens_own_evaluation(model, sae, tokens, tmp_path):
+    ours = evaluate_sae(model, sae, tokens, config=EvalConfig(batch_size=4, ignore_tokens=(BOS,), progress=False))
+    theirs, per_latent = _saelens(sae, model, tokens, tmp_path, n_batches=2)
+    for name in SAME_NAME:
+        assert getattr(ours, name) == pytest.approx(theirs[name], rel=REL, abs=1e-6), name
+    assert ours.mse_per_token == pytest.approx(theirs["mse"], rel=REL)  # SAELens's "mse" sums over d_in
+    assert ours.mse == pytest.approx(theirs["mse"] / sae.cfg.d_in, rel=REL)
+    torch.testing.assert_close(ours.feature_density.double(), torch.tensor(per_latent["feature_density"]).double(),
+                               rtol=0, atol=1e-7)
+    assert ours.n_tokens == int((tokens != BOS).sum())
+    assert 0 < ours.frac_dead < 1 or ours.frac_dead == (ours.feature_density == 0).double().mean().item()
+
+
+def test_relative_reconstruction_bias_equals_saelens_on_one_batch(model, sae, tokens, tmp_path):
+    # SAELens averages this ratio per batch; over one batch the two definitions coincide
+    ours = evaluate_sae(model, sae, tokens, config=EvalConfig(batch_size=8, ignore_tokens=(BOS,), progress=False))
+    theirs, _ = _saelens(sae, model, tokens, tmp_path, n_batches=1)
+    assert ours.relative_reconstruction_bias == pytest.approx(theirs["relative_reconstruction_bias"], rel=REL)
+
+
+def test_with_nothing_ignored_figures_equal_splice_metrics(model, sae, tokens):
+    ours = evaluate_sae(model, sae, tokens, config=EvalConfig(batch_size=3, ignore_tokens=(), progress=False))
+    single = splice_metrics(model, sae, tokens, exclude_first_position=False)
+    pairs = {"ce_loss_without_sae": "ce_clean", "ce_loss_with_sae": "ce_spliced", "ce_loss_with_ablation": "ce_ablated",
+             "ce_loss_score": "ce_loss_recovered", "kl_div_with_sae": "kl_spliced",
+             "explained_variance": "explained_variance", "mse": "mse", "l0": "l0"}
+    for name, theirs in pairs.items():
+        assert getattr(ours, name) == pytest.approx(getattr(single, theirs), rel=REL, abs=1e-6), name
+    assert ours.n_tokens == single.n_tokens == tokens.numel()
+
+
+def test_max_tokens_stops_after_the_batch_that_reaches_it(model, sae, tokens):
+    config = EvalConfig(batch_size=2, ignore_tokens=(), max_tokens=40, progress=False)
+    result = evaluate_sae(model, sae, tokens, config=config)
+    assert (result.n_tokens, result.n_texts) == (64, 4)  # 32 tokens after one batch, 64 >= 40 after two
+
+
+def test_streamed_explained_variance_is_the_one_tensor_formula():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=gen) * 3 + 7  # a large mean, as residual streams have
+    x_hat = x + torch.randn(40, 5, generator=gen)
+    sums = _Sums(d_in=5, d_sae=3)
+    for part, part_hat in zip(x.chunk(3), x_hat.chunk(3), strict=True):
+        sums.add_tokens(part, part_hat, torch.zeros(part.shape[0], 3))
+    streamed = explained_variance_from_sums(sums.totals["sse"], sums.totals["sum_sq"], sums.sum_x, sums.n)
+    assert streamed == pytest.approx(explained_variance(x, x_hat).item(), rel=1e-5)
+    # hand-made: x = (1, 3) about mean 2 has variance 1; x_hat = (2, 2) errs by 1 each: EV = 0
+    x1, x1_hat = torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    assert explained_variance_from_sums(2.0, 10.0, x1.sum(0).double(), 2) == 0.0
+    assert explained_variance(x1, x1_hat).item() == 0.0
+    assert explained_variance_from_sums(0.0, 8.0, torch.tensor([4.0, 0.0]).double(), 2) == 1.0  # no variance, no error
+
+
+def test_reconstruction_and_sparsity_sums_closed_form():
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    x_hat = torch.tensor([[3.0, 4.0], [2.0, 0.0]])
+    z = torch.tensor([[1.0, 0.0, -2.0], [0.0, 0.0, 0.5]])
+    sums = _Sums(d_in=2, d_sae=3)
+    sums.add_tokens(x, x_hat, z)
+    t = sums.totals
+    assert t["cossim"] / 2 == pytest.approx(1.0)  # both reconstructions point the right way
+    assert t["l2_ratio"] / 2 == pytest.approx((1 + 2) / 2)
+    assert t["xhat_sq"] / t["x_dot_xhat"] == pytest.approx((25 + 4) / (25 + 2))
+    assert t["l0"] / 2 == 1.5 and t["l1"] / 2 == 1.75  # |-2| counts: L1 of magnitudes
+    assert t["sse"] / 2 == 0.5 and t["sse"] / 4 == 0.25  # per token (SAELens) and per element
+    assert sums.fires.tolist() == [1, 0, 2]
+
+
+def test_density_fractions_and_thresholds(model, tokens):
+    # a latent with a huge bias fires everywhere (dense); one with a hugely negative bias never (dead)
+    sae = make_sae(model.cfg.d_model, 8, hook_name="blocks.1.hook_resid_pre", model_name=model.cfg.model_name)
+    with torch.no_grad():
+        sae.b_enc[0], sae.b_enc[1] = 1e4, -1e4
+    result = evaluate_sae(model, sae, tokens, config=EvalConfig(ignore_tokens=(), progress=False, dense_threshold=0.5))
+    density = result.feature_density
+    assert density[0] == 1.0 and density[1] == 0.0
+    assert result.frac_dead == pytest.approx((density == 0).double().mean().item())
+    assert result.frac_dense == pytest.approx((density > 0.5).double().mean().item())
+    assert result.frac_dead >= 1 / 8 and result.frac_dense >= 1 / 8
+
+
+def test_max_decoder_cosine_closed_form():
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-3.0, 0.0]])
+    expected = torch.tensor([1.0, 2 ** -0.5, 2 ** -0.5, 1.0])  # rows 0 and 3 are antiparallel: |cos| 1
+    for chunk in (1, 3, 100):
+        torch.testing.assert_close(max_decoder_cosine(rows, chunk=chunk), expected)
+    signed = torch.tensor([2 ** -0.5, 2 ** -0.5, 2 ** -0.5, 0.0])  # SAEBench's signed max: row 3's best is row 1
+    torch.testing.assert_close(max_decoder_cosine(rows, chunk=2, absolute=False), signed)
+    assert max_decoder_cosine(torch.ones(1, 3)).isnan().all()  # no other row to compare with
+    summary = cosine_summary(torch.tensor([0.1, 0.2, 0.4, 0.9]))
+    assert summary["median"] == pytest.approx(0.3)  # the mean of the middle two, not the lower
+    assert summary["mean"] == pytest.approx(0.4) and summary["max"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(context_size=1), dict(max_tokens=0),
+                                 dict(dense_threshold=1.0), dict(cosine_chunk=0)])
+def test_config_refuses_bad_values(bad):
+    with pytest.raises(ValueError, match="EvalConfig"):
+        EvalConfig(**bad)
+
+
+def test_corpus_refuses_a_bare_string_and_rows_without_a_target(model, sae):
+    with pytest.raises(TypeError, match="one string"):
+        evaluate_sae(model, sae, "some text", config=EvalConfig(progress=False))
+    with pytest.raises(ValueError, match="pos >= 2"):
+        evaluate_sae(model, sae, torch.zeros(2, 1, dtype=torch.long), config=EvalConfig(progress=False))
+
+
+def test_save_writes_json_and_plots_atomically(model, sae, tokens, tmp_path):
+    result = evaluate_sae(model, sae, tokens, config=EvalConfig(ignore_tokens=(BOS,), progress=False))
+    folder = save_evaluation(result, tmp_path / "eval", provenance={"model": "tiny"})
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder_cosine.png", "eval.json", "feature_density.png"]
+    body = json.loads((folder / "eval.json").read_text())
+    assert body["model_performance_preservation"]["ce_loss_score"] == result.ce_loss_score
+    assert len(body["per_latent"]["feature_density"]) == sae.cfg.d_sae
+    assert body["provenance"] == {"model": "tiny"}
+
+
+def test_default_model_texts_ignore_saelens_special_ids_and_batching_does_not_matter(default_model_4l):
+    from sae_lens.util import get_special_token_ids
+
+    model = default_model_4l
+    assert set(ignored_token_ids(model, EvalConfig())) == set(get_special_token_ids(model.tokenizer))
+    sae = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name,
+                   model_from_pretrained_kwargs=tl_compat.inferred_flags(model))
+    texts = ["The cat sat on the mat.", "Paris is the capital of France, and its largest city by far.",
+             "One two three.", "A much longer sentence about the weather, which was cold and wet all week long."]
+    one = evaluate_sae(model, sae, texts, config=EvalConfig(batch_size=1, progress=False))
+    padded = evaluate_sae(model, sae, iter(texts), config=EvalConfig(batch_size=3, progress=False))
+    for name in SAME_NAME + ("mse", "relative_reconstruction_bias"):
+        assert getattr(padded, name) == pytest.approx(getattr(one, name), rel=1e-4, abs=1e-6), name
+    assert padded.n_tokens == one.n_tokens and padded.n_texts == one.n_texts == 4
+
+
+def test_cli_eval_writes_folder_and_prints_grouped_figures(default_model_4l, tmp_path, capsys, monkeypatch):
+    import patching
+    from latentpatch.cli import main
+
+    model = default_model_4l
+    monkeypatch.setattr(patching, "load_model", lambda *a, **k: model)
+    folder = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name,
+                      model_from_pretrained_kwargs=tl_compat.inferred_flags(model)).save(tmp_path / "sae")
+    (tmp_path / "held.txt").write_text("The cat sat on the mat.\n\nOne two three four.\n")
+    args = ["eval", str(folder), "--text", str(tmp_path / "held.txt"), "--out", str(tmp_path / "ev"), "--json"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert printed["token_stats"]["n_texts"] == 2 and printed["saved_to"] == str(tmp_path / "ev")
+    assert saved["sparsity"] == printed["sparsity"] and saved["provenance"]["sae_sha256"]
+    assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 0
