@@ -31,7 +31,7 @@ from patching.splice.edits import ErrorPatch, LatentEdit
 from patching.errors import PatchingError
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Align, PromptPair, Prompts, check_positions, make_pairs
-from patching.sweep.patch import check_run_settings, differs_mask, provenance_record
+from patching.sweep.patch import check_run_settings, differs_mask, flag_small_spans, provenance_record
 from patching.sweep.results import PatchResult
 from patching.model.sites import Site
 from patching.splice.splicer import Splice, resolve_saes, splice
@@ -85,6 +85,7 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
                          provenance=provenance_record(model, pairs, metric, direction, extra, 0),
                          context={"model": model, "saes": resolved, "clean": clean, "corrupted": corrupted,
                                   "metric": metric, "direction": direction, "align": align})
+    flag_small_spans(result)
     return result
 
 
