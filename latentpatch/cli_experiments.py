@@ -93,12 +93,17 @@ def load_for(sae_dir: Path, model_name: str | None) -> tuple[Any, Any]:
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from patching import padded_tokens, splice_metrics
+    from training.errors import DataSourceError
+    from training.paths import check_input_file
+    from training.text import check_utf8_text
 
+    if args.text:  # checked before the model loads: missing, a folder, binary
+        check_utf8_text(check_input_file(args.text, option="--text"))
     sae, model = load_for(args.sae, args.model)
-    texts = args.text.read_text().splitlines() if args.text else list(EVAL_TEXTS)
+    texts = args.text.read_text(encoding="utf-8").splitlines() if args.text else list(EVAL_TEXTS)
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise ValueError(f"{args.text} holds no text")
+        raise DataSourceError(f"{args.text} holds no text")
     tokens, mask = padded_tokens(model, texts)  # padding is never scored
     metrics = splice_metrics(model, sae, tokens, mask=mask)
     return {"sae": str(args.sae), "site": sae.cfg.hook_name, "texts": len(texts), **metrics.to_dict()}
@@ -107,7 +112,26 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _pair(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
     from patching import LogitDiff
 
-    return LogitDiff(model.to_single_token(args.answer), model.to_single_token(args.wrong)), args.align
+    return LogitDiff(_single_token(model, args.answer, "--answer"), _single_token(model, args.wrong, "--wrong")), args.align
+
+
+def _single_token(model: Any, text: str, option: str) -> int:
+    from patching.errors import PatchingError
+    from patching.model import tl_compat
+
+    ids = tl_compat.to_tokens(model, text, prepend_bos=False)[0]
+    if ids.numel() != 1:
+        raise PatchingError(f"{option} {text!r} is {ids.numel()} tokens {tl_compat.to_str_tokens(model, ids)}; expected "
+                            "exactly one token (with its leading space, e.g. ' Paris')")
+    return int(ids[0])
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Output folders are checked before anything loads: a sweep must not fail at its end."""
+    from training.paths import check_output_folder
+
+    if getattr(args, "out", None) is not None:
+        check_output_folder(args.out)
 
 
 def _report(result: Any, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +147,7 @@ def _report(result: Any, args: argparse.Namespace, extra: dict[str, Any]) -> dic
 def run_patch(args: argparse.Namespace) -> dict[str, Any]:
     from patching import patch_latents
 
+    _check_out(args)
     sae, model = load_for(args.sae, args.model)
     metric, align = _pair(args, model)
     result = patch_latents(model, sae, args.clean, args.corrupted, metric, direction=args.direction, unit=args.unit,
@@ -133,6 +158,7 @@ def run_patch(args: argparse.Namespace) -> dict[str, Any]:
 def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
     from patching import attribute_latents, verify
 
+    _check_out(args)
     sae, model = load_for(args.sae, args.model)
     metric, align = _pair(args, model)
     result = attribute_latents(model, sae, args.clean, args.corrupted, metric, method=args.method, steps=args.steps,
@@ -146,6 +172,7 @@ def run_safety(args: argparse.Namespace) -> dict[str, Any]:
     from patching.safety.prompts import SafetySuite
     from sae.files import weights_sha256
 
+    _check_out(args)
     sae, model = load_for(args.sae, args.model)
     suite = SafetySuite()
     report = find_safety_latents(model, sae, suite, counts=tuple(args.counts or DEFAULT_COUNTS), max_pairs=args.max_pairs)
