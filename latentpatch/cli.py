@@ -13,8 +13,19 @@ from pathlib import Path
 from typing import Any
 
 
+class UsageError(Exception):
+    """A command line argparse cannot parse; printed as one line with exit status 1, like every error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage and exits 2; the CLI's contract is one line and exit 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentpatch", description="Causal experiments on sparse-autoencoder latents.")
+    parser = _Parser(prog="latentpatch", description="Causal experiments on sparse-autoencoder latents.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -47,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in (register_train, register_experiments, register_steer, register_dashboards):
         register(sub)
+    for command in sub.choices.values():  # `--debug` after the subcommand too; SUPPRESS keeps the top-level value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from latentpatch.demo import DemoConfig
-    from latentpatch.demo import run_demo as run
+    from latentpatch.demo import DemoConfig, run_demo as run
+    from training.paths import check_output_folder
 
+    check_output_folder(args.out)
     config = DemoConfig(out=args.out, layer=args.layer, d_sae=args.d_sae, train_tokens=args.train_tokens,
                         safety_pairs=args.safety_pairs)
     results = run(config)
@@ -78,34 +92,66 @@ def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
     return {"path": str(args.path), "config": config_to_dict(sae.cfg), "statistics": stats}
 
 
-def _print_text(result: dict[str, Any], indent: str = "") -> None:
+def _text(result: dict[str, Any], indent: str = "") -> str:
+    lines = []
     for key, value in result.items():
         if isinstance(value, dict):
-            print(f"{indent}{key}:")
-            _print_text(value, indent + "  ")
+            lines += [f"{indent}{key}:", _text(value, indent + "  ")]
         else:
-            print(f"{indent}{key}: {value:.6g}" if isinstance(value, float) else f"{indent}{key}: {value}")
+            lines.append(f"{indent}{key}: {value:.6g}" if isinstance(value, float) else f"{indent}{key}: {value}")
+    return "\n".join(line for line in lines if line)
+
+
+# Libraries that log retries and download chatter at WARNING: the CLI reports their failure as one line.
+QUIET_LOGGERS = ("huggingface_hub", "urllib3", "transformers", "datasets", "filelock", "httpx", "fsspec")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug, command = "--debug" in argv, "latentpatch"
+    try:  # everything, imports included, so that Ctrl-C at any moment is one line
+        args = build_parser().parse_args(argv)
+        debug, command = args.debug, f"latentpatch {args.command}"
+        _configure_logging()
+        result = args.run(args)
+        if result is not None:  # None: a rank other than 0 of a torchrun job (rank 0 reports)
+            print(json.dumps(result) if args.json else _text(result))
+    except KeyboardInterrupt as err:  # TrainingInterrupted says which checkpoint it wrote
+        print(f"{command}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI's one boundary: one clear line unless --debug
+        if debug:
+            raise
+        print(str(err) if isinstance(err, UsageError) else f"{command}: {one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: message` on one line; the hub's unreachable-host errors say so in plain words."""
+    message = " ".join(str(err).split())
+    if _is_offline(err):
+        return (f"{type(err).__name__}: the Hugging Face hub is unreachable (no network?) and the files are not in the "
+                "local cache; use the offline default model (smollm2-135m-instruct) or a machine with network access")
+    return f"{type(err).__name__}: {message}"
+
+
+def _is_offline(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        name = type(seen).__name__
+        hub_error = type(seen).__module__ != "builtins" and name in (
+            "LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "NameResolutionError", "MaxRetryError",
+            "OfflineModeIsEnabled")
+        if hub_error or "couldn't connect to 'https://huggingface.co'" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _configure_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for package in ("sae", "patching", "training", "latentpatch"):
         logging.getLogger(package).setLevel(logging.INFO)
-    try:
-        result = args.run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # the CLI's one boundary: one clear line unless --debug
-        if args.debug:
-            raise
-        print(f"latentpatch {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
-        return 0
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _print_text(result)
-    return 0
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -104,7 +104,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from patching.splice import EvalConfig, evaluate_sae, save_evaluation
     from patching.sweep import library_version
     from sae.files import weights_sha256
+    from training.paths import check_input_file
+    from training.text import check_utf8_text
 
+    if args.text:  # checked before the model loads: missing, a folder, binary
+        check_utf8_text(check_input_file(args.text, option="--text"))
     config = EvalConfig(batch_size=args.batch_size, context_size=args.context_size, max_tokens=args.max_tokens)
     sae, model = load_for(args.sae, args.model)
     texts = _text_lines(args.text) if args.text else iter(EVAL_TEXTS)
@@ -126,7 +130,26 @@ def _text_lines(path: Path) -> Iterator[str]:
 def _pair(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
     from patching import LogitDiff
 
-    return LogitDiff(model.to_single_token(args.answer), model.to_single_token(args.wrong)), args.align
+    return LogitDiff(_single_token(model, args.answer, "--answer"), _single_token(model, args.wrong, "--wrong")), args.align
+
+
+def _single_token(model: Any, text: str, option: str) -> int:
+    from patching.errors import PatchingError
+    from patching.model import tl_compat
+
+    ids = tl_compat.to_tokens(model, text, prepend_bos=False)[0]
+    if ids.numel() != 1:
+        raise PatchingError(f"{option} {text!r} is {ids.numel()} tokens {tl_compat.to_str_tokens(model, ids)}; expected "
+                            "exactly one token (with its leading space, e.g. ' Paris')")
+    return int(ids[0])
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Output folders are checked before anything loads: a sweep must not fail at its end."""
+    from training.paths import check_output_folder
+
+    if getattr(args, "out", None) is not None:
+        check_output_folder(args.out)
 
 
 def _report(result: Any, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +165,7 @@ def _report(result: Any, args: argparse.Namespace, extra: dict[str, Any]) -> dic
 def run_patch(args: argparse.Namespace) -> dict[str, Any]:
     from patching import patch_latents
 
+    _check_out(args)
     sae, model = load_for(args.sae, args.model)
     metric, align = _pair(args, model)
     result = patch_latents(model, sae, args.clean, args.corrupted, metric, direction=args.direction, unit=args.unit,
@@ -152,6 +176,7 @@ def run_patch(args: argparse.Namespace) -> dict[str, Any]:
 def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
     from patching import attribute_latents, verify
 
+    _check_out(args)
     sae, model = load_for(args.sae, args.model)
     metric, align = _pair(args, model)
     result = attribute_latents(model, sae, args.clean, args.corrupted, metric, method=args.method, steps=args.steps,
@@ -165,6 +190,7 @@ def run_safety(args: argparse.Namespace) -> dict[str, Any]:
     from patching.safety.search import DEFAULT_COUNTS, find_safety_latents
     from sae.files import weights_sha256
 
+    _check_out(args)
     sae, model = load_for(args.sae, args.model)
     suite = SafetySuite()
     report = find_safety_latents(model, sae, suite, counts=tuple(args.counts or DEFAULT_COUNTS), max_pairs=args.max_pairs)

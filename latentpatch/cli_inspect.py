@@ -43,15 +43,17 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
     from patching.errors import PatchingError
     from patching.inspect.dashboards import write_dashboards
     from patching.inspect.latents import InspectConfig, inspect_latents
+    from patching.model.checks import check_latent_indices
     from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
     from patching.inspect.neurons import Neuron
     from patching.model import tl_compat
     from patching.model.sites import Site
-    from patching.splice.collect import check_latent_indices
     from patching.sweep.results import library_version
     from sae import load_sae
     from sae.files import weights_sha256
+    from training.paths import check_output_folder
 
+    check_output_folder(args.out)
     sae = load_sae(args.sae)
     site = Site.from_hook_name(sae.cfg.hook_name)
     if not (args.latents or args.neurons or args.top_latents or args.top_neurons):

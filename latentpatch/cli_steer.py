@@ -61,13 +61,20 @@ def load_model_for(sae: Any) -> Any:
 
 
 def run_steer(args: argparse.Namespace) -> dict[str, Any]:
+    from patching.model.checks import check_generation
     from patching.steering.steer import SteeringError
     from sae import load_sae
+    from training.paths import check_output_folder
 
     if args.compare is None and not (args.positive and args.negative and args.prompt):
         raise SteeringError("generate mode needs --positive, --negative and --prompt (or pass --compare CONCEPT_JSON)")
     if args.compare is not None and args.out is None:
         raise SteeringError("--compare needs --out (the folder for steering.csv, manifest.json and the plot)")
+    if args.out is not None:
+        check_output_folder(args.out)
+    if args.compare is None:  # generation settings, before contrast_latents runs the model
+        check_generation(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=None,
+                         error=SteeringError)
     sae = load_sae(args.sae)
     concept = _read_concept(args.compare) if args.compare is not None else None
     model = load_model_for(sae)

@@ -60,3 +60,163 @@ def test_patch_with_mismatched_lengths_is_one_line_error(topk_sae_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("latentpatch patch: PatchingError") and "clean has 3 tokens, corrupted 8" in err
     assert "\n" not in err
+
+
+# --- issue 17: every bad command line is one line on stderr and exit status 1, checked before work
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (root / "folder.txt").mkdir()
+    (root / "a_file").write_text("not a folder")
+    (root / "ok.txt").write_text("Some text.\n")
+    sae = make_sae(8, 16, hook_name="blocks.0.hook_resid_pre", model_name="m").save(root / "sae")
+    return root, sae
+
+
+TRAIN = ["train", "--site", "1", "--tokens", "100", "--batch-size", "10"]
+PAIR = ["--clean", "a b", "--corrupted", "a c", "--answer", " x", "--wrong", " y"]
+CASES = [
+    (TRAIN + ["--batch-size", "0", "--out", "{root}/r"], "--batch-size must be a positive int, got 0"),
+    (TRAIN + ["--d-sae", "0", "--out", "{root}/r"], "--d-sae must be a positive int, got 0"),
+    (TRAIN + ["--text", "{root}/binary.txt", "--out", "{root}/r"], "{root}/binary.txt holds a NUL byte"),
+    (TRAIN + ["--text", "{root}/latin1.txt", "--out", "{root}/r"], "{root}/latin1.txt is not UTF-8 text"),
+    (TRAIN + ["--text", "{root}/folder.txt", "--out", "{root}/r"], "{root}/folder.txt is a folder"),
+    (TRAIN + ["--text", "{root}/missing.txt", "--out", "{root}/r"], "{root}/missing.txt does not exist"),
+    (TRAIN + ["--out", "{root}/a_file"], "--out {root}/a_file is a file; expected a folder"),
+    (TRAIN + ["--out", "/etc/passwd/x"], "--out /etc/passwd/x cannot be created: /etc/passwd is a file"),
+    (TRAIN + ["--out", "{root}/r", "--lr", "inf"], "TrainerConfig.lr must be a positive finite number, got inf"),
+    (["train", "--tokens", "100", "--out", "{root}/r"], "the following arguments are required: --site"),
+    (["eval", "{sae}", "--text", "/nonexistent"], "--text /nonexistent does not exist"),
+    (["eval", "{sae}", "--text", "{root}/folder.txt"], "--text {root}/folder.txt is a folder; expected a file"),
+    (["eval", "{sae}", "--text", "{root}/binary.txt"], "{root}/binary.txt holds a NUL byte"),
+    (["patch", "{sae}", *PAIR, "--out", "/etc/passwd/x"], "--out /etc/passwd/x cannot be created"),
+    (["patch", "{sae}", *PAIR, "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    (["attribute", "{sae}", *PAIR, "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    (["safety", "{sae}", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    (["dashboards", "{sae}", "--latents", "1", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    (["steer", "{sae}", "--compare", "c.json", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    (["steer", "{sae}", "--positive", "a", "--negative", "b", "--prompt", "c", "--temperature", "-1"],
+     "temperature must be a positive finite number, got -1.0"),
+    (["steer", "{sae}", "--positive", "a", "--negative", "b", "--prompt", "c", "--max-new-tokens", "0"],
+     "max_new_tokens must be a positive int, got 0"),
+    (["demo", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CASES])
+def test_bad_command_lines_fail_with_one_line_before_any_model_loads(files, argv, message, capsys, monkeypatch):
+    import patching
+    import patching.model
+    import patching.model.loading
+
+    root, sae = files
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the command line was checked")
+
+    for module in (patching, patching.model, patching.model.loading):
+        monkeypatch.setattr(module, "load_model", no_model)
+    argv = [a.format(root=root, sae=sae) for a in argv]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and err.startswith("latentpatch"), err
+    assert message.format(root=root) in err
+    assert not (root / "r").exists()
+
+
+def test_debug_works_before_and_after_the_subcommand(tmp_path):
+    from sae.errors import SAEFileError
+
+    for argv in (["--debug", "inspect", str(tmp_path / "missing")], ["inspect", str(tmp_path / "missing"), "--debug"]):
+        with pytest.raises(SAEFileError):
+            main(argv)
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    import latentpatch.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latentpatch.cli, "build_parser", interrupted)
+    assert main(["inspect", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "latentpatch: interrupted"
+
+
+def _transformers_offline():
+    # What `eval --model gpt2` raised on this machine (no network), after five retries.
+    raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+                  "cached files.\nCheck your internet connection or see how to run the library in offline mode at "
+                  "'https://huggingface.co/docs/transformers/installation#offline-mode'.")
+
+
+def _hub_offline():
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        raise OSError("Max retries exceeded with url: /gpt2/resolve/main/config.json\n(Caused by ...)")
+    except OSError as err:
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub\n"
+                                      "and we cannot find the requested files in the local cache.") from err
+
+
+@pytest.mark.parametrize("raise_offline", [_transformers_offline, _hub_offline])
+def test_an_unreachable_hub_is_one_line(files, monkeypatch, capsys, raise_offline):
+    import patching
+
+    def offline(*args, **kwargs):
+        raise_offline()
+
+    monkeypatch.setattr(patching, "load_model", offline)
+    _, sae = files
+    assert main(["eval", str(sae), "--model", "gpt2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the Hugging Face hub is unreachable" in err
+
+
+def test_a_training_run_that_fails_at_start_leaves_nothing_behind(files, monkeypatch, capsys):
+    import training.cli
+    from training.errors import DataSourceError
+
+    root, _ = files
+
+    def failing_batches(*args, **kwargs):
+        def gen():
+            raise DataSourceError("the text ran dry")
+            yield
+
+        return gen()
+
+    monkeypatch.setattr(training.cli, "_load", lambda run, full: (None, type("S", (), {"hook_name": "h"})()))
+    monkeypatch.setattr(training.cli, "_new_saes", lambda *a: [make_sae(8, 16, hook_name=None, model_name=None)])
+    monkeypatch.setattr(training.cli, "_batches", failing_batches)
+    out = root / "failed-run"
+    assert main(TRAIN + ["--text", str(root / "ok.txt"), "--out", str(out)]) == 1
+    assert "the text ran dry" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    assert main(TRAIN + ["--text", str(root / "ok.txt"), "--out", str(out)]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
+
+
+@pytest.mark.default_model
+def test_default_model_cases_are_one_line(topk_sae_dir, tmp_path, capsys, default_model, monkeypatch):
+    import patching
+
+    monkeypatch.setattr(patching, "load_model", lambda *a, **k: default_model)
+    argv = ["patch", str(topk_sae_dir), *EIFFEL[:4], "--answer", " Paris Rome", "--wrong", " Rome"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--answer ' Paris Rome' is 2 tokens" in err
+    (tmp_path / "t.txt").write_text("Some text.\n")
+    assert main(TRAIN + ["--site", "99", "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--site 99: layer 99 is beyond the model" in err and "has 30 layers" in err
+    assert not (tmp_path / "r").exists()

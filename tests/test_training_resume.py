@@ -9,6 +9,7 @@ import torch
 
 from tests.test_training_helpers import BATCH, D_IN, fresh_saes, make_trainer, same_run, shuffled_batches, small_config
 from training import CheckpointError, NonFiniteError, Trainer, TrainingInterrupted
+from training.errors import TrainingConfigError
 from training import checkpoint as ckpt
 from training.metrics import FiringTracker
 
@@ -169,3 +170,30 @@ def test_exhausted_iterator_is_an_error_with_the_run_checkpointed(tmp_path):
     trainer = Trainer(small_config(checkpoint_every=None), fresh_saes(), batches, out_dir=tmp_path)
     with pytest.raises(Exception, match="ended after 7 batches, before step 16; checkpoint .*step-00000005"):
         trainer.fit()
+
+
+def test_non_finite_in_one_sae_leaves_every_sae_unchanged(tmp_path):
+    # Issue 17: SAE 1's huge L1 coefficient overflows; SAE 0 (stepped first) must not move either.
+    trainer = Trainer(small_config(l1_coefficient=(0.5, 1e38), checkpoint_every=None), fresh_saes(), shuffled_batches())
+    saved = []
+    original = trainer._step
+
+    def step(x):
+        saved[:] = [{k: v.clone() for k, v in m.sae.state_dict().items()} for m in trainer.members]
+        return original(x)
+
+    trainer._step = step
+    with pytest.raises(NonFiniteError, match="SAE 1") as err:
+        trainer.fit()
+    assert trainer.step == err.value.step - 1
+    for member, before in zip(trainer.members, saved, strict=True):
+        for name, value in member.sae.state_dict().items():
+            assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("field, value", [("lr", float("inf")), ("lr", float("nan")), ("grad_clip_norm", float("inf")),
+                                          ("l1_coefficient", float("inf")), ("l1_coefficient", (0.5, float("nan"))),
+                                          ("decoder_init_norm", float("inf")), ("resample_encoder_scale", float("nan"))])
+def test_non_finite_settings_are_refused_by_the_config(field, value):
+    with pytest.raises(TrainingConfigError, match=f"TrainerConfig.{field} must be .*finite.*got"):
+        small_config(**{field: value})

@@ -9,6 +9,7 @@ and `checkpoints/`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sae.files import atomic_write
 from training.errors import TrainingConfigError
+from training.runlog import LOG_FILE
+from training.trainer import CHECKPOINT_DIR
 
 EXAMPLE = ("example: latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15\n"
            "         latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15 --resume\n"
@@ -162,6 +166,7 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
     run = RunConfig(model=args.model, site=site_text, d_sae=tuple(d for d, _ in group), text=args.text, out=str(out),
                     batch_size=args.batch_size, context_size=args.context_size, buffer_tokens=args.buffer_tokens,
                     drop_special_tokens=not args.keep_special_tokens, activation_cache=args.activation_cache)
+    _check_args(args)
     steps = args.tokens // args.batch_size
     if steps < 1:
         raise TrainingConfigError(f"--tokens {args.tokens} is less than one batch of {args.batch_size}")
@@ -172,9 +177,10 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
                            resample_steps=tuple(args.resample_steps), log_every=args.log_every,
                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                            progress_bar=not args.no_progress)
+    texts = _texts(run.text)  # a missing or binary text file fails here, before the model loads
     model, site = _load(run, full=args.eval_every is not None)
     saes = _new_saes(run, model, site, args.seed, seed_offsets or list(range(len(group))))
-    batches = _batches(run, model, site, args.seed, tokens=args.tokens, collective=collective,
+    batches = _batches(run, model, site, args.seed, tokens=args.tokens, texts=texts, collective=collective,
                        stripe=data_parallel)
     eval_tokens = _eval_tokens(model, run.context_size) if args.eval_every is not None else None
     sae_arg = saes if len(saes) > 1 or seed_offsets is not None else saes[0]
@@ -182,14 +188,20 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
                   wandb_project=args.wandb_project)
     trainer = (DataParallelTrainer(config, sae_arg, batches, collective=collective, **common) if data_parallel
                else Trainer(config, sae_arg, batches, **common))
-    if trainer.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        recorded = {"run": dataclasses.asdict(run), "trainer": config.to_dict()}
-        (out / "run_config.json").write_text(json.dumps({**recorded, "world_size": world} if world > 1 else recorded,
-                                                        indent=2))
-    start_step = trainer.resume() if args.resume else 0
-    start = time.perf_counter()
-    trainer.fit()
+    created = not out.exists()
+    try:
+        if trainer.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            recorded = {"run": dataclasses.asdict(run), "trainer": config.to_dict()}
+            atomic_write(out / "run_config.json",
+                         json.dumps({**recorded, "world_size": world} if world > 1 else recorded, indent=2).encode())
+        start_step = trainer.resume() if args.resume else 0
+        start = time.perf_counter()
+        trainer.fit()
+    except BaseException:
+        if not args.resume and trainer.rank == 0:
+            _remove_failed_start(out, created)
+        raise
     elapsed = time.perf_counter() - start
     last = [r for r in trainer.history if "explained_variance" in r][-len(group):]
     summary = {"out": str(out), "site": site.hook_name, "steps": trainer.step, "resumed_from_step": start_step,
@@ -199,6 +211,36 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
     if data_parallel:
         summary["communication_share"] = round(collective.comm_seconds / max(elapsed, 1e-9), 4)
     return summary
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Counts that must be positive, and the output folder, before anything loads."""
+    from training.paths import check_output_folder
+
+    counts = {"--batch-size": [args.batch_size], "--tokens": [args.tokens], "--context-size": [args.context_size],
+              "--buffer-tokens": [args.buffer_tokens], "--log-every": [args.log_every], "--d-sae": args.d_sae,
+              "--checkpoint-every": [args.checkpoint_every] if args.checkpoint_every is not None else [],
+              "--eval-every": [args.eval_every] if args.eval_every is not None else []}
+    for option, values in counts.items():
+        if any(value < 1 for value in values):
+            raise TrainingConfigError(f"{option} must be a positive int, got {' '.join(map(str, values))}")
+    check_output_folder(args.out)
+
+
+def _remove_failed_start(out: Path, created: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing that looks like a run: its
+    `run_config.json`, `train_log.jsonl` and empty `checkpoints/` go (and `out`, if this run made
+    it and it is now empty). A run with a checkpoint is kept, to be resumed."""
+    from training.checkpoint import latest_checkpoint
+
+    root = out / CHECKPOINT_DIR
+    if root.is_dir() and latest_checkpoint(root) is not None:
+        return
+    for name in ("run_config.json", LOG_FILE):
+        (out / name).unlink(missing_ok=True)
+    for folder in ([root] if root.is_dir() else []) + ([out] if created else []):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty: never anything this run did not write
 
 
 def parse_site(text: str) -> Any:
@@ -221,12 +263,18 @@ def _check_out(out: Path, resume: bool) -> None:
 
 
 def _load(run: RunConfig, *, full: bool) -> tuple[Any, Any]:
+    from patching.errors import ModelLoadError
     from patching.model.loading import load_model
 
     site = parse_site(run.site)
     # Harvesting runs blocks 0..layer only, so the rest of the model is not even loaded unless
     # splice_metrics (which needs the logits) is asked for.
-    model = load_model(run.model, n_layers=None if full else site.layer + 1)
+    try:
+        model = load_model(run.model, n_layers=None if full else site.layer + 1)
+    except ModelLoadError as err:
+        if "layers" not in str(err):
+            raise
+        raise TrainingConfigError(f"--site {run.site}: layer {site.layer} is beyond the model ({err})") from err
     model.eval()
     return model, site.check(model)
 
@@ -247,15 +295,16 @@ def _new_saes(run: RunConfig, model: Any, site: Any, seed: int, indices: list[in
     return saes
 
 
-def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, collective: Any = None,
-             stripe: bool = False) -> Any:
-    """This process's activation batches; with `stripe` (data parallel), its stripe of every step's batch."""
+def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, texts: tuple[Any, str],
+             collective: Any = None, stripe: bool = False) -> Any:
+    """This process's activation batches from `texts` (`_texts`'s opener and description); with
+    `stripe` (data parallel), its stripe of every step's batch."""
     from training.cache import cached_batches, read_manifest, write_activation_cache
     from training.harvest import HarvestChunks, harvested_batches
     from training.text import TokenRows
 
     rank, world = (collective.rank, collective.world_size) if collective is not None else (0, 1)
-    opener, description = _texts(run.text)
+    opener, description = texts
     if run.activation_cache is None:
         return harvested_batches(model, site, opener, batch_size=run.batch_size // (world if stripe else 1),
                                  context_size=run.context_size, buffer_tokens=run.buffer_tokens,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -86,8 +87,7 @@ class TrainerConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise TrainingConfigError(f"TrainerConfig.lr must be a positive float, got {self.lr!r}")
+        _check_positive_reals(self)
         if not (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas)):
             raise TrainingConfigError(f"TrainerConfig.adam_betas must be two floats in [0, 1), got {self.adam_betas!r}")
         for name in ("lr_warmup_fraction", "lr_decay_fraction", "l1_warmup_fraction", "dense_threshold"):
@@ -98,11 +98,11 @@ class TrainerConfig:
             raise TrainingConfigError(
                 f"lr_warmup_fraction + lr_decay_fraction = {self.lr_warmup_fraction + self.lr_decay_fraction} "
                 "exceeds 1; shorten one of them")
-        if not self.l1_coefficients or any(not (isinstance(c, (int, float)) and c >= 0) for c in self.l1_coefficients):
-            raise TrainingConfigError(f"TrainerConfig.l1_coefficient must be >= 0 (or a non-empty tuple of such), "
+        coefficients = self.l1_coefficient if isinstance(self.l1_coefficient, (tuple, list)) else (self.l1_coefficient,)
+        if not coefficients or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < math.inf
+                                   for c in coefficients):
+            raise TrainingConfigError(f"TrainerConfig.l1_coefficient must be finite and >= 0 (or a non-empty tuple of such), "
                                       f"got {self.l1_coefficient!r}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise TrainingConfigError(f"TrainerConfig.grad_clip_norm must be positive or None, got {self.grad_clip_norm!r}")
         bad = [s for s in self.resample_steps if not (isinstance(s, int) and 0 < s < self.total_steps)]
         if bad or list(self.resample_steps) != sorted(set(self.resample_steps)):
             raise TrainingConfigError(f"TrainerConfig.resample_steps must be increasing steps in 1..{self.total_steps - 1}, "
@@ -110,10 +110,6 @@ class TrainerConfig:
         for name, kind in (("normalization", Normalization), ("b_dec_init", BDecInit)):
             if getattr(self, name) not in get_args(kind):
                 raise TrainingConfigError(f"TrainerConfig.{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
-        if self.decoder_init_norm is not None and not self.decoder_init_norm > 0:
-            raise TrainingConfigError(f"decoder_init_norm must be positive or None, got {self.decoder_init_norm!r}")
-        if not self.resample_encoder_scale > 0:
-            raise TrainingConfigError(f"resample_encoder_scale must be positive, got {self.resample_encoder_scale!r}")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         object.__setattr__(self, "resample_steps", tuple(self.resample_steps))
 
@@ -172,3 +168,16 @@ def _check_int(cfg: TrainerConfig, name: str, *, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise TrainingConfigError(f"TrainerConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_positive_reals(cfg: TrainerConfig) -> None:
+    """Every positive real field finite: `lr=inf` passes `> 0` and fills the parameters with inf at
+    the first optimizer step, after the gradient checks have passed."""
+    for name, optional in (("lr", False), ("grad_clip_norm", True), ("decoder_init_norm", True),
+                           ("resample_encoder_scale", False)):
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise TrainingConfigError(f"TrainerConfig.{name} must be a positive finite number"
+                                      f"{' or None' if optional else ''}, got {value!r}")

@@ -43,3 +43,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step = step
         self.checkpoint = checkpoint
         super().__init__(f"training interrupted after step {step}; checkpoint: {checkpoint}")
+
+
+class RunPathError(ValueError):
+    """A path a run reads or writes cannot be used: missing, of the wrong kind, or not writable."""

@@ -30,15 +30,18 @@ TextOpener = Callable[[], Iterator[str]]
 def file_texts(path: str | Path, *, text_key: str = "text") -> TextOpener:
     """An opener for the documents of a `.txt` or `.jsonl` file (checked now, read lazily)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataSourceError(f"text file {path} is a folder; expected a .txt or .jsonl file")
     if not path.is_file():
-        raise DataSourceError(f"text file {path} does not exist")
+        raise DataSourceError(f"text file {path} " + ("is not a regular file" if path.exists() else "does not exist"))
     if path.suffix not in (".txt", ".jsonl"):
         raise DataSourceError(f"text file {path} must end in .txt or .jsonl, got {path.suffix!r}")
+    check_utf8_text(path)
 
     def open_txt() -> Iterator[str]:
         block: list[str] = []
         with path.open(encoding="utf-8") as handle:
-            for line in handle:
+            for line in _decoded(path, handle):
                 if line.strip():
                     block.append(line)
                 elif block:
@@ -49,7 +52,7 @@ def file_texts(path: str | Path, *, text_key: str = "text") -> TextOpener:
 
     def open_jsonl() -> Iterator[str]:
         with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+            for number, line in enumerate(_decoded(path, handle), 1):
                 if not line.strip():
                     continue
                 try:
@@ -61,6 +64,39 @@ def file_texts(path: str | Path, *, text_key: str = "text") -> TextOpener:
                 yield record[text_key]
 
     return open_txt if path.suffix == ".txt" else open_jsonl
+
+
+def check_utf8_text(path: Path, *, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 text (or holds NUL bytes, as binaries do) now, naming the
+    path and the byte offset, rather than as a bare `UnicodeDecodeError` after the model loaded.
+    Reads the file once, in chunks."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            if (nul := chunk.find(b"\0")) >= 0:
+                raise DataSourceError(f"text file {path} holds a NUL byte at offset {offset + nul}: a binary file, "
+                                      "expected UTF-8 text")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise DataSourceError(f"text file {path} is not UTF-8 text (byte offset {offset + err.start}: "
+                                      f"{err.reason})") from err
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise DataSourceError(f"text file {path} is not UTF-8 text (it ends inside a character)") from err
+
+
+def _decoded(path: Path, lines: Iterator[str]) -> Iterator[str]:
+    """`lines`, with a decoding error (the file changed since it was checked) naming the path."""
+    try:
+        yield from lines
+    except UnicodeDecodeError as err:
+        raise DataSourceError(f"text file {path} is not UTF-8 text ({err.reason})") from err
 
 
 def hf_texts(name: str, *, split: str = "train", text_key: str = "text") -> TextOpener:

@@ -214,22 +214,28 @@ class Trainer:
         lr, l1_scale = cfg.lr_at(step), cfg.l1_scale_at(step)
         is_log = step % cfg.log_every == 0 or step == cfg.total_steps
         x_n = x / self.scale  # (batch, d_in), normalized units: the loss is measured here
-        results = [self._sae_step(i, m, x_n, lr, l1_scale, step, is_log) for i, m in enumerate(self.members)]
+        # Every SAE's loss and gradients are checked before any optimizer steps (R10): a non-finite
+        # value in SAE 1 must leave SAE 0 untouched too, as the error message promises.
+        grads = [self._sae_gradients(i, m, x_n, l1_scale, step) for i, m in enumerate(self.members)]
+        results = [self._sae_update(m, out, loss, x_n, lr, is_log) for m, (out, loss) in zip(self.members, grads)]
         resampled = tuple(self._resample(m, x_n) if step in cfg.resample_steps else 0 for m in self.members)
         self.step, self.tokens_seen = step, self.tokens_seen + x.shape[0] * self.world_size
         return StepOutput(step=step, lr=lr, l1_scale=l1_scale,
                           losses=tuple(r[0] for r in results) if is_log else None,
                           metrics=tuple(r[1] for r in results) if is_log else None, resampled=resampled)
 
-    def _sae_step(self, index: int, member: _Member, x_n: Tensor, lr: float, l1_scale: float, step: int,
-                  is_log: bool) -> tuple[float, dict[str, float]] | None:
-        # Loss and gradients written out (training/step.py), into buffers reused every step.
+    def _sae_gradients(self, index: int, member: _Member, x_n: Tensor, l1_scale: float, step: int) -> tuple[Any, Tensor]:
+        # Loss and gradients written out (training/step.py), into this SAE's buffers, reused every step.
         coefficient = member.l1_coefficient * l1_scale
         out = self._reduce_gradients(member, member.gradients(x_n, coefficient))
         loss = out.mse + coefficient * out.l1
         if not torch.isfinite(loss):
             raise NonFiniteError(step, f"loss of SAE {index}")
         self._clip_and_check(index, member, step)
+        return out, loss
+
+    def _sae_update(self, member: _Member, out: Any, loss: Tensor, x_n: Tensor, lr: float,
+                    is_log: bool) -> tuple[float, dict[str, float]] | None:
         for group in member.optimizer.param_groups:
             group["lr"] = lr
         member.optimizer.step()

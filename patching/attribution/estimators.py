@@ -34,7 +34,7 @@ from patching.splice.splicer import Splice, SpliceChecks, resolve_saes, splice
 from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Align, PromptPair, Prompts, check_positions, make_pairs
-from patching.sweep.patch import check_run_settings, differs_mask, provenance_record
+from patching.sweep.patch import check_run_settings, differs_mask, flag_small_spans, provenance_record
 from patching.sweep.results import PatchResult
 from patching.sweep.units import PatchUnit, differing_units
 from sae.files import weights_sha256
@@ -86,6 +86,7 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
                          provenance=provenance_record(model, pairs, metric, direction, extra, 0),
                          context={"model": model, "saes": resolved, "clean": clean, "corrupted": corrupted,
                                   "metric": metric, "direction": direction, "align": align, "checks": checks})
+    flag_small_spans(result)
     return result
 
 

@@ -24,7 +24,8 @@ from torch import Tensor
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.splice.collect import Corpus, check_latent_indices, iter_site_latents, resolve_site
+from patching.model.checks import check_latent_indices
+from patching.splice.collect import Corpus, iter_site_latents, resolve_site
 from patching.splice.splicer import SpliceChecks
 from sae.protocol import SAELike
 

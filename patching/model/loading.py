@@ -172,6 +172,9 @@ def _load_default(*, n_layers: int | None, device: Any, dtype: torch.dtype, flag
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    total = hf_model.config.num_hidden_layers
+    if n_layers is not None and n_layers > total:  # TransformerLens would fail with a bare IndexError
+        raise ModelLoadError(f"n_layers={n_layers} but {DEFAULT_MODEL} has {total} layers")
     return tl_compat.build_from_local_folder(
         folder, hf_model, tokenizer, model_name=DEFAULT_MODEL, flags=flags.as_kwargs(),
         n_layers=n_layers, n_ctx=n_ctx, device=device, dtype=dtype,

@@ -307,9 +307,16 @@ def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_
     `max_new_tokens` new tokens. `generate` runs under inference mode; the clone is an ordinary
     tensor that later forward passes with autograd can take.
     """
-    tokens = model.generate(inputs, max_new_tokens=max_new_tokens, use_past_kv_cache=use_past_kv_cache,
-                            do_sample=do_sample, temperature=temperature, top_p=top_p, stop_at_eos=stop_at_eos,
-                            return_type="tokens", verbose=False)
+    # TransformerLens's generate calls `self.eval()` and never restores the mode (R5): put back every
+    # module's `training` flag, however generation ends.
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        tokens = model.generate(inputs, max_new_tokens=max_new_tokens, use_past_kv_cache=use_past_kv_cache,
+                                do_sample=do_sample, temperature=temperature, top_p=top_p, stop_at_eos=stop_at_eos,
+                                return_type="tokens", verbose=False)
+    finally:
+        for module, training in modes:
+            module.training = training
     return tokens.clone()
 
 

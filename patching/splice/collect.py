@@ -16,6 +16,7 @@ from torch import Tensor
 
 from patching.errors import PatchingError
 from patching.model import tl_compat
+from patching.model.checks import check_token_batch
 from patching.model.sites import Site
 from patching.splice.splicer import SpliceChecks, resolve_saes
 from sae.protocol import SAELike
@@ -28,15 +29,6 @@ def resolve_site(model: Any, sae: Any, site: Site | None, *, checks: SpliceCheck
     ((found, adapted),) = resolve_saes(model, {site: sae} if site is not None else sae,
                                        checks=checks).items()
     return found, adapted
-
-
-def check_latent_indices(latents: Sequence[int], d_sae: int, *, error: type[Exception] = PatchingError) -> tuple[int, ...]:
-    """Non-negative ints below `d_sae` (bools and negative indices refused), else `error`."""
-    items = tuple(latents)
-    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < d_sae]
-    if not items or bad:
-        raise error(f"latent indices must be ints in 0..{d_sae - 1} (d_sae={d_sae}); got {list(items)!r}")
-    return items
 
 
 class RowLatents(NamedTuple):
@@ -54,9 +46,9 @@ class RowLatents(NamedTuple):
 
 def _token_rows(model: Any, corpus: Corpus) -> list[Tensor]:
     if isinstance(corpus, Tensor):
-        if corpus.dim() != 2 or corpus.dtype not in (torch.int64, torch.int32) or corpus.shape[1] == 0:
+        if corpus.dim() != 2:
             raise PatchingError(f"a token corpus must be a (batch, pos) integer tensor, got {tuple(corpus.shape)} {corpus.dtype}")
-        return [row.long() for row in corpus]
+        return [row.long() for row in check_token_batch(corpus, "corpus", tl_compat.d_vocab(model))]
     texts = [corpus] if isinstance(corpus, str) else list(corpus)
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise PatchingError(f"a text corpus must be a non-empty list of non-empty strings, got {corpus!r:.80}")

@@ -179,8 +179,26 @@ def resolve_saes(model: Any, saes: SAEsArg, *, checks: SpliceChecks | None = Non
     return resolved
 
 
+def check_sae_weights(sae: SAELike) -> None:
+    """Refuse an SAE whose parameters hold no values (meta device) or non-finite ones: either would
+    surface only after forward passes, as an error deep in a hook or as NaN effects."""
+    module = sae if isinstance(sae, torch.nn.Module) else getattr(sae, "sae", None)
+    named = list(module.named_parameters()) if isinstance(module, torch.nn.Module) else [("W_dec", sae.W_dec)]
+    for name, tensor in named:
+        if tensor.is_meta:
+            raise SpliceError(f"SAE parameter {name} is on the meta device (shape only, no values); expected loaded "
+                              "weights: load the SAE's file, or move it with .to_empty() and fill it first")
+        if tensor.is_floating_point():
+            n_bad = int((~torch.isfinite(tensor.detach())).sum())
+            if n_bad:
+                raise SpliceError(f"SAE parameter {name} holds {n_bad} non-finite values of {tensor.numel()}; "
+                                  "expected every weight finite")
+
+
 def check_sae_fits(model: Any, site: Site, sae: SAELike, checks: SpliceChecks) -> None:
     site.check(model)
+    check_sae_weights(sae)
+    check_sae_weights(sae)
     width = site.width(model)
     if sae.d_in != width:
         raise SpliceError(f"SAE d_in={sae.d_in} but {site} ({site.hook_name}) has width {width}")

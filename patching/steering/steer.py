@@ -34,8 +34,9 @@ from torch import Tensor
 
 from patching.errors import SteeringError
 from patching.model import tl_compat
+from patching.model.checks import check_finite_in, check_generation, check_latent_indices
 from patching.model.sites import Site
-from patching.splice.collect import Corpus, check_latent_indices, iter_site_latents, resolve_site
+from patching.splice.collect import Corpus, iter_site_latents, resolve_site
 from patching.splice.edits import LatentEdit
 from patching.splice.splicer import Splice, SpliceChecks, splice
 from patching.sweep.results import PatchResult
@@ -203,9 +204,8 @@ def _resolve_target(model: Any, sae: Any, target: Any, site: Site | None,
         site = target.site
     site, sae = resolve_site(model, sae, site, checks=checks)
     if not isinstance(target, LatentChoice):
-        latents = [target] if isinstance(target, int) else list(target)
-        check_latent_indices(latents, sae.d_sae, error=SteeringError)
-        target = LatentChoice(site, tuple(latents), tuple(1.0 for _ in latents))
+        latents = check_latent_indices([target] if isinstance(target, int) else target, sae.d_sae, error=SteeringError)
+        target = LatentChoice(site, latents, tuple(1.0 for _ in latents))
     elif target.site != site:
         raise SteeringError(f"the latents were chosen at {target.site} but the SAE sits at {site}")
     check_latent_indices(target.latents, sae.d_sae, error=SteeringError)
@@ -215,15 +215,24 @@ def _resolve_target(model: Any, sae: Any, target: Any, site: Site | None,
 def steering_vector(sae: SAELike, choice: LatentChoice, config: SteeringConfig) -> Float[Tensor, " d_in"]:
     """`v` of the `add` method (module docstring); `add` adds `config.coefficient * v`."""
     with torch.no_grad():
+        # `steer` checks the final vector, in the model's dtype, for what these checks cannot see
+        # (e.g. finite scores whose sum overflows).
         rows = sae.W_dec[list(choice.latents)].float()  # (k, d_in)
         scores = torch.tensor(choice.scores, dtype=torch.float32)
-        if config.weighting == "score" and not (scores > 0).all():
-            raise SteeringError(f"weighting='score' needs positive scores, got {choice.scores}")
+        if config.weighting == "score" and not (torch.isfinite(scores).all() and (scores > 0).all()):
+            raise SteeringError(f"weighting='score' needs positive finite scores, got {choice.scores}")
         weights = scores / scores.sum() if config.weighting == "score" else torch.full_like(scores, 1 / len(scores))
         if config.scale == "activation":
             acts = torch.tensor(_typical(choice), dtype=torch.float32)
             return (weights * acts) @ rows
-        vector = weights @ (rows / rows.norm(dim=-1, keepdim=True))
+        norms = rows.norm(dim=-1, keepdim=True)  # (k, 1)
+        if not (norms > 0).all():
+            zero = [choice.latents[i] for i in torch.nonzero(norms.flatten() == 0).flatten().tolist()]
+            raise SteeringError(f"scale='unit' normalises decoder rows, but latent(s) {zero} have a zero decoder row "
+                                "(expected norm > 0): choose other latents")
+        vector = weights @ (rows / norms)
+        if not vector.norm() > 0:
+            raise SteeringError(f"the chosen decoder rows {list(choice.latents)} cancel out (norm 0): nothing to steer along")
         return vector / vector.norm()
 
 
@@ -231,6 +240,8 @@ def _typical(choice: LatentChoice) -> tuple[float, ...]:
     if choice.typical_activations is None:
         raise SteeringError("scale='activation' needs typical activations: choose latents with contrast_latents, "
                             "or use scale='unit'")
+    if not all(math.isfinite(a) for a in choice.typical_activations):
+        raise SteeringError(f"scale='activation' needs finite typical activations, got {choice.typical_activations}")
     return choice.typical_activations
 
 
@@ -268,14 +279,17 @@ class Steering:
         if self._splice is not None:
             self._splice.set_edits([self._clamp_edit(selected)] if selected else [])
 
-    def _clamp_edit(self, positions: list[int]) -> LatentEdit:
+    def clamp_values(self) -> Tensor:
+        """What `clamp` sets each chosen latent to, `(k,)` in float64 (checked in the model's dtype by `steer`)."""
         assert self.choice is not None
         c = self.config.coefficient
         if self.config.scale == "activation":
-            value: float | Tensor = torch.tensor([c * a for a in _typical(self.choice)])
-        else:
-            value = float(c)
-        return LatentEdit(self.site, self.choice.latents, value, mode="set", positions=positions)
+            return torch.tensor([c * a for a in _typical(self.choice)], dtype=torch.float64)
+        return torch.full((len(self.choice.latents),), float(c), dtype=torch.float64)
+
+    def _clamp_edit(self, positions: list[int]) -> LatentEdit:
+        assert self.choice is not None
+        return LatentEdit(self.site, self.choice.latents, self.clamp_values().float(), mode="set", positions=positions)
 
     def _add(self, x: Tensor) -> Tensor:
         selected = self._selected
@@ -295,6 +309,8 @@ class Steering:
         Texts are tokenized with BOS (a list is left-padded). The prompt length is reset for each
         call unless the config fixes it.
         """
+        check_generation(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         error=SteeringError)
         self.prompt_length = self.config.prompt_length
         if seed is not None:
             torch.manual_seed(seed)
@@ -318,14 +334,18 @@ def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = 
     site, sae, resolved = _resolve_target(model, sae, target, site, checks)
     if config.method == "clamp" and isinstance(resolved, Tensor):
         raise SteeringError("method='clamp' sets latents: pass latents or a LatentChoice, not a vector")
+    dtype = tl_compat.model_dtype(model)
     if config.method == "add":
         vector = resolved if isinstance(resolved, Tensor) else steering_vector(sae, resolved, config)
-        vector = (config.coefficient * vector.detach()).to(tl_compat.model_dtype(model)).to(tl_compat.model_device(model))
-        state = Steering(model, site, config, vector=vector, choice=None if isinstance(resolved, Tensor) else resolved)
+        vector = check_finite_in((config.coefficient * vector.detach()).to(dtype), dtype,
+                                 f"the steering vector (coefficient {config.coefficient} * v)", error=SteeringError)
+        state = Steering(model, site, config, vector=vector.to(tl_compat.model_device(model)),
+                         choice=None if isinstance(resolved, Tensor) else resolved)
     else:
-        if config.scale == "activation":
-            _typical(resolved)  # refuse now, not in the middle of a forward pass
         state = Steering(model, site, config, vector=None, choice=resolved)
+        # refuse now, not in the middle of a forward pass: the values set, in the model's dtype
+        check_finite_in(state.clamp_values(), dtype, f"the clamp values (coefficient {config.coefficient})",
+                        error=SteeringError)
     with contextlib.ExitStack() as stack:
         if config.method == "clamp":
             state._splice = stack.enter_context(splice(model, {site: sae}, checks=checks))
@@ -365,8 +385,7 @@ def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[s
                      site: Site | None = None, checks: SpliceChecks | None = None,
                      **overrides: Any) -> SteeredGeneration:
     """Generate from `prompts` without and with steering (same seed), for comparison."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise SteeringError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_generation(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, error=SteeringError)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
     with steer(model, sae, target, config, site=site, checks=checks, **overrides) as state:
         steered = state.generate(prompts, use_kv_cache=use_kv_cache, seed=seed, **kwargs)

@@ -168,11 +168,22 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
         for lo in range(0, len(items), rows_per_chunk):
             chunk = items[lo : lo + rows_per_chunk]
             logits = _run_chunk(model, state, chunk, base, start, first, prefixes.get(first), readout)
-            values[[i for i, _ in chunk]] = metric(logits, torch.full((len(chunk),), pair_index)).cpu()
+            chunk_values = metric(logits, torch.full((len(chunk),), pair_index)).cpu()
+            check_metric_finite(chunk_values, [units[i].label() for i, _ in chunk], pair_index)
+            values[[i for i, _ in chunk]] = chunk_values
             evaluated[[i for i, _ in chunk]] = True
             if progress is not None:
                 progress.update(len(chunk))
     return values, evaluated
+
+
+def check_metric_finite(values: Tensor, labels: Sequence[str], pair_index: int) -> None:
+    """Refuse a metric value that is NaN or infinite, naming the unit: normalising it would hand
+    back NaN effects that look like results."""
+    bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+    if bad:
+        raise PatchingError(f"the metric returned {values[bad[0]].item()} (expected a finite number) for unit "
+                            f"{labels[bad[0]]} in pair {pair_index}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
 
 
 def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int, first: int,
@@ -229,6 +240,10 @@ def reference_metrics(metric: Metric, runs: list[tuple[RunCache, RunCache]], dir
     metric = bind_metric(metric, clean_runs)
     m_base = torch.stack([metric(base.logits[None], torch.tensor([i]))[0] for i, (base, _) in enumerate(runs)]).cpu()
     m_source = torch.stack([metric(src.logits[None], torch.tensor([i]))[0] for i, (_, src) in enumerate(runs)]).cpu()
+    for name, values in (("base", m_base), ("source", m_source)):
+        for i in torch.nonzero(~torch.isfinite(values)).flatten().tolist()[:1]:
+            raise PatchingError(f"the metric returned {values[i].item()} (expected a finite number) on the unpatched "
+                                f"{name} run of pair {i}")
     m_clean, m_corrupted = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
     same = torch.nonzero(m_clean == m_corrupted).flatten().tolist()
     if same:

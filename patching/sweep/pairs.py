@@ -15,8 +15,9 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from patching.errors import PatchingError
 from patching.model import tl_compat
+from patching.model.checks import check_token_batch
+from patching.errors import PatchingError
 
 Direction = Literal["denoise", "noise"]
 Align = Union[None, Literal["end"], Mapping[int, int]]
@@ -56,14 +57,7 @@ def tokenize(model: Any, prompts: Prompts, name: str) -> list[Tensor]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, Tensor):
-        if prompts.dim() == 1:
-            prompts = prompts[None]
-        if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
-            raise PatchingError(f"{name} tokens must be a (batch, pos) integer tensor, got {tuple(prompts.shape)} {prompts.dtype}")
-        vocab = tl_compat.d_vocab(model)
-        if prompts.numel() and (int(prompts.min()) < 0 or int(prompts.max()) >= vocab):
-            raise PatchingError(f"{name} tokens must lie in [0, {vocab}), got range [{int(prompts.min())}, {int(prompts.max())}]")
-        return [row[None].long() for row in prompts]
+        return [row[None].long() for row in check_token_batch(prompts, name, tl_compat.d_vocab(model))]
     if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise PatchingError(f"{name} must be a string, a non-empty list of strings or a token tensor")
     return [tl_compat.to_tokens(model, text) for text in prompts]

@@ -7,6 +7,7 @@ prompt and sets them to their corrupted values, effect = (M_clean − M_patched)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +31,11 @@ from patching.sweep.engine import (
 )
 from patching.sweep.objectives import as_metric, describe
 from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
-from patching.sweep.results import PatchResult, library_version
+from patching.sweep.results import METRIC_TOLERANCE, PatchResult, library_version
 from patching.sweep.units import UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, joint_units
 from sae.files import weights_sha256
+
+log = logging.getLogger(__name__)
 
 
 def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
@@ -58,9 +61,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
     check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
     resolved = resolve_saes(model, saes, checks=checks)
     if unit == "joint":
-        for part in (p for u in joint_units(latent_sets, list(resolved), positions) for p in u.parts):
-            if max(part.latents) >= resolved[part.site].d_sae:
-                raise PatchingError(f"latent_sets names latent {max(part.latents)} at {part.site}, beyond d_sae={resolved[part.site].d_sae}")
+        joint_units(latent_sets, {site: sae.d_sae for site, sae in resolved.items()}, positions)  # refuse bad sets now
     if units is not None:
         _check_units(units, resolved, min(pair.n_base for pair in pairs))
     layers = sorted({site.layer for site in resolved})
@@ -176,7 +177,20 @@ def _sweep(model: Any, state: Splice | None, pairs: list[PromptPair], runs: list
         base_tokens=[tl_compat.to_str_tokens(model, pair.base[0]) for pair in pairs],
         provenance=provenance_record(model, pairs, metric, direction, provenance, int(evaluated.sum())),
     )
+    flag_small_spans(result)
     return result
+
+
+def flag_small_spans(result: PatchResult) -> None:
+    """Record (in the provenance, saved with the result) and log the pairs whose span is too small
+    for reproducible normalised effects; the effects are kept, flagged, not refused."""
+    small = result.small_span_pairs
+    result.provenance["small_span_pairs"] = small
+    if small:
+        spans = (result.metric_clean - result.metric_corrupted)[small].tolist()
+        log.warning("pairs %s have clean-corrupted spans %s: their effects may move by up to %.2g with batch size "
+                    "(tolerance %.0e / |span|)", small, [f"{v:.3g}" for v in spans],
+                    float(result.effect_tolerance[small].max()), METRIC_TOLERANCE)
 
 
 def provenance_record(model: Any, pairs: list[PromptPair], metric: Any, direction: str, extra: dict[str, Any],

@@ -24,6 +24,14 @@ from patching.sweep.units import PatchUnit, UnitPart
 from sae.files import atomic_folder
 
 RESULT_FORMAT_VERSION = 1
+METRIC_TOLERANCE = 1e-5
+"""R13 as kept: raw metric values (logit scale, fp32) agree within this across batch sizes and
+chunkings. Reductions inside the model's matrix products depend on how many rows a forward pass
+carries, so exact batch invariance is not promised; a normalised effect inherits the tolerance
+divided by its pair's span |M_clean - M_corrupted| (`PatchResult.effect_tolerance`)."""
+SMALL_SPAN_TOLERANCE = 1e-3
+"""A pair whose effect tolerance exceeds this (span below 1e-2 on the logit scale) is flagged:
+its normalised effects are not reproducible to three decimals (STYLE.md 18)."""
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
 
@@ -75,6 +83,18 @@ class PatchResult:
     @property
     def mean_effect(self) -> Tensor:
         return self.effect.mean(0)
+
+    @property
+    def effect_tolerance(self) -> Tensor:
+        """Per pair, (pairs,): how far its effects may move with batch size or chunking,
+        `METRIC_TOLERANCE / |M_clean - M_corrupted|`."""
+        return METRIC_TOLERANCE / (self.metric_clean - self.metric_corrupted).abs().double()
+
+    @property
+    def small_span_pairs(self) -> list[int]:
+        """Pairs whose clean-corrupted span is so small that their effects are not reproducible to
+        `SMALL_SPAN_TOLERANCE`: read their effects as noise, or choose prompts that differ more."""
+        return torch.nonzero(self.effect_tolerance > SMALL_SPAN_TOLERANCE).flatten().tolist()
 
     def top(self, k: int = 10, *, by_abs: bool = True) -> list[TopEntry]:
         """The k units with the largest mean effect (by magnitude unless `by_abs=False`)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
+from patching.model.checks import check_latent_indices
 from patching.model.sites import Site, as_site
 
 PartKind = Literal["latent", "error", "raw"]
@@ -86,7 +87,7 @@ def differing_units(kind: str, differs: Mapping[Site, Tensor], positions: tuple[
     if kind not in UNIT_KINDS:
         raise PatchingError(f"unit must be one of {UNIT_KINDS}, got {kind!r}")
     if kind == "joint":
-        return joint_units(latent_sets, list(differs), positions)
+        return joint_units(latent_sets, {site: mask.shape[1] for site, mask in differs.items()}, positions)
     if latent_sets is not None:
         raise PatchingError("latent_sets is only used with unit='joint'")
     units: list[PatchUnit] = []
@@ -107,7 +108,10 @@ def differing_units(kind: str, differs: Mapping[Site, Tensor], positions: tuple[
     return units
 
 
-def joint_units(latent_sets: Sequence[LatentSet] | None, sites: list[Site], positions: tuple[int, ...] | None) -> list[PatchUnit]:
+def joint_units(latent_sets: Any, widths: Mapping[Site, int],
+                positions: tuple[int, ...] | None) -> list[PatchUnit]:
+    """One unit per latent set; `widths` gives each site's d_sae, against which every index is checked."""
+    sites = list(widths)
     if not latent_sets:
         raise PatchingError("unit='joint' needs latent_sets: a list of latent lists (or {site: latents} dicts)")
     units = []
@@ -122,9 +126,7 @@ def joint_units(latent_sets: Sequence[LatentSet] | None, sites: list[Site], posi
         for site, latents in by_site.items():
             if site not in sites:
                 raise PatchingError(f"latent_sets[{i}] names {site}, but SAEs are at {[str(s) for s in sites]}")
-            items = tuple(int(latent) for latent in latents)
-            if not items or min(items) < 0:
-                raise PatchingError(f"latent_sets[{i}] at {site} must be a non-empty list of non-negative latent indices")
+            items = check_latent_indices(latents, widths[site], name=f"latent_sets[{i}] at {site}")
             parts.append(UnitPart(site, "latent", positions, items))
         units.append(PatchUnit(tuple(parts)))
     return units

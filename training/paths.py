@@ -1,0 +1,41 @@
+"""Checks of the paths a command reads and writes, made before any model is loaded or any work is
+done: a sweep that runs for minutes must not fail at the end because its output folder cannot be
+created. Every command line (`latentpatch ...`, `latentpatch train`) uses these.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from training.errors import RunPathError
+
+
+def check_output_folder(path: str | Path, *, option: str = "--out") -> Path:
+    """`path` is an existing folder, or one that can be created: refuse a file in its place, a
+    file among its parents (`/etc/passwd/x`) and a parent this process cannot write to."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise RunPathError(f"{option} {folder} is a file; expected a folder (new or existing)")
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise RunPathError(f"{option} {folder}: {existing} is a dangling symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunPathError(f"{option} {folder} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunPathError(f"{option} {folder}: no permission to write in {existing}")
+    return folder
+
+
+def check_input_file(path: str | Path, *, option: str) -> Path:
+    """`path` is an existing regular file (not a folder, a FIFO or a device)."""
+    file = Path(path)
+    if not file.exists():
+        raise RunPathError(f"{option} {file} does not exist")
+    if file.is_dir():
+        raise RunPathError(f"{option} {file} is a folder; expected a file")
+    if not file.is_file():
+        raise RunPathError(f"{option} {file} is not a regular file (a FIFO or a device?)")
+    return file
