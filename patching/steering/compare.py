@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patching.model import tl_compat
+from patching.splice.generate import Sampling, generate
 from patching.model.tokens import padded_tokens
 from patching.splice.collect import resolve_site
 from patching.splice.quality import kl_divergence
@@ -219,11 +220,12 @@ def _run(model: Any, data: _Data, settings: CompareSettings, score: Callable[[Te
     logits = tl_compat.forward_logits(model, data.heldout)
     last = logits[torch.arange(logits.shape[0]), data.heldout_last.to(logits.device)]
     neutral = tl_compat.forward_logits(model, data.neutral)[data.neutral_mask.to(logits.device)]
+    tokens, mask = tl_compat.left_padded_tokens(model, list(data.heldout_texts))
+    sampling = Sampling(do_sample=True, temperature=settings.temperature)
     generated = []
     for seed in settings.seeds:
         torch.manual_seed(seed)
-        generated.append(tl_compat.generate(model, list(data.heldout_texts), max_new_tokens=settings.max_new_tokens,
-                                            do_sample=True, temperature=settings.temperature).cpu())
+        generated.append(generate(model, tokens, settings.max_new_tokens, attention_mask=mask, sampling=sampling).cpu())
     return {"score": score(last).float().cpu(), "neutral": neutral.float().cpu(), "generated": generated}
 
 

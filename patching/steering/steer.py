@@ -38,7 +38,7 @@ from patching.errors import SteeringError
 from patching.splice.collect import Corpus, check_latent_indices, iter_site_latents, resolve_site
 from patching.sweep.results import PatchResult
 from patching.model.sites import Site
-from patching.splice.splicer import Splice, splice
+from patching.splice.generate import Interventions, Sampling, Step, generate, intervening
 from sae.protocol import SAELike
 
 SteerMethod = Literal["add", "clamp"]
@@ -235,50 +235,55 @@ def _typical(choice: LatentChoice) -> tuple[float, ...]:
 
 
 class Steering:
-    """The live state of a `steer(...)` block; `generate` runs TransformerLens generation in it."""
+    """The live state of a `steer(...)` block; `generate` decodes in it (`patching.splice.generate`)."""
 
     def __init__(self, model: Any, site: Site, config: SteeringConfig, *, vector: Tensor | None,
-                 choice: LatentChoice | None) -> None:
+                 choice: LatentChoice | None, sae: SAELike | None = None) -> None:
         self.model = model
         self.site = site
         self.config = config
         self.vector = vector
         """`c * v` for `add` (on the model's device and dtype); None for `clamp`."""
         self.choice = choice
+        self.sae = sae
         self.prompt_length = config.prompt_length
-        self._splice: Splice | None = None
-        self._selected: list[int] = []  # call-relative positions steered in the current forward
 
-    def _before_block(self, n_positions: int, past: int) -> None:
-        """Turn the configured absolute positions into this forward's relative ones."""
-        if self.prompt_length is None and past == 0:
-            self.prompt_length = n_positions
+    def interventions(self, allow_model_mismatch: bool = False) -> Interventions:
+        """The steering as interventions: a hook adding `c * v` (`add`), or latent edits of the
+        spliced SAE (`clamp`), at the configured absolute positions of each forward pass."""
+        if self.config.method == "add":
+            return Interventions(hooks={self.site: self._add})
+        return Interventions(saes={self.site: self.sae}, latent_edits=self._clamp_edits,
+                             allow_model_mismatch=allow_model_mismatch)
+
+    def _selected(self, step: Step) -> list[int]:
+        """The configured absolute positions of this forward pass, relative to its first."""
+        if self.prompt_length is None and step.past == 0:
+            self.prompt_length = step.n_positions
         mode = self.config.positions
-        absolute = range(past, past + n_positions)
         if mode == "all":
-            selected = list(range(n_positions))
-        elif mode == "prompt":
-            selected = [p - past for p in absolute if p < self.prompt_length]
-        elif mode == "generated":
-            selected = [p - past for p in absolute if p >= self.prompt_length]
-        else:
-            wanted = set(mode)
-            selected = [p - past for p in absolute if p in wanted]
-        self._selected = selected
-        if self._splice is not None:
-            self._splice.set_edits([self._clamp_edit(selected)] if selected else [])
+            return list(range(step.n_positions))
+        if mode == "prompt":
+            return [p - step.past for p in step.positions if p < self.prompt_length]
+        if mode == "generated":
+            return [p - step.past for p in step.positions if p >= self.prompt_length]
+        wanted = set(mode)
+        return [p - step.past for p in step.positions if p in wanted]
 
-    def _clamp_edit(self, positions: list[int]) -> LatentEdit:
+    def _clamp_edits(self, step: Step) -> list[LatentEdit]:
         assert self.choice is not None
+        selected = self._selected(step)
+        if not selected:
+            return []
         c = self.config.coefficient
         if self.config.scale == "activation":
             value: float | Tensor = torch.tensor([c * a for a in _typical(self.choice)])
         else:
             value = float(c)
-        return LatentEdit(self.site, self.choice.latents, value, mode="set", positions=positions)
+        return [LatentEdit(self.site, self.choice.latents, value, mode="set", positions=selected)]
 
-    def _add(self, x: Tensor) -> Tensor:
-        selected = self._selected
+    def _add(self, x: Tensor, step: Step) -> Tensor:
+        selected = self._selected(step)
         if not selected:
             return x
         if len(selected) == x.shape[1]:
@@ -290,16 +295,22 @@ class Steering:
     def generate(self, prompts: str | list[str] | Tensor, *, max_new_tokens: int = 32, use_kv_cache: bool = True,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
                  seed: int | None = None) -> Tensor:
-        """Steered TransformerLens `generate`; returns prompt + continuation token ids.
+        """Steered generation; returns prompt + continuation token ids.
 
-        Texts are tokenized with BOS (a list is left-padded). The prompt length is reset for each
-        call unless the config fixes it.
+        Texts are tokenized with BOS (a list is left-padded, the padding masked). The prompt
+        length is reset for each call unless the config fixes it.
         """
         self.prompt_length = self.config.prompt_length
-        if seed is not None:
-            torch.manual_seed(seed)
-        return tl_compat.generate(self.model, prompts, max_new_tokens=max_new_tokens, use_past_kv_cache=use_kv_cache,
-                                  do_sample=do_sample, temperature=temperature, top_p=top_p)
+        return _generate(self.model, prompts, max_new_tokens=max_new_tokens, use_kv_cache=use_kv_cache,
+                         sampling=Sampling(do_sample, temperature, top_p), seed=seed)
+
+
+def _generate(model: Any, prompts: str | list[str] | Tensor, *, max_new_tokens: int, use_kv_cache: bool,
+              sampling: Sampling, seed: int | None) -> Tensor:
+    tokens, mask = tl_compat.left_padded_tokens(model, prompts)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return generate(model, tokens, max_new_tokens, use_kv_cache=use_kv_cache, attention_mask=mask, sampling=sampling)
 
 
 @contextlib.contextmanager
@@ -325,13 +336,8 @@ def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = 
     else:
         if config.scale == "activation":
             _typical(resolved)  # refuse now, not in the middle of a forward pass
-        state = Steering(model, site, config, vector=None, choice=resolved)
-    with contextlib.ExitStack() as stack:
-        if config.method == "clamp":
-            state._splice = stack.enter_context(splice(model, {site: sae}, allow_model_mismatch=allow_model_mismatch))
-        stack.callback(tl_compat.attach_block_pre_hook(model, site.layer, state._before_block).remove)
-        if config.method == "add":
-            stack.callback(tl_compat.attach_hook(model, site.hook_name, state._add).remove)
+        state = Steering(model, site, config, vector=None, choice=resolved, sae=sae)
+    with intervening(model, state.interventions(allow_model_mismatch)):
         yield state
 
 
@@ -368,10 +374,11 @@ def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[s
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise SteeringError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    Sampling(do_sample, temperature, top_p)  # refuse bad sampling settings before steering attaches anything
     with steer(model, sae, target, config, site=site, allow_model_mismatch=allow_model_mismatch, **overrides) as state:
         steered = state.generate(prompts, use_kv_cache=use_kv_cache, seed=seed, **kwargs)
-    torch.manual_seed(seed)
-    unsteered = tl_compat.generate(model, prompts, use_past_kv_cache=use_kv_cache, **kwargs)
+    unsteered = _generate(model, prompts, max_new_tokens=max_new_tokens, use_kv_cache=use_kv_cache,
+                          sampling=Sampling(do_sample, temperature, top_p), seed=seed)
     start = steered.shape[1] - max_new_tokens
     texts = [_decode(model, row[:start]) for row in steered]
     return SteeredGeneration(texts, [_decode(model, row[start:]) for row in steered],
