@@ -40,7 +40,8 @@ class RestorationCurve:
     """Per pair, the elements the percent is taken of (active latents, or dimensions x positions)."""
 
     def median(self) -> list[float]:
-        return self.fraction.median(0).values.tolist()
+        """Per count, the true median over pairs (the mean of the middle two for an even count)."""
+        return [true_median(column.tolist()) for column in self.fraction.T]
 
     def needed(self, threshold: float) -> list[float | None]:
         """Per pair, the smallest n (as a percent of active) reaching `threshold`, or None."""
@@ -53,6 +54,16 @@ class RestorationCurve:
             hits = [n for n, value in zip(self.counts, row.tolist()) if value >= threshold]
             out.append(min(hits) if hits else None)
         return out
+
+
+def true_median(values: Sequence[float]) -> float:
+    """The median of `values`: the middle one, or the mean of the middle two for an even count
+    (`torch.median` returns the lower of the two)."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        raise ValueError("the median of no values is undefined")
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 class LatentRestoration(NamedTuple):
@@ -112,40 +123,57 @@ def joint_latent_unit(units: list[PatchUnit], site: Site) -> PatchUnit:
     return PatchUnit(parts or (UnitPart(site, "latent", (0,), (0,)),))
 
 
-def raw_restoration(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any,
+def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corrupted: Tensor, metric: Any,
                     counts: Sequence[int], start: int) -> RawRestoration:
     """The same curve for raw units at `site` (residual dimensions, or neurons at `mlp_pre` /
-    `mlp_post`), ranked by AtP on the raw activation."""
-    scores = raw_attribution(model, site, clean, corrupted, metric)[start:]
+    `mlp_post`), ranked by AtP on the raw activation. Several sites (e.g. `mlp_post` of every
+    layer) are ranked together: the top n may mix sites."""
+    sites = [site] if isinstance(site, Site) else list(site)
+    by_site = raw_attribution_sites(model, sites, clean, corrupted, metric)
+    scores = torch.cat([by_site[s][start:] for s in sites], dim=1)  # (pos, sum of widths)
+    bounds = torch.tensor([0] + [by_site[s].shape[1] for s in sites]).cumsum(0)
     order = torch.argsort(scores.flatten(), descending=True, stable=True)
     width = scores.shape[1]
     units = []
     for n in counts:
-        by_position: dict[int, list[int]] = {}
+        chosen: dict[tuple[int, int], list[int]] = {}
         for flat in order[:n].tolist():
-            by_position.setdefault(start + flat // width, []).append(flat % width)
-        units.append(PatchUnit(tuple(UnitPart(site, "raw", (p,), tuple(sorted(d))) for p, d in sorted(by_position.items()))))
+            column = flat % width
+            i = int(torch.searchsorted(bounds, column, right=True)) - 1
+            chosen.setdefault((i, start + flat // width), []).append(column - int(bounds[i]))
+        units.append(PatchUnit(tuple(UnitPart(sites[i], "raw", (p,), tuple(sorted(d)))
+                                     for (i, p), d in sorted(chosen.items()))))
     exact = patch_residual(model, clean, corrupted, metric, units=units, progress=False)
     return RawRestoration(exact.effect[0], scores.numel())
 
 
 def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any) -> Tensor:
     """AtP on a raw activation: (x_clean − x_corrupted) · dM/dx at the corrupted run, (pos, width)."""
+    return raw_attribution_sites(model, [site], clean, corrupted, metric)[site]
+
+
+def raw_attribution_sites(model: Any, sites: Sequence[Site], clean: Tensor, corrupted: Tensor,
+                          metric: Any) -> dict[Site, Tensor]:
+    """`raw_attribution` at several sites from one clean forward and one corrupted backward."""
+    names = [site.hook_name for site in sites]
     with torch.inference_mode():
-        _, acts = tl_compat.run_until_end_with_cache(model, clean, [site.hook_name])
-    x_clean = acts[site.hook_name][0].clone()
-    probe: dict[str, Tensor] = {}
+        _, acts = tl_compat.run_until_end_with_cache(model, clean, names)
+    probes: dict[Site, dict[str, Tensor]] = {site: {} for site in sites}
 
-    def add_probe(x: Tensor) -> Tensor:
-        probe["node"] = torch.zeros_like(x, requires_grad=True)
-        probe["x"] = x.detach()
-        return x + probe["node"]
+    def add_probe(probe: dict[str, Tensor]) -> Any:
+        def fn(x: Tensor) -> Tensor:
+            probe["node"] = torch.zeros_like(x, requires_grad=True)
+            probe["x"] = x.detach()
+            return x + probe["node"]
+        return fn
 
-    handle = tl_compat.attach_hook(model, site.hook_name, add_probe)
+    handles = []
     try:
+        handles = [tl_compat.attach_hook(model, site.hook_name, add_probe(probes[site])) for site in sites]
         with frozen_parameters(model), torch.enable_grad():
             logits = tl_compat.forward_logits(model, corrupted)
             metric(logits[:, metric.readout], torch.tensor([0])).sum().backward()
     finally:
-        handle.remove()
-    return (x_clean - probe["x"][0]) * probe["node"].grad[0]
+        for handle in handles:
+            handle.remove()
+    return {site: (acts[site.hook_name][0] - probes[site]["x"][0]) * probes[site]["node"].grad[0] for site in sites}

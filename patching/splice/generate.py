@@ -193,11 +193,13 @@ def intervening(model: Any, interventions: Interventions) -> Iterator[Live]:
 
 def generate(model: Any, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, *,
              interventions: Interventions | None = None, use_kv_cache: bool = True,
-             attention_mask: Tensor | None = None, sampling: Sampling | None = None) -> Int[Tensor, "batch pos_new"]:
+             attention_mask: Tensor | None = None, sampling: Sampling | None = None,
+             observe: Callable[[Step, Tensor], None] | None = None) -> Int[Tensor, "batch pos_new"]:
     """Prompt + continuation token ids, `(batch, pos + max_new_tokens)`, under `interventions`.
 
     Every row gets exactly `max_new_tokens` tokens (no stop at end-of-sequence), so rows stay
-    aligned; callers cut at EOS when decoding."""
+    aligned; callers cut at EOS when decoding. `observe(step, logits)`, if given, sees each
+    pass's last-position logits `(batch, vocab)` before the token is chosen."""
     check_generation_inputs(tokens, max_new_tokens, attention_mask)
     interventions = interventions or Interventions()
     sampling = sampling or Sampling()
@@ -207,7 +209,11 @@ def generate(model: Any, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, 
             if interventions.before_step is not None:
                 with live.suspended():
                     interventions.before_step(decoder.step)
-            decoder.append(sampling.choose(decoder.forward()))
+            step = decoder.step
+            logits = decoder.forward()
+            if observe is not None:
+                observe(step, logits)
+            decoder.append(sampling.choose(logits))
     return decoder.tokens.clone()  # an ordinary tensor, usable outside inference mode
 
 
