@@ -130,3 +130,13 @@ def test_sampling_is_seeded(model, tokens):
     a = generate(model, tokens, 5, sampling=sampling)
     torch.manual_seed(0)
     assert torch.equal(a, generate(model, tokens, 5, sampling=sampling, use_kv_cache=False))
+
+
+def test_shared_prefix_gives_the_same_continuations(model, tokens):
+    from patching.splice.generate import SharedPrefix
+
+    rows = torch.cat([tokens[:1, :4].expand(3, -1), tokens[:, 4:]], dim=1)  # three rows sharing 4 tokens
+    prefix = SharedPrefix.of(model, rows[0, :4])
+    assert torch.equal(generate(model, rows, 6, prefix=prefix), generate(model, rows, 6))
+    with pytest.raises(PatchingError, match="shared prefix"):
+        generate(model, tokens, 6, prefix=prefix)

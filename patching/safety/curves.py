@@ -75,12 +75,12 @@ class UnitCurve:
             out[f"median_percent_for_{key}"] = true_median(reached) if reached else None
             out[f"pairs_reaching_{key}"] = len(reached)
             # The same figure as a count of units: the median pair's n at that percent.
-            counts = [round(p / 100 * a) for p, a in zip(self.needed(level), self.n_active) if p is not None]
+            counts = [float(max(1, round(p / 100 * a))) for p, a in zip(self.needed(level), self.n_active) if p is not None]
             out[f"median_units_for_{key}"] = true_median(counts) if counts else None
         over = self.fraction > 1 + overshoot_margin
         out["overshoot_points"] = int(over.sum())
         out["max_fraction"] = float(self.fraction.max()) if self.fraction.numel() else None
-        out["median_active_units"] = true_median(self.n_active) if self.n_active else None
+        out["median_active_units"] = true_median([float(a) for a in self.n_active]) if self.n_active else None
         return out
 
 

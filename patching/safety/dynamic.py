@@ -25,7 +25,8 @@ from patching.model.sites import Site
 from patching.splice.edits import LatentEdit
 from patching.safety.score import decode_until_eos, greedy_texts, refusal_rate, refusal_scores, tokenize_chat
 from patching.safety.units import latent_ranking, neuron_ranking
-from patching.splice.generate import Decoder, Interventions, Step, check_generation_inputs, generate, intervening
+from patching.splice.generate import (Decoder, Interventions, SharedPrefix, Step, check_generation_inputs, generate,
+                                      intervening)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,10 @@ class GuidedGeneration(NamedTuple):
 class _Guide:
     """The guiding run and the unit values it showed in its latest step."""
 
-    def __init__(self, model: Any, tokens: Tensor, units: Sequence[UnitSet], use_kv_cache: bool) -> None:
+    def __init__(self, model: Any, tokens: Tensor, units: Sequence[UnitSet], use_kv_cache: bool,
+                 prefix: SharedPrefix | None) -> None:
         self.model, self.units = model, list(units)
-        self.decoder = Decoder(model, tokens, use_kv_cache=use_kv_cache)
+        self.decoder = Decoder(model, tokens, use_kv_cache=use_kv_cache, prefix=prefix)
         self.values: dict[Site, Tensor] = {}
         self.step = self.decoder.step
 
@@ -86,9 +88,11 @@ class _Guide:
 
 
 def guided_generate(model: Any, tokens: Tensor, guide: Tensor, max_new_tokens: int, units: Sequence[UnitSet], *,
-                    copy_from: int, use_kv_cache: bool = True) -> GuidedGeneration:
+                    copy_from: int, use_kv_cache: bool = True, prefix: SharedPrefix | None = None) -> GuidedGeneration:
     """Greedy generation from `tokens` with `units` copied, at every step, from a guiding run on
-    `guide` (same batch; lengths may differ). `copy_from` is the first guiding position copied."""
+    `guide` (same batch; lengths may differ). `copy_from` is the first guiding position copied.
+    With `prefix`, both runs start from its shared key-value cache (positions before `copy_from`
+    only: the prefix runs without interventions)."""
     check_generation_inputs(tokens, max_new_tokens)
     check_generation_inputs(guide, max_new_tokens)
     sites = [u.site for u in units]
@@ -99,7 +103,13 @@ def guided_generate(model: Any, tokens: Tensor, guide: Tensor, max_new_tokens: i
     if not 0 <= copy_from < guide.shape[1] or copy_from + shift < 0:
         raise PatchingError(f"copy_from must be in 0..{guide.shape[1] - 1} and leave the aligned position "
                             f"{copy_from} + {shift} inside the generating prompt, got {copy_from}")
-    guiding = _Guide(model, guide, units, use_kv_cache)
+    for unit in units:
+        width = unit.site.check(model).width(model) if unit.sae is None else unit.sae.d_sae
+        if max(unit.indices) >= width:
+            raise PatchingError(f"UnitSet at {unit.site}: index {max(unit.indices)} out of range for width {width}")
+    if prefix is not None and copy_from < prefix.length:
+        raise PatchingError(f"copy_from={copy_from} lies inside the shared prefix ({prefix.length} tokens), which is not re-run")
+    guiding = _Guide(model, guide, units, use_kv_cache, prefix)
 
     def selected(step: Step) -> tuple[list[int], list[int]]:
         """This pass's copied positions, relative to the generating and the guiding pass."""
@@ -130,7 +140,7 @@ def guided_generate(model: Any, tokens: Tensor, guide: Tensor, max_new_tokens: i
     interventions = Interventions(hooks={u.site: write(u) for u in units if u.sae is None}, saes=saes,
                                   latent_edits=edits if saes else None, before_step=guiding.advance)
     first: list[Tensor] = []
-    out = generate(model, tokens, max_new_tokens, interventions=interventions, use_kv_cache=use_kv_cache,
+    out = generate(model, tokens, max_new_tokens, interventions=interventions, use_kv_cache=use_kv_cache, prefix=prefix,
                    observe=lambda step, logits: first.append(logits.clone()) if not first else None)
     return GuidedGeneration(out, guiding.decoder.tokens.clone(), first[0])
 
@@ -156,7 +166,7 @@ def unit_sets(chosen: list[tuple[Site, int]], sae: Any) -> list[UnitSet]:
 
 
 def guided_texts(model: Any, prompts: list[Tensor], guides: list[Tensor], units: list[UnitSet], copy_from: int,
-                 max_new_tokens: int, metric: Any) -> tuple[list[str], Tensor]:
+                 max_new_tokens: int, metric: Any, prefix: SharedPrefix | None = None) -> tuple[list[str], Tensor]:
     """Guided greedy continuations of each prompt and its refusal score, batched by (length, guide length)."""
     texts: list[str] = [""] * len(prompts)
     scores = torch.zeros(len(prompts))
@@ -165,7 +175,7 @@ def guided_texts(model: Any, prompts: list[Tensor], guides: list[Tensor], units:
         groups.setdefault((p.shape[1], g.shape[1]), []).append(i)
     for (length, _), indices in groups.items():
         out = guided_generate(model, torch.cat([prompts[i] for i in indices]), torch.cat([guides[i] for i in indices]),
-                              max_new_tokens, units, copy_from=copy_from)
+                              max_new_tokens, units, copy_from=copy_from, prefix=prefix)
         scores[indices] = metric(out.first_logits, torch.zeros(len(indices), dtype=torch.long)).cpu()
         for row, i in enumerate(indices):
             texts[i] = decode_until_eos(model, out.tokens[row, length:])
@@ -173,7 +183,7 @@ def guided_texts(model: Any, prompts: list[Tensor], guides: list[Tensor], units:
 
 
 def dynamic_table(model: Any, suite: Any, saes: dict[Site, Any], pairs: list[tuple[Tensor, Tensor]], metric: Any,
-                  start: int, config: Any) -> dict[str, Any]:
+                  start: int, config: Any, prefix: SharedPrefix | None = None) -> dict[str, Any]:
     """Refusal rate and mean refusal score, without (n = 0) and with the top n units copied from
     the plain request's run, on jailbreak-wrapped harmful requests and on wrapped controls."""
     if not pairs:
@@ -189,11 +199,11 @@ def dynamic_table(model: Any, suite: Any, saes: dict[Site, Any], pairs: list[tup
         row: dict[str, Any] = {"n": min(n, total), "percent_of_units": 100.0 * min(n, total) / total}
         for name, (prompts, guides) in sets.items():
             if n == 0:
-                texts = greedy_texts(model, prompts, config.max_new_tokens)
-                scores = refusal_scores(model, prompts, metric)
+                texts = greedy_texts(model, prompts, config.max_new_tokens, prefix=prefix)
+                scores = refusal_scores(model, prompts, metric, prefix=prefix)
             else:
                 texts, scores = guided_texts(model, prompts, guides, unit_sets(ranked[:n], sae), start,
-                                             config.max_new_tokens, metric)
+                                             config.max_new_tokens, metric, prefix)
             row[f"{name}_refusal_rate"] = refusal_rate(texts)
             row[f"{name}_score"] = float(scores.mean())
         rows.append(row)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from patching.model import tl_compat
 from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
-from patching.splice.generate import Interventions, generate_by_length, intervening
+from patching.splice.generate import Decoder, Interventions, SharedPrefix, generate_by_length, intervening
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,9 @@ InterventionsFor = Callable[[list[int]], Interventions]
 
 
 def refusal_scores(model: Any, prompts: Sequence[Tensor], metric: RefusalScore,
-                   interventions: InterventionsFor | None = None) -> Tensor:
-    """The refusal score of each `(1, pos)` prompt, `(prompts,)`; equal lengths run as one batch."""
+                   interventions: InterventionsFor | None = None, prefix: SharedPrefix | None = None) -> Tensor:
+    """The refusal score of each `(1, pos)` prompt, `(prompts,)`; equal lengths run as one batch,
+    after the `prefix` they share (if given: run once, not intervened on)."""
     out = torch.zeros(len(prompts))
     by_length: dict[int, list[int]] = {}
     for i, row in enumerate(prompts):
@@ -71,15 +72,19 @@ def refusal_scores(model: Any, prompts: Sequence[Tensor], metric: RefusalScore,
         batch = torch.cat([prompts[i].reshape(1, -1) for i in indices])
         spec = interventions(indices) if interventions is not None else Interventions()
         with torch.inference_mode(), intervening(model, spec):
-            logits = tl_compat.forward_logits(model, batch)[:, metric.readout]
+            if metric.readout == -1:
+                logits = Decoder(model, batch, prefix=prefix).forward()
+            else:
+                logits = tl_compat.forward_logits(model, batch)[:, metric.readout]
         out[indices] = metric(logits, torch.zeros(len(indices), dtype=torch.long)).cpu()
     return out
 
 
 def greedy_texts(model: Any, prompts: Sequence[Tensor], max_new_tokens: int,
-                 interventions: InterventionsFor | None = None) -> list[str]:
+                 interventions: InterventionsFor | None = None, prefix: SharedPrefix | None = None) -> list[str]:
     """Greedy continuations (KV-cached, equal lengths batched), decoded up to end of sequence."""
-    return [decode_until_eos(model, row) for row in generate_by_length(model, prompts, max_new_tokens, interventions)]
+    rows = generate_by_length(model, prompts, max_new_tokens, interventions, prefix=prefix)
+    return [decode_until_eos(model, row) for row in rows]
 
 
 def decode_until_eos(model: Any, tokens: Tensor) -> str:

@@ -30,6 +30,7 @@ from patching.safety.prompts import SafetySuite
 from patching.safety.report import SafetyReport
 from patching.safety.score import RefusalScore, greedy_texts, query_start, refusal_rate, refusal_scores, tokenize_chat
 from patching.safety.units import collect_curves, pair_curves
+from patching.splice.generate import SharedPrefix
 from patching.splice.splicer import resolve_saes
 
 DynamicKind = Literal["mlp_post", "latents"]
@@ -102,19 +103,21 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
     config = SafetyConfig(**{**{f.name: getattr(base, f.name) for f in fields(SafetyConfig)}, **overrides})
     suite = SafetySuite() if suite is None else suite
     resolved = resolve_saes(model, saes)
-    if not tl_compat.has_tokenizer(model):
-        raise PatchingError("safety experiments need a model with a tokenizer and a chat template")
     layer = next(iter(resolved)).layer if config.layer is None else config.layer
     n_layers = tl_compat.n_layers(model)
     if layer >= n_layers or any(v >= n_layers for v in config.direction_layers or ()):
         raise PatchingError(f"layers must be below n_layers={n_layers}, got layer={layer}, "
                             f"direction_layers={config.direction_layers}")
+    if not tl_compat.has_tokenizer(model):
+        raise PatchingError("safety experiments need a model with a tokenizer and a chat template")
     harmful, harmless = _pair_tokens(model, suite)
     clock: dict[str, float] = {}
     start_time = time.perf_counter()
     metric = RefusalScore.for_model(model)
     report = SafetyReport([s.hook_name for s in resolved], config, suite, tl_compat.model_name(model))
-    _rates(model, suite, harmful, harmless, metric, config, report)
+    start = query_start(model, suite)
+    prefix = SharedPrefix.of(model, harmful[0][:, :start])  # the few-shot context, run once
+    _rates(model, suite, harmful, harmless, metric, config, report, prefix)
     clock["rates"] = time.perf_counter() - start_time
     layers = list(config.direction_layers) if config.direction_layers is not None else list(range(n_layers))
     layers = sorted(set(layers) | {layer} | {s.layer for s in resolved})
@@ -124,12 +127,11 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
         report.direction.aligned[site.hook_name] = aligned_latents(model, sae, site, d, harmless, metric,
                                                                     config.aligned_ks, config.max_new_tokens)
     clock["direction"] = time.perf_counter() - start_time - sum(clock.values())
-    start = query_start(model, suite)
     _curves(model, resolved, harmful, harmless, metric, start, layer, directions[layers.index(layer)], config,
             report, progress)
     clock["curves"] = time.perf_counter() - start_time - sum(clock.values())
     report.dynamic = dynamic_table(model, suite, resolved, [(harmful[i], harmless[i]) for i in report.pairs_used],
-                                   metric, start, config)
+                                   metric, start, config, prefix)
     clock["dynamic"] = time.perf_counter() - start_time - sum(clock.values())
     report.seconds = {k: round(v, 1) for k, v in clock.items()}
     return report
@@ -145,14 +147,15 @@ def _pair_tokens(model: Any, suite: SafetySuite) -> tuple[list[Tensor], list[Ten
 
 
 def _rates(model: Any, suite: SafetySuite, harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
-           config: SafetyConfig, report: SafetyReport) -> None:
+           config: SafetyConfig, report: SafetyReport, prefix: SharedPrefix) -> None:
     """Greedy refusal rates per prompt set; each pair's span; the pairs that clear the threshold."""
     sets = {"harmful": harmful, "harmless": harmless,
             "jailbreak": tokenize_chat(model, suite, suite.jailbreaks()),
             "control": tokenize_chat(model, suite, list(suite.controls))}
-    report.generations = {name: greedy_texts(model, prompts, config.max_new_tokens) for name, prompts in sets.items()}
+    report.generations = {name: greedy_texts(model, prompts, config.max_new_tokens, prefix=prefix)
+                          for name, prompts in sets.items()}
     report.refusal_rates = {name: refusal_rate(texts) for name, texts in report.generations.items()}
-    spans = refusal_scores(model, harmful, metric) - refusal_scores(model, harmless, metric)
+    spans = refusal_scores(model, harmful, metric, prefix=prefix) - refusal_scores(model, harmless, metric, prefix=prefix)
     report.spans = spans.tolist()
     kept = pairs_clearing(report.spans, config.span_threshold)
     kept.sort(key=lambda i: -report.spans[i])

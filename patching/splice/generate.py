@@ -51,6 +51,26 @@ SiteHook = Callable[[Tensor, Step], Tensor | None]
 
 
 @dataclass(frozen=True)
+class SharedPrefix:
+    """Keys and values of a prefix that every prompt of a call starts with (e.g. a few-shot chat
+    context), computed once. Its positions run without interventions."""
+
+    tokens: Tensor
+    """The prefix, `(1, length)`."""
+    cache: Any
+    """Its frozen key-value cache (`tl_compat.prefix_cache`)."""
+
+    @classmethod
+    def of(cls, model: Any, tokens: Tensor) -> "SharedPrefix":
+        with torch.inference_mode():
+            return cls(tokens.reshape(1, -1), tl_compat.prefix_cache(model, tokens.reshape(1, -1)))
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+
+@dataclass(frozen=True)
 class Interventions:
     """What changes the model during a generation (nothing by default)."""
 
@@ -101,12 +121,18 @@ class Decoder:
     `append(next_tokens)` adds a token to each row. A guiding run is a second `Decoder`."""
 
     def __init__(self, model: Any, tokens: Int[Tensor, "batch pos"], *, use_kv_cache: bool = True,
-                 attention_mask: Tensor | None = None) -> None:
+                 attention_mask: Tensor | None = None, prefix: SharedPrefix | None = None) -> None:
         self.model = model
         self.tokens = tokens
         self.mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(tokens.dtype)
-        self.cache = tl_compat.new_kv_cache(model, tokens.shape[0]) if use_kv_cache else None
         self._pending = tokens.shape[1]
+        if prefix is not None and use_kv_cache:
+            n = prefix.length
+            if n >= tokens.shape[1] or not torch.equal(tokens[:, :n], prefix.tokens.to(tokens.device).expand(len(tokens), -1)):
+                raise PatchingError(f"every row must start with the shared prefix ({n} tokens) and go beyond it")
+            self._pending -= n
+        self.cache = None if not use_kv_cache else tl_compat.new_kv_cache(
+            model, tokens.shape[0], None if prefix is None else prefix.cache)
 
     @property
     def step(self) -> Step:
@@ -194,16 +220,18 @@ def intervening(model: Any, interventions: Interventions) -> Iterator[Live]:
 def generate(model: Any, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, *,
              interventions: Interventions | None = None, use_kv_cache: bool = True,
              attention_mask: Tensor | None = None, sampling: Sampling | None = None,
-             observe: Callable[[Step, Tensor], None] | None = None) -> Int[Tensor, "batch pos_new"]:
+             observe: Callable[[Step, Tensor], None] | None = None,
+             prefix: SharedPrefix | None = None) -> Int[Tensor, "batch pos_new"]:
     """Prompt + continuation token ids, `(batch, pos + max_new_tokens)`, under `interventions`.
 
     Every row gets exactly `max_new_tokens` tokens (no stop at end-of-sequence), so rows stay
     aligned; callers cut at EOS when decoding. `observe(step, logits)`, if given, sees each
-    pass's last-position logits `(batch, vocab)` before the token is chosen."""
+    pass's last-position logits `(batch, vocab)` before the token is chosen. With `prefix` (and
+    the cache) the shared prefix's positions are not run again, and so are not intervened on."""
     check_generation_inputs(tokens, max_new_tokens, attention_mask)
     interventions = interventions or Interventions()
     sampling = sampling or Sampling()
-    decoder = Decoder(model, tokens, use_kv_cache=use_kv_cache, attention_mask=attention_mask)
+    decoder = Decoder(model, tokens, use_kv_cache=use_kv_cache, attention_mask=attention_mask, prefix=prefix)
     with torch.inference_mode(), intervening(model, interventions) as live:
         for _ in range(max_new_tokens):
             if interventions.before_step is not None:
@@ -231,7 +259,7 @@ def check_generation_inputs(tokens: Any, max_new_tokens: Any, attention_mask: An
 
 def generate_by_length(model: Any, prompts: Sequence[Tensor], max_new_tokens: int,
                        interventions: Callable[[list[int]], Interventions] | None = None,
-                       use_kv_cache: bool = True) -> list[Tensor]:
+                       use_kv_cache: bool = True, prefix: SharedPrefix | None = None) -> list[Tensor]:
     """Each `(1, pos)` prompt's continuation `(max_new_tokens,)`, prompts of equal length batched
     together (exact: no padding); `interventions(indices)` builds each batch's interventions."""
     out: list[Tensor | None] = [None] * len(prompts)
@@ -241,7 +269,7 @@ def generate_by_length(model: Any, prompts: Sequence[Tensor], max_new_tokens: in
     for length, indices in by_length.items():
         batch = torch.cat([prompts[i].reshape(1, -1) for i in indices])
         spec = interventions(indices) if interventions is not None else None
-        tokens = generate(model, batch, max_new_tokens, interventions=spec, use_kv_cache=use_kv_cache)
+        tokens = generate(model, batch, max_new_tokens, interventions=spec, use_kv_cache=use_kv_cache, prefix=prefix)
         for row, i in enumerate(indices):
             out[i] = tokens[row, length:]
     return out  # type: ignore[return-value]
