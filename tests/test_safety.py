@@ -78,6 +78,10 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 16 * 5), start=3)
     assert n_elements == 16 * 5
     assert raw[-1].item() == pytest.approx(1.0, abs=1e-4)  # every dimension at every query position
+    # Several sites ranked together: everything at layers 0 and 2 includes the whole of layer 0.
+    both, n_both = raw_restoration(model, [Site(0), Site(2)], harmful, harmless, metric, (3, 2 * 16 * 5), start=3)
+    assert n_both == 2 * 16 * 5 and both[-1].item() == pytest.approx(1.0, abs=1e-4)
+    assert both[0].item() != pytest.approx(1.0, abs=1e-3)
 
 
 def test_true_median_and_span_threshold_on_hand_made_numbers():

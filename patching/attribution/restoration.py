@@ -136,13 +136,18 @@ def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corr
     width = scores.shape[1]
     units = []
     for n in counts:
-        chosen: dict[tuple[int, int], list[int]] = {}
-        for flat in order[:n].tolist():
-            column = flat % width
-            i = int(torch.searchsorted(bounds, column, right=True)) - 1
-            chosen.setdefault((i, start + flat // width), []).append(column - int(bounds[i]))
-        units.append(PatchUnit(tuple(UnitPart(sites[i], "raw", (p,), tuple(sorted(d)))
-                                     for (i, p), d in sorted(chosen.items()))))
+        flat = order[:n]
+        column = flat % width
+        which = torch.searchsorted(bounds, column, right=True) - 1  # the site of each chosen element
+        key = which * scores.shape[0] + flat // width  # (site, position), sortable
+        ranked = torch.argsort(key, stable=True)
+        keys, sizes = torch.unique_consecutive(key[ranked], return_counts=True)
+        parts = []
+        for k, group in zip(keys.tolist(), torch.split(ranked, sizes.tolist())):
+            i, p = divmod(k, scores.shape[0])
+            dims = (column[group] - bounds[i]).sort().values
+            parts.append(UnitPart(sites[i], "raw", (start + p,), tuple(dims.tolist())))
+        units.append(PatchUnit(tuple(parts)))
     exact = patch_residual(model, clean, corrupted, metric, units=units, progress=False)
     return RawRestoration(exact.effect[0], scores.numel())
 
