@@ -136,7 +136,10 @@ def plot_curves(curves: list[UnitCurve], path: Path, *, title: str) -> Path:
     ax.set_xlabel("units patched (% of active units)")
     ax.set_ylabel("fraction of refusal score restored (unclipped)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if any(curve.pairs for curve in curves):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no pair cleared the span threshold", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
