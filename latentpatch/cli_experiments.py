@@ -54,7 +54,8 @@ def register(subparsers: Any) -> None:
     _common(sf)
     sf.add_argument("--out", type=Path, required=True, help="folder for the report")
     sf.add_argument("--max-pairs", type=int, default=None, help="use at most this many refuse/comply pairs (default: all)")
-    sf.add_argument("--counts", type=int, nargs="+", default=None, help="numbers of latents patched jointly")
+    sf.add_argument("--percents", type=float, nargs="+", default=None,
+                    help="percents of active units at which each restoration curve is measured")
     sf.set_defaults(run=run_safety)
 
 
@@ -186,13 +187,14 @@ def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_safety(args: argparse.Namespace) -> dict[str, Any]:
+    from patching.safety.search import SafetyConfig, find_safety_latents
     from patching.safety.prompts import SafetySuite
-    from patching.safety.search import DEFAULT_COUNTS, find_safety_latents
     from sae.files import weights_sha256
 
     _check_out(args)
     sae, model = load_for(args.sae, args.model)
     suite = SafetySuite()
-    report = find_safety_latents(model, sae, suite, counts=tuple(args.counts or DEFAULT_COUNTS), max_pairs=args.max_pairs)
-    report.save(args.out, model_name=model.cfg.model_name, sae_sha256=weights_sha256(sae), suite=suite)
+    overrides = {"percents": tuple(args.percents)} if args.percents else {}
+    report = find_safety_latents(model, sae, suite, SafetyConfig(max_pairs=args.max_pairs, **overrides))
+    report.save(args.out, sae_sha256=weights_sha256(sae))
     return {"saved_to": str(args.out), **report.summary()}

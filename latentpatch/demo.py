@@ -210,14 +210,17 @@ def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
 
 
 def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
-    from patching.safety.prompts import SafetySuite
+    from patching import Site
     from patching.safety.search import find_safety_latents
+    from patching.safety.prompts import SafetySuite
     from sae.files import weights_sha256
 
     full = SafetySuite()
     suite = SafetySuite(pairs=full.pairs[: config.suite_pairs], jailbreak_templates=full.jailbreak_templates[:1])
-    report = find_safety_latents(model, sae, suite, counts=(1, 2, 5, 10, 20, 50, 100, 200), max_pairs=config.safety_pairs)
-    report.save(out / "safety", model_name=model.cfg.model_name, sae_sha256=weights_sha256(sae), suite=suite)
+    layer = Site.from_hook_name(sae.cfg.hook_name).layer
+    report = find_safety_latents(model, sae, suite, max_pairs=config.safety_pairs, percents=(0.1, 1.0, 10.0, 100.0),
+                                 direction_layers=(layer,), dynamic_ns=(100,))
+    report.save(out / "safety", sae_sha256=weights_sha256(sae))
     images = []
     if (out / "safety" / "curves.png").exists():
         (out / "safety.png").write_bytes((out / "safety" / "curves.png").read_bytes())
@@ -226,5 +229,5 @@ def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results
     return Section("Safety latents: restoring refusals", "Top-n latents (by AtP) patched jointly from the refusing "
                    "harmful prompt into its complying harmless twin, against the same for residual dimensions.",
                    figures={"refusal_rates": report.refusal_rates, "pairs": len(report.pairs_used),
-                            "dynamic": report.dynamic}, images=images)
+                            "dynamic": report.dynamic, "finding": report.paragraph()}, images=images)
 

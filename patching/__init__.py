@@ -30,7 +30,8 @@ from patching.inspect import (
                                   write_dashboards,
 )
 from patching.model import DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, load_model, padded_tokens
-from patching.safety import PAIRS, RefusalScore, SafetyReport, SafetySuite, find_safety_latents, is_refusal, refusal_rate
+from patching.safety import (PAIRS, RefusalScore, SafetyConfig, SafetyReport, SafetySuite, find_safety_latents, is_refusal,
+                             refusal_rate)
 from patching.splice import ErrorPatch, LatentEdit, LatentPatch, SiteRecord, Splice, SpliceMetrics, splice, splice_metrics
 from patching.steering import (
                                   CompareSettings,
@@ -66,7 +67,7 @@ __all__ = [
     "CallableMetric", "CompareSettings", "Concept", "DEFAULT_MODEL", "Decomposition", "Direction", "ErrorPatch",
     "InspectConfig", "KLFromClean", "LatentChoice", "LatentEdit", "LatentPatch", "LatentReport", "LogitDiff",
     "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "PAIRS", "PatchResult", "PatchUnit",
-    "PatchingError", "RefusalScore", "RestorationCurve", "SafetyReport", "SafetySuite", "Site", "SiteError",
+    "PatchingError", "RefusalScore", "RestorationCurve", "SafetyConfig", "SafetyReport", "SafetySuite", "Site", "SiteError",
     "SiteRecord", "Splice", "SpliceError", "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison",
     "SteeringConfig", "SteeringError", "TokenLogProb", "TokenProb", "TopEntry", "UnitPart", "UnitReport",
     "UnitScores", "Verification", "attribute_latents", "compare_steering", "contrast_latents", "decompose",

@@ -18,7 +18,8 @@ import torch
 
 from patching import PatchResult
 from patching.errors import PatchingError
-from patching.safety.search import SafetyReport
+from patching.safety.report import SafetyReport
+from patching.safety.search import SafetyConfig
 from patching.safety.prompts import SafetySuite
 from patching.model.sites import Site
 from patching.steering.compare import SteeringComparison
@@ -102,13 +103,13 @@ def test_steering_comparison_save_interrupted_between_writes(tmp_path, monkeypat
 
 
 def _report(rate: float) -> SafetyReport:
-    return SafetyReport("blocks.0.hook_resid_pre", {"harmful": rate}, [("a", "b")])
+    # The prompts differ between the two reports, so a new report.json beside an old prompts.json shows.
+    return SafetyReport(["blocks.0.hook_resid_pre"], SafetyConfig(), SafetySuite(system_prompt=f"system {rate}"), "m",
+                        refusal_rates={"harmful": rate})
 
 
 def _save_report(report: SafetyReport, folder: Path) -> Path:
-    # The prompts differ between the two reports, so a new report.json beside an old prompts.json shows.
-    suite = SafetySuite(system_prompt=f"system {report.refusal_rates['harmful']}")
-    return report.save(folder, model_name="m", sae_sha256="0" * 64, suite=suite)
+    return report.save(folder, sae_sha256="0" * 64)
 
 
 def test_safety_report_save_interrupted_between_writes(tmp_path, monkeypatch):

@@ -8,13 +8,19 @@ import pytest
 import torch
 
 from patching import Site
-from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
-from patching.errors import SpliceError
 from patching.model import tl_compat
+from patching.errors import PatchingError
+from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
+from sae.metrics import median
+from patching.safety.curves import UnitCurve, counts_for, pairs_clearing
+from patching.safety.direction import refusal_directions
+from patching.safety.dynamic import UnitSet, guided_generate
+from patching.safety.score import RefusalScore, query_start, tokenize_chat
+from patching.safety.search import SafetyConfig, find_safety_latents
 from patching.safety.prompts import SafetySuite, is_refusal
-from patching.safety.search import RefusalScore, SafetyReport, greedy_generate, query_start, tokenize_chat
+from patching.splice.generate import generate
 from tests.conftest import make_sae
-from tests.hooks_snapshot import snapshot
+from tests.hooks_snapshot import CountingHook, snapshot
 
 
 @pytest.mark.default_model
@@ -73,52 +79,159 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 16 * 5), start=3)
     assert n_elements == 16 * 5
     assert raw[-1].item() == pytest.approx(1.0, abs=1e-4)  # every dimension at every query position
+    # Several sites ranked together: everything at layers 0 and 2 includes the whole of layer 0.
+    both, n_both = raw_restoration(model, [Site(0), Site(2)], harmful, harmless, metric, (3, 2 * 16 * 5), start=3)
+    assert n_both == 2 * 16 * 5 and both[-1].item() == pytest.approx(1.0, abs=1e-4)
+    assert both[0].item() != pytest.approx(1.0, abs=1e-3)
 
 
-def test_curve_bookkeeping():
-    curve = RestorationCurve(counts=[1, 2, 4], fraction=torch.tensor([[0.2, 0.6, 0.95], [0.1, 0.3, 0.4]]), n_active=[40, 20])
-    assert curve.needed(0.5) == [5.0, None]
-    assert curve.needed(0.9) == [10.0, None]
-    report = SafetyReport(site="s", refusal_rates={}, pairs_used=[("a", "b")] * 2, latents=curve, raw=curve)
-    summary = report.summary()["latents"]
-    assert summary["pairs_reaching_50"] == 1 and summary["median_percent_for_50"] == 5.0
+def test_true_median_and_span_threshold_on_hand_made_numbers():
+    assert median([3.0, 1.0, 4.0, 2.0]).item() == 2.5  # torch.median would say 2.0
+    assert torch.tensor([3.0, 1.0, 4.0, 2.0]).median().item() == 2.0
+    assert median([5.0, 1.0, 3.0]).item() == 3.0
+    assert median(torch.tensor([])).isnan()
+    spans = [2.0, 0.05, -1.0, 1.0, float("nan"), 0.99]
+    assert pairs_clearing(spans, 1.0) == [0, 3]
+    with pytest.raises(PatchingError, match="span threshold"):
+        pairs_clearing(spans, 0.0)
+    assert counts_for([0.01, 10.0, 100.0], 200) == [1, 20, 200]
 
 
-def test_hooks_restored_when_dynamic_patching_raises(toy, monkeypatch):
-    model, site, sae, harmful, _, _ = toy
+def test_curve_summary_on_hand_made_numbers():
+    curve = UnitCurve("k", [1.0, 5.0, 50.0], torch.tensor([[0.2, 0.6, 0.95], [0.1, 0.3, 0.4], [0.55, 0.92, 1.4],
+                                                           [0.0, 0.51, 1.0]]), [100, 40, 10, 20], [0, 3, 5, 7])
+    assert curve.needed(0.5) == [5.0, None, 1.0, 5.0]
+    assert curve.median() == pytest.approx([0.15, 0.555, 0.975])  # true medians of four pairs
+    s = curve.summary(overshoot_margin=0.1)
+    assert s["median_percent_for_50"] == 5.0 and s["pairs_reaching_50"] == 3
+    assert s["median_percent_for_90"] == 50.0 and s["pairs_reaching_90"] == 3  # median of 50, 5, 50
+    assert s["median_units_for_50"] == 1.0  # 5% of 100 = 5; 1% of 10 rounds up to one unit; 5% of 20 = 1
+    assert s["overshoot_points"] == 1 and s["max_fraction"] == pytest.approx(1.4)
+    legacy = RestorationCurve([1, 2], torch.tensor([[0.1, 0.2], [0.3, 0.4]]), [10, 10])
+    assert legacy.median() == pytest.approx([0.2, 0.3])
+
+
+def test_direction_equals_hand_computed_difference_of_means(toy):
+    model = toy[0]
+    gen = torch.Generator().manual_seed(5)
+    harmful = [torch.randint(0, 50, (1, n), generator=gen) for n in (6, 6, 9)]
+    harmless = [torch.randint(0, 50, (1, n), generator=gen) for n in (7, 5)]
+    got = refusal_directions(model, harmful, harmless, [0, 2])
+    for row, layer in zip(got, [0, 2]):
+        name = f"blocks.{layer}.hook_resid_pre"
+        def mean(prompts):
+            return torch.stack([model.run_with_cache(p)[1][name][0, -1].double() for p in prompts]).mean(0)
+        assert torch.allclose(row, mean(harmful) - mean(harmless), atol=1e-5)
+
+
+def _all_mlp_units(model):
+    return [UnitSet(Site(layer, "mlp_post"), tuple(range(model.cfg.d_mlp))) for layer in range(model.cfg.n_layers)]
+
+
+@pytest.mark.parametrize("kind", ["mlp_post", "latents"])
+def test_dynamic_patching_with_every_unit_and_the_same_run_changes_nothing(toy, kind):
+    model, site, sae, harmful, harmless, _ = toy
+    tokens = torch.cat([harmful, harmless])
+    units = _all_mlp_units(model) if kind == "mlp_post" else [UnitSet(site, tuple(range(sae.d_sae)), sae)]
+    before = snapshot(model)
+    for cache in (True, False):
+        plain = generate(model, tokens, 6, use_kv_cache=cache)
+        out = guided_generate(model, tokens, tokens.clone(), 6, units, copy_from=0, use_kv_cache=cache)
+        assert torch.equal(out.tokens, plain) and torch.equal(out.guide_tokens, plain)
+        logits = model(plain[:, :-6])[:, -1] if not cache else None
+        if logits is not None:
+            assert torch.equal(out.first_logits, logits)  # bit-exact, no tolerance
+    assert snapshot(model) == before
+
+
+def test_copying_the_full_residual_reproduces_the_guiding_run(toy):
+    model, _, _, harmful, harmless, _ = toy
+    gen = torch.Generator().manual_seed(9)
+    guide = torch.randint(0, 50, (2, 8), generator=gen)
+    tokens = torch.randint(0, 50, (2, 8), generator=gen)
+    units = [UnitSet(Site(1, "resid_pre"), tuple(range(model.cfg.d_model)))]
+    own = generate(model, guide, 6)
+    assert not torch.equal(generate(model, tokens, 6)[:, 8:], own[:, 8:]), "the runs should differ unguided"
+    for cache in (True, False):
+        out = guided_generate(model, tokens, guide, 6, units, copy_from=0, use_kv_cache=cache)
+        assert torch.equal(out.tokens[:, 8:], own[:, 8:]) and torch.equal(out.guide_tokens, own)
+
+
+def test_guided_generation_cached_equals_uncached_with_unequal_lengths(toy):
+    model, site, sae, *_ = toy
+    gen = torch.Generator().manual_seed(11)
+    tokens, guide = torch.randint(0, 50, (2, 10), generator=gen), torch.randint(0, 50, (2, 7), generator=gen)
+    units = [UnitSet(Site(2, "mlp_post"), tuple(range(0, 32, 2))), UnitSet(site, tuple(range(0, 40, 3)), sae)]
+    a = guided_generate(model, tokens, guide, 5, units, copy_from=3)
+    b = guided_generate(model, tokens, guide, 5, units, copy_from=3, use_kv_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.first_logits, b.first_logits, atol=1e-4)
+    assert not torch.equal(a.tokens, generate(model, tokens, 5)), "copying 16 neurons and 14 latents should matter"
+    with pytest.raises(PatchingError, match="out of range"):
+        guided_generate(model, tokens, guide, 5, [UnitSet(Site(2, "mlp_post"), (32,))], copy_from=3)
+
+
+def test_hooks_restored_after_a_fault_mid_guided_generation(toy, monkeypatch):
+    model, site, sae, harmful, harmless, _ = toy
     before = snapshot(model)
     calls = {"n": 0}
     real_encode = sae.encode
 
     def failing_encode(x):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 4:
             raise RuntimeError("encode failed mid-generation")
         return real_encode(x)
 
     monkeypatch.setattr(sae, "encode", failing_encode)
     with pytest.raises(RuntimeError, match="mid-generation"):
-        greedy_generate(model, [harmful], 4, clamp=(site, sae, [1, 2], torch.tensor([0.5, 0.5]), 2))
+        guided_generate(model, harmless, harmful, 5, [UnitSet(site, (1, 2), sae)], copy_from=2)
+    assert calls["n"] == 4 and snapshot(model) == before
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_pairs=-1), "max_pairs"), (dict(max_pairs=0), "max_pairs"),
+    (dict(span_threshold=0.0), "span_threshold"), (dict(percents=(0.0, 5.0)), "percents"),
+    (dict(dynamic_ns=(-1,)), "dynamic_ns"), (dict(direction_layers=(99,)), "n_layers"), (dict(counts=(1,)), "counts"),
+])
+def test_safety_settings_refused_before_any_forward(toy, overrides, match):
+    model, site, sae, *_ = toy
+    counter = CountingHook(model)
+    try:
+        with pytest.raises(PatchingError, match=match):
+            find_safety_latents(model, sae, **overrides)
+    finally:
+        counter.remove()
+    assert counter.count == 0
+
+
+def test_unit_sets_refuse_bad_indices(toy):
+    _, site, sae, *_ = toy
+    with pytest.raises(PatchingError):
+        UnitSet(site, (40,), sae)
+    with pytest.raises(PatchingError):
+        UnitSet(site, ())
+    assert SafetyConfig().span_threshold == 1.0
+
+
+@pytest.mark.default_model
+def test_find_safety_latents_end_to_end_on_the_truncated_default_model(default_model_4l, tmp_path):
+    model = default_model_4l
+    sae = make_sae(model.cfg.d_model, 256, hook_name=Site(2).hook_name, model_name=model.cfg.model_name, seed=1)
+    suite = SafetySuite(pairs=SafetySuite().pairs[:3], jailbreak_templates=SafetySuite().jailbreak_templates[:1],
+                        controls=SafetySuite().controls[:2])
+    before = snapshot(model)
+    report = find_safety_latents(model, sae, suite, percents=(1.0, 100.0), span_threshold=1e-3, max_pairs=1,
+                                 direction_layers=(1,), dynamic_ns=(5,), max_new_tokens=2, progress=False)
     assert snapshot(model) == before
-    monkeypatch.undo()
-    with pytest.raises(SpliceError, match="latent index 99"):
-        greedy_generate(model, [harmful], 2, clamp=(site, sae, [99], torch.tensor([0.5]), 2))
-    assert snapshot(model) == before
-
-
-def test_clamped_generation_sets_the_latents_from_the_query_on(toy):
-    model, site, sae, harmful, _, _ = toy
-    from patching import splice
-
-    tokens = harmful
-    with torch.inference_mode(), splice(model, sae, cache=True) as state:
-        model(tokens)
-    z = state.records[site].latents[0]
-    silent = [int(i) for i in torch.nonzero((z == 0).all(0)).flatten()[:3]]
-    loud = int(z[2:].sum(0).argmax())
-    assert silent, "the toy SAE should have latents that never fire on this prompt"
-    # One new token: the clamp then acts on the prompt only, where the silent latents are zero.
-    plain = greedy_generate(model, [tokens], 1)
-    assert greedy_generate(model, [tokens], 1, clamp=(site, sae, silent, torch.zeros(len(silent)), 2)) == plain
-    # Clamping a strongly active latent to a huge value from position 2 on changes the answer.
-    assert greedy_generate(model, [tokens], 1, clamp=(site, sae, [loud], torch.tensor([500.0]), 2)) != plain
+    assert len(report.spans) == 3 and len(report.pairs_used) <= 1
+    kinds = [c.kind for c in report.curves]
+    if report.pairs_used:
+        assert kinds == ["latents@blocks.2.hook_resid_pre", "mlp_post@layer 2", "mlp_post@all layers",
+                         "resid_pre@layer 2", "direction@layer 2"]
+        # Every residual dimension at every query position restores the whole span.
+        assert report.curves[3].fraction[0, -1].item() == pytest.approx(1.0, abs=1e-3)
+        assert [row["n"] for row in report.dynamic["rows"]] == [0, 5]
+    assert report.direction is not None and report.direction.layers == [1, 2]
+    assert "pairs have a refusal-score span" in report.paragraph()
+    report.save(tmp_path / "safety", sae_sha256="0" * 64)
+    assert (tmp_path / "safety" / "curves.png").exists() and (tmp_path / "safety" / "report.json").exists()

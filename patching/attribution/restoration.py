@@ -123,39 +123,60 @@ def joint_latent_unit(units: list[PatchUnit], site: Site) -> PatchUnit:
     return PatchUnit(tuple(UnitPart(site, "latent", (p,), tuple(sorted(latents))) for p, latents in sorted(by_position.items())))
 
 
-def raw_restoration(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any,
+def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corrupted: Tensor, metric: Any,
                     counts: Sequence[int], start: int) -> RawRestoration:
     """The same curve for raw units at `site` (residual dimensions, or neurons at `mlp_pre` /
-    `mlp_post`), ranked by AtP on the raw activation."""
-    scores = raw_attribution(model, site, clean, corrupted, metric)[start:]
+    `mlp_post`), ranked by AtP on the raw activation. Several sites (e.g. `mlp_post` of every
+    layer) are ranked together: the top n may mix sites."""
+    sites = [site] if isinstance(site, Site) else list(site)
+    by_site = raw_attribution_sites(model, sites, clean, corrupted, metric)
+    scores = torch.cat([by_site[s][start:] for s in sites], dim=1)  # (pos, sum of widths)
+    bounds = torch.tensor([0] + [by_site[s].shape[1] for s in sites]).cumsum(0)
     order = torch.argsort(scores.flatten(), descending=True, stable=True)
     width = scores.shape[1]
     units = []
     for n in counts:
-        by_position: dict[int, list[int]] = {}
-        for flat in order[:n].tolist():
-            by_position.setdefault(start + flat // width, []).append(flat % width)
-        units.append(PatchUnit(tuple(UnitPart(site, "raw", (p,), tuple(sorted(d))) for p, d in sorted(by_position.items()))))
+        flat = order[:n]
+        column = flat % width
+        which = torch.searchsorted(bounds, column, right=True) - 1  # the site of each chosen element
+        key = which * scores.shape[0] + flat // width  # (site, position), sortable
+        ranked = torch.argsort(key, stable=True)
+        keys, sizes = torch.unique_consecutive(key[ranked], return_counts=True)
+        parts = []
+        for k, group in zip(keys.tolist(), torch.split(ranked, sizes.tolist())):
+            i, p = divmod(k, scores.shape[0])
+            dims = (column[group] - bounds[i]).sort().values
+            parts.append(UnitPart(sites[i], "raw", (start + p,), tuple(dims.tolist())))
+        units.append(PatchUnit(tuple(parts)))
     exact = patch_residual(model, clean, corrupted, metric, units=units, progress=False)
     return RawRestoration(exact.effect[0], scores.numel())
 
 
 def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any) -> Tensor:
     """AtP on a raw activation: (x_clean − x_corrupted) · dM/dx at the corrupted run, (pos, width)."""
+    return raw_attribution_sites(model, [site], clean, corrupted, metric)[site]
+
+
+def raw_attribution_sites(model: Any, sites: Sequence[Site], clean: Tensor, corrupted: Tensor,
+                          metric: Any) -> dict[Site, Tensor]:
+    """`raw_attribution` at several sites from one clean forward and one corrupted backward."""
     metric = as_metric(metric)
     if metric.readout is None:
         raise PatchingError("raw attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")
+    names = [site.hook_name for site in sites]
     with torch.inference_mode():
-        _, acts = tl_compat.run_until_end_with_cache(model, clean, [site.hook_name])
-    x_clean = acts[site.hook_name][0].clone()
-    probe: dict[str, Tensor] = {}
+        _, acts = tl_compat.run_until_end_with_cache(model, clean, names)
+    probes: dict[Site, dict[str, Tensor]] = {site: {} for site in sites}
 
-    def add_probe(x: Tensor) -> Tensor:
-        probe["node"] = torch.zeros_like(x, requires_grad=True)
-        probe["x"] = x.detach()
-        return x + probe["node"]
+    def add_probe(probe: dict[str, Tensor]) -> Any:
+        def fn(x: Tensor) -> Tensor:
+            probe["node"] = torch.zeros_like(x, requires_grad=True)
+            probe["x"] = x.detach()
+            return x + probe["node"]
+        return fn
 
-    with tl_compat.hooks(model, [(site.hook_name, add_probe)]), frozen_parameters(model), torch.enable_grad():
+    with tl_compat.hooks(model, [(site.hook_name, add_probe(probes[site])) for site in sites]), \
+            frozen_parameters(model), torch.enable_grad():
         logits = tl_compat.forward_logits(model, corrupted)
         metric(logits[:, metric.readout], torch.tensor([0])).sum().backward()
-    return (x_clean - probe["x"][0]) * probe["node"].grad[0]
+    return {site: (acts[site.hook_name][0] - probes[site]["x"][0]) * probes[site]["node"].grad[0] for site in sites}

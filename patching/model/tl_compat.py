@@ -406,3 +406,56 @@ def mlp_pre_affine(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor
 def mlp_out_weight(model: HookedTransformer, layer: int) -> Tensor:
     """`W_out` of block `layer`, `(d_mlp, d_model)`: row n is what neuron n writes to the residual stream."""
     return model.blocks[layer].mlp.W_out.detach()
+
+
+def new_kv_cache(model: HookedTransformer, rows: int, prefix: Any = None) -> Any:
+    """An empty, growing key-value cache for `rows` rows; with `prefix` (a frozen batch-1 cache
+    from `prefix_cache`), a growing copy of it broadcast to `rows` rows."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    if prefix is None:
+        return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=rows)
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1).clone(),
+                                                 e.past_values.expand(rows, -1, -1, -1).clone(), frozen=False)
+               for e in prefix.entries]
+    return TransformerLensKeyValueCache(entries, prefix.previous_attention_mask.expand(rows, -1).clone(), frozen=False)
+
+
+def cache_length(cache: Any) -> int:
+    """Positions a key-value cache holds."""
+    return int(cache.previous_attention_mask.shape[1])
+
+
+def forward_step(model: HookedTransformer, tokens: Tensor, attention_mask: Tensor, cache: Any = None) -> Tensor:
+    """Logits of `tokens` (the positions after what `cache` holds, or a whole sequence without a
+    cache); `attention_mask` covers exactly `tokens` (0 marks left padding)."""
+    return model(tokens, return_type="logits", attention_mask=attention_mask, past_kv_cache=cache)
+
+
+def sample_logits(logits: Tensor, *, temperature: float, top_p: float | None) -> Tensor:
+    """TransformerLens's sampler (temperature, nucleus) on last-position logits, `(batch,)`."""
+    from transformer_lens.utilities import sample_logits as sample
+
+    return sample(logits, top_p=top_p, temperature=temperature)
+
+
+def left_padded_tokens(model: HookedTransformer, prompts: str | list[str] | Tensor) -> tuple[Tensor, Tensor | None]:
+    """Token ids for generation and the mask of real tokens (None: no padding).
+
+    A string is tokenized with BOS; a list of strings is left-padded, so that every row's last
+    position is real, as TransformerLens's `generate` does; a tensor is used as given."""
+    if isinstance(prompts, Tensor):
+        return prompts, None
+    if isinstance(prompts, str) or len(prompts) == 1:
+        return model.to_tokens(prompts, prepend_bos=True), None
+    from transformer_lens.utilities import get_attention_mask
+
+    tokens = model.to_tokens(prompts, prepend_bos=True, padding_side="left")
+    side = model.tokenizer.padding_side
+    model.tokenizer.padding_side = "left"  # get_attention_mask scans for pads on the tokenizer's side
+    try:
+        mask = get_attention_mask(model.tokenizer, tokens, True)
+    finally:
+        model.tokenizer.padding_side = side
+    return tokens, mask

@@ -1,9 +1,15 @@
 """The safety room: the paired harmful/harmless suite in chat format, refusal scores and rates,
-and the search for the units behind refusal.
+the units behind refusal (SAE latents, MLP neurons, residual dimensions, the refusal direction)
+on the same curves, and dynamic activation patching.
 
 A leaf: imports the rooms below it, never `steering` or `inspect`."""
 
+from patching.safety.curves import UnitCurve
+from patching.safety.dynamic import GuidedGeneration, UnitSet, guided_generate
 from patching.safety.prompts import PAIRS, SafetySuite, is_refusal
-from patching.safety.search import RefusalScore, SafetyReport, find_safety_latents, refusal_rate
+from patching.safety.report import SafetyReport
+from patching.safety.score import RefusalScore, refusal_rate
+from patching.safety.search import SafetyConfig, find_safety_latents
 
-__all__ = ["PAIRS", "RefusalScore", "SafetyReport", "SafetySuite", "find_safety_latents", "is_refusal", "refusal_rate"]
+__all__ = ["GuidedGeneration", "PAIRS", "RefusalScore", "SafetyConfig", "SafetyReport", "SafetySuite", "UnitCurve",
+           "UnitSet", "find_safety_latents", "guided_generate", "is_refusal", "refusal_rate"]

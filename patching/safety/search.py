@@ -1,242 +1,171 @@
-"""Safety latents: the few SAE latents behind a refusal, and how few of them restore it.
+"""The search for the units behind refusal, end to end (`find_safety_latents`).
 
-For pairs where the model refuses a harmful request and complies with its harmless twin, latents
-are ranked by attribution (AtP, denoising harmful → harmless with the refusal score) and the top
-n are patched jointly and exactly from the refusing run into the complying one. The restoration
-curve is that fraction of the refusal score against n (as a count and as a percent of active
-latents), beside the same curve for raw residual dimensions at the same site — the comparison
-behind "about 5% of safety neurons restore about 90% of safety performance" (Chen et al. 2024,
-"Finding Safety Neurons in Large Language Models"). Dynamic patching holds the chosen latents at
-their mean refusal-context value while generating greedily from complying prompts.
+1. Refusal rates (greedy, KV-cached) on the suite's harmful, harmless, jailbreak and control
+   prompts, and each pair's span: refusal score(harmful) − refusal score(harmless).
+2. On the pairs whose span clears `span_threshold`, restoration curves for every unit kind
+   (`patching.safety.units`), against the percent of active units.
+3. The refusal direction at each layer: ablation on harmful prompts, addition on harmless ones,
+   the SAE latents aligned with it and steering with them (`patching.safety.direction`).
+4. Dynamic activation patching of the top-n MLP neurons (or latents) from a guiding run on the
+   plain request into generation on its jailbreak-wrapped version, and on wrapped controls
+   (`patching.safety.dynamic`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
-import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
-from patching.splice.edits import LatentEdit
-from patching.splice.splicer import resolve_saes, splice
-from patching.sweep.results import library_version
-from sae.files import atomic_folder
-from sae.metrics import median
+from patching.safety.curves import DEFAULT_PERCENTS, pairs_clearing
+from patching.safety.direction import aligned_latents, direction_effects
+from patching.safety.dynamic import dynamic_table
+from patching.safety.prompts import SafetySuite
+from patching.safety.report import SafetyReport
+from patching.safety.score import RefusalScore, greedy_texts, query_start, refusal_rate, refusal_scores, tokenize_chat
+from patching.safety.units import collect_curves, pair_curves
+from patching.splice.generate import SharedPrefix
+from patching.splice.splicer import resolve_saes
 
-DEFAULT_COUNTS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+DynamicKind = Literal["mlp_post", "latents"]
 
 
 @dataclass(frozen=True)
-class RefusalScore:
-    """logsumexp of refusal-start logits minus logsumexp of compliance-start logits at `position`."""
+class SafetyConfig:
+    """What `find_safety_latents` measures and how much of it."""
 
-    refusal: tuple[int, ...]
-    """Token ids that start a refusal (e.g. "I" of "I'm sorry")."""
-    compliance: tuple[int, ...]
-    """Token ids that start compliance (e.g. "Sure")."""
-    position: int = -1
-    """Position read: the first assistant position by default (the prompt's last token)."""
+    percents: tuple[float, ...] = DEFAULT_PERCENTS
+    """Percent of active units at which each restoration curve is measured."""
+    span_threshold: float = 1.0
+    """A pair enters the curves only if refusal score(harmful) − score(harmless) is at least this (nats)."""
+    max_pairs: int | None = None
+    """At most this many pairs (those with the widest spans first); None: every pair that clears."""
+    max_new_tokens: int = 8
+    """Greedy tokens generated to judge a refusal."""
+    layer: int | None = None
+    """Layer of the one-layer MLP, residual and direction curves; None: the first SAE's layer."""
+    direction_layers: tuple[int, ...] | None = None
+    """Layers whose refusal direction is ablated/added; None: every layer."""
+    aligned_ks: tuple[int, ...] = (1, 8)
+    """Top-k aligned latents steered with (Top-1 and Top-K)."""
+    dynamic_ns: tuple[int, ...] = (10, 100, 1000)
+    """Numbers of units copied in dynamic patching (0, no copy, is always measured)."""
+    dynamic_kind: DynamicKind = "mlp_post"
+    """Units copied: MLP neurons of every layer (Chen et al.), or the first SAE's latents."""
+    jailbreak_templates: int | None = 1
+    """Jailbreak wrappers used in dynamic patching (the first n of the suite's); None: all."""
+    overshoot_margin: float = 0.1
+    """Restored fractions above 1 + this are flagged as overshoot."""
 
-    @property
-    def readout(self) -> int:
-        return self.position
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, ok: bool, want: str) -> None:
+            if not ok:
+                raise PatchingError(f"SafetyConfig.{name} must be {want}, got {value!r}")
 
-    @classmethod
-    def for_model(cls, model: Any) -> "RefusalScore":
-        return cls((model.to_single_token(REFUSAL_START),), (model.to_single_token(COMPLIANCE_START),))
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
 
-    def token_ids(self) -> list[Tensor]:
-        return [torch.tensor(self.refusal), torch.tensor(self.compliance)]
-
-    def __call__(self, logits: Float[Tensor, "rows vocab"], pair: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:
-        logits = logits.float()
-        return logits[:, list(self.refusal)].logsumexp(-1) - logits[:, list(self.compliance)].logsumexp(-1)
-
-
-def tokenize_chat(model: Any, suite: SafetySuite, requests: Sequence[str]) -> list[Tensor]:
-    """Chat-formatted prompts as (1, pos) token rows; the template supplies the BOS itself."""
-    return [tl_compat.to_tokens(model, suite.format(model.tokenizer, request), prepend_bos=False) for request in requests]
-
-
-@torch.inference_mode()
-def greedy_generate(model: Any, prompts: Sequence[Tensor], max_new_tokens: int, *, clamp: Any = None) -> list[str]:
-    """Greedy continuations, decoded. Prompts of equal length run as one batch (KV cache when
-    nothing is clamped).
-
-    `clamp`, if given, is `(site, sae, latents, values, query_start)`: those latents are set to
-    `values` at every position from `query_start` (the first token after the shared chat context)
-    on, prompt and generated tokens alike; each step re-runs the whole sequence without a KV cache
-    so that positions stay absolute.
-    """
-    out: list[str] = [""] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for i, tokens in enumerate(prompts):
-        by_length.setdefault(tokens.shape[1], []).append(i)
-    for length, indices in by_length.items():
-        tokens = torch.cat([prompts[i] for i in indices])
-        if clamp is None:
-            tokens = tl_compat.generate(model, tokens, max_new_tokens=max_new_tokens)
-        for _ in range(max_new_tokens if clamp is not None else 0):
-            logits = _forward_clamped(model, tokens, clamp)
-            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        for row, i in enumerate(indices):
-            out[i] = tl_compat.to_string(model, tokens[row, length:])
-    return out
+        bad("percents", self.percents, bool(self.percents) and all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100 for p in self.percents),
+            "non-empty numbers in (0, 100]")
+        bad("span_threshold", self.span_threshold, isinstance(self.span_threshold, (int, float))
+            and not isinstance(self.span_threshold, bool) and self.span_threshold > 0, "a positive number")
+        bad("max_pairs", self.max_pairs, self.max_pairs is None or (is_int(self.max_pairs) and self.max_pairs >= 1),
+            "None or a positive int")
+        bad("max_new_tokens", self.max_new_tokens, is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            "a positive int")
+        bad("layer", self.layer, self.layer is None or (is_int(self.layer) and self.layer >= 0), "None or an int >= 0")
+        for name in ("direction_layers", "aligned_ks", "dynamic_ns"):
+            value = getattr(self, name)
+            bad(name, value, value is None and name == "direction_layers" or (
+                bool(value) and all(is_int(v) and v >= (0 if name == "direction_layers" else 1) for v in value)),
+                "non-empty non-negative ints" if name == "direction_layers" else "non-empty positive ints")
+        bad("dynamic_kind", self.dynamic_kind, self.dynamic_kind in ("mlp_post", "latents"), "'mlp_post' or 'latents'")
+        bad("jailbreak_templates", self.jailbreak_templates, self.jailbreak_templates is None or (
+            is_int(self.jailbreak_templates) and self.jailbreak_templates >= 1), "None or a positive int")
 
 
-def _forward_clamped(model: Any, tokens: Tensor, clamp: Any) -> Tensor:
-    if clamp is None:
-        return tl_compat.forward_logits(model, tokens)
-    site, sae, latents, values, query_start = clamp
-    edit = LatentEdit(site, latents, values, mode="set", positions=tuple(range(query_start, tokens.shape[1])))
-    with splice(model, {site: sae}, edits=[edit]):
-        return tl_compat.forward_logits(model, tokens)
-
-
-def refusal_rate(generations: Sequence[str]) -> float:
-    return sum(map(is_refusal, generations)) / max(1, len(generations))
-
-
-@dataclass
-class SafetyReport:
-    """What `find_safety_latents` measured."""
-
-    site: str
-    """Hook name of the SAE."""
-    refusal_rates: dict[str, float]
-    """Greedy-decoding refusal rate on harmful, harmless, jailbreak and control prompts."""
-    pairs_used: list[tuple[str, str]]
-    """Pairs where the harmful request was refused and its twin answered."""
-    latents: RestorationCurve | None = None
-    """Restoration by SAE latents."""
-    raw: RestorationCurve | None = None
-    """Restoration by residual dimensions at the same site."""
-    full_patch_fraction: list[float] = field(default_factory=list)
-    """Per pair, patching every differing latent plus the error node (bookkeeping: 1.0)."""
-    top_latents: list[int] = field(default_factory=list)
-    """Latents chosen for dynamic patching, by total attribution over pairs."""
-    dynamic: dict[str, float] = field(default_factory=dict)
-    """Refusal rate on the pairs' harmless prompts without and with the latents clamped."""
-    generations: dict[str, list[str]] = field(default_factory=dict)
-    """Greedy generations behind the refusal rates."""
-
-    def save(self, path: str | Path, *, model_name: str, sae_sha256: str, suite: SafetySuite) -> Path:
-        """report.json (figures, generations, provenance), prompts.json and curves.png, atomically."""
-        from patching.attribution.plots import plot_restoration
-
-        folder = Path(path)
-        provenance = {"model": model_name, "sae_sha256": sae_sha256, "library_version": library_version(),
-                      "metric": f"RefusalScore({REFUSAL_START!r} vs {COMPLIANCE_START!r}) at the first assistant position"}
-        report = {"summary": self.summary(), "pairs_used": self.pairs_used, "generations": self.generations,
-                  "latent_fractions": None if self.latents is None else self.latents.fraction.tolist(),
-                  "raw_fractions": None if self.raw is None else self.raw.fraction.tolist(), "provenance": provenance}
-        with atomic_folder(folder, owned=("report.json", "prompts.json", "curves.png")) as tmp:
-            (tmp / "report.json").write_bytes(json.dumps(report, indent=1).encode())
-            (tmp / "prompts.json").write_bytes(json.dumps(dataclasses.asdict(suite), indent=1).encode())
-            if self.latents is not None and self.raw is not None:
-                plot_restoration(self.latents, self.raw, tmp / "curves.png",
-                                 title=f"refusal restoration at {self.site}")
-        return folder
-
-    def summary(self) -> dict[str, Any]:
-        return {"site": self.site, "refusal_rates": self.refusal_rates, "n_pairs": len(self.pairs_used),
-                "latents": _curve_summary(self.latents), "raw": _curve_summary(self.raw),
-                "full_patch_fraction": self.full_patch_fraction, "top_latents": self.top_latents,
-                "dynamic": self.dynamic}
-
-
-def _curve_summary(curve: RestorationCurve | None) -> dict[str, Any] | None:
-    if curve is None:
-        return None
-    out: dict[str, Any] = {"counts": curve.counts, "median_fraction": curve.median()}
-    for threshold in (0.5, 0.9):
-        reached = [x for x in curve.needed(threshold) if x is not None]
-        out[f"median_percent_for_{int(threshold * 100)}"] = float(median(reached)) if reached else None
-        out[f"pairs_reaching_{int(threshold * 100)}"] = len(reached)
-    return out
-
-def query_start(model: Any, suite: SafetySuite) -> int:
-    """First position where two chat-formatted requests differ: where the shared context ends."""
-    a, b = tokenize_chat(model, suite, ["Hello there.", "Goodbye now!"])
-    n = min(a.shape[1], b.shape[1])
-    differ = torch.nonzero(a[0, :n] != b[0, :n]).flatten()
-    return int(differ[0]) if differ.numel() else n
-
-
-def find_safety_latents(model: Any, sae: Any, suite: SafetySuite | None = None, *,
-                        counts: Sequence[int] = DEFAULT_COUNTS, max_pairs: int | None = None,
-                        max_new_tokens: int = 8, n_dynamic: int = 20, progress: bool = True) -> SafetyReport:
-    """Refusal rates, restoration curves (latents vs residual dimensions) and dynamic patching on
-    `suite` (the full default suite when None)."""
+def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None, config: SafetyConfig | None = None,
+                        *, progress: bool = True, **overrides: Any) -> SafetyReport:
+    """Refusal rates, restoration curves for every unit kind, the refusal direction and dynamic
+    patching on `suite` (the full default suite when None). `overrides` replace `config` fields
+    (`find_safety_latents(model, sae, max_pairs=8)`); everything is validated before any forward."""
+    unknown = set(overrides) - {f.name for f in fields(SafetyConfig)}
+    if unknown:
+        raise PatchingError(f"unknown settings {sorted(unknown)}; SafetyConfig has {[f.name for f in fields(SafetyConfig)]}")
+    base = config or SafetyConfig()
+    config = SafetyConfig(**{**{f.name: getattr(base, f.name) for f in fields(SafetyConfig)}, **overrides})
     suite = SafetySuite() if suite is None else suite
-    (site, sae), = resolve_saes(model, sae).items()
-    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in counts):
-        raise PatchingError(f"counts must be positive ints, got {counts!r}")
-    if model.tokenizer is None:
+    resolved = resolve_saes(model, saes)
+    layer = next(iter(resolved)).layer if config.layer is None else config.layer
+    n_layers = tl_compat.n_layers(model)
+    if layer >= n_layers or any(v >= n_layers for v in config.direction_layers or ()):
+        raise PatchingError(f"layers must be below n_layers={n_layers}, got layer={layer}, "
+                            f"direction_layers={config.direction_layers}")
+    if not tl_compat.has_tokenizer(model):
         raise PatchingError("safety experiments need a model with a tokenizer and a chat template")
+    harmful, harmless = _pair_tokens(model, suite)
+    clock: dict[str, float] = {}
+    start_time = time.perf_counter()
+    metric = RefusalScore.for_model(model)
+    report = SafetyReport([s.hook_name for s in resolved], config, suite, tl_compat.model_name(model))
+    start = query_start(model, suite)
+    prefix = SharedPrefix.of(model, harmful[0][:, :start])  # the few-shot context, run once
+    _rates(model, suite, harmful, harmless, metric, config, report, prefix)
+    clock["rates"] = time.perf_counter() - start_time
+    layers = list(config.direction_layers) if config.direction_layers is not None else list(range(n_layers))
+    layers = sorted(set(layers) | {layer} | {s.layer for s in resolved})
+    report.direction, directions = direction_effects(model, harmful, harmless, metric, layers, config.max_new_tokens)
+    for site, sae in resolved.items():
+        d = directions[layers.index(site.layer)]
+        report.direction.aligned[site.hook_name] = aligned_latents(model, sae, site, d, harmless, metric,
+                                                                    config.aligned_ks, config.max_new_tokens)
+    clock["direction"] = time.perf_counter() - start_time - sum(clock.values())
+    _curves(model, resolved, harmful, harmless, metric, start, layer, directions[layers.index(layer)], config,
+            report, progress)
+    clock["curves"] = time.perf_counter() - start_time - sum(clock.values())
+    report.dynamic = dynamic_table(model, suite, resolved, [(harmful[i], harmless[i]) for i in report.pairs_used],
+                                   metric, start, config, prefix)
+    clock["dynamic"] = time.perf_counter() - start_time - sum(clock.values())
+    report.seconds = {k: round(v, 1) for k, v in clock.items()}
+    return report
+
+
+def _pair_tokens(model: Any, suite: SafetySuite) -> tuple[list[Tensor], list[Tensor]]:
     harmful = tokenize_chat(model, suite, [h for h, _ in suite.pairs])
     harmless = tokenize_chat(model, suite, [s for _, s in suite.pairs])
     for (h, s), a, b in zip(suite.pairs, harmful, harmless):
         if a.shape != b.shape:
             raise PatchingError(f"pair ({h!r}, {s!r}) formats to {a.shape[1]} vs {b.shape[1]} tokens; pairs must match")
-    report = _refusal_rates(model, suite, harmful, harmless, max_new_tokens)
-    used = [i for i, (g_h, g_s) in enumerate(zip(report.generations["harmful"], report.generations["harmless"]))
-            if is_refusal(g_h) and not is_refusal(g_s)][:max_pairs]
-    report.site, report.pairs_used = site.hook_name, [suite.pairs[i] for i in used]
-    if not used:
-        return report
-    metric = RefusalScore.for_model(model)
-    start = query_start(model, suite)
-    rows, raw_rows, actives, raw_actives, totals = [], [], [], [], torch.zeros(sae.d_sae)
-    for i in tqdm(used, desc="safety pairs", disable=not progress, leave=False):
-        curve, active, full, scores = latent_restoration(model, site, sae, harmful[i], harmless[i], metric, counts, start)
-        rows.append(curve), actives.append(active), report.full_patch_fraction.append(full)
-        totals += scores
-        raw_curve, raw_active = raw_restoration(model, site, harmful[i], harmless[i], metric, counts, start)
-        raw_rows.append(raw_curve), raw_actives.append(raw_active)
-    report.latents = RestorationCurve(list(counts), torch.stack(rows), actives)
-    report.raw = RestorationCurve(list(counts), torch.stack(raw_rows), raw_actives)
-    report.top_latents = torch.argsort(totals, descending=True)[:n_dynamic].tolist()
-    _dynamic(model, site, sae, report, [harmful[i] for i in used], [harmless[i] for i in used], start, max_new_tokens)
-    return report
+    return harmful, harmless
 
 
-def _refusal_rates(model: Any, suite: SafetySuite, harmful: list[Tensor], harmless: list[Tensor],
-                   max_new_tokens: int) -> SafetyReport:
-    generations = {
-        "harmful": greedy_generate(model, harmful, max_new_tokens),
-        "harmless": greedy_generate(model, harmless, max_new_tokens),
-        "jailbreak": greedy_generate(model, tokenize_chat(model, suite, suite.jailbreaks()), max_new_tokens),
-        "control": greedy_generate(model, tokenize_chat(model, suite, list(suite.controls)), max_new_tokens),
-    }
-    return SafetyReport(site="", refusal_rates={k: refusal_rate(v) for k, v in generations.items()}, pairs_used=[],
-                        generations=generations)
+def _rates(model: Any, suite: SafetySuite, harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
+           config: SafetyConfig, report: SafetyReport, prefix: SharedPrefix) -> None:
+    """Greedy refusal rates per prompt set; each pair's span; the pairs that clear the threshold."""
+    sets = {"harmful": harmful, "harmless": harmless,
+            "jailbreak": tokenize_chat(model, suite, suite.jailbreaks()),
+            "control": tokenize_chat(model, suite, list(suite.controls))}
+    report.generations = {name: greedy_texts(model, prompts, config.max_new_tokens, prefix=prefix)
+                          for name, prompts in sets.items()}
+    report.refusal_rates = {name: refusal_rate(texts) for name, texts in report.generations.items()}
+    spans = refusal_scores(model, harmful, metric, prefix=prefix) - refusal_scores(model, harmless, metric, prefix=prefix)
+    report.spans = spans.tolist()
+    kept = pairs_clearing(report.spans, config.span_threshold)
+    kept.sort(key=lambda i: -report.spans[i])
+    report.pairs_used = sorted(kept[: config.max_pairs])
 
 
-def _dynamic(model: Any, site: Site, sae: Any, report: SafetyReport, harmful: list[Tensor], harmless: list[Tensor],
-             start: int, max_new_tokens: int) -> None:
-    """Clamp the top latents to their mean over the refusing prompts' query positions; compare."""
-    latents = report.top_latents
-    with torch.inference_mode(), splice(model, {site: sae}, cache=True) as state:
-        means = []
-        for tokens in harmful:
-            tl_compat.forward_logits(model, tokens)
-            means.append(state.records[site].latents[0, start:, latents].mean(0))
-    values = torch.stack(means).mean(0)
-    plain = greedy_generate(model, harmless, max_new_tokens)
-    clamped = greedy_generate(model, harmless, max_new_tokens, clamp=(site, sae, latents, values, start))
-    report.dynamic = {"n_latents": len(latents), "refusal_rate_without": refusal_rate(plain),
-                      "refusal_rate_with": refusal_rate(clamped)}
-    report.generations.update({"dynamic_without": plain, "dynamic_with": clamped})
+def _curves(model: Any, saes: dict[Site, Any], harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
+            start: int, layer: int, direction: Tensor, config: SafetyConfig, report: SafetyReport,
+            progress: bool) -> None:
+    per_pair = [pair_curves(model, saes, harmful[i], harmless[i], metric, start, layer, config.percents, direction)
+                for i in tqdm(report.pairs_used, desc="safety pairs", disable=not progress, leave=False)]
+    report.curves = collect_curves(per_pair, report.pairs_used, config.percents, tl_compat.d_model(model))
+

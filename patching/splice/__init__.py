@@ -8,7 +8,13 @@ from patching.splice.collect import Corpus, iter_site_latents, iter_site_values,
 from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
 from patching.splice.evaluation import EvalConfig, SAEEvaluation, evaluate_sae
 from patching.splice.evaluation_files import save_evaluation
+from patching.splice.generate import Interventions, Sampling, Step, generate, intervening
 from patching.splice.quality import SpliceMetrics, splice_metrics
-from patching.splice.splicer import SiteRecord, Splice, resolve_saes, splice
+from patching.splice.splicer import SiteRecord, Splice, SpliceChecks, resolve_saes, splice
 
-__all__ = ["Corpus", "ErrorPatch", "EvalConfig", "LatentEdit", "LatentPatch", "SAEEvaluation", "SiteRecord", "Splice", "SpliceMetrics", "evaluate_sae", "iter_site_latents", "iter_site_values", "resolve_saes", "resolve_site", "save_evaluation", "splice", "splice_metrics"]
+__all__ = [
+    "Corpus", "ErrorPatch", "EvalConfig", "Interventions", "LatentEdit", "LatentPatch", "SAEEvaluation", "Sampling",
+    "SiteRecord", "Splice", "SpliceChecks", "SpliceMetrics", "Step", "evaluate_sae", "generate", "intervening",
+    "iter_site_latents", "iter_site_values", "resolve_saes", "resolve_site", "save_evaluation", "splice",
+    "splice_metrics",
+]

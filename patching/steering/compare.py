@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patching.model import tl_compat
+from patching.splice.generate import Sampling, generate
 from patching.model.tokens import padded_tokens
 from patching.splice.collect import resolve_site
 from patching.splice.quality import kl_divergence
@@ -239,8 +240,9 @@ def _generate(runner: Any, data: _Data, settings: CompareSettings) -> list[Tenso
             tokens = runner.generate(list(data.heldout_texts), max_new_tokens=settings.max_new_tokens, do_sample=True,
                                      temperature=settings.temperature)
         else:
-            tokens = tl_compat.generate(runner, list(data.heldout_texts), max_new_tokens=settings.max_new_tokens,
-                                        do_sample=True, temperature=settings.temperature)
+            prompts, mask = tl_compat.left_padded_tokens(runner, list(data.heldout_texts))
+            tokens = generate(runner, prompts, settings.max_new_tokens, attention_mask=mask,
+                              sampling=Sampling(do_sample=True, temperature=settings.temperature))
         generated.append(tokens.cpu())
     return generated
 

@@ -38,7 +38,8 @@ from patching.model.checks import check_finite_in, check_generation, check_laten
 from patching.model.sites import Site
 from patching.splice.collect import Corpus, iter_site_latents, resolve_site
 from patching.splice.edits import LatentEdit
-from patching.splice.splicer import Splice, SpliceChecks, splice
+from patching.splice.generate import Interventions, Sampling, Step, generate, intervening
+from patching.splice.splicer import SpliceChecks
 from patching.sweep.results import PatchResult
 from sae.protocol import SAELike
 
@@ -246,38 +247,40 @@ def _typical(choice: LatentChoice) -> tuple[float, ...]:
 
 
 class Steering:
-    """The live state of a `steer(...)` block; `generate` runs TransformerLens generation in it."""
+    """The live state of a `steer(...)` block; `generate` decodes in it (`patching.splice.generate`)."""
 
     def __init__(self, model: Any, site: Site, config: SteeringConfig, *, vector: Tensor | None,
-                 choice: LatentChoice | None) -> None:
+                 choice: LatentChoice | None, sae: SAELike | None = None) -> None:
         self.model = model
         self.site = site
         self.config = config
         self.vector = vector
         """`c * v` for `add` (on the model's device and dtype); None for `clamp`."""
         self.choice = choice
+        self.sae = sae
         self.prompt_length = config.prompt_length
-        self._splice: Splice | None = None
-        self._selected: list[int] = []  # call-relative positions steered in the current forward
 
-    def _before_block(self, n_positions: int, past: int) -> None:
-        """Turn the configured absolute positions into this forward's relative ones."""
-        if self.prompt_length is None and past == 0:
-            self.prompt_length = n_positions
+    def interventions(self, checks: SpliceChecks | None = None) -> Interventions:
+        """The steering as interventions: a hook adding `c * v` (`add`), or latent edits of the
+        spliced SAE (`clamp`), at the configured absolute positions of each forward pass."""
+        if self.config.method == "add":
+            return Interventions(hooks={self.site: self._add})
+        return Interventions(saes={self.site: self.sae}, latent_edits=self._clamp_edits,
+                             checks=checks)
+
+    def _selected(self, step: Step) -> list[int]:
+        """The configured absolute positions of this forward pass, relative to its first."""
+        if self.prompt_length is None and step.past == 0:
+            self.prompt_length = step.n_positions
         mode = self.config.positions
-        absolute = range(past, past + n_positions)
         if mode == "all":
-            selected = list(range(n_positions))
-        elif mode == "prompt":
-            selected = [p - past for p in absolute if p < self.prompt_length]
-        elif mode == "generated":
-            selected = [p - past for p in absolute if p >= self.prompt_length]
-        else:
-            wanted = set(mode)
-            selected = [p - past for p in absolute if p in wanted]
-        self._selected = selected
-        if self._splice is not None:
-            self._splice.set_edits([self._clamp_edit(selected)] if selected else [])
+            return list(range(step.n_positions))
+        if mode == "prompt":
+            return [p - step.past for p in step.positions if p < self.prompt_length]
+        if mode == "generated":
+            return [p - step.past for p in step.positions if p >= self.prompt_length]
+        wanted = set(mode)
+        return [p - step.past for p in step.positions if p in wanted]
 
     def clamp_values(self) -> Tensor:
         """What `clamp` sets each chosen latent to, `(k,)` in float64 (checked in the model's dtype by `steer`)."""
@@ -287,12 +290,15 @@ class Steering:
             return torch.tensor([c * a for a in _typical(self.choice)], dtype=torch.float64)
         return torch.full((len(self.choice.latents),), float(c), dtype=torch.float64)
 
-    def _clamp_edit(self, positions: list[int]) -> LatentEdit:
+    def _clamp_edits(self, step: Step) -> list[LatentEdit]:
+        selected = self._selected(step)
+        if not selected:
+            return []
         assert self.choice is not None
-        return LatentEdit(self.site, self.choice.latents, self.clamp_values().float(), mode="set", positions=positions)
+        return [LatentEdit(self.site, self.choice.latents, self.clamp_values().float(), mode="set", positions=selected)]
 
-    def _add(self, x: Tensor) -> Tensor:
-        selected = self._selected
+    def _add(self, x: Tensor, step: Step) -> Tensor:
+        selected = self._selected(step)
         if not selected:
             return x
         if len(selected) == x.shape[1]:
@@ -304,18 +310,24 @@ class Steering:
     def generate(self, prompts: str | list[str] | Tensor, *, max_new_tokens: int = 32, use_kv_cache: bool = True,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
                  seed: int | None = None) -> Tensor:
-        """Steered TransformerLens `generate`; returns prompt + continuation token ids.
+        """Steered generation; returns prompt + continuation token ids.
 
-        Texts are tokenized with BOS (a list is left-padded). The prompt length is reset for each
-        call unless the config fixes it.
+        Texts are tokenized with BOS (a list is left-padded, the padding masked). The prompt
+        length is reset for each call unless the config fixes it.
         """
         check_generation(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          error=SteeringError)
         self.prompt_length = self.config.prompt_length
-        if seed is not None:
-            torch.manual_seed(seed)
-        return tl_compat.generate(self.model, prompts, max_new_tokens=max_new_tokens, use_past_kv_cache=use_kv_cache,
-                                  do_sample=do_sample, temperature=temperature, top_p=top_p)
+        return _generate(self.model, prompts, max_new_tokens=max_new_tokens, use_kv_cache=use_kv_cache,
+                         sampling=Sampling(do_sample, temperature, top_p), seed=seed)
+
+
+def _generate(model: Any, prompts: str | list[str] | Tensor, *, max_new_tokens: int, use_kv_cache: bool,
+              sampling: Sampling, seed: int | None) -> Tensor:
+    tokens, mask = tl_compat.left_padded_tokens(model, prompts)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return generate(model, tokens, max_new_tokens, use_kv_cache=use_kv_cache, attention_mask=mask, sampling=sampling)
 
 
 @contextlib.contextmanager
@@ -342,16 +354,11 @@ def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = 
         state = Steering(model, site, config, vector=vector.to(tl_compat.model_device(model)),
                          choice=None if isinstance(resolved, Tensor) else resolved)
     else:
-        state = Steering(model, site, config, vector=None, choice=resolved)
+        state = Steering(model, site, config, vector=None, choice=resolved, sae=sae)
         # refuse now, not in the middle of a forward pass: the values set, in the model's dtype
         check_finite_in(state.clamp_values(), dtype, f"the clamp values (coefficient {config.coefficient})",
                         error=SteeringError)
-    with contextlib.ExitStack() as stack:
-        if config.method == "clamp":
-            state._splice = stack.enter_context(splice(model, {site: sae}, checks=checks))
-        stack.callback(tl_compat.attach_block_pre_hook(model, site.layer, state._before_block).remove)
-        if config.method == "add":
-            stack.enter_context(tl_compat.hooks(model, [(site.hook_name, state._add)]))
+    with intervening(model, state.interventions(checks)):
         yield state
 
 
@@ -387,10 +394,11 @@ def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[s
     """Generate from `prompts` without and with steering (same seed), for comparison."""
     check_generation(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, error=SteeringError)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    Sampling(do_sample, temperature, top_p)  # refuse bad sampling settings before steering attaches anything
     with steer(model, sae, target, config, site=site, checks=checks, **overrides) as state:
         steered = state.generate(prompts, use_kv_cache=use_kv_cache, seed=seed, **kwargs)
-    torch.manual_seed(seed)
-    unsteered = tl_compat.generate(model, prompts, use_past_kv_cache=use_kv_cache, **kwargs)
+    unsteered = _generate(model, prompts, max_new_tokens=max_new_tokens, use_kv_cache=use_kv_cache,
+                          sampling=Sampling(do_sample, temperature, top_p), seed=seed)
     start = steered.shape[1] - max_new_tokens
     texts = [_decode(model, row[:start]) for row in steered]
     return SteeredGeneration(texts, [_decode(model, row[start:]) for row in steered],

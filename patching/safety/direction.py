@@ -1,0 +1,151 @@
+"""The refusal direction (Arditi et al. 2024, "Refusal in language models is mediated by a single
+direction"): the difference of mean residual streams between harmful and harmless prompts at the
+last prompt token, at each layer.
+
+- Ablation, on harmful prompts: the direction's component is projected out of the residual stream
+  entering every block and leaving the last, at every position (section 2.4, directional ablation).
+- Addition, on harmless prompts: the (unnormalised) direction is added to the residual stream
+  entering its own layer, at every position (section 2.4, activation addition).
+- Which SAE latents align with it (cosine of decoder rows), and whether adding the Top-1 / Top-K
+  aligned decoder directions, scaled to the direction's norm, at the SAE's site reproduces the
+  direction's addition there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from patching.model import tl_compat
+from patching.model.sites import Site
+from patching.safety.score import RefusalScore, greedy_texts, refusal_rate, refusal_scores
+from patching.splice.generate import Interventions, Step
+
+
+def refusal_directions(model: Any, harmful: Sequence[Tensor], harmless: Sequence[Tensor],
+                       layers: Sequence[int]) -> Tensor:
+    """`(len(layers), d_model)`: mean `resid_pre` at the last token over `harmful` minus over `harmless`."""
+    return last_token_means(model, harmful, layers) - last_token_means(model, harmless, layers)
+
+
+def last_token_means(model: Any, prompts: Sequence[Tensor], layers: Sequence[int]) -> Tensor:
+    """`(len(layers), d_model)`: mean over prompts of `resid_pre` at each prompt's last token (float64)."""
+    names = [Site(layer, "resid_pre").hook_name for layer in layers]
+    total = torch.zeros(len(layers), tl_compat.d_model(model), dtype=torch.float64)
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(prompts):
+        by_length.setdefault(row.shape[-1], []).append(i)
+    with torch.inference_mode():
+        for indices in by_length.values():
+            batch = torch.cat([prompts[i].reshape(1, -1) for i in indices])
+            acts = tl_compat.run_to_hooks(model, batch, names, max(layers))
+            total += torch.stack([acts[name][:, -1].double().sum(0).cpu() for name in names])
+    return total / len(prompts)
+
+
+def ablation(model: Any, direction: Tensor) -> Interventions:
+    """Project `direction` out of the residual stream entering every block and leaving the last."""
+    unit = direction / direction.norm()
+    n = tl_compat.n_layers(model)
+    sites = [Site(layer, "resid_pre") for layer in range(n)] + [Site(n - 1, "resid_post")]
+
+    def project(x: Tensor, step: Step) -> Tensor:
+        u = unit.to(x.dtype).to(x.device)
+        return x - (x @ u)[..., None] * u
+
+    return Interventions(hooks={site: project for site in sites})
+
+
+def addition(site: Site, vector: Tensor) -> Interventions:
+    """Add `vector` to the activation at `site` (e.g. the residual stream entering a layer), at every position."""
+
+    def add(x: Tensor, step: Step) -> Tensor:
+        return x + vector.to(x.dtype).to(x.device)
+
+    return Interventions(hooks={site: add})
+
+
+@dataclass
+class DirectionReport:
+    """What the refusal direction does, layer by layer, and what aligned SAE latents do."""
+
+    layers: list[int]
+    """Layers whose direction was tried."""
+    norms: list[float]
+    """The direction's norm at each layer."""
+    harmful_score: float
+    """Mean refusal score on harmful prompts, unchanged model."""
+    harmless_score: float
+    """Mean refusal score on harmless prompts, unchanged model."""
+    ablated_score: list[float]
+    """Per layer: mean refusal score on harmful prompts with that layer's direction ablated."""
+    added_score: list[float]
+    """Per layer: mean refusal score on harmless prompts with the direction added at its layer."""
+    best_layer: int | None = None
+    """The layer whose direction moves the two scores most (ablation drop + addition rise)."""
+    rates: dict[str, float] = field(default_factory=dict)
+    """Greedy refusal rates at the best layer: harmful, harmful ablated, harmless, harmless added."""
+    aligned: dict[str, Any] = field(default_factory=dict)
+    """SAE latents by decoder cosine with the direction at the SAE's layer, and steering with them."""
+
+    def summary(self) -> dict[str, Any]:
+        return {"layers": self.layers, "norms": self.norms, "harmful_score": self.harmful_score,
+                "harmless_score": self.harmless_score, "ablated_score": self.ablated_score,
+                "added_score": self.added_score, "best_layer": self.best_layer, "rates": self.rates,
+                "aligned": self.aligned}
+
+
+def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
+                      layers: Sequence[int], max_new_tokens: int) -> tuple[DirectionReport, Tensor]:
+    """Scores with each layer's direction ablated (harmful) and added (harmless); greedy refusal
+    rates at the best layer. Returns the report and the directions `(len(layers), d_model)`."""
+    directions = refusal_directions(model, harmful, harmless, layers).float()
+    base_h, base_s = refusal_scores(model, harmful, metric).mean(), refusal_scores(model, harmless, metric).mean()
+    ablated, added = [], []
+    for layer, d in zip(layers, directions):
+        ablated.append(float(refusal_scores(model, harmful, metric, lambda _, d=d: ablation(model, d)).mean()))
+        added.append(float(refusal_scores(model, harmless, metric, lambda _, d=d, layer=layer: addition(Site(layer, "resid_pre"), d)).mean()))
+    report = DirectionReport(list(layers), directions.norm(dim=1).tolist(), float(base_h), float(base_s), ablated, added)
+    gains = [(float(base_h) - a) + (b - float(base_s)) for a, b in zip(ablated, added)]
+    best = max(range(len(layers)), key=gains.__getitem__)
+    report.best_layer = layers[best]
+    d = directions[best]
+    report.rates = {
+        "harmful": refusal_rate(greedy_texts(model, harmful, max_new_tokens)),
+        "harmful_ablated": refusal_rate(greedy_texts(model, harmful, max_new_tokens, lambda _: ablation(model, d))),
+        "harmless": refusal_rate(greedy_texts(model, harmless, max_new_tokens)),
+        "harmless_added": refusal_rate(greedy_texts(model, harmless, max_new_tokens,
+                                                    lambda _: addition(Site(layers[best], "resid_pre"), d))),
+    }
+    return report, directions
+
+
+def aligned_latents(model: Any, sae: Any, site: Site, direction: Tensor, harmless: list[Tensor],
+                    metric: RefusalScore, ks: Sequence[int], max_new_tokens: int) -> dict[str, Any]:
+    """Latents whose decoder rows align with `direction` (the direction at the SAE's layer), and
+    the refusal score/rate on harmless prompts when adding the direction itself versus the Top-k
+    aligned decoder directions (unit rows summed, scaled to the direction's norm) at `site`."""
+    with torch.no_grad():
+        rows = sae.W_dec.detach().float().cpu()
+        cosine = (rows @ direction.float()) / (rows.norm(dim=1) * direction.norm()).clamp(min=1e-12)
+    order = torch.argsort(cosine, descending=True, stable=True)
+    out: dict[str, Any] = {"site": site.hook_name, "top_latents": order[:10].tolist(),
+                           "top_cosines": cosine[order[:10]].tolist()}
+
+    def effect(vector: Tensor) -> dict[str, float]:
+        def build(_: list[int]) -> Interventions:
+            return addition(site, vector)
+        return {"score": float(refusal_scores(model, harmless, metric, build).mean()),
+                "refusal_rate": refusal_rate(greedy_texts(model, harmless, max_new_tokens, build))}
+
+    out["direction"] = effect(direction)
+    for k in ks:
+        unit_rows = rows[order[:k]] / rows[order[:k]].norm(dim=1, keepdim=True)
+        vector = unit_rows.sum(0)
+        out[f"top_{k}"] = effect(vector / vector.norm() * direction.norm())
+    return out
+

@@ -1,0 +1,150 @@
+"""What `find_safety_latents` measured, its plot, and one paragraph computed from the numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patching.figures import pyplot
+from patching.safety.curves import UnitCurve
+from patching.safety.direction import DirectionReport
+from patching.sweep.results import library_version
+from sae.files import atomic_folder
+
+REPORT_FILES = ("report.json", "prompts.json", "curves.png")
+
+CLAIM = "about 5% of safety neurons restore about 90% of safety performance (Chen et al. 2024)"
+
+
+@dataclass
+class SafetyReport:
+    """Refusal rates, unit curves, the refusal direction and dynamic patching on one suite."""
+
+    sites: list[str]
+    """Hook names of the SAEs."""
+    config: Any
+    """The `SafetyConfig` used."""
+    suite: Any
+    """The `SafetySuite` used."""
+    model_name: str
+    """The model's name."""
+    refusal_rates: dict[str, float] = field(default_factory=dict)
+    """Greedy refusal rate on harmful, harmless, jailbreak and control prompts."""
+    spans: list[float] = field(default_factory=list)
+    """Per suite pair: refusal score(harmful) − refusal score(harmless)."""
+    pairs_used: list[int] = field(default_factory=list)
+    """Suite indices of the pairs whose span cleared the threshold (the curves' rows)."""
+    curves: list[UnitCurve] = field(default_factory=list)
+    """One restoration curve per unit kind."""
+    direction: DirectionReport | None = None
+    """The refusal direction's effects."""
+    dynamic: dict[str, Any] = field(default_factory=dict)
+    """Dynamic patching: refusal rate and score per n, jailbreak and control prompts."""
+    generations: dict[str, list[str]] = field(default_factory=dict)
+    """Greedy generations behind the refusal rates."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds per stage."""
+
+    def summary(self) -> dict[str, Any]:
+        return {"sites": self.sites, "refusal_rates": self.refusal_rates,
+                "span_threshold": self.config.span_threshold, "n_pairs": len(self.pairs_used),
+                "n_pairs_total": len(self.spans), "curves": [c.summary(self.config.overshoot_margin) for c in self.curves],
+                "direction": None if self.direction is None else self.direction.summary(),
+                "dynamic": self.dynamic, "seconds": self.seconds, "finding": self.paragraph()}
+
+    def paragraph(self) -> str:
+        """What was found, computed from the numbers (says "not reproduced" when it is not)."""
+        n, threshold = len(self.pairs_used), self.config.span_threshold
+        parts = [f"{n} of {len(self.spans)} pairs have a refusal-score span of at least {threshold:g} nats and enter the curves."]
+        for curve in self.curves:
+            s = curve.summary(self.config.overshoot_margin)
+            if not s["n_pairs"]:
+                continue
+            p90, r90 = s["median_percent_for_90"], s["pairs_reaching_90"]
+            p50, r50 = s["median_percent_for_50"], s["pairs_reaching_50"]
+            text = (f"{curve.kind}: 50% restored at a median {_pct(p50)} of active units ({r50}/{n} pairs), "
+                    f"90% at {_pct(p90)} ({r90}/{n} pairs)")
+            if s["overshoot_points"]:
+                text += f"; {s['overshoot_points']} points overshoot (max {s['max_fraction']:.2f})"
+            parts.append(text + ".")
+        neurons = next((c for c in self.curves if c.kind == "mlp_post@all layers"), None)
+        if neurons is not None and neurons.pairs:
+            s = neurons.summary()
+            holds = s["median_percent_for_90"] is not None and s["median_percent_for_90"] <= 5 and 2 * s["pairs_reaching_90"] > n
+            parts.append(f"The claim that {CLAIM} is {'reproduced' if holds else 'not reproduced'} here "
+                         f"for MLP neurons of every layer.")
+        parts += self._direction_sentence() + self._dynamic_sentence()
+        return " ".join(parts)
+
+    def _direction_sentence(self) -> list[str]:
+        d = self.direction
+        if d is None or d.best_layer is None:
+            return []
+        r = d.rates
+        i = d.layers.index(d.best_layer)
+        return [f"The refusal direction at layer {d.best_layer}: ablating it moves the harmful score "
+                f"{d.harmful_score:.2f} → {d.ablated_score[i]:.2f} (refusal rate {r['harmful']:.2f} → "
+                f"{r['harmful_ablated']:.2f}); adding it moves the harmless score {d.harmless_score:.2f} → "
+                f"{d.added_score[i]:.2f} (refusal rate {r['harmless']:.2f} → {r['harmless_added']:.2f})."]
+
+    def _dynamic_sentence(self) -> list[str]:
+        rows = self.dynamic.get("rows")
+        if not rows:
+            return []
+        base, best = rows[0], max(rows[1:], key=lambda r: r["jailbreak_refusal_rate"]) if len(rows) > 1 else rows[0]
+        return [f"Dynamic patching of the top {best['n']} {self.dynamic['kind']} units "
+                f"({best['percent_of_units']:.2g}%): jailbreak refusal rate {base['jailbreak_refusal_rate']:.2f} → "
+                f"{best['jailbreak_refusal_rate']:.2f}, controls {base['control_refusal_rate']:.2f} → "
+                f"{best['control_refusal_rate']:.2f}."]
+
+    def save(self, path: str | Path, *, sae_sha256: str) -> Path:
+        """report.json (figures, generations, provenance), prompts.json and curves.png, written
+        into a temporary folder and swapped in whole (`sae.atomic.atomic_folder`): a crash never
+        leaves a report beside another run's prompts."""
+        folder = Path(path)
+        report = {"summary": self.summary(), "spans": self.spans, "pairs_used": self.pairs_used,
+                  "fractions": {c.kind: c.fraction.tolist() for c in self.curves}, "generations": self.generations,
+                  "config": dataclasses.asdict(self.config),
+                  "provenance": {"model": self.model_name, "sae_sha256": sae_sha256, "library_version": library_version(),
+                                 "metric": "logsumexp refusal-start − compliance-start logits at the first assistant position"}}
+        with atomic_folder(folder, owned=REPORT_FILES) as tmp:
+            plot_curves(self.curves, tmp / "curves.png", title=f"refusal restoration ({self.model_name})")
+            (tmp / "prompts.json").write_bytes(json.dumps(dataclasses.asdict(self.suite), indent=1).encode())
+            (tmp / "report.json").write_bytes(json.dumps(report, indent=1).encode())
+        return folder
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}%"
+
+
+def plot_curves(curves: list[UnitCurve], path: Path, *, title: str) -> Path:
+    """Median restored fraction against percent of active units, one line per unit kind (the
+    direction, one unit per position, is a single point); thin lines per pair."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = ("tab:red", "tab:orange", "tab:blue", "tab:gray", "tab:green", "tab:purple")
+    for curve, color in zip(curves, colors * 2):
+        if not curve.pairs:
+            continue
+        for row in curve.fraction.tolist():
+            ax.plot(curve.percents, row, color=color, alpha=0.15, linewidth=0.7)
+        ax.plot(curve.percents, curve.median(), color=color, linewidth=2.2, marker="o", label=f"{curve.kind} (median)")
+    ax.axhline(0.9, color="black", linestyle=":", linewidth=0.8)
+    ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8)
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("units patched (% of active units)")
+    ax.set_ylabel("fraction of refusal score restored (unclipped)")
+    ax.set_title(title, fontsize=9)
+    if any(curve.pairs for curve in curves):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no pair cleared the span threshold", transform=ax.transAxes, ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
