@@ -153,36 +153,42 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
                    rows_per_chunk: int, progress: tqdm | None) -> tuple[Tensor, Tensor]:
     """Metric values of every unit for one pair, and a mask of which needed a forward pass.
 
-    Rows are grouped by (first layer, first patched position). Positions before the first
-    patched one are causally untouched, so a group reuses the base prompt's keys and values
-    there and runs only the suffix (when the metric reads one position).
+    Rows are grouped by first layer only, so that a trace (one unit per layer and position) runs
+    full batches. Within a group rows are sorted by their first patched position and chunked; a
+    chunk reuses the base prompt's keys and values before its earliest patched position (causally
+    untouched in every row of it) and runs only the suffix from there (when the metric reads one
+    position). Rows whose own first patch comes later recompute a few unpatched positions: that
+    costs less than running them as batches of one.
     """
     values = torch.empty(len(units))
     evaluated = torch.zeros(len(units), dtype=torch.bool)
     base_metric = metric(base.logits[None], torch.tensor([pair_index]))[0]
     readout = metric.readout
     last_read = None if readout is None else readout % pair.n_base
-    pending: dict[tuple[int, int], list[tuple[int, list]]] = {}
+    pending: dict[int, list[tuple[int, int, list]]] = {}
     for i, unit in enumerate(units):
         elements = element_patches(unit, pair, base, source, positions)
         first = min(int(e[2].min()) for e in elements) if elements else None
         if first is None or (last_read is not None and first > last_read):
             values[i] = base_metric  # nothing differs, or only after the position the metric reads
         else:
-            pending.setdefault((unit.start_layer, first if readout is not None else 0), []).append((i, elements))
+            pending.setdefault(unit.start_layer, []).append((first if readout is not None else 0, i, elements))
     if progress is not None:
         progress.update(len(units) - sum(len(items) for items in pending.values()))
     prefixes: dict[int, Any] = {}
-    for (start, first), items in sorted(pending.items()):
-        if first > 0 and first not in prefixes:
-            prefixes[first] = tl_compat.prefix_cache(model, pair.base[:, :first])
+    for start, items in sorted(pending.items()):
+        items.sort(key=lambda item: item[0])  # stable: equal first positions keep unit order
         for lo in range(0, len(items), rows_per_chunk):
             chunk = items[lo : lo + rows_per_chunk]
-            logits = _run_chunk(model, state, chunk, base, start, first, prefixes.get(first), readout)
-            values[[i for i, _ in chunk]] = metric(logits, torch.full((len(chunk),), pair_index)).cpu()
-            evaluated[[i for i, _ in chunk]] = True
+            first = chunk[0][0]
+            if first > 0 and first not in prefixes:
+                prefixes[first] = tl_compat.prefix_cache(model, pair.base[:, :first])
+            rows = [(i, elements) for _, i, elements in chunk]
+            logits = _run_chunk(model, state, rows, base, start, first, prefixes.get(first), readout)
+            values[[i for i, _ in rows]] = metric(logits, torch.full((len(rows),), pair_index)).cpu()
+            evaluated[[i for i, _ in rows]] = True
             if progress is not None:
-                progress.update(len(chunk))
+                progress.update(len(rows))
     return values, evaluated
 
 
