@@ -367,3 +367,30 @@ def mlp_pre_affine(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor
 def mlp_out_weight(model: HookedTransformer, layer: int) -> Tensor:
     """`W_out` of block `layer`, `(d_mlp, d_model)`: row n is what neuron n writes to the residual stream."""
     return model.blocks[layer].mlp.W_out.detach()
+
+
+def d_head(model: HookedTransformer) -> int:
+    return model.cfg.d_head
+
+
+def n_ctx(model: HookedTransformer) -> int:
+    return model.cfg.n_ctx
+
+
+def n_kv_heads(model: HookedTransformer) -> int:
+    """Heads of `hook_k` / `hook_v`: the key/value heads under grouped-query attention, unless
+    TransformerLens was asked to ungroup them."""
+    cfg = model.cfg
+    if cfg.n_key_value_heads is None or cfg.ungroup_grouped_query_attention:
+        return cfg.n_heads
+    return cfg.n_key_value_heads
+
+
+def head_out_weight(model: HookedTransformer, layer: int) -> Tensor:
+    """`W_O` of block `layer`, `(n_heads, d_head, d_model)`: a head's write is `z[head] @ W_O[head]`."""
+    return model.blocks[layer].attn.W_O.detach()
+
+
+def token_embeddings(model: HookedTransformer, tokens: Tensor) -> Tensor:
+    """`W_E[tokens]`: the token embeddings, before any positional embedding."""
+    return model.W_E.detach()[tokens]

@@ -71,7 +71,7 @@ def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequ
         latents={site: r.latents[0] for site, r in records.items()},
         errors={site: r.error[0] for site, r in records.items()},
         resid={layer: acts[Site(layer).hook_name][0] for layer in layers},
-        raw={site: acts[site.hook_name][0] for site in raw_sites},
+        raw={site: site.select(acts[site.hook_name])[0] for site in raw_sites},
     )
 
 
@@ -101,6 +101,9 @@ def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: R
             if pos.numel():
                 out.append(("error", part.site, pos, pos, source.errors[part.site][src]))
         else:
+            if part.site.kind == "pattern" and pair.n_base != pair.source.shape[1]:
+                raise PatchingError(f"{unit.label()}: a pattern's key positions are only comparable between prompts of "
+                                    f"equal length ({pair.n_base} vs {pair.source.shape[1]} tokens)")
             width = base.raw[part.site].shape[1]
             dims = torch.arange(width) if part.latents is None else torch.tensor(part.latents)
             x_src, x_base = source.raw[part.site][src][:, dims], base.raw[part.site][pos][:, dims]
@@ -129,19 +132,19 @@ def raw_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor
         by_site.setdefault(site, []).append((rows, pos, dims, values))
     handles = []
 
-    def make_hook(items: list[tuple[Tensor, Tensor, Tensor, Tensor]]):
+    def make_hook(site: Site, items: list[tuple[Tensor, Tensor, Tensor, Tensor]]):
         rows, pos, dims, values = (torch.cat([item[k] for item in items]) for k in range(4))
 
         def hook(x: Tensor) -> Tensor:
-            x = x.clone()
-            x[rows, pos, dims] = values.to(x.dtype)
+            x = x.clone(memory_format=torch.contiguous_format)  # so that `select` is a view even for every head
+            site.select(x)[rows, pos, dims] = values.to(x.dtype)
             return x
 
         return hook
 
     try:
-        for site, items in by_site.items():
-            handles.append(tl_compat.attach_hook(model, site.hook_name, make_hook(items)))
+        for site, items in by_site.items():  # several heads of one hook chain their hooks
+            handles.append(tl_compat.attach_hook(model, site.hook_name, make_hook(site, items)))
         yield
     finally:
         for handle in handles:
