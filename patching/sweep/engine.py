@@ -156,12 +156,11 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
                    rows_per_chunk: int, progress: tqdm | None) -> tuple[Tensor, Tensor]:
     """Metric values of every unit for one pair, and a mask of which needed a forward pass.
 
-    Rows are grouped by first layer only, so that a trace (one unit per layer and position) runs
-    full batches. Within a group rows are sorted by their first patched position and chunked; a
-    chunk reuses the base prompt's keys and values before its earliest patched position (causally
-    untouched in every row of it) and runs only the suffix from there (when the metric reads one
-    position). Rows whose own first patch comes later recompute a few unpatched positions: that
-    costs less than running them as batches of one.
+    Rows are grouped by first layer, so that a trace (one unit per layer and position) runs full
+    batches (`_chunks`). A chunk reuses the base prompt's keys and values before its earliest
+    patched position (causally untouched in every row of it) and runs only the suffix from there
+    (when the metric reads one position). Rows whose own first patch comes later recompute a few
+    unpatched positions: that costs less than running them as batches of one.
     """
     values = torch.empty(len(units))
     evaluated = torch.zeros(len(units), dtype=torch.bool)
@@ -180,9 +179,7 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
         progress.update(len(units) - sum(len(items) for items in pending.values()))
     prefixes: dict[int, Any] = {}
     for start, items in sorted(pending.items()):
-        items.sort(key=lambda item: item[0])  # stable: equal first positions keep unit order
-        for lo in range(0, len(items), rows_per_chunk):
-            chunk = items[lo : lo + rows_per_chunk]
+        for chunk in _chunks(items, rows_per_chunk):
             first = chunk[0][0]
             if first > 0 and first not in prefixes:
                 prefixes[first] = tl_compat.prefix_cache(model, pair.base[:, :first])
@@ -193,6 +190,25 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
             if progress is not None:
                 progress.update(len(rows))
     return values, evaluated
+
+
+def _chunks(items: list[tuple[int, int, list]], rows_per_chunk: int) -> list[list[tuple[int, int, list]]]:
+    """Chunks of one start layer's rows `(first patched position, unit, elements)`, earliest first.
+
+    Rows sharing a first position fill chunks of their own (their suffix starts where they do);
+    what is left of each position, fewer rows than a chunk, is pooled across positions, so that a
+    trace with one row per (layer, position) still runs full batches."""
+    by_first: dict[int, list[tuple[int, int, list]]] = {}
+    for item in items:
+        by_first.setdefault(item[0], []).append(item)
+    chunks, rest = [], []
+    for first in sorted(by_first):
+        group = by_first[first]
+        full = len(group) - len(group) % rows_per_chunk
+        chunks += [group[lo : lo + rows_per_chunk] for lo in range(0, full, rows_per_chunk)]
+        rest += group[full:]
+    chunks += [rest[lo : lo + rows_per_chunk] for lo in range(0, len(rest), rows_per_chunk)]
+    return sorted(chunks, key=lambda chunk: chunk[0][0])
 
 
 def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int, first: int,
