@@ -126,3 +126,27 @@ def test_bad_head_inputs_raise_before_any_forward(model, prompts):
     finally:
         counter.remove()
     assert counter.count == 0
+
+
+def test_hook_z_sae_splices_patches_and_attributes(model, prompts):
+    """An attention-output SAE on hook_z (every head concatenated, as SAELens stores them)."""
+    from patching import attribute_latents, patch_latents, splice
+    from tests.conftest import make_sae
+
+    clean, corrupted = prompts
+    site = Site.from_hook_name("blocks.1.attn.hook_z")
+    assert site == Site(1, "z") and site.width(model) == model.cfg.n_heads * model.cfg.d_head
+    sae = make_sae(site.width(model), 24, hook_name=site.hook_name, model_name=model.cfg.model_name, seed=2)
+    with torch.inference_mode():
+        plain = model(clean)
+        with splice(model, sae):
+            spliced = model(clean)
+    assert torch.equal(plain, spliced)  # error-term splice without edits is the identity
+    # every latent and the error node at a position is the whole z there (every head)
+    units = [PatchUnit((UnitPart(site, "latent", (p,)), UnitPart(site, "error", (p,)))) for p in (2, 5, 7)]
+    ours = patch_latents(model, sae, clean, corrupted, METRIC, units=units, progress=False)
+    raw = patch_residual(model, clean, corrupted, METRIC, units=[PatchUnit((UnitPart(site, "raw", (p,)),)) for p in (2, 5, 7)],
+                         progress=False)
+    torch.testing.assert_close(ours.metric, raw.metric, atol=1e-5, rtol=0)
+    estimate = attribute_latents(model, sae, clean, corrupted, METRIC, progress=False)
+    assert len(estimate.units) > 0 and torch.isfinite(estimate.effect).all()

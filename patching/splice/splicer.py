@@ -128,6 +128,14 @@ class Splice:
         return out
 
 
+def _site_hook(state: Splice, site: Site, x: Tensor) -> Tensor:
+    """`state.hook` on the site's (batch, pos, d_in) view: every head of hook_z (or q, k, v) concatenated,
+    as SAELens's attention-output SAEs read it, and the result in the hook's own shape."""
+    if x.ndim == 4 and site.head is None:
+        return state.hook(site, x.flatten(-2)).unflatten(-1, x.shape[-2:])
+    return state.hook(site, x)
+
+
 SAEsArg = Any  # one SAE, a sequence of SAEs, or a mapping {Site | hook name: SAE}
 
 
@@ -210,7 +218,7 @@ def splice(
     handles = []
     try:
         for site in resolved:
-            handles.append(tl_compat.attach_hook(model, site.hook_name, lambda x, site=site: state.hook(site, x)))
+            handles.append(tl_compat.attach_hook(model, site.hook_name, lambda x, site=site: _site_hook(state, site, x)))
         yield state
     finally:
         for handle in handles:
