@@ -8,7 +8,7 @@ by hooks; it runs on `--naive-layers` (all layers by default) and its time is ex
 layer. The last line printed is one JSON object with the figures and where the effect sits.
 
     python benchmarks/causal_trace.py                                  # full naive loop (slow on a CPU)
-    python benchmarks/causal_trace.py --naive-layers 0,10,20,29
+    python benchmarks/causal_trace.py --layers 0,5,10,15,20,25,29 --naive-layers 10,20 --samples 3 --facts 1
 """
 
 from __future__ import annotations
@@ -55,41 +55,51 @@ def describe(result, subject):
     layer_s, _, p_s = result.peak([last_subject])
     layer_l, _, p_l = result.peak([last])
     layer, pos, p = result.peak()
+    rows = [i for i in range(result.prob.shape[0]) if not result.prob[i].isnan().any()]
+    profile = {"subject_last": [round(float(result.prob[i, last_subject]), 4) for i in rows],
+               "last": [round(float(result.prob[i, last]), 4) for i in rows], "layers": rows}
     return {"peak": [layer, pos, round(p, 4)], "peak_token": result.tokens[pos],
             "subject_last_token_peak": [layer_s, round(p_s, 4)], "last_token_peak": [layer_l, round(p_l, 4)],
-            "p_clean": round(result.p_clean, 4), "p_corrupted": round(result.p_corrupted, 4)}
+            "p_clean": round(result.p_clean, 4), "p_corrupted": round(result.p_corrupted, 4), "profile": profile}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--naive-layers", help="comma-separated layers for the naive loop (default: all)")
+    parser.add_argument("--layers", help="comma-separated layers our traces compute (default: all)")
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--facts", type=int, default=len(FACTS), help="trace only the first N facts")
+    parser.add_argument("--kinds", default="state,mlp,attn,state_severed_mlp,state_severed_attn")
     args = parser.parse_args()
 
     model = load_model()
     corpus = torch.cat([model.to_tokens(text, prepend_bos=False)[0] for _, text in all_prompts()])
     noise = NoiseConfig(scale=3 * embedding_std(model, corpus), n_samples=args.samples, seed=0)
-    naive_layers = list(range(model.cfg.n_layers)) if args.naive_layers is None else [
-        int(x) for x in args.naive_layers.split(",")]
+    all_layers = list(range(model.cfg.n_layers))
+    naive_layers = all_layers if args.naive_layers is None else [int(x) for x in args.naive_layers.split(",")]
+    layers = all_layers if args.layers is None else [int(x) for x in args.layers.split(",")]
+    kinds = args.kinds.split(",")
     figures = {"benchmark": "causal_trace", "model": model.cfg.model_name, "noise_scale": noise.scale,
-               "n_samples": noise.n_samples, "naive_layers": naive_layers, "torch_threads": torch.get_num_threads(),
+               "n_samples": noise.n_samples, "layers": layers, "naive_layers": naive_layers,
+               "full": layers == all_layers and naive_layers == all_layers, "torch_threads": torch.get_num_threads(),
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "facts": {}}
     ours_total = naive_total = 0.0
     max_delta = 0.0
     with torch.inference_mode():
-        for prompt, subject_text, answer_text in FACTS:
+        for prompt, subject_text, answer_text in FACTS[: args.facts]:
             tokens, answer = model.to_tokens(prompt), model.to_single_token(answer_text)
             fact = figures["facts"][subject_text] = {}
-            for kind, sever in (("state", None), ("mlp", None), ("attn", None), ("state", "mlp"), ("state", "attn")):
+            for name in kinds:
+                kind, sever = (name, None) if "severed" not in name else ("state", name.rsplit("_", 1)[1])
                 start = time.perf_counter()
-                result = causal_trace(model, tokens, subject_text, answer, noise=noise, kind=kind, sever=sever)
+                result = causal_trace(model, tokens, subject_text, answer, noise=noise, kind=kind, sever=sever,
+                                      layers=layers)
                 ours_s = time.perf_counter() - start
-                name = kind if sever is None else f"state_severed_{sever}"
                 fact[name] = describe(result, result.subject) | {"ours_s": round(ours_s, 2)}
                 if sever is None and subject_text == FACTS[0][1]:
                     start = time.perf_counter()
                     reference = naive_trace(model, tokens, result.subject, answer, noise, kind, naive_layers)
-                    naive_s = (time.perf_counter() - start) * model.cfg.n_layers / len(naive_layers)
+                    naive_s = (time.perf_counter() - start) * len(layers) / len(naive_layers)
                     delta = (reference[naive_layers] - result.prob[naive_layers]).abs().max().item()
                     ours_total, naive_total, max_delta = ours_total + ours_s, naive_total + naive_s, max(max_delta, delta)
                     fact[name] |= {"naive_s_extrapolated": round(naive_s, 2), "max_abs_delta": delta}

@@ -10,6 +10,7 @@ from patching.errors import PatchingError
 from patching.model import Site, tl_compat
 from patching.tracing import NoiseConfig, causal_trace, window_layers
 from patching.tracing.trace import noise_hook
+from tests.conftest import unchecked
 from tests.hooks_snapshot import CountingHook, snapshot
 
 ANSWER, SUBJECT = 7, (1, 2)
@@ -109,7 +110,7 @@ def test_bad_inputs_raise_before_any_forward(model, tokens, kwargs, pattern):
     counter = CountingHook(model)
     try:
         with pytest.raises(PatchingError, match=pattern):
-            causal_trace(model, tokens, args.pop("subject"), args.pop("answer"), **args)
+            unchecked(causal_trace)(model, tokens, args.pop("subject"), args.pop("answer"), **args)
     finally:
         counter.remove()
     assert counter.count == 0

@@ -64,6 +64,7 @@ class TraceResult:
     def peak(self, positions: Sequence[int] | None = None) -> tuple[int, int, float]:
         """(layer, position, prob) of the largest restored probability, optionally among `positions`."""
         prob = self.prob if positions is None else self.prob[:, list(positions)]
+        prob = prob.nan_to_num(nan=-1.0)  # layers not traced
         layer, col = divmod(int(prob.argmax()), prob.shape[1])
         return layer, (col if positions is None else list(positions)[col]), float(prob[layer, col])
 
