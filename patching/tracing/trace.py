@@ -184,7 +184,7 @@ def _write_hook(rows: Tensor, positions: Tensor, values: Tensor):
 
 
 def _check(model: Any, prompt: str | Tensor, subject: str | Sequence[int], answer: str | int, kind: str, window: int,
-           sever: str | None, noise: NoiseConfig, batch_size: int) -> tuple[Tensor, tuple[int, ...], int]:
+           sever: str | None, noise: object, batch_size: int) -> tuple[Tensor, tuple[int, ...], int]:
     """Every input checked before the first forward pass."""
     if kind not in ("state", "mlp", "attn"):
         raise PatchingError(f"kind must be 'state', 'mlp' or 'attn', got {kind!r}")
