@@ -4,6 +4,7 @@
     splice/       typed edits, the splicer, collecting latents over a corpus, splice quality
     sweep/        metrics, prompt pairs, units, the batched exact engine, results and plots
     attribution/  AtP, integrated gradients, AtP*-GradDrop, verify against exact, restoration curves
+    tracing/      Gaussian-noise corruption, ROME's causal tracing, self-repair (the Hydra effect)
     steering/  inspect/  safety/   the three uses; they never import each other
 
 `errors` and `figures` sit below every room. This module re-exports the public API of each room.
@@ -33,35 +34,11 @@ from patching.model import DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, load_mo
 from patching.safety import (PAIRS, RefusalScore, SafetyConfig, SafetyReport, SafetySuite, find_safety_latents, is_refusal,
                              refusal_rate)
 from patching.splice import ErrorPatch, LatentEdit, LatentPatch, SiteRecord, Splice, SpliceMetrics, splice, splice_metrics
-from patching.steering import (
-                                  CompareSettings,
-                                  Concept,
-                                  LatentChoice,
-                                  SteeredGeneration,
-                                  Steering,
-                                  SteeringComparison,
-                                  SteeringConfig,
-                                  SteeringError,
-                                  compare_steering,
-                                  contrast_latents,
-                                  generate_steered,
-                                  latents_from_result,
-                                  steer,
-                                  steering_vector,
-)
-from patching.sweep import (
-                                  CallableMetric,
-                                  KLFromClean,
-                                  LogitDiff,
-                                  PatchResult,
-                                  PatchUnit,
-                                  TokenLogProb,
-                                  TokenProb,
-                                  TopEntry,
-                                  UnitPart,
-                                  patch_latents,
-                                  patch_residual,
-)
+from patching.steering import (CompareSettings, Concept, LatentChoice, SteeredGeneration, Steering, SteeringComparison,
+                               SteeringConfig, SteeringError, compare_steering, contrast_latents, generate_steered,
+                               latents_from_result, steer, steering_vector)
+from patching.sweep import (CallableMetric, KLFromClean, LogitDiff, PatchResult, PatchUnit, TokenLogProb, TokenProb,
+                            TopEntry, UnitPart, patch_heads, patch_latents, patch_residual)
 
 __all__ = [
     "CallableMetric", "CompareSettings", "Concept", "DEFAULT_MODEL", "Decomposition", "Direction", "ErrorPatch",
@@ -72,7 +49,7 @@ __all__ = [
     "SteeringConfig", "SteeringError", "TokenLogProb", "TokenProb", "TopEntry", "UnitPart", "UnitReport",
     "UnitScores", "Verification", "attribute_latents", "compare_steering", "contrast_latents", "decompose",
     "find_safety_latents", "generate_steered", "inspect_latent", "inspect_latents", "inspect_units", "is_refusal",
-    "latent_restoration", "latents_from_result", "load_model", "logit_effect", "padded_tokens", "patch_latents",
+    "latent_restoration", "latents_from_result", "load_model", "logit_effect", "padded_tokens", "patch_heads", "patch_latents",
     "patch_residual", "raw_restoration", "readout", "refusal_rate", "splice", "splice_metrics", "steer",
     "steering_vector", "unit_scores", "verify", "write_dashboards",
 ]

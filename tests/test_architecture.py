@@ -19,9 +19,10 @@ ALLOWED = {
     "splice": {"model"},
     "sweep": {"model", "splice"},
     "attribution": {"model", "splice", "sweep"},
-    "steering": {"model", "splice", "sweep", "attribution"},
-    "inspect": {"model", "splice", "sweep", "attribution"},
-    "safety": {"model", "splice", "sweep", "attribution"},
+    "tracing": {"model", "splice", "sweep", "attribution"},
+    "steering": {"model", "splice", "sweep", "attribution", "tracing"},
+    "inspect": {"model", "splice", "sweep", "attribution", "tracing"},
+    "safety": {"model", "splice", "sweep", "attribution", "tracing"},
 }
 PACKAGES = {"sae": set(), "patching": {"sae"}, "training": {"sae", "patching"},
             "latentpatch": {"sae", "patching", "training"}}

@@ -192,7 +192,11 @@ def test_metrics_library(model, sae, prompts):
     custom = patch_latents(model, sae, clean, corrupted, lambda logits: logits[:, -1, 3] - logits[:, -1, 4],
                            unit="position", progress=False)
     reference = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), unit="position", progress=False)
-    torch.testing.assert_close(custom.effect, reference.effect, atol=1e-5, rtol=0)
+    # the custom metric reads every position (full-length rows), LogitDiff one (suffix rows, pooled
+    # under the earliest cut): the same rounding, divided by the clean-corrupted span
+    span = (reference.metric_clean - reference.metric_corrupted).abs().min().item()
+    torch.testing.assert_close(custom.metric, reference.metric, atol=1e-5, rtol=0)
+    torch.testing.assert_close(custom.effect, reference.effect, atol=1e-5 / min(1.0, span), rtol=0)
 
 
 @pytest.mark.parametrize("call,error,pattern", [

@@ -459,3 +459,52 @@ def left_padded_tokens(model: HookedTransformer, prompts: str | list[str] | Tens
     finally:
         model.tokenizer.padding_side = side
     return tokens, mask
+
+
+def d_head(model: HookedTransformer) -> int:
+    return model.cfg.d_head
+
+
+def n_ctx(model: HookedTransformer) -> int:
+    return model.cfg.n_ctx
+
+
+def n_kv_heads(model: HookedTransformer) -> int:
+    """Heads of `hook_k` / `hook_v`: the key/value heads under grouped-query attention, unless
+    TransformerLens was asked to ungroup them."""
+    cfg = model.cfg
+    if cfg.n_key_value_heads is None or cfg.ungroup_grouped_query_attention:
+        return cfg.n_heads
+    return cfg.n_key_value_heads
+
+
+def head_out_weight(model: HookedTransformer, layer: int) -> Tensor:
+    """`W_O` of block `layer`, `(n_heads, d_head, d_model)`: a head's write is `z[head] @ W_O[head]`."""
+    return model.blocks[layer].attn.W_O.detach()
+
+
+def token_embeddings(model: HookedTransformer, tokens: Tensor) -> Tensor:
+    """`W_E[tokens]`: the token embeddings, before any positional embedding."""
+    return model.W_E.detach()[tokens]
+
+
+def frozen_final_readout(model: HookedTransformer, delta: Tensor, base_final: Tensor) -> Tensor:
+    """Logits that `delta` (..., d_model) adds at a position whose final residual in the base run is
+    `base_final` (..., d_model), with the final norm's scale frozen at the base run's.
+
+    With the scale frozen the readout is linear in the residual stream (the norm's bias and `b_U`
+    cancel in differences and are left out), so a component's direct effect is its own readout
+    (McGrath et al. 2023, "The Hydra Effect", §2)."""
+    kind = model.cfg.normalization_type
+    if kind in ("LN", "LNPre"):
+        centred = base_final - base_final.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        delta = delta - delta.mean(-1, keepdim=True)
+    elif kind in ("RMS", "RMSPre"):
+        scale = (base_final.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    else:
+        scale = torch.ones_like(base_final[..., :1])
+    scaled = delta / scale
+    if kind in ("LN", "RMS"):
+        scaled = scaled * model.ln_final.w
+    return scaled @ model.W_U

@@ -127,6 +127,14 @@ class Splice:
         return out
 
 
+def _site_hook(state: Splice, site: Site, x: Tensor) -> Tensor:
+    """`state.hook` on the site's (batch, pos, d_in) view: every head of hook_z (or q, k, v) concatenated,
+    as SAELens's attention-output SAEs read it, and the result in the hook's own shape."""
+    if x.ndim == 4 and site.head is None:
+        return state.hook(site, x.flatten(-2)).unflatten(-1, x.shape[-2:])
+    return state.hook(site, x)
+
+
 SAEsArg = Any  # one SAE, a sequence of SAEs, or a mapping {Site | hook name: SAE}
 
 
@@ -254,5 +262,5 @@ def splice(
     resolved = resolve_saes(model, saes, checks=checks)
     state = Splice(resolved, error_term=error_term, cache=cache, track_grads=track_grads)
     state.set_edits(edits)
-    with tl_compat.hooks(model, [(site.hook_name, lambda x, site=site: state.hook(site, x)) for site in resolved]):
+    with tl_compat.hooks(model, [(site.hook_name, lambda x, site=site: _site_hook(state, site, x)) for site in resolved]):
         yield state

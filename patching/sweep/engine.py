@@ -71,7 +71,7 @@ def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequ
         latents={site: r.latents[0] for site, r in records.items()},
         errors={site: r.error[0] for site, r in records.items()},
         resid={layer: acts[Site(layer).hook_name][0] for layer in layers},
-        raw={site: acts[site.hook_name][0] for site in raw_sites},
+        raw={site: site.select(acts[site.hook_name])[0] for site in raw_sites},
     )
 
 
@@ -96,6 +96,9 @@ def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: R
             if pos.numel():
                 out.append(("error", part.site, pos, pos, source.errors[part.site][src]))
         else:
+            if part.site.kind == "pattern" and pair.n_base != pair.source.shape[1]:
+                raise PatchingError(f"{unit.label()}: a pattern's key positions are only comparable between prompts of "
+                                    f"equal length ({pair.n_base} vs {pair.source.shape[1]} tokens)")
             width = base.raw[part.site].shape[1]
             dims = torch.arange(width) if part.latents is None else torch.tensor(part.latents)
             x_src, x_base = source.raw[part.site][src][:, dims], base.raw[part.site][pos][:, dims]
@@ -123,17 +126,18 @@ def raw_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor
     for rows, site, pos, dims, values in patches:
         by_site.setdefault(site, []).append((rows, pos, dims, values))
 
-    def make_hook(items: list[tuple[Tensor, Tensor, Tensor, Tensor]]):
+    def make_hook(site: Site, items: list[tuple[Tensor, Tensor, Tensor, Tensor]]):
         rows, pos, dims, values = (torch.cat([item[k] for item in items]) for k in range(4))
 
         def hook(x: Tensor) -> Tensor:
-            x = x.clone()
-            x[rows, pos, dims] = values.to(x.dtype)
+            x = x.clone(memory_format=torch.contiguous_format)  # so that `select` is a view even for every head
+            site.select(x)[rows, pos, dims] = values.to(x.dtype)
             return x
 
         return hook
 
-    with tl_compat.hooks(model, [(site.hook_name, make_hook(items)) for site, items in by_site.items()]):
+    # several heads of one hook chain their hooks
+    with tl_compat.hooks(model, [(site.hook_name, make_hook(site, items)) for site, items in by_site.items()]):
         yield
 
 
@@ -142,38 +146,41 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
                    rows_per_chunk: int, progress: tqdm | None) -> tuple[Tensor, Tensor]:
     """Metric values of every unit for one pair, and a mask of which needed a forward pass.
 
-    Rows are grouped by (first layer, first patched position). Positions before the first
-    patched one are causally untouched, so a group reuses the base prompt's keys and values
-    there and runs only the suffix (when the metric reads one position).
+    Rows are grouped by first layer, so that a trace (one unit per layer and position) runs full
+    batches (`_chunks`). A chunk reuses the base prompt's keys and values before its earliest
+    patched position (causally untouched in every row of it) and runs only the suffix from there
+    (when the metric reads one position). Rows whose own first patch comes later recompute a few
+    unpatched positions: that costs less than running them as batches of one.
     """
     values = torch.empty(len(units))
     evaluated = torch.zeros(len(units), dtype=torch.bool)
     base_metric = metric(base.logits[None], torch.tensor([pair_index]))[0]
     readout = metric.readout
     last_read = None if readout is None else readout % pair.n_base
-    pending: dict[tuple[int, int], list[tuple[int, list]]] = {}
+    pending: dict[int, list[tuple[int, int, list]]] = {}
     for i, unit in enumerate(units):
         elements = element_patches(unit, pair, base, source, positions)
         first = min(int(e[2].min()) for e in elements) if elements else None
         if first is None or (last_read is not None and first > last_read):
             values[i] = base_metric  # nothing differs, or only after the position the metric reads
         else:
-            pending.setdefault((unit.start_layer, first if readout is not None else 0), []).append((i, elements))
+            pending.setdefault(unit.start_layer, []).append((first if readout is not None else 0, i, elements))
     if progress is not None:
         progress.update(len(units) - sum(len(items) for items in pending.values()))
     prefixes: dict[int, Any] = {}
-    for (start, first), items in sorted(pending.items()):
-        if first > 0 and first not in prefixes:
-            prefixes[first] = tl_compat.prefix_cache(model, pair.base[:, :first])
-        for lo in range(0, len(items), rows_per_chunk):
-            chunk = items[lo : lo + rows_per_chunk]
-            logits = _run_chunk(model, state, chunk, base, start, first, prefixes.get(first), readout)
-            chunk_values = metric(logits, torch.full((len(chunk),), pair_index)).cpu()
-            check_metric_finite(chunk_values, [units[i].label() for i, _ in chunk], pair_index)
-            values[[i for i, _ in chunk]] = chunk_values
-            evaluated[[i for i, _ in chunk]] = True
+    for start, items in sorted(pending.items()):
+        for chunk in _chunks(items, rows_per_chunk):
+            first = chunk[0][0]
+            if first > 0 and first not in prefixes:
+                prefixes[first] = tl_compat.prefix_cache(model, pair.base[:, :first])
+            rows = [(i, elements) for _, i, elements in chunk]
+            logits = _run_chunk(model, state, rows, base, start, first, prefixes.get(first), readout)
+            chunk_values = metric(logits, torch.full((len(rows),), pair_index)).cpu()
+            check_metric_finite(chunk_values, [units[i].label() for i, _ in rows], pair_index)
+            values[[i for i, _ in rows]] = chunk_values
+            evaluated[[i for i, _ in rows]] = True
             if progress is not None:
-                progress.update(len(chunk))
+                progress.update(len(rows))
     return values, evaluated
 
 
@@ -184,6 +191,25 @@ def check_metric_finite(values: Tensor, labels: Sequence[str], pair_index: int) 
     if bad:
         raise PatchingError(f"the metric returned {values[bad[0]].item()} (expected a finite number) for unit "
                             f"{labels[bad[0]]} in pair {pair_index}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+
+
+def _chunks(items: list[tuple[int, int, list]], rows_per_chunk: int) -> list[list[tuple[int, int, list]]]:
+    """Chunks of one start layer's rows `(first patched position, unit, elements)`, earliest first.
+
+    Rows sharing a first position fill chunks of their own (their suffix starts where they do);
+    what is left of each position, fewer rows than a chunk, is pooled across positions, so that a
+    trace with one row per (layer, position) still runs full batches."""
+    by_first: dict[int, list[tuple[int, int, list]]] = {}
+    for item in items:
+        by_first.setdefault(item[0], []).append(item)
+    chunks, rest = [], []
+    for first in sorted(by_first):
+        group = by_first[first]
+        full = len(group) - len(group) % rows_per_chunk
+        chunks += [group[lo : lo + rows_per_chunk] for lo in range(0, full, rows_per_chunk)]
+        rest += group[full:]
+    chunks += [rest[lo : lo + rows_per_chunk] for lo in range(0, len(rest), rows_per_chunk)]
+    return sorted(chunks, key=lambda chunk: chunk[0][0])
 
 
 def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int, first: int,

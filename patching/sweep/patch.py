@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,7 +32,8 @@ from patching.sweep.engine import (
 from patching.sweep.objectives import as_metric, describe
 from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
 from patching.sweep.results import METRIC_TOLERANCE, PatchResult, library_version
-from patching.sweep.units import UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, joint_units
+from patching.sweep.units import (UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, head_units,
+                                  joint_units)
 from sae.files import weights_sha256
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,25 @@ def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, 
                  reference_run(model, None, p.source, start_layers, metric.readout, raw_sites)) for p in pairs]
         return _sweep(model, None, pairs, runs, list(units), metric, direction, positions, batch_size, memory_mb,
                       progress, provenance={"unit": "raw", "saes": {}})
+
+
+def patch_heads(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, kind: str = "z",
+                by: Literal["all", "position"] = "all", direction: Direction = "denoise", layers: Sequence[int] | None = None,
+                positions: Sequence[int] | None = None, align: Align = None, batch_size: int | None = None,
+                memory_mb: int = DEFAULT_MEMORY_MB, progress: bool = True) -> PatchResult:
+    """Patch every attention head of `kind` (`z`, `q`, `k`, `v`, `pattern`, `head_out`), at every
+    position (`by="all"`) or one position at a time (`by="position"`): TransformerLens's
+    `get_act_patch_attn_head_{out,q,k,v,pattern}_{all_pos,by_pos}` through the batched engine.
+
+    Units run in (layer, head) or (layer, position, head) order, so `result.metric[0]` reshapes to
+    TransformerLens's result. `k` and `v` have one unit per key/value head (grouped-query attention)."""
+    pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
+    positions = check_positions(pairs, positions)
+    layers = list(range(tl_compat.n_layers(model))) if layers is None else [Site(layer).check(model).layer for layer in layers]
+    shortest = min(pair.n_base for pair in pairs)
+    units = head_units(model, kind, layers, by, positions if positions is not None else range(shortest))
+    return patch_residual(model, clean, corrupted, metric, direction=direction, positions=positions, align=align,
+                          units=units, batch_size=batch_size, memory_mb=memory_mb, progress=progress)
 
 
 def _check_raw_units(model: Any, units: Sequence[PatchUnit], n_pos: int) -> None:

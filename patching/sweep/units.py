@@ -17,7 +17,7 @@ from torch import Tensor
 
 from patching.errors import PatchingError
 from patching.model.checks import check_latent_indices
-from patching.model.sites import Site, as_site
+from patching.model.sites import HEAD_KINDS, Site, as_site
 
 PartKind = Literal["latent", "error", "raw"]
 UnitKind = Literal["latent_position", "latent", "position", "error", "joint"]
@@ -74,7 +74,7 @@ class PatchUnit:
 
     def label(self) -> str:
         return " + ".join(
-            f"{part.site.hook_name}:{part.kind}"
+            f"{part.site.hook_name}{'' if part.site.head is None else f'[{part.site.head}]'}:{part.kind}"
             + ("" if part.positions is None else f"@{','.join(map(str, part.positions))}")
             + ("" if part.latents is None else f"#{','.join(map(str, part.latents[:8]))}{'…' if len(part.latents) > 8 else ''}")
             for part in self.parts
@@ -105,6 +105,25 @@ def differing_units(kind: str, differs: Mapping[Site, Tensor], positions: tuple[
         else:
             for p in (positions if positions is not None else range(mask.shape[0])):
                 units.append(PatchUnit((UnitPart(site, "error", (p,)),)))
+    return units
+
+
+def head_units(model: Any, kind: str, layers: Sequence[int], by: Literal["all", "position"],
+               positions: Sequence[int]) -> list[PatchUnit]:
+    """One raw unit per head of `kind` per layer (`by="all"`: every position; `"position"`: one
+    position each), ordered (layer, head) or (layer, position, head) as TransformerLens's
+    `get_act_patch_attn_head_*` functions lay out their results."""
+    if kind not in HEAD_KINDS:
+        raise PatchingError(f"head units take a per-head kind {HEAD_KINDS}, got {kind!r}")
+    if by not in ("all", "position"):
+        raise PatchingError(f"by must be 'all' or 'position', got {by!r}")
+    units = []
+    for layer in layers:
+        heads = range(Site(layer, kind, head=0).n_heads(model))
+        if by == "all":
+            units += [PatchUnit((UnitPart(Site(layer, kind, head=h), "raw", None),)) for h in heads]
+        else:
+            units += [PatchUnit((UnitPart(Site(layer, kind, head=h), "raw", (p,)),)) for p in positions for h in heads]
     return units
 
 

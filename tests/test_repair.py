@@ -1,0 +1,103 @@
+"""Self-repair: direct versus total effects, on a tiny model built to self-repair (the answer is
+known) and against independent computations on a random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching.errors import PatchingError
+from patching.model import Site, tl_compat
+from patching.sweep import LogitDiff, PatchUnit, UnitPart, patch_residual
+from patching.tracing.repair import Component, self_repair
+from tests.conftest import unchecked
+
+METRIC = LogitDiff(answer=2, wrong=3)
+
+
+@pytest.fixture(scope="module")
+def hydra():
+    """MLP0 writes the answer's direction; MLP1 writes it only to the extent it is missing
+    (relu(1 − x·answer)), so ablating MLP0 is fully repaired by MLP1. Attention writes nothing."""
+    model = tl_compat.random_model(n_layers=2, d_model=4, d_head=2, n_heads=2, d_mlp=2, d_vocab=5,
+                                   act_fn="relu", normalization_type=None)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.embed.W_E[:, 0] = 1.0  # dim 0: a constant 1 at every position
+        model.blocks[0].mlp.W_in[0, 0] = 1.0
+        model.blocks[0].mlp.W_out[0, 1] = 1.0  # dim 1: the answer's direction
+        model.blocks[1].mlp.W_in[0, 0], model.blocks[1].mlp.W_in[1, 0] = 1.0, -1.0
+        model.blocks[1].mlp.W_out[0, 1] = 1.0
+        model.unembed.W_U[1, 2] = 1.0
+    return model.eval()
+
+
+def test_built_self_repair_is_found(hydra):
+    tokens = torch.tensor([[0, 1, 4, 1]])
+    result = self_repair(hydra, tokens, METRIC)
+    labels = [c.label() for c in result.components]
+    assert labels == ["ATTN0", "MLP0", "ATTN1", "MLP1"]
+    torch.testing.assert_close(result.direct, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(result.total, torch.zeros(4))
+    torch.testing.assert_close(result.repair, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert result.compensation[1, 3] == 1.0 and result.compensation.abs().sum() == 1.0
+    table = result.table()
+    assert table.loc[1, "top_compensator"] == "MLP1" and table.loc[1, "top_compensation"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32).eval()
+
+
+def test_total_effect_equals_engine_and_direct_equals_frozen_norm_readout(model):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 50, (1, 7), generator=g)
+    corrupted = tokens.clone()
+    corrupted[0, 2] = (corrupted[0, 2] + 7) % 50
+    comps = [Component(0, "head", head=1), Component(1, "mlp"), Component(2, "attn")]
+    result = self_repair(model, tokens, METRIC, components=comps, ablation="resample", corrupted=corrupted)
+    units = [PatchUnit((UnitPart(c.site, "raw", None),)) for c in comps]
+    engine = patch_residual(model, tokens, corrupted, METRIC, direction="noise", units=units, progress=False)
+    torch.testing.assert_close(result.total, engine.metric_clean[0] - engine.metric[0], atol=1e-5, rtol=0)
+    # direct effect: the final norm applied to the residual minus the component's change, scale frozen
+    _, clean = model.run_with_cache(tokens)
+    _, corr = model.run_with_cache(corrupted)
+    final = clean["blocks.2.hook_resid_post"][0, -1]
+    scale = clean["ln_final.hook_scale"][0, -1]
+    for i, comp in enumerate(comps):
+        if comp.kind == "head":
+            change = (clean[comp.site.hook_name][0, -1, 1] - corr[comp.site.hook_name][0, -1, 1]) @ model.blocks[0].attn.W_O[1]
+        else:
+            change = clean[comp.site.hook_name][0, -1] - corr[comp.site.hook_name][0, -1]
+
+        def frozen(x):
+            x = x - x.mean()
+            return (x / scale * model.ln_final.w + model.ln_final.b) @ model.W_U + model.b_U
+
+        expected = METRIC(frozen(final)[None], torch.tensor([0])) - METRIC(frozen(final - change)[None], torch.tensor([0]))
+        assert result.direct[i].item() == pytest.approx(expected.item(), abs=1e-5), comp.label()
+
+
+def test_mean_ablation_and_plot(model, tmp_path):
+    tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(4))
+    corpus = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(5))
+    result = self_repair(model, tokens, METRIC, ablation="mean", corpus=corpus)
+    assert len(result.components) == 6 and torch.isfinite(result.total).all()
+    assert (result.compensation.tril() == 0).all()  # only downstream components respond
+    assert result.plot(tmp_path / "repair.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(ablation="resample"), "corrupted tokens"), (dict(ablation="mean"), "corpus"),
+    (dict(ablation="knockout"), "ablation must be"), (dict(components=[Component(5, "mlp")]), "out of range"),
+])
+def test_bad_inputs_raise(model, kwargs, pattern):
+    from patching.errors import SiteError
+
+    with pytest.raises((PatchingError, SiteError), match=pattern):
+        unchecked(self_repair)(model, torch.zeros(1, 4, dtype=torch.long), METRIC, **kwargs)
+    with pytest.raises(PatchingError, match="head= is needed"):
+        Component(0, "head")
+    assert Site(0, "head_out", head=0).hook_name == Component(0, "head", head=0).site.hook_name
