@@ -34,7 +34,8 @@ class RunConfig:
     d_sae: tuple[int, ...]
     """Latent counts, one per SAE (or one shared)."""
     text: str
-    """`default` (the self-generated corpus), a .txt/.jsonl path, or `hf:NAME` (needs the hub)."""
+    """`default` (real text + the self-generated chat corpus), `brown`, `nlp-corpus`, `generated` (their
+    training splits, `training.mix`), a .txt/.jsonl path, or `hf:NAME` (needs the hub)."""
     out: str
     """Output folder."""
     batch_size: int
@@ -45,8 +46,9 @@ class RunConfig:
     """Shuffle-buffer capacity in activations."""
     drop_special_tokens: bool
     """Leave BOS and other special tokens out of training."""
-    activation_cache: str | None
-    """Cache folder: read activations from it, harvesting into it first if it has none."""
+    activation_cache: tuple[str, ...] | None
+    """Cache folder(s): read activations from them (shards of all, weighted by their tokens); a single
+    folder that holds no cache yet is harvested into first."""
 
 
 def register(subparsers: Any) -> None:
@@ -63,15 +65,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokens", type=int, required=True, help="training activations (steps = tokens // batch size)")
     p.add_argument("--out", type=Path, required=True, help="output folder DIR")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
-    p.add_argument("--text", default="default", help="'default' (self-generated corpus, built once), a .txt/.jsonl file, "
-                                                     "or hf:NAME (a Hugging Face dataset; needs the hub)")
+    p.add_argument("--text", default="default", help="'default' (Brown + nlp-corpus + the self-generated chat corpus, "
+                                                     "training split), 'brown', 'nlp-corpus', 'generated', a "
+                                                     ".txt/.jsonl file, or hf:NAME (a Hugging Face dataset; needs the hub)")
     p.add_argument("--batch-size", type=int, default=4096, help="activations per step (default 4096)")
     p.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate (default 4e-4)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")
     p.add_argument("--buffer-tokens", type=int, default=65536, help="shuffle-buffer capacity in activations")
     p.add_argument("--keep-special-tokens", action="store_true", help="train on BOS/special-token activations too")
-    p.add_argument("--activation-cache", default=None, help="read activations from this cache folder (harvested into "
-                                                           "it first when it holds none)")
+    p.add_argument("--activation-cache", nargs="+", default=None,
+                   help="read activations from these cache folders (see `latentpatch harvest`; a single folder that "
+                        "holds none is harvested into first)")
     p.add_argument("--resample-steps", type=int, nargs="*", default=[], help="steps at which dead latents are resampled")
     p.add_argument("--log-every", type=int, default=50, help="steps between log records (default 50)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between splice_metrics on held-out text")
@@ -81,6 +85,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_train)
+    from training.cli_corpus import register as register_corpus
+    from training.cli_harvest import register as register_harvest
+
+    register_harvest(subparsers)
+    register_corpus(subparsers)
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,7 +98,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     run = RunConfig(model=args.model, site=args.site, d_sae=tuple(args.d_sae), text=args.text, out=str(args.out),
                     batch_size=args.batch_size, context_size=args.context_size, buffer_tokens=args.buffer_tokens,
-                    drop_special_tokens=not args.keep_special_tokens, activation_cache=args.activation_cache)
+                    drop_special_tokens=not args.keep_special_tokens,
+                    activation_cache=tuple(args.activation_cache) if args.activation_cache else None)
     steps = args.tokens // args.batch_size
     if steps < 1:
         raise TrainingConfigError(f"--tokens {args.tokens} is less than one batch of {args.batch_size}")
@@ -172,31 +182,36 @@ def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int) -
     from training.harvest import HarvestChunks, harvested_batches
     from training.text import TokenRows
 
-    opener, description = _texts(run.text)
     if run.activation_cache is None:
+        opener, description, _digest = texts_for(run.text)
         return harvested_batches(model, site, opener, batch_size=run.batch_size, context_size=run.context_size,
                                  buffer_tokens=run.buffer_tokens, drop_special_tokens=run.drop_special_tokens,
                                  seed=seed, description=description)
-    if not (Path(run.activation_cache) / "manifest.json").exists():
+    folders = run.activation_cache
+    if len(folders) == 1 and not (Path(folders[0]) / "manifest.json").exists():
+        opener, description, _digest = texts_for(run.text)
         rows = TokenRows(model, opener, context_size=run.context_size, description=description)
         write_activation_cache(HarvestChunks(model, site, rows, drop_special_tokens=run.drop_special_tokens),
-                               run.activation_cache, n_tokens=tokens)
-    manifest = read_manifest(run.activation_cache)
-    if manifest.get("source", {}).get("hook_name") not in (None, site.hook_name):
-        raise TrainingConfigError(f"activation cache {run.activation_cache} holds {manifest['source']['hook_name']}, "
-                                  f"not {site.hook_name}")
-    return cached_batches(run.activation_cache, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed)
+                               folders[0], n_tokens=tokens)
+    for folder in folders:
+        manifest = read_manifest(folder)
+        if manifest.get("source", {}).get("hook_name") not in (None, site.hook_name):
+            raise TrainingConfigError(f"activation cache {folder} holds {manifest['source']['hook_name']}, "
+                                      f"not {site.hook_name}")
+    return cached_batches(folders, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed)
 
 
-def _texts(text: str) -> tuple[Any, str]:
-    from training.corpus import default_texts
+def texts_for(text: str) -> tuple[Any, str, str | None]:
+    """(opener, description, corpus digest or None) for a `--text` value; named corpora use their
+    training split."""
+    from training.mix import CORPUS_NAMES, corpus_digest, corpus_texts
     from training.text import file_texts, hf_texts
 
-    if text == "default":
-        return default_texts(), "default corpus"
+    if text in CORPUS_NAMES:
+        return corpus_texts(text, "train"), f"{text} corpus (train split)", corpus_digest(text, "train")
     if text.startswith("hf:"):
-        return hf_texts(text[3:]), text
-    return file_texts(text), text
+        return hf_texts(text[3:]), text, None
+    return file_texts(text), text, None
 
 
 def _eval_tokens(model: Any, context_size: int) -> Any:
