@@ -182,11 +182,12 @@ class CachedChunks:
         self._gen.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "cache", "folder": ", ".join(str(f) for f in self.folders), "n_tokens": self.manifest["n_tokens"],
-                "origin": self.manifest.get("source")}
+        return {"source": "cache", "folder": ", ".join(str(f) for f in self.folders),
+                "n_tokens": self.manifest["n_tokens"], "origin": self.manifest.get("source")}
 
 
-def cached_batches(folder: str | Path | Sequence[str | Path], *, batch_size: int, buffer_tokens: int = 131072, seed: int = 0) -> ShuffleBuffer:
+def cached_batches(folder: str | Path | Sequence[str | Path], *, batch_size: int, buffer_tokens: int = 131072,
+                   seed: int = 0) -> ShuffleBuffer:
     """Shuffled `(batch_size, d_in)` batches from an activation cache, one shard in memory at a time."""
     chunks = CachedChunks(folder, seed=seed)
     return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed)

@@ -65,9 +65,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokens", type=int, required=True, help="training activations (steps = tokens // batch size)")
     p.add_argument("--out", type=Path, required=True, help="output folder DIR")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
-    p.add_argument("--text", default="default", help="'default' (Brown + nlp-corpus + the self-generated chat corpus, "
-                                                     "training split), 'brown', 'nlp-corpus', 'generated', a "
-                                                     ".txt/.jsonl file, or hf:NAME (a Hugging Face dataset; needs the hub)")
+    p.add_argument("--text", default="default",
+                   help="'default' (Brown + nlp-corpus + the self-generated chat corpus, training split), 'real', "
+                        "'brown', 'nlp-corpus', 'generated', a .txt/.jsonl file, or hf:NAME (needs the hub)")
     p.add_argument("--batch-size", type=int, default=4096, help="activations per step (default 4096)")
     p.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate (default 4e-4)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")

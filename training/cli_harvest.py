@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder; one cache per site inside it")
     p.add_argument("--context-size", type=int, default=128, help="tokens per row, BOS included (default 128)")
     p.add_argument("--rows-per-chunk", type=int, default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--skip-rows", type=int, default=0, help="start after this many rows of the text (continue an "
+                                                          "earlier harvest into a new cache without repeating it)")
     p.add_argument("--keep-special-tokens", action="store_true", help="keep BOS/special-token activations")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -50,8 +52,9 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     from training.harvest import MultiSiteChunks
     from training.text import TokenRows
 
-    if args.tokens <= 0:
-        raise TrainingConfigError(f"--tokens must be positive, got {args.tokens}")
+    if args.tokens <= 0 or args.skip_rows < 0:
+        raise TrainingConfigError(f"--tokens must be positive and --skip-rows >= 0, got {args.tokens}, "
+                                  f"{args.skip_rows}")
     sites = [parse_site(text) for text in args.sites]
     folders = {site.hook_name: args.out / site.hook_name for site in sites}
     taken = [str(f) for f in folders.values() if (f / "manifest.json").exists()]
@@ -61,6 +64,8 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, n_layers=max(site.layer for site in sites) + 1)
     model.eval()
     rows = TokenRows(model, opener, context_size=args.context_size, description=description)
+    if args.skip_rows:
+        rows.load_state_dict({"epoch": 0, "rows_in_epoch": args.skip_rows, "rows_served": args.skip_rows})
     chunks = MultiSiteChunks(model, [site.check(model) for site in sites], rows, rows_per_chunk=args.rows_per_chunk,
                              drop_special_tokens=not args.keep_special_tokens)
     bar = tqdm(total=args.tokens, desc=f"harvesting {len(sites)} sites", unit="tok", disable=args.no_progress,
@@ -79,7 +84,8 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     tokens = json.loads((next(iter(caches.values())) / "manifest.json").read_text())["n_tokens"]
     record = {"command": _command(args, tokens), "model": args.model, "sites": list(folders), "text": args.text,
               "corpus_digest": digest, "tokens_per_site": tokens, "stopped_early": tokens < args.tokens,
-              "rows": rows.rows_served, "epochs_of_text": rows.epoch, "context_size": args.context_size,
+              "skipped_rows": args.skip_rows, "rows": rows.rows_served, "epochs_of_text": rows.epoch,
+              "context_size": args.context_size,
               "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
               "caches": {k: str(v) for k, v in folders.items()}}
     atomic_write(args.out / "harvest.json", json.dumps(record, indent=2).encode())
@@ -91,4 +97,5 @@ def _command(args: argparse.Namespace, tokens: int) -> str:
     parts = ["latentpatch", "harvest", "--model", args.model, "--sites", *args.sites, "--tokens", str(tokens),
              "--text", args.text, "--out", str(args.out), "--context-size", str(args.context_size),
              "--rows-per-chunk", str(args.rows_per_chunk)]
+    parts += ["--skip-rows", str(args.skip_rows)] if args.skip_rows else []
     return " ".join(parts + (["--keep-special-tokens"] if args.keep_special_tokens else []))

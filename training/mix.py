@@ -3,8 +3,8 @@
 `default` is every training document of Brown and nlp-corpus plus the chat-formatted corpus the
 default model wrote itself (`training.corpus`; the safety experiments run in chat format),
 interleaved in one fixed seeded order so that any prefix, and any shard of an activation cache,
-mixes all three. `real` is the same without the generated part. Each name has a `train` and a `heldout` split; quality figures are measured on
-`heldout`, which no SAE trains on.
+mixes all three. `real` is the same without the generated part. Each name has a `train` and a
+`heldout` split; quality figures are measured on `heldout`, which no SAE trains on.
 
 The parsed real documents are written once as JSONL under `cache_root()/corpora/real-v<N>/`
 (atomically), so a run re-reads text, not tarballs. Where npm is missing, `default` says so in
