@@ -1,21 +1,24 @@
 """Training SAEs: activation sources, the trainer, metrics and checkpoints."""
 
-from training.cache import CachedChunks, cached_batches, write_activation_cache
+from training.cache import CachedChunks, cached_batches, write_activation_cache, write_activation_caches
 from training.config import TrainerConfig
 from training.corpus import CorpusConfig, default_corpus
 from training.errors import (CheckpointError, DataSourceError, NonFiniteError, TrainingConfigError,
                              TrainingInterrupted)
-from training.harvest import HarvestChunks, harvest, harvested_batches
+from training.harvest import HarvestChunks, MultiSiteChunks, harvest, harvested_batches
+from training.mix import CORPUS_NAMES, corpus_digest, corpus_texts
 from training.sources import ShuffleBuffer, TensorBatches
 from training.text import TokenRows, file_texts, hf_texts
 from training.trainer import StepOutput, Trainer
 
 __all__ = [
+    "CORPUS_NAMES",
     "CachedChunks",
     "CheckpointError",
     "CorpusConfig",
     "DataSourceError",
     "HarvestChunks",
+    "MultiSiteChunks",
     "NonFiniteError",
     "ShuffleBuffer",
     "StepOutput",
@@ -26,10 +29,13 @@ __all__ = [
     "TrainingConfigError",
     "TrainingInterrupted",
     "cached_batches",
+    "corpus_digest",
+    "corpus_texts",
     "default_corpus",
     "file_texts",
     "harvest",
     "harvested_batches",
     "hf_texts",
     "write_activation_cache",
+    "write_activation_caches",
 ]

@@ -1,7 +1,8 @@
 """Making a shipped SAE release: evaluate trained SAEs on held-out text, export one, register it.
 
     python -m training.release evaluate --sae RUN/sae-0 RUN/sae-1 --out sweep.json [--plot sweep.png]
-    python -m training.release export --sae RUN/sae-1 --release smollm2-135m-res --recipe recipe.json
+    python -m training.release recipe --train-dir RUN --sae-index 1 --train-command "..." --harvest H1 H2 --out r.json
+    python -m training.release export --sae RUN/sae-1 --release smollm2-135m-res --recipe r.json
 
 `evaluate` runs `training.heldout_eval` on the first rows of the held-out split of the real corpora
 (never trained on) and plots L0 against CE loss recovered. `export` writes the SAE in float16
@@ -106,6 +107,38 @@ def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = 
     return entry
 
 
+def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_dirs: list[Path]) -> dict[str, Any]:
+    """The recipe an export records: the harvests' and the training's exact commands, the corpora
+    and their digests, token counts, rates and seconds (from `harvest.json`, `run_config.json` and
+    the `--json` result of `latentpatch train` saved as `result.json`)."""
+    from training.cli import parse_site
+    from training.mix import corpus_digest
+
+    harvests = [json.loads((folder / "harvest.json").read_text()) for folder in harvest_dirs]
+    run = json.loads((train_dir / "run_config.json").read_text())
+    result = json.loads((train_dir / "result.json").read_text())
+    coefficients = run["trainer"]["l1_coefficient"]
+    widths = run["run"]["d_sae"]
+    hook = parse_site(run["run"]["site"]).hook_name
+    return {
+        "commands": [h["command"] for h in harvests] + [train_command],
+        "train_command": train_command,
+        "train_caches": [str(Path(h["caches"][hook])) for h in harvests],
+        "corpus": run["run"]["text"],
+        "corpus_digest": corpus_digest(run["run"]["text"], "train"),
+        "harvests": [{k: h[k] for k in ("text", "corpus_digest", "tokens_per_site", "skipped_rows", "seconds",
+                                        "tokens_per_s") if k in h} for h in harvests],
+        "generated_harvest_tokens": sum(h["tokens_per_site"] for h in harvests if h["text"] == "generated"),
+        "harvested_tokens": sum(h["tokens_per_site"] for h in harvests),
+        "train_tokens": result["tokens"], "train_steps": result["steps"], "train_seconds": result["seconds"],
+        "saes_trained_together": max(len(widths), len(coefficients) if isinstance(coefficients, list) else 1),
+        "sae_index": sae_index,
+        "l1_coefficient": coefficients[sae_index] if isinstance(coefficients, list) else coefficients,
+        "d_sae": widths[sae_index] if len(widths) > 1 else widths[0],
+        "trainer": run["trainer"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.release", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--sae", type=Path, required=True)
     ex.add_argument("--release", required=True)
     ex.add_argument("--recipe", type=Path, required=True, help="JSON: commands, corpus, corpus_digest, tokens, ...")
+    rc = sub.add_parser("recipe", help="write the recipe JSON of one SAE of a `latentpatch train` run")
+    rc.add_argument("--train-dir", type=Path, required=True)
+    rc.add_argument("--sae-index", type=int, required=True)
+    rc.add_argument("--train-command", required=True)
+    rc.add_argument("--harvest", type=Path, nargs="+", required=True)
+    rc.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "evaluate":
@@ -125,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write(args.out, json.dumps(results, indent=2).encode())
         if args.plot is not None:
             plot_sweep(results, args.plot)
+    elif args.command == "recipe":
+        recipe = build_recipe(args.train_dir, args.sae_index, args.train_command, args.harvest)
+        atomic_write(args.out, json.dumps(recipe, indent=2).encode())
     else:
         entry = export(args.sae, args.release, json.loads(args.recipe.read_text()))
         log.info("registered %s", json.dumps(entry))
