@@ -128,17 +128,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16, help="held-out rows of 128 tokens per evaluation")
     parser.add_argument("--harvest-tokens", type=int, default=16384, help="tokens for the harvest-rate measurement")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--rate-only", action="store_true", help="measure the harvest rate only (no training)")
     args = parser.parse_args()
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "saes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        for release, ids in list_releases().items():
+        for release, ids in (list_releases() or {"(none shipped)": ["blocks.15.hook_resid_pre"]}).items():
             for sae_id in ids:
-                entry = release_entry(release, sae_id)
+                entry = release_entry(release, sae_id) if release != "(none shipped)" else None
                 model = load_model(n_layers=int(sae_id.split(".")[1]) + 1)
                 rate = harvest_rate(model, sae_id, args.harvest_tokens)
                 del model
-                quality = baseline_and_shipped(entry, args.tokens, work / release / sae_id, args.rows)
+                quality = {} if args.rate_only else baseline_and_shipped(entry, args.tokens, work / release / sae_id,
+                                                                          args.rows)
                 results["saes"][f"{release}/{sae_id}"] = {**quality, **rate}
                 print(json.dumps({f"{release}/{sae_id}": results["saes"][f"{release}/{sae_id}"]}), flush=True)
     print(json.dumps(results))

@@ -77,6 +77,8 @@ def _shrunk(command: str, tmp: Path) -> list[str]:
     for i, arg in enumerate(argv):
         if argv[i - 1] == "--tokens":
             arg = "4096" if argv[0] == "train" else "1000"
+        elif argv[i - 1] == "--rows-per-chunk":
+            arg = "4"
         elif arg.startswith("--"):
             paths = arg in ("--out", "--activation-cache")
         elif paths:

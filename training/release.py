@@ -58,11 +58,12 @@ def evaluate(sae_dirs: list[Path], *, n_rows: int = EVAL_ROWS, corpus: str = "re
 
 def _l1_of(folder: Path) -> dict[str, Any]:
     """The L1 coefficient a `latentpatch train` run gave this SAE (from its run_config.json)."""
-    run_config = folder.parent / "run_config.json"
-    if not run_config.is_file() or not folder.name.startswith("sae-"):
+    several = folder.name.startswith("sae-")  # several SAEs trained together: RUN/sae-<i>/
+    run_config = (folder.parent if several else folder) / "run_config.json"
+    if not run_config.is_file():
         return {}
     coefficients = json.loads(run_config.read_text())["trainer"]["l1_coefficient"]
-    index = int(folder.name.split("-")[1])
+    index = int(folder.name.split("-")[1]) if several else 0
     return {"l1_coefficient": coefficients[index] if isinstance(coefficients, list) else coefficients}
 
 
@@ -112,7 +113,6 @@ def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_di
     and their digests, token counts, rates and seconds (from `harvest.json`, `run_config.json` and
     the `--json` result of `latentpatch train` saved as `result.json`)."""
     from training.cli import parse_site
-    from training.mix import corpus_digest
 
     harvests = [json.loads((folder / "harvest.json").read_text()) for folder in harvest_dirs]
     run = json.loads((train_dir / "run_config.json").read_text())
@@ -124,8 +124,11 @@ def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_di
         "commands": [h["command"] for h in harvests] + [train_command],
         "train_command": train_command,
         "train_caches": [str(Path(h["caches"][hook])) for h in harvests],
-        "corpus": run["run"]["text"],
-        "corpus_digest": corpus_digest(run["run"]["text"], "train"),
+        # The activations come from the caches, so the corpus is what the harvests read (in order);
+        # the train command's --text only labels the SAE (its cfg's dataset_path).
+        "corpus": " + ".join(dict.fromkeys(f"{h['text']} (train split)" for h in harvests)),
+        "corpus_digest": hashlib.sha256("\n".join(h["corpus_digest"] for h in harvests).encode()).hexdigest(),
+        "train_text_label": run["run"]["text"],
         "harvests": [{k: h[k] for k in ("text", "corpus_digest", "tokens_per_site", "skipped_rows", "seconds",
                                         "tokens_per_s") if k in h} for h in harvests],
         "generated_harvest_tokens": sum(h["tokens_per_site"] for h in harvests if h["text"] == "generated"),
