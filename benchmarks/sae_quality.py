@@ -133,9 +133,9 @@ def main() -> None:
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "saes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        for release, ids in (list_releases() or {"(none shipped)": ["blocks.15.hook_resid_pre"]}).items():
+        for release, ids in list_releases().items():
             for sae_id in ids:
-                entry = release_entry(release, sae_id) if release != "(none shipped)" else None
+                entry = release_entry(release, sae_id)
                 model = load_model(n_layers=int(sae_id.split(".")[1]) + 1)
                 rate = harvest_rate(model, sae_id, args.harvest_tokens)
                 del model
