@@ -96,7 +96,8 @@ def test_recorded_recipe_runs_at_a_tiny_budget(tmp_path, monkeypatch):
     # The recipe's text, replaced by a few documents: no network, no generation, same code path.
     monkeypatch.setattr(mix, "real_documents", lambda source, split, folder=None: [f"{source} text number {i}. " * 40
                                                                                    for i in range(20)])
-    monkeypatch.setattr(mix, "generated_documents", lambda split: ["<|im_start|>user\nHi<|im_end|>\n"] * 5)
+    chat = "<|im_start|>user\nTell me about rivers.<|im_end|>\n<|im_start|>assistant\n" + "Rivers run to the sea. " * 30
+    monkeypatch.setattr(mix, "generated_documents", lambda split: [chat] * 5)
     for command in entry.recipe["commands"]:
         assert main(_shrunk(command, tmp_path)) == 0, command
     trained = sorted(tmp_path.rglob("sae-*/cfg.json"))
