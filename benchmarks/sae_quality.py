@@ -120,6 +120,7 @@ def baseline_and_shipped(entry: Any, tokens: int | None, work: Path, rows: int) 
 
 
 def main() -> None:
+    from patching import Site
     from patching.models import load_model
     from sae.registry import list_releases, release_entry
 
@@ -136,7 +137,7 @@ def main() -> None:
         for release, ids in list_releases().items():
             for sae_id in ids:
                 entry = release_entry(release, sae_id)
-                model = load_model(n_layers=int(sae_id.split(".")[1]) + 1)
+                model = load_model(n_layers=Site.from_hook_name(sae_id).layer + 1)
                 rate = harvest_rate(model, sae_id, args.harvest_tokens)
                 del model
                 quality = {} if args.rate_only else baseline_and_shipped(entry, args.tokens, work / release / sae_id,
