@@ -34,7 +34,7 @@ class UnknownReleaseError(LookupError):
     def __init__(self, asked: str, available: list[str]) -> None:
         self.asked = asked
         self.available = available
-        super().__init__(f"{asked} is not a shipped SAE release; available: {', '.join(available) or 'none'}")
+        super().__init__(f"{asked} is not shipped with latentpatch; available: {', '.join(available) or 'none'}")
 
 
 class ReleaseIntegrityError(SAEFileError):

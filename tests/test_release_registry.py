@@ -33,7 +33,7 @@ def release_root(tmp_path):
 
 def test_unknown_release_or_id_lists_the_available_ones(release_root):
     root, _ = release_root
-    with pytest.raises(UnknownReleaseError, match="'gpt2-res' is not a shipped SAE release; available: tiny-res"):
+    with pytest.raises(UnknownReleaseError, match="'gpt2-res' is not shipped with latentpatch; available: tiny-res"):
         load_release("gpt2-res", "blocks.1.hook_resid_pre", root=root)
     with pytest.raises(UnknownReleaseError, match="available: blocks.1.hook_resid_pre") as info:
         load_release("tiny-res", "blocks.2.hook_resid_pre", root=root)
