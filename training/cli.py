@@ -41,7 +41,8 @@ class RunConfig:
     d_sae: tuple[int, ...]
     """Latent counts, one per SAE (or one shared)."""
     text: str
-    """`default` (the self-generated corpus), a .txt/.jsonl path, or `hf:NAME` (needs the hub)."""
+    """`default` (real text + the self-generated chat corpus), `brown`, `nlp-corpus`, `generated` (their
+    training splits, `training.mix`), a .txt/.jsonl path, or `hf:NAME` (needs the hub)."""
     out: str
     """Output folder."""
     batch_size: int
@@ -52,8 +53,9 @@ class RunConfig:
     """Shuffle-buffer capacity in activations."""
     drop_special_tokens: bool
     """Leave BOS and other special tokens out of training."""
-    activation_cache: str | None
-    """Cache folder: read activations from it, harvesting into it first if it has none."""
+    activation_cache: tuple[str, ...] | None
+    """Cache folder(s): read activations from them (shards of all, weighted by their tokens); a single
+    folder that holds no cache yet is harvested into first."""
 
 
 def register(subparsers: Any) -> None:
@@ -71,8 +73,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokens", type=int, required=True, help="training activations (steps = tokens // batch size)")
     p.add_argument("--out", type=Path, required=True, help="output folder DIR")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
-    p.add_argument("--text", default="default", help="'default' (self-generated corpus, built once), a .txt/.jsonl file, "
-                                                     "or hf:NAME (a Hugging Face dataset; needs the hub)")
+    p.add_argument("--text", default="default",
+                   help="'default' (Brown + nlp-corpus + the self-generated chat corpus, training split), 'real', "
+                        "'brown', 'nlp-corpus', 'generated', a .txt/.jsonl file, or hf:NAME (needs the hub)")
     p.add_argument("--batch-size", type=int, default=4096, help="activations per step (default 4096; under torchrun "
                                                                    "with --parallel data, the global batch over all ranks)")
     p.add_argument("--parallel", choices=("data", "saes"), default="data",
@@ -84,8 +87,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")
     p.add_argument("--buffer-tokens", type=int, default=65536, help="shuffle-buffer capacity in activations")
     p.add_argument("--keep-special-tokens", action="store_true", help="train on BOS/special-token activations too")
-    p.add_argument("--activation-cache", default=None, help="read activations from this cache folder (harvested into "
-                                                           "it first when it holds none)")
+    p.add_argument("--activation-cache", nargs="+", default=None,
+                   help="read activations from these cache folders (see `latentpatch harvest`; a single folder that "
+                        "holds none is harvested into first)")
     p.add_argument("--resample-steps", type=int, nargs="*", default=[], help="steps at which dead latents are resampled")
     p.add_argument("--log-every", type=int, default=50, help="steps between log records (default 50)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between splice_metrics on held-out text")
@@ -95,6 +99,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_train)
+    from training.cli_corpus import register as register_corpus
+    from training.cli_harvest import register as register_harvest
+
+    register_harvest(subparsers)
+    register_corpus(subparsers)
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -165,7 +174,8 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
         raise TrainingConfigError(f"--batch-size {args.batch_size} does not split over {world} ranks; give a multiple")
     run = RunConfig(model=args.model, site=site_text, d_sae=tuple(d for d, _ in group), text=args.text, out=str(out),
                     batch_size=args.batch_size, context_size=args.context_size, buffer_tokens=args.buffer_tokens,
-                    drop_special_tokens=not args.keep_special_tokens, activation_cache=args.activation_cache)
+                    drop_special_tokens=not args.keep_special_tokens,
+                    activation_cache=tuple(args.activation_cache) if args.activation_cache else None)
     _check_args(args)
     steps = args.tokens // args.batch_size
     if steps < 1:
@@ -177,7 +187,7 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
                            resample_steps=tuple(args.resample_steps), log_every=args.log_every,
                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                            progress_bar=not args.no_progress)
-    texts = _texts(run.text)  # a missing or binary text file fails here, before the model loads
+    texts = texts_for(run.text)[:2]  # a missing or binary text file fails here, before the model loads
     model, site = _load(run, full=args.eval_every is not None)
     saes = _new_saes(run, model, site, args.seed, seed_offsets or list(range(len(group))))
     batches = _batches(run, model, site, args.seed, tokens=args.tokens, texts=texts, collective=collective,
@@ -310,34 +320,38 @@ def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, t
                                  context_size=run.context_size, buffer_tokens=run.buffer_tokens,
                                  drop_special_tokens=run.drop_special_tokens, seed=seed, description=description,
                                  rank=rank if stripe else 0, world_size=world if stripe else 1)
-    exists = (Path(run.activation_cache) / "manifest.json").exists()
+    folders = run.activation_cache
+    exists = (Path(folders[0]) / "manifest.json").exists()
     if collective is not None:  # rank 0 decides, so that every rank takes the same branch
         exists = collective.broadcast_bytes(b"1" if exists else b"") == b"1"
-    if not exists:
+    if len(folders) == 1 and not exists:
         # Every rank harvests its stripe of the token rows into its own shards.
         rows = TokenRows(model, opener, context_size=run.context_size, description=description, rank=rank,
                          world_size=world)
         write_activation_cache(HarvestChunks(model, site, rows, drop_special_tokens=run.drop_special_tokens),
-                               run.activation_cache, n_tokens=tokens, collective=collective)
-    manifest = read_manifest(run.activation_cache)
-    if manifest.get("source", {}).get("hook_name") not in (None, site.hook_name):
-        raise TrainingConfigError(f"activation cache {run.activation_cache} holds {manifest['source']['hook_name']}, "
-                                  f"not {site.hook_name}")
+                               folders[0], n_tokens=tokens, collective=collective)
+    for folder in folders:
+        manifest = read_manifest(folder)
+        if manifest.get("source", {}).get("hook_name") not in (None, site.hook_name):
+            raise TrainingConfigError(f"activation cache {folder} holds {manifest['source']['hook_name']}, "
+                                      f"not {site.hook_name}")
     if stripe:
-        return cached_batches(run.activation_cache, batch_size=run.batch_size // world, buffer_tokens=run.buffer_tokens,
+        return cached_batches(folders, batch_size=run.batch_size // world, buffer_tokens=run.buffer_tokens,
                               seed=seed, rank=rank, world_size=world)
-    return cached_batches(run.activation_cache, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed)
+    return cached_batches(folders, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed)
 
 
-def _texts(text: str) -> tuple[Any, str]:
-    from training.corpus import default_texts
+def texts_for(text: str) -> tuple[Any, str, str | None]:
+    """(opener, description, corpus digest or None) for a `--text` value; named corpora use their
+    training split."""
+    from training.mix import CORPUS_NAMES, corpus_digest, corpus_texts
     from training.text import file_texts, hf_texts
 
-    if text == "default":
-        return default_texts(), "default corpus"
+    if text in CORPUS_NAMES:
+        return corpus_texts(text, "train"), f"{text} corpus (train split)", corpus_digest(text, "train")
     if text.startswith("hf:"):
-        return hf_texts(text[3:]), text
-    return file_texts(text), text
+        return hf_texts(text[3:]), text, None
+    return file_texts(text), text, None
 
 
 def _eval_tokens(model: Any, context_size: int) -> Any:

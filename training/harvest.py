@@ -79,3 +79,45 @@ def harvested_batches(model: Any, site: Site, open_texts: TextOpener, *, batch_s
                      world_size=world_size)
     chunks = HarvestChunks(model, site, rows, rows_per_chunk=rows_per_chunk, drop_special_tokens=drop_special_tokens)
     return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed + rank)
+
+
+class MultiSiteChunks:
+    """Activations at several sites from one forward pass per chunk of rows.
+
+    The pass runs blocks 0..deepest site's layer and stops as soon as the last hook has fired, so
+    harvesting layers 5, 15 and 25 together costs one pass to layer 25, not three passes.
+    """
+
+    def __init__(self, model: Any, sites: list[Site], rows: Any, *, rows_per_chunk: int = 8,
+                 drop_special_tokens: bool = True) -> None:
+        # `rows`: a `TokenRows`, or anything with its `next_rows(n)` and `describe()`.
+        if not sites or len({site.hook_name for site in sites}) != len(sites):
+            raise DataSourceError(f"MultiSiteChunks needs distinct sites, got {[s.hook_name for s in sites]}")
+        widths = {site.check(model).width(model) for site in sites}
+        if len(widths) != 1:
+            raise DataSourceError(f"sites {[s.hook_name for s in sites]} have different widths {sorted(widths)}")
+        if rows_per_chunk <= 0:
+            raise DataSourceError(f"rows_per_chunk must be positive, got {rows_per_chunk}")
+        self.model, self.sites, self.rows, self.rows_per_chunk = model, sites, rows, rows_per_chunk
+        self.hook_names = [site.hook_name for site in sites]
+        self.d_in = widths.pop()
+        special = tl_compat.special_token_ids(model) if drop_special_tokens else []
+        self.drop_tokens = torch.tensor(special, dtype=torch.long)
+
+    @torch.inference_mode()
+    def next_chunks(self) -> dict[str, Float[Tensor, "token d_in"]]:
+        tokens = self.rows.next_rows(self.rows_per_chunk)  # (row, pos)
+        deepest = max(site.layer for site in self.sites)
+        acts = tl_compat.run_to_hooks(self.model, tokens, self.hook_names, deepest)
+        keep = ~torch.isin(tokens.reshape(-1), self.drop_tokens) if self.drop_tokens.numel() else None
+        out = {}
+        for hook, act in acts.items():
+            flat = act.reshape(-1, act.shape[-1])
+            out[hook] = (flat if keep is None else flat[keep]).float()
+        return out
+
+    def describe(self, hook_name: str) -> dict[str, Any]:
+        return {"source": "harvest", "model": tl_compat.model_name(self.model), "hook_name": hook_name,
+                "harvested_with": self.hook_names, "flags": model_flags(self.model),
+                "rows_per_chunk": self.rows_per_chunk, "dropped_tokens": self.drop_tokens.tolist(),
+                **self.rows.describe()}

@@ -1,0 +1,128 @@
+"""Shipped SAE releases: `load_release(release, sae_id)`, offline, from the installed package.
+
+The counterpart of `sae_lens.SAE.from_pretrained(release, sae_id)` for SAEs this project trained
+itself. Each release is a folder under `sae/releases/` holding one SAE folder per `sae_id` (the
+hook name, SAELens's layout, weights in float16 to keep the wheel small) and a `registry.json`
+under `sae/releases/` that records, for every SAE, the exact commands that produced it, the
+digest of the corpus it trained on, its held-out evaluation figures and the SHA-256 of its
+weights file. Loading verifies that hash before parsing the file, then returns a float32 SAE
+(half precision is a storage format here; the splice runs in the model's dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae.errors import SAEFileError
+from sae.files import WEIGHTS_FILE, load_sae
+from sae.model import TORCH_DTYPES, SparseAutoencoder
+
+RELEASES_DIR = Path(__file__).parent / "releases"
+REGISTRY_FILE = "registry.json"
+
+
+class UnknownReleaseError(LookupError):
+    """A release or SAE id the registry does not hold; the message lists the ones it does."""
+
+    def __init__(self, asked: str, available: list[str]) -> None:
+        self.asked = asked
+        self.available = available
+        super().__init__(f"{asked} is not shipped with latentpatch; available: {', '.join(available) or 'none'}")
+
+
+class ReleaseIntegrityError(SAEFileError):
+    """A shipped SAE's weights file differs from the SHA-256 its registry entry records."""
+
+
+@dataclass(frozen=True)
+class ReleaseEntry:
+    """One shipped SAE as its registry records it."""
+
+    release: str
+    """Release name, e.g. `smollm2-135m-res`."""
+    sae_id: str
+    """Id within the release: the hook name it reads, e.g. `blocks.15.hook_resid_pre`."""
+    folder: Path
+    """The SAE folder (SAELens layout) inside the installed package."""
+    weights_sha256: str
+    """SHA-256 of `sae_weights.safetensors` as shipped."""
+    recipe: dict[str, Any]
+    """How it was made: `commands` (exact, in order), `corpus`, `corpus_digest`, token counts, seconds."""
+    heldout: dict[str, Any]
+    """Evaluation on held-out real text (`training.heldout_eval`): CE loss recovered, KL, EV, L0, ..."""
+
+
+def _read_registry(root: Path) -> dict[str, Any]:
+    path = root / REGISTRY_FILE
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise SAEFileError(path, f"is not a readable registry ({err})") from err
+    if not isinstance(registry, dict):
+        raise SAEFileError(path, f"must hold a JSON object, found {type(registry).__name__}")
+    return registry
+
+
+def list_releases(*, root: str | Path = RELEASES_DIR) -> dict[str, list[str]]:
+    """Release name -> its SAE ids."""
+    return {name: sorted(release.get("saes", {})) for name, release in sorted(_read_registry(Path(root)).items())}
+
+
+def release_entry(release: str, sae_id: str, *, root: str | Path = RELEASES_DIR) -> ReleaseEntry:
+    """The registry entry of `sae_id` in `release`; `UnknownReleaseError` lists what exists."""
+    root = Path(root)
+    registry = _read_registry(root)
+    if release not in registry:
+        raise UnknownReleaseError(f"release {release!r}", sorted(registry))
+    saes = registry[release].get("saes", {})
+    if sae_id not in saes:
+        raise UnknownReleaseError(f"sae_id {sae_id!r} of release {release!r}", sorted(saes))
+    entry = saes[sae_id]
+    try:
+        return ReleaseEntry(release=release, sae_id=sae_id, folder=root / entry["path"],
+                            weights_sha256=entry["weights_sha256"], recipe=entry["recipe"], heldout=entry["heldout"])
+    except (KeyError, TypeError) as err:
+        raise SAEFileError(root / REGISTRY_FILE, f"entry {release}/{sae_id} lacks {err}") from err
+
+
+def verify_release(entry: ReleaseEntry) -> None:
+    """Raise `ReleaseIntegrityError` unless the shipped weights hash to the recorded SHA-256."""
+    path = entry.folder / WEIGHTS_FILE
+    try:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise ReleaseIntegrityError(path, f"cannot be read ({err})") from err
+    if actual != entry.weights_sha256:
+        raise ReleaseIntegrityError(path, f"SHA-256 {actual} differs from the registry's {entry.weights_sha256}")
+
+
+def load_release(release: str, sae_id: str, *, device: str | torch.device = "cpu", dtype: str = "float32",
+                 root: str | Path = RELEASES_DIR) -> SparseAutoencoder:
+    """A shipped SAE, its weights verified, in `dtype` (float32 by default); works offline."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    entry = release_entry(release, sae_id, root=root)
+    verify_release(entry)
+    stored = load_sae(entry.folder)
+    if stored.cfg.dtype == dtype:
+        return stored.to(device)
+    sae = SparseAutoencoder(dataclasses.replace(stored.cfg, dtype=dtype))  # type: ignore[arg-type]
+    sae.load_state_dict({name: t.to(TORCH_DTYPES[dtype]) for name, t in stored.state_dict().items()})
+    return sae.to(device)
+
+
+def half_precision(sae: SparseAutoencoder, dtype: str = "float16") -> SparseAutoencoder:
+    """A copy of `sae` (normalization folded in) stored in `dtype`, for shipping."""
+    folded = sae.folded()
+    half = SparseAutoencoder(dataclasses.replace(folded.cfg, dtype=dtype))  # type: ignore[arg-type]
+    half.load_state_dict({name: t.to(TORCH_DTYPES[dtype]) for name, t in folded.state_dict().items()})
+    return half

@@ -1,0 +1,110 @@
+"""Shipped SAE releases: the registry's typed errors, hash verification, float16 storage loaded as
+float32, every shipped entry intact, and the recorded recipe runs (tiny token budget)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae import save_sae
+from sae.registry import (RELEASES_DIR, ReleaseIntegrityError, UnknownReleaseError, half_precision, list_releases,
+                          load_release, release_entry)
+from tests.conftest import make_sae
+
+SHIPPED = list_releases()
+
+
+@pytest.fixture()
+def release_root(tmp_path):
+    sae = make_sae(16, 32, hook_name="blocks.1.hook_resid_pre", model_name="tiny")
+    folder = save_sae(half_precision(sae), tmp_path / "tiny-res" / "blocks.1.hook_resid_pre")
+    sha = hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
+    registry = {"tiny-res": {"model": "tiny", "saes": {"blocks.1.hook_resid_pre": {
+        "path": "tiny-res/blocks.1.hook_resid_pre", "weights_sha256": sha,
+        "recipe": {"commands": ["latentpatch train ..."]}, "heldout": {"l0": 1.0}}}}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    return tmp_path, sae
+
+
+def test_unknown_release_or_id_lists_the_available_ones(release_root):
+    root, _ = release_root
+    with pytest.raises(UnknownReleaseError, match="'gpt2-res' is not shipped with latentpatch; available: tiny-res"):
+        load_release("gpt2-res", "blocks.1.hook_resid_pre", root=root)
+    with pytest.raises(UnknownReleaseError, match="available: blocks.1.hook_resid_pre") as info:
+        load_release("tiny-res", "blocks.2.hook_resid_pre", root=root)
+    assert info.value.available == ["blocks.1.hook_resid_pre"] and isinstance(info.value, LookupError)
+    assert list_releases(root=root) == {"tiny-res": ["blocks.1.hook_resid_pre"]}
+
+
+def test_float16_storage_loads_as_float32_and_a_changed_file_is_refused(release_root):
+    root, sae = release_root
+    loaded = load_release("tiny-res", "blocks.1.hook_resid_pre", root=root)
+    assert loaded.W_enc.dtype == torch.float32 and loaded.cfg.dtype == "float32"
+    assert torch.equal(loaded.W_dec, sae.folded().W_dec.detach().half().float())
+    assert load_release("tiny-res", "blocks.1.hook_resid_pre", root=root, dtype="float16").W_dec.dtype == torch.float16
+    weights = root / "tiny-res" / "blocks.1.hook_resid_pre" / "sae_weights.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ReleaseIntegrityError, match="differs from the registry's"):
+        load_release("tiny-res", "blocks.1.hook_resid_pre", root=root)
+
+
+@pytest.mark.parametrize("release,sae_id", [(r, i) for r, ids in SHIPPED.items() for i in ids])
+def test_every_shipped_sae_is_intact_small_and_documented(release, sae_id):
+    entry = release_entry(release, sae_id)
+    assert (entry.folder / "sae_weights.safetensors").stat().st_size <= 12 * 1024 * 1024
+    sae = load_release(release, sae_id)
+    assert sae.cfg.hook_name == sae_id and sae.cfg.model_from_pretrained_kwargs is not None
+    assert entry.recipe["commands"] and len(entry.recipe["corpus_digest"]) == 64
+    for key in ("ce_loss_recovered", "kl_spliced", "explained_variance", "l0", "n_tokens"):
+        assert isinstance(entry.heldout[key], (int, float))
+
+
+def test_the_demo_site_is_shipped():
+    assert "blocks.15.hook_resid_pre" in SHIPPED.get("smollm2-135m-res", []), SHIPPED
+
+
+def _shrunk(command: str, tmp: Path) -> list[str]:
+    """The recorded command with its paths moved under `tmp` and a tiny token budget."""
+    argv = shlex.split(command)[1:]  # drop "latentpatch"
+    out, paths = [], False
+    for i, arg in enumerate(argv):
+        if argv[i - 1] == "--tokens":
+            arg = "4096" if argv[0] == "train" else "1000"
+        elif argv[i - 1] == "--rows-per-chunk":
+            arg = "4"
+        elif arg.startswith("--"):
+            paths = arg in ("--out", "--activation-cache")
+        elif paths:
+            arg = str(tmp / arg.lstrip("/"))
+        out.append(arg)
+    return out + ["--no-progress"] if argv[0] == "train" else out
+
+
+@pytest.mark.default_model
+def test_recorded_recipe_runs_at_a_tiny_budget(tmp_path, monkeypatch):
+    from latentpatch.cli import main
+    import training.mix as mix
+
+    entry = release_entry("smollm2-135m-res", "blocks.15.hook_resid_pre")
+    # The recipe's text, replaced by a few documents: no network, no generation, same code path.
+    monkeypatch.setattr(mix, "real_documents", lambda source, split, folder=None: [f"{source} text number {i}. " * 40
+                                                                                   for i in range(20)])
+    chat = "<|im_start|>user\nTell me about rivers.<|im_end|>\n<|im_start|>assistant\n" + "Rivers run to the sea. " * 30
+    monkeypatch.setattr(mix, "generated_documents", lambda split: [chat] * 5)
+    for command in entry.recipe["commands"]:
+        assert main(_shrunk(command, tmp_path)) == 0, command
+    trained = sorted(tmp_path.rglob("sae-*/cfg.json"))
+    assert trained and all(json.loads(p.read_text())["metadata"]["hook_name"] == "blocks.15.hook_resid_pre"
+                           for p in trained)
+
+
+def test_package_data_names_the_shipped_files():
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"releases/*/*/sae_weights.safetensors"' in pyproject and RELEASES_DIR.name == "releases"

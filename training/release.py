@@ -1,0 +1,179 @@
+"""Making a shipped SAE release: evaluate trained SAEs on held-out text, export one, register it.
+
+    python -m training.release evaluate --sae RUN/sae-0 RUN/sae-1 --out sweep.json [--plot sweep.png]
+    python -m training.release recipe --train-dir RUN --sae-index 1 --train-command "..." --harvest H1 H2 --out r.json
+    python -m training.release export --sae RUN/sae-1 --release smollm2-135m-res --recipe r.json
+
+`evaluate` runs `training.heldout_eval` on the first rows of the held-out split of the real corpora
+(never trained on) and plots L0 against CE loss recovered. `export` writes the SAE in float16
+into `sae/releases/<release>/<hook name>/`, evaluates the exported weights themselves (what users
+load), and records the entry in `sae/releases/registry.json`: the recipe (exact commands, corpus
+digest, tokens, seconds), the held-out figures and the weights' SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sae.files import WEIGHTS_FILE, atomic_write, load_sae, save_sae
+from sae.registry import REGISTRY_FILE, RELEASES_DIR, half_precision, load_release
+
+log = logging.getLogger(__name__)
+
+EVAL_ROWS = 24
+"""Held-out rows of 128 tokens per evaluation: 24 * 127 = 3048 scored tokens."""
+
+
+def evaluate(sae_dirs: list[Path], *, n_rows: int = EVAL_ROWS, corpus: str = "real",
+             saes: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Held-out figures for each SAE folder (or each of `saes`, already loaded, named by `sae_dirs`)."""
+    from patching.model.loading import load_model
+    from patching.model.sites import Site
+    from patching.model import tl_compat
+    from training.heldout_eval import dead_fraction, evaluate_heldout, heldout_tokens
+
+    model = load_model()
+    model.eval()
+    tokens = heldout_tokens(model, corpus=corpus, n_rows=n_rows)
+    results = []
+    for index, folder in enumerate(sae_dirs):
+        sae = saes[index] if saes is not None else load_sae(folder)
+        start = time.perf_counter()
+        figures = evaluate_heldout(model, sae, tokens)
+        site = Site.from_hook_name(sae.cfg.hook_name)
+        acts = tl_compat.run_to_hook(model, tokens, site.hook_name, site.layer)[:, 1:].reshape(-1, sae.cfg.d_in)
+        figures["dead_fraction"] = dead_fraction(sae, acts)
+        figures["eval_seconds"] = round(time.perf_counter() - start, 1)
+        results.append({"sae": str(folder), "d_sae": sae.cfg.d_sae, "corpus": f"{corpus} (held-out split)",
+                        "n_rows": n_rows, **_l1_of(folder), **figures})
+        log.info("%s: %s", folder, json.dumps(results[-1]))
+    return results
+
+
+def _l1_of(folder: Path) -> dict[str, Any]:
+    """The L1 coefficient a `latentpatch train` run gave this SAE (from its run_config.json)."""
+    several = folder.name.startswith("sae-")  # several SAEs trained together: RUN/sae-<i>/
+    run_config = (folder.parent if several else folder) / "run_config.json"
+    if not run_config.is_file():
+        return {}
+    coefficients = json.loads(run_config.read_text())["trainer"]["l1_coefficient"]
+    index = int(folder.name.split("-")[1]) if several else 0
+    return {"l1_coefficient": coefficients[index] if isinstance(coefficients, list) else coefficients}
+
+
+def plot_sweep(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in results:
+        ax.scatter(r["l0"], r["ce_loss_recovered"], color="C0")
+        ax.annotate(f"L1={r.get('l1_coefficient', '?')}, d_sae={r['d_sae']}", (r["l0"], r["ce_loss_recovered"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+    ax.axvline(64, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("CE loss recovered (held-out real text)")
+    ax.set_title("L0 vs CE loss recovered")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = RELEASES_DIR,
+           n_rows: int = EVAL_ROWS) -> dict[str, Any]:
+    """Ship `sae_dir` as float16 into `root/<release>/<hook name>/` and register it (module docstring)."""
+    sae = load_sae(sae_dir)
+    sae_id = sae.cfg.hook_name
+    folder = save_sae(half_precision(sae), root / release / sae_id)
+    sha = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+    registry_path = root / REGISTRY_FILE
+    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
+    entry = {"path": f"{release}/{sae_id}", "weights_sha256": sha, "recipe": recipe, "heldout": {}}
+    registry.setdefault(release, {"model": sae.cfg.model_name, "saes": {}})["saes"][sae_id] = entry
+    atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
+    shipped = load_release(release, sae_id, root=root)  # the float16 weights, as users get them
+    (figures,) = evaluate([sae_dir], n_rows=n_rows, saes=[shipped])
+    figures.pop("sae")
+    entry["heldout"] = figures
+    atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
+    return entry
+
+
+def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_dirs: list[Path]) -> dict[str, Any]:
+    """The recipe an export records: the harvests' and the training's exact commands, the corpora
+    and their digests, token counts, rates and seconds (from `harvest.json`, `run_config.json` and
+    the `--json` result of `latentpatch train` saved as `result.json`)."""
+    from training.cli import parse_site
+
+    harvests = [json.loads((folder / "harvest.json").read_text()) for folder in harvest_dirs]
+    run = json.loads((train_dir / "run_config.json").read_text())
+    result = json.loads((train_dir / "result.json").read_text())
+    coefficients = run["trainer"]["l1_coefficient"]
+    widths = run["run"]["d_sae"]
+    hook = parse_site(run["run"]["site"]).hook_name
+    return {
+        "commands": [h["command"] for h in harvests] + [train_command],
+        "train_command": train_command,
+        "train_caches": [str(Path(h["caches"][hook])) for h in harvests],
+        # The activations come from the caches, so the corpus is what the harvests read (in order);
+        # the train command's --text only labels the SAE (its cfg's dataset_path).
+        "corpus": " + ".join(dict.fromkeys(f"{h['text']} (train split)" for h in harvests)),
+        "corpus_digest": hashlib.sha256("\n".join(h["corpus_digest"] for h in harvests).encode()).hexdigest(),
+        "train_text_label": run["run"]["text"],
+        "harvests": [{k: h[k] for k in ("text", "corpus_digest", "tokens_per_site", "skipped_rows", "seconds",
+                                        "tokens_per_s") if k in h} for h in harvests],
+        "generated_harvest_tokens": sum(h["tokens_per_site"] for h in harvests if h["text"] == "generated"),
+        "harvested_tokens": sum(h["tokens_per_site"] for h in harvests),
+        "train_tokens": result["tokens"], "train_steps": result["steps"], "train_seconds": result["seconds"],
+        "saes_trained_together": max(len(widths), len(coefficients) if isinstance(coefficients, list) else 1),
+        "sae_index": sae_index,
+        "l1_coefficient": coefficients[sae_index] if isinstance(coefficients, list) else coefficients,
+        "d_sae": widths[sae_index] if len(widths) > 1 else widths[0],
+        "trainer": run["trainer"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.release", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="held-out figures of trained SAEs, as JSON (and a plot)")
+    ev.add_argument("--sae", type=Path, nargs="+", required=True)
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--plot", type=Path, default=None)
+    ev.add_argument("--rows", type=int, default=EVAL_ROWS)
+    ex = sub.add_parser("export", help="ship one SAE in float16 and register it")
+    ex.add_argument("--sae", type=Path, required=True)
+    ex.add_argument("--release", required=True)
+    ex.add_argument("--recipe", type=Path, required=True, help="JSON: commands, corpus, corpus_digest, tokens, ...")
+    rc = sub.add_parser("recipe", help="write the recipe JSON of one SAE of a `latentpatch train` run")
+    rc.add_argument("--train-dir", type=Path, required=True)
+    rc.add_argument("--sae-index", type=int, required=True)
+    rc.add_argument("--train-command", required=True)
+    rc.add_argument("--harvest", type=Path, nargs="+", required=True)
+    rc.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.command == "evaluate":
+        results = evaluate(args.sae, n_rows=args.rows)
+        atomic_write(args.out, json.dumps(results, indent=2).encode())
+        if args.plot is not None:
+            plot_sweep(results, args.plot)
+    elif args.command == "recipe":
+        recipe = build_recipe(args.train_dir, args.sae_index, args.train_command, args.harvest)
+        atomic_write(args.out, json.dumps(recipe, indent=2).encode())
+    else:
+        entry = export(args.sae, args.release, json.loads(args.recipe.read_text()))
+        log.info("registered %s", json.dumps(entry))
+
+
+if __name__ == "__main__":
+    main()
