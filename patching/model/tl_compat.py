@@ -311,8 +311,9 @@ def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_
 
     Models with learned absolute positions run without the cache whatever `use_past_kv_cache`
     says: TransformerLens 3.9's cached loop embeds the whole sequence at offset = cache length
-    and keeps the last row, so each new token at position p (after the first) gets W_pos[2p]
-    (and past n_ctx / 2 the slice runs out). Uncached is slower, never wrong.
+    and keeps the last row, so (measured on a tokenizer-less model, where it passes no attention
+    mask) each new token at position p after the first gets W_pos[2p], and past n_ctx / 2 the
+    slice runs out. Uncached is slower, never wrong.
     """
     if model.cfg.positional_embedding_type in ("standard", "shortformer"):
         use_past_kv_cache = False
