@@ -221,9 +221,11 @@ def test_transformer_lens_cached_generate_is_still_wrong_for_learned_positions(z
         used.append([int((model.W_pos - x[0, p]).abs().sum(-1).argmin()) for p in range(x.shape[1])])
 
     with tl_compat.hooks(model, [("hook_pos_embed", record)]):
-        raw = model.generate(clean[:1], max_new_tokens=3, use_past_kv_cache=True, stop_at_eos=False, verbose=False)
+        raw = model.generate(clean[:1], max_new_tokens=3, use_past_kv_cache=True, do_sample=False, stop_at_eos=False,
+                             verbose=False)
     n = clean.shape[1]
     assert [rows[-1] for rows in used] == [n - 1, 2 * n, 2 * (n + 1)]
-    uncached = model.generate(clean[:1], max_new_tokens=3, use_past_kv_cache=False, stop_at_eos=False, verbose=False)
+    uncached = model.generate(clean[:1], max_new_tokens=3, use_past_kv_cache=False, do_sample=False, stop_at_eos=False,
+                              verbose=False)
     assert not torch.equal(raw, uncached)
     assert torch.equal(tl_compat.generate(model, clean[:1], max_new_tokens=3, use_past_kv_cache=True), uncached)
