@@ -202,8 +202,10 @@ def d_vocab(model: HookedTransformer) -> int:
 def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int, past_kv_cache: Any = None) -> Tensor:
     """Run blocks `start_layer..n_layers-1` on a residual stream; return it before the final norm.
 
-    With `past_kv_cache` the residual holds only the positions after the cached prefix."""
-    return model(residual, start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
+    With `past_kv_cache` the residual holds only the positions after the cached prefix. It is made
+    contiguous: a block whose MLP reads its input unnormalized (parallel attention and MLP, no norm)
+    hands it to TransformerLens's `batch_addmm`, whose `.view` refuses an expanded tensor."""
+    return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
 
 
 def readout(model: HookedTransformer, residual: Tensor) -> Tensor:
@@ -306,7 +308,15 @@ def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_
     masks the padding); a tensor is used as given. `stop_at_eos=False` gives every row exactly
     `max_new_tokens` new tokens. `generate` runs under inference mode; the clone is an ordinary
     tensor that later forward passes with autograd can take.
+
+    Models with learned absolute positions run without the cache whatever `use_past_kv_cache`
+    says: TransformerLens 3.9's cached loop embeds the whole sequence at offset = cache length
+    and keeps the last row, so (measured on a tokenizer-less model, where it passes no attention
+    mask) each new token at position p after the first gets W_pos[2p], and past n_ctx / 2 the
+    slice runs out. Uncached is slower, never wrong.
     """
+    if model.cfg.positional_embedding_type in ("standard", "shortformer"):
+        use_past_kv_cache = False
     # TransformerLens's generate calls `self.eval()` and never restores the mode (R5): put back every
     # module's `training` flag, however generation ends.
     modes = [(module, module.training) for module in model.modules()]
