@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from patching import Site, tl_compat
+from patching import Site
+from patching.model import tl_compat
 from training import DataSourceError, harvest
 from training.cache import CachedChunks, write_activation_cache, write_activation_caches
 from training.harvest import MultiSiteChunks
