@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--d-sae", type=int, default=4608, help="dictionary size (default: 8 x 576)")
     demo.add_argument("--train-tokens", type=int, default=600_000, help="activations the SAE trains on (default 600000)")
     demo.add_argument("--safety-pairs", type=int, default=6, help="refuse/comply pairs in the safety curve (default 6)")
+    demo.add_argument("--train", action="store_true", help="train the demo SAE instead of using the shipped release SAE")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     demo.set_defaults(run=run_demo)
 
@@ -69,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     check_output_folder(args.out)
     config = DemoConfig(out=args.out, layer=args.layer, d_sae=args.d_sae, train_tokens=args.train_tokens,
-                        safety_pairs=args.safety_pairs)
+                        safety_pairs=args.safety_pairs, train=args.train)
     results = run(config)
     brief = {key: results[key] for key in ("splice_metrics", "attribution", "seconds", "section_seconds", "report") if key in results}
     brief["sweep"] = {k: v for k, v in results.get("sweep", {}).items() if k != "top"}

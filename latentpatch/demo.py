@@ -1,6 +1,8 @@
 """`latentpatch demo`: the main job on the default model, end to end, into an HTML report.
 
-Trains (or reuses) an SAE at a middle layer on the default corpus, measures it spliced, runs a
+Uses the shipped release SAE at layer 15 (`smollm2-135m-res`, trained by this project on Brown,
+nlp-corpus and the generated chat corpus; `--train` trains one here instead, as does a layer no
+release covers), measures it spliced, runs a
 denoising sweep on a factual pair, attribution checked against exact patching, Top-1 versus
 Top-K steering and a safety restoration curve, and writes `index.html` with its plots and
 `results.json` into the output folder.
@@ -19,6 +21,7 @@ from latentpatch.report import Section, write_report
 
 log = logging.getLogger(__name__)
 
+DEMO_RELEASE = "smollm2-135m-res"
 FACTUAL = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
 
 
@@ -50,6 +53,9 @@ class DemoConfig:
     """Use only the first n pairs of the safety suite (None: all 30)."""
     seed: int = 0
     """Seed of the SAE's initialisation and of the data order."""
+    train: bool = False
+    """Train the demo SAE here even where the package ships a release SAE at `layer` (`--train`);
+    by default the shipped `smollm2-135m-res` SAE is used and nothing trains on the critical path."""
 
     def __post_init__(self) -> None:
         for name in ("layer", "d_sae", "train_tokens", "batch_size", "safety_pairs"):
@@ -73,6 +79,21 @@ def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
     return cache_root() / "demo-saes" / config.sae_key()
 
 
+def shipped_sae(config: DemoConfig) -> Any | None:
+    """The release SAE at the demo's layer (`sae.load_release`), or None when `config.train` asks
+    for a fresh one or no release covers that layer."""
+    from patching import Site
+    from sae import load_release
+    from sae.registry import UnknownReleaseError
+
+    if config.train:
+        return None
+    try:
+        return load_release(DEMO_RELEASE, Site(config.layer).hook_name)
+    except UnknownReleaseError:
+        return None
+
+
 def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
     """The demo SAE: loaded from the cache, or trained now on the default corpus.
 
@@ -89,6 +110,9 @@ def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
     from training.harvest import HarvestChunks
     from training.text import TokenRows
 
+    release = shipped_sae(config)
+    if release is not None:
+        return release
     folder = demo_sae_dir(config)
     try:
         return load_sae(folder)
