@@ -91,14 +91,11 @@ def _attribute_specific(p: argparse.ArgumentParser) -> None:
 
 def load_for(sae_dir: Path, model_name: str | None) -> tuple[Any, Any]:
     """The SAE and a model loaded with the weight processing the SAE records."""
-    from patching import ModelFlags, load_model
-    from patching.model.loading import DEFAULT_MODEL
+    from patching.model.loading import load_model_for
     from sae import load_sae
 
     sae = load_sae(sae_dir)
-    recorded = sae.cfg.model_from_pretrained_kwargs
-    flags = ModelFlags(**{name: bool(recorded.get(name, False)) for name in ModelFlags.__dataclass_fields__})
-    return sae, load_model(model_name or sae.cfg.model_name or DEFAULT_MODEL, flags=flags)
+    return sae, load_model_for(sae, model_name)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:

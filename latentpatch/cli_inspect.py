@@ -84,12 +84,11 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model_for(sae: Any, name: str | None) -> Any:
-    """The SAE's model (or `name`), loaded only up to the SAE's block."""
-    from patching import load_model
+    """The SAE's model (or `name`) with the SAE's weight processing, loaded only up to its block."""
+    from patching.model.loading import load_model_for as load
     from patching.model.sites import Site
 
-    model = load_model(name or sae.cfg.model_name or "smollm2-135m-instruct",
-                       n_layers=Site.from_hook_name(sae.cfg.hook_name).layer + 1)
+    model = load(sae, name, n_layers=Site.from_hook_name(sae.cfg.hook_name).layer + 1)
     model.eval()
     return model
 

@@ -53,11 +53,9 @@ def register(subparsers: Any) -> None:
 
 def load_model_for(sae: Any) -> Any:
     """The model the SAE was trained on, loaded with the SAE's weight-processing flags."""
-    from patching import DEFAULT_MODEL, ModelFlags, load_model
+    from patching.model.loading import load_model_for as load
 
-    names = {field.name for field in dataclasses.fields(ModelFlags)}
-    flags = ModelFlags(**{k: bool(v) for k, v in sae.cfg.model_from_pretrained_kwargs.items() if k in names})
-    return load_model(sae.cfg.model_name or DEFAULT_MODEL, flags=flags)
+    return load(sae)
 
 
 def run_steer(args: argparse.Namespace) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from patching.inspect import (
                                   unit_scores,
                                   write_dashboards,
 )
-from patching.model import DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, load_model, padded_tokens
+from patching.model import DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, load_model, load_model_for, padded_tokens
 from patching.safety import (PAIRS, RefusalScore, SafetyConfig, SafetyReport, SafetySuite, find_safety_latents, is_refusal,
                              refusal_rate)
 from patching.splice import ErrorPatch, LatentEdit, LatentPatch, SiteRecord, Splice, SpliceMetrics, splice, splice_metrics
@@ -49,7 +49,7 @@ __all__ = [
     "SteeringConfig", "SteeringError", "TokenLogProb", "TokenProb", "TopEntry", "UnitPart", "UnitReport",
     "UnitScores", "Verification", "attribute_latents", "compare_steering", "contrast_latents", "decompose",
     "find_safety_latents", "generate_steered", "inspect_latent", "inspect_latents", "inspect_units", "is_refusal",
-    "latent_restoration", "latents_from_result", "load_model", "logit_effect", "padded_tokens", "patch_heads", "patch_latents",
+    "latent_restoration", "latents_from_result", "load_model", "load_model_for", "logit_effect", "padded_tokens", "patch_heads", "patch_latents",
     "patch_residual", "raw_restoration", "readout", "refusal_rate", "splice", "splice_metrics", "steer",
     "steering_vector", "unit_scores", "verify", "write_dashboards",
 ]

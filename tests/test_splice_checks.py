@@ -124,3 +124,27 @@ def test_aligned_differences_are_zero_where_nothing_is_aligned(model):
                           align="end")
     assert short.mapped.tolist() == [False, True, True, True]
     assert short.source_minus_base(torch.ones(3, 2), torch.zeros(4, 2))[0].tolist() == [0.0, 0.0]
+
+
+def test_every_entry_point_loads_the_saes_model_with_its_processing(monkeypatch):
+    """One load_model_for: the dashboards copy used to drop the SAE's processing flags."""
+    from latentpatch import cli_inspect, cli_steer
+    from latentpatch.cli_experiments import load_for
+    from patching.model import loading
+
+    class FakeModel:
+        def eval(self):
+            return self
+
+    calls = []
+    monkeypatch.setattr(loading, "load_model", lambda name, **kw: calls.append((name, kw)) or FakeModel())
+    sae = make_sae(16, 8, hook_name="blocks.3.hook_resid_pre", model_name="some-model",
+                   model_from_pretrained_kwargs={"fold_ln": True, "center_unembed": True})
+    monkeypatch.setattr("sae.load_sae", lambda path: sae)
+    cli_inspect.load_model_for(sae, None)  # dashboards: only up to the SAE's block
+    cli_steer.load_model_for(sae)
+    load_for("unused", None)
+    assert len(calls) == 3 and calls[0][1]["n_layers"] == 4
+    for name, kwargs in calls:
+        assert name == "some-model"
+        assert kwargs["flags"] == loading.ModelFlags(fold_ln=True, center_unembed=True)

@@ -3,8 +3,8 @@
 
 Imports nothing of `patching` but the base modules (`errors`, `figures`)."""
 
-from patching.model.loading import DEFAULT_MODEL, ModelFlags, ModelOrigin, cache_root, load_model, model_flags
+from patching.model.loading import DEFAULT_MODEL, ModelFlags, ModelOrigin, cache_root, load_model, load_model_for, model_flags
 from patching.model.sites import Site, as_site
 from patching.model.tokens import padded_tokens
 
-__all__ = ["DEFAULT_MODEL", "ModelFlags", "ModelOrigin", "Site", "as_site", "cache_root", "load_model", "model_flags", "padded_tokens"]
+__all__ = ["DEFAULT_MODEL", "ModelFlags", "ModelOrigin", "Site", "as_site", "cache_root", "load_model", "load_model_for", "model_flags", "padded_tokens"]

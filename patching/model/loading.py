@@ -93,6 +93,16 @@ def load_model(
     return model
 
 
+def load_model_for(sae: Any, name: str | None = None, *, n_layers: int | None = None, **kwargs: Any) -> Any:
+    """The model an SAE was trained on (or `name`), loaded with the weight processing the SAE
+    records (`model_from_pretrained_kwargs`, absent flags False as in SAELens), so that splicing it
+    passes the processing check. The one way every entry point loads "the SAE's model"."""
+    recorded = dict(getattr(sae, "model_from_pretrained_kwargs", None) or {})
+    flags = ModelFlags(**{field: bool(recorded.get(field, False)) for field in ModelFlags.__dataclass_fields__})
+    model_name = name or getattr(sae, "model_name", None) or DEFAULT_MODEL
+    return load_model(model_name, flags=flags, n_layers=n_layers, **kwargs)
+
+
 def model_flags(model: Any) -> dict[str, bool | None]:
     """The processing flags a model was loaded with; None where a flag cannot be told apart
     (a model not loaded by latentpatch on which that step would change nothing)."""
