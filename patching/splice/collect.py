@@ -18,6 +18,7 @@ from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.checks import check_token_batch
 from patching.model.sites import Site
+from patching.model.tokens import right_pad
 from patching.splice.splicer import SpliceChecks, resolve_saes
 from sae.protocol import SAELike
 
@@ -81,13 +82,9 @@ def iter_site_values(model: Any, sites: Sequence[Site], corpus: Corpus, values: 
     rows = _token_rows(model, corpus)
     special = torch.tensor(tl_compat.special_token_ids(model) if tl_compat.has_tokenizer(model) else [], dtype=torch.long)
     hooks, layer = [site.hook_name for site in sites], max(site.layer for site in sites)
-    pad = tl_compat.pad_token_id(model)
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
-        width = max(len(row) for row in chunk)
-        batch = torch.full((len(chunk), width), pad, dtype=torch.long)
-        for i, row in enumerate(chunk):
-            batch[i, : len(row)] = row
+        batch, _ = right_pad(chunk)
         # Inside the loop, not as a decorator: a generator runs its body after the call returns.
         with torch.inference_mode():
             acts = tl_compat.run_to_hooks(model, batch.to(tl_compat.model_device(model)), hooks, layer)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from patching.model import tl_compat
 from patching.splice.generate import Sampling, generate
-from patching.model.tokens import padded_tokens
+from patching.model.tokens import padded_tokens, right_pad
 from patching.splice.collect import resolve_site
 from patching.splice.quality import kl_divergence
 from patching.model.loading import model_flags
@@ -252,13 +252,10 @@ def _fluency(model: Any, data: _Data, generated: list[Tensor], n_new: int) -> tu
     """Per seed: perplexity of the continuations under the (unsteered) model, and the fraction of
     continuation tokens that are concept tokens."""
     ppl, rates = [], []
-    pad = tl_compat.pad_token_id(model)
     for batch in generated:
         # Generation left-pads; each row's real tokens are its last (prompt length + n_new).
         rows = [row[len(row) - (length + n_new):] for row, length in zip(batch, data.prompt_lengths)]
-        padded = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-        for i, row in enumerate(rows):
-            padded[i, : len(row)] = row
+        padded, _ = right_pad(rows)
         log_probs = tl_compat.forward_logits(model, padded.to(tl_compat.model_device(model))).float().log_softmax(-1).cpu()
         nll = [-log_probs[i, length - 1 + torch.arange(n_new), rows[i][length:]].mean()
                for i, length in enumerate(data.prompt_lengths)]
