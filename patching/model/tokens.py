@@ -17,7 +17,7 @@ from torch import Tensor
 from patching.model import tl_compat
 
 
-def right_pad(rows: Sequence[Int[Tensor, " pos"]]) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+def right_pad(rows: Sequence[Int[Tensor, " _pos"]]) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Token rows right-padded to the longest, and the mask of real tokens. The padding repeats
     each row's last token (any id would do: causal attention keeps it out of real positions, and
     the mask keeps it out of every statistic). The one padding helper of the package."""
