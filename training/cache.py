@@ -36,8 +36,9 @@ CACHE_FORMAT_VERSION = 1
 class _ShardWriter:
     """Accumulates chunks for one cache folder and writes them as full shards."""
 
-    def __init__(self, folder: str | Path, shard_tokens: int) -> None:
+    def __init__(self, folder: str | Path, shard_tokens: int, *, prefix: str = "shard-") -> None:
         self.folder = Path(folder)
+        self.prefix = prefix  # per-rank writers of one cache use their own prefix
         if (self.folder / MANIFEST).exists():
             raise DataSourceError(f"{self.folder} already holds an activation cache; choose another folder")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ class _ShardWriter:
                                                          self.written + self.pending_rows >= n_tokens):
             rows = torch.cat(self.pending)
             shard, rest = rows[: self.shard_tokens], rows[self.shard_tokens :]
-            self.shards.append(_write_shard(self.folder, len(self.shards), shard))
+            self.shards.append(_write_shard(self.folder, f"{self.prefix}{len(self.shards):05d}.safetensors", shard))
             self.written += shard.shape[0]
             self.pending, self.pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
             log.info("activation cache %s: %d / %d tokens", self.folder, self.written, n_tokens)
@@ -102,22 +103,11 @@ def write_activation_cache(chunks: ChunkSource, folder: str | Path, *, n_tokens:
 
 def _write_shards(chunks: ChunkSource, folder: Path, n_tokens: int, shard_tokens: int, *,
                   prefix: str) -> list[dict[str, Any]]:
-    shards: list[dict[str, Any]] = []
-    pending: list[Tensor] = []
-    written = pending_rows = 0
-    while written < n_tokens:
-        chunk = chunks.next_chunk()
-        pending.append(chunk.float())
-        pending_rows += chunk.shape[0]
-        # Write full shards; once enough tokens are in hand, write the remainder too.
-        while pending_rows >= shard_tokens or (pending_rows and written + pending_rows >= n_tokens):
-            rows = torch.cat(pending)
-            shard, rest = rows[:shard_tokens], rows[shard_tokens:]
-            shards.append(_write_shard(folder, f"{prefix}{len(shards):05d}.safetensors", shard))
-            written += shard.shape[0]
-            pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
-            log.info("activation cache %s: %d / %d tokens", folder, written, n_tokens)
-    return shards
+    """Shards of at least `n_tokens` activations from `chunks`, named `prefix`NNNNN; no manifest."""
+    writer = _ShardWriter(folder, shard_tokens, prefix=prefix)
+    while writer.written < n_tokens:
+        writer.add(chunks.next_chunk(), n_tokens=n_tokens)
+    return writer.shards
 
 
 def write_activation_caches(chunks: Any, folders: dict[str, str | Path], *, n_tokens: int,
