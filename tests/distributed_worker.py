@@ -87,7 +87,7 @@ def run_saes(comm, out: Path) -> None:
     cache = out / "cache"
     write_activation_cache(RandomChunks(seed=10 + comm.rank), cache, n_tokens=400, shard_tokens=64, collective=comm)
     chunks = CachedChunks(cache, rank=comm.rank, world_size=comm.world_size)
-    read = [chunks._shards[int(i)]["file"] for i in chunks._order]
+    read = [chunks._entries[int(i)][1]["file"] for i in chunks._order]
     rows = sum(chunks.next_chunk().shape[0] for _ in read)
     (out / f"cache-read-{comm.rank}.json").write_text(json.dumps({"files": sorted(read), "rows": rows}))
 
