@@ -1,0 +1,136 @@
+"""TransformerLens calls for generation: key-value caches, one cached forward step, sampling,
+left padding, and TransformerLens's own `generate` (kept for its tests and for models whose
+learned positions its cache gets wrong). Part of the model room's TransformerLens door: callers
+reach these through `tl_compat`, which re-exports them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from transformer_lens import HookedTransformer
+
+
+def prefix_cache(model: HookedTransformer, prefix_tokens: Tensor) -> Any:
+    """Keys and values of a prompt prefix at every layer, frozen for reuse by many suffix runs."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    mask = torch.ones_like(prefix_tokens)  # no padding: every prefix token is attended
+    model(prefix_tokens, past_kv_cache=cache, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
+    cache.freeze()
+    return cache
+
+
+def expand_cache(cache: Any, rows: int) -> Any:
+    """A frozen view of a batch-1 cache broadcast to `rows` rows (no copy)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1), e.past_values.expand(rows, -1, -1, -1),
+                                                 frozen=True) for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(rows, -1), frozen=True)
+
+
+def attach_block_pre_hook(model: HookedTransformer, layer: int, fn: Callable[[int, int], None]) -> RemovableHandle:
+    """Call `fn(n_positions, past_positions)` before block `layer` runs.
+
+    `past_positions` is the length of the block's key-value cache entry (0 without a cache):
+    under `generate` with the cache each step feeds only the new positions, so this offset is
+    what turns call-relative positions into absolute ones. Blocks are called as modules even by
+    `generate` (which calls `forward` directly), so the hook fires on every path.
+    """
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        entry = kwargs.get("past_kv_cache_entry")
+        past = 0 if entry is None else int(entry.past_keys.shape[1])
+        fn(int(args[0].shape[1]), past)
+
+    return model.blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_new_tokens: int, use_past_kv_cache: bool = True,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+             stop_at_eos: bool = False) -> Tensor:
+    """Token ids of prompt + continuation, `(batch, pos + new)`.
+
+    A string or a list of strings is tokenized with BOS (a list is left-padded and TransformerLens
+    masks the padding); a tensor is used as given. `stop_at_eos=False` gives every row exactly
+    `max_new_tokens` new tokens. `generate` runs under inference mode; the clone is an ordinary
+    tensor that later forward passes with autograd can take.
+
+    Models with learned absolute positions run without the cache whatever `use_past_kv_cache`
+    says: TransformerLens 3.9's cached loop embeds the whole sequence at offset = cache length
+    and keeps the last row, so (measured on a tokenizer-less model, where it passes no attention
+    mask) each new token at position p after the first gets W_pos[2p], and past n_ctx / 2 the
+    slice runs out. Uncached is slower, never wrong.
+    """
+    if model.cfg.positional_embedding_type in ("standard", "shortformer"):
+        use_past_kv_cache = False
+    # TransformerLens's generate calls `self.eval()` and never restores the mode (R5): put back every
+    # module's `training` flag, however generation ends.
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        tokens = model.generate(inputs, max_new_tokens=max_new_tokens, use_past_kv_cache=use_past_kv_cache,
+                                do_sample=do_sample, temperature=temperature, top_p=top_p, stop_at_eos=stop_at_eos,
+                                return_type="tokens", verbose=False)
+    finally:
+        for module, training in modes:
+            module.training = training
+    return tokens.clone()
+
+
+def new_kv_cache(model: HookedTransformer, rows: int, prefix: Any = None) -> Any:
+    """An empty, growing key-value cache for `rows` rows; with `prefix` (a frozen batch-1 cache
+    from `prefix_cache`), a growing copy of it broadcast to `rows` rows."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    if prefix is None:
+        return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=rows)
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1).clone(),
+                                                 e.past_values.expand(rows, -1, -1, -1).clone(), frozen=False)
+               for e in prefix.entries]
+    return TransformerLensKeyValueCache(entries, prefix.previous_attention_mask.expand(rows, -1).clone(), frozen=False)
+
+
+def cache_length(cache: Any) -> int:
+    """Positions a key-value cache holds."""
+    return int(cache.previous_attention_mask.shape[1])
+
+
+def forward_step(model: HookedTransformer, tokens: Tensor, attention_mask: Tensor, cache: Any = None) -> Tensor:
+    """Logits of `tokens` (the positions after what `cache` holds, or a whole sequence without a
+    cache); `attention_mask` covers exactly `tokens` (0 marks left padding)."""
+    return model(tokens, return_type="logits", attention_mask=attention_mask, past_kv_cache=cache)
+
+
+def sample_logits(logits: Tensor, *, temperature: float, top_p: float | None) -> Tensor:
+    """TransformerLens's sampler (temperature, nucleus) on last-position logits, `(batch,)`."""
+    from transformer_lens.utilities import sample_logits as sample
+
+    return sample(logits, top_p=top_p, temperature=temperature)
+
+
+def left_padded_tokens(model: HookedTransformer, prompts: str | list[str] | Tensor) -> tuple[Tensor, Tensor | None]:
+    """Token ids for generation and the mask of real tokens (None: no padding).
+
+    A string is tokenized with BOS; a list of strings is left-padded, so that every row's last
+    position is real, as TransformerLens's `generate` does; a tensor is used as given."""
+    if isinstance(prompts, Tensor):
+        return prompts, None
+    if isinstance(prompts, str) or len(prompts) == 1:
+        return model.to_tokens(prompts, prepend_bos=True), None
+    from transformer_lens.utilities import get_attention_mask
+
+    tokens = model.to_tokens(prompts, prepend_bos=True, padding_side="left")
+    side = model.tokenizer.padding_side
+    model.tokenizer.padding_side = "left"  # get_attention_mask scans for pads on the tokenizer's side
+    try:
+        mask = get_attention_mask(model.tokenizer, tokens, True)
+    finally:
+        model.tokenizer.padding_side = side
+    return tokens, mask
