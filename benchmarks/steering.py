@@ -23,7 +23,8 @@ from _common import benchmark_sae
 
 from patching import DEFAULT_MODEL, Site, load_model
 from patching.model import tl_compat
-from patching.steering.steer import LatentChoice, steer
+from patching.steering.choice import LatentChoice
+from patching.steering.steer import steer
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

@@ -98,7 +98,8 @@ def _read_concept(path: Path) -> Any:
 
 def _generate(args: argparse.Namespace, model: Any, sae: Any) -> dict[str, Any]:
     from patching.inspect.latents import logit_effect
-    from patching.steering.steer import contrast_latents, generate_steered
+    from patching.steering.choice import contrast_latents
+    from patching.steering.steer import generate_steered
 
     choice = contrast_latents(model, sae, args.positive, args.negative, k=args.k)
     result = generate_steered(model, sae, choice, args.prompt, method=args.method, coefficient=args.coefficient,

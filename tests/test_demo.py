@@ -20,17 +20,21 @@ def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys):
     from latentpatch import demo
 
     small = dict(layer=3, d_sae=576, train_tokens=20480, batch_size=512, safety_pairs=1, steering_k=(1, 2),
-                 steering_coefficients=(4.0,), steering_tokens=3, suite_pairs=3)
+                 steering_coefficients=(4.0,), steering_tokens=3, suite_pairs=3,
+                 demo_train_tokens=2048, demo_train_steps=8)
     monkeypatch.setattr(demo, "DemoConfig", lambda **kw: DemoConfig(**{**kw, **small}))
     out = tmp_path / "report"
     assert main(["demo", "--out", str(out), "--json"]) == 0
     brief = json.loads(capsys.readouterr().out)
     assert brief["splice_metrics"]["l0"] > 0 and brief["attribution"]["n_checked"] > 0
     results = json.loads((out / "results.json").read_text())
-    assert {"splice_metrics", "sweep", "attribution", "steering", "safety"} <= set(results)
+    assert {"training_demo", "splice_metrics", "sweep", "attribution", "steering", "safety"} <= set(results)
+    demo_run = results["training_demo"]
+    assert demo_run["tokens"] == 2048 and demo_run["history"][-1]["step"] == 8
+    assert 0 < demo_run["history"][-1]["l0"] <= 576
     page = out / "index.html"
     html = dom(page)
-    for image in ("sweep.png", "attribution.png", "steering.png"):
+    for image in ("training.png", "sweep.png", "attribution.png", "steering.png"):
         assert image in html and (out / image).exists()
     shot = Image.open(screenshot(page, tmp_path / "shot.png", size="1200,4000")).convert("RGB")
     colored = sum(1 for r, g, b in shot.getdata() if max(r, g, b) - min(r, g, b) > 60)

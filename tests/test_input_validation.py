@@ -11,7 +11,8 @@ from patching import Site, SpliceError, patch_latents
 from patching.attribution.estimators import attribute_latents
 from patching.errors import PatchingError
 from patching.model import tl_compat
-from patching.steering.steer import LatentChoice, SteeringError, generate_steered, steer
+from patching.steering.choice import LatentChoice
+from patching.steering.steer import SteeringError, generate_steered, steer
 from patching.sweep.objectives import LogitDiff
 from tests.conftest import make_sae, unchecked
 from tests.hooks_snapshot import CountingHook, snapshot

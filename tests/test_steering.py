@@ -10,16 +10,8 @@ from tests.hooks_snapshot import CountingHook, snapshot
 
 from patching import Site, SpliceError, splice
 from patching.model import tl_compat
-from patching.steering.steer import (
-    LatentChoice,
-    SteeringConfig,
-    SteeringError,
-    contrast_latents,
-    generate_steered,
-    latents_from_result,
-    steer,
-    steering_vector,
-)
+from patching.steering.choice import LatentChoice, contrast_latents, latents_from_result
+from patching.steering.steer import SteeringConfig, SteeringError, generate_steered, steer, steering_vector
 from patching.sweep.results import PatchResult
 from patching.sweep.units import PatchUnit, UnitPart
 

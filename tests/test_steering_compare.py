@@ -13,7 +13,8 @@ from tests.hooks_snapshot import CountingHook
 
 from patching.model import tl_compat
 from patching.steering.compare import CompareSettings, Concept, compare_steering
-from patching.steering.steer import SteeringError, contrast_latents
+from patching.steering.choice import contrast_latents
+from patching.steering.steer import SteeringError
 from sae.files import weights_sha256
 
 pytestmark = pytest.mark.default_model

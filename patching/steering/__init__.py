@@ -4,15 +4,13 @@ comparisons of effect against cost, and built-in concepts.
 A leaf: imports the rooms below it, never `inspect` or `safety`."""
 
 from patching.steering.compare import CompareSettings, Concept, SteeringComparison, compare_steering
+from patching.steering.choice import LatentChoice, contrast_latents, latents_from_result
 from patching.steering.steer import (
-    LatentChoice,
     SteeredGeneration,
     Steering,
     SteeringConfig,
     SteeringError,
-    contrast_latents,
     generate_steered,
-    latents_from_result,
     steer,
     steering_vector,
 )

@@ -40,8 +40,9 @@ from patching.splice.collect import resolve_site
 from patching.splice.quality import kl_divergence
 from patching.model.loading import model_flags
 from patching.sweep.results import library_version
-from patching.steering.steer import (LatentChoice, PositionMode, SteerMethod, SteerScale, Steering, SteeringConfig,
-                                     SteeringError, Weighting, contrast_latents, steer)
+from patching.steering.choice import LatentChoice, contrast_latents
+from patching.steering.steer import (PositionMode, SteerMethod, SteerScale, Steering, SteeringConfig, SteeringError,
+                                     Weighting, steer)
 from patching.splice.splicer import SpliceChecks
 from sae.files import atomic_folder, weights_sha256
 
