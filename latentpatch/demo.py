@@ -22,6 +22,8 @@ from latentpatch.report import Section, write_report
 log = logging.getLogger(__name__)
 
 DEMO_RELEASE = "smollm2-135m-res"
+DEMO_BATCH = 512
+ZERO_ALLOWED = ("layer", "demo_train_tokens")
 FACTUAL = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
 
 
@@ -41,6 +43,10 @@ class DemoConfig:
     """Activations the SAE trains on (about 40 passes over the default corpus's ~15k tokens)."""
     batch_size: int = 1024
     """Activations per training step."""
+    demo_train_tokens: int = 8192
+    """Real-text activations harvested for the labelled training demonstration (0: skip it)."""
+    demo_train_steps: int = 64
+    """Steps of the training demonstration (batches of 512: four passes over its tokens)."""
     safety_pairs: int = 6
     """Refuse/comply pairs in the restoration curve."""
     steering_k: tuple[int, ...] = (1, 4, 16)
@@ -58,9 +64,9 @@ class DemoConfig:
     by default the shipped `smollm2-135m-res` SAE is used and nothing trains on the critical path."""
 
     def __post_init__(self) -> None:
-        for name in ("layer", "d_sae", "train_tokens", "batch_size", "safety_pairs"):
+        for name in ("layer", "d_sae", "train_tokens", "batch_size", "safety_pairs", "demo_train_tokens", "demo_train_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "layer" else 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ZERO_ALLOWED else 1):
                 raise ValueError(f"DemoConfig.{name} must be a positive int, got {value!r}")
         if not self.l1 > 0:
             raise ValueError(f"DemoConfig.l1 must be positive, got {self.l1!r}")
@@ -150,11 +156,14 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     model = load_model()
     results: dict[str, Any] = {"config": {k: str(v) for k, v in dataclasses.asdict(config).items()}}
     timings = {"sae": round(time.perf_counter() - started, 1)}
-    steps = {"splice": lambda: _splice_section(model, sae, results),
+    steps = {"training": lambda: _training_section(model, sae, config, out, results),
+             "splice": lambda: _splice_section(model, sae, results),
              "sweep": lambda: _sweep_section(model, sae, out, results),
              "attribution": lambda: _attribution_section(model, sae, out, results),
              "steering": lambda: _steering_section(model, sae, config, out, results),
              "safety": lambda: _safety_section(model, sae, config, out, results)}
+    if config.demo_train_tokens == 0:
+        del steps["training"]
     sections = []
     for name, run in steps.items():
         start = time.perf_counter()
@@ -164,6 +173,76 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     results["section_seconds"] = timings
     results["report"] = str(write_report(out, sections, "latentpatch demo: SmolLM2-135M-Instruct", results))
     return results
+
+
+def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
+    """A short, labelled run of the trainer on real text, with the metrics it logs as it goes.
+
+    It only shows the trainer at work: every later section uses `sae` (the release SAE, or the one
+    `--train` trained), never this one."""
+    import torch
+
+    from patching import Site
+    from training import TensorBatches, Trainer, TrainerConfig
+    from training.harvest import HarvestChunks
+    from training.mix import corpus_texts
+    from training.text import TokenRows
+
+    site = Site.from_hook_name(sae.cfg.hook_name)
+    rows = TokenRows(model, corpus_texts("default"), context_size=128, description="default mix (train split)")
+    chunks, acts, start = HarvestChunks(model, site, rows, rows_per_chunk=16), [], time.perf_counter()
+    while sum(len(a) for a in acts) < config.demo_train_tokens:
+        acts.append(chunks.next_chunk())
+    activations = torch.cat(acts)[: config.demo_train_tokens]
+    harvest_s = time.perf_counter() - start
+    fresh = _fresh_sae_like(sae, site, config.seed)
+    trainer = Trainer(TrainerConfig(total_steps=config.demo_train_steps, l1_coefficient=config.l1, log_every=8,
+                                    checkpoint_every=None, seed=config.seed),
+                      fresh, TensorBatches(activations, min(DEMO_BATCH, len(activations)), seed=config.seed))
+    start = time.perf_counter()
+    trainer.fit()
+    train_s = time.perf_counter() - start
+    history = [{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
+                if k in ("step", "tokens", "mse", "explained_variance", "l0", "dead_fraction")} for record in trainer.history]
+    _plot_training(history, out / "training.png")
+    results["training_demo"] = {"tokens": len(activations), "steps": config.demo_train_steps, "harvest_s": round(harvest_s, 1),
+                                "train_s": round(train_s, 1), "history": history}
+    last = history[-1]
+    return Section("The trainer at work (a demonstration, not the SAE used below)",
+                   f"{len(activations):,} activations of real text at {site.hook_name} (harvested in {harvest_s:.0f} s), "
+                   f"{config.demo_train_steps} steps of {DEMO_BATCH} in {train_s:.0f} s: explained variance "
+                   f"{last['explained_variance']:.2f} at L0 {last['l0']:.0f} on its last training batch. This only shows "
+                   f"the trainer; the sections below use the release SAE `{DEMO_RELEASE}` (its recipe, data and held-out "
+                   "figures are in its registry entry), or the SAE `--train` trained.",
+                   images=["training.png"], table=history)
+
+
+def _fresh_sae_like(sae: Any, site: Any, seed: int) -> Any:
+    import torch
+
+    from sae import SAEConfig, SparseAutoencoder
+
+    cfg = sae.cfg
+    return SparseAutoencoder(SAEConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, hook_name=site.hook_name, model_name=cfg.model_name,
+                                       context_size=128, dataset_path="default mix",
+                                       model_from_pretrained_kwargs=dict(cfg.model_from_pretrained_kwargs or {})),
+                             generator=torch.Generator().manual_seed(seed))
+
+
+def _plot_training(history: list[dict[str, Any]], path: Path) -> None:
+    from patching.figures import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    steps = [record["step"] for record in history]
+    for ax, key, name in zip(axes, ("mse", "explained_variance", "l0"), ("MSE (normalised)", "explained variance", "L0")):
+        ax.plot(steps, [record[key] for record in history], marker=".")
+        ax.set_xlabel("step")
+        ax.set_title(name)
+    fig.suptitle("Training demonstration on real text (live metrics as logged)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _splice_section(model: Any, sae: Any, results: dict[str, Any]) -> Section:
