@@ -36,7 +36,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 @contextlib.contextmanager
@@ -62,7 +62,7 @@ def atomic_folder(path: str | Path, *, owned: Collection[str]) -> Iterator[Path]
                 _carry(final / name, tmp / name)
         for child in tmp.iterdir():
             _fsync_file(child)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +106,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
             os.rename(old, final)
             raise
         shutil.rmtree(old)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -128,14 +128,11 @@ def _exchange(a: Path, b: Path) -> bool:
 def _fsync_file(path: Path) -> None:
     if path.is_symlink() or not path.is_file():
         return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder's fsync makes the renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

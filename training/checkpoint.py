@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from sae.atomic import fsync_path
 from training.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -97,14 +98,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, data: bytes) -> None:
     with path.open("wb") as handle:
         handle.write(data)
@@ -130,11 +123,11 @@ def write_checkpoint(root: str | Path, step: int, state: dict[str, Any], *, fing
     manifest = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "fingerprint": fingerprint,
                 "files": {STATE_TENSORS: hashlib.sha256(blob).hexdigest(), STATE_JSON: hashlib.sha256(text).hexdigest()}}
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(final)  # an incomplete folder of the same name (it failed verification above)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     _prune(root, keep)
     return final
 
