@@ -187,3 +187,14 @@ def load_checkpoint(folder: str | Path, *, fingerprint: str) -> tuple[int, dict[
         raise CheckpointError(folder, f"bad state tensors ({err})") from err
     tree = json.loads((folder / STATE_JSON).read_text())
     return int(manifest["step"]), unflatten_state(tree, tensors)
+
+
+def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer's state with string keys (the checkpoint's JSON/safetensors split needs them)."""
+    state = optimizer.state_dict()
+    return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+
+
+def optimizer_from_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `optimizer_to_checkpoint`: parameter indices back to ints for `load_state_dict`."""
+    return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}

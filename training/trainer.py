@@ -306,7 +306,7 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "batches_consumed": self.batches_consumed,
                 "scale": self.scale, "generator": self.generator.get_state(), "rng": ckpt.rng_state(),
                 "data": self.batches.state_dict() if stateful else None,
-                "saes": [{"params": dict(m.sae.state_dict()), "optimizer": _optimizer_state(m.optimizer),
+                "saes": [{"params": dict(m.sae.state_dict()), "optimizer": ckpt.optimizer_to_checkpoint(m.optimizer),
                           "firing": m.firing.state_dict()} for m in self.members]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -316,7 +316,7 @@ class Trainer:
         for member, saved in zip(self.members, state["saes"], strict=True):
             self._set_scale(member.sae)
             member.sae.load_state_dict(saved["params"])
-            member.optimizer.load_state_dict(_optimizer_state_back(saved["optimizer"]))
+            member.optimizer.load_state_dict(ckpt.optimizer_from_checkpoint(saved["optimizer"]))
             member.firing.load_state_dict(saved["firing"])
         if state["data"] is not None:
             self.batches.load_state_dict(state["data"])
@@ -392,12 +392,3 @@ def _check_saes(saes: list[SparseAutoencoder]) -> None:
 
 def _cfg_identity(sae: SparseAutoencoder) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(sae.cfg).items() if k != "normalization_scale"}
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    state = optimizer.state_dict()
-    return {"state": {str(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
-
-
-def _optimizer_state_back(state: dict[str, Any]) -> dict[str, Any]:
-    return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
