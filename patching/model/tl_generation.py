@@ -15,10 +15,11 @@ from transformer_lens import HookedTransformer
 
 
 def prefix_cache(model: HookedTransformer, prefix_tokens: Tensor) -> Any:
-    """Keys and values of a prompt prefix at every layer, frozen for reuse by many suffix runs."""
+    """Keys and values of a prompt prefix at every layer, frozen for reuse by many suffix runs
+    (one cache row per row of `prefix_tokens`; hooks attached by the caller act on the prefix run)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=prefix_tokens.shape[0])
     mask = torch.ones_like(prefix_tokens)  # no padding: every prefix token is attended
     model(prefix_tokens, past_kv_cache=cache, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
     cache.freeze()
@@ -33,6 +34,15 @@ def expand_cache(cache: Any, rows: int) -> Any:
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1), e.past_values.expand(rows, -1, -1, -1),
                                                  frozen=True) for e in cache.entries]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(rows, -1), frozen=True)
+
+
+def select_cache_rows(cache: Any, index: Tensor) -> Any:
+    """A frozen cache whose row i is row `index[i]` of `cache` (a copy: rows may repeat)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys[index], e.past_values[index], frozen=True) for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[index], frozen=True)
 
 
 def attach_block_pre_hook(model: HookedTransformer, layer: int, fn: Callable[[int, int], None]) -> RemovableHandle:

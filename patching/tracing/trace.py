@@ -19,7 +19,7 @@ and only the last position is unembedded.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -75,6 +75,25 @@ class _Runs:
     """Clean activations by hook name, (pos, width)."""
     noised: dict[str, Tensor]
     """Noised activations by hook name, (n_samples, pos, width)."""
+    tokens: Tensor
+    """The prompt, (1, pos)."""
+    drawn: Tensor
+    """The noise draws, (n_samples, len(subject), d_model)."""
+    subject: tuple[int, ...]
+    """Noised positions."""
+    p_noised: float
+    """Answer probability of the noised runs, averaged over draws."""
+    prefixes: dict[int, Any] = field(default_factory=dict)
+    """Noised key-value caches of the first `n` positions, one row per draw, by `n`."""
+
+    def prefix(self, model: Any, n: int) -> Any:
+        """The noised runs' keys and values before position `n` (computed once per `n`)."""
+        if n not in self.prefixes:
+            keep = [i for i, p in enumerate(self.subject) if p < n]
+            add = noise_hook(self.drawn[:, keep], tuple(self.subject[i] for i in keep))
+            with tl_compat.hooks(model, [(Site(0).hook_name, add)] if keep else []):
+                self.prefixes[n] = tl_compat.prefix_cache(model, self.tokens[:, :n].expand(self.drawn.shape[0], -1))
+        return self.prefixes[n]
 
 
 def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int], answer: str | int, *,
@@ -129,7 +148,8 @@ def _reference_runs(model: Any, tokens: Tensor, subject_pos: tuple[int, ...], an
     finally:
         handle.remove()
     p_noised = float(_answer_prob(model, final, answer).mean())
-    return _Runs({k: v[0] for k, v in clean.items()}, noised), p_clean, p_noised
+    runs = _Runs({k: v[0] for k, v in clean.items()}, noised, tokens, drawn, subject_pos, p_noised)
+    return runs, p_clean, p_noised
 
 
 def _hook_names(model: Any) -> list[str]:
@@ -143,8 +163,13 @@ def _answer_prob(model: Any, final: Tensor, answer: int) -> Tensor:
 
 def _trace_layer(model: Any, runs: _Runs, layer: int, kind: str, window: int, sever: str | None, answer: int,
                  n_samples: int, batch_size: int) -> Tensor:
-    """Mean answer probability for each position's restoration at `layer`, (pos,)."""
-    n_layers, n_pos = tl_compat.n_layers(model), next(iter(runs.clean.values())).shape[0]
+    """Mean answer probability for each position's restoration at `layer`, (pos,).
+
+    Before the first noised position the clean and noised runs agree, so a restoration there
+    changes nothing: those positions get the noised probability without a forward pass. A chunk
+    of positions runs only from its first position on, the noised runs' keys and values standing
+    in for the positions before it (restoring at p leaves every earlier position as noised)."""
+    n_layers, n_pos = tl_compat.n_layers(model), runs.tokens.shape[1]
     if kind == "state":
         start, restored, frozen = layer, [], ([] if sever is None else range(layer, n_layers))
     else:
@@ -152,25 +177,21 @@ def _trace_layer(model: Any, runs: _Runs, layer: int, kind: str, window: int, se
         start, restored, frozen = layers[0], [Site(i, f"{kind}_out").hook_name for i in layers], []
     frozen_names = [Site(i, f"{sever}_out").hook_name for i in frozen]
     per_chunk = max(1, batch_size // n_samples)
-    out = torch.empty(n_pos)
-    for lo in range(0, n_pos, per_chunk):
+    first = min(runs.subject)
+    out = torch.full((n_pos,), runs.p_noised)
+    for lo in range(first, n_pos, per_chunk):
         positions = torch.arange(lo, min(n_pos, lo + per_chunk))
         row_pos = positions.repeat_interleave(n_samples)  # rows are (position, draw)
         row_draw = torch.arange(n_samples).repeat(len(positions))
-        residual = runs.noised[Site(start).hook_name][row_draw].clone()
-        rows = torch.arange(len(row_pos))
+        residual = runs.noised[Site(start).hook_name][row_draw, lo:].clone()
+        rows, at = torch.arange(len(row_pos)), row_pos - lo  # positions within the suffix
         if kind == "state":
-            residual[rows, row_pos] = runs.clean[Site(layer).hook_name][row_pos]
+            residual[rows, at] = runs.clean[Site(layer).hook_name][row_pos]
         writes = [(name, runs.clean[name][row_pos]) for name in restored]
         writes += [(name, runs.noised[name][row_draw, row_pos]) for name in frozen_names]
-        handles = []
-        try:
-            for name, values in writes:
-                handles.append(tl_compat.attach_hook(model, name, _write_hook(rows, row_pos, values)))
-            final = tl_compat.run_blocks(model, residual, start)
-        finally:
-            for handle in handles:
-                handle.remove()
+        cache = tl_compat.select_cache_rows(runs.prefix(model, lo), row_draw) if lo > 0 else None
+        with tl_compat.hooks(model, [(name, _write_hook(rows, at, values)) for name, values in writes]):
+            final = tl_compat.run_blocks(model, residual, start, cache)
         out[positions] = _answer_prob(model, final, answer).reshape(len(positions), n_samples).mean(1).cpu()
     return out
 
