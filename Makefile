@@ -42,9 +42,9 @@ test: $(STAMP) browser
 	$(VENV)/bin/mypy sae/ --ignore-missing-imports
 	$(PY) -m pytest
 
-# The fast layer: no default model, nothing slow (seconds to a minute).
+# The fast layer: no default model, no Gemma 3, nothing slow (seconds to a minute).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not default_model"
+	$(PY) -m pytest -m "not slow and not default_model and not gemma3"
 
 clean-venv:
 	rm -rf $(VENV)
