@@ -171,15 +171,17 @@ def test_train_command_on_gemma(gemma, tmp_path):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(offline_texts()[:40]))
     out = tmp_path / "run"
-    argv = ["train", "--model", gemma3.MODEL_NAME, "--site", "1:resid_post", "--d-sae", "128", "--l1", "1",
-            "--tokens", "4096", "--batch-size", "256", "--text", str(text), "--out", str(out), "--context-size", "32",
-            "--buffer-tokens", "1024", "--checkpoint-every", "16", "--log-every", "4", "--no-progress", "--json"]
+    argv = ["train", "--model", gemma3.MODEL_NAME, "--site", "1:resid_post", "--d-sae", "128", "--l1", "1", "--lr", "1e-2",
+            "--tokens", "2048", "--batch-size", "128", "--text", str(text), "--out", str(out), "--context-size", "32",
+            "--buffer-tokens", "512", "--checkpoint-every", "16", "--log-every", "4", "--no-progress", "--json"]
     assert main(argv) == 0
     loaded = SAE.load_from_disk(str(out))
     assert (loaded.cfg.d_in, loaded.cfg.d_sae, loaded.cfg.metadata.model_name) == (640, 128, gemma3.MODEL_NAME)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    # Measured: loss 39.6 -> 21.3 and training-batch EV 0.03 -> 0.67 over steps 4..16.
+    assert len(losses) == 4 and losses[-1] < 0.75 * losses[0], losses
+    assert records[-1]["explained_variance"] > 0.3, records[-1]
     with splice(gemma, loaded):  # the trained SAE's recorded model and flags match the loaded copy
         pass
 
