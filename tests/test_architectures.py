@@ -110,7 +110,7 @@ def test_sweep_matches_naive_reference(zoo, prompts, name, unit, direction):
         assert result.metric[i % 2, j].item() == pytest.approx(expected, abs=1e-4)
 
 
-def naive_raw_value(model, base, source, unit, i):
+def naive_raw_value(model, base, source, unit, i, metric=METRIC):
     """Copy the unit's raw dimensions from the source run into the base run, one full forward."""
     _, cache = model.run_with_cache(source[i : i + 1])
 
@@ -126,7 +126,7 @@ def naive_raw_value(model, base, source, unit, i):
 
     with torch.inference_mode():
         logits = model.run_with_hooks(base[i : i + 1], fwd_hooks=[(p.site.hook_name, make_hook(p)) for p in unit.parts])
-    return METRIC(logits[:, -1], torch.tensor([i]))[0].item()
+    return metric(logits[:, -1], torch.tensor([i]))[0].item()
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

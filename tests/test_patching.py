@@ -55,7 +55,7 @@ def naive_latents(model, saes, tokens, i):
     return {site: (r.latents[0], r.error[0]) for site, r in state.records.items()}
 
 
-def naive_unit_value(model, saes, base, source, unit, i):
+def naive_unit_value(model, saes, base, source, unit, i, metric=METRIC):
     src = naive_latents(model, saes, source, i)
     edits = []
     for part in unit.parts:
@@ -67,7 +67,7 @@ def naive_unit_value(model, saes, base, source, unit, i):
             else:
                 lat = part.latents if part.latents is not None else tuple(range(z_src.shape[1]))
                 edits.append(LatentEdit(part.site, lat, z_src[p, list(lat)], positions=p))
-    return naive_metric(model, saes, base, edits, i)
+    return naive_metric(model, saes, base, edits, i, metric)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

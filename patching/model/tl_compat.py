@@ -35,6 +35,7 @@ def build_from_local_folder(
     *,
     model_name: str,
     flags: dict[str, bool],
+    official_name: str | None = None,
     n_layers: int | None,
     n_ctx: int,
     device: str | torch.device,
@@ -44,12 +45,16 @@ def build_from_local_folder(
 
     `from_pretrained` refuses names outside TransformerLens's official list, so we run its
     three steps ourselves: config from the folder, converted state dict, then weight processing.
+    With `official_name` the config is TransformerLens's own for that name (no hub access: the
+    weights are `hf_model`'s): TransformerLens configures some architectures (Gemma 3) by name only
+    and cannot build them from a folder's config.json.
     """
+    source = official_name or str(folder)
     cfg = tl_loading.get_pretrained_model_config(
-        str(folder), hf_cfg=hf_model.config.to_dict(), fold_ln=flags["fold_ln"], device=device,
+        source, hf_cfg=hf_model.config.to_dict(), fold_ln=flags["fold_ln"], device=device,
         dtype=dtype, first_n_layers=n_layers, n_ctx=n_ctx,
     )
-    state_dict = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
+    state_dict = tl_loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **flags)
     model.cfg.model_name = model_name
