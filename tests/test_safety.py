@@ -13,12 +13,12 @@ from patching.errors import PatchingError
 from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
 from sae.metrics import median
 from patching.safety.curves import UnitCurve, counts_for, pairs_clearing
-from patching.safety.direction import refusal_directions
+from patching.safety.direction import Runner, ablation, addition, refusal_directions
 from patching.safety.dynamic import UnitSet, guided_generate
-from patching.safety.score import RefusalScore, query_start, tokenize_chat
+from patching.safety.score import RefusalScore, query_start, refusal_scores, tokenize_chat
 from patching.safety.search import SafetyConfig, find_safety_latents
 from patching.safety.prompts import SafetySuite, is_refusal
-from patching.splice.generate import generate
+from patching.splice.generate import SharedPrefix, generate, generate_by_length
 from tests.conftest import make_sae
 from tests.hooks_snapshot import CountingHook, snapshot
 
@@ -122,6 +122,25 @@ def test_direction_equals_hand_computed_difference_of_means(toy):
         def mean(prompts):
             return torch.stack([model.run_with_cache(p)[1][name][0, -1].double() for p in prompts]).mean(0)
         assert torch.allclose(row, mean(harmful) - mean(harmless), atol=1e-5)
+
+
+def test_shared_context_run_under_the_intervention_equals_running_every_prompt_whole(toy):
+    model, metric = toy[0], toy[-1]
+    gen = torch.Generator().manual_seed(7)
+    context = torch.randint(0, 50, (1, 6), generator=gen)
+    prompts = [torch.cat([context, torch.randint(0, 50, (1, n), generator=gen)], 1) for n in (3, 3, 4)]
+    d = 3 * torch.randn(model.cfg.d_model, generator=gen)
+    for spec in (None, ablation(model, d), addition(Site(1), d)):
+        whole, shared = Runner(model), Runner(model, context)
+        torch.testing.assert_close(shared.scores(prompts, metric, spec), whole.scores(prompts, metric, spec), atol=1e-5, rtol=0)
+        build = None if spec is None else (lambda _, spec=spec: spec)
+        tokens = generate_by_length(model, prompts, 4, build)
+        assert all(torch.equal(a, b) for a, b in zip(generate_by_length(model, prompts, 4, build, prefix=shared.prefix(spec)),
+                                                     tokens))
+    # The context itself is intervened on: reusing an unintervened context gives other scores.
+    spec = addition(Site(1), d)
+    stale = refusal_scores(model, prompts, metric, lambda _: spec, prefix=SharedPrefix.of(model, context))
+    assert (stale - Runner(model).scores(prompts, metric, spec)).abs().max() > 1e-3
 
 
 def _all_mlp_units(model):

@@ -9,6 +9,10 @@ last prompt token, at each layer.
 - Which SAE latents align with it (cosine of decoder rows), and whether adding the Top-1 / Top-K
   aligned decoder directions, scaled to the direction's norm, at the SAE's site reproduces the
   direction's addition there.
+
+Every prompt of the suite starts with the same few-shot chat context (most of its tokens). Given
+it (`context`), each intervention runs it once, under that intervention, and the prompts reuse its
+keys and values: the same computation as running every prompt whole, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.safety.score import RefusalScore, greedy_texts, refusal_rate, refusal_scores
-from patching.splice.generate import Interventions, Step
+from patching.splice.generate import Interventions, SharedPrefix, Step, intervening
 
 
 def refusal_directions(model: Any, harmful: Sequence[Tensor], harmless: Sequence[Tensor],
@@ -99,33 +103,60 @@ class DirectionReport:
                 "aligned": self.aligned}
 
 
+@dataclass(frozen=True)
+class Runner:
+    """Refusal scores and greedy refusal rates under one prompt-independent intervention, the
+    shared `context` (if any) run once per intervention (module docstring)."""
+
+    model: Any
+    context: Tensor | None = None
+    """The few-shot tokens every prompt starts with, `(1, n)`; None runs every prompt whole."""
+
+    def prefix(self, spec: Interventions | None) -> SharedPrefix | None:
+        if self.context is None:
+            return None
+        if spec is None:
+            return SharedPrefix.of(self.model, self.context)
+        with intervening(self.model, spec):
+            return SharedPrefix.of(self.model, self.context)
+
+    def scores(self, prompts: list[Tensor], metric: RefusalScore, spec: Interventions | None = None) -> Tensor:
+        return refusal_scores(self.model, prompts, metric, None if spec is None else (lambda _: spec), prefix=self.prefix(spec))
+
+    def rate(self, prompts: list[Tensor], max_new_tokens: int, spec: Interventions | None = None) -> float:
+        build = None if spec is None else (lambda _: spec)
+        return refusal_rate(greedy_texts(self.model, prompts, max_new_tokens, build, prefix=self.prefix(spec)))
+
+
 def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
-                      layers: Sequence[int], max_new_tokens: int) -> tuple[DirectionReport, Tensor]:
+                      layers: Sequence[int], max_new_tokens: int,
+                      context: Tensor | None = None) -> tuple[DirectionReport, Tensor]:
     """Scores with each layer's direction ablated (harmful) and added (harmless); greedy refusal
     rates at the best layer. Returns the report and the directions `(len(layers), d_model)`."""
+    run = Runner(model, context)
     directions = refusal_directions(model, harmful, harmless, layers).float()
-    base_h, base_s = refusal_scores(model, harmful, metric).mean(), refusal_scores(model, harmless, metric).mean()
+    base_h, base_s = run.scores(harmful, metric).mean(), run.scores(harmless, metric).mean()
     ablated, added = [], []
     for layer, d in zip(layers, directions):
-        ablated.append(float(refusal_scores(model, harmful, metric, lambda _, d=d: ablation(model, d)).mean()))
-        added.append(float(refusal_scores(model, harmless, metric, lambda _, d=d, layer=layer: addition(Site(layer, "resid_pre"), d)).mean()))
+        ablated.append(float(run.scores(harmful, metric, ablation(model, d)).mean()))
+        added.append(float(run.scores(harmless, metric, addition(Site(layer, "resid_pre"), d)).mean()))
     report = DirectionReport(list(layers), directions.norm(dim=1).tolist(), float(base_h), float(base_s), ablated, added)
     gains = [(float(base_h) - a) + (b - float(base_s)) for a, b in zip(ablated, added)]
     best = max(range(len(layers)), key=gains.__getitem__)
     report.best_layer = layers[best]
     d = directions[best]
     report.rates = {
-        "harmful": refusal_rate(greedy_texts(model, harmful, max_new_tokens)),
-        "harmful_ablated": refusal_rate(greedy_texts(model, harmful, max_new_tokens, lambda _: ablation(model, d))),
-        "harmless": refusal_rate(greedy_texts(model, harmless, max_new_tokens)),
-        "harmless_added": refusal_rate(greedy_texts(model, harmless, max_new_tokens,
-                                                    lambda _: addition(Site(layers[best], "resid_pre"), d))),
+        "harmful": run.rate(harmful, max_new_tokens),
+        "harmful_ablated": run.rate(harmful, max_new_tokens, ablation(model, d)),
+        "harmless": run.rate(harmless, max_new_tokens),
+        "harmless_added": run.rate(harmless, max_new_tokens, addition(Site(layers[best], "resid_pre"), d)),
     }
     return report, directions
 
 
 def aligned_latents(model: Any, sae: Any, site: Site, direction: Tensor, harmless: list[Tensor],
-                    metric: RefusalScore, ks: Sequence[int], max_new_tokens: int) -> dict[str, Any]:
+                    metric: RefusalScore, ks: Sequence[int], max_new_tokens: int,
+                    context: Tensor | None = None) -> dict[str, Any]:
     """Latents whose decoder rows align with `direction` (the direction at the SAE's layer), and
     the refusal score/rate on harmless prompts when adding the direction itself versus the Top-k
     aligned decoder directions (unit rows summed, scaled to the direction's norm) at `site`."""
@@ -136,11 +167,11 @@ def aligned_latents(model: Any, sae: Any, site: Site, direction: Tensor, harmles
     out: dict[str, Any] = {"site": site.hook_name, "top_latents": order[:10].tolist(),
                            "top_cosines": cosine[order[:10]].tolist()}
 
+    run = Runner(model, context)
+
     def effect(vector: Tensor) -> dict[str, float]:
-        def build(_: list[int]) -> Interventions:
-            return addition(site, vector)
-        return {"score": float(refusal_scores(model, harmless, metric, build).mean()),
-                "refusal_rate": refusal_rate(greedy_texts(model, harmless, max_new_tokens, build))}
+        spec = addition(site, vector)
+        return {"score": float(run.scores(harmless, metric, spec).mean()), "refusal_rate": run.rate(harmless, max_new_tokens, spec)}
 
     out["direction"] = effect(direction)
     for k in ks:

@@ -121,11 +121,13 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
     clock["rates"] = time.perf_counter() - start_time
     layers = list(config.direction_layers) if config.direction_layers is not None else list(range(n_layers))
     layers = sorted(set(layers) | {layer} | {s.layer for s in resolved})
-    report.direction, directions = direction_effects(model, harmful, harmless, metric, layers, config.max_new_tokens)
+    context = harmful[0][:, :start]  # the few-shot chat context every prompt starts with
+    report.direction, directions = direction_effects(model, harmful, harmless, metric, layers, config.max_new_tokens,
+                                                     context=context)
     for site, sae in resolved.items():
         d = directions[layers.index(site.layer)]
         report.direction.aligned[site.hook_name] = aligned_latents(model, sae, site, d, harmless, metric,
-                                                                    config.aligned_ks, config.max_new_tokens)
+                                                                    config.aligned_ks, config.max_new_tokens, context)
     clock["direction"] = time.perf_counter() - start_time - sum(clock.values())
     _curves(model, resolved, harmful, harmless, metric, start, layer, directions[layers.index(layer)], config,
             report, progress)
