@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--layer", type=int, default=15, help="resid_pre layer of the SAE (default: 15 of 30)")
     demo.add_argument("--d-sae", type=int, default=4608, help="dictionary size (default: 8 x 576)")
     demo.add_argument("--train-tokens", type=int, default=600_000, help="activations the SAE trains on (default 600000)")
-    demo.add_argument("--safety-pairs", type=int, default=6, help="refuse/comply pairs in the safety curve (default 6)")
+    demo.add_argument("--safety-pairs", type=int, default=3, help="refuse/comply pairs in the safety curve (default 3)")
     demo.add_argument("--train", action="store_true", help="train the demo SAE instead of using the shipped release SAE")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     demo.set_defaults(run=run_demo)

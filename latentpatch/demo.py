@@ -45,9 +45,12 @@ class DemoConfig:
     """Activations per training step."""
     demo_train_tokens: int = 8192
     """Real-text activations harvested for the labelled training demonstration (0: skip it)."""
-    demo_train_steps: int = 64
-    """Steps of the training demonstration (batches of 512: four passes over its tokens)."""
-    safety_pairs: int = 6
+    demo_train_steps: int = 128
+    """Steps of the training demonstration (batches of 512: eight passes over its tokens)."""
+    demo_lr: float = 2e-3
+    """Its peak learning rate: 5x the release recipe's, so that a run this short visibly learns
+    (measured at layer 15: EV 0.60 at L0 33 after 128 steps, against 0.25 at L0 548 with 4e-4)."""
+    safety_pairs: int = 3
     """Refuse/comply pairs in the restoration curve."""
     steering_k: tuple[int, ...] = (1, 4, 16)
     """K values compared in the steering section."""
@@ -55,8 +58,8 @@ class DemoConfig:
     """Coefficients (multiples of typical activations) compared in the steering section."""
     steering_tokens: int = 12
     """Tokens sampled per steered continuation."""
-    suite_pairs: int | None = None
-    """Use only the first n pairs of the safety suite (None: all 30)."""
+    suite_pairs: int | None = 10
+    """Use only the first n pairs of the safety suite (None: all 30; `benchmarks/safety.py` runs them all)."""
     seed: int = 0
     """Seed of the SAE's initialisation and of the data order."""
     train: bool = False
@@ -68,8 +71,9 @@ class DemoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ZERO_ALLOWED else 1):
                 raise ValueError(f"DemoConfig.{name} must be a positive int, got {value!r}")
-        if not self.l1 > 0:
-            raise ValueError(f"DemoConfig.l1 must be positive, got {self.l1!r}")
+        for name in ("l1", "demo_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DemoConfig.{name} must be positive, got {getattr(self, name)!r}")
 
     def sae_key(self) -> str:
         from training.corpus import CorpusConfig
@@ -196,7 +200,7 @@ def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
     activations = torch.cat(acts)[: config.demo_train_tokens]
     harvest_s = time.perf_counter() - start
     fresh = _fresh_sae_like(sae, site, config.seed)
-    trainer = Trainer(TrainerConfig(total_steps=config.demo_train_steps, l1_coefficient=config.l1, log_every=8,
+    trainer = Trainer(TrainerConfig(total_steps=config.demo_train_steps, lr=config.demo_lr, l1_coefficient=config.l1, log_every=8,
                                     checkpoint_every=None, seed=config.seed),
                       fresh, TensorBatches(activations, min(DEMO_BATCH, len(activations)), seed=config.seed))
     start = time.perf_counter()
@@ -210,7 +214,8 @@ def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
     last = history[-1]
     return Section("The trainer at work (a demonstration, not the SAE used below)",
                    f"{len(activations):,} activations of real text at {site.hook_name} (harvested in {harvest_s:.0f} s), "
-                   f"{config.demo_train_steps} steps of {DEMO_BATCH} in {train_s:.0f} s: explained variance "
+                   f"{config.demo_train_steps} steps of {DEMO_BATCH} (learning rate {config.demo_lr:g}) in {train_s:.0f} s: "
+                   "explained variance "
                    f"{last['explained_variance']:.2f} at L0 {last['l0']:.0f} on its last training batch. This only shows "
                    f"the trainer; the sections below use the release SAE `{DEMO_RELEASE}` (its recipe, data and held-out "
                    "figures are in its registry entry), or the SAE `--train` trained.",
