@@ -103,3 +103,24 @@ def test_patching_on_default_model(default_model):
     assert by_unit[(0, 0)] == 0.0 and by_unit[(29, 0)] == 0.0  # BOS is the same in both prompts
     # At layer 0 the subject tokens carry the fact: patching " Col" → " E" moves the answer most.
     assert max(by_unit[(0, p)] for p in range(2, 5)) > 0.2
+
+
+def test_transposed_weight_layout_gives_bit_identical_logits_without_the_per_call_copies(default_model_4l):
+    """`load_model` stores the unembedding and gated-MLP weights so that TransformerLens's per-call
+    `W.T.contiguous()` copies nothing; the logits must be the bytes the contiguous layout gives."""
+    from patching.model import tl_compat
+
+    model = default_model_4l
+    weights = [model.unembed.W_U] + [w for block in model.blocks for w in (block.mlp.W_gate, block.mlp.W_in, block.mlp.W_out)]
+    assert all(w.T.is_contiguous() and not w.is_contiguous() for w in weights)
+    tokens = model.to_tokens(["The Eiffel Tower is located in the city of", "When Mary and John went to the store"])
+    try:
+        with torch.inference_mode():
+            transposed = model(tokens)
+            for w in weights:
+                w.data = w.data.contiguous()
+            contiguous = model(tokens)
+    finally:
+        tl_compat.transpose_layout(model)
+    assert torch.equal(transposed, contiguous)
+    assert all(w.T.is_contiguous() for w in weights)

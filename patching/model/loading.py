@@ -98,6 +98,7 @@ def load_model(
                             dtype=dtype, flags=flags, n_ctx=n_ctx)
     else:
         model = tl_compat.load_official(name, flags=flags.as_kwargs(), n_layers=n_layers, device=device, dtype=dtype)
+    tl_compat.transpose_layout(model)
     setattr(model, ORIGIN_ATTRIBUTE, ModelOrigin(name=name, flags=flags, n_layers=n_layers))
     return model
 
