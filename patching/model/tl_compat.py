@@ -8,9 +8,7 @@ latentpatch sees a model through these functions and through `torch.nn.Module` h
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,47 +24,6 @@ PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold
 
 def is_supported_model(model: Any) -> bool:
     return isinstance(model, HookedTransformer)
-
-
-def build_from_local_folder(
-    folder: Path,
-    hf_model: torch.nn.Module,
-    tokenizer: Any,
-    *,
-    model_name: str,
-    flags: dict[str, bool],
-    official_name: str | None = None,
-    n_layers: int | None,
-    n_ctx: int,
-    device: str | torch.device,
-    dtype: torch.dtype,
-) -> HookedTransformer:
-    """Build a HookedTransformer from a local HF folder the way `from_pretrained` does inside.
-
-    `from_pretrained` refuses names outside TransformerLens's official list, so we run its
-    three steps ourselves: config from the folder, converted state dict, then weight processing.
-    With `official_name` the config is TransformerLens's own for that name (no hub access: the
-    weights are `hf_model`'s): TransformerLens configures some architectures (Gemma 3) by name only
-    and cannot build them from a folder's config.json.
-    """
-    source = official_name or str(folder)
-    cfg = tl_loading.get_pretrained_model_config(
-        source, hf_cfg=hf_model.config.to_dict(), fold_ln=flags["fold_ln"], device=device,
-        dtype=dtype, first_n_layers=n_layers, n_ctx=n_ctx,
-    )
-    state_dict = tl_loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, **flags)
-    model.cfg.model_name = model_name
-    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to device"
-        return model.to(device)
-
-
-def load_official(name: str, *, flags: dict[str, bool], n_layers: int | None, device: Any, dtype: torch.dtype) -> HookedTransformer:
-    """Any official TransformerLens name, through its own loader (needs the hub)."""
-    return HookedTransformer.from_pretrained_no_processing(
-        name, device=device, dtype=dtype, first_n_layers=n_layers, **flags
-    )
 
 
 def tiny_config(**overrides: Any) -> HookedTransformerConfig:
@@ -211,25 +168,6 @@ def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int, pas
     contiguous: a block whose MLP reads its input unnormalized (parallel attention and MLP, no norm)
     hands it to TransformerLens's `batch_addmm`, whose `.view` refuses an expanded tensor."""
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
-
-
-def transpose_layout(model: HookedTransformer) -> None:
-    """Store the unembedding and gated-MLP weights as transposes of contiguous tensors (same values).
-
-    TransformerLens 3.9 calls `F.linear(x, W.T.contiguous())` on exactly these in every forward pass
-    (to match Hugging Face's layout): a full copy of each weight per call, 113 MB for SmolLM2's
-    unembedding. With this layout `W.T` is already contiguous, so the copy is skipped and the
-    product is computed on the same bytes as before. Measured on the 30 x 11 residual trace (one
-    thread): the copies were 45% of the time."""
-    from transformer_lens.components import Unembed
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
-    for module in model.modules():
-        names = ("W_U",) if isinstance(module, Unembed) else ("W_gate", "W_in", "W_out") if isinstance(module, GatedMLP) else ()
-        for name in names:
-            weight = module._parameters.get(name)
-            if weight is not None and weight.ndim == 2 and weight.is_contiguous():
-                weight.data = weight.data.T.contiguous().T
 
 
 def readout(model: HookedTransformer, residual: Tensor) -> Tensor:
@@ -422,8 +360,9 @@ def frozen_final_readout(model: HookedTransformer, delta: Tensor, base_final: Te
     return scaled @ model.W_U
 
 
-# Generation and key-value caches live in their own module (this one stays small); re-exported
-# here so that callers keep one door to TransformerLens.
+# Building models, and generation with key-value caches, live in their own modules (this one stays
+# small); re-exported here so that callers keep one door to TransformerLens.
+from patching.model.tl_loading import build_from_local_folder, load_official, transpose_layout  # noqa: E402, F401
 from patching.model.tl_generation import (  # noqa: E402, F401
     attach_block_pre_hook, cache_length, expand_cache, forward_step, generate, left_padded_tokens, new_kv_cache,
     prefix_cache, sample_logits, select_cache_rows,

@@ -1,0 +1,74 @@
+"""Building TransformerLens models: from a local Hugging Face folder, from an official name, and
+the weight layout every loaded model gets. Part of the TransformerLens door (`tl_compat`
+re-exports it; nothing else imports this module)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as tl_loading
+
+
+def build_from_local_folder(
+    folder: Path,
+    hf_model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    flags: dict[str, bool],
+    official_name: str | None = None,
+    n_layers: int | None,
+    n_ctx: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> HookedTransformer:
+    """Build a HookedTransformer from a local HF folder the way `from_pretrained` does inside.
+
+    `from_pretrained` refuses names outside TransformerLens's official list, so we run its
+    three steps ourselves: config from the folder, converted state dict, then weight processing.
+    With `official_name` the config is TransformerLens's own for that name (no hub access: the
+    weights are `hf_model`'s): TransformerLens configures some architectures (Gemma 3) by name only
+    and cannot build them from a folder's config.json.
+    """
+    source = official_name or str(folder)
+    cfg = tl_loading.get_pretrained_model_config(
+        source, hf_cfg=hf_model.config.to_dict(), fold_ln=flags["fold_ln"], device=device,
+        dtype=dtype, first_n_layers=n_layers, n_ctx=n_ctx,
+    )
+    state_dict = tl_loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **flags)
+    model.cfg.model_name = model_name
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to device"
+        return model.to(device)
+
+
+def load_official(name: str, *, flags: dict[str, bool], n_layers: int | None, device: Any, dtype: torch.dtype) -> HookedTransformer:
+    """Any official TransformerLens name, through its own loader (needs the hub)."""
+    return HookedTransformer.from_pretrained_no_processing(
+        name, device=device, dtype=dtype, first_n_layers=n_layers, **flags
+    )
+
+
+def transpose_layout(model: HookedTransformer) -> None:
+    """Store the unembedding and gated-MLP weights as transposes of contiguous tensors (same values).
+
+    TransformerLens 3.9 calls `F.linear(x, W.T.contiguous())` on exactly these in every forward pass
+    (to match Hugging Face's layout): a full copy of each weight per call, 113 MB for SmolLM2's
+    unembedding. With this layout `W.T` is already contiguous, so the copy is skipped and the
+    product is computed on the same bytes as before. Measured on the 30 x 11 residual trace (one
+    thread): the copies were 45% of the time."""
+    from transformer_lens.components import Unembed
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    for module in model.modules():
+        names = ("W_U",) if isinstance(module, Unembed) else ("W_gate", "W_in", "W_out") if isinstance(module, GatedMLP) else ()
+        for name in names:
+            weight = module._parameters.get(name)
+            if weight is not None and weight.ndim == 2 and weight.is_contiguous():
+                weight.data = weight.data.T.contiguous().T
