@@ -243,7 +243,7 @@ def test_find_safety_latents_end_to_end_on_the_truncated_default_model(default_m
                         controls=full.controls[:2])
     before = snapshot(model)
     report = find_safety_latents(model, sae, suite, percents=(1.0, 100.0), span_threshold=1e-3, max_pairs=1,
-                                 direction_layers=(1,), dynamic_ns=(5,), max_new_tokens=2, progress=False)
+                                 direction_layers=(0, 1), dynamic_ns=(5,), max_new_tokens=2, progress=False)
     assert snapshot(model) == before
     assert len(report.spans) == 3 and min(report.spans) > 1e-3
     assert report.pairs_used == [0]  # the widest span, max_pairs=1
@@ -253,7 +253,11 @@ def test_find_safety_latents_end_to_end_on_the_truncated_default_model(default_m
     # Every residual dimension at every query position restores the whole span.
     assert report.curves[3].fraction[0, -1].item() == pytest.approx(1.0, abs=1e-3)
     assert [row["n"] for row in report.dynamic["rows"]] == [0, 5]
-    assert report.direction is not None and report.direction.layers == [1, 2]
+    assert report.direction is not None and report.direction.layers == [0, 1, 2]
+    # Layer 0 sees only each prompt's last token, the same template token for all: no direction there.
+    assert report.direction.norms[0] == 0 and report.direction.ablated_score[0] is None
+    assert report.direction.added_score[0] is None and report.direction.best_layer in (1, 2)
+    assert all(isinstance(x, float) for x in report.direction.ablated_score[1:])
     assert "pairs have a refusal-score span" in report.paragraph()
     report.save(tmp_path / "safety", sae_sha256="0" * 64)
     assert (tmp_path / "safety" / "curves.png").exists() and (tmp_path / "safety" / "report.json").exists()

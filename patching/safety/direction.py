@@ -24,10 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.safety.score import RefusalScore, greedy_texts, refusal_rate, refusal_scores
 from patching.splice.generate import Interventions, SharedPrefix, Step, intervening
+
+
+ZERO_DIRECTION = 1e-6
+"""A layer's direction counts as zero below this fraction of the largest layer's norm."""
 
 
 def refusal_directions(model: Any, harmful: Sequence[Tensor], harmless: Sequence[Tensor],
@@ -85,10 +90,13 @@ class DirectionReport:
     """Mean refusal score on harmful prompts, unchanged model."""
     harmless_score: float
     """Mean refusal score on harmless prompts, unchanged model."""
-    ablated_score: list[float]
-    """Per layer: mean refusal score on harmful prompts with that layer's direction ablated."""
-    added_score: list[float]
-    """Per layer: mean refusal score on harmless prompts with the direction added at its layer."""
+    ablated_score: list[float | None]
+    """Per layer: mean refusal score on harmful prompts with that layer's direction ablated; None
+    where the direction is zero (no ablation is defined: at layer 0 every prompt's last token is
+    the same chat-template token and nothing has mixed into it yet)."""
+    added_score: list[float | None]
+    """Per layer: mean refusal score on harmless prompts with the direction added at its layer
+    (None where the direction is zero)."""
     best_layer: int | None = None
     """The layer whose direction moves the two scores most (ablation drop + addition rise)."""
     rates: dict[str, float] = field(default_factory=dict)
@@ -136,13 +144,20 @@ def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor],
     run = Runner(model, context)
     directions = refusal_directions(model, harmful, harmless, layers).float()
     base_h, base_s = run.scores(harmful, metric).mean(), run.scores(harmless, metric).mean()
-    ablated, added = [], []
-    for layer, d in zip(layers, directions):
-        ablated.append(float(run.scores(harmful, metric, ablation(model, d)).mean()))
-        added.append(float(run.scores(harmless, metric, addition(Site(layer, "resid_pre"), d)).mean()))
-    report = DirectionReport(list(layers), directions.norm(dim=1).tolist(), float(base_h), float(base_s), ablated, added)
-    gains = [(float(base_h) - a) + (b - float(base_s)) for a, b in zip(ablated, added)]
-    best = max(range(len(layers)), key=gains.__getitem__)
+    norms = directions.norm(dim=1)
+    defined = [i for i in range(len(layers)) if norms[i] > ZERO_DIRECTION * norms.max()]
+    if not defined:
+        raise PatchingError(f"the harmful and harmless prompts give the same mean residual at every layer {list(layers)}: "
+                            "there is no refusal direction to ablate")
+    ablated: list[float | None] = [None] * len(layers)
+    added: list[float | None] = [None] * len(layers)
+    gains: dict[int, float] = {}  # ablation's drop plus addition's rise, per layer with a direction
+    for i in defined:
+        a = float(run.scores(harmful, metric, ablation(model, directions[i])).mean())
+        b = float(run.scores(harmless, metric, addition(Site(layers[i], "resid_pre"), directions[i])).mean())
+        ablated[i], added[i], gains[i] = a, b, (float(base_h) - a) + (b - float(base_s))
+    report = DirectionReport(list(layers), norms.tolist(), float(base_h), float(base_s), ablated, added)
+    best = max(gains, key=gains.__getitem__)
     report.best_layer = layers[best]
     d = directions[best]
     report.rates = {
