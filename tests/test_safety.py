@@ -261,3 +261,15 @@ def test_find_safety_latents_end_to_end_on_the_truncated_default_model(default_m
     assert "pairs have a refusal-score span" in report.paragraph()
     report.save(tmp_path / "safety", sae_sha256="0" * 64)
     assert (tmp_path / "safety" / "curves.png").exists() and (tmp_path / "safety" / "report.json").exists()
+
+
+def test_the_claim_counts_as_reproduced_only_without_overshoot():
+    from patching.safety.report import SafetyReport
+
+    fractions = torch.tensor([[0.3, 0.95, 1.0], [0.2, 0.92, 1.0], [0.1, 0.5, 1.0]])
+    clean = UnitCurve("mlp_post@all layers", [0.1, 1.0, 100.0], fractions, [1000] * 3, [0, 1, 2])
+    over = UnitCurve("mlp_post@all layers", [0.1, 1.0, 100.0], fractions * torch.tensor([1.0, 4.0, 1.0]), [1000] * 3, [0, 1, 2])
+    for curve, expected in ((clean, "is reproduced here"), (over, "is met on the numbers but not reproduced")):
+        report = SafetyReport(["s"], SafetyConfig(), SafetySuite(), "m", spans=[2.0, 2.0, 2.0], pairs_used=[0, 1, 2],
+                              curves=[curve])
+        assert expected in report.paragraph()

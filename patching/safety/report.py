@@ -72,12 +72,21 @@ class SafetyReport:
             parts.append(text + ".")
         neurons = next((c for c in self.curves if c.kind == "mlp_post@all layers"), None)
         if neurons is not None and neurons.pairs:
-            s = neurons.summary()
-            holds = s["median_percent_for_90"] is not None and s["median_percent_for_90"] <= 5 and 2 * s["pairs_reaching_90"] > n
-            parts.append(f"The claim that {CLAIM} is {'reproduced' if holds else 'not reproduced'} here "
-                         f"for MLP neurons of every layer.")
+            parts.append(self._claim_sentence(neurons.summary(self.config.overshoot_margin), n))
         parts += self._direction_sentence() + self._dynamic_sentence()
         return " ".join(parts)
+
+    @staticmethod
+    def _claim_sentence(s: dict[str, Any], n: int) -> str:
+        """Chen et al.'s claim against the all-layer neuron curve. Overshoot means the top neurons
+        push the refusal score past the harmful run's own: the threshold is crossed without the
+        behaviour being restored, so a curve that overshoots does not count as a reproduction."""
+        met = s["median_percent_for_90"] is not None and s["median_percent_for_90"] <= 5 and 2 * s["pairs_reaching_90"] > n
+        if met and s["overshoot_points"]:
+            return (f"The claim that {CLAIM} is met on the numbers but not reproduced here for MLP neurons of every "
+                    f"layer: {s['overshoot_points']} points of that curve overshoot (up to {s['max_fraction']:.2f} of the "
+                    "span), so the top neurons act as a lever on the refusal score rather than restoring it.")
+        return f"The claim that {CLAIM} is {'reproduced' if met else 'not reproduced'} here for MLP neurons of every layer."
 
     def _direction_sentence(self) -> list[str]:
         d = self.direction
