@@ -29,7 +29,7 @@ FACTUAL = ("The Eiffel Tower is located in the city of", "The Colosseum is locat
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo runs; the defaults took 402 s on 2 CPU cores on a fresh clone with empty caches."""
+    """What the demo runs; the defaults took 272 s on 2 CPU cores on a fresh clone with empty caches."""
 
     out: Path = Path("latentpatch-output")
     """Output folder for the report."""
