@@ -49,7 +49,7 @@ class DemoConfig:
     """Steps of the training demonstration (batches of 512: eight passes over its tokens)."""
     demo_lr: float = 2e-3
     """Its peak learning rate: 5x the release recipe's, so that a run this short visibly learns
-    (measured at layer 15: EV 0.60 at L0 33 after 128 steps, against 0.25 at L0 548 with 4e-4)."""
+    (measured at layer 15: EV 0.60 at L0 33 after 128 steps, against 0.25 at L0 548 after 64 steps at 4e-4)."""
     safety_pairs: int = 3
     """Refuse/comply pairs in the restoration curve."""
     steering_k: tuple[int, ...] = (1, 4, 16)

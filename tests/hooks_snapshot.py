@@ -30,3 +30,34 @@ class CountingHook:
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+def assert_refused_before_any_forward(model, call, error, pattern) -> None:
+    """`call()` raises `error` matching `pattern` with zero forward passes and leaves the model as it was."""
+    import pytest
+
+    before = snapshot(model)
+    counter = CountingHook(model)
+    try:
+        with pytest.raises(error, match=pattern):
+            call()
+        forwards = counter.count
+    finally:
+        counter.remove()
+    assert forwards == 0
+    assert snapshot(model) == before
+
+
+def assert_splice_identity(model, sae, tokens) -> None:
+    """Spliced with the error term the logits are bit-identical; without it they differ (the SAE is
+    in the path: the error term is what restores it)."""
+    from patching import splice
+
+    with torch.inference_mode():
+        reference = model(tokens)
+        with splice(model, sae, error_term=True):
+            spliced = model(tokens)
+        with splice(model, sae, error_term=False):
+            without_error = model(tokens)
+    assert torch.equal(spliced, reference)
+    assert not torch.equal(without_error, reference)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patching import LogitDiff, PatchUnit, Site, UnitPart, patch_latents, patch_residual, splice, steer
+from patching import LogitDiff, PatchUnit, Site, UnitPart, patch_latents, patch_residual, steer
 from patching.attribution.estimators import attribute_latents
 from patching.model import tl_compat
 from tests.conftest import make_sae
+from tests.hooks_snapshot import assert_splice_identity
 from tests.test_patching import naive_unit_value
 from training.harvest import harvest
 
@@ -85,14 +86,7 @@ def test_configuration_is_the_architecture_it_claims(zoo, name):
 def test_splice_identity_is_bit_exact(zoo, prompts, name):
     model, sae = zoo[name]
     clean, _ = prompts
-    with torch.inference_mode():
-        reference = model(clean)
-        with splice(model, sae, error_term=True):
-            spliced = model(clean)
-        with splice(model, sae, error_term=False):
-            without_error = model(clean)
-    assert torch.equal(spliced, reference)
-    assert not torch.equal(without_error, reference)  # the SAE is in the path: the error term is what restores it
+    assert_splice_identity(model, sae, clean)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

@@ -21,6 +21,7 @@ from patching.errors import SpliceError
 from patching.model import gemma3, tl_compat
 from patching.model import loading as models
 from tests.conftest import make_sae
+from tests.hooks_snapshot import assert_splice_identity
 from tests.test_architectures import naive_raw_value
 from tests.test_patching import naive_unit_value
 from tests.test_training_integration import offline_texts
@@ -90,14 +91,7 @@ def test_truncated_copy_keeps_the_official_architecture(gemma):
 def test_splice_identity_is_bit_exact(gemma, ioi):
     tokens, _, _ = ioi
     sae = make_sae(640, 512, hook_name=SITE.hook_name, model_name=gemma3.MODEL_NAME)
-    with torch.inference_mode():
-        reference = gemma(tokens)
-        with splice(gemma, sae, error_term=True):
-            spliced = gemma(tokens)
-        with splice(gemma, sae, error_term=False):
-            without_error = gemma(tokens)
-    assert torch.equal(spliced, reference)
-    assert not torch.equal(without_error, reference)
+    assert_splice_identity(gemma, sae, tokens)
 
 
 @needs_gemma3

@@ -15,7 +15,7 @@ from patching.steering.choice import LatentChoice
 from patching.steering.steer import SteeringError, generate_steered, steer
 from patching.sweep.objectives import LogitDiff
 from tests.conftest import make_sae, unchecked
-from tests.hooks_snapshot import CountingHook, snapshot
+from tests.hooks_snapshot import assert_refused_before_any_forward, snapshot
 
 SITE = Site(1)
 METRIC = LogitDiff(answer=3, wrong=4)
@@ -129,16 +129,7 @@ CASES = {
 def test_bad_input_is_refused_before_any_forward(model, sae, pair, case):
     call, error, pattern = CASES[case]
     clean, corrupted = pair
-    before = snapshot(model)
-    counter = CountingHook(model)
-    try:
-        with pytest.raises(error, match=pattern):
-            call(model, sae, clean, corrupted)
-        forwards = counter.count
-    finally:
-        counter.remove()
-    assert forwards == 0
-    assert snapshot(model) == before
+    assert_refused_before_any_forward(model, lambda: call(model, sae, clean, corrupted), error, pattern)
 
 
 def test_a_metric_turning_nan_mid_sweep_is_refused_naming_the_unit(model, sae, pair):

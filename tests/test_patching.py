@@ -14,7 +14,7 @@ from patching.sweep.patch import patch_latents, patch_residual
 from patching.sweep.results import METRIC_TOLERANCE, PatchResult
 from patching.sweep.units import PatchUnit, UnitPart
 from tests.conftest import make_sae, unchecked
-from tests.hooks_snapshot import CountingHook, snapshot
+from tests.hooks_snapshot import assert_refused_before_any_forward, snapshot
 
 SITE = Site(1)
 
@@ -219,16 +219,7 @@ def test_metrics_library(model, sae, prompts):
 ])
 def test_bad_input_raises_before_any_forward(model, sae, prompts, call, error, pattern):
     clean, corrupted = prompts
-    before = snapshot(model)
-    counter = CountingHook(model)
-    try:
-        with pytest.raises(error, match=pattern):
-            call(model, sae, clean, corrupted)
-        forwards = counter.count
-    finally:
-        counter.remove()
-    assert forwards == 0
-    assert snapshot(model) == before
+    assert_refused_before_any_forward(model, lambda: call(model, sae, clean, corrupted), error, pattern)
 
 
 def test_metric_that_cannot_tell_pairs_apart_is_refused(model, sae, prompts):
