@@ -134,6 +134,23 @@ def test_streamed_explained_variance_is_the_one_tensor_formula():
     assert explained_variance_from_sums(0.0, 8.0, torch.tensor([4.0, 0.0]).double(), 2) == 1.0  # no variance, no error
 
 
+def test_typical_explained_variance_leaves_out_exactly_the_massive_tokens():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 4, generator=gen) + 2
+    x[[5, 33]] *= 400  # two massive activations, reconstructed perfectly
+    x_hat = x + 0.5 * torch.randn(60, 4, generator=gen)
+    x_hat[[5, 33]] = x[[5, 33]]
+    sums = _Sums(d_in=4, d_sae=1, massive_norm_ratio=10.0)
+    sums.add_tokens(x, x_hat, torch.zeros(60, 1))
+    t, typical = sums.totals, torch.ones(60, dtype=torch.bool)
+    typical[[5, 33]] = False
+    assert sums.n - sums.n_typical == 2
+    got = explained_variance_from_sums(t["sse_typical"], t["sum_sq_typical"], sums.sum_x_typical, sums.n_typical)
+    assert got == pytest.approx(explained_variance(x[typical], x_hat[typical]).item(), rel=1e-5)
+    everything = explained_variance_from_sums(t["sse"], t["sum_sq"], sums.sum_x, sums.n)
+    assert everything > 0.99 > got  # the two massive tokens decide the SAEBench figure
+
+
 def test_reconstruction_and_sparsity_sums_closed_form():
     x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     x_hat = torch.tensor([[3.0, 4.0], [2.0, 0.0]])
@@ -176,7 +193,8 @@ def test_max_decoder_cosine_closed_form():
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(context_size=1), dict(max_tokens=0),
-                                 dict(dense_threshold=1.0), dict(cosine_chunk=0)])
+                                 dict(dense_threshold=1.0), dict(cosine_chunk=0),
+                                 dict(massive_norm_ratio=1.0)])
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="EvalConfig"):
         EvalConfig(**bad)

@@ -13,6 +13,7 @@ from tests.test_training_helpers import RandomChunks
 from training import DataSourceError, ShuffleBuffer, TokenRows, cached_batches, file_texts, harvest
 from training.cache import CachedChunks, write_activation_cache
 from training.harvest import HarvestChunks
+from training.sources import MassiveActivationFilter, filtered
 
 
 class CountingChunks:
@@ -77,6 +78,37 @@ def test_shuffle_buffer_serves_each_row_once_shuffled_and_resumes_exactly():
 def test_shuffle_buffer_refuses_capacity_below_two_batches():
     with pytest.raises(DataSourceError, match="at least 2 \\* batch_size = 32"):
         ShuffleBuffer(CountingChunks(), 16, capacity=20)
+
+
+class SpikedChunks(CountingChunks):
+    """Gaussian rows (norm about 3) in which every 97th row is scaled 200x: a massive activation."""
+
+    def next_chunk(self):
+        g = torch.Generator().manual_seed(self.next_id)
+        rows = torch.randn(self.size, 3, generator=g)
+        ids = torch.arange(self.next_id, self.next_id + self.size)
+        rows[ids % 97 == 0] *= 200
+        self.next_id += self.size
+        return rows
+
+
+def test_massive_activation_filter_drops_exactly_the_outliers_and_resumes():
+    source = MassiveActivationFilter(SpikedChunks(100), max_ratio=10.0)
+    reference = SpikedChunks(100)
+    for _ in range(5):
+        raw = reference.next_chunk()
+        spikes = (torch.arange(reference.next_id - 100, reference.next_id) % 97 == 0)
+        assert torch.equal(source.next_chunk(), raw[~spikes])  # the spikes and nothing else
+    assert (source.seen, source.dropped) == (500, 6)  # ids 0, 97, 194, 291, 388, 485
+    state = source.state_dict()
+    restored = MassiveActivationFilter(SpikedChunks(100), max_ratio=10.0)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.next_chunk(), source.next_chunk()) and restored.dropped == source.dropped
+    assert source.describe()["max_norm_ratio"] == 10.0
+    inner = SpikedChunks()
+    assert filtered(inner, None) is inner
+    with pytest.raises(DataSourceError, match="must be > 1"):
+        MassiveActivationFilter(SpikedChunks(), max_ratio=1.0)
 
 
 def test_cache_round_trip_bounded_memory_and_refusals(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 from sae.files import atomic_write
 from training.errors import TrainingConfigError
 from training.runlog import LOG_FILE
+from training.sources import MAX_NORM_RATIO
 from training.trainer import CHECKPOINT_DIR
 
 EXAMPLE = ("example: latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15\n"
@@ -53,6 +54,9 @@ class RunConfig:
     """Shuffle-buffer capacity in activations."""
     drop_special_tokens: bool
     """Leave BOS and other special tokens out of training."""
+    max_norm_ratio: float | None
+    """Leave out activations over this multiple of their chunk's median norm (massive activations,
+    `training.sources.MassiveActivationFilter`); None keeps them."""
     activation_cache: tuple[str, ...] | None
     """Cache folder(s): read activations from them (shards of all, weighted by their tokens); a single
     folder that holds no cache yet is harvested into first."""
@@ -88,6 +92,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")
     p.add_argument("--buffer-tokens", type=int, default=65536, help="shuffle-buffer capacity in activations")
     p.add_argument("--keep-special-tokens", action="store_true", help="train on BOS/special-token activations too")
+    p.add_argument("--max-norm-ratio", type=float, default=MAX_NORM_RATIO,
+                   help="leave out massive activations: norms over this multiple of their chunk's median "
+                        f"(default {MAX_NORM_RATIO:g}; 0 keeps every activation)")
     p.add_argument("--activation-cache", nargs="+", default=None,
                    help="read activations from these cache folders (see `latentpatch harvest`; a single folder that "
                         "holds none is harvested into first)")
@@ -176,6 +183,7 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
     run = RunConfig(model=args.model, site=site_text, d_sae=tuple(d for d, _ in group), text=args.text, out=str(out),
                     batch_size=args.batch_size, context_size=args.context_size, buffer_tokens=args.buffer_tokens,
                     drop_special_tokens=not args.keep_special_tokens,
+                    max_norm_ratio=args.max_norm_ratio or None,
                     activation_cache=tuple(args.activation_cache) if args.activation_cache else None)
     _check_args(args)
     steps = args.tokens // args.batch_size
@@ -235,6 +243,9 @@ def _check_args(args: argparse.Namespace) -> None:
     for option, values in counts.items():
         if any(value < 1 for value in values):
             raise TrainingConfigError(f"{option} must be a positive int, got {' '.join(map(str, values))}")
+    if args.max_norm_ratio and not args.max_norm_ratio > 1:
+        raise TrainingConfigError(f"--max-norm-ratio must be above 1 (a multiple of the median norm) or 0 (off), "
+                                  f"got {args.max_norm_ratio}")
     check_output_folder(args.out)
 
 
@@ -320,7 +331,8 @@ def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, t
         return harvested_batches(model, site, opener, batch_size=run.batch_size // (world if stripe else 1),
                                  context_size=run.context_size, buffer_tokens=run.buffer_tokens,
                                  drop_special_tokens=run.drop_special_tokens, seed=seed, description=description,
-                                 rank=rank if stripe else 0, world_size=world if stripe else 1)
+                                 rank=rank if stripe else 0, world_size=world if stripe else 1,
+                                 max_norm_ratio=run.max_norm_ratio)
     folders = run.activation_cache
     exists = (Path(folders[0]) / "manifest.json").exists()
     if collective is not None:  # rank 0 decides, so that every rank takes the same branch
@@ -338,8 +350,9 @@ def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, t
                                       f"not {site.hook_name}")
     if stripe:
         return cached_batches(folders, batch_size=run.batch_size // world, buffer_tokens=run.buffer_tokens,
-                              seed=seed, rank=rank, world_size=world)
-    return cached_batches(folders, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed)
+                              seed=seed, rank=rank, world_size=world, max_norm_ratio=run.max_norm_ratio)
+    return cached_batches(folders, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed,
+                          max_norm_ratio=run.max_norm_ratio)
 
 
 def texts_for(text: str) -> tuple[Any, str, str | None]:

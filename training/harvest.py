@@ -18,7 +18,7 @@ from patching.model import tl_compat
 from patching.model.loading import model_flags
 from patching.model.sites import Site
 from training.errors import DataSourceError
-from training.sources import ShuffleBuffer
+from training.sources import MAX_NORM_RATIO, ShuffleBuffer, filtered
 from training.text import TextOpener, TokenRows
 
 
@@ -70,15 +70,18 @@ class HarvestChunks:
 def harvested_batches(model: Any, site: Site, open_texts: TextOpener, *, batch_size: int, context_size: int = 128,
                       buffer_tokens: int = 65536, rows_per_chunk: int = 8, drop_special_tokens: bool = True,
                       seed: int = 0, description: str = "texts", rank: int = 0,
-                      world_size: int = 1) -> ShuffleBuffer:
+                      world_size: int = 1, max_norm_ratio: float | None = MAX_NORM_RATIO) -> ShuffleBuffer:
     """Shuffled `(batch_size, d_in)` activation batches harvested from `open_texts` on the fly.
 
     With `world_size` > 1, this rank harvests only its stripe of the token rows (data parallelism).
+    Activations over `max_norm_ratio` x their chunk's median norm are left out (`MassiveActivationFilter`;
+    None keeps them).
     """
     rows = TokenRows(model, open_texts, context_size=context_size, description=description, rank=rank,
                      world_size=world_size)
     chunks = HarvestChunks(model, site, rows, rows_per_chunk=rows_per_chunk, drop_special_tokens=drop_special_tokens)
-    return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed + rank)
+    return ShuffleBuffer(filtered(chunks, max_norm_ratio), batch_size, capacity=max(buffer_tokens, 2 * batch_size),
+                         seed=seed + rank)
 
 
 class MultiSiteChunks:

@@ -95,6 +95,58 @@ class TensorBatches:
                 "batch_size": self.batch_size, "shuffle": self.shuffle}
 
 
+MAX_NORM_RATIO = 10.0
+"""Default `MassiveActivationFilter` threshold: drop activations over 10x their chunk's median norm."""
+
+
+class MassiveActivationFilter:
+    """A `ChunkSource` that drops activations whose L2 norm exceeds `max_ratio` x the median norm
+    of their chunk.
+
+    Many transformers write a few "massive activations" into the residual stream (Sun et al. 2024,
+    "Massive Activations in Large Language Models"): at SmolLM2-135M's layer 15, 0.02-0.04% of
+    real-text tokens have norms of 18,000-25,000 against a median of 152, and they carry 47-72% of
+    the summed squared norm. An MSE loss over such batches spends itself on them, and explained
+    variance about the mean becomes a figure about them (0.96 with them, 0.70 without, on the
+    same held-out rows). The gap between them and everything else is wide (at 2x the median
+    there are only a few more than at 5x), so a generous ratio removes them and nothing else.
+    Stateless apart from its counts; the inner source's state is the state.
+    """
+
+    def __init__(self, chunks: ChunkSource, max_ratio: float = MAX_NORM_RATIO) -> None:
+        if not max_ratio > 1:
+            raise DataSourceError(f"MassiveActivationFilter max_ratio must be > 1 (a multiple of the median norm), "
+                                  f"got {max_ratio}")
+        self.chunks, self.max_ratio, self.d_in = chunks, float(max_ratio), chunks.d_in
+        self.seen, self.dropped = 0, 0
+
+    def next_chunk(self) -> Tensor:
+        chunk = self.chunks.next_chunk()
+        if chunk.ndim != 2 or chunk.shape[0] == 0:
+            return chunk
+        norms = chunk.float().norm(dim=-1)
+        keep = norms <= self.max_ratio * norms.median()
+        self.seen += chunk.shape[0]
+        self.dropped += int((~keep).sum())
+        return chunk if bool(keep.all()) else chunk[keep]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.chunks.state_dict(), "seen": self.seen, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.chunks.load_state_dict(state["inner"])
+        self.seen, self.dropped = int(state["seen"]), int(state["dropped"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "massive_activation_filter", "max_norm_ratio": self.max_ratio,
+                "chunks": self.chunks.describe()}
+
+
+def filtered(chunks: ChunkSource, max_norm_ratio: float | None) -> ChunkSource:
+    """`chunks` behind a `MassiveActivationFilter`, or as they are when `max_norm_ratio` is None."""
+    return chunks if max_norm_ratio is None else MassiveActivationFilter(chunks, max_norm_ratio)
+
+
 class ShuffleBuffer:
     """Mixes chunks from a `ChunkSource` and serves fixed-size batches.
 

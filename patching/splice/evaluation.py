@@ -24,7 +24,10 @@ SAELens's own functions on the same tokens (tests/test_evaluation.py). What we m
   agree for one batch).
 - Feature density = firing count / kept tokens, per latent (SAELens's `feature_density`).
 
-Beyond SAELens (SAEBench's "misc" figures): dead fraction (never fired on the evaluated tokens),
+Beyond SAELens: `explained_variance_typical`, the same figure over the tokens that are not massive
+activations (norm over `massive_norm_ratio` x the batch's median; Sun et al. 2024). At SmolLM2-135M's
+layer 15 about one real-text token in 3,000 has a norm 100x the median, and those tokens carry most
+of the variance, so the SAEBench figure measures how well an SAE reconstructs them. SAEBench's "misc" figures: dead fraction (never fired on the evaluated tokens),
 dense fraction (fired on more than `dense_threshold` of them, default 10%, SAEBench's
 `freq_over_10_percent`), and per latent the largest |cosine| between its decoder row and any other
 latent's, summarised by mean, true median and quantiles (plus SAEBench's signed-max mean).
@@ -71,6 +74,10 @@ class EvalConfig:
     (SAELens's default); (): none."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of tokens counts as dense."""
+    massive_norm_ratio: float = 10.0
+    """Tokens whose activation norm exceeds this multiple of their batch's median are massive
+    activations (`training.sources.MassiveActivationFilter`); `explained_variance_typical` leaves
+    them out. Every SAEBench figure keeps them."""
     cosine_chunk: int = 4096
     """Decoder rows per block of the pairwise-cosine product (memory: chunk x d_sae floats)."""
     progress: bool = True
@@ -84,6 +91,8 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.context_size must be >= 2 (one next-token target), got {self.context_size}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"EvalConfig.max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if not self.massive_norm_ratio > 1:
+            raise ValueError(f"EvalConfig.massive_norm_ratio must be > 1, got {self.massive_norm_ratio}")
         if not 0 < self.dense_threshold < 1:
             raise ValueError(f"EvalConfig.dense_threshold must be in (0, 1), got {self.dense_threshold}")
 
@@ -110,6 +119,11 @@ class SAEEvaluation:
     """Mean KL(clean || zero-ablated) per kept position, nats."""
     explained_variance: float
     """1 - E||x - x_hat||^2 / total variance of x about its mean."""
+    explained_variance_typical: float
+    """The same over the tokens that are not massive activations (`EvalConfig.massive_norm_ratio`):
+    a handful of massive tokens can carry most of the total variance, and then decide the figure above."""
+    n_massive: int
+    """Kept tokens whose norm marked them as massive activations."""
     mse: float
     """Mean squared error per element."""
     mse_per_token: float
@@ -159,14 +173,15 @@ class SAEEvaluation:
             "model_performance_preservation": {k: getattr(self, k) for k in ("ce_loss_score", "ce_loss_with_sae",
                                                "ce_loss_without_sae", "ce_loss_with_ablation")},
             "reconstruction_quality": {k: getattr(self, k) for k in
-                                       ("explained_variance", "mse", "mse_per_token", "cossim")},
+                                       ("explained_variance", "explained_variance_typical", "mse",
+                                        "mse_per_token", "cossim")},
             "shrinkage": {k: getattr(self, k) for k in
                           ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")},
             "sparsity": {"l0": self.l0, "l1": self.l1, "frac_dead": self.frac_dead, "frac_dense": self.frac_dense,
                          "frac_over_1_percent": self.frac_over_1_percent, "dense_threshold": self.dense_threshold},
             "decoder_cosine": dict(self.decoder_cosine),
             "token_stats": {"n_tokens": self.n_tokens, "n_loss_positions": self.n_loss_positions,
-                            "n_texts": self.n_texts},
+                            "n_texts": self.n_texts, "n_massive": self.n_massive},
         }
 
 
@@ -177,8 +192,11 @@ class _Sums:
 
     d_in: int
     d_sae: int
+    massive_norm_ratio: float = 10.0
     n: int = 0
+    n_typical: int = 0
     sum_x: Tensor = field(init=False)
+    sum_x_typical: Tensor = field(init=False)
     fires: Tensor = field(init=False)
     totals: dict[str, float] = field(default_factory=dict)
     n_loss: int = 0
@@ -186,6 +204,7 @@ class _Sums:
 
     def __post_init__(self) -> None:
         self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
+        self.sum_x_typical = torch.zeros(self.d_in, dtype=torch.float64)
         self.fires = torch.zeros(self.d_sae, dtype=torch.int64)
 
     def add(self, name: str, value: Tensor | float) -> None:
@@ -198,7 +217,13 @@ class _Sums:
         self.sum_x += x.sum(0).cpu()
         norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
         self.add("sum_sq", x.pow(2).sum())
-        self.add("sse", (x - x_hat).pow(2).sum())
+        squared_error = (x - x_hat).pow(2).sum(-1)
+        self.add("sse", squared_error.sum())
+        typical = norm_in <= self.massive_norm_ratio * norm_in.median()
+        self.n_typical += int(typical.sum())
+        self.sum_x_typical += x[typical].sum(0).cpu()
+        self.add("sum_sq_typical", x[typical].pow(2).sum())
+        self.add("sse_typical", squared_error[typical].sum())
         self.add("cossim", ((x / norm_in[:, None]) * (x_hat / norm_out[:, None])).sum())
         self.add("l2_in", norm_in.sum())
         self.add("l2_out", norm_out.sum())
@@ -297,7 +322,7 @@ def evaluate_sae(model: Any, sae: Any, corpus: Iterable[str] | Int[Tensor, "rows
     config = EvalConfig() if config is None else config
     site, adapted = resolve_site(model, sae, site, checks=checks)
     ignored = torch.tensor(ignored_token_ids(model, config), dtype=torch.long)
-    sums = _Sums(d_in=adapted.d_in, d_sae=adapted.d_sae)
+    sums = _Sums(d_in=adapted.d_in, d_sae=adapted.d_sae, massive_norm_ratio=config.massive_norm_ratio)
     bar = tqdm(desc=f"eval {site.hook_name}", unit="tok", disable=not config.progress, total=config.max_tokens)
     with bar:
         for tokens, real in token_batches(model, corpus, config):
@@ -357,6 +382,9 @@ def _finish(site: Site, sums: _Sums, max_cos: Tensor, signed: Tensor, config: Ev
         ce_loss_without_sae=ce_clean, ce_loss_with_ablation=ce_ablated,
         kl_div_score=(kl_ablated - kl_spliced) / kl_ablated, kl_div_with_sae=kl_spliced, kl_div_with_ablation=kl_ablated,
         explained_variance=explained_variance_from_sums(t["sse"], t["sum_sq"], sums.sum_x, n),
+        explained_variance_typical=explained_variance_from_sums(t["sse_typical"], t["sum_sq_typical"],
+                                                                sums.sum_x_typical, sums.n_typical),
+        n_massive=n - sums.n_typical,
         mse=t["sse"] / (n * sums.d_in), mse_per_token=t["sse"] / n, cossim=t["cossim"] / n,
         l2_norm_in=t["l2_in"] / n, l2_norm_out=t["l2_out"] / n, l2_ratio=t["l2_ratio"] / n,
         relative_reconstruction_bias=t["xhat_sq"] / t["x_dot_xhat"],
