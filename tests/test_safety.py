@@ -85,6 +85,28 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     assert both[0].item() != pytest.approx(1.0, abs=1e-3)
 
 
+def test_pair_curves_after_a_bound_prefix_equal_the_whole_prompts(toy):
+    """The curves stage runs each pair's query after the shared context's cached keys and values;
+    every unit kind's curve must equal the one computed on the whole prompts."""
+    from patching.safety.units import pair_curves
+
+    model, site, sae, harmful, harmless, metric = toy
+    gen = torch.Generator().manual_seed(3)
+    direction = torch.randn(model.cfg.d_model, generator=gen)
+    percents = (1.0, 10.0, 100.0)
+    whole = pair_curves(model, {site: sae}, harmful, harmless, metric, 3, 1, percents, direction)
+    with tl_compat.bound_prefix(model, harmful[:, :3]):
+        bound = pair_curves(model, {site: sae}, harmful[:, 3:], harmless[:, 3:], metric, 0, 1, percents, direction)
+        # a cache made inside (as the sweep engine makes one per chunk) already holds the prefix
+        inner = tl_compat.prefix_cache(model, harmful[:, 3:5])
+        assert tl_compat.cache_length(inner) == 5
+    assert "forward" not in model.__dict__  # the binding is gone
+    assert whole.keys() == bound.keys() and len(whole) == 5
+    for kind in whole:
+        torch.testing.assert_close(bound[kind][0], whole[kind][0], atol=1e-5, rtol=0)
+        assert bound[kind][1] == whole[kind][1]
+
+
 def test_true_median_and_span_threshold_on_hand_made_numbers():
     assert median([3.0, 1.0, 4.0, 2.0]).item() == 2.5  # torch.median would say 2.0
     assert torch.tensor([3.0, 1.0, 4.0, 2.0]).median().item() == 2.0

@@ -124,12 +124,16 @@ def joint_latent_unit(units: list[PatchUnit], site: Site) -> PatchUnit:
 
 
 def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corrupted: Tensor, metric: Any,
-                    counts: Sequence[int], start: int) -> RawRestoration:
+                    counts: Sequence[int], start: int, *, attribution: dict[Site, Tensor] | None = None) -> RawRestoration:
     """The same curve for raw units at `site` (residual dimensions, or neurons at `mlp_pre` /
     `mlp_post`), ranked by AtP on the raw activation. Several sites (e.g. `mlp_post` of every
-    layer) are ranked together: the top n may mix sites."""
+    layer) are ranked together: the top n may mix sites. `attribution`: the AtP scores of these
+    sites already computed (`raw_attribution_sites` on the same pair and metric), so that several
+    curves on one pair share one forward and backward pass."""
     sites = [site] if isinstance(site, Site) else list(site)
-    by_site = raw_attribution_sites(model, sites, clean, corrupted, metric)
+    if attribution is not None and not set(sites) <= set(attribution):
+        raise PatchingError(f"attribution holds no scores for {sorted(s.hook_name for s in set(sites) - set(attribution))}")
+    by_site = attribution if attribution is not None else raw_attribution_sites(model, sites, clean, corrupted, metric)
     scores = torch.cat([by_site[s][start:] for s in sites], dim=1)  # (pos, sum of widths)
     bounds = torch.tensor([0] + [by_site[s].shape[1] for s in sites]).cumsum(0)
     order = torch.argsort(scores.flatten(), descending=True, stable=True)

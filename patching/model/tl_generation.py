@@ -5,7 +5,8 @@ reach these through `tl_compat`, which re-exports them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -43,6 +44,50 @@ def select_cache_rows(cache: Any, index: Tensor) -> Any:
 
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys[index], e.past_values[index], frozen=True) for e in cache.entries]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[index], frozen=True)
+
+
+@contextlib.contextmanager
+def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[None]:
+    """Inside, every forward pass of `model` runs after `prefix_tokens` (`(1, length)`), whose keys
+    and values are computed once on entry: the tokens or residual a caller passes are the positions
+    *after* the prefix, and hooks see only those. Several experiments on prompts that share a long
+    context (a few-shot chat preamble) then pay for the context once instead of on every forward
+    and backward pass.
+
+    A call that brings its own empty cache (`prefix_cache`, `new_kv_cache`) has it filled with the
+    prefix first; a call with a non-empty cache (made inside, so already holding the prefix) runs
+    as given. The prefix cache is built without inference mode, so gradients flow through
+    the positions after it (they cannot reach the prefix, which no caller's input changes)."""
+    with torch.no_grad():
+        cache = prefix_cache(model, prefix_tokens.reshape(1, -1))
+    plain = model.__dict__.get("forward")  # an enclosing binding's, or None for the class's own
+    inner = plain if plain is not None else type(model).forward.__get__(model)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = args[0] if args else kwargs["input"]
+        rows = inputs.shape[0]
+        past = kwargs.get("past_kv_cache")
+        if past is None:
+            kwargs["past_kv_cache"] = expand_cache(cache, rows)
+            if not inputs.is_floating_point() and kwargs.get("attention_mask") is None:
+                kwargs["attention_mask"] = torch.ones_like(inputs)
+        elif cache_length(past) == 0:
+            for entry, source in zip(past.entries, cache.entries, strict=True):
+                entry.past_keys = source.past_keys.expand(rows, -1, -1, -1).clone()
+                entry.past_values = source.past_values.expand(rows, -1, -1, -1).clone()
+            mask = kwargs.get("attention_mask")
+            past.previous_attention_mask = cache.previous_attention_mask.expand(rows, -1).clone().to(
+                past.previous_attention_mask.dtype if mask is None else mask.dtype)
+        return inner(*args, **kwargs)
+
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if plain is None:
+            del model.forward
+        else:
+            model.forward = plain  # type: ignore[method-assign]
 
 
 def attach_block_pre_hook(model: HookedTransformer, layer: int, fn: Callable[[int, int], None]) -> RemovableHandle:

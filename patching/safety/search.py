@@ -167,7 +167,12 @@ def _rates(model: Any, suite: SafetySuite, harmful: list[Tensor], harmless: list
 def _curves(model: Any, saes: dict[Site, Any], harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
             start: int, layer: int, direction: Tensor, config: SafetyConfig, report: SafetyReport,
             progress: bool) -> None:
-    per_pair = [pair_curves(model, saes, harmful[i], harmless[i], metric, start, layer, config.percents, direction)
-                for i in tqdm(report.pairs_used, desc="safety pairs", disable=not progress, leave=False)]
+    # Every prompt opens with the same few-shot context (228 of 243 tokens in the default suite) and
+    # nothing is patched before `start`: the context's keys and values are computed once and each
+    # pair's forward and backward passes run only its query.
+    with tl_compat.bound_prefix(model, harmful[0][:, :start]):
+        per_pair = [pair_curves(model, saes, harmful[i][:, start:], harmless[i][:, start:], metric, 0, layer,
+                                config.percents, direction)
+                    for i in tqdm(report.pairs_used, desc="safety pairs", disable=not progress, leave=False)]
     report.curves = collect_curves(per_pair, report.pairs_used, config.percents, tl_compat.d_model(model))
 

@@ -22,7 +22,6 @@ from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.safety.curves import UnitCurve, counts_for, empty_curve
 from patching.safety.score import RefusalScore
-from patching.splice.generate import Interventions, Step, intervening
 from patching.splice.splicer import splice
 
 
@@ -47,10 +46,12 @@ def pair_curves(model: Any, saes: dict[Site, Any], harmful: Tensor, harmless: Te
     raw_kinds = {f"mlp_post@layer {layer}": [Site(layer, "mlp_post")],
                  "mlp_post@all layers": [Site(i, "mlp_post") for i in range(n_layers)],
                  f"resid_pre@layer {layer}": [Site(layer, "resid_pre")]}
+    every_site = list(dict.fromkeys(s for sites in raw_kinds.values() for s in sites))
+    attribution = raw_attribution_sites(model, every_site, harmful, harmless, metric)  # one pass for all kinds
     for kind, sites in raw_kinds.items():
         active = positions * sum(s.width(model) for s in sites)
-        out[kind] = (raw_restoration(model, sites, harmful, harmless, metric, counts_for(percents, active), start).fraction,
-                     active)
+        out[kind] = (raw_restoration(model, sites, harmful, harmless, metric, counts_for(percents, active), start,
+                                     attribution=attribution).fraction, active)
     out[f"direction@layer {layer}"] = (direction_restoration(model, harmful, harmless, metric, start, layer, direction),
                                       positions * tl_compat.d_model(model))
     return out
@@ -67,14 +68,13 @@ def direction_restoration(model: Any, harmful: Tensor, harmless: Tensor, metric:
         scores = [metric(tl_compat.forward_logits(model, t)[:, metric.readout], torch.zeros(1, dtype=torch.long))
                   for t in (harmful, harmless)]
 
-    def patch(x: Tensor, step: Step) -> Tensor:
+    def patch(x: Tensor) -> Tensor:  # the same positions as `source`: one whole forward pass each
         out = x.clone()
-        wanted = [p - step.past for p in step.positions if p >= start]
-        delta = (source[[p + step.past for p in wanted]] - x[0, wanted]) @ unit.to(x.dtype)
-        out[0, wanted] = x[0, wanted] + delta[:, None] * unit.to(x.dtype)
+        delta = (source[start:] - x[0, start:]) @ unit.to(x.dtype)
+        out[0, start:] = x[0, start:] + delta[:, None] * unit.to(x.dtype)
         return out
 
-    with torch.inference_mode(), intervening(model, Interventions(hooks={site: patch})):
+    with torch.inference_mode(), tl_compat.hooks(model, [(site.hook_name, patch)]):
         patched = metric(tl_compat.forward_logits(model, harmless)[:, metric.readout], torch.zeros(1, dtype=torch.long))
     return ((patched - scores[1]) / (scores[0] - scores[1])).reshape(1).cpu()
 
