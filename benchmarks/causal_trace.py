@@ -26,7 +26,7 @@ from patching.tracing.trace import noise_hook
 from training.corpus import all_prompts
 
 FACTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris"),
-         ("The Great Wall is located in the country of", "Great Wall", " China")]
+         ("The Taj Mahal is located in the country of", "Taj Mahal", " India")]
 
 
 def naive_trace(model, tokens, subject, answer, noise, kind, layers, window=10):

@@ -82,6 +82,7 @@ PAIR = ["--clean", "a b", "--corrupted", "a c", "--answer", " x", "--wrong", " y
 CASES = [
     (TRAIN + ["--batch-size", "0", "--out", "{root}/r"], "--batch-size must be a positive int, got 0"),
     (TRAIN + ["--d-sae", "0", "--out", "{root}/r"], "--d-sae must be a positive int, got 0"),
+    (TRAIN + ["--max-norm-ratio", "0.5", "--out", "{root}/r"], "--max-norm-ratio must be above 1"),
     (TRAIN + ["--text", "{root}/binary.txt", "--out", "{root}/r"], "{root}/binary.txt holds a NUL byte"),
     (TRAIN + ["--text", "{root}/latin1.txt", "--out", "{root}/r"], "{root}/latin1.txt is not UTF-8 text"),
     (TRAIN + ["--text", "{root}/folder.txt", "--out", "{root}/r"], "{root}/folder.txt is a folder"),

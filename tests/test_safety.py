@@ -13,7 +13,7 @@ from patching.errors import PatchingError
 from patching.attribution.restoration import RestorationCurve, latent_restoration, raw_restoration
 from sae.metrics import median
 from patching.safety.curves import UnitCurve, counts_for, pairs_clearing
-from patching.safety.direction import Runner, ablation, addition, refusal_directions
+from patching.safety.direction import Runner, ablation, addition, direction_effects, refusal_directions
 from patching.safety.dynamic import UnitSet, guided_generate
 from patching.safety.score import RefusalScore, query_start, refusal_scores, tokenize_chat
 from patching.safety.search import SafetyConfig, find_safety_latents
@@ -159,6 +159,15 @@ def test_shared_context_run_under_the_intervention_equals_running_every_prompt_w
         tokens = generate_by_length(model, prompts, 4, build)
         assert all(torch.equal(a, b) for a, b in zip(generate_by_length(model, prompts, 4, build, prefix=shared.prefix(spec)),
                                                      tokens))
+    # The directions read the prompts' last tokens after the context's cache: equal to whole prompts.
+    harmful, harmless = prompts[:2], [torch.cat([context, torch.randint(0, 50, (1, 3), generator=gen)], 1)
+                                      for _ in range(2)]
+    (report, shared_dirs), (_, whole_dirs) = (direction_effects(model, harmful, harmless, metric, [1, 2], 2, context=c)
+                                              for c in (context, None))
+    torch.testing.assert_close(shared_dirs, whole_dirs, atol=1e-5, rtol=0)
+    assert report.best_layer in (1, 2)
+    with pytest.raises(PatchingError, match="start with the given context"):
+        direction_effects(model, harmful, [torch.randint(0, 50, (1, 9), generator=gen)], metric, [1], 2, context=context)
     # The context itself is intervened on: reusing an unintervened context gives other scores.
     spec = addition(Site(1), d)
     stale = refusal_scores(model, prompts, metric, lambda _: spec, prefix=SharedPrefix.of(model, context))

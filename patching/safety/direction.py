@@ -119,14 +119,21 @@ class Runner:
     model: Any
     context: Tensor | None = None
     """The few-shot tokens every prompt starts with, `(1, n)`; None runs every prompt whole."""
+    _prefixes: dict[int, tuple[Interventions | None, SharedPrefix]] = field(default_factory=dict, repr=False,
+                                                                            compare=False)
+    """The context's cache per intervention object already run (kept with it, so its id stays its own)."""
 
     def prefix(self, spec: Interventions | None) -> SharedPrefix | None:
         if self.context is None:
             return None
-        if spec is None:
-            return SharedPrefix.of(self.model, self.context)
-        with intervening(self.model, spec):
-            return SharedPrefix.of(self.model, self.context)
+        if id(spec) not in self._prefixes:
+            if spec is None:
+                prefix = SharedPrefix.of(self.model, self.context)
+            else:
+                with intervening(self.model, spec):
+                    prefix = SharedPrefix.of(self.model, self.context)
+            self._prefixes[id(spec)] = (spec, prefix)
+        return self._prefixes[id(spec)][1]
 
     def scores(self, prompts: list[Tensor], metric: RefusalScore, spec: Interventions | None = None) -> Tensor:
         return refusal_scores(self.model, prompts, metric, None if spec is None else (lambda _: spec), prefix=self.prefix(spec))
@@ -142,7 +149,15 @@ def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor],
     """Scores with each layer's direction ablated (harmful) and added (harmless); greedy refusal
     rates at the best layer. Returns the report and the directions `(len(layers), d_model)`."""
     run = Runner(model, context)
-    directions = refusal_directions(model, harmful, harmless, layers).float()
+    if context is None:
+        directions = refusal_directions(model, harmful, harmless, layers).float()
+    else:  # the means read each prompt's last token: run the queries after the context's cache
+        n = context.shape[1]
+        if not all(torch.equal(p.reshape(1, -1)[:, :n], context.reshape(1, -1)) for p in (*harmful, *harmless)):
+            raise PatchingError("every prompt must start with the given context")
+        with tl_compat.bound_prefix(model, context):
+            directions = refusal_directions(model, [p.reshape(1, -1)[:, n:] for p in harmful],
+                                            [p.reshape(1, -1)[:, n:] for p in harmless], layers).float()
     base_h, base_s = run.scores(harmful, metric).mean(), run.scores(harmless, metric).mean()
     norms = directions.norm(dim=1)
     defined = [i for i in range(len(layers)) if norms[i] > ZERO_DIRECTION * norms.max()]
@@ -152,19 +167,24 @@ def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor],
     ablated: list[float | None] = [None] * len(layers)
     added: list[float | None] = [None] * len(layers)
     gains: dict[int, float] = {}  # ablation's drop plus addition's rise, per layer with a direction
+    specs: dict[int, tuple[Interventions, Interventions]] = {}
     for i in defined:
-        a = float(run.scores(harmful, metric, ablation(model, directions[i])).mean())
-        b = float(run.scores(harmless, metric, addition(Site(layers[i], "resid_pre"), directions[i])).mean())
+        specs[i] = (ablation(model, directions[i]), addition(Site(layers[i], "resid_pre"), directions[i]))
+        a = float(run.scores(harmful, metric, specs[i][0]).mean())
+        b = float(run.scores(harmless, metric, specs[i][1]).mean())
         ablated[i], added[i], gains[i] = a, b, (float(base_h) - a) + (b - float(base_s))
+        if len(specs) > 1:  # only the best layer's are needed again: keep the best so far and drop the other
+            drop = min(specs, key=gains.__getitem__)
+            for spec in specs.pop(drop):
+                run._prefixes.pop(id(spec), None)
     report = DirectionReport(list(layers), norms.tolist(), float(base_h), float(base_s), ablated, added)
     best = max(gains, key=gains.__getitem__)
     report.best_layer = layers[best]
-    d = directions[best]
     report.rates = {
         "harmful": run.rate(harmful, max_new_tokens),
-        "harmful_ablated": run.rate(harmful, max_new_tokens, ablation(model, d)),
+        "harmful_ablated": run.rate(harmful, max_new_tokens, specs[best][0]),
         "harmless": run.rate(harmless, max_new_tokens),
-        "harmless_added": run.rate(harmless, max_new_tokens, addition(Site(layers[best], "resid_pre"), d)),
+        "harmless_added": run.rate(harmless, max_new_tokens, specs[best][1]),
     }
     return report, directions
 
@@ -185,7 +205,7 @@ def aligned_latents(model: Any, sae: Any, site: Site, direction: Tensor, harmles
     run = Runner(model, context)
 
     def effect(vector: Tensor) -> dict[str, float]:
-        spec = addition(site, vector)
+        spec = addition(site, vector)  # one object: its rate reuses the context its score ran
         return {"score": float(run.scores(harmless, metric, spec).mean()), "refusal_rate": run.rate(harmless, max_new_tokens, spec)}
 
     out["direction"] = effect(direction)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
+from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.splice.edits import LatentEdit
 from patching.safety.score import decode_until_eos, greedy_texts, refusal_rate, refusal_scores, tokenize_chat
@@ -188,7 +189,12 @@ def dynamic_table(model: Any, suite: Any, saes: dict[Site, Any], pairs: list[tup
     the plain request's run, on jailbreak-wrapped harmful requests and on wrapped controls."""
     if not pairs:
         return {"skipped": "no pair cleared the span threshold: no ranking to copy units by"}
-    ranked, total, sae = top_units(model, saes, pairs, metric, start, config.dynamic_kind)
+    if prefix is not None and prefix.length == start:  # rank on the queries after the shared context's cache
+        with tl_compat.bound_prefix(model, prefix.tokens):
+            ranked, total, sae = top_units(model, saes, [(h[:, start:], s[:, start:]) for h, s in pairs], metric, 0,
+                                           config.dynamic_kind)
+    else:
+        ranked, total, sae = top_units(model, saes, pairs, metric, start, config.dynamic_kind)
     templates = suite.jailbreak_templates[: config.jailbreak_templates]
     sets = {}
     for name, requests in (("jailbreak", [h for h, _ in suite.pairs]), ("control", list(suite.controls))):
