@@ -25,7 +25,7 @@ from sae.errors import SAEFileError
 from sae.files import atomic_write, read_safetensors
 from training.distributed import Collective
 from training.errors import DataSourceError
-from training.sources import MAX_NORM_RATIO, ChunkSource, ShuffleBuffer, filtered
+from training.sources import ChunkSource, ShuffleBuffer, filtered
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,9 @@ class CachedChunks:
 
 def cached_batches(folder: str | Path | Sequence[str | Path], *, batch_size: int, buffer_tokens: int = 131072,
                    seed: int = 0, rank: int = 0, world_size: int = 1,
-                   max_norm_ratio: float | None = MAX_NORM_RATIO) -> ShuffleBuffer:
+                   max_norm_ratio: float | None = None) -> ShuffleBuffer:
     """Shuffled `(batch_size, d_in)` batches from an activation cache, one shard in memory at a time.
     The cache holds every activation; those over `max_norm_ratio` x their shard's median norm are
-    left out here (`MassiveActivationFilter`; None keeps them)."""
+    left out here when `max_norm_ratio` is given (`MassiveActivationFilter`; None keeps them)."""
     chunks = filtered(CachedChunks(folder, seed=seed + rank, rank=rank, world_size=world_size), max_norm_ratio)
     return ShuffleBuffer(chunks, batch_size, capacity=max(buffer_tokens, 2 * batch_size), seed=seed + rank)

@@ -92,9 +92,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")
     p.add_argument("--buffer-tokens", type=int, default=65536, help="shuffle-buffer capacity in activations")
     p.add_argument("--keep-special-tokens", action="store_true", help="train on BOS/special-token activations too")
-    p.add_argument("--max-norm-ratio", type=float, default=MAX_NORM_RATIO,
-                   help="leave out massive activations: norms over this multiple of their chunk's median "
-                        f"(default {MAX_NORM_RATIO:g}; 0 keeps every activation)")
+    p.add_argument("--max-norm-ratio", type=float, default=0.0,
+                   help="leave out massive activations, norms over this multiple of their chunk's median "
+                        f"(e.g. {MAX_NORM_RATIO:g}; default 0: keep every activation)")
     p.add_argument("--activation-cache", nargs="+", default=None,
                    help="read activations from these cache folders (see `latentpatch harvest`; a single folder that "
                         "holds none is harvested into first)")

@@ -18,7 +18,7 @@ from patching.model import tl_compat
 from patching.model.loading import model_flags
 from patching.model.sites import Site
 from training.errors import DataSourceError
-from training.sources import MAX_NORM_RATIO, ShuffleBuffer, filtered
+from training.sources import ShuffleBuffer, filtered
 from training.text import TextOpener, TokenRows
 
 
@@ -70,7 +70,7 @@ class HarvestChunks:
 def harvested_batches(model: Any, site: Site, open_texts: TextOpener, *, batch_size: int, context_size: int = 128,
                       buffer_tokens: int = 65536, rows_per_chunk: int = 8, drop_special_tokens: bool = True,
                       seed: int = 0, description: str = "texts", rank: int = 0,
-                      world_size: int = 1, max_norm_ratio: float | None = MAX_NORM_RATIO) -> ShuffleBuffer:
+                      world_size: int = 1, max_norm_ratio: float | None = None) -> ShuffleBuffer:
     """Shuffled `(batch_size, d_in)` activation batches harvested from `open_texts` on the fly.
 
     With `world_size` > 1, this rank harvests only its stripe of the token rows (data parallelism).

@@ -96,21 +96,25 @@ class TensorBatches:
 
 
 MAX_NORM_RATIO = 10.0
-"""Default `MassiveActivationFilter` threshold: drop activations over 10x their chunk's median norm."""
+"""Suggested `MassiveActivationFilter` threshold (`--max-norm-ratio 10`): 10x the chunk's median norm."""
 
 
 class MassiveActivationFilter:
     """A `ChunkSource` that drops activations whose L2 norm exceeds `max_ratio` x the median norm
-    of their chunk.
+    of their chunk. Training keeps every activation unless asked (`--max-norm-ratio`).
 
     Many transformers write a few "massive activations" into the residual stream (Sun et al. 2024,
     "Massive Activations in Large Language Models"): at SmolLM2-135M's layer 15, 0.02-0.04% of
     real-text tokens have norms of 18,000-25,000 against a median of 152, and they carry 47-72% of
-    the summed squared norm. An MSE loss over such batches spends itself on them, and explained
-    variance about the mean becomes a figure about them (0.96 with them, 0.70 without, on the
-    same held-out rows). The gap between them and everything else is wide (at 2x the median
+    the summed squared norm. The gap between them and everything else is wide (at 2x the median
     there are only a few more than at 5x), so a generous ratio removes them and nothing else.
-    Stateless apart from its counts; the inner source's state is the state.
+
+    Measured there (L1 1.5, d_sae 2304, 1,966,080 activations, 160 held-out rows): leaving them
+    out changed CE loss recovered 0.965 -> 0.966, KL 0.421 -> 0.417 and explained variance without
+    massive tokens 0.787 -> 0.789 (L0 73 -> 70), while SAEBench's explained variance, which counts
+    them, fell from 0.956 to -4.3: the filtered SAE reconstructs them badly and the model does not
+    mind. So it is not the default. Stateless apart from its counts; the inner source's state is
+    the state.
     """
 
     def __init__(self, chunks: ChunkSource, max_ratio: float = MAX_NORM_RATIO) -> None:
