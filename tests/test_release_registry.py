@@ -108,3 +108,21 @@ def test_recorded_recipe_runs_at_a_tiny_budget(tmp_path, monkeypatch):
 def test_package_data_names_the_shipped_files():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '"releases/*/*/sae_weights.safetensors"' in pyproject and RELEASES_DIR.name == "releases"
+
+
+def test_reevaluate_measures_the_shipped_weights_and_records_the_figures(release_root, monkeypatch):
+    import training.release as release
+
+    root, sae = release_root
+    seen = {}
+
+    def fake_evaluate(dirs, *, n_rows, saes):  # the real one loads the default model: tested elsewhere
+        seen["W_dec"], seen["n_rows"] = saes[0].W_dec, n_rows
+        return [{"sae": str(dirs[0]), "ce_loss_recovered": 0.5, "n_rows": n_rows}]
+
+    monkeypatch.setattr(release, "evaluate", fake_evaluate)
+    entry = release.reevaluate("tiny-res", "blocks.1.hook_resid_pre", root=root, n_rows=7)
+    assert torch.equal(seen["W_dec"], sae.folded().W_dec.detach().half().float()) and seen["n_rows"] == 7
+    recorded = json.loads((root / "registry.json").read_text())["tiny-res"]["saes"]["blocks.1.hook_resid_pre"]
+    assert recorded["heldout"] == entry["heldout"] == {"ce_loss_recovered": 0.5, "n_rows": 7}
+    assert recorded["weights_sha256"] == entry["weights_sha256"]  # nothing else changed

@@ -3,6 +3,7 @@
     python -m training.release evaluate --sae RUN/sae-0 RUN/sae-1 --out sweep.json [--plot sweep.png]
     python -m training.release recipe --train-dir RUN --sae-index 1 --train-command "..." --harvest H1 H2 --out r.json
     python -m training.release export --sae RUN/sae-1 --release smollm2-135m-res --recipe r.json
+    python -m training.release reevaluate --release smollm2-135m-res --sae-id blocks.5.hook_resid_pre
 
 `evaluate` runs SAEBench's core evaluation (`patching.splice.evaluate_sae`) on the first rows of the
 held-out split of the real corpora (never trained on) and plots L0 against CE loss recovered. `export` writes the SAE in float16
@@ -106,9 +107,19 @@ def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = 
     entry = {"path": f"{release}/{sae_id}", "weights_sha256": sha, "recipe": recipe, "heldout": {}}
     registry.setdefault(release, {"model": sae.cfg.model_name, "saes": {}})["saes"][sae_id] = entry
     atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
-    shipped = load_release(release, sae_id, root=root)  # the float16 weights, as users get them
-    (figures,) = evaluate([sae_dir], n_rows=n_rows, saes=[shipped])
+    return reevaluate(release, sae_id, root=root, n_rows=n_rows, name=sae_dir)
+
+
+def reevaluate(release: str, sae_id: str, *, root: Path = RELEASES_DIR, n_rows: int = EVAL_ROWS,
+               name: Path | None = None) -> dict[str, Any]:
+    """Measure a registered SAE's shipped (float16) weights on held-out text, as users load them,
+    and record the figures in its registry entry: after export, or when the protocol changes."""
+    shipped = load_release(release, sae_id, root=root)
+    (figures,) = evaluate([name or root / release / sae_id], n_rows=n_rows, saes=[shipped])
     figures.pop("sae")
+    registry_path = root / REGISTRY_FILE
+    registry = json.loads(registry_path.read_text())
+    entry = registry[release]["saes"][sae_id]
     entry["heldout"] = figures
     atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
     return entry
@@ -160,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--sae", type=Path, required=True)
     ex.add_argument("--release", required=True)
     ex.add_argument("--recipe", type=Path, required=True, help="JSON: commands, corpus, corpus_digest, tokens, ...")
+    re_ = sub.add_parser("reevaluate", help="re-measure a registered SAE's held-out figures and record them")
+    re_.add_argument("--release", required=True)
+    re_.add_argument("--sae-id", required=True)
+    re_.add_argument("--rows", type=int, default=EVAL_ROWS)
     rc = sub.add_parser("recipe", help="write the recipe JSON of one SAE of a `latentpatch train` run")
     rc.add_argument("--train-dir", type=Path, required=True)
     rc.add_argument("--sae-index", type=int, required=True)
@@ -176,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "recipe":
         recipe = build_recipe(args.train_dir, args.sae_index, args.train_command, args.harvest)
         atomic_write(args.out, json.dumps(recipe, indent=2).encode())
+    elif args.command == "reevaluate":
+        entry = reevaluate(args.release, args.sae_id, n_rows=args.rows)
+        log.info("re-measured %s/%s: %s", args.release, args.sae_id, json.dumps(entry["heldout"]))
     else:
         entry = export(args.sae, args.release, json.loads(args.recipe.read_text()))
         log.info("registered %s", json.dumps(entry))
