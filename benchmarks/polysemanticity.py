@@ -3,7 +3,7 @@
 On the default model with an SAE at the MLP input (`resid_mid`) of a middle layer (`--sae`):
 
 1. Monosemanticity, one formula for both (`patching.inspect.neurons.token_concentration`, 1 - H/log N of
-   the tokens at a unit's top N contexts over the default corpus): the median over the top-k
+   the tokens at a unit's top N contexts over the scoring text): the median over the top-k
    neurons (`mlp_post`, ranked by their largest activation) against the top-k latents (same
    ranking), and over every unit with N positive contexts. For the top-k neurons also the
    cluster score: the fraction of their top contexts that share one dominant SAE latent.
@@ -91,9 +91,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20, help="top-k units compared (default 20)")
     parser.add_argument("--n-top", type=int, default=20, help="top contexts per unit scored (default 20)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the restoration plot and dashboards")
+    parser.add_argument("--text", choices=("real", "generated"), default="real",
+                        help="contexts scored: 'real', the first --rows rows of 128 tokens of the real corpora's "
+                             "held-out split (no SAE trains on it; default), or 'generated', the self-generated corpus")
+    parser.add_argument("--rows", type=int, default=160, help="held-out rows with --text real (default 160)")
     args = parser.parse_args()
     torch.manual_seed(0)
     from training.corpus import default_texts
+    from training.heldout_eval import heldout_tokens
 
     start = time.perf_counter()
     model = load_model()
@@ -102,7 +107,12 @@ def main() -> None:
     site = Site.from_hook_name(sae.cfg.hook_name).check(model)
     if site.kind != tl_compat.mlp_input_kind(model):
         raise SystemExit(f"the SAE is at {site.hook_name}; neurons of block {site.layer} read its {tl_compat.mlp_input_kind(model)}")
-    texts = list(default_texts()())
+    if args.text == "real":
+        texts = heldout_tokens(model, corpus="real", n_rows=args.rows)  # (rows, 128) token rows
+        text_name = f"real corpora, held-out split, first {args.rows} rows of 128 tokens"
+    else:
+        texts = list(default_texts()())
+        text_name = f"self-generated corpus, {len(texts)} texts"
     scores = unit_scores(model, sae, site.layer, texts, n_top=args.n_top)
     neuron_median, top_neurons = top_k_median(scores.neurons, scores.neuron_max, args.k)
     latent_median, top_latents = top_k_median(scores.latents, scores.latent_max, args.k)
@@ -110,10 +120,10 @@ def main() -> None:
     clusters = [r.cluster_score for r in reports if r.cluster_score is not None]
     paris, curves, latent_scores = restoration(model, site, sae, site.layer)
     if args.out is not None:
-        write_figures(args.out, model, sae, site, texts, curves, reports[:5], top_latents[:5])
+        write_figures(args.out, model, sae, site, texts, curves, reports[:5], top_latents[:5], text_name)
     result = {
         "benchmark": "polysemanticity", "model": DEFAULT_MODEL, "sae": str(args.sae), "sae_sha256": weights_sha256(sae),
-        "site": site.hook_name, "d_sae": sae.d_sae, "d_mlp": tl_compat.d_mlp(model), "corpus_texts": len(texts),
+        "site": site.hook_name, "d_sae": sae.d_sae, "d_mlp": tl_compat.d_mlp(model), "corpus": text_name, "corpus_texts": len(texts),
         "corpus_tokens": scores.n_tokens, "k": args.k, "n_top": args.n_top,
         "median_token_score_top_k_neurons": neuron_median, "median_token_score_top_k_latents": latent_median,
         "median_token_score_all_neurons": nanmedian(scores.neurons), "median_token_score_all_latents": nanmedian(scores.latents),
@@ -125,7 +135,7 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def write_figures(out: Path, model, sae, site, texts, curves, neuron_reports, latents) -> None:
+def write_figures(out: Path, model, sae, site, texts, curves, neuron_reports, latents, text_name) -> None:
     from patching.attribution.plots import plot_restoration_curves
     from patching.inspect.dashboards import write_dashboards
     from patching.inspect.latents import inspect_latents
@@ -137,7 +147,7 @@ def write_figures(out: Path, model, sae, site, texts, curves, neuron_reports, la
     latent_reports = inspect_latents(model, sae, latents, texts) if latents else []
     write_dashboards(out / "dashboards", neuron_reports + latent_reports, title=f"top units at {site.hook_name}",
                      provenance={"model": DEFAULT_MODEL, "sae_sha256": weights_sha256(sae), "site": site.hook_name,
-                                 "corpus": f"default corpus, {len(texts)} texts"})
+                                 "corpus": text_name})
 
 
 if __name__ == "__main__":
