@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import einops
 import torch
 
 from patching import DEFAULT_MODEL, LatentEdit, ModelLoadError, Site, load_model, splice, splice_metrics
@@ -113,6 +114,11 @@ def test_transposed_weight_layout_gives_bit_identical_logits_without_the_per_cal
     model = default_model_4l
     weights = [model.unembed.W_U] + [w for block in model.blocks for w in (block.mlp.W_gate, block.mlp.W_in, block.mlp.W_out)]
     assert all(w.T.is_contiguous() and not w.is_contiguous() for w in weights)
+    attention = [w for block in model.blocks for w in (block.attn.W_Q, block.attn._W_K, block.attn._W_V, block.attn.W_O)]
+    # what TransformerLens reshapes them to is a view of the stored bytes, not a copy
+    assert all(einops.rearrange(a.W_Q, "h m d -> (h d) m").data_ptr() == a.W_Q.data_ptr() and
+               einops.rearrange(a.W_O, "h d m -> m (h d)").is_contiguous() for a in (b.attn for b in model.blocks))
+    weights += attention
     tokens = model.to_tokens(["The Eiffel Tower is located in the city of", "When Mary and John went to the store"])
     try:
         with torch.inference_mode():
@@ -123,4 +129,5 @@ def test_transposed_weight_layout_gives_bit_identical_logits_without_the_per_cal
     finally:
         tl_compat.transpose_layout(model)
     assert torch.equal(transposed, contiguous)
-    assert all(w.T.is_contiguous() for w in weights)
+    assert all(w.T.is_contiguous() for w in weights[:-len(attention)])
+    assert not any(w.is_contiguous() for w in attention)

@@ -15,10 +15,10 @@ from sae.metrics import median
 from patching.safety.curves import UnitCurve, counts_for, pairs_clearing
 from patching.safety.direction import Runner, ablation, addition, direction_effects, refusal_directions
 from patching.safety.dynamic import UnitSet, guided_generate
-from patching.safety.score import RefusalScore, query_start, refusal_scores, tokenize_chat
+from patching.safety.score import RefusalScore, greedy_scored, greedy_texts, query_start, refusal_scores, tokenize_chat
 from patching.safety.search import SafetyConfig, find_safety_latents
 from patching.safety.prompts import SafetySuite, is_refusal
-from patching.splice.generate import SharedPrefix, generate, generate_by_length
+from patching.splice.generate import SharedPrefix, generate, generate_by_length, prompt_batches
 from tests.conftest import make_sae
 from tests.hooks_snapshot import CountingHook, snapshot
 
@@ -83,6 +83,32 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     both, n_both = raw_restoration(model, [Site(0), Site(2)], harmful, harmless, metric, (3, 2 * 16 * 5), start=3)
     assert n_both == 2 * 16 * 5 and both[-1].item() == pytest.approx(1.0, abs=1e-4)
     assert both[0].item() != pytest.approx(1.0, abs=1e-3)
+
+
+def test_prompts_padded_after_the_shared_context_compute_as_unpadded(toy):
+    """Prompts of several lengths share one batch, padded between the context and the query; the
+    mask gives every row its unpadded positions, so scores and greedy tokens match the per-length
+    batches (under an intervention on every position too)."""
+    model, metric = toy[0], toy[-1]
+    gen = torch.Generator().manual_seed(11)
+    context = torch.randint(0, 50, (1, 6), generator=gen)
+    prompts = [torch.cat([context, torch.randint(0, 50, (1, n), generator=gen)], 1) for n in (2, 4, 3, 4, 1)]
+    prefix = SharedPrefix.of(model, context)
+    batches = prompt_batches(prompts, prefix, pad=True)
+    assert len(batches) == 1 and batches[0][2][0].tolist() == [1] * 6 + [0, 0] + [1] * 2  # pads after the context
+    assert len(prompt_batches(prompts, prefix)) == 4  # unpadded: one batch per length
+    spec = addition(Site(1), 2 * torch.randn(model.cfg.d_model, generator=gen))
+    for build in (None, lambda _: spec):
+        torch.testing.assert_close(refusal_scores(model, prompts, metric, build, prefix=prefix, pad=True),
+                                   refusal_scores(model, prompts, metric, build, prefix=prefix), atol=1e-5, rtol=0)
+        padded = generate_by_length(model, prompts, 5, build, prefix=prefix, pad=True)
+        assert all(torch.equal(a, b) for a, b in zip(padded, generate_by_length(model, prompts, 5, build, prefix=prefix)))
+        # texts and scores from one pass equal the two separate calls
+        texts, scores = greedy_scored(model, prompts, 5, metric, build, prefix=prefix, pad=True)
+        assert texts == greedy_texts(model, prompts, 5, build, prefix=prefix)
+        torch.testing.assert_close(scores, refusal_scores(model, prompts, metric, build, prefix=prefix), atol=1e-5, rtol=0)
+    with pytest.raises(PatchingError, match="readout -1"):
+        greedy_scored(model, prompts, 5, RefusalScore((3,), (4,), position=2))
 
 
 def test_pair_curves_after_a_bound_prefix_equal_the_whole_prompts(toy):
@@ -188,7 +214,8 @@ def test_dynamic_patching_with_every_unit_and_the_same_run_changes_nothing(toy, 
         plain = generate(model, tokens, 6, use_kv_cache=cache)
         out = guided_generate(model, tokens, tokens.clone(), 6, units, copy_from=0, use_kv_cache=cache)
         assert torch.equal(out.tokens, plain) and torch.equal(out.guide_tokens, plain)
-        logits = model(plain[:, :-6])[:, -1] if not cache else None
+        # the first pass unembeds only its last position (`forward_step(last_only=True)`)
+        logits = tl_compat.readout(model, model(plain[:, :-6], stop_at_layer=model.cfg.n_layers)[:, -1]) if not cache else None
         if logits is not None:
             assert torch.equal(out.first_logits, logits)  # bit-exact, no tolerance
     assert snapshot(model) == before

@@ -157,10 +157,18 @@ def cache_length(cache: Any) -> int:
     return int(cache.previous_attention_mask.shape[1])
 
 
-def forward_step(model: HookedTransformer, tokens: Tensor, attention_mask: Tensor, cache: Any = None) -> Tensor:
+def forward_step(model: HookedTransformer, tokens: Tensor, attention_mask: Tensor, cache: Any = None, *,
+                 last_only: bool = False) -> Tensor:
     """Logits of `tokens` (the positions after what `cache` holds, or a whole sequence without a
-    cache); `attention_mask` covers exactly `tokens` (0 marks left padding)."""
-    return model(tokens, return_type="logits", attention_mask=attention_mask, past_kv_cache=cache)
+    cache); `attention_mask` covers exactly `tokens` (0 marks left padding). `last_only`: only the
+    last position's, `(batch, 1, vocab)`, so that a prompt pass does not unembed every position
+    (the unembedding is a fifth of the default model's multiply-adds per token)."""
+    if not last_only:
+        return model(tokens, return_type="logits", attention_mask=attention_mask, past_kv_cache=cache)
+    final = model(tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+    from patching.model.tl_compat import readout
+
+    return readout(model, final[:, -1:])
 
 
 def sample_logits(logits: Tensor, *, temperature: float, top_p: float | None) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.safety.score import RefusalScore, greedy_texts, refusal_rate, refusal_scores
+from patching.safety.score import RefusalScore, greedy_scored, greedy_texts, refusal_rate, refusal_scores
 from patching.splice.generate import Interventions, SharedPrefix, Step, intervening
 
 
@@ -103,6 +103,9 @@ class DirectionReport:
     """Greedy refusal rates at the best layer: harmful, harmful ablated, harmless, harmless added."""
     aligned: dict[str, Any] = field(default_factory=dict)
     """SAE latents by decoder cosine with the direction at the SAE's layer, and steering with them."""
+    added_rates: dict[int, float] = field(default_factory=dict)
+    """Harmless refusal rate with the direction added, per layer where it was generated (the best
+    layer, or the only one)."""
 
     def summary(self) -> dict[str, Any]:
         return {"layers": self.layers, "norms": self.norms, "harmful_score": self.harmful_score,
@@ -135,19 +138,32 @@ class Runner:
             self._prefixes[id(spec)] = (spec, prefix)
         return self._prefixes[id(spec)][1]
 
+    # The interventions here (ablation, addition) act on every position alike, so prompts of
+    # different lengths share one padded batch after the context (`prompt_batches`).
     def scores(self, prompts: list[Tensor], metric: RefusalScore, spec: Interventions | None = None) -> Tensor:
-        return refusal_scores(self.model, prompts, metric, None if spec is None else (lambda _: spec), prefix=self.prefix(spec))
+        return refusal_scores(self.model, prompts, metric, None if spec is None else (lambda _: spec),
+                              prefix=self.prefix(spec), pad=True)
 
     def rate(self, prompts: list[Tensor], max_new_tokens: int, spec: Interventions | None = None) -> float:
         build = None if spec is None else (lambda _: spec)
-        return refusal_rate(greedy_texts(self.model, prompts, max_new_tokens, build, prefix=self.prefix(spec)))
+        return refusal_rate(greedy_texts(self.model, prompts, max_new_tokens, build, prefix=self.prefix(spec), pad=True))
+
+    def score_and_rate(self, prompts: list[Tensor], metric: RefusalScore, max_new_tokens: int,
+                       spec: Interventions | None = None) -> tuple[Tensor, float]:
+        """`scores` and `rate` from one generation pass (the score is its first step)."""
+        build = None if spec is None else (lambda _: spec)
+        texts, scores = greedy_scored(self.model, prompts, max_new_tokens, metric, build, prefix=self.prefix(spec),
+                                      pad=True)
+        return scores, refusal_rate(texts)
 
 
 def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
-                      layers: Sequence[int], max_new_tokens: int,
-                      context: Tensor | None = None) -> tuple[DirectionReport, Tensor]:
+                      layers: Sequence[int], max_new_tokens: int, context: Tensor | None = None,
+                      baseline: dict[str, tuple[Tensor, float]] | None = None) -> tuple[DirectionReport, Tensor]:
     """Scores with each layer's direction ablated (harmful) and added (harmless); greedy refusal
-    rates at the best layer. Returns the report and the directions `(len(layers), d_model)`."""
+    rates at the best layer. Returns the report and the directions `(len(layers), d_model)`.
+    `baseline`: the unchanged model's `{"harmful": (scores, rate), "harmless": (scores, rate)}` on
+    these prompts with these settings, when already measured (not run again)."""
     run = Runner(model, context)
     if context is None:
         directions = refusal_directions(model, harmful, harmless, layers).float()
@@ -158,7 +174,11 @@ def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor],
         with tl_compat.bound_prefix(model, context):
             directions = refusal_directions(model, [p.reshape(1, -1)[:, n:] for p in harmful],
                                             [p.reshape(1, -1)[:, n:] for p in harmless], layers).float()
-    base_h, base_s = run.scores(harmful, metric).mean(), run.scores(harmless, metric).mean()
+    if baseline is None:
+        baseline = {name: run.score_and_rate(p, metric, max_new_tokens) for name, p in (("harmful", harmful),
+                                                                                      ("harmless", harmless))}
+    (scores_h, rate_h), (scores_s, rate_s) = baseline["harmful"], baseline["harmless"]
+    base_h, base_s = scores_h.mean(), scores_s.mean()
     norms = directions.norm(dim=1)
     defined = [i for i in range(len(layers)) if norms[i] > ZERO_DIRECTION * norms.max()]
     if not defined:
@@ -168,33 +188,41 @@ def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor],
     added: list[float | None] = [None] * len(layers)
     gains: dict[int, float] = {}  # ablation's drop plus addition's rise, per layer with a direction
     specs: dict[int, tuple[Interventions, Interventions]] = {}
+    rates: dict[int, tuple[float, float]] = {}  # with a single layer its rates come with its scores
     for i in defined:
         specs[i] = (ablation(model, directions[i]), addition(Site(layers[i], "resid_pre"), directions[i]))
-        a = float(run.scores(harmful, metric, specs[i][0]).mean())
-        b = float(run.scores(harmless, metric, specs[i][1]).mean())
+        if len(defined) == 1:
+            (a_scores, a_rate), (b_scores, b_rate) = (run.score_and_rate(p, metric, max_new_tokens, spec)
+                                                      for p, spec in ((harmful, specs[i][0]), (harmless, specs[i][1])))
+            rates[i] = (a_rate, b_rate)
+        else:
+            a_scores, b_scores = run.scores(harmful, metric, specs[i][0]), run.scores(harmless, metric, specs[i][1])
+        a, b = float(a_scores.mean()), float(b_scores.mean())
         ablated[i], added[i], gains[i] = a, b, (float(base_h) - a) + (b - float(base_s))
         if len(specs) > 1:  # only the best layer's are needed again: keep the best so far and drop the other
             drop = min(specs, key=gains.__getitem__)
             for spec in specs.pop(drop):
                 run._prefixes.pop(id(spec), None)
     report = DirectionReport(list(layers), norms.tolist(), float(base_h), float(base_s), ablated, added)
+    report.added_rates = {layers[i]: rates[i][1] for i in rates}
     best = max(gains, key=gains.__getitem__)
     report.best_layer = layers[best]
-    report.rates = {
-        "harmful": run.rate(harmful, max_new_tokens),
-        "harmful_ablated": run.rate(harmful, max_new_tokens, specs[best][0]),
-        "harmless": run.rate(harmless, max_new_tokens),
-        "harmless_added": run.rate(harmless, max_new_tokens, specs[best][1]),
-    }
+    if best not in rates:
+        rates[best] = (run.rate(harmful, max_new_tokens, specs[best][0]), run.rate(harmless, max_new_tokens, specs[best][1]))
+        report.added_rates[layers[best]] = rates[best][1]
+    report.rates = {"harmful": rate_h, "harmful_ablated": rates[best][0], "harmless": rate_s,
+                    "harmless_added": rates[best][1]}
     return report, directions
 
 
 def aligned_latents(model: Any, sae: Any, site: Site, direction: Tensor, harmless: list[Tensor],
                     metric: RefusalScore, ks: Sequence[int], max_new_tokens: int,
-                    context: Tensor | None = None) -> dict[str, Any]:
+                    context: Tensor | None = None, direction_effect: dict[str, float] | None = None) -> dict[str, Any]:
     """Latents whose decoder rows align with `direction` (the direction at the SAE's layer), and
     the refusal score/rate on harmless prompts when adding the direction itself versus the Top-k
-    aligned decoder directions (unit rows summed, scaled to the direction's norm) at `site`."""
+    aligned decoder directions (unit rows summed, scaled to the direction's norm) at `site`.
+    `direction_effect`: the direction's own `{"score", "refusal_rate"}` there, when already measured
+    (`direction_effects` adds it at `resid_pre` of its layer)."""
     with torch.no_grad():
         rows = sae.W_dec.detach().float().cpu()
         cosine = (rows @ direction.float()) / (rows.norm(dim=1) * direction.norm()).clamp(min=1e-12)
@@ -205,10 +233,10 @@ def aligned_latents(model: Any, sae: Any, site: Site, direction: Tensor, harmles
     run = Runner(model, context)
 
     def effect(vector: Tensor) -> dict[str, float]:
-        spec = addition(site, vector)  # one object: its rate reuses the context its score ran
-        return {"score": float(run.scores(harmless, metric, spec).mean()), "refusal_rate": run.rate(harmless, max_new_tokens, spec)}
+        scores, rate = run.score_and_rate(harmless, metric, max_new_tokens, addition(site, vector))
+        return {"score": float(scores.mean()), "refusal_rate": rate}
 
-    out["direction"] = effect(direction)
+    out["direction"] = direction_effect if direction_effect is not None else effect(direction)
     for k in ks:
         unit_rows = rows[order[:k]] / rows[order[:k]].norm(dim=1, keepdim=True)
         vector = unit_rows.sum(0)

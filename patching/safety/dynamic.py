@@ -24,7 +24,7 @@ from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.splice.edits import LatentEdit
-from patching.safety.score import decode_until_eos, greedy_texts, refusal_rate, refusal_scores, tokenize_chat
+from patching.safety.score import decode_until_eos, greedy_scored, refusal_rate, tokenize_chat
 from patching.safety.units import latent_ranking, neuron_ranking
 from patching.splice.generate import (Decoder, Interventions, SharedPrefix, Step, check_generation_inputs, generate,
                                       intervening)
@@ -205,8 +205,7 @@ def dynamic_table(model: Any, suite: Any, saes: dict[Site, Any], pairs: list[tup
         row: dict[str, Any] = {"n": min(n, total), "percent_of_units": 100.0 * min(n, total) / total}
         for name, (prompts, guides) in sets.items():
             if n == 0:
-                texts = greedy_texts(model, prompts, config.max_new_tokens, prefix=prefix)
-                scores = refusal_scores(model, prompts, metric, prefix=prefix)
+                texts, scores = greedy_scored(model, prompts, config.max_new_tokens, metric, prefix=prefix, pad=True)
             else:
                 texts, scores = guided_texts(model, prompts, guides, unit_sets(ranked[:n], sae), start,
                                              config.max_new_tokens, metric, prefix)

@@ -11,9 +11,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
-from patching.splice.generate import Decoder, Interventions, SharedPrefix, generate_by_length, intervening
+from patching.splice.generate import (Decoder, Interventions, SharedPrefix, generate, generate_by_length, intervening,
+                                      prompt_batches)
 
 
 @dataclass(frozen=True)
@@ -61,19 +63,17 @@ InterventionsFor = Callable[[list[int]], Interventions]
 
 
 def refusal_scores(model: Any, prompts: Sequence[Tensor], metric: RefusalScore,
-                   interventions: InterventionsFor | None = None, prefix: SharedPrefix | None = None) -> Tensor:
+                   interventions: InterventionsFor | None = None, prefix: SharedPrefix | None = None,
+                   pad: bool = False) -> Tensor:
     """The refusal score of each `(1, pos)` prompt, `(prompts,)`; equal lengths run as one batch,
-    after the `prefix` they share (if given: run once, not intervened on)."""
+    after the `prefix` they share (if given: run once, not intervened on); with `pad`, every prompt
+    in one batch (`prompt_batches`: only for interventions that do not pick positions)."""
     out = torch.zeros(len(prompts))
-    by_length: dict[int, list[int]] = {}
-    for i, row in enumerate(prompts):
-        by_length.setdefault(row.shape[-1], []).append(i)
-    for indices in by_length.values():
-        batch = torch.cat([prompts[i].reshape(1, -1) for i in indices])
+    for indices, batch, mask in prompt_batches(prompts, prefix, pad and metric.readout == -1):
         spec = interventions(indices) if interventions is not None else Interventions()
         with torch.inference_mode(), intervening(model, spec):
             if metric.readout == -1:
-                logits = Decoder(model, batch, prefix=prefix).forward()
+                logits = Decoder(model, batch, prefix=prefix, attention_mask=mask).forward()
             else:
                 logits = tl_compat.forward_logits(model, batch)[:, metric.readout]
         out[indices] = metric(logits, torch.zeros(len(indices), dtype=torch.long)).cpu()
@@ -81,10 +81,32 @@ def refusal_scores(model: Any, prompts: Sequence[Tensor], metric: RefusalScore,
 
 
 def greedy_texts(model: Any, prompts: Sequence[Tensor], max_new_tokens: int,
-                 interventions: InterventionsFor | None = None, prefix: SharedPrefix | None = None) -> list[str]:
-    """Greedy continuations (KV-cached, equal lengths batched), decoded up to end of sequence."""
-    rows = generate_by_length(model, prompts, max_new_tokens, interventions, prefix=prefix)
+                 interventions: InterventionsFor | None = None, prefix: SharedPrefix | None = None,
+                 pad: bool = False) -> list[str]:
+    """Greedy continuations (KV-cached, equal lengths batched; `pad`: all in one batch, see
+    `prompt_batches`), decoded up to end of sequence."""
+    rows = generate_by_length(model, prompts, max_new_tokens, interventions, prefix=prefix, pad=pad)
     return [decode_until_eos(model, row) for row in rows]
+
+
+def greedy_scored(model: Any, prompts: Sequence[Tensor], max_new_tokens: int, metric: RefusalScore,
+                  interventions: InterventionsFor | None = None, prefix: SharedPrefix | None = None,
+                  pad: bool = False) -> tuple[list[str], Tensor]:
+    """`greedy_texts` and `refusal_scores` from one pass: the score reads the last prompt token's
+    logits, which are the first decoding step's (equal to the separate calls; tested)."""
+    if metric.readout != -1:
+        raise PatchingError(f"greedy_scored needs a metric read at the last prompt token (readout -1), got {metric.readout}")
+    texts: list[str] = [""] * len(prompts)
+    scores = torch.zeros(len(prompts))
+    for indices, batch, mask in prompt_batches(prompts, prefix, pad):
+        first: list[Tensor] = []
+        spec = interventions(indices) if interventions is not None else None
+        tokens = generate(model, batch, max_new_tokens, interventions=spec, prefix=prefix, attention_mask=mask,
+                          observe=lambda step, logits: first.append(logits) if not first else None)
+        scores[indices] = metric(first[0], torch.zeros(len(indices), dtype=torch.long)).cpu()
+        for row, i in enumerate(indices):
+            texts[i] = decode_until_eos(model, tokens[row, batch.shape[1]:])
+    return texts, scores
 
 
 def decode_until_eos(model: Any, tokens: Tensor) -> str:

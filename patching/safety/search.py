@@ -28,7 +28,7 @@ from patching.safety.direction import aligned_latents, direction_effects
 from patching.safety.dynamic import dynamic_table
 from patching.safety.prompts import SafetySuite
 from patching.safety.report import SafetyReport
-from patching.safety.score import RefusalScore, greedy_texts, query_start, refusal_rate, refusal_scores, tokenize_chat
+from patching.safety.score import RefusalScore, greedy_scored, greedy_texts, query_start, refusal_rate, tokenize_chat
 from patching.safety.units import collect_curves, pair_curves
 from patching.splice.generate import SharedPrefix
 from patching.splice.splicer import resolve_saes
@@ -117,17 +117,21 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
     report = SafetyReport([s.hook_name for s in resolved], config, suite, tl_compat.model_name(model))
     start = query_start(model, suite)
     prefix = SharedPrefix.of(model, harmful[0][:, :start])  # the few-shot context, run once
-    _rates(model, suite, harmful, harmless, metric, config, report, prefix)
+    baseline = _rates(model, suite, harmful, harmless, metric, config, report, prefix)
     clock["rates"] = time.perf_counter() - start_time
     layers = list(config.direction_layers) if config.direction_layers is not None else list(range(n_layers))
     layers = sorted(set(layers) | {layer} | {s.layer for s in resolved})
     context = harmful[0][:, :start]  # the few-shot chat context every prompt starts with
     report.direction, directions = direction_effects(model, harmful, harmless, metric, layers, config.max_new_tokens,
-                                                     context=context)
+                                                     context=context, baseline=baseline)
     for site, sae in resolved.items():
-        d = directions[layers.index(site.layer)]
-        report.direction.aligned[site.hook_name] = aligned_latents(model, sae, site, d, harmless, metric,
-                                                                    config.aligned_ks, config.max_new_tokens, context)
+        i = layers.index(site.layer)
+        known = None  # the direction added at resid_pre of its layer: already measured there when rated
+        if site.kind == "resid_pre" and site.layer in report.direction.added_rates and report.direction.added_score[i] is not None:
+            known = {"score": report.direction.added_score[i], "refusal_rate": report.direction.added_rates[site.layer]}
+        report.direction.aligned[site.hook_name] = aligned_latents(model, sae, site, directions[i], harmless, metric,
+                                                                    config.aligned_ks, config.max_new_tokens, context,
+                                                                    direction_effect=known)
     clock["direction"] = time.perf_counter() - start_time - sum(clock.values())
     _curves(model, resolved, harmful, harmless, metric, start, layer, directions[layers.index(layer)], config,
             report, progress)
@@ -149,19 +153,27 @@ def _pair_tokens(model: Any, suite: SafetySuite) -> tuple[list[Tensor], list[Ten
 
 
 def _rates(model: Any, suite: SafetySuite, harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,
-           config: SafetyConfig, report: SafetyReport, prefix: SharedPrefix) -> None:
-    """Greedy refusal rates per prompt set; each pair's span; the pairs that clear the threshold."""
+           config: SafetyConfig, report: SafetyReport, prefix: SharedPrefix) -> dict[str, tuple[Tensor, float]]:
+    """Greedy refusal rates per prompt set; each pair's span; the pairs that clear the threshold.
+    Returns the harmful and harmless prompts' scores and rates (the direction stage's baseline)."""
     sets = {"harmful": harmful, "harmless": harmless,
             "jailbreak": tokenize_chat(model, suite, suite.jailbreaks()),
             "control": tokenize_chat(model, suite, list(suite.controls))}
-    report.generations = {name: greedy_texts(model, prompts, config.max_new_tokens, prefix=prefix)
-                          for name, prompts in sets.items()}
+    scores = {}
+    report.generations = {}
+    for name, prompts in sets.items():  # harmful and harmless: their scores come from the same pass
+        if name in ("harmful", "harmless"):
+            report.generations[name], scores[name] = greedy_scored(model, prompts, config.max_new_tokens, metric,
+                                                                   prefix=prefix, pad=True)
+        else:
+            report.generations[name] = greedy_texts(model, prompts, config.max_new_tokens, prefix=prefix, pad=True)
     report.refusal_rates = {name: refusal_rate(texts) for name, texts in report.generations.items()}
-    spans = refusal_scores(model, harmful, metric, prefix=prefix) - refusal_scores(model, harmless, metric, prefix=prefix)
+    spans = scores["harmful"] - scores["harmless"]
     report.spans = spans.tolist()
     kept = pairs_clearing(report.spans, config.span_threshold)
     kept.sort(key=lambda i: -report.spans[i])
     report.pairs_used = sorted(kept[: config.max_pairs])
+    return {name: (scores[name], report.refusal_rates[name]) for name in ("harmful", "harmless")}
 
 
 def _curves(model: Any, saes: dict[Site, Any], harmful: list[Tensor], harmless: list[Tensor], metric: RefusalScore,

@@ -144,7 +144,7 @@ class Decoder:
     def forward(self) -> Tensor:
         step = self.step
         tokens, mask = self.tokens[:, step.past:], self.mask[:, step.past:]
-        logits = tl_compat.forward_step(self.model, tokens, mask, self.cache)
+        logits = tl_compat.forward_step(self.model, tokens, mask, self.cache, last_only=True)
         self._pending = 0
         return logits[:, -1]
 
@@ -256,19 +256,44 @@ def check_generation_inputs(tokens: Any, max_new_tokens: Any, attention_mask: An
                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
 
 
-def generate_by_length(model: Any, prompts: Sequence[Tensor], max_new_tokens: int,
-                       interventions: Callable[[list[int]], Interventions] | None = None,
-                       use_kv_cache: bool = True, prefix: SharedPrefix | None = None) -> list[Tensor]:
-    """Each `(1, pos)` prompt's continuation `(max_new_tokens,)`, prompts of equal length batched
-    together (exact: no padding); `interventions(indices)` builds each batch's interventions."""
-    out: list[Tensor | None] = [None] * len(prompts)
+def prompt_batches(prompts: Sequence[Tensor], prefix: SharedPrefix | None = None,
+                   pad: bool = False) -> list[tuple[list[int], Tensor, Tensor | None]]:
+    """`(indices, tokens, attention_mask)` per forward batch of `(1, pos)` prompts: equal lengths
+    together, unpadded (exact); or, with `pad` and a shared `prefix`, every prompt in one batch, each
+    row padded between the prefix and the rest (pads masked). TransformerLens takes rotary positions
+    from the mask, so every row computes as it would unpadded, to float rounding (logits within 4e-5
+    on the default model). On a CPU a decoding step reads every weight once whatever the batch, so
+    one batch instead of one per length divides the generation time by the number of lengths.
+    Padded positions shift a row's absolute positions: interventions that pick positions must not
+    be used with `pad`."""
+    if pad and prefix is not None and len({p.shape[-1] for p in prompts}) > 1:
+        n, width = prefix.length, max(p.shape[-1] for p in prompts)
+        rows, masks = [], []
+        for p in prompts:
+            p = p.reshape(1, -1)
+            gap = width - p.shape[1]
+            rows.append(torch.cat([p[:, :n], torch.zeros(1, gap, dtype=p.dtype, device=p.device), p[:, n:]], 1))
+            masks.append(torch.cat([torch.ones(1, n, dtype=torch.long), torch.zeros(1, gap, dtype=torch.long),
+                                    torch.ones(1, p.shape[1] - n, dtype=torch.long)], 1).to(p.device))
+        return [(list(range(len(prompts))), torch.cat(rows), torch.cat(masks))]
     by_length: dict[int, list[int]] = {}
     for i, row in enumerate(prompts):
         by_length.setdefault(row.shape[-1], []).append(i)
-    for length, indices in by_length.items():
-        batch = torch.cat([prompts[i].reshape(1, -1) for i in indices])
+    return [(indices, torch.cat([prompts[i].reshape(1, -1) for i in indices]), None) for indices in by_length.values()]
+
+
+def generate_by_length(model: Any, prompts: Sequence[Tensor], max_new_tokens: int,
+                       interventions: Callable[[list[int]], Interventions] | None = None,
+                       use_kv_cache: bool = True, prefix: SharedPrefix | None = None,
+                       pad: bool = False) -> list[Tensor]:
+    """Each `(1, pos)` prompt's continuation `(max_new_tokens,)`, prompts of equal length batched
+    together (exact: no padding; `pad`: see `prompt_batches`); `interventions(indices)` builds each
+    batch's interventions."""
+    out: list[Tensor | None] = [None] * len(prompts)
+    for indices, batch, mask in prompt_batches(prompts, prefix if use_kv_cache else None, pad):
         spec = interventions(indices) if interventions is not None else None
-        tokens = generate(model, batch, max_new_tokens, interventions=spec, use_kv_cache=use_kv_cache, prefix=prefix)
+        tokens = generate(model, batch, max_new_tokens, interventions=spec, use_kv_cache=use_kv_cache, prefix=prefix,
+                          attention_mask=mask)
         for row, i in enumerate(indices):
-            out[i] = tokens[row, length:]
+            out[i] = tokens[row, batch.shape[1]:]
     return out  # type: ignore[return-value]
