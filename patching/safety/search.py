@@ -125,13 +125,9 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
     report.direction, directions = direction_effects(model, harmful, harmless, metric, layers, config.max_new_tokens,
                                                      context=context, baseline=baseline)
     for site, sae in resolved.items():
-        i = layers.index(site.layer)
-        known = None  # the direction added at resid_pre of its layer: already measured there when rated
-        if site.kind == "resid_pre" and site.layer in report.direction.added_rates and report.direction.added_score[i] is not None:
-            known = {"score": report.direction.added_score[i], "refusal_rate": report.direction.added_rates[site.layer]}
-        report.direction.aligned[site.hook_name] = aligned_latents(model, sae, site, directions[i], harmless, metric,
-                                                                    config.aligned_ks, config.max_new_tokens, context,
-                                                                    direction_effect=known)
+        report.direction.aligned[site.hook_name] = aligned_latents(
+            model, sae, site, directions[layers.index(site.layer)], harmless, metric, config.aligned_ks,
+            config.max_new_tokens, context, direction_effect=_known_addition(report.direction, site))
     clock["direction"] = time.perf_counter() - start_time - sum(clock.values())
     _curves(model, resolved, harmful, harmless, metric, start, layer, directions[layers.index(layer)], config,
             report, progress)
@@ -141,6 +137,15 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
     clock["dynamic"] = time.perf_counter() - start_time - sum(clock.values())
     report.seconds = {k: round(v, 1) for k, v in clock.items()}
     return report
+
+
+def _known_addition(direction: Any, site: Site) -> dict[str, float] | None:
+    """The direction's own addition at `site`, when the direction stage already generated under it
+    (it adds at `resid_pre` of its layer and rates the best or only layer)."""
+    i = direction.layers.index(site.layer)
+    if site.kind != "resid_pre" or site.layer not in direction.added_rates or direction.added_score[i] is None:
+        return None
+    return {"score": direction.added_score[i], "refusal_rate": direction.added_rates[site.layer]}
 
 
 def _pair_tokens(model: Any, suite: SafetySuite) -> tuple[list[Tensor], list[Tensor]]:
