@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from training.release import EVAL_ROWS
+
 
 def forward_flops_per_token(model: Any, layer: int, context: int) -> float:
     """2 x multiply-adds per token of blocks 0..layer (projections, MLP, attention scores)."""
@@ -111,7 +113,7 @@ def baseline_and_shipped(entry: Any, tokens: int | None, work: Path, rows: int) 
         (figures[name],) = evaluate([work / name], n_rows=rows, saes=[load_sae(work / name)])
     if "real_mix" not in figures:
         (figures["real_mix"],) = evaluate([entry.folder], n_rows=rows, saes=[load_release(entry.release, entry.sae_id)])
-    keys = ("ce_loss_recovered", "kl_spliced", "explained_variance", "l0", "dead_fraction")
+    keys = ("ce_loss_recovered", "kl_spliced", "explained_variance", "explained_variance_typical", "l0", "dead_fraction")
     ratio = {k: round(figures["real_mix"][k] / figures["generated_only"][k], 3)
              if figures["generated_only"][k] else None for k in keys}
     return {"train_tokens": budget, "real_mix": {k: figures["real_mix"][k] for k in keys},
@@ -126,7 +128,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=None, help="training tokens for both (default: the recorded)")
-    parser.add_argument("--rows", type=int, default=16, help="held-out rows of 128 tokens per evaluation")
+    parser.add_argument("--rows", type=int, default=EVAL_ROWS, help=f"held-out rows of 128 tokens per evaluation "
+                                                                     f"(default {EVAL_ROWS}, the registry's)")
+    parser.add_argument("--sae-id", nargs="*", default=None, help="only these shipped SAE ids (default: every one)")
     parser.add_argument("--harvest-tokens", type=int, default=16384, help="tokens for the harvest-rate measurement")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--rate-only", action="store_true", help="measure the harvest rate only (no training)")
@@ -136,6 +140,8 @@ def main() -> None:
         work = args.work or Path(tmp)
         for release, ids in list_releases().items():
             for sae_id in ids:
+                if args.sae_id is not None and sae_id not in args.sae_id:
+                    continue
                 entry = release_entry(release, sae_id)
                 model = load_model(n_layers=Site.from_hook_name(sae_id).layer + 1)
                 rate = harvest_rate(model, sae_id, args.harvest_tokens)
