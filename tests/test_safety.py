@@ -127,6 +127,10 @@ def test_pair_curves_after_a_bound_prefix_equal_the_whole_prompts(toy):
         inner = tl_compat.prefix_cache(model, harmful[:, 3:5])
         assert tl_compat.cache_length(inner) == 5
     assert "forward" not in model.__dict__  # the binding is gone
+    with pytest.raises(PatchingError, match="one row of token ids"):
+        with tl_compat.bound_prefix(model, torch.cat([harmful, harmless])[:, :3]):
+            pass
+    assert "forward" not in model.__dict__
     assert whole.keys() == bound.keys() and len(whole) == 5
     for kind in whole:
         torch.testing.assert_close(bound[kind][0], whole[kind][0], atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 """TransformerLens calls for generation: key-value caches, one cached forward step, sampling,
-left padding, and TransformerLens's own `generate` (kept for its tests and for models whose
+left padding, running every forward pass after a shared prefix (`bound_prefix`), and
+TransformerLens's own `generate` (kept for its tests and for models whose
 learned positions its cache gets wrong). Part of the model room's TransformerLens door: callers
 reach these through `tl_compat`, which re-exports them."""
 
@@ -13,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from transformer_lens import HookedTransformer
+
+from patching.errors import PatchingError
 
 
 def prefix_cache(model: HookedTransformer, prefix_tokens: Tensor) -> Any:
@@ -58,6 +61,10 @@ def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[No
     prefix first; a call with a non-empty cache (made inside, so already holding the prefix) runs
     as given. The prefix cache is built without inference mode, so gradients flow through
     the positions after it (they cannot reach the prefix, which no caller's input changes)."""
+    if prefix_tokens.dim() not in (1, 2) or (prefix_tokens.dim() == 2 and prefix_tokens.shape[0] != 1) \
+            or prefix_tokens.numel() == 0 or prefix_tokens.is_floating_point():
+        raise PatchingError(f"bound_prefix needs one row of token ids, (1, length) or (length,), got "
+                            f"{prefix_tokens.dtype} {tuple(prefix_tokens.shape)}")
     with torch.no_grad():
         cache = prefix_cache(model, prefix_tokens.reshape(1, -1))
     plain = model.__dict__.get("forward")  # an enclosing binding's, or None for the class's own
