@@ -35,6 +35,18 @@ def explained_variance(x: Float[Tensor, "token d_in"], x_hat: Float[Tensor, "tok
     return 1 - residual / total
 
 
+MASSIVE_NORM_RATIO = 10.0
+"""An activation whose norm exceeds this multiple of the median norm around it counts as massive."""
+
+
+def massive(x: Float[Tensor, "token d_in"], ratio: float = MASSIVE_NORM_RATIO) -> Tensor:
+    """Which rows are massive activations (Sun et al. 2024): L2 norm over `ratio` x the median
+    norm of the rows given, `(token,)` bool. At SmolLM2-135M's layer 15 they sit near 100x the
+    median, with hardly any rows between 2x and 5x, so the exact ratio matters little."""
+    norms = x.float().norm(dim=-1)
+    return norms > ratio * norms.median()
+
+
 def mse(x: Float[Tensor, "token d_in"], x_hat: Float[Tensor, "token d_in"]) -> Float[Tensor, ""]:
     return (x.float() - x_hat.float()).pow(2).mean()
 

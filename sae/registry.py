@@ -56,7 +56,7 @@ class ReleaseEntry:
     recipe: dict[str, Any]
     """How it was made: `commands` (exact, in order), `corpus`, `corpus_digest`, token counts, seconds."""
     heldout: dict[str, Any]
-    """Evaluation on held-out real text (`training.heldout_eval`): CE loss recovered, KL, EV, L0, ..."""
+    """SAEBench's core figures on held-out real text (`training.release.evaluate`): CE loss recovered, KL, EV, L0, ..."""
 
 
 def _read_registry(root: Path) -> dict[str, Any]:

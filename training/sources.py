@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sae.metrics import MASSIVE_NORM_RATIO, massive
 from training.errors import DataSourceError
 
 
@@ -95,8 +96,8 @@ class TensorBatches:
                 "batch_size": self.batch_size, "shuffle": self.shuffle}
 
 
-MAX_NORM_RATIO = 10.0
-"""Suggested `MassiveActivationFilter` threshold (`--max-norm-ratio 10`): 10x the chunk's median norm."""
+MAX_NORM_RATIO = MASSIVE_NORM_RATIO
+"""Suggested `MassiveActivationFilter` threshold (`--max-norm-ratio 10`): `sae.metrics.massive`'s."""
 
 
 class MassiveActivationFilter:
@@ -128,8 +129,7 @@ class MassiveActivationFilter:
         chunk = self.chunks.next_chunk()
         if chunk.ndim != 2 or chunk.shape[0] == 0:
             return chunk
-        norms = chunk.float().norm(dim=-1)
-        keep = norms <= self.max_ratio * norms.median()
+        keep = ~massive(chunk, self.max_ratio)
         self.seen += chunk.shape[0]
         self.dropped += int((~keep).sum())
         return chunk if bool(keep.all()) else chunk[keep]

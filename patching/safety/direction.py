@@ -122,21 +122,14 @@ class Runner:
     model: Any
     context: Tensor | None = None
     """The few-shot tokens every prompt starts with, `(1, n)`; None runs every prompt whole."""
-    _prefixes: dict[int, tuple[Interventions | None, SharedPrefix]] = field(default_factory=dict, repr=False,
-                                                                            compare=False)
-    """The context's cache per intervention object already run (kept with it, so its id stays its own)."""
 
     def prefix(self, spec: Interventions | None) -> SharedPrefix | None:
         if self.context is None:
             return None
-        if id(spec) not in self._prefixes:
-            if spec is None:
-                prefix = SharedPrefix.of(self.model, self.context)
-            else:
-                with intervening(self.model, spec):
-                    prefix = SharedPrefix.of(self.model, self.context)
-            self._prefixes[id(spec)] = (spec, prefix)
-        return self._prefixes[id(spec)][1]
+        if spec is None:
+            return SharedPrefix.of(self.model, self.context)
+        with intervening(self.model, spec):
+            return SharedPrefix.of(self.model, self.context)
 
     # The interventions here (ablation, addition) act on every position alike, so prompts of
     # different lengths share one padded batch after the context (`prompt_batches`).
@@ -199,10 +192,6 @@ def direction_effects(model: Any, harmful: list[Tensor], harmless: list[Tensor],
             a_scores, b_scores = run.scores(harmful, metric, specs[i][0]), run.scores(harmless, metric, specs[i][1])
         a, b = float(a_scores.mean()), float(b_scores.mean())
         ablated[i], added[i], gains[i] = a, b, (float(base_h) - a) + (b - float(base_s))
-        if len(specs) > 1:  # only the best layer's are needed again: keep the best so far and drop the other
-            drop = min(specs, key=gains.__getitem__)
-            for spec in specs.pop(drop):
-                run._prefixes.pop(id(spec), None)
     report = DirectionReport(list(layers), norms.tolist(), float(base_h), float(base_s), ablated, added)
     report.added_rates = {layers[i]: rates[i][1] for i in rates}
     best = max(gains, key=gains.__getitem__)

@@ -14,8 +14,7 @@ from torch import Tensor
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.safety.prompts import COMPLIANCE_START, REFUSAL_START, SafetySuite, is_refusal
-from patching.splice.generate import (Decoder, Interventions, SharedPrefix, generate, generate_by_length, intervening,
-                                      prompt_batches)
+from patching.splice.generate import Decoder, Interventions, SharedPrefix, generate_by_length, intervening, prompt_batches
 
 
 @dataclass(frozen=True)
@@ -96,17 +95,13 @@ def greedy_scored(model: Any, prompts: Sequence[Tensor], max_new_tokens: int, me
     logits, which are the first decoding step's (equal to the separate calls; tested)."""
     if metric.readout != -1:
         raise PatchingError(f"greedy_scored needs a metric read at the last prompt token (readout -1), got {metric.readout}")
-    texts: list[str] = [""] * len(prompts)
     scores = torch.zeros(len(prompts))
-    for indices, batch, mask in prompt_batches(prompts, prefix, pad):
-        first: list[Tensor] = []
-        spec = interventions(indices) if interventions is not None else None
-        tokens = generate(model, batch, max_new_tokens, interventions=spec, prefix=prefix, attention_mask=mask,
-                          observe=lambda step, logits: first.append(logits) if not first else None)
-        scores[indices] = metric(first[0], torch.zeros(len(indices), dtype=torch.long)).cpu()
-        for row, i in enumerate(indices):
-            texts[i] = decode_until_eos(model, tokens[row, batch.shape[1]:])
-    return texts, scores
+
+    def score(indices: list[int], logits: Tensor) -> None:
+        scores[indices] = metric(logits, torch.zeros(len(indices), dtype=torch.long)).cpu()
+
+    rows = generate_by_length(model, prompts, max_new_tokens, interventions, prefix=prefix, pad=pad, first_logits=score)
+    return [decode_until_eos(model, row) for row in rows], scores
 
 
 def decode_until_eos(model: Any, tokens: Tensor) -> str:

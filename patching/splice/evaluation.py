@@ -27,7 +27,9 @@ SAELens's own functions on the same tokens (tests/test_evaluation.py). What we m
 Beyond SAELens: `explained_variance_typical`, the same figure over the tokens that are not massive
 activations (norm over `massive_norm_ratio` x the batch's median; Sun et al. 2024). At SmolLM2-135M's
 layer 15 about one real-text token in 3,000 has a norm 100x the median, and those tokens carry most
-of the variance, so the SAEBench figure measures how well an SAE reconstructs them. SAEBench's "misc" figures: dead fraction (never fired on the evaluated tokens),
+of the variance, so the SAEBench figure measures how well an SAE reconstructs them.
+
+SAEBench's "misc" figures: dead fraction (never fired on the evaluated tokens),
 dense fraction (fired on more than `dense_threshold` of them, default 10%, SAEBench's
 `freq_over_10_percent`), and per latent the largest |cosine| between its decoder row and any other
 latent's, summarised by mean, true median and quantiles (plus SAEBench's signed-max mean).
@@ -52,7 +54,7 @@ from patching.model.sites import Site
 from patching.model.tokens import padded_tokens
 from patching.splice.collect import resolve_site
 from patching.splice.splicer import SpliceChecks, splice
-from sae.metrics import ce_loss_recovered, cross_entropy, kl_divergence, median
+from sae.metrics import MASSIVE_NORM_RATIO, ce_loss_recovered, cross_entropy, kl_divergence, massive, median
 
 STRUCTURAL_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
 """The tokenizer attributes SAELens's `get_special_token_ids` reads (sae_lens/util.py)."""
@@ -74,10 +76,9 @@ class EvalConfig:
     (SAELens's default); (): none."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of tokens counts as dense."""
-    massive_norm_ratio: float = 10.0
+    massive_norm_ratio: float = MASSIVE_NORM_RATIO
     """Tokens whose activation norm exceeds this multiple of their batch's median are massive
-    activations (`training.sources.MassiveActivationFilter`); `explained_variance_typical` leaves
-    them out. Every SAEBench figure keeps them."""
+    activations (`sae.metrics.massive`); `explained_variance_typical` leaves them out. Every SAEBench figure keeps them."""
     cosine_chunk: int = 4096
     """Decoder rows per block of the pairwise-cosine product (memory: chunk x d_sae floats)."""
     progress: bool = True
@@ -192,7 +193,7 @@ class _Sums:
 
     d_in: int
     d_sae: int
-    massive_norm_ratio: float = 10.0
+    massive_norm_ratio: float = MASSIVE_NORM_RATIO
     n: int = 0
     n_typical: int = 0
     sum_x: Tensor = field(init=False)
@@ -219,7 +220,7 @@ class _Sums:
         self.add("sum_sq", x.pow(2).sum())
         squared_error = (x - x_hat).pow(2).sum(-1)
         self.add("sse", squared_error.sum())
-        typical = norm_in <= self.massive_norm_ratio * norm_in.median()
+        typical = ~massive(x, self.massive_norm_ratio)
         self.n_typical += int(typical.sum())
         self.sum_x_typical += x[typical].sum(0).cpu()
         self.add("sum_sq_typical", x[typical].pow(2).sum())

@@ -262,8 +262,9 @@ def prompt_batches(prompts: Sequence[Tensor], prefix: SharedPrefix | None = None
     together, unpadded (exact); or, with `pad` and a shared `prefix`, every prompt in one batch, each
     row padded between the prefix and the rest (pads masked). TransformerLens takes rotary positions
     from the mask, so every row computes as it would unpadded, to float rounding (logits within 4e-5
-    on the default model). On a CPU a decoding step reads every weight once whatever the batch, so
-    one batch instead of one per length divides the generation time by the number of lengths.
+    on the default model). One batch instead of one per length saves per-pass overhead and the
+    per-batch work around each pass; on this CPU a decoding step is compute-bound, so the arithmetic
+    stays the same and the saving is small.
     Padded positions shift a row's absolute positions: interventions that pick positions must not
     be used with `pad`."""
     if pad and prefix is not None and len({p.shape[-1] for p in prompts}) > 1:
@@ -285,15 +286,24 @@ def prompt_batches(prompts: Sequence[Tensor], prefix: SharedPrefix | None = None
 def generate_by_length(model: Any, prompts: Sequence[Tensor], max_new_tokens: int,
                        interventions: Callable[[list[int]], Interventions] | None = None,
                        use_kv_cache: bool = True, prefix: SharedPrefix | None = None,
-                       pad: bool = False) -> list[Tensor]:
+                       pad: bool = False,
+                       first_logits: Callable[[list[int], Tensor], None] | None = None) -> list[Tensor]:
     """Each `(1, pos)` prompt's continuation `(max_new_tokens,)`, prompts of equal length batched
     together (exact: no padding; `pad`: see `prompt_batches`); `interventions(indices)` builds each
-    batch's interventions."""
+    batch's interventions. `first_logits(indices, logits)`, if given, sees each batch's first
+    step's last-position logits `(batch, vocab)`: the prompts' own next-token predictions."""
     out: list[Tensor | None] = [None] * len(prompts)
     for indices, batch, mask in prompt_batches(prompts, prefix if use_kv_cache else None, pad):
         spec = interventions(indices) if interventions is not None else None
+        seen: list[bool] = []
+
+        def observe(step: Step, logits: Tensor, indices: list[int] = indices, seen: list[bool] = seen) -> None:
+            if first_logits is not None and not seen:
+                seen.append(True)
+                first_logits(indices, logits)
+
         tokens = generate(model, batch, max_new_tokens, interventions=spec, use_kv_cache=use_kv_cache, prefix=prefix,
-                          attention_mask=mask)
+                          attention_mask=mask, observe=observe)
         for row, i in enumerate(indices):
             out[i] = tokens[row, batch.shape[1]:]
     return out  # type: ignore[return-value]
