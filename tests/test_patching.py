@@ -349,3 +349,31 @@ def test_sweep_matches_naive_reference_with_end_alignment(llama_like, direction)
     for j in range(0, len(result.units), max(1, len(result.units) // 12)):
         expected = naive_aligned_value(model, sae, base, source, result.units[j], offset)
         assert result.metric[0, j].item() == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("per_row_cache", [False, True])
+def test_rows_joining_at_their_layers_equal_separate_runs(llama_like, per_row_cache):
+    """`run_blocks_joining`: rows that join at layers 0, 1 and 2, after a shared (or per-row) prefix
+    cache, end where each would alone; joins out of layer order are refused."""
+    from patching.model import tl_compat
+
+    model, _ = llama_like
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 50, (3, 8), generator=g)
+    if not per_row_cache:
+        tokens[:] = tokens[0]
+    whole = tl_compat.prefix_cache(model, tokens)
+    prefix = tl_compat.slice_cache(whole, 5)
+    _, acts = tl_compat.run_until_end_with_cache(model, tokens, [Site(layer).hook_name for layer in range(3)])
+    residual = {layer: acts[Site(layer).hook_name][:, 5:] + 0.1 * torch.randn(3, 3, model.cfg.d_model, generator=g)
+                for layer in range(3)}
+    rows = [0, 1, 2]  # row i joins at layer i
+    joins = [(layer, residual[layer][[layer]] if per_row_cache else residual[layer][:1]) for layer in rows]
+    joined = tl_compat.run_blocks_joining(model, joins, prefix if per_row_cache else tl_compat.slice_cache(
+        tl_compat.prefix_cache(model, tokens[:1]), 5))
+    for layer in rows:
+        alone = tl_compat.select_cache_rows(prefix, torch.tensor([layer if per_row_cache else 0]))
+        expected = model(joins[layer][1], start_at_layer=layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=alone)
+        torch.testing.assert_close(joined[layer], expected[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="increasing layer order"):
+        tl_compat.run_blocks_joining(model, joins[::-1], prefix)

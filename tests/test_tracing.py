@@ -126,7 +126,7 @@ def test_hooks_restored_after_a_fault(model, tokens, monkeypatch):
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tl_compat, "run_blocks", failing_run_blocks)
+    monkeypatch.setattr(tl_compat, "run_blocks_joining", failing_run_blocks)
     with pytest.raises(KeyboardInterrupt):
         causal_trace(model, tokens, SUBJECT, ANSWER, noise=NOISE, kind="state", sever="mlp")
     assert calls and snapshot(model) == before

@@ -49,6 +49,18 @@ def select_cache_rows(cache: Any, index: Tensor) -> Any:
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[index], frozen=True)
 
 
+def slice_cache(cache: Any, length: int) -> Any:
+    """A frozen view of the first `length` positions of `cache` (no copy). A prompt's keys and
+    values before a position depend on nothing after it, so one cache of a whole prompt serves as
+    the prefix cache of every position."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys[:, :length], e.past_values[:, :length], frozen=True)
+               for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[:, :length], frozen=True)
+
+
 @contextlib.contextmanager
 def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[None]:
     """Inside, every forward pass of `model` runs after `prefix_tokens` (`(1, length)`), whose keys

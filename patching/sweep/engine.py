@@ -45,6 +45,9 @@ class RunCache:
     """resid_pre per layer where patched rows may start, (pos, d_model)."""
     raw: dict[Site, Tensor] = field(default_factory=dict)
     """Raw activations at sites with raw units, (pos, width)."""
+    keys_values: Any = None
+    """The run's frozen key-value cache when kept (base runs): a patched row's keys and values
+    before its first patched position are a slice of it."""
 
 
 def readout_logits(model: Any, final_resid: Tensor, readout: int | None) -> Tensor:
@@ -55,13 +58,17 @@ def readout_logits(model: Any, final_resid: Tensor, readout: int | None) -> Tens
 
 
 def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None,
-                  raw_sites: Sequence[Site] = ()) -> RunCache:
-    """Run `tokens` once; keep the readout logits, SAE records, resid_pre at `layers` and `raw_sites`."""
+                  raw_sites: Sequence[Site] = (), keys_values: bool = False) -> RunCache:
+    """Run `tokens` once; keep the readout logits, SAE records, resid_pre at `layers` and `raw_sites`
+    (and the keys and values, with `keys_values`)."""
     names = list(dict.fromkeys([Site(layer).hook_name for layer in layers] + [site.hook_name for site in raw_sites]))
     if state is not None:
         state.cache = True
     try:
-        final, acts = tl_compat.run_until_end_with_cache(model, tokens, names)
+        if keys_values:
+            final, acts, kv = tl_compat.run_until_end_with_keys_values(model, tokens, names)
+        else:
+            (final, acts), kv = tl_compat.run_until_end_with_cache(model, tokens, names), None
     finally:
         if state is not None:
             state.cache = False
@@ -72,6 +79,7 @@ def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequ
         errors={site: r.error[0] for site, r in records.items()},
         resid={layer: acts[Site(layer).hook_name][0] for layer in layers},
         raw={site: site.select(acts[site.hook_name])[0] for site in raw_sites},
+        keys_values=kv,
     )
 
 
@@ -146,41 +154,42 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
                    rows_per_chunk: int, progress: tqdm | None) -> tuple[Tensor, Tensor]:
     """Metric values of every unit for one pair, and a mask of which needed a forward pass.
 
-    Rows are grouped by first layer, so that a trace (one unit per layer and position) runs full
-    batches (`_chunks`). A chunk reuses the base prompt's keys and values before its earliest
-    patched position (causally untouched in every row of it) and runs only the suffix from there
-    (when the metric reads one position). Rows whose own first patch comes later recompute a few
-    unpatched positions: that costs less than running them as batches of one.
+    Rows are grouped by the first position they patch, across start layers: a chunk reuses the
+    base prompt's keys and values before that position (causally untouched in every row of it)
+    and runs only the suffix from there (when the metric reads one position), and each row joins
+    the chunk's batch at its own first layer (`tl_compat.run_blocks_joining`). A trace (one unit
+    per layer and position) thus runs one batch per position, each row paying only for its own
+    layers and positions.
     """
     values = torch.empty(len(units))
     evaluated = torch.zeros(len(units), dtype=torch.bool)
     base_metric = metric(base.logits[None], torch.tensor([pair_index]))[0]
     readout = metric.readout
     last_read = None if readout is None else readout % pair.n_base
-    pending: dict[int, list[tuple[int, int, list]]] = {}
+    pending: list[tuple[int, int, int, list]] = []
     for i, unit in enumerate(units):
         elements = element_patches(unit, pair, base, source, positions)
         first = min(int(e[2].min()) for e in elements) if elements else None
         if first is None or (last_read is not None and first > last_read):
             values[i] = base_metric  # nothing differs, or only after the position the metric reads
         else:
-            pending.setdefault(unit.start_layer, []).append((first if readout is not None else 0, i, elements))
+            pending.append((first if readout is not None else 0, unit.start_layer, i, elements))
     if progress is not None:
-        progress.update(len(units) - sum(len(items) for items in pending.values()))
-    prefixes: dict[int, Any] = {}
-    for start, items in sorted(pending.items()):
-        for chunk in _chunks(items, rows_per_chunk):
-            first = chunk[0][0]
-            if first > 0 and first not in prefixes:
-                prefixes[first] = tl_compat.prefix_cache(model, pair.base[:, :first])
-            rows = [(i, elements) for _, i, elements in chunk]
-            logits = _run_chunk(model, state, rows, base, start, first, prefixes.get(first), readout)
-            chunk_values = metric(logits, torch.full((len(rows),), pair_index)).cpu()
-            check_metric_finite(chunk_values, [units[i].label() for i, _ in rows], pair_index)
-            values[[i for i, _ in rows]] = chunk_values
-            evaluated[[i for i, _ in rows]] = True
-            if progress is not None:
-                progress.update(len(rows))
+        progress.update(len(units) - len(pending))
+    whole = base.keys_values  # the base prompt's keys and values: every chunk's prefix is a slice of them
+    for chunk in _chunks(pending, rows_per_chunk):
+        first = chunk[0][0]
+        if first > 0 and whole is None:
+            whole = tl_compat.prefix_cache(model, pair.base)
+        prefix = tl_compat.slice_cache(whole, first) if first > 0 else None
+        logits = _run_chunk(model, state, chunk, base, first, prefix, readout)
+        rows = [i for _, _, i, _ in chunk]
+        chunk_values = metric(logits, torch.full((len(rows),), pair_index)).cpu()
+        check_metric_finite(chunk_values, [units[i].label() for i in rows], pair_index)
+        values[rows] = chunk_values
+        evaluated[rows] = True
+        if progress is not None:
+            progress.update(len(rows))
     return values, evaluated
 
 
@@ -193,29 +202,20 @@ def check_metric_finite(values: Tensor, labels: Sequence[str], pair_index: int) 
                             f"{labels[bad[0]]} in pair {pair_index}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
 
 
-def _chunks(items: list[tuple[int, int, list]], rows_per_chunk: int) -> list[list[tuple[int, int, list]]]:
-    """Chunks of one start layer's rows `(first patched position, unit, elements)`, earliest first.
-
-    Rows sharing a first position fill chunks of their own (their suffix starts where they do);
-    what is left of each position, fewer rows than a chunk, is pooled across positions, so that a
-    trace with one row per (layer, position) still runs full batches."""
-    by_first: dict[int, list[tuple[int, int, list]]] = {}
-    for item in items:
+def _chunks(items: list[tuple[int, int, int, list]], rows_per_chunk: int) -> list[list[tuple[int, int, int, list]]]:
+    """Chunks of rows `(first patched position, start layer, unit, elements)`: rows of one first
+    position, at most `rows_per_chunk` of them, each chunk in start-layer order (the order rows
+    join the batch)."""
+    by_first: dict[int, list[tuple[int, int, int, list]]] = {}
+    for item in sorted(items, key=lambda item: (item[0], item[1])):
         by_first.setdefault(item[0], []).append(item)
-    chunks, rest = [], []
-    for first in sorted(by_first):
-        group = by_first[first]
-        full = len(group) - len(group) % rows_per_chunk
-        chunks += [group[lo : lo + rows_per_chunk] for lo in range(0, full, rows_per_chunk)]
-        rest += group[full:]
-    chunks += [rest[lo : lo + rows_per_chunk] for lo in range(0, len(rest), rows_per_chunk)]
-    return sorted(chunks, key=lambda chunk: chunk[0][0])
+    return [group[lo : lo + rows_per_chunk] for group in by_first.values() for lo in range(0, len(group), rows_per_chunk)]
 
 
-def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], base: RunCache, start: int, first: int,
+def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, int, int, list]], base: RunCache, first: int,
                prefix: Any, readout: int | None) -> Tensor:
     latent_patches, error_patches, raw_patches = [], [], []
-    for row, (_, elements) in enumerate(chunk):
+    for row, (_, _, _, elements) in enumerate(chunk):
         for kind, site, pos, lat, vals in elements:
             rows, pos = torch.full_like(pos, row), pos - first  # positions within the suffix
             if kind == "latent":
@@ -234,11 +234,11 @@ def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, list]], 
         raise PatchingError("latent or error patches need SAEs spliced")
     if state is not None:
         state.set_edits(edits)
-    residual = base.resid[start][first:][None].expand(len(chunk), -1, -1)
-    cache = tl_compat.expand_cache(prefix, len(chunk)) if prefix is not None else None
+    starts = [start for _, start, _, _ in chunk]
+    joins = [(start, base.resid[start][first:][None].expand(starts.count(start), -1, -1)) for start in sorted(set(starts))]
     try:
         with raw_patch_hooks(model, raw_patches):
-            final = tl_compat.run_blocks(model, residual, start, cache)
+            final = tl_compat.run_blocks_joining(model, joins, prefix)
     finally:
         if state is not None:
             state.set_edits(())

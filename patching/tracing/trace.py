@@ -11,15 +11,16 @@ Restorations, each at (layer, position):
   at that token, from `layer` on, is frozen at its corrupted value. The gap to the plain state
   trace is what the severed modules carried (ROME Fig. 3).
 
-Batched as the sweep engine batches: every restoration starts at its first restored layer from
-the cached corrupted residual stream, rows are (position, noise draw) pairs of one start layer,
-and only the last position is unembedded.
+Batched as the sweep engine batches: rows are (layer, noise draw) pairs of one restored
+position; each runs only the positions from that one on (the noised runs' keys and values stand
+in for the earlier ones) and joins the batch at its first restored layer, from the cached noised
+residual stream; only the last position is unembedded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -83,23 +84,22 @@ class _Runs:
     """Noised positions."""
     p_noised: float
     """Answer probability of the noised runs, averaged over draws."""
-    prefixes: dict[int, Any] = field(default_factory=dict)
-    """Noised key-value caches of the first `n` positions, one row per draw, by `n`."""
+    whole: Any = None
+    """The noised runs' keys and values at every position, one row per draw (made on first use)."""
 
     def prefix(self, model: Any, n: int) -> Any:
-        """The noised runs' keys and values before position `n` (computed once per `n`)."""
-        if n not in self.prefixes:
-            keep = [i for i, p in enumerate(self.subject) if p < n]
-            add = noise_hook(self.drawn[:, keep], tuple(self.subject[i] for i in keep))
-            with tl_compat.hooks(model, [(Site(0).hook_name, add)] if keep else []):
-                self.prefixes[n] = tl_compat.prefix_cache(model, self.tokens[:, :n].expand(self.drawn.shape[0], -1))
-        return self.prefixes[n]
+        """The noised runs' keys and values before position `n`: a slice of the whole prompt's,
+        since noise at or after `n` cannot reach the positions before it."""
+        if self.whole is None:
+            with tl_compat.hooks(model, [(Site(0).hook_name, noise_hook(self.drawn, self.subject))]):
+                self.whole = tl_compat.prefix_cache(model, self.tokens.expand(self.drawn.shape[0], -1))
+        return tl_compat.slice_cache(self.whole, n)
 
 
 def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int], answer: str | int, *,
                  noise: NoiseConfig, kind: TraceKind = "state", window: int = 10,
                  sever: Literal["mlp", "attn"] | None = None, layers: Sequence[int] | None = None,
-                 batch_size: int = 64) -> TraceResult:
+                 batch_size: int = 320) -> TraceResult:
     """Trace `prompt` with `subject` noised: the answer's probability as each (layer, position) is
     restored (see the module docstring for the kinds); `layers` restricts the rows computed (the
     others hold NaN). Raises if noising does not move the answer's probability (nothing to restore)."""
@@ -112,8 +112,10 @@ def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int],
             raise PatchingError(f"the noise leaves the answer's probability unchanged ({p_clean:.6g}): effects cannot be "
                                 "normalised; raise NoiseConfig.scale or check the subject positions")
         prob = torch.full((n_layers, tokens.shape[1]), float("nan"))
-        for layer in layers:
-            prob[layer] = _trace_layer(model, runs, layer, kind, window, sever, answer_id, noise.n_samples, batch_size)
+        prob[layers] = runs.p_noised  # before the first noised position nothing differs to restore
+        for position in range(min(subject_pos), tokens.shape[1]):
+            plans = [_plan(model, runs, layer, position, kind, window, sever) for layer in layers]
+            prob[layers, position] = _trace_position(model, runs, position, plans, answer_id, noise.n_samples, batch_size)
     return TraceResult(kind=kind, sever=sever, window=window if kind != "state" else 1, prob=prob, p_clean=p_clean,
                        p_corrupted=p_noised, tokens=tl_compat.to_str_tokens(model, tokens[0]), subject=subject_pos,
                        answer=answer_id)
@@ -161,45 +163,72 @@ def _answer_prob(model: Any, final: Tensor, answer: int) -> Tensor:
     return torch.softmax(tl_compat.readout(model, final[:, -1]).float(), dim=-1)[:, answer]
 
 
-def _trace_layer(model: Any, runs: _Runs, layer: int, kind: str, window: int, sever: str | None, answer: int,
-                 n_samples: int, batch_size: int) -> Tensor:
-    """Mean answer probability for each position's restoration at `layer`, (pos,).
+@dataclass(frozen=True)
+class _Plan:
+    """One restoration at one position: where its rows join and what they write there."""
 
-    Before the first noised position the clean and noised runs agree, so a restoration there
-    changes nothing: those positions get the noised probability without a forward pass. A chunk
-    of positions runs only from its first position on, the noised runs' keys and values standing
-    in for the positions before it (restoring at p leaves every earlier position as noised)."""
-    n_layers, n_pos = tl_compat.n_layers(model), runs.tokens.shape[1]
+    start: int
+    """The first layer it touches (where its rows join the batch)."""
+    restored: tuple[str, ...]
+    """Hooks whose clean value is written at the position (states: the start layer's resid_pre)."""
+    frozen: tuple[str, ...]
+    """Hooks held at their noised value there (severed modules)."""
+    changes: bool
+    """False when every restored value already equals the noised one in every draw (no forward)."""
+
+
+def _plan(model: Any, runs: _Runs, layer: int, position: int, kind: str, window: int, sever: str | None) -> _Plan:
+    n_layers = tl_compat.n_layers(model)
     if kind == "state":
-        start, restored, frozen = layer, [], ([] if sever is None else range(layer, n_layers))
+        start, restored = layer, (Site(layer).hook_name,)
+        frozen = () if sever is None else tuple(Site(i, f"{sever}_out").hook_name for i in range(layer, n_layers))
     else:
         layers = window_layers(layer, window, n_layers)
-        start, restored, frozen = layers[0], [Site(i, f"{kind}_out").hook_name for i in layers], []
-    frozen_names = [Site(i, f"{sever}_out").hook_name for i in frozen]
+        start, restored, frozen = layers[0], tuple(Site(i, f"{kind}_out").hook_name for i in layers), ()
+    changes = any(not torch.equal(runs.noised[name][:, position], runs.clean[name][position].expand_as(
+        runs.noised[name][:, position])) for name in restored)
+    return _Plan(start, restored, frozen, changes)
+
+
+def _trace_position(model: Any, runs: _Runs, position: int, plans: list[_Plan], answer: int, n_samples: int,
+                    batch_size: int) -> Tensor:
+    """Mean answer probability for each plan's restoration at `position`, (len(plans),).
+
+    Restoring at `position` leaves every earlier position as noised, so rows run only the
+    positions from there on, after the noised runs' keys and values. Rows are (plan, draw), in
+    start-layer order, and join the batch at their plan's start layer; a chunk holds whole plans."""
+    out = torch.full((len(plans),), runs.p_noised)
+    order = sorted((i for i, plan in enumerate(plans) if plan.changes), key=lambda i: plans[i].start)
     per_chunk = max(1, batch_size // n_samples)
-    first = min(runs.subject)
-    out = torch.full((n_pos,), runs.p_noised)
-    for lo in range(first, n_pos, per_chunk):
-        positions = torch.arange(lo, min(n_pos, lo + per_chunk))
-        row_pos = positions.repeat_interleave(n_samples)  # rows are (position, draw)
-        row_draw = torch.arange(n_samples).repeat(len(positions))
-        residual = runs.noised[Site(start).hook_name][row_draw, lo:].clone()
-        rows, at = torch.arange(len(row_pos)), row_pos - lo  # positions within the suffix
-        if kind == "state":
-            residual[rows, at] = runs.clean[Site(layer).hook_name][row_pos]
-        writes = [(name, runs.clean[name][row_pos]) for name in restored]
-        writes += [(name, runs.noised[name][row_draw, row_pos]) for name in frozen_names]
-        cache = tl_compat.select_cache_rows(runs.prefix(model, lo), row_draw) if lo > 0 else None
-        with tl_compat.hooks(model, [(name, _write_hook(rows, at, values)) for name, values in writes]):
-            final = tl_compat.run_blocks(model, residual, start, cache)
-        out[positions] = _answer_prob(model, final, answer).reshape(len(positions), n_samples).mean(1).cpu()
+    prefix = runs.prefix(model, position) if position > 0 else None
+    for lo in range(0, len(order), per_chunk):
+        chunk = order[lo : lo + per_chunk]
+        row_draw = torch.arange(n_samples).repeat(len(chunk))  # rows are (plan, draw)
+        starts = [plans[i].start for i in chunk]
+        joins = [(start, runs.noised[Site(start).hook_name][:, position:].repeat(starts.count(start), 1, 1))
+                 for start in sorted(set(starts))]
+        writes: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for k, i in enumerate(chunk):
+            rows = torch.arange(k * n_samples, (k + 1) * n_samples)
+            for name in plans[i].restored:
+                writes.setdefault(name, []).append((rows, runs.clean[name][position].expand(n_samples, -1)))
+            for name in plans[i].frozen:
+                writes.setdefault(name, []).append((rows, runs.noised[name][:, position]))
+        hooks = [(name, _write_hook(torch.cat([r for r, _ in items]), torch.cat([v for _, v in items])))
+                 for name, items in writes.items()]
+        cache = tl_compat.select_cache_rows(prefix, row_draw) if prefix is not None else None
+        with tl_compat.hooks(model, hooks):
+            final = tl_compat.run_blocks_joining(model, joins, cache)
+        out[chunk] = _answer_prob(model, final, answer).reshape(len(chunk), n_samples).mean(1).cpu()
     return out
 
 
-def _write_hook(rows: Tensor, positions: Tensor, values: Tensor):
+def _write_hook(rows: Tensor, values: Tensor):
+    """Write `values` at the suffix's first position (the restored one) of `rows`: every hook sits
+    at or after its rows' start layer, so they have joined the batch by then."""
     def hook(x: Tensor) -> Tensor:
         x = x.clone()
-        x[rows, positions] = values.to(x.dtype)
+        x[rows, 0] = values.to(x.dtype)
         return x
     return hook
 
