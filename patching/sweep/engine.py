@@ -127,9 +127,9 @@ def chunk_rows(n_units: int, n_pos: int, model: Any, saes: Mapping[Site, Any], r
     return max(1, min(n_units, int(memory_mb * 2**20 / (4 * per_row))))
 
 
-@contextlib.contextmanager
-def raw_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor, Tensor]]) -> Iterator[None]:
-    """Write raw activations element-wise, `x[rows, positions, dims] = values`, for one forward."""
+def raw_patch_hooks(patches: list[tuple[Tensor, Site, Tensor, Tensor, Tensor]]) -> dict[int, list[tuple[str, Any]]]:
+    """Hooks that write raw activations element-wise, `x[rows, positions, dims] = values`, by the
+    layer whose block calls them."""
     by_site: dict[Site, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
     for rows, site, pos, dims, values in patches:
         by_site.setdefault(site, []).append((rows, pos, dims, values))
@@ -144,9 +144,10 @@ def raw_patch_hooks(model: Any, patches: list[tuple[Tensor, Site, Tensor, Tensor
 
         return hook
 
-    # several heads of one hook chain their hooks
-    with tl_compat.hooks(model, [(site.hook_name, make_hook(site, items)) for site, items in by_site.items()]):
-        yield
+    by_layer: dict[int, list[tuple[str, Any]]] = {}
+    for site, items in by_site.items():  # several heads of one hook chain their hooks
+        by_layer.setdefault(site.layer, []).append((site.hook_name, make_hook(site, items)))
+    return by_layer
 
 
 def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pair_index: int, pair: PromptPair,
@@ -176,14 +177,12 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
             pending.append((first if readout is not None else 0, unit.start_layer, i, elements))
     if progress is not None:
         progress.update(len(units) - len(pending))
-    whole = base.keys_values  # the base prompt's keys and values: every chunk's prefix is a slice of them
-    for chunk in _chunks(pending, rows_per_chunk):
-        first = chunk[0][0]
-        if first > 0 and whole is None:
+    whole = base.keys_values  # the base prompt's keys and values: every group's prefix is a slice of them
+    for wave in _waves(pending, rows_per_chunk):
+        if whole is None and any(group[0][0] > 0 for group in wave):
             whole = tl_compat.prefix_cache(model, pair.base)
-        prefix = tl_compat.slice_cache(whole, first) if first > 0 else None
-        logits = _run_chunk(model, state, chunk, base, first, prefix, readout)
-        rows = [i for _, _, i, _ in chunk]
+        logits = _run_wave(model, state, wave, base, whole, readout)
+        rows = [i for group in wave for _, _, i, _ in group]
         chunk_values = metric(logits, torch.full((len(rows),), pair_index)).cpu()
         check_metric_finite(chunk_values, [units[i].label() for i in rows], pair_index)
         values[rows] = chunk_values
@@ -202,20 +201,57 @@ def check_metric_finite(values: Tensor, labels: Sequence[str], pair_index: int) 
                             f"{labels[bad[0]]} in pair {pair_index}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
 
 
-def _chunks(items: list[tuple[int, int, int, list]], rows_per_chunk: int) -> list[list[tuple[int, int, int, list]]]:
-    """Chunks of rows `(first patched position, start layer, unit, elements)`: rows of one first
-    position, at most `rows_per_chunk` of them, each chunk in start-layer order (the order rows
-    join the batch)."""
-    by_first: dict[int, list[tuple[int, int, int, list]]] = {}
-    for item in sorted(items, key=lambda item: (item[0], item[1])):
-        by_first.setdefault(item[0], []).append(item)
-    return [group[lo : lo + rows_per_chunk] for group in by_first.values() for lo in range(0, len(group), rows_per_chunk)]
+Row = tuple[int, int, int, list]
+"""A patched row: (first patched position, start layer, unit index, elements)."""
 
 
-def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, int, int, list]], base: RunCache, first: int,
-               prefix: Any, readout: int | None) -> Tensor:
+def _waves(items: list[Row], rows_per_chunk: int) -> list[list[list[Row]]]:
+    """Waves of at most `rows_per_chunk` rows, each a list of groups of rows sharing a first
+    position, in start-layer order (the order rows join their group's batch)."""
+    ordered = sorted(items, key=lambda item: (item[0], item[1]))
+    waves = []
+    for lo in range(0, len(ordered), rows_per_chunk):
+        groups: dict[int, list[Row]] = {}
+        for item in ordered[lo : lo + rows_per_chunk]:
+            groups.setdefault(item[0], []).append(item)
+        waves.append(list(groups.values()))
+    return waves
+
+
+def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: RunCache, whole: Any,
+              readout: int | None) -> Tensor:
+    """Readout logits of every row of a wave, group after group. The groups run layer by layer
+    together (`tl_compat.run_blocks_joining`), each with its own patches in place while it runs."""
+    plans = [_group_plan(group, base, whole) for group in wave]
+    if state is None and any(edits for edits, _, _, _ in plans):
+        raise PatchingError("latent or error patches need SAEs spliced")
+
+    @contextlib.contextmanager
+    def around(b: int, layer: int) -> Iterator[None]:
+        edits, hooks, _, _ = plans[b]
+        if state is not None:
+            state.set_edits(edits)
+        try:
+            with tl_compat.hooks(model, hooks.get(layer, [])):
+                yield
+        finally:
+            if state is not None:
+                state.set_edits(())
+
+    finals = tl_compat.run_blocks_joining(model, [(joins, prefix) for _, _, joins, prefix in plans], around)
+    if readout is None:  # every row starts at position 0: one group
+        return readout_logits(model, finals[0], None)
+    # one unembedding for the wave: at a few rows per group its weight traffic is the cost
+    at = [readout if readout < 0 else readout - group[0][0] for group in wave]
+    return tl_compat.readout(model, torch.cat([final[:, i] for final, i in zip(finals, at)]))
+
+
+def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, dict[int, list[tuple[str, Any]]], list, Any]:
+    """A group's SAE edits, raw-patch hooks by layer, joins and key-value prefix; rows are indexed
+    in the group's own batch and positions within its suffix."""
+    first = group[0][0]
     latent_patches, error_patches, raw_patches = [], [], []
-    for row, (_, _, _, elements) in enumerate(chunk):
+    for row, (_, _, _, elements) in enumerate(group):
         for kind, site, pos, lat, vals in elements:
             rows, pos = torch.full_like(pos, row), pos - first  # positions within the suffix
             if kind == "latent":
@@ -224,26 +260,16 @@ def _run_chunk(model: Any, state: Splice | None, chunk: list[tuple[int, int, int
                 error_patches.append((site, rows, pos, vals))
             else:
                 raw_patches.append((rows, site, pos, lat, vals))
-    edits = [LatentPatch(site, torch.cat([p[1] for p in group]), torch.cat([p[2] for p in group]),
-                         torch.cat([p[3] for p in group]), torch.cat([p[4] for p in group]))
-             for site, group in _group(latent_patches).items()]
-    edits += [ErrorPatch(site, torch.cat([p[1] for p in group]), torch.cat([p[2] for p in group]),
-                         torch.cat([p[3] for p in group]))
-              for site, group in _group(error_patches).items()]
-    if edits and state is None:
-        raise PatchingError("latent or error patches need SAEs spliced")
-    if state is not None:
-        state.set_edits(edits)
-    starts = [start for _, start, _, _ in chunk]
+    edits: list = [LatentPatch(site, torch.cat([p[1] for p in items]), torch.cat([p[2] for p in items]),
+                               torch.cat([p[3] for p in items]), torch.cat([p[4] for p in items]))
+                   for site, items in _group(latent_patches).items()]
+    edits += [ErrorPatch(site, torch.cat([p[1] for p in items]), torch.cat([p[2] for p in items]),
+                         torch.cat([p[3] for p in items]))
+              for site, items in _group(error_patches).items()]
+    starts = [start for _, start, _, _ in group]
     joins = [(start, base.resid[start][first:][None].expand(starts.count(start), -1, -1)) for start in sorted(set(starts))]
-    try:
-        with raw_patch_hooks(model, raw_patches):
-            final = tl_compat.run_blocks_joining(model, joins, prefix)
-    finally:
-        if state is not None:
-            state.set_edits(())
-    suffix_readout = None if readout is None else readout if readout < 0 else readout - first
-    return readout_logits(model, final, suffix_readout)
+    prefix = tl_compat.slice_cache(whole, first) if first > 0 else None
+    return edits, raw_patch_hooks(raw_patches), joins, prefix
 
 
 def _group(items: list[tuple]) -> dict[Site, list[tuple]]:

@@ -102,7 +102,10 @@ def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int],
                  batch_size: int = 320) -> TraceResult:
     """Trace `prompt` with `subject` noised: the answer's probability as each (layer, position) is
     restored (see the module docstring for the kinds); `layers` restricts the rows computed (the
-    others hold NaN). Raises if noising does not move the answer's probability (nothing to restore)."""
+    others hold NaN). `batch_size` bounds the rows of one forward pass (a restoration's draws stay
+    together, so at least `n_samples`); a position's restorations at every layer fit the default
+    for 10 draws and 30 layers. Raises if noising does not move the answer's probability (nothing
+    to restore)."""
     tokens, subject_pos, answer_id = _check(model, prompt, subject, answer, kind, window, sever, noise, batch_size)
     n_layers = tl_compat.n_layers(model)
     layers = list(range(n_layers)) if layers is None else [Site(layer).check(model).layer for layer in layers]
@@ -218,7 +221,7 @@ def _trace_position(model: Any, runs: _Runs, position: int, plans: list[_Plan], 
                  for name, items in writes.items()]
         cache = tl_compat.select_cache_rows(prefix, row_draw) if prefix is not None else None
         with tl_compat.hooks(model, hooks):
-            final = tl_compat.run_blocks_joining(model, joins, cache)
+            (final,) = tl_compat.run_blocks_joining(model, [(joins, cache)])
         out[chunk] = _answer_prob(model, final, answer).reshape(len(chunk), n_samples).mean(1).cpu()
     return out
 
