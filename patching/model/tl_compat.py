@@ -170,42 +170,27 @@ def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int, pas
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
 
 
-def run_blocks_joining(model: HookedTransformer, batches: Sequence[tuple[Sequence[tuple[int, Tensor]], Any]],
-                       around: Callable[[int, int], contextlib.AbstractContextManager] | None = None) -> list[Tensor]:
-    """Run batches whose rows enter at different layers; each batch's residual before the final
-    norm, rows in join order.
+def run_blocks_joining(model: HookedTransformer, joins: Sequence[tuple[int, Tensor]], past_kv_cache: Any = None) -> Tensor:
+    """Run rows that enter at different layers; return every row's residual before the final
+    norm, in join order.
 
-    A batch is `(joins, past_kv_cache)`. `joins` holds `(layer, residual rows)` in increasing
-    layer order; rows joining at a layer are appended to the batch before that block runs, so a
-    row pays only for the blocks from its own layer on while rows of many start layers share each
-    block's matrix products. `past_kv_cache` (frozen, or None) holds the positions before the
-    batch's residual: one row shared by every row, or one row per output row.
-
-    The loop is layer-major: every batch runs block `l` before any runs block `l + 1`, so a
-    block's weights are read from memory once per layer while they are still in the cache, not
-    once per batch (at a few tokens per row a block call costs its weight traffic, not its
-    arithmetic). `around(batch, layer)` is entered for each call (the caller's hooks for that
-    batch)."""
-    pending, residuals = [], []
-    for joins, _ in batches:
-        layers = [layer for layer, _ in joins]
-        if not layers or layers != sorted(set(layers)):
-            raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
-        pending.append(dict(joins))
-        residuals.append(None)
-    start = min(min(waiting) for waiting in pending)
-    for layer in range(start, model.cfg.n_layers):
-        for b, (_, cache) in enumerate(batches):
-            if layer in pending[b]:
-                joining = pending[b].pop(layer)
-                residuals[b] = joining.contiguous() if residuals[b] is None else torch.cat([residuals[b], joining])
-            residual = residuals[b]
-            if residual is None:
-                continue
-            entry = None if cache is None else _rows_entry(cache.entries[layer], residual.shape[0])
-            with around(b, layer) if around is not None else contextlib.nullcontext():
-                residuals[b] = model.blocks[layer](residual, past_kv_cache_entry=entry)
-    return residuals  # type: ignore[return-value]
+    `joins` holds `(layer, residual rows)` in increasing layer order; the rows joining at a layer
+    are appended to the batch before that block runs. A row thus pays only for the blocks from its
+    own layer on, while rows of many start layers share each block's matrix products (a trace's
+    one row per layer would otherwise run as thirty small batches). `past_kv_cache` (frozen, or
+    None) holds the positions before the residual's: one row shared by every row, or one row per
+    output row."""
+    layers = [layer for layer, _ in joins]
+    if not layers or layers != sorted(set(layers)):
+        raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
+    pending = dict(joins)
+    residual = pending.pop(layers[0]).contiguous()
+    for layer in range(layers[0], model.cfg.n_layers):
+        if layer in pending:
+            residual = torch.cat([residual, pending.pop(layer)])
+        entry = None if past_kv_cache is None else _rows_entry(past_kv_cache.entries[layer], residual.shape[0])
+        residual = model.blocks[layer](residual, past_kv_cache_entry=entry)
+    return residual
 
 
 def _rows_entry(entry: Any, rows: int) -> Any:

@@ -10,8 +10,7 @@ exactly, without a forward pass.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +57,23 @@ def readout_logits(model: Any, final_resid: Tensor, readout: int | None) -> Tens
 
 
 def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None,
-                  raw_sites: Sequence[Site] = (), keys_values: bool = False) -> RunCache:
-    """Run `tokens` once; keep the readout logits, SAE records, resid_pre at `layers` and `raw_sites`
-    (and the keys and values, with `keys_values`)."""
+                  raw_sites: Sequence[Site] = ()) -> RunCache:
+    """Run `tokens` (one row) once; keep the readout logits, SAE records, resid_pre at `layers` and `raw_sites`."""
+    return _reference_rows(model, state, tokens, layers, readout, raw_sites, keys_values=False)[0]
+
+
+def reference_runs(model: Any, state: Splice | None, pair: PromptPair, layers: Sequence[int], readout: int | None,
+                   raw_sites: Sequence[Site] = ()) -> tuple[RunCache, RunCache]:
+    """A pair's base and source runs, the base keeping its keys and values (patched rows' prefixes
+    are slices of them). Two forwards, not one of both rows: a two-row batch can round a row's
+    shared positions differently (measured), and the sweep must see positions whose tokens agree
+    as equal, to skip them."""
+    (base,) = _reference_rows(model, state, pair.base, layers, readout, raw_sites, keys_values=True)
+    return base, reference_run(model, state, pair.source, layers, readout, raw_sites)
+
+
+def _reference_rows(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None,
+                    raw_sites: Sequence[Site], keys_values: bool) -> list[RunCache]:
     names = list(dict.fromkeys([Site(layer).hook_name for layer in layers] + [site.hook_name for site in raw_sites]))
     if state is not None:
         state.cache = True
@@ -73,14 +86,15 @@ def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequ
         if state is not None:
             state.cache = False
     records = state.records if state is not None else {}
-    return RunCache(
-        logits=readout_logits(model, final, readout)[0],
-        latents={site: r.latents[0] for site, r in records.items()},
-        errors={site: r.error[0] for site, r in records.items()},
-        resid={layer: acts[Site(layer).hook_name][0] for layer in layers},
-        raw={site: site.select(acts[site.hook_name])[0] for site in raw_sites},
+    logits = readout_logits(model, final, readout)
+    return [RunCache(
+        logits=logits[i],
+        latents={site: r.latents[i] for site, r in records.items()},
+        errors={site: r.error[i] for site, r in records.items()},
+        resid={layer: acts[Site(layer).hook_name][i] for layer in layers},
+        raw={site: site.select(acts[site.hook_name])[i] for site in raw_sites},
         keys_values=kv,
-    )
+    ) for i in range(tokens.shape[0])]
 
 
 def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: RunCache,
@@ -127,9 +141,8 @@ def chunk_rows(n_units: int, n_pos: int, model: Any, saes: Mapping[Site, Any], r
     return max(1, min(n_units, int(memory_mb * 2**20 / (4 * per_row))))
 
 
-def raw_patch_hooks(patches: list[tuple[Tensor, Site, Tensor, Tensor, Tensor]]) -> dict[int, list[tuple[str, Any]]]:
-    """Hooks that write raw activations element-wise, `x[rows, positions, dims] = values`, by the
-    layer whose block calls them."""
+def raw_patch_hooks(patches: list[tuple[Tensor, Site, Tensor, Tensor, Tensor]]) -> list[tuple[str, Any]]:
+    """Hooks that write raw activations element-wise, `x[rows, positions, dims] = values`."""
     by_site: dict[Site, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
     for rows, site, pos, dims, values in patches:
         by_site.setdefault(site, []).append((rows, pos, dims, values))
@@ -144,10 +157,8 @@ def raw_patch_hooks(patches: list[tuple[Tensor, Site, Tensor, Tensor, Tensor]]) 
 
         return hook
 
-    by_layer: dict[int, list[tuple[str, Any]]] = {}
-    for site, items in by_site.items():  # several heads of one hook chain their hooks
-        by_layer.setdefault(site.layer, []).append((site.hook_name, make_hook(site, items)))
-    return by_layer
+    # several heads of one hook chain their hooks
+    return [(site.hook_name, make_hook(site, items)) for site, items in by_site.items()]
 
 
 def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pair_index: int, pair: PromptPair,
@@ -220,34 +231,31 @@ def _waves(items: list[Row], rows_per_chunk: int) -> list[list[list[Row]]]:
 
 def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: RunCache, whole: Any,
               readout: int | None) -> Tensor:
-    """Readout logits of every row of a wave, group after group. The groups run layer by layer
-    together (`tl_compat.run_blocks_joining`), each with its own patches in place while it runs."""
-    plans = [_group_plan(group, base, whole) for group in wave]
-    if state is None and any(edits for edits, _, _, _ in plans):
-        raise PatchingError("latent or error patches need SAEs spliced")
-
-    @contextlib.contextmanager
-    def around(b: int, layer: int) -> Iterator[None]:
-        edits, hooks, _, _ = plans[b]
+    """Readout logits of every row of a wave, group after group, each group's patches in place
+    while it runs. Running one group through every layer before the next measured faster than
+    interleaving groups layer by layer (its activations stay in cache; the weights do not)."""
+    finals = []
+    for group in wave:
+        edits, hooks, joins, prefix = _group_plan(group, base, whole)
+        if edits and state is None:
+            raise PatchingError("latent or error patches need SAEs spliced")
         if state is not None:
             state.set_edits(edits)
         try:
-            with tl_compat.hooks(model, hooks.get(layer, [])):
-                yield
+            with tl_compat.hooks(model, hooks):
+                finals.append(tl_compat.run_blocks_joining(model, joins, prefix))
         finally:
             if state is not None:
                 state.set_edits(())
-
-    finals = tl_compat.run_blocks_joining(model, [(joins, prefix) for _, _, joins, prefix in plans], around)
     if readout is None:  # every row starts at position 0: one group
         return readout_logits(model, finals[0], None)
-    # one unembedding for the wave: at a few rows per group its weight traffic is the cost
+    # one unembedding for the wave: at a few rows per group its weight traffic is what it costs
     at = [readout if readout < 0 else readout - group[0][0] for group in wave]
     return tl_compat.readout(model, torch.cat([final[:, i] for final, i in zip(finals, at)]))
 
 
-def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, dict[int, list[tuple[str, Any]]], list, Any]:
-    """A group's SAE edits, raw-patch hooks by layer, joins and key-value prefix; rows are indexed
+def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, list[tuple[str, Any]], list, Any]:
+    """A group's SAE edits, raw-patch hooks, joins and key-value prefix; rows are indexed
     in the group's own batch and positions within its suffix."""
     first = group[0][0]
     latent_patches, error_patches, raw_patches = [], [], []

@@ -27,7 +27,7 @@ from patching.sweep.engine import (
     evaluate_units,
     normalized_effect,
     reference_metrics,
-    reference_run,
+    reference_runs,
 )
 from patching.sweep.objectives import as_metric, describe
 from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
@@ -67,8 +67,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
         _check_units(units, resolved, min(pair.n_base for pair in pairs))
     layers = sorted({site.layer for site in resolved})
     with torch.inference_mode(), splice(model, resolved, checks=checks) as state:
-        runs = [(reference_run(model, state, p.base, layers, metric.readout, keys_values=True),
-                 reference_run(model, state, p.source, layers, metric.readout)) for p in pairs]
+        runs = [reference_runs(model, state, p, layers, metric.readout) for p in pairs]
         if units is None:
             units = differing_units(unit, differs_mask(pairs, runs, resolved), positions, latent_sets)
         units = list(units)
@@ -98,8 +97,7 @@ def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, 
     raw_sites = sorted({part.site for unit in units for part in unit.parts})
     start_layers = sorted({site.layer for site in raw_sites})
     with torch.inference_mode():
-        runs = [(reference_run(model, None, p.base, start_layers, metric.readout, raw_sites, keys_values=True),
-                 reference_run(model, None, p.source, start_layers, metric.readout, raw_sites)) for p in pairs]
+        runs = [reference_runs(model, None, p, start_layers, metric.readout, raw_sites) for p in pairs]
         return _sweep(model, None, pairs, runs, list(units), metric, direction, positions, batch_size, memory_mb,
                       progress, provenance={"unit": "raw", "saes": {}})
 

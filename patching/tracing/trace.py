@@ -221,7 +221,7 @@ def _trace_position(model: Any, runs: _Runs, position: int, plans: list[_Plan], 
                  for name, items in writes.items()]
         cache = tl_compat.select_cache_rows(prefix, row_draw) if prefix is not None else None
         with tl_compat.hooks(model, hooks):
-            (final,) = tl_compat.run_blocks_joining(model, [(joins, cache)])
+            final = tl_compat.run_blocks_joining(model, joins, cache)
         out[chunk] = _answer_prob(model, final, answer).reshape(len(chunk), n_samples).mean(1).cpu()
     return out
 
