@@ -13,6 +13,7 @@ line printed is one JSON object.
 
     python benchmarks/head_sweep.py                       # the full sweeps (slow on a CPU)
     python benchmarks/head_sweep.py --layers 0,6,12,18,24,29 --skip pattern
+    python benchmarks/head_sweep.py --skip z_by_pos --repeat 3   # medians of 3 timings per side
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import itertools
 import json
 import platform
+import statistics
 import time
 
 import pandas as pd
@@ -42,13 +44,19 @@ def tl_sweep(model, corrupted, clean_cache, metric_fn, activation, setter, axes,
                                                 index_df=index_df)
 
 
-def measure(name, ours_fn, tl_fn):
-    start = time.perf_counter()
-    ours = ours_fn()
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    reference = tl_fn()
-    tl_s = time.perf_counter() - start
+def timed(fn, repeat):
+    """The result of `fn` and the median of `repeat` wall-clock timings of it."""
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def measure(name, ours_fn, tl_fn, repeat):
+    ours, ours_s = timed(ours_fn, repeat)
+    reference, tl_s = timed(tl_fn, repeat)
     delta = (ours.metric[0] - reference.flatten()).abs().max().item()
     print(f"{name:18s} units {ours.metric.shape[1]:5d}  ours {ours_s:8.2f} s  TransformerLens {tl_s:8.2f} s  "
           f"ratio {tl_s / ours_s:6.1f}x  max |Δ| {delta:.2e}", flush=True)
@@ -60,13 +68,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", help="comma-separated layers (default: every layer)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: resid, z_all, pattern, z_by_pos")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time each side this many times and report the medians (default 1)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
     model = load_model()
     layers = list(range(model.cfg.n_layers)) if args.layers is None else [int(x) for x in args.layers.split(",")]
     figures = {"benchmark": "head_sweep", "model": model.cfg.model_name, "layers": layers,
-               "full": layers == list(range(model.cfg.n_layers)), "torch_threads": torch.get_num_threads(),
+               "full": layers == list(range(model.cfg.n_layers)), "repeat": args.repeat, "torch_threads": torch.get_num_threads(),
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
     heads = range(model.cfg.n_heads)
     with torch.inference_mode():
@@ -85,24 +95,25 @@ def main() -> None:
                 figures["resid_trace"] = measure("resid_pre trace", lambda: patch_residual(
                     model, clean, corrupted, metric, layers=layers, progress=False), lambda: tl_sweep(
                     model, corrupted, cache, metric_fn, "resid_pre", tl_patching.layer_pos_patch_setter,
-                    ["layer", "pos"], list(itertools.product(layers, range(n_pos)))))
+                    ["layer", "pos"], list(itertools.product(layers, range(n_pos)))), args.repeat)
             if name != "ioi":
                 continue
             if "z_all" not in skip:
                 figures["head_out_all_pos"] = measure("head z all pos", lambda: patch_heads(
                     model, clean, corrupted, metric, kind="z", layers=layers, progress=False), lambda: tl_sweep(
                     model, corrupted, cache, metric_fn, "z", tl_patching.layer_head_vector_patch_setter,
-                    ["layer", "head"], list(itertools.product(layers, heads))))
+                    ["layer", "head"], list(itertools.product(layers, heads))), args.repeat)
             if "pattern" not in skip:
                 figures["head_pattern_all_pos"] = measure("head pattern", lambda: patch_heads(
                     model, clean, corrupted, metric, kind="pattern", layers=layers, progress=False), lambda: tl_sweep(
                     model, corrupted, cache, metric_fn, "pattern", tl_patching.layer_head_pattern_patch_setter,
-                    ["layer", "head"], list(itertools.product(layers, heads))))
+                    ["layer", "head"], list(itertools.product(layers, heads))), args.repeat)
             if "z_by_pos" not in skip:
                 figures["head_out_by_pos"] = measure("head z by pos", lambda: patch_heads(
                     model, clean, corrupted, metric, kind="z", by="position", layers=layers, progress=False),
                     lambda: tl_sweep(model, corrupted, cache, metric_fn, "z", tl_patching.layer_pos_head_vector_patch_setter,
-                                     ["layer", "pos", "head"], list(itertools.product(layers, range(n_pos), heads))))
+                                     ["layer", "pos", "head"], list(itertools.product(layers, range(n_pos), heads))),
+                    args.repeat)
     print(json.dumps(figures))
 
 
