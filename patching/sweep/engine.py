@@ -2,9 +2,10 @@
 
 For each prompt pair it runs the base and source prompts once (caching latents, errors and the
 residual stream), keeps only units whose elements differ between the runs, and evaluates the
-rest in chunks along the batch dimension: every row of a chunk starts at the unit's first layer
-from the cached base residual stream, carries its own patch, and is read out only at the
-metric's position. A unit none of whose elements differ in a pair has the base run's metric
+rest in batches of rows that first patch the same position: every row joins its batch at the
+unit's first layer from the cached base residual stream, runs only the positions from the
+patched one on (after the base run's keys and values), carries its own patch, and is read out
+only at the metric's position. A unit none of whose elements differ in a pair has the base run's metric
 exactly, without a forward pass.
 """
 
@@ -57,23 +58,9 @@ def readout_logits(model: Any, final_resid: Tensor, readout: int | None) -> Tens
 
 
 def reference_run(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None,
-                  raw_sites: Sequence[Site] = ()) -> RunCache:
-    """Run `tokens` (one row) once; keep the readout logits, SAE records, resid_pre at `layers` and `raw_sites`."""
-    return _reference_rows(model, state, tokens, layers, readout, raw_sites, keys_values=False)[0]
-
-
-def reference_runs(model: Any, state: Splice | None, pair: PromptPair, layers: Sequence[int], readout: int | None,
-                   raw_sites: Sequence[Site] = ()) -> tuple[RunCache, RunCache]:
-    """A pair's base and source runs, the base keeping its keys and values (patched rows' prefixes
-    are slices of them). Two forwards, not one of both rows: a two-row batch can round a row's
-    shared positions differently (measured), and the sweep must see positions whose tokens agree
-    as equal, to skip them."""
-    (base,) = _reference_rows(model, state, pair.base, layers, readout, raw_sites, keys_values=True)
-    return base, reference_run(model, state, pair.source, layers, readout, raw_sites)
-
-
-def _reference_rows(model: Any, state: Splice | None, tokens: Tensor, layers: Sequence[int], readout: int | None,
-                    raw_sites: Sequence[Site], keys_values: bool) -> list[RunCache]:
+                  raw_sites: Sequence[Site] = (), keys_values: bool = False) -> RunCache:
+    """Run `tokens` (one row) once; keep the readout logits, SAE records, resid_pre at `layers` and
+    `raw_sites` (and the keys and values, with `keys_values`)."""
     names = list(dict.fromkeys([Site(layer).hook_name for layer in layers] + [site.hook_name for site in raw_sites]))
     if state is not None:
         state.cache = True
@@ -86,15 +73,24 @@ def _reference_rows(model: Any, state: Splice | None, tokens: Tensor, layers: Se
         if state is not None:
             state.cache = False
     records = state.records if state is not None else {}
-    logits = readout_logits(model, final, readout)
-    return [RunCache(
-        logits=logits[i],
-        latents={site: r.latents[i] for site, r in records.items()},
-        errors={site: r.error[i] for site, r in records.items()},
-        resid={layer: acts[Site(layer).hook_name][i] for layer in layers},
-        raw={site: site.select(acts[site.hook_name])[i] for site in raw_sites},
+    return RunCache(
+        logits=readout_logits(model, final, readout)[0],
+        latents={site: r.latents[0] for site, r in records.items()},
+        errors={site: r.error[0] for site, r in records.items()},
+        resid={layer: acts[Site(layer).hook_name][0] for layer in layers},
+        raw={site: site.select(acts[site.hook_name])[0] for site in raw_sites},
         keys_values=kv,
-    ) for i in range(tokens.shape[0])]
+    )
+
+
+def reference_runs(model: Any, state: Splice | None, pair: PromptPair, layers: Sequence[int], readout: int | None,
+                   raw_sites: Sequence[Site] = ()) -> tuple[RunCache, RunCache]:
+    """A pair's base and source runs, the base keeping its keys and values (patched rows' prefixes
+    are slices of them). Two forwards, not one of both rows: a two-row batch rounds a row's
+    positions differently from a one-row run (measured), and the sweep must see positions whose
+    tokens agree as equal, to skip them."""
+    return (reference_run(model, state, pair.base, layers, readout, raw_sites, keys_values=True),
+            reference_run(model, state, pair.source, layers, readout, raw_sites))
 
 
 def element_patches(unit: PatchUnit, pair: PromptPair, base: RunCache, source: RunCache,
@@ -166,12 +162,13 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
                    rows_per_chunk: int, progress: tqdm | None) -> tuple[Tensor, Tensor]:
     """Metric values of every unit for one pair, and a mask of which needed a forward pass.
 
-    Rows are grouped by the first position they patch, across start layers: a chunk reuses the
+    Rows are grouped by the first position they patch, across start layers: a group reuses the
     base prompt's keys and values before that position (causally untouched in every row of it)
     and runs only the suffix from there (when the metric reads one position), and each row joins
-    the chunk's batch at its own first layer (`tl_compat.run_blocks_joining`). A trace (one unit
+    the group's batch at its own first layer (`tl_compat.run_blocks_joining`). A trace (one unit
     per layer and position) thus runs one batch per position, each row paying only for its own
-    layers and positions.
+    layers and positions. Waves of at most `rows_per_chunk` rows bound the memory, and each wave
+    unembeds its rows at once.
     """
     values = torch.empty(len(units))
     evaluated = torch.zeros(len(units), dtype=torch.bool)
@@ -232,8 +229,8 @@ def _waves(items: list[Row], rows_per_chunk: int) -> list[list[list[Row]]]:
 def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: RunCache, whole: Any,
               readout: int | None) -> Tensor:
     """Readout logits of every row of a wave, group after group, each group's patches in place
-    while it runs. Running one group through every layer before the next measured faster than
-    interleaving groups layer by layer (its activations stay in cache; the weights do not)."""
+    while it runs (interleaving the groups layer by layer, to reuse each block's weights while
+    cached, measured no faster)."""
     finals = []
     for group in wave:
         edits, hooks, joins, prefix = _group_plan(group, base, whole)
@@ -243,15 +240,15 @@ def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: Run
             state.set_edits(edits)
         try:
             with tl_compat.hooks(model, hooks):
-                finals.append(tl_compat.run_blocks_joining(model, joins, prefix))
+                final = tl_compat.run_blocks_joining(model, joins, prefix)
         finally:
             if state is not None:
                 state.set_edits(())
-    if readout is None:  # every row starts at position 0: one group
-        return readout_logits(model, finals[0], None)
+        if readout is None:  # every row starts at position 0: one group
+            return readout_logits(model, final, None)
+        finals.append(final[:, readout if readout < 0 else readout - group[0][0]])
     # one unembedding for the wave: at a few rows per group its weight traffic is what it costs
-    at = [readout if readout < 0 else readout - group[0][0] for group in wave]
-    return tl_compat.readout(model, torch.cat([final[:, i] for final, i in zip(finals, at)]))
+    return tl_compat.readout(model, torch.cat(finals))
 
 
 def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, list[tuple[str, Any]], list, Any]:
