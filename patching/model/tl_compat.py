@@ -170,39 +170,6 @@ def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int, pas
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
 
 
-def run_blocks_joining(model: HookedTransformer, joins: Sequence[tuple[int, Tensor]], past_kv_cache: Any = None) -> Tensor:
-    """Run rows that enter at different layers; return every row's residual before the final
-    norm, in join order.
-
-    `joins` holds `(layer, residual rows)` in increasing layer order; the rows joining at a layer
-    are appended to the batch before that block runs. A row thus pays only for the blocks from its
-    own layer on, while rows of many start layers share each block's matrix products (a trace's
-    one row per layer would otherwise run as thirty small batches). `past_kv_cache` (frozen, or
-    None) holds the positions before the residual's: one row shared by every row, or one row per
-    output row."""
-    layers = [layer for layer, _ in joins]
-    if not layers or layers != sorted(set(layers)):
-        raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
-    pending = dict(joins)
-    residual = pending.pop(layers[0]).contiguous()
-    for layer in range(layers[0], model.cfg.n_layers):
-        if layer in pending:
-            residual = torch.cat([residual, pending.pop(layer)])
-        entry = None if past_kv_cache is None else _rows_entry(past_kv_cache.entries[layer], residual.shape[0])
-        residual = model.blocks[layer](residual, past_kv_cache_entry=entry)
-    return residual
-
-
-def _rows_entry(entry: Any, rows: int) -> Any:
-    """A frozen cache entry for the first `rows` rows (a one-row entry broadcast)."""
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-    keys, values = entry.past_keys, entry.past_values
-    keys, values = (keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) if keys.shape[0] == 1 else (
-        keys[:rows], values[:rows])
-    return TransformerLensKeyValueCacheEntry(keys, values, frozen=True)
-
-
 def readout(model: HookedTransformer, residual: Tensor) -> Tensor:
     """Final norm, unembedding and soft-cap on a slice of the final residual stream."""
     from transformer_lens.utilities import apply_softcap
@@ -220,19 +187,6 @@ def run_until_end_with_cache(model: HookedTransformer, tokens: Tensor, hook_name
     """The final residual stream (before the final norm) and the named activations, one forward."""
     final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers)
     return final, {name: cache[name] for name in hook_names}
-
-
-def run_until_end_with_keys_values(model: HookedTransformer, tokens: Tensor,
-                                   hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor], Any]:
-    """As `run_until_end_with_cache`, and the same forward's frozen key-value cache (what
-    `prefix_cache` makes of the whole prompt)."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=tokens.shape[0])
-    final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers,
-                                        past_kv_cache=kv, attention_mask=torch.ones_like(tokens))
-    kv.freeze()
-    return final, {name: cache[name] for name in hook_names}, kv
 
 
 def to_string(model: HookedTransformer, tokens: Tensor) -> str:
@@ -411,5 +365,5 @@ def frozen_final_readout(model: HookedTransformer, delta: Tensor, base_final: Te
 from patching.model.tl_loading import build_from_local_folder, load_official, transpose_layout  # noqa: E402, F401
 from patching.model.tl_generation import (  # noqa: E402, F401
     attach_block_pre_hook, bound_prefix, cache_length, expand_cache, forward_step, generate, left_padded_tokens, new_kv_cache,
-    prefix_cache, sample_logits, select_cache_rows, slice_cache,
+    prefix_cache, run_blocks_joining, run_until_end_with_keys_values, sample_logits, select_cache_rows, slice_cache,
 )

@@ -1,4 +1,5 @@
-"""TransformerLens calls for generation: key-value caches, one cached forward step, sampling,
+"""TransformerLens calls for generation and key-value caches: prefix caches and their slices, rows
+that join a batch at different layers after a cached prefix, one cached forward step, sampling,
 left padding, running every forward pass after a shared prefix (`bound_prefix`), and
 TransformerLens's own `generate` (kept for its tests and for models whose
 learned positions its cache gets wrong). Part of the model room's TransformerLens door: callers
@@ -7,7 +8,7 @@ reach these through `tl_compat`, which re-exports them."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +60,52 @@ def slice_cache(cache: Any, length: int) -> Any:
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys[:, :length], e.past_values[:, :length], frozen=True)
                for e in cache.entries]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[:, :length], frozen=True)
+
+
+def run_until_end_with_keys_values(model: HookedTransformer, tokens: Tensor,
+                                   hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor], Any]:
+    """As `run_until_end_with_cache`, and the same forward's frozen key-value cache (what
+    `prefix_cache` makes of the whole prompt)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=tokens.shape[0])
+    final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers,
+                                        past_kv_cache=kv, attention_mask=torch.ones_like(tokens))
+    kv.freeze()
+    return final, {name: cache[name] for name in hook_names}, kv
+
+
+def run_blocks_joining(model: HookedTransformer, joins: Sequence[tuple[int, Tensor]], past_kv_cache: Any = None) -> Tensor:
+    """Run rows that enter at different layers; return every row's residual before the final
+    norm, in join order.
+
+    `joins` holds `(layer, residual rows)` in increasing layer order; the rows joining at a layer
+    are appended to the batch before that block runs. A row thus pays only for the blocks from its
+    own layer on, while rows of many start layers share each block's matrix products (a trace's
+    one row per layer would otherwise run as thirty small batches). `past_kv_cache` (frozen, or
+    None) holds the positions before the residual's: one row shared by every row, or one row per
+    output row."""
+    layers = [layer for layer, _ in joins]
+    if not layers or layers != sorted(set(layers)):
+        raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
+    pending = dict(joins)
+    residual = pending.pop(layers[0]).contiguous()
+    for layer in range(layers[0], model.cfg.n_layers):
+        if layer in pending:
+            residual = torch.cat([residual, pending.pop(layer)])
+        entry = None if past_kv_cache is None else _rows_entry(past_kv_cache.entries[layer], residual.shape[0])
+        residual = model.blocks[layer](residual, past_kv_cache_entry=entry)
+    return residual
+
+
+def _rows_entry(entry: Any, rows: int) -> Any:
+    """A frozen cache entry for the first `rows` rows (a one-row entry broadcast)."""
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    keys, values = entry.past_keys, entry.past_values
+    keys, values = (keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) if keys.shape[0] == 1 else (
+        keys[:rows], values[:rows])
+    return TransformerLensKeyValueCacheEntry(keys, values, frozen=True)
 
 
 @contextlib.contextmanager
