@@ -377,3 +377,17 @@ def test_rows_joining_at_their_layers_equal_separate_runs(llama_like, per_row_ca
         torch.testing.assert_close(joined[layer], expected[0], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="increasing layer order"):
         tl_compat.run_blocks_joining(model, joins[::-1], prefix)
+
+
+def test_readout_of_chosen_columns_equals_the_full_readout_there_and_nan_elsewhere(llama_like):
+    from patching.model import tl_compat
+
+    model, _ = llama_like
+    final = torch.randn(4, model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    columns = LogitDiff(answer=[3, 7], wrong=4).columns()
+    assert columns.tolist() == [3, 4, 7]
+    full, part = tl_compat.readout(model, final), tl_compat.readout(model, final, columns)
+    torch.testing.assert_close(part[:, columns], full[:, columns], atol=1e-5, rtol=0)
+    others = torch.ones(part.shape[1], dtype=torch.bool)
+    others[columns] = False
+    assert part[:, others].isnan().all()

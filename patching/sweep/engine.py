@@ -186,10 +186,11 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
     if progress is not None:
         progress.update(len(units) - len(pending))
     whole = base.keys_values  # the base prompt's keys and values: every group's prefix is a slice of them
+    columns = getattr(metric, "columns", lambda: None)()
     for wave in _waves(pending, rows_per_chunk):
         if whole is None and any(group[0][0] > 0 for group in wave):
             whole = tl_compat.prefix_cache(model, pair.base)
-        logits = _run_wave(model, state, wave, base, whole, readout)
+        logits = _run_wave(model, state, wave, base, whole, readout, columns)
         rows = [i for group in wave for _, _, i, _ in group]
         chunk_values = metric(logits, torch.full((len(rows),), pair_index)).cpu()
         check_metric_finite(chunk_values, [units[i].label() for i in rows], pair_index)
@@ -227,7 +228,7 @@ def _waves(items: list[Row], rows_per_chunk: int) -> list[list[list[Row]]]:
 
 
 def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: RunCache, whole: Any,
-              readout: int | None) -> Tensor:
+              readout: int | None, columns: Tensor | None) -> Tensor:
     """Readout logits of every row of a wave, group after group, each group's patches in place
     while it runs (interleaving the groups layer by layer, to reuse each block's weights while
     cached, measured no faster)."""
@@ -247,8 +248,8 @@ def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: Run
         if readout is None:  # every row starts at position 0: one group
             return readout_logits(model, final, None)
         finals.append(final[:, readout if readout < 0 else readout - group[0][0]])
-    # one unembedding for the wave: at a few rows per group its weight traffic is what it costs
-    return tl_compat.readout(model, torch.cat(finals))
+    # one unembedding for the wave, of only the logits the metric reads when it says which
+    return tl_compat.readout(model, torch.cat(finals), columns)
 
 
 def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, list[tuple[str, Any]], list, Any]:

@@ -2,7 +2,8 @@
 
 A metric reads the logits at one position (`readout`, an int, negative from the end) or at
 every position (`readout = None`). Sweeps compute the final norm and unembedding only at the
-readout position, so a metric that declares one is cheaper. Metrics receive `pair`, the index
+readout position, so a metric that declares one is cheaper; a metric with `columns()` (the token
+ids it reads) has only those logits computed, the rest NaN. Metrics receive `pair`, the index
 of the prompt pair each row belongs to, so per-pair answer tokens work in mixed batches.
 """
 
@@ -60,6 +61,11 @@ class LogitDiff:
 
     def token_ids(self) -> list[Tensor]:
         return [_tokens("answer", self.answer), _tokens("wrong", self.wrong)]
+
+    def columns(self) -> Tensor:
+        """The only logits this metric reads: sweeps unembed just these (a 264-row residual trace
+        spent 0.14 s of about 2.2 s on the full unembedding)."""
+        return torch.unique(torch.cat(self.token_ids()))
 
 
 @dataclass(frozen=True)
