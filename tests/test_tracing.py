@@ -87,6 +87,15 @@ def test_trace_equals_naive_reference(model, tokens, kind, window, sever):
     torch.testing.assert_close(ours.prob[:, 0], torch.full((model.cfg.n_layers,), ours.p_corrupted), atol=1e-6, rtol=0)
 
 
+def test_trace_after_a_bound_prefix_equals_the_whole_prompts_trace(model, tokens):
+    """Under `bound_prefix` (the safety pipeline's shared context) the trace runs after the
+    context's keys and values: it equals the whole prompt's trace at the positions after it."""
+    whole = causal_trace(model, tokens, SUBJECT, ANSWER, noise=NOISE, kind="state")
+    with tl_compat.bound_prefix(model, tokens[:, :1]):
+        bound = causal_trace(model, tokens[:, 1:], tuple(p - 1 for p in SUBJECT), ANSWER, noise=NOISE, kind="state")
+    torch.testing.assert_close(bound.prob, whole.prob[:, 1:], atol=1e-5, rtol=0)
+
+
 def test_zero_noise_is_refused_not_divided_by_zero(model, tokens):
     with pytest.raises(PatchingError, match="unchanged"):
         causal_trace(model, tokens, SUBJECT, ANSWER, noise=NoiseConfig(scale=0.0, n_samples=1))

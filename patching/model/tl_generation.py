@@ -108,6 +108,14 @@ def _rows_entry(entry: Any, rows: int) -> Any:
     return TransformerLensKeyValueCacheEntry(keys, values, frozen=True)
 
 
+def cache_before(cache: Any, n_tokens: int, position: int) -> Any:
+    """The keys and values before `position` of a prompt of `n_tokens` tokens, from its whole
+    cache; None when that is nothing. Whatever the cache holds before the prompt itself (the
+    context of an enclosing `bound_prefix`) is kept, so rows run after it as every forward there does."""
+    length = cache_length(cache) - n_tokens + position
+    return slice_cache(cache, length) if length > 0 else None
+
+
 @contextlib.contextmanager
 def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[None]:
     """Inside, every forward pass of `model` runs after `prefix_tokens` (`(1, length)`), whose keys

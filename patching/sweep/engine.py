@@ -188,7 +188,7 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
     whole = base.keys_values  # the base prompt's keys and values: every group's prefix is a slice of them
     columns = getattr(metric, "columns", lambda: None)()
     for wave in _waves(pending, rows_per_chunk):
-        if whole is None and any(group[0][0] > 0 for group in wave):
+        if whole is None:
             whole = tl_compat.prefix_cache(model, pair.base)
         logits = _run_wave(model, state, wave, base, whole, readout, columns)
         rows = [i for group in wave for _, _, i, _ in group]
@@ -274,7 +274,8 @@ def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, lis
               for site, items in _group(error_patches).items()]
     starts = [start for _, start, _, _ in group]
     joins = [(start, base.resid[start][first:][None].expand(starts.count(start), -1, -1)) for start in sorted(set(starts))]
-    prefix = tl_compat.slice_cache(whole, first) if first > 0 else None
+    n_base = base.resid[starts[0]].shape[0]  # the base prompt's length (an enclosing bound context not counted)
+    prefix = tl_compat.cache_before(whole, n_base, first)
     return edits, raw_patch_hooks(raw_patches), joins, prefix
 
 

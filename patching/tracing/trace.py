@@ -93,7 +93,7 @@ class _Runs:
         if self.whole is None:
             with tl_compat.hooks(model, [(Site(0).hook_name, noise_hook(self.drawn, self.subject))]):
                 self.whole = tl_compat.prefix_cache(model, self.tokens.expand(self.drawn.shape[0], -1))
-        return tl_compat.slice_cache(self.whole, n)
+        return tl_compat.cache_before(self.whole, self.tokens.shape[1], n)
 
 
 def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int], answer: str | int, *,
@@ -203,7 +203,7 @@ def _trace_position(model: Any, runs: _Runs, position: int, plans: list[_Plan], 
     out = torch.full((len(plans),), runs.p_noised)
     order = sorted((i for i, plan in enumerate(plans) if plan.changes), key=lambda i: plans[i].start)
     per_chunk = max(1, batch_size // n_samples)
-    prefix = runs.prefix(model, position) if position > 0 else None
+    prefix = runs.prefix(model, position)
     for lo in range(0, len(order), per_chunk):
         chunk = order[lo : lo + per_chunk]
         row_draw = torch.arange(n_samples).repeat(len(chunk))  # rows are (plan, draw)
