@@ -28,7 +28,7 @@ class Slow:
     def __init__(self, inner): self.inner = inner
     def __iter__(self): return self
     def __next__(self):
-        time.sleep(0.01)
+        time.sleep(0.05)  # >= 50 ms a step: a kill (one checkpoint + at most 0.25 s) moves at most ~7 of the 40 steps
         return next(self.inner)
     def state_dict(self): return self.inner.state_dict()
     def load_state_dict(self, s): self.inner.load_state_dict(s)
