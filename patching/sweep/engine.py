@@ -168,7 +168,8 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
     the group's batch at its own first layer (`tl_compat.run_blocks_joining`). A trace (one unit
     per layer and position) thus runs one batch per position, each row paying only for its own
     layers and positions. Waves of at most `rows_per_chunk` rows bound the memory, and each wave
-    unembeds its rows at once.
+    unembeds its rows at once. `base` must keep its keys and values (`reference_runs`): every
+    group's prefix is a slice of them.
     """
     values = torch.empty(len(units))
     evaluated = torch.zeros(len(units), dtype=torch.bool)
@@ -185,12 +186,9 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
             pending.append((first if readout is not None else 0, unit.start_layer, i, elements))
     if progress is not None:
         progress.update(len(units) - len(pending))
-    whole = base.keys_values  # the base prompt's keys and values: every group's prefix is a slice of them
     columns = getattr(metric, "columns", lambda: None)()
     for wave in _waves(pending, rows_per_chunk):
-        if whole is None:
-            whole = tl_compat.prefix_cache(model, pair.base)
-        logits = _run_wave(model, state, wave, base, whole, readout, columns)
+        logits = _run_wave(model, state, wave, pair, base, readout, columns)
         rows = [i for group in wave for _, _, i, _ in group]
         chunk_values = metric(logits, torch.full((len(rows),), pair_index)).cpu()
         check_metric_finite(chunk_values, [units[i].label() for i in rows], pair_index)
@@ -227,14 +225,14 @@ def _waves(items: list[Row], rows_per_chunk: int) -> list[list[list[Row]]]:
     return waves
 
 
-def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: RunCache, whole: Any,
+def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], pair: PromptPair, base: RunCache,
               readout: int | None, columns: Tensor | None) -> Tensor:
     """Readout logits of every row of a wave, group after group, each group's patches in place
     while it runs (interleaving the groups layer by layer, to reuse each block's weights while
     cached, measured no faster)."""
     finals = []
     for group in wave:
-        edits, hooks, joins, prefix = _group_plan(group, base, whole)
+        edits, hooks, joins, prefix = _group_plan(group, base, pair.n_base)
         if edits and state is None:
             raise PatchingError("latent or error patches need SAEs spliced")
         if state is not None:
@@ -252,7 +250,7 @@ def _run_wave(model: Any, state: Splice | None, wave: list[list[Row]], base: Run
     return tl_compat.readout(model, torch.cat(finals), columns)
 
 
-def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, list[tuple[str, Any]], list, Any]:
+def _group_plan(group: list[Row], base: RunCache, n_base: int) -> tuple[list, list[tuple[str, Any]], list, Any]:
     """A group's SAE edits, raw-patch hooks, joins and key-value prefix; rows are indexed
     in the group's own batch and positions within its suffix."""
     first = group[0][0]
@@ -274,8 +272,7 @@ def _group_plan(group: list[Row], base: RunCache, whole: Any) -> tuple[list, lis
               for site, items in _group(error_patches).items()]
     starts = [start for _, start, _, _ in group]
     joins = [(start, base.resid[start][first:][None].expand(starts.count(start), -1, -1)) for start in sorted(set(starts))]
-    n_base = base.resid[starts[0]].shape[0]  # the base prompt's length (an enclosing bound context not counted)
-    prefix = tl_compat.cache_before(whole, n_base, first)
+    prefix = tl_compat.cache_before(base.keys_values, n_base, first)  # after any bound context the cache holds
     return edits, raw_patch_hooks(raw_patches), joins, prefix
 
 

@@ -78,22 +78,15 @@ class _Runs:
     """Noised activations by hook name, (n_samples, pos, width)."""
     tokens: Tensor
     """The prompt, (1, pos)."""
-    drawn: Tensor
-    """The noise draws, (n_samples, len(subject), d_model)."""
-    subject: tuple[int, ...]
-    """Noised positions."""
     p_noised: float
     """Answer probability of the noised runs, averaged over draws."""
-    whole: Any = None
-    """The noised runs' keys and values at every position, one row per draw (made on first use)."""
+    keys_values: Any
+    """The noised runs' keys and values at every position, one row per draw (frozen)."""
 
-    def prefix(self, model: Any, n: int) -> Any:
+    def prefix(self, n: int) -> Any:
         """The noised runs' keys and values before position `n`: a slice of the whole prompt's,
         since noise at or after `n` cannot reach the positions before it."""
-        if self.whole is None:
-            with tl_compat.hooks(model, [(Site(0).hook_name, noise_hook(self.drawn, self.subject))]):
-                self.whole = tl_compat.prefix_cache(model, self.tokens.expand(self.drawn.shape[0], -1))
-        return tl_compat.cache_before(self.whole, self.tokens.shape[1], n)
+        return tl_compat.cache_before(self.keys_values, self.tokens.shape[1], n)
 
 
 def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int], answer: str | int, *,
@@ -149,11 +142,13 @@ def _reference_runs(model: Any, tokens: Tensor, subject_pos: tuple[int, ...], an
     drawn = noise.draw(len(subject_pos), tl_compat.d_model(model))
     handle = tl_compat.attach_hook(model, Site(0).hook_name, noise_hook(drawn, subject_pos))
     try:
-        final, noised = tl_compat.run_until_end_with_cache(model, tokens.expand(noise.n_samples, -1), names)
+        # the same forward keeps its keys and values: every restored position's prefix is a slice of them
+        final, noised, keys_values = tl_compat.run_until_end_with_keys_values(model, tokens.expand(noise.n_samples, -1),
+                                                                              names)
     finally:
         handle.remove()
     p_noised = float(_answer_prob(model, final, answer).mean())
-    runs = _Runs({k: v[0] for k, v in clean.items()}, noised, tokens, drawn, subject_pos, p_noised)
+    runs = _Runs({k: v[0] for k, v in clean.items()}, noised, tokens, p_noised, keys_values)
     return runs, p_clean, p_noised
 
 
@@ -203,7 +198,7 @@ def _trace_position(model: Any, runs: _Runs, position: int, plans: list[_Plan], 
     out = torch.full((len(plans),), runs.p_noised)
     order = sorted((i for i, plan in enumerate(plans) if plan.changes), key=lambda i: plans[i].start)
     per_chunk = max(1, batch_size // n_samples)
-    prefix = runs.prefix(model, position)
+    prefix = runs.prefix(position)
     for lo in range(0, len(order), per_chunk):
         chunk = order[lo : lo + per_chunk]
         row_draw = torch.arange(n_samples).repeat(len(chunk))  # rows are (plan, draw)
