@@ -7,6 +7,10 @@ windows (window 10), plus the severed state traces (MLP, attention frozen). Naiv
 by hooks; it runs on `--naive-layers` (all layers by default) and its time is extrapolated to every
 layer. The last line printed is one JSON object with the figures and where the effect sits.
 
+`--count-flops` also counts both sides' matrix-multiply FLOPs (torch's FlopCounterMode, untimed
+reruns) and times a bare matmul of the model's widths in the same run, and prints the ceiling: the
+ratio our trace would reach if every FLOP ran at the bare-matmul rate and nothing else cost time.
+
     python benchmarks/causal_trace.py                                  # full naive loop (slow on a CPU)
     python benchmarks/causal_trace.py --layers 0,5,10,15,20,25,29 --naive-layers 10,20 --samples 3 --facts 1
 """
@@ -50,6 +54,30 @@ def naive_trace(model, tokens, subject, answer, noise, kind, layers, window=10):
     return prob
 
 
+def count_flops(fn) -> int:
+    """Matrix-multiply FLOPs of one call of `fn` (mm, addmm, bmm, attention), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(model, rows=1000, repeats=5) -> float:
+    """FLOP/s of a bare (rows × d_model) @ (d_model × d_mlp) matmul, the model's widest block product."""
+    width = model.cfg.d_mlp or 4 * model.cfg.d_model
+    a, b = torch.randn(rows, model.cfg.d_model), torch.randn(model.cfg.d_model, width)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 10)
+    return 2 * rows * model.cfg.d_model * width / best
+
+
 def describe(result, subject):
     last_subject, last = subject[-1], len(result.tokens) - 1
     layer_s, _, p_s = result.peak([last_subject])
@@ -70,6 +98,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--facts", type=int, default=len(FACTS), help="trace only the first N facts")
     parser.add_argument("--kinds", default="state,mlp,attn,state_severed_mlp,state_severed_attn")
+    parser.add_argument("--count-flops", action="store_true", help="count both sides' FLOPs; print the ceiling ratio")
     args = parser.parse_args()
 
     model = load_model()
@@ -83,7 +112,7 @@ def main() -> None:
                "n_samples": noise.n_samples, "layers": layers, "naive_layers": naive_layers,
                "full": layers == all_layers and naive_layers == all_layers, "torch_threads": torch.get_num_threads(),
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "facts": {}}
-    ours_total = naive_total = 0.0
+    ours_total = naive_total = ours_flops = naive_flops = 0.0
     max_delta = 0.0
     with torch.inference_mode():
         for prompt, subject_text, answer_text in FACTS[: args.facts]:
@@ -103,9 +132,26 @@ def main() -> None:
                     delta = (reference[naive_layers] - result.prob[naive_layers]).abs().max().item()
                     ours_total, naive_total, max_delta = ours_total + ours_s, naive_total + naive_s, max(max_delta, delta)
                     fact[name] |= {"naive_s_extrapolated": round(naive_s, 2), "max_abs_delta": delta}
+                    if args.count_flops:
+                        ours_f = count_flops(lambda: causal_trace(model, tokens, subject_text, answer, noise=noise,
+                                                                  kind=kind, layers=layers))
+                        naive_f = count_flops(lambda: naive_trace(model, tokens, result.subject, answer, noise, kind,
+                                                                  naive_layers)) * len(layers) / len(naive_layers)
+                        ours_flops, naive_flops = ours_flops + ours_f, naive_flops + naive_f
+                        fact[name] |= {"ours_tflop": round(ours_f / 1e12, 3), "naive_tflop": round(naive_f / 1e12, 3)}
                 print(name, subject_text, json.dumps(fact[name]), flush=True)
     figures |= {"ours_s": round(ours_total, 2), "naive_s": round(naive_total, 2),
                 "ratio": round(naive_total / ours_total, 2), "max_abs_delta": max_delta}
+    if args.count_flops:
+        rate = matmul_rate(model)
+        figures |= {"ours_tflop": round(ours_flops / 1e12, 3), "naive_tflop": round(naive_flops / 1e12, 3),
+                    "flop_ratio": round(naive_flops / ours_flops, 2),
+                    "ours_gflop_per_s": round(ours_flops / ours_total / 1e9, 1),
+                    "naive_gflop_per_s": round(naive_flops / naive_total / 1e9, 1),
+                    "bare_matmul_gflop_per_s": round(rate / 1e9, 1),
+                    # our time if every FLOP ran at the bare-matmul rate and nothing else cost anything
+                    "ceiling_ratio": round(naive_total / (ours_flops / rate), 2),
+                    "gflop_per_s_needed_for_10x": round(10 * ours_flops / naive_total / 1e9, 1)}
     print(json.dumps(figures))
 
 
