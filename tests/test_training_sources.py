@@ -69,6 +69,9 @@ def test_shuffle_buffer_serves_each_row_once_shuffled_and_resumes_exactly():
     assert served.unique().numel() == served.numel()  # no row twice
     assert not torch.equal(served, served.sort().values)  # mixed
     state = buffer.state_dict()
+    # and none lost: every row read from the source so far was served or is still held
+    held = torch.cat([state["store"], state["out"]])[:, 0]
+    assert sorted(torch.cat([served, held]).tolist()) == list(range(buffer.chunks.next_id))
     expected = [next(buffer) for _ in range(7)]
     restored = ShuffleBuffer(CountingChunks(), 16, capacity=64, seed=5)
     restored.load_state_dict(state)
