@@ -66,8 +66,12 @@ def test_normalization_scale_gives_norm_sqrt_d_in():
 def test_geometric_median_ignores_an_outlier_the_mean_follows():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1000.0, 1000.0]])
     median = geometric_median(x)
-    # Four corners of the unit square and one far point: the median stays inside the square.
-    assert 0.0 < median[0] < 1.01 and 0.0 < median[1] < 1.01
+    # Four corners of the unit square and one far point on the diagonal: the median is (t, t) where
+    # the five unit vectors sum to zero, -1 + 1 + 1 + 2(1 - 2t) / sqrt(2 (t^2 + (1 - t)^2)) = 0, so
+    # t = 1/2 + 1/(2 sqrt 3) however far the outlier sits.
+    t = 0.5 + 1 / (2 * math.sqrt(3))
+    assert torch.allclose(median, torch.tensor([t, t]), rtol=0, atol=1e-5)
+    assert torch.allclose(geometric_median(torch.cat([x[:4], torch.tensor([[50.0, 50.0]])])), median, rtol=0, atol=1e-5)
     assert x.mean(0)[0] > 100
     symmetric = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -2.0], [0.0, 2.0]])
     assert torch.allclose(geometric_median(symmetric), torch.zeros(2), atol=1e-5)
