@@ -46,6 +46,11 @@ def test_encode_decode_match_naive(architecture, k, scale):
     torch.testing.assert_close(sae.decode(z).double(), naive_decode(sae, z), atol=1e-5, rtol=1e-5)
     if architecture == "topk":
         assert ((z != 0).sum(-1) <= k).all()
+        # Fewer than k positive pre-activations: the ReLU on the k kept values must act too.
+        with torch.no_grad():
+            sae.b_enc.sub_(6.0)
+        assert ((sae.pre_activations(x) > 0).sum(-1) < k).any()
+        torch.testing.assert_close(sae.encode(x).double(), naive_encode(sae, x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("architecture,k", [("standard", None), ("topk", 4), ("jumprelu", None)])
