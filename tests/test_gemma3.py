@@ -187,6 +187,9 @@ def test_second_load_reuses_the_cache(monkeypatch, gemma):
 
     monkeypatch.setattr(models, "convert_gguf_folder", no_conversion)
     assert (models.gemma3_folder() / "config.json").exists()
+    again = load_model(gemma3.MODEL_NAME, n_layers=1)  # the whole load, not only the folder lookup
+    assert again.cfg.n_layers == 1
+    torch.testing.assert_close(again.W_E, gemma.W_E, rtol=0, atol=0)
 
 
 @needs_gemma3
