@@ -74,8 +74,14 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     curve, active, full, scores = latent_restoration(model, site, sae, harmful, harmless, metric, (1, 3, 1000), start=3)
     assert full == pytest.approx(1.0, abs=1e-4)
     assert 0 < active <= 40 * 5 and scores.shape == (40,)
-    # Every differing latent, without the error node, is what the largest count patches.
-    assert curve.shape == (3,)
+    # Every differing latent, without the error node, is what the largest count patches; the
+    # smaller counts patch the top AtP elements. All against the naive curve below.
+    naive = _naive_latent_curve(model, site, sae, harmful, harmless, metric, (1, 3, 1000), start=3)
+    assert naive["n_differing"] < 1000
+    torch.testing.assert_close(curve, naive["fraction"], atol=1e-4, rtol=0)
+    assert active == naive["active"]
+    torch.testing.assert_close(scores, naive["scores"], atol=1e-5, rtol=1e-4)
+    assert len(set(curve.tolist())) == 3  # three different selections, three different values
     raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 16 * 5), start=3)
     assert n_elements == 16 * 5
     assert raw[-1].item() == pytest.approx(1.0, abs=1e-4)  # every dimension at every query position
@@ -83,6 +89,38 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     both, n_both = raw_restoration(model, [Site(0), Site(2)], harmful, harmless, metric, (3, 2 * 16 * 5), start=3)
     assert n_both == 2 * 16 * 5 and both[-1].item() == pytest.approx(1.0, abs=1e-4)
     assert both[0].item() != pytest.approx(1.0, abs=1e-3)
+
+
+def _naive_latent_curve(model, site, sae, clean, corrupted, metric, counts, start):
+    """The latent restoration curve by hand: AtP from the splice's latent gradient on the corrupted
+    run, the top n (position, latent) elements set to their clean values by splice edits, one
+    forward each, the effect normalised by the plain model's clean and corrupted metrics."""
+    from patching import LatentEdit, splice
+
+    pair = torch.tensor([0])
+    with torch.inference_mode():
+        m_clean, m_corr = (metric(model(t)[:, -1], pair).item() for t in (clean, corrupted))
+        with splice(model, sae, cache=True) as state:
+            model(clean)
+    z_clean = state.records[site].latents[0]
+    with splice(model, sae, cache=True, track_grads=True) as state:
+        metric(model(corrupted)[:, -1], pair).sum().backward()
+    model.zero_grad(set_to_none=True)
+    z_corr, grad = state.records[site].latents[0].detach(), state.records[site].latents_grad[0]
+    atp = ((z_clean - z_corr) * grad)[start:] / (m_clean - m_corr)  # the share of the span each element restores
+    differing = (z_clean != z_corr)[start:]
+    order = torch.argsort(atp.masked_fill(~differing, float("-inf")).flatten(), descending=True, stable=True)
+    fraction = []
+    for n in counts:
+        chosen = order[: min(n, int(differing.sum()))]
+        edits = [LatentEdit(site, int(j), float(z_clean[start + int(p), int(j)]), positions=start + int(p))
+                 for p, j in (divmod(int(i), z_clean.shape[1]) for i in chosen)]
+        with torch.inference_mode(), splice(model, sae, edits=edits):
+            m = metric(model(corrupted)[:, -1], pair).item()
+        fraction.append((m - m_corr) / (m_clean - m_corr))
+    return {"fraction": torch.tensor(fraction), "n_differing": int(differing.sum()),
+            "active": int((z_clean[start:] != 0).sum()), "scores": atp.sum(0),
+            "span": m_clean - m_corr}
 
 
 def test_prompts_padded_after_the_shared_context_compute_as_unpadded(toy):
