@@ -64,7 +64,7 @@ class LatentRestoration(NamedTuple):
     fraction: Tensor
     """(counts,): effect of the top n (position, latent) elements patched jointly."""
     n_active: int
-    """Non-zero (position, latent) elements of the corrupted run from `start` on."""
+    """Non-zero (position, latent) elements of the clean run (whose values are patched in) from `start` on."""
     full: float
     """Effect of patching every latent and the error node (bookkeeping: 1.0)."""
     scores: Tensor
