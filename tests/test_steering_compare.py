@@ -105,10 +105,18 @@ def test_target_scores_equal_a_direct_computation(default_model_4l, sae, compari
     row = table[(table["method"] == "add") & (table["k"] == 1) & (table["coefficient"] == 4.0)].iloc[0]
     choice = contrast_latents(model, sae, list(CONCEPT.positive), list(CONCEPT.negative), k=2)
     assert row["latents"] == str(choice.latents[0])
+    neutral = [tl_compat.to_tokens(model, text) for text in CONCEPT.neutral]
+    with torch.inference_mode():
+        plain = [model(t)[0, 1:].float().log_softmax(-1) for t in neutral]  # BOS's prediction left out
     with steer(model, sae, choice.top(1), method="add", coefficient=4.0, scale="activation"):
         steered = log_p(_last_logits(model, CONCEPT.heldout))
+        with torch.inference_mode():
+            moved = [model(t)[0, 1:].float().log_softmax(-1) for t in neutral]
     assert row["target_effect"] == pytest.approx(float((steered - base).mean()), abs=1e-4)
     assert abs(row["target_effect"]) > 1e-2
+    # KL(unsteered || steered) per neutral position, averaged over every position of every text
+    kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(plain, moved)])
+    assert row["kl_neutral"] == pytest.approx(float(kl.mean()), rel=1e-3)
 
 
 def test_a_custom_metric_replaces_the_concept_log_probability(default_model_4l, sae):
