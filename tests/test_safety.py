@@ -82,13 +82,20 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     assert active == naive["active"]
     torch.testing.assert_close(scores, naive["scores"], atol=1e-5, rtol=1e-4)
     assert len(set(curve.tolist())) == 3  # three different selections, three different values
-    raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 16 * 5), start=3)
+    raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 3, 16 * 5), start=3)
     assert n_elements == 16 * 5
     assert raw[-1].item() == pytest.approx(1.0, abs=1e-4)  # every dimension at every query position
+    # This pair's span is negative (clean below corrupted): the top elements are those restoring the
+    # largest share of it, as for latents (before, the raw curve ranked raw AtP and began at -0.30).
+    torch.testing.assert_close(raw, _naive_raw_curve(model, [site], harmful, harmless, metric, (1, 3, 16 * 5), 3),
+                               atol=1e-4, rtol=0)
+    assert raw[0] > 0
     # Several sites ranked together: everything at layers 0 and 2 includes the whole of layer 0.
     both, n_both = raw_restoration(model, [Site(0), Site(2)], harmful, harmless, metric, (3, 2 * 16 * 5), start=3)
     assert n_both == 2 * 16 * 5 and both[-1].item() == pytest.approx(1.0, abs=1e-4)
     assert both[0].item() != pytest.approx(1.0, abs=1e-3)
+    torch.testing.assert_close(both, _naive_raw_curve(model, [Site(0), Site(2)], harmful, harmless, metric,
+                                                      (3, 2 * 16 * 5), 3), atol=1e-4, rtol=0)
 
 
 def _naive_latent_curve(model, site, sae, clean, corrupted, metric, counts, start):
@@ -121,6 +128,51 @@ def _naive_latent_curve(model, site, sae, clean, corrupted, metric, counts, star
     return {"fraction": torch.tensor(fraction), "n_differing": int(differing.sum()),
             "active": int((z_clean[start:] != 0).sum()), "scores": atp.sum(0),
             "span": m_clean - m_corr}
+
+
+def _naive_raw_curve(model, sites, clean, corrupted, metric, counts, start):
+    """The raw-unit restoration curve by hand: AtP (x_clean − x_corrupted) · dM/dx from TransformerLens
+    hooks, ranked as the share of the span each element restores, the top n (site, position,
+    dimension) elements copied from the clean run by hooks, one forward each."""
+    pair = torch.tensor([0])
+    names = [site.hook_name for site in sites]
+    with torch.inference_mode():
+        m_clean, m_corr = (metric(model(t)[:, -1], pair).item() for t in (clean, corrupted))
+    _, clean_cache = model.run_with_cache(clean, names_filter=names)
+    grads, acts = {}, {}
+
+    def keep(x, hook):
+        x.retain_grad()
+        acts[hook.name] = x
+        return x
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, keep) for name in names])
+        metric(logits[:, -1], pair).sum().backward()
+    model.zero_grad(set_to_none=True)
+    for name in names:
+        grads[name] = acts[name].grad[0]
+    scores = torch.cat([((clean_cache[n][0] - acts[n][0].detach()) * grads[n])[start:] for n in names], dim=1)
+    scores = scores / (m_clean - m_corr)
+    width = scores.shape[1] // len(names)
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    fraction = []
+    for n in counts:
+        chosen = {}
+        for flat in order[:n].tolist():
+            p, column = divmod(flat, scores.shape[1])
+            chosen.setdefault(names[column // width], []).append((start + p, column % width))
+
+        def copy(x, hook):
+            x = x.clone()
+            for p, d in chosen[hook.name]:
+                x[0, p, d] = clean_cache[hook.name][0, p, d]
+            return x
+
+        with torch.inference_mode():
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, copy) for name in chosen])
+        fraction.append((metric(logits[:, -1], pair).item() - m_corr) / (m_clean - m_corr))
+    return torch.tensor(fraction)
 
 
 def test_prompts_padded_after_the_shared_context_compute_as_unpadded(toy):
