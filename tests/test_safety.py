@@ -222,6 +222,24 @@ def test_pair_curves_after_a_bound_prefix_equal_the_whole_prompts(toy):
             pass
     assert "forward" not in model.__dict__
     assert whole.keys() == bound.keys() and len(whole) == 5
+    # The direction's point against plain hooks: the harmless run's component along the unit
+    # direction at layer 1, from position 3 on, set to the harmful run's.
+    unit = direction / direction.norm()
+    _, cache = model.run_with_cache(harmful, names_filter="blocks.1.hook_resid_pre")
+    source = cache["blocks.1.hook_resid_pre"][0]
+
+    def along(x, hook):
+        x = x.clone()
+        x[0, 3:] += ((source[3:] - x[0, 3:]) @ unit)[:, None] * unit
+        return x
+
+    pair = torch.tensor([0])
+    with torch.inference_mode():
+        m_harmful, m_harmless = (metric(model(t)[:, -1], pair).item() for t in (harmful, harmless))
+        patched = metric(model.run_with_hooks(harmless, fwd_hooks=[("blocks.1.hook_resid_pre", along)])[:, -1], pair).item()
+    expected = (patched - m_harmless) / (m_harmful - m_harmless)
+    assert whole["direction@layer 1"][0].item() == pytest.approx(expected, abs=1e-4)
+    assert abs(expected) > 1e-3
     for kind in whole:
         torch.testing.assert_close(bound[kind][0], whole[kind][0], atol=1e-5, rtol=0)
         assert bound[kind][1] == whole[kind][1]
