@@ -312,6 +312,25 @@ def test_shared_context_run_under_the_intervention_equals_running_every_prompt_w
     assert (stale - Runner(model).scores(prompts, metric, spec)).abs().max() > 1e-3
 
 
+def test_direction_ablation_and_addition_equal_plain_hooks(toy):
+    """The interventions' scores against TransformerLens hooks: ablation projects the unit direction
+    out of every block's input and the last block's output; addition adds the vector at its site."""
+    model, metric = toy[0], toy[-1]
+    gen = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 50, (1, n), generator=gen) for n in (5, 7)]
+    d = 3 * torch.randn(model.cfg.d_model, generator=gen)
+    u = d / d.norm()
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(3)] + ["blocks.2.hook_resid_post"]
+    cases = ((ablation(model, d), [(name, lambda x, hook: x - (x @ u)[..., None] * u) for name in names]),
+             (addition(Site(1), d), [("blocks.1.hook_resid_pre", lambda x, hook: x + d)]))
+    for spec, hooks in cases:
+        with torch.inference_mode():
+            expected = torch.cat([metric(model.run_with_hooks(p, fwd_hooks=hooks)[:, -1], torch.tensor([0]))
+                                  for p in prompts])
+        got = Runner(model).scores(prompts, metric, spec)
+        torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=0)
+        assert (got - Runner(model).scores(prompts, metric)).abs().max() > 1e-3  # the intervention matters
+
 def _all_mlp_units(model):
     return [UnitSet(Site(layer, "mlp_post"), tuple(range(model.cfg.d_mlp))) for layer in range(model.cfg.n_layers)]
 
