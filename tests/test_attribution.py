@@ -100,6 +100,42 @@ def test_graddrop_is_unsigned_and_equals_abs_atp_without_downstream_paths(linear
     torch.testing.assert_close(gd.effect, atp.effect.abs(), atol=1e-5, rtol=1e-5)
 
 
+def test_graddrop_equals_a_naive_mean_of_absolute_dropped_estimates(tiny):
+    """AtP* GradDrop by hand on a model with downstream blocks: for each block from the SAE's on,
+    that block's attention and MLP writes detached by plain hooks, AtP from the splice's latent and
+    error gradients; the mean of the absolute values over the blocks, over the pair's span."""
+    from patching import splice
+
+    model, sae, clean, corrupted, metric = tiny
+    site = Site(1)
+    gd = attribute_latents(model, sae, clean, corrupted, metric, method="atp_gd", progress=False)
+    assert any(u.kind == "error" for u in gd.units) and any(u.kind == "latent" for u in gd.units)
+    detach = lambda x, hook: x.detach()  # noqa: E731
+    for i in range(2):
+        pair = torch.tensor([i])
+        with torch.inference_mode():
+            span = (metric(model(clean[i:i + 1])[:, -1], pair) - metric(model(corrupted[i:i + 1])[:, -1], pair)).item()
+            with splice(model, sae, cache=True) as state:
+                model(clean[i:i + 1])
+        z_clean, e_clean = state.records[site].latents[0], state.records[site].error[0]
+        latent_scores, error_scores = [], []
+        for layer in (1, 2):
+            hooks = [(f"blocks.{layer}.hook_attn_out", detach), (f"blocks.{layer}.hook_mlp_out", detach)]
+            with splice(model, sae, cache=True, track_grads=True) as state, model.hooks(fwd_hooks=hooks):
+                metric(model(corrupted[i:i + 1])[:, -1], pair).sum().backward()
+            record = state.records[site]
+            latent_scores.append(((z_clean - record.latents[0].detach()) * record.latents_grad[0]).abs())
+            error_scores.append(((e_clean - record.error[0].detach()) * record.error_grad[0]).sum(-1).abs())
+        model.zero_grad(set_to_none=True)
+        latent_gd, error_gd = torch.stack(latent_scores).mean(0), torch.stack(error_scores).mean(0)
+        for j, unit in enumerate(gd.units):
+            part = unit.parts[0]
+            p = part.positions[0]
+            expected = (latent_gd[p, part.latents[0]] if part.kind == "latent" else error_gd[p]) / abs(span)
+            assert gd.effect[i, j].item() == pytest.approx(expected.item(), abs=1e-5, rel=1e-4), unit.label()
+    atp = attribute_latents(model, sae, clean, corrupted, metric, progress=False)
+    assert (gd.effect - atp.effect.abs()).abs().max() > 1e-3  # dropping the blocks matters here
+
 def test_flags_and_hooks_restored_after_call_and_exception(tiny):
     model, sae, clean, corrupted, metric = tiny
     model.blocks[0].attn.W_Q.requires_grad_(False)  # a user's own freezing must survive

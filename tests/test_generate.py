@@ -124,12 +124,20 @@ def test_sampling_settings_validated(kwargs):
         Sampling(do_sample=True, **kwargs)
 
 
-def test_sampling_is_seeded(model, tokens):
-    sampling = Sampling(do_sample=True, temperature=2.0)
+@pytest.mark.parametrize("top_p", [None, 0.5])
+def test_sampling_is_seeded(model, tokens, top_p):
+    sampling = Sampling(do_sample=True, temperature=2.0, top_p=top_p)
     torch.manual_seed(0)
     a = generate(model, tokens, 5, sampling=sampling)
     torch.manual_seed(0)
     assert torch.equal(a, generate(model, tokens, 5, sampling=sampling, use_kv_cache=False))
+    # It samples as TransformerLens's own generate does under the same seed and settings (greedy
+    # decoding, or a temperature or top_p left unapplied, reproduced neither this nor the next line).
+    torch.manual_seed(0)
+    assert torch.equal(a, tl_compat.generate(model, tokens, max_new_tokens=5, do_sample=True, temperature=2.0,
+                                             top_p=top_p))
+    torch.manual_seed(1)
+    assert not torch.equal(a, generate(model, tokens, 5, sampling=sampling)), "another seed, other samples"
 
 
 def test_shared_prefix_gives_the_same_continuations(model, tokens):

@@ -40,20 +40,38 @@ def tl_metric(logits):
     return logits[0, -1, 3] - logits[0, -1, 4]
 
 
+# TransformerLens's hook names and layouts, written out here rather than read from Site (whose
+# hook_name and select are under test): q/k/v/z are (batch, pos, head, d_head), the pattern
+# (batch, head, query_pos, key_pos); head_out is patched through z.
+TL_HOOKS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z", "head_out": "attn.hook_z",
+            "pattern": "attn.hook_pattern", "resid_pre": "hook_resid_pre"}
+
+
+def _copy(x, source, site, pos):
+    """x with `site`'s slice at positions `pos` taken from `source`."""
+    if site.kind == "pattern":
+        x[:, site.head, pos] = source[:, site.head, pos]
+    elif site.kind in ("q", "k", "v", "z", "head_out"):
+        head = slice(None) if site.head is None else site.head
+        x[:, pos, head] = source[:, pos, head]
+    else:
+        x[:, pos] = source[:, pos]
+
+
 def naive_value(model, base, source, unit):
     """One full forward with the unit's parts copied from the source run by hooks."""
     _, cache = model.run_with_cache(source)
     hooks = []
     for part in unit.parts:
         site = part.site
+        name = f"blocks.{site.layer}.{TL_HOOKS[site.kind]}"
 
-        def hook(x, hook, site=site, part=part):
-            x = x.clone(memory_format=torch.contiguous_format)
-            pos = slice(None) if part.positions is None else list(part.positions)
-            site.select(x)[:, pos] = site.select(cache[site.hook_name])[:, pos]
+        def hook(x, hook, site=site, part=part, name=name):
+            x = x.clone()
+            _copy(x, cache[name], site, slice(None) if part.positions is None else list(part.positions))
             return x
 
-        hooks.append((site.hook_name, hook))
+        hooks.append((name, hook))
     with torch.inference_mode():
         return tl_metric(model.run_with_hooks(base, fwd_hooks=hooks)).item()
 

@@ -45,6 +45,13 @@ def test_contexts_and_histogram_match_the_activations(tiny_model, tiny_sae, corp
     assert f"«{int(corpus[first.row, first.position])}»" in first.text
     assert report.n_tokens == corpus.numel() and report.n_active == int((column > 0).sum())
     assert float(report.counts.sum()) == report.n_active and len(report.edges) == 6
+    # The histogram of the non-zero activations: five equal bins from 0 to the largest, counted by hand.
+    positive = column[column > 0].tolist()
+    top_value = max(positive)
+    torch.testing.assert_close(report.edges, torch.linspace(0.0, top_value, 6), atol=1e-6, rtol=1e-6)
+    by_hand = [sum(1 for v in positive if b * top_value / 5 <= v < (b + 1) * top_value / 5 or (b == 4 and v == top_value))
+               for b in range(5)]
+    assert report.counts.tolist() == by_hand and sum(1 for c in by_hand if c > 0) > 1
     assert "top-activating contexts" in report.to_text()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -182,6 +184,30 @@ def test_alignment_on_end_and_explicit_map(model, sae):
     assert {u.position for u in mapped.units} <= {7, 8}
 
 
+def test_metric_definitions_on_hand_made_logits():
+    """Closed forms (R14): TokenProb is defined as TokenLogProb's exp, so comparing the two
+    checks neither; these numbers do."""
+    logits = torch.tensor([[math.log(1.0), math.log(3.0), 0.0 - 50.0], [0.0, 0.0, 0.0]])
+    pair = torch.tensor([0, 1])
+    torch.testing.assert_close(TokenProb(1)(logits, pair), torch.tensor([0.75, 1 / 3]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(TokenLogProb([0, 2])(logits, pair), torch.tensor([math.log(0.25), math.log(1 / 3)]),
+                               atol=1e-5, rtol=0)
+    clean = torch.tensor([[0.0, 0.0, -1e4], [math.log(1.0), math.log(3.0), -1e4]])  # p = (1/2, 1/2), (1/4, 3/4)
+    patched = torch.tensor([[math.log(1.0), math.log(3.0), -1e4], [0.0, 0.0, -1e4]])  # q = (1/4, 3/4), (1/2, 1/2)
+    kl = KLFromClean().bind(clean)(patched, pair)
+    expected = [0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75),  # KL(p || q), not KL(q || p)
+                0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)]
+    torch.testing.assert_close(kl, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def naive_last_log_probs(model, saes, base, source, unit, i):
+    """Log-probabilities at the last position of pair i's base run with `unit` patched from the source."""
+    captured = {}
+    capture = CallableMetric(lambda logits: captured.setdefault("x", logits.log_softmax(-1))[:, 0], readout=-1)
+    naive_unit_value(model, saes, base, source, unit, i, metric=capture)
+    return captured["x"][0]
+
+
 def test_metrics_library(model, sae, prompts):
     clean, corrupted = prompts
     kl = patch_latents(model, sae, clean, corrupted, KLFromClean(), unit="position", progress=False)
@@ -189,6 +215,17 @@ def test_metrics_library(model, sae, prompts):
     prob = patch_latents(model, sae, clean, corrupted, TokenProb(3), unit="position", progress=False)
     logp = patch_latents(model, sae, clean, corrupted, TokenLogProb(3), unit="position", progress=False)
     torch.testing.assert_close(prob.metric, logp.metric.exp())
+    # Each sweep value against log-probabilities from a naive patched forward, KL(clean || patched)
+    # from the clean run's own logits.
+    with torch.inference_mode():
+        clean_log_p = model(clean)[:, -1].log_softmax(-1)
+    assert kl.units == logp.units and len(kl.units) > 0
+    for j, unit in enumerate(kl.units):
+        for i in range(2):
+            log_q = naive_last_log_probs(model, sae, corrupted, clean, unit, i)
+            assert logp.metric[i, j].item() == pytest.approx(log_q[3].item(), abs=1e-4)
+            expected_kl = (clean_log_p[i].exp() * (clean_log_p[i] - log_q)).sum().item()
+            assert kl.metric[i, j].item() == pytest.approx(expected_kl, abs=1e-4)
     custom = patch_latents(model, sae, clean, corrupted, lambda logits: logits[:, -1, 3] - logits[:, -1, 4],
                            unit="position", progress=False)
     reference = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), unit="position", progress=False)

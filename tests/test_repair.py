@@ -85,6 +85,26 @@ def test_mean_ablation_and_plot(model, tmp_path):
     corpus = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(5))
     result = self_repair(model, tokens, METRIC, ablation="mean", corpus=corpus)
     assert len(result.components) == 6 and torch.isfinite(result.total).all()
+    # Against plain hooks: each output set to its mean over every corpus position, at every position.
+    _, corpus_cache = model.run_with_cache(corpus)
+    _, clean = model.run_with_cache(tokens)
+    m_base = METRIC(model(tokens)[:, -1], torch.tensor([0]))[0]
+    scale = clean["ln_final.hook_scale"][0, -1]
+
+    def frozen(x):
+        x = x - x.mean()
+        return (x / scale * model.ln_final.w + model.ln_final.b) @ model.W_U + model.b_U
+
+    final = clean[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][0, -1]
+    for i, comp in enumerate(result.components):
+        name = f"blocks.{comp.layer}.hook_{comp.kind}_out"
+        mean = corpus_cache[name].mean((0, 1))
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook, m=mean: m.expand_as(x).clone())])
+        expected_total = m_base - METRIC(logits[:, -1], torch.tensor([0]))[0]
+        assert result.total[i].item() == pytest.approx(expected_total.item(), abs=1e-5), comp.label()
+        change = clean[name][0, -1] - mean
+        expected_direct = METRIC(frozen(final)[None], torch.tensor([0])) - METRIC(frozen(final - change)[None], torch.tensor([0]))
+        assert result.direct[i].item() == pytest.approx(expected_direct.item(), abs=1e-5), comp.label()
     assert (result.compensation.tril() == 0).all()  # only downstream components respond
     assert result.plot(tmp_path / "repair.png").stat().st_size > 0
 

@@ -74,15 +74,105 @@ def test_patching_everything_restores_exactly_all_of_it(toy):
     curve, active, full, scores = latent_restoration(model, site, sae, harmful, harmless, metric, (1, 3, 1000), start=3)
     assert full == pytest.approx(1.0, abs=1e-4)
     assert 0 < active <= 40 * 5 and scores.shape == (40,)
-    # Every differing latent, without the error node, is what the largest count patches.
-    assert curve.shape == (3,)
-    raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 16 * 5), start=3)
+    # Every differing latent, without the error node, is what the largest count patches; the
+    # smaller counts patch the top AtP elements. All against the naive curve below.
+    naive = _naive_latent_curve(model, site, sae, harmful, harmless, metric, (1, 3, 1000), start=3)
+    assert naive["n_differing"] < 1000
+    torch.testing.assert_close(curve, naive["fraction"], atol=1e-4, rtol=0)
+    assert active == naive["active"]
+    torch.testing.assert_close(scores, naive["scores"], atol=1e-5, rtol=1e-4)
+    assert len(set(curve.tolist())) == 3  # three different selections, three different values
+    raw, n_elements = raw_restoration(model, site, harmful, harmless, metric, (1, 3, 16 * 5), start=3)
     assert n_elements == 16 * 5
     assert raw[-1].item() == pytest.approx(1.0, abs=1e-4)  # every dimension at every query position
+    # This pair's span is negative (clean below corrupted): the top elements are those restoring the
+    # largest share of it, as for latents (before, the raw curve ranked raw AtP and began at -0.30).
+    torch.testing.assert_close(raw, _naive_raw_curve(model, [site], harmful, harmless, metric, (1, 3, 16 * 5), 3),
+                               atol=1e-4, rtol=0)
+    assert raw[0] > 0
     # Several sites ranked together: everything at layers 0 and 2 includes the whole of layer 0.
     both, n_both = raw_restoration(model, [Site(0), Site(2)], harmful, harmless, metric, (3, 2 * 16 * 5), start=3)
     assert n_both == 2 * 16 * 5 and both[-1].item() == pytest.approx(1.0, abs=1e-4)
     assert both[0].item() != pytest.approx(1.0, abs=1e-3)
+    torch.testing.assert_close(both, _naive_raw_curve(model, [Site(0), Site(2)], harmful, harmless, metric,
+                                                      (3, 2 * 16 * 5), 3), atol=1e-4, rtol=0)
+
+
+def _naive_latent_curve(model, site, sae, clean, corrupted, metric, counts, start):
+    """The latent restoration curve by hand: AtP from the splice's latent gradient on the corrupted
+    run, the top n (position, latent) elements set to their clean values by splice edits, one
+    forward each, the effect normalised by the plain model's clean and corrupted metrics."""
+    from patching import LatentEdit, splice
+
+    pair = torch.tensor([0])
+    with torch.inference_mode():
+        m_clean, m_corr = (metric(model(t)[:, -1], pair).item() for t in (clean, corrupted))
+        with splice(model, sae, cache=True) as state:
+            model(clean)
+    z_clean = state.records[site].latents[0]
+    with splice(model, sae, cache=True, track_grads=True) as state:
+        metric(model(corrupted)[:, -1], pair).sum().backward()
+    model.zero_grad(set_to_none=True)
+    z_corr, grad = state.records[site].latents[0].detach(), state.records[site].latents_grad[0]
+    atp = ((z_clean - z_corr) * grad)[start:] / (m_clean - m_corr)  # the share of the span each element restores
+    differing = (z_clean != z_corr)[start:]
+    order = torch.argsort(atp.masked_fill(~differing, float("-inf")).flatten(), descending=True, stable=True)
+    fraction = []
+    for n in counts:
+        chosen = order[: min(n, int(differing.sum()))]
+        edits = [LatentEdit(site, int(j), float(z_clean[start + int(p), int(j)]), positions=start + int(p))
+                 for p, j in (divmod(int(i), z_clean.shape[1]) for i in chosen)]
+        with torch.inference_mode(), splice(model, sae, edits=edits):
+            m = metric(model(corrupted)[:, -1], pair).item()
+        fraction.append((m - m_corr) / (m_clean - m_corr))
+    return {"fraction": torch.tensor(fraction), "n_differing": int(differing.sum()),
+            "active": int((z_clean[start:] != 0).sum()), "scores": atp.sum(0),
+            "span": m_clean - m_corr}
+
+
+def _naive_raw_curve(model, sites, clean, corrupted, metric, counts, start):
+    """The raw-unit restoration curve by hand: AtP (x_clean − x_corrupted) · dM/dx from TransformerLens
+    hooks, ranked as the share of the span each element restores, the top n (site, position,
+    dimension) elements copied from the clean run by hooks, one forward each."""
+    pair = torch.tensor([0])
+    names = [site.hook_name for site in sites]
+    with torch.inference_mode():
+        m_clean, m_corr = (metric(model(t)[:, -1], pair).item() for t in (clean, corrupted))
+    _, clean_cache = model.run_with_cache(clean, names_filter=names)
+    grads, acts = {}, {}
+
+    def keep(x, hook):
+        x.retain_grad()
+        acts[hook.name] = x
+        return x
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, keep) for name in names])
+        metric(logits[:, -1], pair).sum().backward()
+    model.zero_grad(set_to_none=True)
+    for name in names:
+        grads[name] = acts[name].grad[0]
+    scores = torch.cat([((clean_cache[n][0] - acts[n][0].detach()) * grads[n])[start:] for n in names], dim=1)
+    scores = scores / (m_clean - m_corr)
+    width = scores.shape[1] // len(names)
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    fraction = []
+    for n in counts:
+        chosen = {}
+        for flat in order[:n].tolist():
+            p, column = divmod(flat, scores.shape[1])
+            chosen.setdefault(names[column // width], []).append((start + p, column % width))
+
+        def copy(x, hook):
+            x = x.clone()
+            for p, d in chosen[hook.name]:
+                x[0, p, d] = clean_cache[hook.name][0, p, d]
+            return x
+
+        with torch.inference_mode():
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, copy) for name in chosen])
+        fraction.append((metric(logits[:, -1], pair).item() - m_corr) / (m_clean - m_corr))
+    return torch.tensor(fraction)
 
 
 def test_prompts_padded_after_the_shared_context_compute_as_unpadded(toy):
@@ -132,6 +222,24 @@ def test_pair_curves_after_a_bound_prefix_equal_the_whole_prompts(toy):
             pass
     assert "forward" not in model.__dict__
     assert whole.keys() == bound.keys() and len(whole) == 5
+    # The direction's point against plain hooks: the harmless run's component along the unit
+    # direction at layer 1, from position 3 on, set to the harmful run's.
+    unit = direction / direction.norm()
+    _, cache = model.run_with_cache(harmful, names_filter="blocks.1.hook_resid_pre")
+    source = cache["blocks.1.hook_resid_pre"][0]
+
+    def along(x, hook):
+        x = x.clone()
+        x[0, 3:] += ((source[3:] - x[0, 3:]) @ unit)[:, None] * unit
+        return x
+
+    pair = torch.tensor([0])
+    with torch.inference_mode():
+        m_harmful, m_harmless = (metric(model(t)[:, -1], pair).item() for t in (harmful, harmless))
+        patched = metric(model.run_with_hooks(harmless, fwd_hooks=[("blocks.1.hook_resid_pre", along)])[:, -1], pair).item()
+    expected = (patched - m_harmless) / (m_harmful - m_harmless)
+    assert whole["direction@layer 1"][0].item() == pytest.approx(expected, abs=1e-4)
+    assert abs(expected) > 1e-3
     for kind in whole:
         torch.testing.assert_close(bound[kind][0], whole[kind][0], atol=1e-5, rtol=0)
         assert bound[kind][1] == whole[kind][1]
@@ -203,6 +311,25 @@ def test_shared_context_run_under_the_intervention_equals_running_every_prompt_w
     stale = refusal_scores(model, prompts, metric, lambda _: spec, prefix=SharedPrefix.of(model, context))
     assert (stale - Runner(model).scores(prompts, metric, spec)).abs().max() > 1e-3
 
+
+def test_direction_ablation_and_addition_equal_plain_hooks(toy):
+    """The interventions' scores against TransformerLens hooks: ablation projects the unit direction
+    out of every block's input and the last block's output; addition adds the vector at its site."""
+    model, metric = toy[0], toy[-1]
+    gen = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 50, (1, n), generator=gen) for n in (5, 7)]
+    d = 3 * torch.randn(model.cfg.d_model, generator=gen)
+    u = d / d.norm()
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(3)] + ["blocks.2.hook_resid_post"]
+    cases = ((ablation(model, d), [(name, lambda x, hook: x - (x @ u)[..., None] * u) for name in names]),
+             (addition(Site(1), d), [("blocks.1.hook_resid_pre", lambda x, hook: x + d)]))
+    for spec, hooks in cases:
+        with torch.inference_mode():
+            expected = torch.cat([metric(model.run_with_hooks(p, fwd_hooks=hooks)[:, -1], torch.tensor([0]))
+                                  for p in prompts])
+        got = Runner(model).scores(prompts, metric, spec)
+        torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=0)
+        assert (got - Runner(model).scores(prompts, metric)).abs().max() > 1e-3  # the intervention matters
 
 def _all_mlp_units(model):
     return [UnitSet(Site(layer, "mlp_post"), tuple(range(model.cfg.d_mlp))) for layer in range(model.cfg.n_layers)]

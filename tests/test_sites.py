@@ -15,6 +15,15 @@ def test_hook_names_and_round_trip(tiny_model):
         assert Site.from_hook_name(site.hook_name) == site
         assert site.check(tiny_model) is site
     assert Site(2).hook_name == "blocks.2.hook_resid_pre"
+    # Each kind names TransformerLens's own hook for it (membership alone passed with resid_mid and
+    # resid_post swapped, or mlp_pre and mlp_post).
+    from transformer_lens.utils import get_act_name
+
+    tl_names = {"mlp_pre": "pre", "mlp_post": "post", "head_out": "z"}
+    for kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_pre", "mlp_post", "z", "q", "k", "v"):
+        assert Site(1, kind).hook_name == get_act_name(tl_names.get(kind, kind), 1), kind
+    assert Site(1, "pattern", head=0).hook_name == get_act_name("pattern", 1)
+    assert Site(1, "head_out", head=0).hook_name == get_act_name("z", 1)
     assert Site(0, "mlp_post").width(tiny_model) == tiny_model.cfg.d_mlp
     assert Site(0, "resid_post").width(tiny_model) == tiny_model.cfg.d_model
 

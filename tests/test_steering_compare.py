@@ -81,12 +81,53 @@ def test_saved_comparison_records_its_provenance(comparison, sae, tmp_path):
     assert (folder / "effect_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _last_logits(model, texts):
+    """Each held-out prompt run alone, its last position's logits."""
+    with torch.inference_mode():
+        return torch.stack([model(tl_compat.to_tokens(model, text))[0, -1].float() for text in texts])
+
+
+def test_target_scores_equal_a_direct_computation(default_model_4l, sae, comparison):
+    """The default target, log P(any concept token) at each held-out prompt's last position,
+    unsteered and under add K=1 c=4 (steered here by `steer`, measured here by hand)."""
+    from patching.steering.steer import steer
+
+    model = default_model_4l
+    ids = [int(tl_compat.encode_text(model, t)[0]) for t in CONCEPT.target_tokens]
+
+    def log_p(logits):
+        return logits.log_softmax(-1)[:, ids].logsumexp(-1)
+
+    base = log_p(_last_logits(model, CONCEPT.heldout))
+    table = comparison.table
+    assert table.iloc[0]["target_score"] == pytest.approx(float(base.mean()), abs=1e-4)
+    assert table.iloc[0]["target_prob"] == pytest.approx(float(base.exp().mean()), rel=1e-4)
+    row = table[(table["method"] == "add") & (table["k"] == 1) & (table["coefficient"] == 4.0)].iloc[0]
+    choice = contrast_latents(model, sae, list(CONCEPT.positive), list(CONCEPT.negative), k=2)
+    assert row["latents"] == str(choice.latents[0])
+    neutral = [tl_compat.to_tokens(model, text) for text in CONCEPT.neutral]
+    with torch.inference_mode():
+        plain = [model(t)[0, 1:].float().log_softmax(-1) for t in neutral]  # BOS's prediction left out
+    with steer(model, sae, choice.top(1), method="add", coefficient=4.0, scale="activation"):
+        steered = log_p(_last_logits(model, CONCEPT.heldout))
+        with torch.inference_mode():
+            moved = [model(t)[0, 1:].float().log_softmax(-1) for t in neutral]
+    assert row["target_effect"] == pytest.approx(float((steered - base).mean()), abs=1e-4)
+    assert abs(row["target_effect"]) > 1e-2
+    # KL(unsteered || steered) per neutral position, averaged over every position of every text
+    kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(plain, moved)])
+    assert row["kl_neutral"] == pytest.approx(float(kl.mean()), rel=1e-3)
+
+
 def test_a_custom_metric_replaces_the_concept_log_probability(default_model_4l, sae):
     paris = tl_compat.encode_text(default_model_4l, " Paris")[0]
     result = compare_steering(default_model_4l, sae, CONCEPT, k_values=(1,), coefficients=(4.0,), methods=("add",),
                               settings=CompareSettings(seeds=(0,), max_new_tokens=2), progress=False,
                               metric=lambda logits: logits[:, paris])
     assert result.table["target_prob"].isna().all() and result.table["target_effect"].iloc[1] != 0
+    # The scores are the custom metric's: the " Paris" logit, read directly.
+    direct = _last_logits(default_model_4l, CONCEPT.heldout)[:, paris]
+    assert result.table["target_score"].iloc[0] == pytest.approx(float(direct.mean()), abs=1e-3)
 
 
 def test_generated_positions_are_measured(default_model_4l, sae):

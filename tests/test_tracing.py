@@ -9,7 +9,6 @@ import torch
 from patching.errors import PatchingError
 from patching.model import Site, tl_compat
 from patching.tracing import NoiseConfig, causal_trace, window_layers
-from patching.tracing.trace import noise_hook
 from tests.conftest import unchecked
 from tests.hooks_snapshot import CountingHook, snapshot
 
@@ -33,14 +32,41 @@ def tokens():
     return torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(2))
 
 
+def naive_noise(d_model):
+    """The documented draws, written out here rather than taken from `NoiseConfig.draw`: seeded
+    standard normals, (n_samples, subject positions, d_model), times the scale."""
+    gen = torch.Generator().manual_seed(NOISE.seed)
+    return torch.randn(NOISE.n_samples, len(SUBJECT), d_model, generator=gen) * NOISE.scale
+
+
+def naive_add_noise(drawn, draw):
+    """ROME's corruption by its own definition: the noise added to the subject's token embeddings
+    (hook_embed, before any learned positional embedding), not through `noise_hook`."""
+    def hook(x, hook):
+        x = x.clone()
+        x[:, list(SUBJECT)] += drawn[draw]
+        return x
+    return ("hook_embed", hook)
+
+
+def naive_noised_prob(model, tokens):
+    drawn = naive_noise(model.cfg.d_model)
+    probs = []
+    for draw in range(NOISE.n_samples):
+        with torch.inference_mode():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[naive_add_noise(drawn, draw)])
+        probs.append(torch.softmax(logits[0, -1], -1)[ANSWER])
+    return float(torch.stack(probs).mean())
+
+
 def naive_trace(model, tokens, kind, window=1, sever=None):
     """One full forward per (draw, layer, position), every restoration by a hook."""
     n_layers, n_pos = model.cfg.n_layers, tokens.shape[1]
-    drawn = NOISE.draw(len(SUBJECT), model.cfg.d_model)
+    drawn = naive_noise(model.cfg.d_model)
     _, clean = model.run_with_cache(tokens)
     prob = torch.zeros(n_layers, n_pos)
     for draw in range(NOISE.n_samples):
-        add = (Site(0).hook_name, lambda x, hook, d=draw: noise_hook(drawn[d : d + 1], SUBJECT)(x))
+        add = naive_add_noise(drawn, draw)
         _, noised = _cached(model, tokens, add)
         for layer in range(n_layers):
             for p in range(n_pos):
@@ -83,6 +109,9 @@ def test_trace_equals_naive_reference(model, tokens, kind, window, sever):
     ours = causal_trace(model, tokens, SUBJECT, ANSWER, noise=NOISE, kind=kind, window=window, sever=sever, batch_size=7)
     torch.testing.assert_close(ours.prob, naive_trace(model, tokens, kind, window, sever), atol=1e-5, rtol=0)
     assert ours.p_clean != ours.p_corrupted
+    clean_prob = torch.softmax(model(tokens)[0, -1], -1)[ANSWER].item()
+    assert ours.p_clean == pytest.approx(clean_prob, abs=1e-6)
+    assert ours.p_corrupted == pytest.approx(naive_noised_prob(model, tokens), abs=1e-6)
     # before the first noised position nothing differs: restoring there changes nothing
     torch.testing.assert_close(ours.prob[:, 0], torch.full((model.cfg.n_layers,), ours.p_corrupted), atol=1e-6, rtol=0)
 

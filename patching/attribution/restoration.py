@@ -64,7 +64,7 @@ class LatentRestoration(NamedTuple):
     fraction: Tensor
     """(counts,): effect of the top n (position, latent) elements patched jointly."""
     n_active: int
-    """Non-zero (position, latent) elements of the corrupted run from `start` on."""
+    """Non-zero (position, latent) elements of the clean run (whose values are patched in) from `start` on."""
     full: float
     """Effect of patching every latent and the error node (bookkeeping: 1.0)."""
     scores: Tensor
@@ -134,7 +134,9 @@ def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corr
     if attribution is not None and not set(sites) <= set(attribution):
         raise PatchingError(f"attribution holds no scores for {sorted(s.hook_name for s in set(sites) - set(attribution))}")
     by_site = attribution if attribution is not None else raw_attribution_sites(model, sites, clean, corrupted, metric)
-    scores = torch.cat([by_site[s][start:] for s in sites], dim=1)  # (pos, sum of widths)
+    # Rank by the share of the span each element restores, as latent_restoration does: where the
+    # clean metric lies below the corrupted one, raw AtP's largest values push away from clean.
+    scores = torch.cat([by_site[s][start:] for s in sites], dim=1) * _span_sign(model, clean, corrupted, metric)
     bounds = torch.tensor([0] + [by_site[s].shape[1] for s in sites]).cumsum(0)
     order = torch.argsort(scores.flatten(), descending=True, stable=True)
     width = scores.shape[1]
@@ -154,6 +156,18 @@ def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corr
         units.append(PatchUnit(tuple(parts)))
     exact = patch_residual(model, clean, corrupted, metric, units=units, progress=False)
     return RawRestoration(exact.effect[0], scores.numel())
+
+
+def _span_sign(model: Any, clean: Tensor, corrupted: Tensor, metric: Any) -> float:
+    """+1 where the clean run's metric is at least the corrupted run's, else -1."""
+    metric = as_metric(metric)
+    if metric.readout is None:
+        raise PatchingError("raw restoration needs a metric that reads one position (e.g. LogitDiff(position=-1))")
+    pair = torch.tensor([0])
+    with torch.inference_mode():
+        m_clean, m_corrupted = (float(metric(tl_compat.forward_logits(model, t)[:, metric.readout], pair)[0])
+                                for t in (clean, corrupted))
+    return 1.0 if m_clean >= m_corrupted else -1.0
 
 
 def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any) -> Tensor:
