@@ -10,7 +10,7 @@ import torch
 from conftest import make_sae
 from hooks_snapshot import CountingHook, snapshot
 from patching import LatentEdit, Site
-from patching.errors import PatchingError
+from patching.errors import PatchingError, SiteError
 from patching.model import tl_compat
 from patching.splice.generate import Interventions, Sampling, Step, generate, generate_by_length
 
@@ -102,16 +102,17 @@ def test_hooks_restored_after_a_fault_mid_generation(model, sae, tokens, where):
     assert snapshot(model) == before
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(tokens=torch.zeros(0, 3, dtype=torch.long)), "tokens"), (dict(tokens=torch.zeros(1, 0, dtype=torch.long)), "tokens"),
-    (dict(interventions=Interventions(hooks={Site(7): lambda x, s: x})), "out of range"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_new_tokens=0), PatchingError, "max_new_tokens"), (dict(max_new_tokens=-1), PatchingError, "max_new_tokens"),
+    (dict(tokens=torch.zeros(0, 3, dtype=torch.long)), PatchingError, "tokens"),
+    (dict(tokens=torch.zeros(1, 0, dtype=torch.long)), PatchingError, "tokens"),
+    (dict(interventions=Interventions(hooks={Site(7): lambda x, s: x})), SiteError, "out of range"),
 ])
-def test_bad_inputs_refused_before_any_forward(model, tokens, kwargs, match):
+def test_bad_inputs_refused_before_any_forward(model, tokens, kwargs, error, match):
     counter = CountingHook(model)
     try:
         args = {"tokens": tokens, "max_new_tokens": 3, **kwargs}
-        with pytest.raises(Exception, match=match):
+        with pytest.raises(error, match=match):  # the typed error, not any exception
             generate(model, args.pop("tokens"), args.pop("max_new_tokens"), **args)
     finally:
         counter.remove()
