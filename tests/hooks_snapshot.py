@@ -19,17 +19,21 @@ def snapshot(model: torch.nn.Module) -> dict:
 
 
 class CountingHook:
-    """Counts forward passes by hooking the embedding."""
+    """Counts calls into the model: the embedding and every block, so that a run starting mid-model
+    from cached residuals (the sweep engine's and the causal trace's joining rows) counts too.
+    Zero means no forward work was done."""
 
     def __init__(self, model) -> None:
         self.count = 0
-        self.handle = model.embed.register_forward_hook(self._hook)
+        modules = [model.embed, *getattr(model, "blocks", [])]
+        self.handles = [module.register_forward_hook(self._hook) for module in modules]
 
     def _hook(self, *args) -> None:
         self.count += 1
 
     def remove(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def assert_refused_before_any_forward(model, call, error, pattern) -> None:

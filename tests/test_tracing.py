@@ -168,3 +168,16 @@ def test_hooks_restored_after_a_fault(model, tokens, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         causal_trace(model, tokens, SUBJECT, ANSWER, noise=NOISE, kind="state", sever="mlp")
     assert calls and snapshot(model) == before
+
+
+def test_counting_hook_sees_runs_that_start_mid_model(model, tokens):
+    """The refused-before-any-forward checks count block calls too: rows that join at a later
+    layer from cached residuals never touch the embedding."""
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens)
+        counter = CountingHook(model)
+        try:
+            tl_compat.run_blocks_joining(model, [(1, cache[Site(1).hook_name])])
+        finally:
+            counter.remove()
+    assert counter.count == model.cfg.n_layers - 1
