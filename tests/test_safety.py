@@ -331,6 +331,7 @@ def test_direction_ablation_and_addition_equal_plain_hooks(toy):
         torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=0)
         assert (got - Runner(model).scores(prompts, metric)).abs().max() > 1e-3  # the intervention matters
 
+
 def _all_mlp_units(model):
     return [UnitSet(Site(layer, "mlp_post"), tuple(range(model.cfg.d_mlp))) for layer in range(model.cfg.n_layers)]
 
