@@ -136,6 +136,7 @@ def test_graddrop_equals_a_naive_mean_of_absolute_dropped_estimates(tiny):
     atp = attribute_latents(model, sae, clean, corrupted, metric, progress=False)
     assert (gd.effect - atp.effect.abs()).abs().max() > 1e-3  # dropping the blocks matters here
 
+
 def test_flags_and_hooks_restored_after_call_and_exception(tiny):
     model, sae, clean, corrupted, metric = tiny
     model.blocks[0].attn.W_Q.requires_grad_(False)  # a user's own freezing must survive

@@ -123,21 +123,35 @@ def joint_latent_unit(units: list[PatchUnit], site: Site) -> PatchUnit:
     return PatchUnit(tuple(UnitPart(site, "latent", (p,), tuple(sorted(latents))) for p, latents in sorted(by_position.items())))
 
 
+class RawAttribution(NamedTuple):
+    """AtP on raw activations at several sites for one pair, and the pair's span."""
+
+    scores: dict[Site, Tensor]
+    """(x_clean − x_corrupted) · dM/dx at the corrupted run, (pos, width) per site."""
+    span: float
+    """M(clean) − M(corrupted), from the same two forwards: its sign orients the ranking."""
+
+    def oriented(self, site: Site) -> Tensor:
+        """`scores[site]` signed as shares of the span: positive where a unit moves the metric
+        towards the clean run (raw AtP's sign flips when the clean metric lies below the corrupted)."""
+        return self.scores[site] if self.span >= 0 else -self.scores[site]
+
+
 def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corrupted: Tensor, metric: Any,
-                    counts: Sequence[int], start: int, *, attribution: dict[Site, Tensor] | None = None) -> RawRestoration:
+                    counts: Sequence[int], start: int, *, attribution: RawAttribution | None = None) -> RawRestoration:
     """The same curve for raw units at `site` (residual dimensions, or neurons at `mlp_pre` /
     `mlp_post`), ranked by AtP on the raw activation. Several sites (e.g. `mlp_post` of every
     layer) are ranked together: the top n may mix sites. `attribution`: the AtP scores of these
     sites already computed (`raw_attribution_sites` on the same pair and metric), so that several
     curves on one pair share one forward and backward pass."""
     sites = [site] if isinstance(site, Site) else list(site)
-    if attribution is not None and not set(sites) <= set(attribution):
-        raise PatchingError(f"attribution holds no scores for {sorted(s.hook_name for s in set(sites) - set(attribution))}")
+    if attribution is not None and not set(sites) <= set(attribution.scores):
+        missing = set(sites) - set(attribution.scores)
+        raise PatchingError(f"attribution holds no scores for {sorted(s.hook_name for s in missing)}")
     by_site = attribution if attribution is not None else raw_attribution_sites(model, sites, clean, corrupted, metric)
-    # Rank by the share of the span each element restores, as latent_restoration does: where the
-    # clean metric lies below the corrupted one, raw AtP's largest values push away from clean.
-    scores = torch.cat([by_site[s][start:] for s in sites], dim=1) * _span_sign(model, clean, corrupted, metric)
-    bounds = torch.tensor([0] + [by_site[s].shape[1] for s in sites]).cumsum(0)
+    # Ranked by the share of the span each element restores, as latent_restoration ranks.
+    scores = torch.cat([by_site.oriented(s)[start:] for s in sites], dim=1)  # (pos, sum of widths)
+    bounds = torch.tensor([0] + [by_site.scores[s].shape[1] for s in sites]).cumsum(0)
     order = torch.argsort(scores.flatten(), descending=True, stable=True)
     width = scores.shape[1]
     units = []
@@ -158,32 +172,23 @@ def raw_restoration(model: Any, site: Site | Sequence[Site], clean: Tensor, corr
     return RawRestoration(exact.effect[0], scores.numel())
 
 
-def _span_sign(model: Any, clean: Tensor, corrupted: Tensor, metric: Any) -> float:
-    """+1 where the clean run's metric is at least the corrupted run's, else -1."""
-    metric = as_metric(metric)
-    if metric.readout is None:
-        raise PatchingError("raw restoration needs a metric that reads one position (e.g. LogitDiff(position=-1))")
-    pair = torch.tensor([0])
-    with torch.inference_mode():
-        m_clean, m_corrupted = (float(metric(tl_compat.forward_logits(model, t)[:, metric.readout], pair)[0])
-                                for t in (clean, corrupted))
-    return 1.0 if m_clean >= m_corrupted else -1.0
-
-
 def raw_attribution(model: Any, site: Site, clean: Tensor, corrupted: Tensor, metric: Any) -> Tensor:
     """AtP on a raw activation: (x_clean − x_corrupted) · dM/dx at the corrupted run, (pos, width)."""
-    return raw_attribution_sites(model, [site], clean, corrupted, metric)[site]
+    return raw_attribution_sites(model, [site], clean, corrupted, metric).scores[site]
 
 
 def raw_attribution_sites(model: Any, sites: Sequence[Site], clean: Tensor, corrupted: Tensor,
-                          metric: Any) -> dict[Site, Tensor]:
-    """`raw_attribution` at several sites from one clean forward and one corrupted backward."""
+                          metric: Any) -> RawAttribution:
+    """`raw_attribution` at several sites from one clean forward and one corrupted backward, and
+    the pair's span read from those same two forwards."""
     metric = as_metric(metric)
     if metric.readout is None:
         raise PatchingError("raw attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")
     names = [site.hook_name for site in sites]
+    pair = torch.tensor([0])
     with torch.inference_mode():
-        _, acts = tl_compat.run_until_end_with_cache(model, clean, names)
+        final, acts = tl_compat.run_until_end_with_cache(model, clean, names)
+        m_clean = float(metric(tl_compat.readout(model, final[:, metric.readout]), pair)[0])
     probes: dict[Site, dict[str, Tensor]] = {site: {} for site in sites}
 
     def add_probe(probe: dict[str, Tensor]) -> Any:
@@ -196,5 +201,7 @@ def raw_attribution_sites(model: Any, sites: Sequence[Site], clean: Tensor, corr
     with tl_compat.hooks(model, [(site.hook_name, add_probe(probes[site])) for site in sites]), \
             frozen_parameters(model), torch.enable_grad():
         logits = tl_compat.forward_logits(model, corrupted)
-        metric(logits[:, metric.readout], torch.tensor([0])).sum().backward()
-    return {site: (acts[site.hook_name][0] - probes[site]["x"][0]) * probes[site]["node"].grad[0] for site in sites}
+        m_corrupted = metric(logits[:, metric.readout], pair)
+        m_corrupted.sum().backward()
+    scores = {site: (acts[site.hook_name][0] - probes[site]["x"][0]) * probes[site]["node"].grad[0] for site in sites}
+    return RawAttribution(scores, m_clean - float(m_corrupted[0]))

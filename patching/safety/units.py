@@ -94,13 +94,14 @@ def collect_curves(per_pair: list[dict[str, tuple[Tensor, int]]], pairs: list[in
 
 
 def neuron_ranking(model: Any, pairs: list[tuple[Tensor, Tensor]], metric: RefusalScore, start: int) -> Tensor:
-    """MLP neurons of every layer ranked by AtP summed over pairs and positions from `start`:
-    `(n_layers * d_mlp,)` flat indices (layer * d_mlp + neuron), best first."""
+    """MLP neurons of every layer ranked by AtP (signed as shares of each pair's span, as
+    `raw_restoration` ranks) summed over pairs and positions from `start`: `(n_layers * d_mlp,)`
+    flat indices (layer * d_mlp + neuron), best first."""
     sites = [Site(i, "mlp_post") for i in range(tl_compat.n_layers(model))]
     total = torch.zeros(len(sites), sites[0].width(model))
     for harmful, harmless in pairs:
-        scores = raw_attribution_sites(model, sites, harmful, harmless, metric)
-        total += torch.stack([scores[s][start:].sum(0).float().cpu() for s in sites])
+        attribution = raw_attribution_sites(model, sites, harmful, harmless, metric)
+        total += torch.stack([attribution.oriented(s)[start:].sum(0).float().cpu() for s in sites])
     return torch.argsort(total.flatten(), descending=True, stable=True)
 
 

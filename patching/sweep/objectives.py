@@ -63,8 +63,8 @@ class LogitDiff:
         return [_tokens("answer", self.answer), _tokens("wrong", self.wrong)]
 
     def columns(self) -> Tensor:
-        """The only logits this metric reads: sweeps unembed just these (a 264-row residual trace
-        spent 0.14 s of about 2.2 s on the full unembedding)."""
+        """The only logits this metric reads: sweeps unembed just these (README, "Performance":
+        the head sweeps with the full unembedding)."""
         return torch.unique(torch.cat(self.token_ids()))
 
 
