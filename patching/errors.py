@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from sae.errors import LatentpatchError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(LatentpatchError, RuntimeError):
     """A model could not be loaded (missing package, bad cache path, bad argument)."""
 
 
-class SiteError(ValueError):
+class SiteError(LatentpatchError, ValueError):
     """A hook site is unknown or out of range for the model; the message lists valid choices."""
 
 
-class SpliceError(ValueError):
+class SpliceError(LatentpatchError, ValueError):
     """An SAE cannot be spliced at a site (width, hook or model mismatch, bad edit)."""
 
 
-class PatchingError(ValueError):
+class PatchingError(LatentpatchError, ValueError):
     """A patching or attribution call got inputs it cannot use (named, expected versus actual)."""
 
 

@@ -1,13 +1,14 @@
 """The SAE itself: config, module, file format, and the protocol for foreign SAEs."""
 
 from sae.config import SAEConfig
-from sae.errors import NotAnSAEError, SAEConfigError, SAEFileError
+from sae.errors import LatentpatchError, NotAnSAEError, SAEConfigError, SAEFileError
 from sae.files import load_sae, save_sae
 from sae.model import SAEOutput, SparseAutoencoder
 from sae.protocol import SAELensAdapter, SAELike, as_sae
 from sae.registry import ReleaseIntegrityError, UnknownReleaseError, list_releases, load_release
 
 __all__ = [
+    "LatentpatchError",
     "NotAnSAEError",
     "ReleaseIntegrityError",
     "SAEConfig",

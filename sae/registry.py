@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sae.errors import SAEFileError
+from sae.errors import LatentpatchError, SAEFileError
 from sae.files import WEIGHTS_FILE, load_sae
 from sae.model import TORCH_DTYPES, SparseAutoencoder
 
@@ -28,7 +28,7 @@ RELEASES_DIR = Path(__file__).parent / "releases"
 REGISTRY_FILE = "registry.json"
 
 
-class UnknownReleaseError(LookupError):
+class UnknownReleaseError(LatentpatchError, LookupError):
     """A release or SAE id the registry does not hold; the message lists the ones it does."""
 
     def __init__(self, asked: str, available: list[str]) -> None:
@@ -56,7 +56,7 @@ class ReleaseEntry:
     recipe: dict[str, Any]
     """How it was made: `commands` (exact, in order), `corpus`, `corpus_digest`, token counts, seconds."""
     heldout: dict[str, Any]
-    """SAEBench's core figures on held-out real text (`training.release.evaluate`): CE loss recovered, KL, EV, L0, ..."""
+    """SAEBench's core figures on held-out real text (`latentpatch.release.evaluate`): CE loss recovered, KL, EV, L0, ..."""
 
 
 def _read_registry(root: Path) -> dict[str, Any]:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sae.errors import LatentpatchError
 
-class TrainingConfigError(ValueError):
+
+class TrainingConfigError(LatentpatchError, ValueError):
     """A trainer or run configuration is inconsistent; the message says what to change."""
 
 
-class DataSourceError(ValueError):
+class DataSourceError(LatentpatchError, ValueError):
     """An activation or text source is malformed, exhausted or does not match the SAE."""
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(LatentpatchError, FloatingPointError):
     """A non-finite value appeared during training; names the step and the tensor.
 
     Raised before the optimizer step that would have used it, so parameters stay finite and
@@ -27,7 +29,7 @@ class NonFiniteError(FloatingPointError):
                          "and the last checkpoint is untouched")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LatentpatchError, ValueError):
     """A checkpoint folder is missing, incomplete, corrupt or was written by another config."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
@@ -45,5 +47,5 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"training interrupted after step {step}; checkpoint: {checkpoint}")
 
 
-class RunPathError(ValueError):
+class RunPathError(LatentpatchError, ValueError):
     """A path a run reads or writes cannot be used: missing, of the wrong kind, or not writable."""
