@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from patching.figures import pyplot
+from patching.figures import subplots
 from sae.metrics import median
 
 
@@ -24,8 +24,7 @@ def plot_restoration_curves(curves, path: Path, *, title: str, ylabel: str, x: s
     """Restoration curves (`{label: RestorationCurve}`) against the units patched, as a percent
     of the active units (`x="percent"`) or as a count (`x="count"`); one thin line per pair, the
     median in bold, dotted lines at 50% and 90%."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for (label, curve), color in zip(curves.items(), COLORS * len(curves)):
         if x == "percent":
             xs_rows = [[100.0 * n / active for n in curve.counts] for active in curve.n_active]
@@ -45,5 +44,4 @@ def plot_restoration_curves(curves, path: Path, *, title: str, ylabel: str, x: s
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -147,25 +147,22 @@ def _groups_table(report: UnitReport) -> str:
 
 
 def _plot_activity(report: Report, path: Path) -> Path:
-    from patching.figures import pyplot
+    from patching.figures import subplots
 
-    plt = pyplot()
-    fig, (bars, hist) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (bars, hist) = subplots(1, 2, figsize=(11, 4))
     draw_logit_effect(bars, report.top_tokens, report.bottom_tokens)
     label = "activation (non-zero only)" if isinstance(report, LatentReport) else "activation"
     draw_histogram(hist, report.counts, report.edges, report.n_active, report.n_tokens, label=label)
     fig.suptitle(_title(report), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def _plot_decomposition(report: UnitReport, path: Path) -> Path:
-    from patching.figures import pyplot
+    from patching.figures import subplots
 
-    plt = pyplot()
-    fig, (shares, groups) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (shares, groups) = subplots(1, 2, figsize=(11, 3.8))
     names = [f"#{latent}" for latent, _ in report.variance] + list(report.variance_terms)
     values = [share for _, share in report.variance] + list(report.variance_terms.values())
     shares.barh(range(len(values)), values, color=["tab:purple"] * len(report.variance) + ["tab:gray"] * len(report.variance_terms))
@@ -180,5 +177,4 @@ def _plot_decomposition(report: UnitReport, path: Path) -> Path:
     groups.set_title(f"top {len(report.terms)} contexts by dominant latent", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -209,10 +209,9 @@ def activating_context(model: Any, tokens: Tensor, position: int, activation: fl
 
 
 def _plot_report(report: LatentReport, path: Path) -> Path:
-    from patching.figures import pyplot
+    from patching.figures import figure
 
-    plt = pyplot()
-    fig = plt.figure(figsize=(11, 4.5 + 0.16 * max(len(report.contexts), 1)))
+    fig = figure(figsize=(11, 4.5 + 0.16 * max(len(report.contexts), 1)))
     grid = fig.add_gridspec(2, 2, height_ratios=(3.0, 0.4 + 0.16 * max(len(report.contexts), 1)))
     bars, hist, text = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
     draw_logit_effect(bars, report.top_tokens, report.bottom_tokens)
@@ -223,7 +222,6 @@ def _plot_report(report: LatentReport, path: Path) -> Path:
     fig.suptitle(f"latent {report.latent} at {report.site.hook_name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patching.figures import pyplot
+from patching.figures import subplots
 from patching.safety.curves import UnitCurve
 from patching.safety.direction import DirectionReport
 from patching.sweep.results import library_version
@@ -133,8 +133,7 @@ def _pct(value: float | None) -> str:
 def plot_curves(curves: list[UnitCurve], path: Path, *, title: str) -> Path:
     """Median restored fraction against percent of active units, one line per unit kind (the
     direction, one unit per position, is a single point); thin lines per pair."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = subplots(figsize=(7.5, 4.8))
     colors = ("tab:red", "tab:orange", "tab:blue", "tab:gray", "tab:green", "tab:purple")
     for curve, color in zip(curves, colors * 2):
         if not curve.pairs:
@@ -155,5 +154,4 @@ def plot_curves(curves: list[UnitCurve], path: Path, *, title: str) -> Path:
         ax.text(0.5, 0.5, "no pair cleared the span threshold", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from patching.figures import pyplot
+from patching.figures import subplots
 from patching.splice.evaluation import SAEEvaluation
 from sae.atomic import atomic_folder
 
@@ -30,9 +30,8 @@ def save_evaluation(result: SAEEvaluation, folder: Any, *, provenance: dict[str,
 
 
 def _density_plot(result: SAEEvaluation, path: Path) -> None:
-    plt = pyplot()
     alive = result.feature_density[result.feature_density > 0].double()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.hist(alive.log10().numpy(), bins=50)
     ax.axvline(math.log10(result.dense_threshold), color="red", linestyle="--", label=f"dense > {result.dense_threshold:g}")
     ax.set_xlabel("log10 firing frequency")
@@ -42,13 +41,11 @@ def _density_plot(result: SAEEvaluation, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _cosine_plot(result: SAEEvaluation, path: Path) -> None:
-    plt = pyplot()
     values = result.max_decoder_cosine[~result.max_decoder_cosine.isnan()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.hist(values.numpy(), bins=50, range=(0, 1))
     ax.set_xlabel("max |cos| of a decoder row with any other row")
     ax.set_ylabel("latents")
@@ -56,4 +53,3 @@ def _cosine_plot(result: SAEEvaluation, path: Path) -> None:
                  f"median {result.decoder_cosine['median']:.3f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

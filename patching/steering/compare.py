@@ -297,12 +297,13 @@ def _provenance(model: Any, sae: Any, site: Any, concept: Concept, choice: Laten
 def plot_comparison(table: Any, path: Path, *, title: str = "") -> Path:
     """Effect against cost, one curve per K (points ordered by coefficient), one column per method:
     top row KL on neutral text, bottom row perplexity of steered continuations."""
-    from patching.figures import pyplot
+    from matplotlib.ticker import NullFormatter
 
-    plt = pyplot()
+    from patching.figures import subplots
+
     methods = [m for m in table["method"].unique() if m != "none"]
     base = table[table["method"] == "none"]
-    fig, axes = plt.subplots(2, max(len(methods), 1), figsize=(5.5 * max(len(methods), 1), 8), squeeze=False)
+    fig, axes = subplots(2, max(len(methods), 1), figsize=(5.5 * max(len(methods), 1), 8), squeeze=False)
     for j, method in enumerate(methods):
         part = table[table["method"] == method]
         for row, cost in enumerate(("kl_neutral", "gen_perplexity")):
@@ -319,10 +320,9 @@ def plot_comparison(table: Any, path: Path, *, title: str = "") -> Path:
                 ax.set_xscale("symlog", linthresh=1e-3)
             else:
                 ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(plt.NullFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{title} — {method}", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

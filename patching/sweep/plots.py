@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from patching.figures import pyplot
+from patching.figures import subplots
 
 if TYPE_CHECKING:
     from patching.sweep.results import PatchResult
@@ -26,7 +26,6 @@ def plot_result(result: "PatchResult", path: Path, *, top_k: int = 20) -> Path:
 
 
 def _heatmap(result: "PatchResult", path: Path, *, row_of, row_label: str, top_k: int | None) -> Path:
-    plt = pyplot()
     effects = result.mean_effect
     tokens = result.base_tokens[0] if result.base_tokens else []
     n_pos = max([u.position for u in result.units] + [len(tokens) - 1]) + 1
@@ -36,7 +35,7 @@ def _heatmap(result: "PatchResult", path: Path, *, row_of, row_label: str, top_k
     keys = sorted(rows, key=lambda key: -rows[key].abs().max().item())[:top_k] if top_k else sorted(rows)
     grid = torch.stack([rows[key] for key in keys]) if keys else torch.zeros(1, n_pos)
     limit = max(grid.abs().max().item(), 1e-9)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * n_pos + 2), max(3, 0.3 * len(keys) + 1.5)))
+    fig, ax = subplots(figsize=(max(6, 0.6 * n_pos + 2), max(3, 0.3 * len(keys) + 1.5)))
     image = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(n_pos), [f"{i}:{tokens[i]!r}" if i < len(tokens) else str(i) for i in range(n_pos)],
                   rotation=60, ha="right", fontsize=7)
@@ -47,14 +46,12 @@ def _heatmap(result: "PatchResult", path: Path, *, row_of, row_label: str, top_k
     fig.colorbar(image, ax=ax, label="normalized effect")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def _bars(result: "PatchResult", path: Path, *, top_k: int) -> Path:
-    plt = pyplot()
     top = result.top(top_k)
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(top) + 1.5)))
+    fig, ax = subplots(figsize=(8, max(3, 0.3 * len(top) + 1.5)))
     ax.barh(range(len(top)), [entry.effect for entry in top], color="tab:blue")
     ax.set_yticks(range(len(top)), [entry.label[:60] for entry in top], fontsize=7)
     ax.invert_yaxis()
@@ -62,5 +59,4 @@ def _bars(result: "PatchResult", path: Path, *, top_k: int) -> Path:
     ax.set_title(f"{result.method} {result.direction}: top {len(top)} units", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
-from patching.figures import pyplot
+from patching.figures import subplots
 from patching.model import tl_compat
+from patching.model.checks import check_token_batch
 from patching.model.sites import Site
 from patching.sweep.objectives import LogitDiff
 
@@ -101,9 +102,8 @@ class RepairResult:
     def plot(self, path: str | Path, *, top_k: int = 3) -> Path:
         """Direct against total per component, and the compensation by downstream components for the
         `top_k` components with the largest direct effects."""
-        plt = pyplot()
         n = len(self.components)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, n * 0.3) + 6, 4))
+        fig, (left, right) = subplots(1, 2, figsize=(max(8, n * 0.3) + 6, 4))
         x = torch.arange(n).float()
         left.bar(x - 0.2, self.direct, width=0.4, label="direct")
         left.bar(x + 0.2, self.total, width=0.4, label="total")
@@ -118,7 +118,6 @@ class RepairResult:
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return path
 
 
@@ -203,6 +202,11 @@ def _check(model: Any, tokens: Tensor, metric: Any, components: Sequence[Compone
         raise PatchingError(f"ablation must be 'zero', 'mean' or 'resample', got {ablation!r}")
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[0] != 1:
         raise PatchingError(f"tokens must be (1, pos), got {getattr(tokens, 'shape', tokens)!r}")
+    vocab, n_ctx = tl_compat.d_vocab(model), tl_compat.n_ctx(model)
+    check_token_batch(tokens, "tokens", vocab, n_ctx=n_ctx)
+    for name, extra in (("corrupted", corrupted), ("corpus", corpus)):
+        if isinstance(extra, Tensor):
+            check_token_batch(extra, name, vocab, n_ctx=n_ctx)
     if ablation == "resample" and (corrupted is None or corrupted.shape != tokens.shape):
         raise PatchingError(f"resample ablation needs corrupted tokens of shape {tuple(tokens.shape)}, "
                             f"got {None if corrupted is None else tuple(corrupted.shape)}")
