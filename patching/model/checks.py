@@ -17,8 +17,22 @@ from torch import Tensor
 from patching.errors import PatchingError
 
 
-def check_token_batch(tokens: Tensor, name: str, vocab: int, *, error: type[Exception] = PatchingError) -> Tensor:
-    """A `(batch, pos)` integer tensor with at least one row and one position, ids in `[0, vocab)`.
+def check_context(n_tokens: int, n_ctx: int, name: str, *, error: type[Exception] = PatchingError) -> None:
+    """Refuse an input of `n_tokens` positions that does not fit the model's context of `n_ctx`.
+
+    TransformerLens's `to_tokens` cuts a longer text to its first `n_ctx` tokens without a word,
+    and a longer token tensor or generation fails deep inside the model (or, with a cache, reads
+    positions it never computed); either way the answer would belong to another input. Callers
+    that want the cut ask for it (`to_tokens(..., truncate=True)`)."""
+    if n_tokens > n_ctx:
+        raise error(f"{name} is {n_tokens} tokens but the model's context holds {n_ctx} (n_ctx): shorten it, "
+                    f"or tokenize with truncate=True to keep its first {n_ctx} tokens")
+
+
+def check_token_batch(tokens: Tensor, name: str, vocab: int, *, error: type[Exception] = PatchingError,
+                      n_ctx: int | None = None) -> Tensor:
+    """A `(batch, pos)` integer tensor with at least one row and one position, ids in `[0, vocab)`,
+    and (given `n_ctx`) no more positions than the model's context holds.
 
     A zero-row or zero-position batch is refused here: it would otherwise fail deep inside a
     reduction (`max()` of nothing) or after a forward pass."""
@@ -30,6 +44,8 @@ def check_token_batch(tokens: Tensor, name: str, vocab: int, *, error: type[Exce
         raise error(f"{name} tokens need at least one row and one position, got shape {tuple(tokens.shape)}")
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
         raise error(f"{name} tokens must lie in [0, {vocab}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+    if n_ctx is not None:
+        check_context(tokens.shape[1], n_ctx, f"{name} tokens", error=error)
     return tokens
 
 

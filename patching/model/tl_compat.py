@@ -17,6 +17,8 @@ from torch.utils.hooks import RemovableHandle
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import loading_from_pretrained as tl_loading
 
+from patching.model.checks import check_context
+
 HookFn = Callable[[Tensor], Tensor | None]
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
@@ -109,8 +111,15 @@ def same_model(a: str, b: str) -> bool:
     return a == b or canonical_model_name(a) == canonical_model_name(b)
 
 
-def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: bool = True) -> Tensor:
-    return model.to_tokens(text, prepend_bos=prepend_bos)
+def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: bool = True, truncate: bool = False) -> Tensor:
+    """Token ids of `text` (a list is right-padded by TransformerLens). A text longer than the
+    model's context is refused (`check_context`), never cut as TransformerLens's default does;
+    `truncate=True` keeps its first `n_ctx` tokens, for callers that mean to cut."""
+    tokens = model.to_tokens(text, prepend_bos=prepend_bos, truncate=truncate)
+    if not truncate:
+        what = f"the text {text!r:.60}" if isinstance(text, str) else f"the longest of {len(text)} texts"
+        check_context(tokens.shape[-1], n_ctx(model), what)
+    return tokens
 
 
 def to_str_tokens(model: HookedTransformer, tokens: Tensor) -> list[str]:

@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from transformer_lens import HookedTransformer
 
 from patching.errors import PatchingError
+from patching.model.checks import check_context
 
 
 def prefix_cache(model: HookedTransformer, prefix_tokens: Tensor) -> Any:
@@ -132,6 +133,7 @@ def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[No
             or prefix_tokens.numel() == 0 or prefix_tokens.is_floating_point():
         raise PatchingError(f"bound_prefix needs one row of token ids, (1, length) or (length,), got "
                             f"{prefix_tokens.dtype} {tuple(prefix_tokens.shape)}")
+    check_context(prefix_tokens.shape[-1], model.cfg.n_ctx, "the bound prefix")
     with torch.no_grad():
         cache = prefix_cache(model, prefix_tokens.reshape(1, -1))
     plain = model.__dict__.get("forward")  # an enclosing binding's, or None for the class's own
@@ -152,6 +154,9 @@ def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[No
             mask = kwargs.get("attention_mask")
             past.previous_attention_mask = cache.previous_attention_mask.expand(rows, -1).clone().to(
                 past.previous_attention_mask.dtype if mask is None else mask.dtype)
+        held = cache_length(kwargs["past_kv_cache"])
+        check_context(held + inputs.shape[1], model.cfg.n_ctx, f"a run after the bound prefix and cache ({held} "
+                      f"positions) of {inputs.shape[1]} more positions")
         return inner(*args, **kwargs)
 
     model.forward = forward  # type: ignore[method-assign]
@@ -197,6 +202,11 @@ def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_
     mask) each new token at position p after the first gets W_pos[2p], and past n_ctx / 2 the
     slice runs out. Uncached is slower, never wrong.
     """
+    if isinstance(inputs, Tensor):
+        check_context(inputs.shape[-1] + max_new_tokens, model.cfg.n_ctx, f"the prompt ({inputs.shape[-1]} tokens) plus "
+                      f"max_new_tokens={max_new_tokens}")
+    else:
+        left_padded_tokens(model, inputs, max_new_tokens=max_new_tokens)  # refuses what cannot fit; TL tokenizes again
     if model.cfg.positional_embedding_type in ("standard", "shortformer"):
         use_past_kv_cache = False
     # TransformerLens's generate calls `self.eval()` and never restores the mode (R5): put back every
@@ -252,18 +262,24 @@ def sample_logits(logits: Tensor, *, temperature: float, top_p: float | None) ->
     return sample(logits, top_p=top_p, temperature=temperature)
 
 
-def left_padded_tokens(model: HookedTransformer, prompts: str | list[str] | Tensor) -> tuple[Tensor, Tensor | None]:
+def left_padded_tokens(model: HookedTransformer, prompts: str | list[str] | Tensor, *,
+                       max_new_tokens: int = 0) -> tuple[Tensor, Tensor | None]:
     """Token ids for generation and the mask of real tokens (None: no padding).
 
     A string is tokenized with BOS; a list of strings is left-padded, so that every row's last
-    position is real, as TransformerLens's `generate` does; a tensor is used as given."""
+    position is real, as TransformerLens's `generate` does; a tensor is used as given. Prompts
+    are never cut: one whose tokens plus `max_new_tokens` exceed the context is refused."""
     if isinstance(prompts, Tensor):
         return prompts, None
-    if isinstance(prompts, str) or len(prompts) == 1:
-        return model.to_tokens(prompts, prepend_bos=True), None
+    single = isinstance(prompts, str) or len(prompts) == 1
+    tokens = model.to_tokens(prompts, prepend_bos=True, truncate=False, **({} if single else {"padding_side": "left"}))
+    check_context(tokens.shape[-1] + max_new_tokens, model.cfg.n_ctx,
+                  f"the prompt ({tokens.shape[-1]} tokens{', the longest of the list' if not single else ''}) "
+                  f"plus max_new_tokens={max_new_tokens}")
+    if single:
+        return tokens, None
     from transformer_lens.utilities import get_attention_mask
 
-    tokens = model.to_tokens(prompts, prepend_bos=True, padding_side="left")
     side = model.tokenizer.padding_side
     model.tokenizer.padding_side = "left"  # get_attention_mask scans for pads on the tokenizer's side
     try:

@@ -27,7 +27,8 @@ def right_pad(rows: Sequence[Int[Tensor, " _pos"]]) -> tuple[Int[Tensor, "batch 
     return tokens, mask
 
 
-def padded_tokens(model: Any, texts: list[str]) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+def padded_tokens(model: Any, texts: list[str], *, truncate: bool = False) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Texts tokenized one by one (BOS prepended as the model does), right-padded to the longest
-    (`right_pad`), and the mask of real tokens."""
-    return right_pad([tl_compat.to_tokens(model, text)[0] for text in texts])
+    (`right_pad`), and the mask of real tokens. A text longer than the model's context is refused
+    (`tl_compat.to_tokens`) unless `truncate` asks to keep its first `n_ctx` tokens."""
+    return right_pad([tl_compat.to_tokens(model, text, truncate=truncate)[0] for text in texts])

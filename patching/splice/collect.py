@@ -49,7 +49,7 @@ def _token_rows(model: Any, corpus: Corpus) -> list[Tensor]:
     if isinstance(corpus, Tensor):
         if corpus.dim() != 2:
             raise PatchingError(f"a token corpus must be a (batch, pos) integer tensor, got {tuple(corpus.shape)} {corpus.dtype}")
-        return [row.long() for row in check_token_batch(corpus, "corpus", tl_compat.d_vocab(model))]
+        return [row.long() for row in check_token_batch(corpus, "corpus", tl_compat.d_vocab(model), n_ctx=tl_compat.n_ctx(model))]
     texts = [corpus] if isinstance(corpus, str) else list(corpus)
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise PatchingError(f"a text corpus must be a non-empty list of non-empty strings, got {corpus!r:.80}")

@@ -308,7 +308,7 @@ def token_batches(model: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"],
     while batch := list(itertools.islice(texts, config.batch_size)):
         if not all(isinstance(text, str) and text for text in batch):
             raise ValueError("every text in the corpus must be a non-empty string")
-        tokens, real = padded_tokens(model, batch)
+        tokens, real = padded_tokens(model, batch, truncate=True)  # cut to context_size below: the cut is asked for
         yield tokens[:, :config.context_size], real[:, :config.context_size]
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from patching.errors import PatchingError
 from patching.model import tl_compat
+from patching.model.checks import check_context
 from patching.model.sites import Site
 from patching.splice.splicer import Edit, Splice, SpliceChecks, splice
 
@@ -228,6 +229,8 @@ def generate(model: Any, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, 
     pass's last-position logits `(batch, vocab)` before the token is chosen. With `prefix` (and
     the cache) the shared prefix's positions are not run again, and so are not intervened on."""
     check_generation_inputs(tokens, max_new_tokens, attention_mask)
+    check_context(tokens.shape[1] + max_new_tokens, tl_compat.n_ctx(model),
+                  f"the prompt ({tokens.shape[1]} tokens) plus max_new_tokens={max_new_tokens}")
     interventions = interventions or Interventions()
     sampling = sampling or Sampling()
     decoder = Decoder(model, tokens, use_kv_cache=use_kv_cache, attention_mask=attention_mask, prefix=prefix)

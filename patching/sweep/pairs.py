@@ -57,7 +57,8 @@ def tokenize(model: Any, prompts: Prompts, name: str) -> list[Tensor]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, Tensor):
-        return [row[None].long() for row in check_token_batch(prompts, name, tl_compat.d_vocab(model))]
+        return [row[None].long() for row in check_token_batch(prompts, name, tl_compat.d_vocab(model),
+                                                                n_ctx=tl_compat.n_ctx(model))]
     if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise PatchingError(f"{name} must be a string, a non-empty list of strings or a token tensor")
     return [tl_compat.to_tokens(model, text) for text in prompts]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from patching.errors import PatchingError
 from patching.model import tl_compat
+from patching.model.checks import check_token_batch
 from patching.model.sites import Site
 from patching.tracing.noise import NoiseConfig, subject_positions
 
@@ -251,6 +252,7 @@ def _check(model: Any, prompt: str | Tensor, subject: str | Sequence[int], answe
     tokens = tl_compat.to_tokens(model, prompt) if isinstance(prompt, str) else prompt
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[0] != 1:
         raise PatchingError(f"prompt must be a string or a (1, pos) token tensor, got {getattr(tokens, 'shape', prompt)!r}")
+    check_token_batch(tokens, "prompt", tl_compat.d_vocab(model), n_ctx=tl_compat.n_ctx(model))
     if isinstance(answer, str):
         ids = tl_compat.encode_text(model, answer)
         if len(ids) != 1:
