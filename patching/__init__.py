@@ -4,52 +4,79 @@
     splice/       typed edits, the splicer, collecting latents over a corpus, splice quality
     sweep/        metrics, prompt pairs, units, the batched exact engine, results and plots
     attribution/  AtP, integrated gradients, AtP*-GradDrop, verify against exact, restoration curves
+    paths/        path patching and edges: nodes, receivers, exact path patching
     tracing/      Gaussian-noise corruption, ROME's causal tracing, self-repair (the Hydra effect)
     steering/  inspect/  safety/   the three uses; they never import each other
 
-`errors` and `figures` sit below every room. This module re-exports the public API of each room.
+`errors` and `figures` sit below every room. This module re-exports the public API of every room
+(and `import latentpatch` re-exports this, `sae` and `training`: one public namespace).
+
+The convention every public function keeps (names in the glossary of the docs):
+
+- Experiments: `fn(model, sae_or_saes, clean, corrupted, metric, *, config=None, **overrides)`. The
+  model comes first, the SAE(s) second; inputs next; everything optional is keyword-only. A config
+  dataclass is passed as `config=` and single fields override it by keyword (`k=20`).
+- "How many" is `k` (the top k units, latents or contexts). Batch sizing is `batch_size` (rows per
+  forward) with `memory_mb` as the cap it is derived from when left out.
+- `direction` is only ever "denoise" or "noise" (the patching direction); the inspect class of a
+  neuron's read/write vectors is `NeuronDirection`. Units are chosen with `units=`.
+- Every result has `save(folder)`, `Result.load(folder)`, `plot()` and `to_dataframe()`, and carries
+  one provenance record (`patching.provenance`).
+- Every typed error derives from `LatentpatchError`. Old names keep working for one release with a
+  `DeprecationWarning`.
 """
 
-from patching.attribution import RestorationCurve, Verification, attribute_latents, latent_restoration, raw_restoration, verify
-from patching.errors import ModelLoadError, PatchingError, SiteError, SpliceError
-from patching.inspect import (
-                                  Decomposition,
-                                  Direction,
-                                  InspectConfig,
-                                  LatentReport,
-                                  Neuron,
-                                  NeuronConfig,
-                                  UnitReport,
-                                  UnitScores,
-                                  decompose,
-                                  inspect_latent,
-                                  inspect_latents,
-                                  inspect_units,
-                                  logit_effect,
-                                  readout,
-                                  unit_scores,
-                                  write_dashboards,
+from patching.errors import ModelLoadError, PatchingError, SiteError, SpliceError, SteeringError
+from patching.model import (
+    DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, as_site, cache_root, load_model, load_model_for, model_flags,
+    padded_tokens,
 )
-from patching.model import DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, load_model, load_model_for, padded_tokens
-from patching.safety import (PAIRS, RefusalScore, SafetyConfig, SafetyReport, SafetySuite, find_safety_latents, is_refusal,
-                             refusal_rate)
-from patching.splice import ErrorPatch, LatentEdit, LatentPatch, SiteRecord, Splice, SpliceMetrics, splice, splice_metrics
-from patching.steering import (CompareSettings, Concept, LatentChoice, SteeredGeneration, Steering, SteeringComparison,
-                               SteeringConfig, SteeringError, compare_steering, contrast_latents, generate_steered,
-                               latents_from_result, steer, steering_vector)
-from patching.sweep import (CallableMetric, KLFromClean, LogitDiff, PatchResult, PatchUnit, TokenLogProb, TokenProb,
-                            TopEntry, UnitPart, patch_heads, patch_latents, patch_residual)
+from patching.splice import (
+    Corpus, ErrorPatch, EvalConfig, Interventions, LatentEdit, LatentPatch, SAEEvaluation, Sampling, SiteRecord,
+    Splice, SpliceChecks, SpliceMetrics, Step, evaluate_sae, generate, intervening, iter_site_latents,
+    iter_site_values, resolve_saes, resolve_site, save_evaluation, splice, splice_metrics,
+)
+from patching.sweep import (
+    CallableMetric, KLFromClean, LogitDiff, Metric, PatchResult, PatchUnit, PromptPair, TokenLogProb, TokenProb,
+    TopEntry, UnitPart, as_metric, library_version, make_pairs, patch_heads, patch_latents, patch_residual,
+)
+from patching.attribution import RestorationCurve, Verification, attribute_latents, latent_restoration, raw_restoration, verify
+from patching.paths import PathConfig, PathResult, Node, Receiver, patch_paths, receivers_of, upstream_nodes
+from patching.tracing import (
+    Component, NoiseConfig, RepairResult, TraceResult, causal_trace, embedding_std, self_repair, subject_positions,
+    window_layers,
+)
+from patching.steering import (
+    CONCEPTS, CompareSettings, Concept, LatentChoice, SteeredGeneration, Steering, SteeringComparison, SteeringConfig,
+    compare_steering, contrast_latents, generate_steered, latents_from_result, steer, steering_vector,
+)
+from patching.inspect import (
+    Decomposition, Direction, InspectConfig, LatentReport, Neuron, NeuronConfig, UnitReport, UnitScores, decompose,
+    inspect_latent, inspect_latents, inspect_units, logit_effect, readout, unit_scores, write_dashboards,
+)
+from patching.safety import (
+    DirectionReport, GuidedGeneration, PAIRS, RefusalScore, SafetyConfig, SafetyReport, SafetySuite, UnitCurve,
+    UnitSet, find_safety_latents, guided_generate, is_refusal, refusal_directions, refusal_rate,
+)
+from sae.errors import LatentpatchError
 
 __all__ = [
-    "CallableMetric", "CompareSettings", "Concept", "DEFAULT_MODEL", "Decomposition", "Direction", "ErrorPatch",
-    "InspectConfig", "KLFromClean", "LatentChoice", "LatentEdit", "LatentPatch", "LatentReport", "LogitDiff",
-    "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "PAIRS", "PatchResult", "PatchUnit",
-    "PatchingError", "RefusalScore", "RestorationCurve", "SafetyConfig", "SafetyReport", "SafetySuite", "Site", "SiteError",
-    "SiteRecord", "Splice", "SpliceError", "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison",
-    "SteeringConfig", "SteeringError", "TokenLogProb", "TokenProb", "TopEntry", "UnitPart", "UnitReport",
-    "UnitScores", "Verification", "attribute_latents", "compare_steering", "contrast_latents", "decompose",
-    "find_safety_latents", "generate_steered", "inspect_latent", "inspect_latents", "inspect_units", "is_refusal",
-    "latent_restoration", "latents_from_result", "load_model", "load_model_for", "logit_effect", "padded_tokens", "patch_heads", "patch_latents",
-    "patch_residual", "raw_restoration", "readout", "refusal_rate", "splice", "splice_metrics", "steer",
-    "steering_vector", "unit_scores", "verify", "write_dashboards",
+    "CONCEPTS", "CallableMetric", "CompareSettings", "Component", "Concept", "Corpus", "DEFAULT_MODEL",
+    "Decomposition", "Direction", "DirectionReport", "ErrorPatch", "EvalConfig", "GuidedGeneration", "InspectConfig",
+    "Interventions", "KLFromClean", "LatentChoice", "LatentEdit", "LatentPatch", "LatentReport", "LatentpatchError",
+    "LogitDiff", "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "Node",
+    "NoiseConfig", "PAIRS", "PatchResult", "PatchUnit", "PatchingError", "PathConfig", "PathResult", "PromptPair",
+    "Receiver", "RefusalScore", "RepairResult", "RestorationCurve", "SAEEvaluation", "SafetyConfig", "SafetyReport",
+    "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError",
+    "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step",
+    "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores",
+    "UnitSet", "Verification", "as_metric", "as_site", "attribute_latents", "cache_root", "causal_trace",
+    "compare_steering", "contrast_latents", "decompose", "embedding_std", "evaluate_sae", "find_safety_latents",
+    "generate", "generate_steered", "guided_generate", "inspect_latent", "inspect_latents", "inspect_units",
+    "intervening", "is_refusal", "iter_site_latents", "iter_site_values", "latent_restoration", "latents_from_result",
+    "library_version", "load_model", "load_model_for", "logit_effect", "make_pairs", "model_flags", "padded_tokens",
+    "patch_heads", "patch_latents", "patch_paths", "patch_residual", "raw_restoration", "readout", "receivers_of",
+    "refusal_directions", "refusal_rate", "resolve_saes", "resolve_site", "save_evaluation", "self_repair", "splice",
+    "splice_metrics", "steer", "steering_vector", "subject_positions", "unit_scores", "upstream_nodes", "verify",
+    "window_layers", "write_dashboards",
 ]

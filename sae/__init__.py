@@ -1,8 +1,8 @@
 """The SAE itself: config, module, file format, and the protocol for foreign SAEs."""
 
 from sae.config import SAEConfig
-from sae.errors import LatentpatchError, NotAnSAEError, SAEConfigError, SAEFileError
-from sae.files import load_sae, save_sae
+from sae.errors import LatentpatchError, NotAnSAEError, SAEConfigError, SAEFileError, ShadowedPackageError
+from sae.files import load_sae, save_sae, weights_sha256
 from sae.model import SAEOutput, SparseAutoencoder
 from sae.protocol import SAELensAdapter, SAELike, as_sae
 from sae.registry import ReleaseIntegrityError, UnknownReleaseError, list_releases, load_release
@@ -17,6 +17,7 @@ __all__ = [
     "SAELensAdapter",
     "SAELike",
     "SAEOutput",
+    "ShadowedPackageError",
     "SparseAutoencoder",
     "UnknownReleaseError",
     "as_sae",
@@ -24,4 +25,5 @@ __all__ = [
     "load_release",
     "load_sae",
     "save_sae",
+    "weights_sha256",
 ]

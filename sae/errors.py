@@ -30,3 +30,8 @@ class SAEFileError(LatentpatchError, ValueError):
 
 class NotAnSAEError(LatentpatchError, TypeError):
     """An object passed where an SAE is expected lacks encode/decode/W_dec/d_in/d_sae."""
+
+
+class ShadowedPackageError(LatentpatchError, ImportError):
+    """`sae`, `patching` or `training` resolves to a module outside latentpatch (e.g. a user's own
+    `training/` folder in the working directory); the message names the shadowing path."""

@@ -4,6 +4,7 @@ comparisons of effect against cost, and built-in concepts.
 A leaf: imports the rooms below it, never `inspect` or `safety`."""
 
 from patching.steering.compare import CompareSettings, Concept, SteeringComparison, compare_steering
+from patching.steering.concepts import CONCEPTS
 from patching.steering.choice import LatentChoice, contrast_latents, latents_from_result
 from patching.steering.steer import (
     SteeredGeneration,
@@ -15,4 +16,4 @@ from patching.steering.steer import (
     steering_vector,
 )
 
-__all__ = ["CompareSettings", "Concept", "LatentChoice", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "compare_steering", "contrast_latents", "generate_steered", "latents_from_result", "steer", "steering_vector"]
+__all__ = ["CONCEPTS", "CompareSettings", "Concept", "LatentChoice", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "compare_steering", "contrast_latents", "generate_steered", "latents_from_result", "steer", "steering_vector"]
