@@ -103,7 +103,7 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SparseA
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     cfg, expected_sha = config_from_dict(read_config_json(cfg_path), cfg_path)
     tensors = _read_weights(weights_path, cfg, expected_sha)
-    sae = SparseAutoencoder(cfg)
+    sae = SparseAutoencoder(cfg, generator=torch.Generator())  # weights overwritten: leave the caller's RNG alone
     sae.load_state_dict({name: t.to(TORCH_DTYPES[cfg.dtype]) for name, t in tensors.items()})
     return sae.to(device)
 

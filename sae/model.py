@@ -140,7 +140,7 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.normalization_scale is not None:
             extra = dict(cfg.extra_metadata, folded_normalization_scale=s)
             cfg = dataclasses.replace(cfg, extra_metadata=extra)
-        out = SparseAutoencoder(cfg)
+        out = SparseAutoencoder(cfg, generator=torch.Generator())  # weights overwritten: leave the caller's RNG alone
         out.load_state_dict(
             {**self.state_dict(), "W_enc": self.W_enc / s, "W_dec": self.W_dec * s, "b_dec": self.b_dec * s}
         )

@@ -383,5 +383,6 @@ def frozen_final_readout(model: HookedTransformer, delta: Tensor, base_final: Te
 from patching.model.tl_loading import build_from_local_folder, load_official, transpose_layout  # noqa: E402, F401
 from patching.model.tl_generation import (  # noqa: E402, F401
     attach_block_pre_hook, bound_prefix, cache_before, cache_length, expand_cache, forward_step, generate, left_padded_tokens, new_kv_cache,
-    prefix_cache, run_blocks_joining, run_until_end_with_keys_values, sample_logits, select_cache_rows, slice_cache,
+    prefix_cache, run_blocks_joining, run_until_end_with_keys_values, sample_logits, seeded_generator, select_cache_rows,
+    slice_cache,
 )

@@ -255,11 +255,30 @@ def forward_step(model: HookedTransformer, tokens: Tensor, attention_mask: Tenso
     return readout(model, final[:, -1:])
 
 
-def sample_logits(logits: Tensor, *, temperature: float, top_p: float | None) -> Tensor:
-    """TransformerLens's sampler (temperature, nucleus) on last-position logits, `(batch,)`."""
-    from transformer_lens.utilities import sample_logits as sample
+def sample_logits(logits: Tensor, *, temperature: float, top_p: float | None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """TransformerLens's sampler (temperature, nucleus) on last-position logits, `(batch,)`, drawing
+    from `generator` (None: torch's global RNG).
 
-    return sample(logits, top_p=top_p, temperature=temperature)
+    The filtering is `transformer_lens.utilities.sample_logits`'s, step for step; only the draw
+    differs, because its `Categorical(...).sample()` takes no generator: `torch.multinomial` over
+    the same probabilities with replacement is what that `sample()` runs, so under the same seed
+    both draw the same tokens (tests/test_generate.py, tests/test_caller_state.py)."""
+    logits = logits / temperature
+    if top_p is not None:
+        ordered, order = torch.sort(logits, descending=True)
+        drop = ordered.softmax(dim=-1).cumsum(dim=-1) > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    probs = torch.distributions.Categorical(logits=logits.to(torch.float32)).probs
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, True, generator=generator)[:, 0]
+
+
+def seeded_generator(model: HookedTransformer, seed: int) -> torch.Generator:
+    """A `torch.Generator` on the model's device seeded with `seed`: sampling with it reproduces
+    without reseeding torch's global RNG, whose stream belongs to the caller (STYLE.md rule 20)."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
 def left_padded_tokens(model: HookedTransformer, prompts: str | list[str] | Tensor, *,

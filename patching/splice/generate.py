@@ -109,10 +109,11 @@ class Sampling:
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
             raise PatchingError(f"Sampling.top_p must be in (0, 1] or None, got {p!r}")
 
-    def choose(self, logits: Tensor) -> Tensor:
+    def choose(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The next token per row; a sample draws from `generator` (None: torch's global RNG)."""
         if not self.do_sample:
             return logits.argmax(-1)
-        return tl_compat.sample_logits(logits, temperature=self.temperature, top_p=self.top_p)
+        return tl_compat.sample_logits(logits, temperature=self.temperature, top_p=self.top_p, generator=generator)
 
 
 class Decoder:
@@ -221,13 +222,16 @@ def generate(model: Any, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, 
              interventions: Interventions | None = None, use_kv_cache: bool = True,
              attention_mask: Tensor | None = None, sampling: Sampling | None = None,
              observe: Callable[[Step, Tensor], None] | None = None,
-             prefix: SharedPrefix | None = None) -> Int[Tensor, "batch pos_new"]:
+             prefix: SharedPrefix | None = None,
+             generator: torch.Generator | None = None) -> Int[Tensor, "batch pos_new"]:
     """Prompt + continuation token ids, `(batch, pos + max_new_tokens)`, under `interventions`.
 
     Every row gets exactly `max_new_tokens` tokens (no stop at end-of-sequence), so rows stay
     aligned; callers cut at EOS when decoding. `observe(step, logits)`, if given, sees each
     pass's last-position logits `(batch, vocab)` before the token is chosen. With `prefix` (and
-    the cache) the shared prefix's positions are not run again, and so are not intervened on."""
+    the cache) the shared prefix's positions are not run again, and so are not intervened on.
+    Sampling draws from `generator` (`tl_compat.seeded_generator(model, seed)`), or from torch's
+    global RNG when it is None."""
     check_generation_inputs(tokens, max_new_tokens, attention_mask)
     check_context(tokens.shape[1] + max_new_tokens, tl_compat.n_ctx(model),
                   f"the prompt ({tokens.shape[1]} tokens) plus max_new_tokens={max_new_tokens}")
@@ -243,7 +247,7 @@ def generate(model: Any, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, 
             logits = decoder.forward()
             if observe is not None:
                 observe(step, logits)
-            decoder.append(sampling.choose(logits))
+            decoder.append(sampling.choose(logits, generator))
     return decoder.tokens.clone()  # an ordinary tensor, usable outside inference mode
 
 

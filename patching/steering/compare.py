@@ -235,15 +235,15 @@ def _generate(runner: Any, data: _Data, settings: CompareSettings) -> list[Tenso
     through its own `generate`, which resets the prompt length each call (what positions
     "generated" and "prompt" are measured from)."""
     generated = []
-    for seed in settings.seeds:
-        torch.manual_seed(seed)
+    for seed in settings.seeds:  # each seed its own generator: the caller's global RNG is never reseeded
         if isinstance(runner, Steering):
             tokens = runner.generate(list(data.heldout_texts), max_new_tokens=settings.max_new_tokens, do_sample=True,
-                                     temperature=settings.temperature)
+                                     temperature=settings.temperature, seed=seed)
         else:
             prompts, mask = tl_compat.left_padded_tokens(runner, list(data.heldout_texts))
             tokens = generate(runner, prompts, settings.max_new_tokens, attention_mask=mask,
-                              sampling=Sampling(do_sample=True, temperature=settings.temperature))
+                              sampling=Sampling(do_sample=True, temperature=settings.temperature),
+                              generator=tl_compat.seeded_generator(runner, seed))
         generated.append(tokens.cpu())
     return generated
 

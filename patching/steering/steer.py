@@ -246,9 +246,10 @@ class Steering:
 def _generate(model: Any, prompts: str | list[str] | Tensor, *, max_new_tokens: int, use_kv_cache: bool,
               sampling: Sampling, seed: int | None) -> Tensor:
     tokens, mask = tl_compat.left_padded_tokens(model, prompts)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return generate(model, tokens, max_new_tokens, use_kv_cache=use_kv_cache, attention_mask=mask, sampling=sampling)
+    # A private generator, not torch.manual_seed: the caller's global random stream stays as it was.
+    generator = None if seed is None else tl_compat.seeded_generator(model, seed)
+    return generate(model, tokens, max_new_tokens, use_kv_cache=use_kv_cache, attention_mask=mask, sampling=sampling,
+                    generator=generator)
 
 
 @contextlib.contextmanager
