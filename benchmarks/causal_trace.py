@@ -27,7 +27,7 @@ import torch
 from patching import Site, load_model
 from patching.tracing import NoiseConfig, causal_trace, embedding_std, window_layers
 from patching.tracing.trace import noise_hook
-from training.corpus import all_prompts
+from training.data.generated import all_prompts
 
 FACTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris"),
          ("The Taj Mahal is located in the country of", "Taj Mahal", " India")]

@@ -41,8 +41,8 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: train `args.steps` measured steps after 2 warm-up steps, write its figures."""
     from sae import SAEConfig, SparseAutoencoder
     from training import TensorBatches, TrainerConfig
-    from training.data_parallel import DataParallelTrainer
-    from training.distributed import init_distributed, shutdown_distributed
+    from training.trainer.data_parallel import DataParallelTrainer
+    from training.parallel.distributed import init_distributed, shutdown_distributed
 
     comm = init_distributed(timeout_s=300)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.world_size))

@@ -97,8 +97,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=160, help="held-out rows with --text real (default 160)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    from training.corpus import default_texts
-    from training.heldout_eval import heldout_tokens
+    from training.data.generated import default_texts
+    from training.data.heldout import heldout_tokens
 
     start = time.perf_counter()
     model = load_model()

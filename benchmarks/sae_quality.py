@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from training.release import EVAL_ROWS
+from latentpatch.release import EVAL_ROWS
 
 
 def forward_flops_per_token(model: Any, layer: int, context: int) -> float:
@@ -52,9 +52,9 @@ def matmul_peak(d_model: int, d_mlp: int, rows: int = 4096, repeats: int = 5) ->
 
 def harvest_rate(model: Any, hook_name: str, n_tokens: int) -> dict[str, float]:
     from patching import Site
-    from training.harvest import HarvestChunks
-    from training.mix import corpus_texts
-    from training.text import TokenRows
+    from training.activations.harvest import HarvestChunks
+    from training.data.mix import corpus_texts
+    from training.data.text import TokenRows
 
     site = Site.from_hook_name(hook_name)
     rows = TokenRows(model, corpus_texts("real", "train"), context_size=128, description="real")
@@ -89,10 +89,10 @@ def _retarget(command: str, *, caches: list[str], tokens: int, out: Path, l1: fl
 
 
 def baseline_and_shipped(entry: Any, tokens: int | None, work: Path, rows: int) -> dict[str, Any]:
-    from latentpatch.cli import main
+    from latentpatch.cli.entry import main
     from sae.files import load_sae
     from sae.registry import load_release
-    from training.release import evaluate
+    from latentpatch.release import evaluate
 
     recipe = entry.recipe
     budget = tokens or recipe["train_tokens"]

@@ -82,7 +82,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from sae_lens.synthetic import SyntheticActivationIterator
 
-    from training.init import normalization_scale
+    from training.trainer.init import normalization_scale
 
     features, generator = synthetic_model(args.seed)
     sample = next(SyntheticActivationIterator(features, generator, 8 * BATCH))

@@ -70,9 +70,9 @@ def step_efficiency(batches: list[torch.Tensor], l1: float, repeats: int = 5) ->
 
 def harvest_activations(model, n_batches: int) -> tuple[torch.Tensor, dict[str, float]]:
     from patching import Site
-    from training.corpus import default_texts
-    from training.harvest import HarvestChunks, harvest
-    from training.text import TokenRows
+    from training.data.generated import default_texts
+    from training.activations.harvest import HarvestChunks, harvest
+    from training.data.text import TokenRows
 
     site = Site(LAYER)
     rows = TokenRows(model, default_texts(), context_size=128, description="default corpus")
@@ -169,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from patching import load_model
-    from training.init import normalization_scale
+    from training.trainer.init import normalization_scale
 
     load_at_start = round(os.getloadavg()[0], 2)
     model = load_model()

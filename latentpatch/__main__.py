@@ -1,3 +1,3 @@
-from latentpatch.cli import main
+from latentpatch.cli.entry import main
 
 raise SystemExit(main())

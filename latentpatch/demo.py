@@ -76,7 +76,7 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name} must be positive, got {getattr(self, name)!r}")
 
     def sae_key(self) -> str:
-        from training.corpus import CorpusConfig
+        from training.data.generated import CorpusConfig
 
         return (f"l{self.layer}-d{self.d_sae}-l1_{self.l1:g}-t{self.train_tokens}-b{self.batch_size}-s{self.seed}"
                 f"-c{CorpusConfig().digest()}")
@@ -116,9 +116,9 @@ def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
     from patching import Site, load_model
     from sae import SAEConfig, SAEFileError, SparseAutoencoder, load_sae
     from training import TensorBatches, Trainer, TrainerConfig
-    from training.corpus import default_texts
-    from training.harvest import HarvestChunks
-    from training.text import TokenRows
+    from training.data.generated import default_texts
+    from training.activations.harvest import HarvestChunks
+    from training.data.text import TokenRows
 
     release = shipped_sae(config)
     if release is not None:
@@ -188,10 +188,10 @@ def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
 
     from patching import Site
     from training import TensorBatches, Trainer, TrainerConfig
-    from training.harvest import HarvestChunks
-    from training.mix import corpus_texts
-    from training.npm_corpora import CorpusUnavailableError
-    from training.text import TokenRows
+    from training.activations.harvest import HarvestChunks
+    from training.data.mix import corpus_texts
+    from training.data.npm import CorpusUnavailableError
+    from training.data.text import TokenRows
 
     site = Site.from_hook_name(sae.cfg.hook_name)
     try:  # real text only: the default mix would first generate its chat corpus (about 100 s on a fresh cache)
@@ -256,7 +256,7 @@ def _plot_training(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def _splice_section(model: Any, sae: Any, results: dict[str, Any]) -> Section:
-    from latentpatch.cli_experiments import EVAL_TEXTS
+    from latentpatch.cli.evaluate import EVAL_TEXTS
     from patching import padded_tokens, splice_metrics
 
     tokens, mask = padded_tokens(model, list(EVAL_TEXTS))

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tests.test_training_helpers import RandomChunks, fresh_saes, shuffled_batches, small_config
 from training import NonFiniteError, Trainer, TrainerConfig, TrainingInterrupted
-from training import checkpoint as ckpt
-from training.cache import CachedChunks, write_activation_cache
-from training.data_parallel import DataParallelTrainer
-from training.distributed import assigned, init_distributed, shutdown_distributed
-from training.sources import RowStripe
+from training.trainer import checkpoint as ckpt
+from training.activations.cache import CachedChunks, write_activation_cache
+from training.trainer.data_parallel import DataParallelTrainer
+from training.parallel.distributed import assigned, init_distributed, shutdown_distributed
+from training.activations.sources import RowStripe
 
 TIMEOUT_S = 30.0
 SWEEP_L1 = (0.5, 8.0, 2.0, 4.0)

@@ -1,6 +1,7 @@
 """The layout's rules, read from the source's imports (an AST scan, so aliases and imports inside
-functions count too): each room imports only the rooms below it; only `patching/model` imports
-TransformerLens; the packages depend in one direction (sae <- patching <- training <- latentpatch)."""
+functions count too): each room of `patching` and of `training` imports only the rooms below it; no two
+modules import each other; only `patching/model` imports TransformerLens; the packages depend in one
+direction (sae <- patching <- training <- latentpatch), so the library never imports the CLI."""
 
 from __future__ import annotations
 
@@ -21,10 +22,20 @@ ALLOWED = {
     "sweep": {"model", "splice"},
     "attribution": {"model", "splice", "sweep"},
     "tracing": {"model", "splice", "sweep", "attribution"},
+    "paths": {"model", "splice", "sweep", "attribution"},
     "steering": {"model", "splice", "sweep", "attribution", "tracing"},
     "inspect": {"model", "splice", "sweep", "attribution", "tracing"},
     "safety": {"model", "splice", "sweep", "attribution", "tracing"},
 }
+# training's rooms, bottom up: text, then the job's ranks, then activations, then the trainer.
+TRAINING_BASE = {"errors", "paths", "state"}
+TRAINING_ALLOWED = {
+    "data": set(),
+    "parallel": set(),
+    "activations": {"data", "parallel"},
+    "trainer": {"data", "parallel", "activations"},
+}
+LAYOUTS = {"patching": (BASE, ALLOWED), "training": (TRAINING_BASE, TRAINING_ALLOWED)}
 PACKAGES = {"sae": set(), "patching": {"sae"}, "training": {"sae", "patching"},
             "latentpatch": {"sae", "patching", "training"}}
 
@@ -33,7 +44,13 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     """Every module `path` imports, absolute (relative imports resolved against its package)."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    # Imports under `if TYPE_CHECKING:` are for annotations only: they never run, so they make no cycle.
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and ast.unparse(node.test).endswith("TYPE_CHECKING") for inner in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -47,33 +64,90 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def room_of(module: str) -> str | None:
+def room_of(module: str, package: str = "patching") -> str | None:
     parts = module.split(".")
-    if parts[0] != "patching" or len(parts) < 2:
+    if parts[0] != package or len(parts) < 2:
         return None
     return parts[1]
 
 
-def violations(paths: list[Path]) -> list[str]:
+def violations(paths: list[Path], package: str = "patching") -> list[str]:
+    base, allowed = LAYOUTS[package]
     bad = []
     for path in paths:
         own = path.relative_to(ROOT).parts
-        # patching/<room>/x.py, or a base module patching/<base>.py
-        own_room = own[1] if len(own) > 2 else (path.stem if len(own) == 2 and path.stem in BASE else None)
+        # <package>/<room>/x.py, or a base module <package>/<base>.py
+        own_room = own[1] if len(own) > 2 else (path.stem if len(own) == 2 and path.stem in base else None)
         for line, module in imported_modules(path):
-            room = room_of(module)
-            if own_room is None or room is None or room in BASE or room == own_room:
+            room = room_of(module, package)
+            if own_room is None or room is None or room in base or room == own_room:
                 continue
-            if room in ALLOWED and room not in ALLOWED.get(own_room, set()):
+            if room in allowed and room not in allowed.get(own_room, set()):
                 bad.append(f"{path.relative_to(ROOT)}:{line} ({own_room}) imports {module} ({room})")
     return bad
 
 
-def test_rooms_import_only_downward():
-    paths = sorted((ROOT / "patching").rglob("*.py"))
+@pytest.mark.parametrize("package", sorted(LAYOUTS))
+def test_rooms_import_only_downward(package):
+    paths = sorted((ROOT / package).rglob("*.py"))
     rooms = {p.relative_to(ROOT).parts[1] for p in paths if len(p.relative_to(ROOT).parts) > 2}
-    assert rooms == set(ALLOWED), f"rooms on disk {sorted(rooms)} differ from the rule's {sorted(ALLOWED)}"
-    assert violations(paths) == []
+    allowed = LAYOUTS[package][1]
+    assert rooms == set(allowed), f"rooms on disk {sorted(rooms)} differ from the rule's {sorted(allowed)}"
+    loose = sorted(p.stem for p in paths if len(p.relative_to(ROOT).parts) == 2
+                   and p.stem not in LAYOUTS[package][0] | {"__init__"})
+    assert loose == [], f"{package}/ holds modules outside its rooms and base modules: {loose}"
+    assert violations(paths, package) == []
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> our modules it imports (a `from pkg.mod import name` counts as pkg.mod, or pkg.mod.name
+    where that is a module). Package `__init__`s only re-export, so edges into and out of them are left out."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for package in PACKAGES
+               for p in (ROOT / package).rglob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        graph[name] = {module for _, module in imported_modules(path) if module in modules and module != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_two_modules_import_each_other():
+    assert cycles(module_graph()) == []
+
+
+def test_the_cycle_scan_can_fail():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_only_the_model_room_imports_transformer_lens():
@@ -117,3 +191,17 @@ def test_the_scan_catches_sideways_imports(tmp_path, monkeypatch, where, source,
     leaf.write_text(source)
     found = violations([leaf])
     assert found and all(any(room in message for room in expected) for message in found)
+
+
+@pytest.mark.parametrize("where, source", [
+    ("data/bad.py", "from training.activations.sources import ShuffleBuffer\n"),
+    ("activations/bad.py", "def f():\n    from training.trainer import Trainer\n"),
+    ("parallel/bad.py", "from ..data.mix import corpus_texts\n"),
+    ("state.py", "from training.trainer import checkpoint\n"),
+])
+def test_the_scan_catches_upward_imports_in_training(tmp_path, monkeypatch, where, source):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    leaf = tmp_path / "training" / where
+    leaf.parent.mkdir(parents=True)
+    leaf.write_text(source)
+    assert violations([leaf], "training")

@@ -16,7 +16,7 @@ from patching.model import tl_compat
 from tests.conftest import make_sae
 from tests.hooks_snapshot import assert_splice_identity
 from tests.test_patching import naive_unit_value
-from training.harvest import harvest
+from training.activations.harvest import harvest
 
 SITE = Site(1)
 VOCAB = 50

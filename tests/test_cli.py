@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from latentpatch.cli import main
+from latentpatch.cli.entry import main
 from tests.conftest import make_sae
 
 
@@ -140,12 +140,12 @@ def test_debug_works_before_and_after_the_subcommand(tmp_path):
 
 
 def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
-    import latentpatch.cli
+    import latentpatch.cli.entry
 
     def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(latentpatch.cli, "build_parser", interrupted)
+    monkeypatch.setattr(latentpatch.cli.entry, "build_parser", interrupted)
     assert main(["inspect", "x"]) == 130
     assert capsys.readouterr().err.strip() == "latentpatch: interrupted"
 
@@ -182,7 +182,7 @@ def test_an_unreachable_hub_is_one_line(files, monkeypatch, capsys, raise_offlin
 
 
 def test_a_training_run_that_fails_at_start_leaves_nothing_behind(files, monkeypatch, capsys):
-    import training.cli
+    import latentpatch.cli.train
     from training.errors import DataSourceError
 
     root, _ = files
@@ -194,9 +194,9 @@ def test_a_training_run_that_fails_at_start_leaves_nothing_behind(files, monkeyp
 
         return gen()
 
-    monkeypatch.setattr(training.cli, "_load", lambda run, full: (None, type("S", (), {"hook_name": "h"})()))
-    monkeypatch.setattr(training.cli, "_new_saes", lambda *a: [make_sae(8, 16, hook_name=None, model_name=None)])
-    monkeypatch.setattr(training.cli, "_batches", failing_batches)
+    monkeypatch.setattr(latentpatch.cli.train, "_load", lambda run, full: (None, type("S", (), {"hook_name": "h"})()))
+    monkeypatch.setattr(latentpatch.cli.train, "_new_saes", lambda *a: [make_sae(8, 16, hook_name=None, model_name=None)])
+    monkeypatch.setattr(latentpatch.cli.train, "_batches", failing_batches)
     out = root / "failed-run"
     assert main(TRAIN + ["--text", str(root / "ok.txt"), "--out", str(out)]) == 1
     assert "the text ran dry" in capsys.readouterr().err

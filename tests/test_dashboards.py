@@ -15,7 +15,7 @@ from patching import Site
 from patching.inspect.dashboards import highlight, write_dashboards
 from patching.inspect.latents import InspectConfig, inspect_latents
 from patching.inspect.neuron_cards import NeuronConfig, inspect_units
-from patching.inspect.neurons import Direction, Neuron
+from patching.inspect.neurons import NeuronDirection, Neuron
 from patching.model import tl_compat
 
 
@@ -27,7 +27,7 @@ def site_book(tmp_path_factory):
     sae = make_sae(16, 40, hook_name=site.hook_name, model_name=model.cfg.model_name, seed=3)
     corpus = torch.randint(1, 50, (4, 10), generator=torch.Generator().manual_seed(2))
     config = NeuronConfig(InspectConfig(k_contexts=4, bins=8), n_top=8)
-    direction = Direction(site, torch.randn(16, generator=torch.Generator().manual_seed(1)), name="probe")
+    direction = NeuronDirection(site, torch.randn(16, generator=torch.Generator().manual_seed(1)), name="probe")
     reports = inspect_units(model, sae, [Neuron(1, 2), Neuron(1, 9), direction], corpus, config)
     reports += inspect_latents(model, sae, [0, 7], corpus, config.inspect)
     folder = tmp_path_factory.mktemp("dash")
@@ -76,7 +76,7 @@ def test_a_page_renders_in_headless_chromium(site_book, tmp_path):
 
 @pytest.mark.default_model
 def test_cli_builds_dashboards(default_model_4l, tmp_path, monkeypatch):
-    from latentpatch import cli, cli_inspect
+    from latentpatch.cli import dashboards as cli_inspect, entry as cli
 
     monkeypatch.setattr(cli_inspect, "load_model_for", lambda sae, name: default_model_4l)
     sae = make_sae(576, 64, hook_name="blocks.2.hook_resid_mid", model_name=default_model_4l.cfg.model_name)
@@ -94,7 +94,7 @@ def test_cli_builds_dashboards(default_model_4l, tmp_path, monkeypatch):
 
 
 def test_cli_registers_the_dashboards_subcommand(tmp_path):
-    from latentpatch import cli, cli_inspect
+    from latentpatch.cli import dashboards as cli_inspect, entry as cli
 
     args = cli.build_parser().parse_args(["dashboards", "some/sae", "--latents", "1", "5", "--top-neurons", "3",
                                           "--out", str(tmp_path), "--json"])

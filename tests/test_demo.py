@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from latentpatch.cli import main
+from latentpatch.cli.entry import main
 from latentpatch.demo import DemoConfig, demo_sae_dir
 from tests.browser import dom, screenshot
 

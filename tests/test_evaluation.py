@@ -236,7 +236,7 @@ def test_default_model_texts_ignore_saelens_special_ids_and_batching_does_not_ma
 
 def test_cli_eval_writes_folder_and_prints_grouped_figures(default_model_4l, tmp_path, capsys, monkeypatch):
     import patching
-    from latentpatch.cli import main
+    from latentpatch.cli.entry import main
 
     model = default_model_4l
     monkeypatch.setattr(patching, "load_model", lambda *a, **k: model)

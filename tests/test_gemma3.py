@@ -160,7 +160,7 @@ def test_gemma_scope_2_sae_config_passes_the_processing_check(gemma, ioi, monkey
 def test_train_command_on_gemma(gemma, tmp_path):
     from sae_lens import SAE
 
-    from latentpatch.cli import main
+    from latentpatch.cli.entry import main
 
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(offline_texts()[:40]))

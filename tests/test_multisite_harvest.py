@@ -11,8 +11,8 @@ import torch
 from patching import Site
 from patching.model import tl_compat
 from training import DataSourceError, harvest
-from training.cache import CachedChunks, write_activation_cache, write_activation_caches
-from training.harvest import MultiSiteChunks
+from training.activations.cache import CachedChunks, write_activation_cache, write_activation_caches
+from training.activations.harvest import MultiSiteChunks
 from tests.test_training_sources import CountingChunks
 
 

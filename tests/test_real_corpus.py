@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from training.errors import DataSourceError
-from training.npm_corpora import (CorpusIntegrityError, CorpusUnavailableError, NpmTarball, fetch_tarball,
+from training.data.npm import (CorpusIntegrityError, CorpusUnavailableError, NpmTarball, fetch_tarball,
                                   read_members, sha256_file)
-from training.real_corpus import (Document, brown_documents, detokenize, heldout_ids, nlp_documents,
+from training.data.real import (Document, brown_documents, detokenize, heldout_ids, nlp_documents,
                                   split_documents, strip_tags)
 
 BROWN_A = ("\n\n\tThe/at jury/nn said/vbd ``/`` it/pps didn't/dod* find/vb any/dti evidence/nn ''/'' ./.\n\n"

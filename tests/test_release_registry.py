@@ -89,8 +89,8 @@ def _shrunk(command: str, tmp: Path) -> list[str]:
 
 @pytest.mark.default_model
 def test_recorded_recipe_runs_at_a_tiny_budget(tmp_path, monkeypatch):
-    from latentpatch.cli import main
-    import training.mix as mix
+    from latentpatch.cli.entry import main
+    import training.data.mix as mix
 
     entry = release_entry("smollm2-135m-res", "blocks.15.hook_resid_pre")
     # The recipe's text, replaced by a few documents: no network, no generation, same code path.
@@ -111,7 +111,7 @@ def test_package_data_names_the_shipped_files():
 
 
 def test_reevaluate_measures_the_shipped_weights_and_records_the_figures(release_root, monkeypatch):
-    import training.release as release
+    import latentpatch.release as release
 
     root, sae = release_root
     seen = {}

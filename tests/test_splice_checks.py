@@ -76,7 +76,7 @@ def test_verify_reruns_under_the_checks_the_estimate_used(model):
     checks = SpliceChecks(allow_model_mismatch=True)
     estimate = attribute_latents(model, sae, clean, corrupted, LogitDiff(2, 3), progress=False, checks=checks)
     assert estimate.provenance["checks"]["allow_model_mismatch"] is True
-    check = verify(estimate, top_k=3, random_k=2)
+    check = verify(estimate, k=3, random_k=2)
     assert check.n_checked == 5
 
 
@@ -128,8 +128,8 @@ def test_aligned_differences_are_zero_where_nothing_is_aligned(model):
 
 def test_every_entry_point_loads_the_saes_model_with_its_processing(monkeypatch):
     """One load_model_for: the dashboards copy used to drop the SAE's processing flags."""
-    from latentpatch import cli_inspect, cli_steer
-    from latentpatch.cli_experiments import load_for
+    from latentpatch.cli import dashboards as cli_inspect, steer as cli_steer
+    from latentpatch.cli.common import load_for
     from patching.model import loading
 
     class FakeModel:

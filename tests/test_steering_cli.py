@@ -7,7 +7,8 @@ import json
 import pytest
 from tests.conftest import make_sae
 
-from latentpatch import cli, cli_steer
+from latentpatch import cli
+from latentpatch.cli import steer as cli_steer
 
 pytestmark = pytest.mark.default_model
 

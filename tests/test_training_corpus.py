@@ -7,8 +7,8 @@ import json
 import pytest
 
 from training import CorpusConfig, DataSourceError, default_corpus
-from training.corpus import all_prompts
-from training.prompts import CHAT_PROMPTS, EVAL_TEXTS, TEXT_PROMPTS
+from training.data.generated import all_prompts
+from training.data.prompts import CHAT_PROMPTS, EVAL_TEXTS, TEXT_PROMPTS
 
 TINY = CorpusConfig(n_prompts=2, samples_per_prompt=1, max_new_tokens=6, batch_size=2)
 

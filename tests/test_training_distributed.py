@@ -25,8 +25,8 @@ import torch
 
 from sae import load_sae
 from training import Trainer
-from training.distributed import assigned, state_from_bytes, state_to_bytes
-from training.sources import RowStripe
+from training.parallel.distributed import assigned, state_from_bytes, state_to_bytes
+from training.activations.sources import RowStripe
 from tests.distributed_worker import dp_config, sweep_config, sweep_saes
 from tests.test_training_helpers import fresh_saes, make_trainer, shuffled_batches
 

@@ -14,8 +14,8 @@ from patching import Site, splice_metrics
 from patching.splice.quality import explained_variance, l0
 from sae import SAEConfig, SparseAutoencoder
 from training import TensorBatches, Trainer, TrainerConfig, TrainingConfigError
-from training.harvest import HarvestChunks
-from training.text import TokenRows
+from training.activations.harvest import HarvestChunks
+from training.data.text import TokenRows
 
 
 def offline_texts() -> list[str]:
@@ -49,7 +49,7 @@ def offline_texts() -> list[str]:
 def test_short_run_at_a_middle_layer_reaches_ev_and_l0_and_loads_in_saelens(default_model, tmp_path):
     from sae_lens import SAE
 
-    from training.cli import _eval_tokens
+    from latentpatch.cli.train import _eval_tokens
 
     model, site = default_model, Site(15)
     texts = offline_texts()
@@ -83,7 +83,7 @@ def test_short_run_at_a_middle_layer_reaches_ev_and_l0_and_loads_in_saelens(defa
 def test_train_command_end_to_end_with_resume_and_refusal(tmp_path):
     from sae_lens import SAE
 
-    from latentpatch.cli import main
+    from latentpatch.cli.entry import main
 
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(offline_texts()[:40]))
@@ -117,7 +117,7 @@ def test_evaluation_needs_model_and_tokens():
 
 
 def test_periodic_splice_metrics_on_held_out_tokens(tiny_model, tiny_tokens, tmp_path):
-    from training.harvest import harvest
+    from training.activations.harvest import harvest
 
     site = Site(1)
     acts = harvest(tiny_model, site, torch.randint(0, 50, (40, 16), generator=torch.Generator().manual_seed(2)))

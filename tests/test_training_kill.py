@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_training_helpers import make_trainer, small_config
-from training import checkpoint as ckpt
+from training.trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

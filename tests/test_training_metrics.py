@@ -9,8 +9,8 @@ import torch
 
 from tests.conftest import construct_unchecked
 from training import TrainerConfig, TrainingConfigError
-from training.init import geometric_median, normalization_scale
-from training.metrics import FiringTracker, batch_metrics
+from training.trainer.init import geometric_median, normalization_scale
+from training.trainer.metrics import FiringTracker, batch_metrics
 
 
 def test_batch_metrics_match_hand_computed_values():

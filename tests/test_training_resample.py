@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sae import SAEConfig, SparseAutoencoder
-from training.resample import resample_dead_
+from training.trainer.resample import resample_dead_
 
 
 def _trained_sae_and_optimizer():

@@ -10,8 +10,8 @@ import torch
 from tests.test_training_helpers import BATCH, D_IN, fresh_saes, make_trainer, same_run, shuffled_batches, small_config
 from training import CheckpointError, NonFiniteError, Trainer, TrainingInterrupted
 from training.errors import TrainingConfigError
-from training import checkpoint as ckpt
-from training.metrics import FiringTracker
+from training.trainer import checkpoint as ckpt
+from training.trainer.metrics import FiringTracker
 
 
 @pytest.mark.parametrize("source", ["shuffled", "global_rng"])

@@ -11,9 +11,9 @@ from patching import Site
 from patching.model import tl_compat
 from tests.test_training_helpers import RandomChunks
 from training import DataSourceError, ShuffleBuffer, TokenRows, cached_batches, file_texts, harvest
-from training.cache import CachedChunks, write_activation_cache
-from training.harvest import HarvestChunks
-from training.sources import MassiveActivationFilter, filtered
+from training.activations.cache import CachedChunks, write_activation_cache
+from training.activations.harvest import HarvestChunks
+from training.activations.sources import MassiveActivationFilter, filtered
 
 
 class CountingChunks:
@@ -186,7 +186,7 @@ def test_hf_dataset_source_streams_a_local_dataset_offline(tmp_path, monkeypatch
     import datasets
     import huggingface_hub
 
-    from training.text import hf_texts
+    from training.data.text import hf_texts
 
     # read at import time by both libraries, so set on their modules: no network attempt at all
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

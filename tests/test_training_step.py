@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae import SAEConfig, SparseAutoencoder
-from training.step import L1Gradients
+from training.trainer.step import L1Gradients
 
 
 def _sae(centred: bool, seed: int = 0) -> SparseAutoencoder:

@@ -1,17 +1,20 @@
-"""Training SAEs: activation sources, the trainer, metrics and checkpoints."""
+"""Training SAEs, in rooms that import only downward (a test enforces it):
 
-from training.cache import CachedChunks, cached_batches, write_activation_cache, write_activation_caches
-from training.config import TrainerConfig
-from training.corpus import CorpusConfig, default_corpus
-from training.data_parallel import DataParallelTrainer
-from training.distributed import Collective, init_distributed
-from training.errors import (CheckpointError, DataSourceError, NonFiniteError, TrainingConfigError,
-                             TrainingInterrupted)
-from training.harvest import HarvestChunks, MultiSiteChunks, harvest, harvested_batches
-from training.mix import CORPUS_NAMES, corpus_digest, corpus_texts
-from training.sources import RowStripe, ShuffleBuffer, TensorBatches
-from training.text import TokenRows, file_texts, hf_texts
-from training.trainer import StepOutput, Trainer
+    data/         text sources and token rows, the generated corpus, the real corpora, the mix, held-out split
+    parallel/     this process's place in a torch.distributed job, and its collectives
+    activations/  resumable activation sources, harvesting, the on-disk activation cache
+    trainer/      config, the hand-written step, init, resampling, metrics, checkpoints, run log, data parallel
+
+`errors`, `paths` and `state` sit below every room. This module re-exports the public API of each room.
+"""
+
+from training.activations import (CachedChunks, HarvestChunks, MultiSiteChunks, RowStripe, ShuffleBuffer, TensorBatches,
+                                  cached_batches, harvest, harvested_batches, write_activation_cache,
+                                  write_activation_caches)
+from training.data import CORPUS_NAMES, CorpusConfig, TokenRows, corpus_digest, corpus_texts, default_corpus, file_texts, hf_texts
+from training.errors import CheckpointError, DataSourceError, NonFiniteError, TrainingConfigError, TrainingInterrupted
+from training.parallel import Collective, init_distributed
+from training.trainer import DataParallelTrainer, StepOutput, Trainer, TrainerConfig
 
 __all__ = [
     "CORPUS_NAMES",

@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import loading_from_pretrained as tl_loading
 
 from patching.model.checks import check_context
+from patching.model.tl_readout import readout  # noqa: F401  (re-exported: one door to TransformerLens)
 
 HookFn = Callable[[Tensor], Tensor | None]
 
@@ -177,24 +178,6 @@ def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int, pas
     contiguous: a block whose MLP reads its input unnormalized (parallel attention and MLP, no norm)
     hands it to TransformerLens's `batch_addmm`, whose `.view` refuses an expanded tensor."""
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
-
-
-def readout(model: HookedTransformer, residual: Tensor, columns: Tensor | None = None) -> Tensor:
-    """Final norm, unembedding and soft-cap on a slice of the final residual stream.
-
-    With `columns` (token ids) only those logits are computed; every other entry of the full-width
-    result is NaN, so that a reader of any other token gets NaN, never a plausible number."""
-    import torch.nn.functional as F
-    from transformer_lens.utilities import apply_softcap
-
-    if model.cfg.normalization_type is not None:
-        residual = model.ln_final(residual)
-    if columns is None:
-        return apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)
-    part = F.linear(residual, model.unembed.W_U.T[columns], model.unembed.b_U[columns])
-    out = torch.full((*residual.shape[:-1], model.cfg.d_vocab_out), float("nan"), dtype=part.dtype, device=part.device)
-    out[..., columns] = apply_softcap(part, model.cfg.output_logits_soft_cap)
-    return out
 
 
 def n_heads(model: HookedTransformer) -> int:

@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer
 
 from patching.errors import PatchingError
 from patching.model.checks import check_context
+from patching.model.tl_readout import readout
 
 
 def prefix_cache(model: HookedTransformer, prefix_tokens: Tensor) -> Any:
@@ -250,7 +251,6 @@ def forward_step(model: HookedTransformer, tokens: Tensor, attention_mask: Tenso
     if not last_only:
         return model(tokens, return_type="logits", attention_mask=attention_mask, past_kv_cache=cache)
     final = model(tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
-    from patching.model.tl_compat import readout
 
     return readout(model, final[:, -1:])
 

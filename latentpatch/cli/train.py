@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentpatch.cli.common import parse_site, texts_for
 from sae.files import atomic_write
 from training.errors import TrainingConfigError
-from training.runlog import LOG_FILE
-from training.sources import MAX_NORM_RATIO
-from training.trainer import CHECKPOINT_DIR
+from training.trainer.runlog import LOG_FILE
+from training.activations.sources import MAX_NORM_RATIO
+from training.trainer.trainer import CHECKPOINT_DIR
 
 EXAMPLE = ("example: latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15\n"
            "         latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15 --resume\n"
@@ -43,7 +44,7 @@ class RunConfig:
     """Latent counts, one per SAE (or one shared)."""
     text: str
     """`default` (real text + the self-generated chat corpus), `brown`, `nlp-corpus`, `generated` (their
-    training splits, `training.mix`), a .txt/.jsonl path, or `hf:NAME` (needs the hub)."""
+    training splits, `training.data.mix`), a .txt/.jsonl path, or `hf:NAME` (needs the hub)."""
     out: str
     """Output folder."""
     batch_size: int
@@ -56,7 +57,7 @@ class RunConfig:
     """Leave BOS and other special tokens out of training."""
     max_norm_ratio: float | None
     """Leave out activations over this multiple of their chunk's median norm (massive activations,
-    `training.sources.MassiveActivationFilter`); None keeps them."""
+    `training.activations.sources.MassiveActivationFilter`); None keeps them."""
     activation_cache: tuple[str, ...] | None
     """Cache folder(s): read activations from them (shards of all, weighted by their tokens); a single
     folder that holds no cache yet is harvested into first."""
@@ -107,16 +108,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_train)
-    from training.cli_corpus import register as register_corpus
-    from training.cli_harvest import register as register_harvest
-
-    register_harvest(subparsers)
-    register_corpus(subparsers)
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train; under torchrun (WORLD_SIZE > 1) data- or SAE-parallel. Only rank 0 returns a summary."""
-    from training.distributed import init_distributed, launched_world_size, shutdown_distributed
+    from training.parallel.distributed import init_distributed, launched_world_size, shutdown_distributed
 
     world = launched_world_size()
     if len(args.site) > 1 and (world == 1 or args.parallel != "saes"):
@@ -149,7 +145,7 @@ def _units(args: argparse.Namespace) -> list[tuple[int, float]]:
 
 def _train_sae_parallel(args: argparse.Namespace, collective: Any) -> dict[str, Any] | None:
     """Deal (site, SAE) units round-robin over ranks; each rank trains its units site by site."""
-    from training.distributed import assigned
+    from training.parallel.distributed import assigned
 
     units = [(site, index) for site in args.site for index in range(len(_units(args)))]
     mine = [units[i] for i in assigned(len(units), collective.rank, collective.world_size)]
@@ -173,9 +169,9 @@ def _train_sae_parallel(args: argparse.Namespace, collective: Any) -> dict[str, 
 def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int, float]], out: Path, collective: Any,
                  *, data_parallel: bool, seed_offsets: list[int] | None = None) -> dict[str, Any]:
     """One trainer: the SAEs `group` at one site, on this process (data_parallel: on every rank at once)."""
-    from training.config import TrainerConfig
-    from training.data_parallel import DataParallelTrainer
-    from training.trainer import Trainer
+    from training.trainer.config import TrainerConfig
+    from training.trainer.data_parallel import DataParallelTrainer
+    from training.trainer.trainer import Trainer
 
     world = collective.world_size if data_parallel else 1
     if args.batch_size % world:
@@ -253,7 +249,7 @@ def _remove_failed_start(out: Path, created: bool) -> None:
     """A run that failed before its first checkpoint leaves nothing that looks like a run: its
     `run_config.json`, `train_log.jsonl` and empty `checkpoints/` go (and `out`, if this run made
     it and it is now empty). A run with a checkpoint is kept, to be resumed."""
-    from training.checkpoint import latest_checkpoint
+    from training.trainer.checkpoint import latest_checkpoint
 
     root = out / CHECKPOINT_DIR
     if root.is_dir() and latest_checkpoint(root) is not None:
@@ -263,17 +259,6 @@ def _remove_failed_start(out: Path, created: bool) -> None:
     for folder in ([root] if root.is_dir() else []) + ([out] if created else []):
         with contextlib.suppress(OSError):
             folder.rmdir()  # only when empty: never anything this run did not write
-
-
-def parse_site(text: str) -> Any:
-    from patching.model.sites import Site
-
-    if text.startswith("blocks."):
-        return Site.from_hook_name(text)
-    layer, _, kind = text.partition(":")
-    if not layer.isdigit():
-        raise TrainingConfigError(f"--site {text!r}: expected a layer (15), layer:kind (15:resid_post) or a hook name")
-    return Site(int(layer), kind or "resid_pre")
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -321,9 +306,9 @@ def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, t
              collective: Any = None, stripe: bool = False) -> Any:
     """This process's activation batches from `texts` (`_texts`'s opener and description); with
     `stripe` (data parallel), its stripe of every step's batch."""
-    from training.cache import cached_batches, read_manifest, write_activation_cache
-    from training.harvest import HarvestChunks, harvested_batches
-    from training.text import TokenRows
+    from training.activations.cache import cached_batches, read_manifest, write_activation_cache
+    from training.activations.harvest import HarvestChunks, harvested_batches
+    from training.data.text import TokenRows
 
     rank, world = (collective.rank, collective.world_size) if collective is not None else (0, 1)
     opener, description = texts
@@ -355,24 +340,11 @@ def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, t
                           max_norm_ratio=run.max_norm_ratio)
 
 
-def texts_for(text: str) -> tuple[Any, str, str | None]:
-    """(opener, description, corpus digest or None) for a `--text` value; named corpora use their
-    training split."""
-    from training.mix import CORPUS_NAMES, corpus_digest, corpus_texts
-    from training.text import file_texts, hf_texts
-
-    if text in CORPUS_NAMES:
-        return corpus_texts(text, "train"), f"{text} corpus (train split)", corpus_digest(text, "train")
-    if text.startswith("hf:"):
-        return hf_texts(text[3:]), text, None
-    return file_texts(text), text, None
-
-
 def _eval_tokens(model: Any, context_size: int) -> Any:
     import torch
 
     from patching.model import tl_compat
-    from training.prompts import EVAL_TEXTS
+    from training.data.prompts import EVAL_TEXTS
 
     # Cut every text to the shortest one's length: no padding tokens in the losses.
     rows = [tl_compat.to_tokens(model, text)[0] for text in EVAL_TEXTS]

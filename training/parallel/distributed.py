@@ -29,8 +29,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
-from training.checkpoint import flatten_state, unflatten_state
 from training.errors import TrainingConfigError
+from training.state import flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
 

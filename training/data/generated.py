@@ -1,6 +1,6 @@
 """The default corpus: text the default model writes itself, so training needs no network.
 
-The model (SmolLM2-135M-Instruct) continues each prompt of `training.prompts` a few times by
+The model (SmolLM2-135M-Instruct) continues each prompt of `training.data.prompts` a few times by
 sampling; the texts (prompt + continuation) are written once to a JSONL file under the same
 cache root as the model (`patching.model.loading.cache_root()/corpora`), named by a hash of the
 prompts and the `CorpusConfig`, so the same config always gives the same file and a different
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from patching.model.loading import cache_root, default_model_folder
 from sae.files import atomic_write
 from training.errors import DataSourceError
-from training.prompts import CHAT_PROMPTS, TEXT_PROMPTS
-from training.text import TextOpener, file_texts
+from training.data.prompts import CHAT_PROMPTS, TEXT_PROMPTS
+from training.data.text import TextOpener, file_texts
 
 CORPUS_VERSION = 1
 

@@ -1,15 +1,18 @@
 """Making a shipped SAE release: evaluate trained SAEs on held-out text, export one, register it.
 
-    python -m training.release evaluate --sae RUN/sae-0 RUN/sae-1 --out sweep.json [--plot sweep.png]
-    python -m training.release recipe --train-dir RUN --sae-index 1 --train-command "..." --harvest H1 H2 --out r.json
-    python -m training.release export --sae RUN/sae-1 --release smollm2-135m-res --recipe r.json
-    python -m training.release reevaluate --release smollm2-135m-res --sae-id blocks.5.hook_resid_pre
+    python -m latentpatch.release evaluate --sae RUN/sae-0 RUN/sae-1 --out sweep.json [--plot sweep.png]
+    python -m latentpatch.release recipe --train-dir RUN --sae-index 1 --train-command "..." --harvest H1 H2 \
+        --out-root RUNS --out r.json
+    python -m latentpatch.release export --sae RUN/sae-1 --release smollm2-135m-res --recipe r.json
+    python -m latentpatch.release reevaluate --release smollm2-135m-res --sae-id blocks.5.hook_resid_pre
 
 `evaluate` runs SAEBench's core evaluation (`patching.splice.evaluate_sae`) on the first rows of the
 held-out split of the real corpora (never trained on) and plots L0 against CE loss recovered. `export` writes the SAE in float16
 into `sae/releases/<release>/<hook name>/`, evaluates the exported weights themselves (what users
 load), and records the entry in `sae/releases/registry.json`: the recipe (exact commands, corpus
-digest, tokens, seconds), the held-out figures and the weights' SHA-256.
+digest, tokens, seconds), the held-out figures and the weights' SHA-256. Recorded commands name their
+folders relative to `$OUT`, the output folder `recipe --out-root` names, never as the absolute paths
+of the machine that made them: set `OUT` to any folder to rerun them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ def evaluate(sae_dirs: list[Path], *, n_rows: int = EVAL_ROWS, corpus: str = "re
     held-out split, under the names the registry records."""
     from patching.model.loading import load_model
     from patching.splice.evaluation import EvalConfig, evaluate_sae
-    from training.heldout_eval import heldout_tokens
+    from training.data.heldout import heldout_tokens
 
     model = load_model()
     model.eval()
@@ -125,11 +129,35 @@ def reevaluate(release: str, sae_id: str, *, root: Path = RELEASES_DIR, n_rows: 
     return entry
 
 
-def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_dirs: list[Path]) -> dict[str, Any]:
-    """The recipe an export records: the harvests' and the training's exact commands, the corpora
-    and their digests, token counts, rates and seconds (from `harvest.json`, `run_config.json` and
-    the `--json` result of `latentpatch train` saved as `result.json`)."""
-    from training.cli import parse_site
+OUT = "$OUT"
+"""How a recorded command names the output folder its runs wrote under (`recipe --out-root`)."""
+
+
+def relative_to_out(command: str, out_root: Path) -> str:
+    """`command` with every absolute path under `out_root` written as `$OUT/...`, so that the
+    registry records no path of the machine that ran it; an absolute path elsewhere is refused."""
+    root = out_root.resolve()
+    words = []
+    for word in shlex.split(command):
+        if word.startswith("/"):
+            path = Path(word).resolve()
+            if not path.is_relative_to(root):
+                raise ValueError(f"{word!r} in {command!r} is outside --out-root {root}: a recorded command "
+                                 f"may name only folders under the output root")
+            word = OUT if path == root else f"{OUT}/{shlex.quote(path.relative_to(root).as_posix())}"
+        else:
+            word = shlex.quote(word)
+        words.append(word)
+    return " ".join(words)
+
+
+def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_dirs: list[Path],
+                 out_root: Path) -> dict[str, Any]:
+    """The recipe an export records: the harvests' and the training's exact commands (paths relative
+    to `out_root`, see `relative_to_out`), the corpora and their digests, token counts, rates and
+    seconds (from `harvest.json`, `run_config.json` and the `--json` result of `latentpatch train`
+    saved as `result.json`)."""
+    from latentpatch.cli.common import parse_site
 
     harvests = [json.loads((folder / "harvest.json").read_text()) for folder in harvest_dirs]
     run = json.loads((train_dir / "run_config.json").read_text())
@@ -138,9 +166,9 @@ def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_di
     widths = run["run"]["d_sae"]
     hook = parse_site(run["run"]["site"]).hook_name
     return {
-        "commands": [h["command"] for h in harvests] + [train_command],
-        "train_command": train_command,
-        "train_caches": [str(Path(h["caches"][hook])) for h in harvests],
+        "commands": [relative_to_out(command, out_root) for command in [h["command"] for h in harvests] + [train_command]],
+        "train_command": relative_to_out(train_command, out_root),
+        "train_caches": [relative_to_out(str(Path(h["caches"][hook]).resolve()), out_root) for h in harvests],
         # The activations come from the caches, so the corpus is what the harvests read (in order);
         # the train command's --text only labels the SAE (its cfg's dataset_path).
         "corpus": " + ".join(dict.fromkeys(f"{h['text']} (train split)" for h in harvests)),
@@ -160,7 +188,7 @@ def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_di
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.release", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m latentpatch.release", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="held-out figures of trained SAEs, as JSON (and a plot)")
     ev.add_argument("--sae", type=Path, nargs="+", required=True)
@@ -180,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     rc.add_argument("--sae-index", type=int, required=True)
     rc.add_argument("--train-command", required=True)
     rc.add_argument("--harvest", type=Path, nargs="+", required=True)
+    rc.add_argument("--out-root", type=Path, required=True, help="the folder the runs wrote under: recorded as $OUT")
     rc.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.plot is not None:
             plot_sweep(results, args.plot)
     elif args.command == "recipe":
-        recipe = build_recipe(args.train_dir, args.sae_index, args.train_command, args.harvest)
+        recipe = build_recipe(args.train_dir, args.sae_index, args.train_command, args.harvest, args.out_root)
         atomic_write(args.out, json.dumps(recipe, indent=2).encode())
     elif args.command == "reevaluate":
         entry = reevaluate(args.release, args.sae_id, n_rows=args.rows)

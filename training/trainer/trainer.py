@@ -28,15 +28,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sae.model import SparseAutoencoder
-from training import checkpoint as ckpt
-from training.config import TrainerConfig
+from training.trainer import checkpoint as ckpt
+from training.trainer.config import TrainerConfig
 from training.errors import DataSourceError, NonFiniteError, TrainingConfigError, TrainingInterrupted
-from training.init import geometric_median, normalization_scale
-from training.metrics import FiringTracker, batch_metrics
-from training.resample import resample_dead_
-from training.runlog import RunLog
-from training.step import L1Forward, L1Gradients
-from training.sources import StatefulSource, skip_batches
+from training.trainer.init import geometric_median, normalization_scale
+from training.trainer.metrics import FiringTracker, batch_metrics
+from training.trainer.resample import resample_dead_
+from training.trainer.runlog import RunLog
+from training.trainer.step import L1Forward, L1Gradients
+from training.activations.sources import StatefulSource, skip_batches
 
 log = logging.getLogger(__name__)
 

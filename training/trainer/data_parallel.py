@@ -30,13 +30,13 @@ import torch
 from torch import Tensor
 
 from sae.model import SparseAutoencoder
-from training import checkpoint as ckpt
-from training.config import TrainerConfig
-from training.distributed import Collective, state_from_bytes, state_to_bytes
+from training.trainer import checkpoint as ckpt
+from training.trainer.config import TrainerConfig
+from training.parallel.distributed import Collective, state_from_bytes, state_to_bytes
 from training.errors import CheckpointError, NonFiniteError, TrainingConfigError
-from training.runlog import RunLog
-from training.step import L1Forward
-from training.trainer import Trainer, _Member
+from training.trainer.runlog import RunLog
+from training.trainer.step import L1Forward
+from training.trainer.trainer import Trainer, _Member
 
 
 class DataParallelTrainer(Trainer):
@@ -108,7 +108,7 @@ class DataParallelTrainer(Trainer):
         n, d_in = x_n.shape[0] * self.world_size, x_n.shape[1]
         squared, x_squared, nonzero, l1 = sums[:4].tolist()
         total = x_squared - sums[4:].pow(2).sum().item() / n  # sum ||x - mean||^2
-        # The same definitions as training.metrics.batch_metrics (mse in the activations' units).
+        # The same definitions as training.trainer.metrics.batch_metrics (mse in the activations' units).
         return {"mse": squared / (n * d_in) * self.scale**2, "explained_variance": 1 - squared / total, "l0": nonzero / n,
                 "l1": l1 / n}
 

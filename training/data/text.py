@@ -2,7 +2,7 @@
 
 Texts come from local files (`.txt`: documents separated by blank lines; `.jsonl`: one JSON
 object per line with a text field), from a Hugging Face dataset through `datasets` when the
-hub is reachable, or from the default corpus (`training.corpus`). `TokenRows` packs them as
+hub is reachable, or from the default corpus (`training.data.generated`). `TokenRows` packs them as
 SAELens does: documents are concatenated with a BOS token between them and cut into rows of
 `context_size` tokens, each starting with BOS.
 """

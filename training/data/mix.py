@@ -1,7 +1,7 @@
 """The named training texts: `default` (the real mix), `real`, `brown`, `nlp-corpus`, `generated`.
 
 `default` is every training document of Brown and nlp-corpus plus the chat-formatted corpus the
-default model wrote itself (`training.corpus`; the safety experiments run in chat format),
+default model wrote itself (`training.data.generated`; the safety experiments run in chat format),
 interleaved in one fixed seeded order so that any prefix, and any shard of an activation cache,
 mixes all three. `real` is the same without the generated part. Each name has a `train` and a
 `heldout` split; quality figures are measured on `heldout`, which no SAE trains on.
@@ -24,9 +24,9 @@ from typing import Literal, get_args
 
 from sae.files import atomic_write
 from training.errors import DataSourceError
-from training.npm_corpora import TARBALLS, CorpusUnavailableError, corpora_folder, fetch_tarball
-from training.real_corpus import HELDOUT_FRACTION, Document, Split, brown_documents, nlp_documents, split_documents
-from training.text import TextOpener
+from training.data.npm import TARBALLS, CorpusUnavailableError, corpora_folder, fetch_tarball
+from training.data.real import HELDOUT_FRACTION, Document, Split, brown_documents, nlp_documents, split_documents
+from training.data.text import TextOpener
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def real_documents(source: str, split: Split, *, folder: str | Path | None = Non
 def generated_documents(split: Split) -> list[str]:
     """The self-generated corpus's texts of one split: held out by prompt (both samples of a
     prompt on the same side), the first ceil(fraction * n) chat and text prompts by hash."""
-    from training.corpus import all_prompts, default_corpus
+    from training.data.generated import all_prompts, default_corpus
 
     kinds = [kind for kind, _ in all_prompts()]
     held: set[int] = set()

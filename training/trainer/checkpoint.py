@@ -27,48 +27,13 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from sae.atomic import fsync_path
 from training.errors import CheckpointError
+from training.state import flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
 
 STATE_TENSORS, STATE_JSON, MANIFEST = "state.safetensors", "state.json", "manifest.json"
 CHECKPOINT_FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-_TENSOR_KEY = "__tensor__"
-
-
-def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """Split nested state into named tensors and a JSON tree that refers to them by name."""
-    if isinstance(state, torch.Tensor):
-        return {prefix: state.detach().cpu().contiguous().clone()}, {_TENSOR_KEY: prefix}
-    if isinstance(state, dict):
-        tensors: dict[str, torch.Tensor] = {}
-        tree = {}
-        for key, value in state.items():
-            if not isinstance(key, str) or "/" in key:
-                raise CheckpointError(prefix or ".", f"state key {key!r} must be a string without '/'")
-            sub_tensors, tree[key] = flatten_state(value, f"{prefix}/{key}" if prefix else key)
-            tensors.update(sub_tensors)
-        return tensors, tree
-    if isinstance(state, (list, tuple)):
-        tensors, tree = {}, []
-        for index, value in enumerate(state):
-            sub_tensors, sub_tree = flatten_state(value, f"{prefix}/{index}")
-            tensors.update(sub_tensors)
-            tree.append(sub_tree)
-        return tensors, tree
-    if state is None or isinstance(state, (bool, int, float, str)):
-        return {}, state
-    raise CheckpointError(prefix or ".", f"cannot store a {type(state).__name__} in a checkpoint")
-
-
-def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(tree, dict):
-        if set(tree) == {_TENSOR_KEY}:
-            return tensors[tree[_TENSOR_KEY]]
-        return {key: unflatten_state(value, tensors) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [unflatten_state(value, tensors) for value in tree]
-    return tree
 
 
 def rng_state() -> dict[str, Any]:

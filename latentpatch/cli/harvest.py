@@ -48,10 +48,10 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from patching.model.loading import load_model
-    from training.cache import write_activation_caches
-    from training.cli import parse_site, texts_for
-    from training.harvest import MultiSiteChunks
-    from training.text import TokenRows
+    from training.activations.cache import write_activation_caches
+    from latentpatch.cli.common import parse_site, texts_for
+    from training.activations.harvest import MultiSiteChunks
+    from training.data.text import TokenRows
 
     if args.tokens <= 0 or args.skip_rows < 0:
         raise TrainingConfigError(f"--tokens must be positive and --skip-rows >= 0, got {args.tokens}, "

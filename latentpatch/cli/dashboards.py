@@ -18,7 +18,7 @@ EXAMPLE = ("example: latentpatch dashboards runs/sae-l12-mid --latents 5 17 --ne
            "         latentpatch dashboards runs/sae-l12-mid --top-neurons 10 --top-latents 10 --out dash")
 
 
-def register_dashboards(subparsers: Any) -> None:
+def register(subparsers: Any) -> None:
     """Add the `dashboards` subcommand to the `latentpatch` parser."""
     p = subparsers.add_parser("dashboards", help="build static HTML dashboards for latents and neurons of an SAE",
                               description="One page per latent / neuron (top contexts, histogram, logit effect, latent "
@@ -68,7 +68,7 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
 
         check_units(model, neurons)
     if args.top_latents or args.top_neurons:
-        scores = unit_scores(model, sae, site.layer, texts, n_top=2)
+        scores = unit_scores(model, sae, site.layer, texts, k=2)
         latents += [i for i in scores.latent_max.argsort(descending=True)[: args.top_latents].tolist() if i not in latents]
         known = {n.index for n in neurons}
         neurons += [Neuron(site.layer, i) for i in scores.neuron_max.argsort(descending=True)[: args.top_neurons].tolist()
@@ -94,8 +94,8 @@ def load_model_for(sae: Any, name: str | None) -> Any:
 
 
 def _texts(text: str, max_texts: int | None) -> list[str]:
-    from training.corpus import default_texts
-    from training.text import file_texts
+    from training.data.generated import default_texts
+    from training.data.text import file_texts
 
     opener = default_texts() if text == "default" else file_texts(text)
     texts = []

@@ -1,0 +1,42 @@
+"""`latentpatch attribute`: an attribution estimate (AtP, IG, GradDrop) on a prompt pair, optionally verified
+by exact patching of its top units."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from latentpatch.cli.common import add_pair_options, add_sae_options, check_out, load_for, pair_metric, report
+
+
+def register(subparsers: Any) -> None:
+    """Add `attribute` to the `latentpatch` parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+    helptext = "attribution estimate (AtP / IG / GradDrop) on a prompt pair"
+    p = subparsers.add_parser("attribute", help=helptext, formatter_class=raw, description=helptext + ".\n\nexample: "
+                              "latentpatch attribute runs/sae-l15 --clean 'The Eiffel Tower is located in the city of' "
+                              "--corrupted 'The Colosseum is located in the city of' --answer ' Paris' --wrong ' Rome' "
+                              "--out results/eiffel")
+    add_sae_options(p)
+    add_pair_options(p)
+    _options(p)
+    p.set_defaults(run=run_attribute)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("atp", "ig", "atp_gd"), default="atp", help="estimator (default atp)")
+    p.add_argument("--steps", type=int, default=8, help="integrated-gradients path points (default 8)")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="check the estimate by exact patching of its top K units and K random others")
+
+
+def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
+    from patching import attribute_latents, verify
+
+    check_out(args)
+    sae, model = load_for(args.sae, args.model)
+    metric, align = pair_metric(args, model)
+    result = attribute_latents(model, sae, args.clean, args.corrupted, metric, method=args.method, steps=args.steps,
+                               direction=args.direction, align=align)
+    checked = verify(result, k=args.verify, random_k=args.verify).to_dict() if args.verify else None
+    return report(result, args, {"verification": checked})

@@ -1,0 +1,67 @@
+"""`latentpatch eval`: SAEBench's core evaluation of an SAE spliced into its model."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from latentpatch.cli.common import add_sae_options, load_for
+
+EVAL_TEXTS = (
+    "The Eiffel Tower is located in the city of Paris, which is also famous for the Louvre.",
+    "When Mary and John went to the store, John gave a drink to Mary.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "The stock market fell sharply on Monday after the central bank raised interest rates.",
+    "She opened the old wooden door slowly and stepped into the dark hallway.",
+    "To bake bread, mix flour, water, salt and yeast, knead the dough and let it rise for an hour.",
+    "The committee will meet again next Thursday to review the budget proposal.",
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add `eval` to the `latentpatch` parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+    ev = subparsers.add_parser("eval", help="SAEBench core evaluation of an SAE (CE/KL scores, EV, L0, density, ...)",
+                               formatter_class=raw,
+                               description="Splice an SAE into its model and measure SAEBench's core figures on text "
+                                           "(SAELens's definitions; see patching/splice/evaluation.py); --out also "
+                                           "writes eval.json and the density and decoder-cosine histograms.\n\n"
+                                           "example: latentpatch eval runs/sae-l15 --text heldout.txt --out results/eval")
+    add_sae_options(ev)
+    ev.add_argument("--text", type=Path, help="a .txt file (one document per line) to evaluate on; default: built-in sentences")
+    ev.add_argument("--out", type=Path, default=None, help="write eval.json and the two histograms into this folder")
+    ev.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
+    ev.add_argument("--context-size", type=int, default=128, help="truncate each text to this many tokens (default 128)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="stop once this many tokens are evaluated (default: all)")
+    ev.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from patching.splice import EvalConfig, evaluate_sae, save_evaluation
+    from patching.sweep import library_version
+    from sae.files import weights_sha256
+    from training.paths import check_input_file
+    from training.data.text import check_utf8_text
+
+    if args.text:  # checked before the model loads: missing, a folder, binary
+        check_utf8_text(check_input_file(args.text, option="--text"))
+    config = EvalConfig(batch_size=args.batch_size, context_size=args.context_size, max_tokens=args.max_tokens)
+    sae, model = load_for(args.sae, args.model)
+    texts = text_lines(args.text) if args.text else iter(EVAL_TEXTS)
+    result = evaluate_sae(model, sae, texts, config=config)
+    if args.out is not None:
+        save_evaluation(result, args.out, provenance={
+            "model": model.cfg.model_name, "sae": str(args.sae), "sae_sha256": weights_sha256(sae),
+            "text": str(args.text) if args.text else "built-in sentences", "config": asdict(config),
+            "library_version": library_version()})
+    return {"sae": str(args.sae), **result.to_dict(), "saved_to": str(args.out) if args.out else None}
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The non-blank lines of `path`, read lazily (a held-out file can be large)."""
+    with path.open(encoding="utf-8") as handle:
+        yield from (line.rstrip("\n") for line in handle if line.strip())

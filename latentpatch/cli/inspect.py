@@ -1,0 +1,33 @@
+"""`latentpatch inspect`: validate and describe an SAE folder (ours or SAELens's)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add `inspect` to the `latentpatch` parser."""
+    inspect = sub.add_parser("inspect", help="print an SAE folder's config and weight statistics",
+                             description="Validate and describe an SAE folder (ours or SAELens's).\n\n"
+                                         "example: latentpatch inspect runs/sae-l15 --json",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("path", type=Path, help="folder holding cfg.json and sae_weights.safetensors")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    inspect.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sae import load_sae
+    from sae.files import config_to_dict
+
+    sae = load_sae(args.path)
+    with torch.no_grad():
+        norms = sae.decoder_norms()
+        stats = {"decoder_norm_min": norms.min().item(), "decoder_norm_mean": norms.mean().item(),
+                 "decoder_norm_max": norms.max().item(), "b_enc_mean": sae.b_enc.mean().item(),
+                 "b_dec_norm": sae.b_dec.norm().item(), "n_parameters": sum(p.numel() for p in sae.parameters())}
+    return {"path": str(args.path), "config": config_to_dict(sae.cfg), "statistics": stats}
