@@ -5,7 +5,8 @@ The recipe follows Anthropic's "Towards Monosemanticity" (2023) and its April 20
 over the final part of training, an L1 coefficient warmed up from zero, the L1 weighted by
 decoder row norms, inputs scaled to a fixed norm estimated before training, `b_dec`
 initialised at the data's geometric median, dead-latent resampling, gradient clipping.
-The run configuration (model, site, text, output folder) lives in `latentpatch.cli.train`.
+The run configuration (model, site, text, output folder) lives with the command line, in
+`latentpatch.cli.train` (`RunConfig`): the library never imports the CLI.
 """
 
 from __future__ import annotations
