@@ -1,0 +1,74 @@
+"""One reference run seen as a residual stream: each node's write and each receiver's read.
+
+Path patching and edge attribution both need, for a prompt, every upstream node's output (the terms
+of the residual stream) and the stream every receiver reads. One forward pass caches `hook_z`,
+`hook_mlp_out`, `hook_resid_pre` and `hook_resid_mid` of every block and the final residual; a head's
+output is `z[head] @ W_O[head]` (its share of `hook_attn_out` without `b_O`, which belongs to no head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from patching.model import tl_compat, tl_paths
+from patching.model.sites import Site
+from patching.paths.nodes import Node, Receiver
+from patching.sweep.engine import readout_logits
+
+
+@dataclass
+class StreamRun:
+    """One prompt's run (batch dimension dropped)."""
+
+    logits: Tensor
+    """Logits at the metric's readout position (vocab,), or every position (pos, vocab)."""
+    final: Tensor
+    """The final residual stream, before the final norm, (pos, d_model)."""
+    acts: dict[str, Tensor]
+    """Cached activations by hook name, each (pos, ...)."""
+
+
+def stream_hook_names(model: object) -> list[str]:
+    names = []
+    for layer in range(tl_compat.n_layers(model)):
+        names += [Site(layer, "z").hook_name, Site(layer, "resid_pre").hook_name]
+        if tl_paths.has_mlps(model):
+            names.append(Site(layer, "mlp_out").hook_name)
+            if not tl_paths.parallel_blocks(model):
+                names.append(Site(layer, "resid_mid").hook_name)
+    return names
+
+
+def stream_run(model: object, tokens: Tensor, readout: int | None) -> StreamRun:
+    """Run `tokens` (one row) once, keeping what `node_output` and `read_stream` need."""
+    with torch.no_grad():
+        final, acts = tl_compat.run_until_end_with_cache(model, tokens, stream_hook_names(model))
+        logits = readout_logits(model, final, readout)[0]
+    return StreamRun(logits=logits, final=final[0], acts={name: act[0] for name, act in acts.items()})
+
+
+def node_output(model: object, run: StreamRun, node: Node) -> Tensor:
+    """What `node` writes to the residual stream in `run`, (pos, d_model)."""
+    if node.kind == "embed":
+        return run.acts[Site(0, "resid_pre").hook_name]
+    if node.kind == "mlp":
+        return run.acts[Site(node.layer, "mlp_out").hook_name]
+    z = run.acts[Site(node.layer, "z").hook_name][:, node.head]  # (pos, d_head)
+    return z @ tl_compat.head_out_weight(model, node.layer)[node.head]
+
+
+def node_delta(model: object, base: StreamRun, source: StreamRun, node: Node) -> Tensor:
+    """Source minus base output of `node`, (pos, d_model)."""
+    return node_output(model, source, node) - node_output(model, base, node)
+
+
+def read_stream(model: object, run: StreamRun, receiver: Receiver) -> Tensor:
+    """The residual stream `receiver` reads in `run`, before its norm, (pos, d_model)."""
+    if receiver.kind == "logits":
+        return run.final
+    if receiver.kind == "mlp" and not tl_paths.parallel_blocks(model):
+        return run.acts[Site(receiver.layer, "resid_mid").hook_name]
+    return run.acts[Site(receiver.layer, "resid_pre").hook_name]
