@@ -92,7 +92,8 @@ def patch_paths(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, 
     senders, receivers = check_graph(model, senders, receivers)
     groups = [tuple(receivers)] if config.by == "sender" else [(receiver,) for receiver in receivers]
     with torch.inference_mode():
-        runs = [(stream_run(model, p.base, metric.readout), stream_run(model, p.source, metric.readout)) for p in pairs]
+        runs = [(stream_run(model, p.base, metric.readout, keys_values=True), stream_run(model, p.source, metric.readout))
+                for p in pairs]
         metric, m_clean, m_corrupted = reference_metrics(metric, [(RunCache(b.logits), RunCache(s.logits)) for b, s in runs],
                                                          config.direction)
         values = torch.empty(len(pairs), len(senders), len(groups))
@@ -130,12 +131,15 @@ def pair_values(model: Any, metric: Metric, pair_index: int, base: StreamRun, so
     base_metric = metric(base.logits[None], torch.tensor([pair_index]))[0]
     values = torch.full((len(senders), len(groups)), float(base_metric))
     n_layers = tl_compat.n_layers(model)
-    deltas, rows = {}, []
+    deltas, firsts, rows = {}, {}, []
+    n_pos = base.final.shape[0]
+    last_read = n_pos - 1 if metric.readout is None else metric.readout % n_pos
     for s, node in enumerate(senders):
         delta = node_delta(model, base, source, node)
-        if not bool(delta.any()):
-            continue  # the sender's output is the same in both runs: no path carries anything
-        deltas[s] = delta
+        changed = torch.nonzero(delta.any(-1)).flatten()
+        if not changed.numel() or int(changed[0]) > last_read:
+            continue  # the sender's output is the same in both runs where the metric can see it
+        deltas[s], firsts[s] = delta, 0 if metric.readout is None else int(changed[0])
         for g, group in enumerate(groups):
             reached = [r for r in group if reaches(node, r, model)]
             if reached:
@@ -145,7 +149,8 @@ def pair_values(model: Any, metric: Metric, pair_index: int, base: StreamRun, so
     bar.update(values.numel() - len(rows))
     for lo in range(0, len(rows), rows_per_wave):
         wave = rows[lo: lo + rows_per_wave]
-        logits = run_wave(model, base, wave, torch.stack([deltas[s] for _, s, _, _ in wave]), metric)
+        first = min(firsts[s] for _, s, _, _ in wave)
+        logits = run_wave(model, base, wave, torch.stack([deltas[s] for _, s, _, _ in wave]), metric, first)
         wave_values = metric(logits, torch.full((len(wave),), pair_index)).cpu()
         check_metric_finite(wave_values, [f"{senders[s].label()} -> group {g}" for _, s, g, _ in wave], pair_index)
         values[[s for _, s, _, _ in wave], [g for _, _, g, _ in wave]] = wave_values
@@ -153,30 +158,35 @@ def pair_values(model: Any, metric: Metric, pair_index: int, base: StreamRun, so
     return values, len(rows)
 
 
-def run_wave(model: Any, base: StreamRun, wave: list[Row], deltas: Tensor, metric: Metric) -> Tensor:
+def run_wave(model: Any, base: StreamRun, wave: list[Row], deltas: Tensor, metric: Metric, first: int) -> Tensor:
     """Readout logits of the wave's rows (sorted by start layer); `deltas` (rows, pos, d_model) are
-    the senders' output changes."""
-    n_layers = tl_compat.n_layers(model)
+    the senders' output changes, zero before position `first`. Rows run only the positions from
+    `first` on, after the base run's keys and values: before it every row's stream is the base's."""
+    n_layers, n_pos = tl_compat.n_layers(model), base.final.shape[0]
     starts = [start for start, _, _, _ in wave]
     in_blocks = sum(start < n_layers for start in starts)
+    deltas = deltas[:, first:]
     finals = []
     if in_blocks:
-        joins = [(layer, base.acts[Site(layer, "resid_pre").hook_name][None].expand(starts.count(layer), -1, -1))
+        joins = [(layer, base.acts[Site(layer, "resid_pre").hook_name][first:][None].expand(starts.count(layer), -1, -1))
                  for layer in sorted(set(starts)) if layer < n_layers]
-        with tl_compat.hooks(model, receiver_hooks(model, base, wave[:in_blocks], deltas[:in_blocks])):
-            finals.append(tl_compat.run_blocks_joining(model, joins))
+        prefix = tl_compat.cache_before(base.keys_values, n_pos, first)
+        with tl_compat.hooks(model, receiver_hooks(model, base, wave[:in_blocks], deltas[:in_blocks], first)):
+            finals.append(tl_compat.run_blocks_joining(model, joins, prefix))
     if in_blocks < len(wave):
-        finals.append(base.final[None].expand(len(wave) - in_blocks, -1, -1))
+        finals.append(base.final[first:][None].expand(len(wave) - in_blocks, -1, -1))
     final = torch.cat(finals)
     to_logits = torch.tensor([any(r.kind == "logits" for r in reached) for _, _, _, reached in wave])
     final = final + to_logits[:, None, None].to(final.dtype) * deltas  # the sender's direct path to the logits
-    if metric.readout is None:
+    if metric.readout is None:  # then first is 0
         return readout_logits(model, final, None)
-    return tl_compat.readout(model, final[:, metric.readout], getattr(metric, "columns", lambda: None)())
+    readout = metric.readout % n_pos - first
+    return tl_compat.readout(model, final[:, readout], getattr(metric, "columns", lambda: None)())
 
 
-def receiver_hooks(model: Any, base: StreamRun, rows: list[Row], deltas: Tensor) -> list[tuple[str, Any]]:
-    """Hooks that give each row's receivers the stream they read in the frozen run: base + delta."""
+def receiver_hooks(model: Any, base: StreamRun, rows: list[Row], deltas: Tensor, first: int) -> list[tuple[str, Any]]:
+    """Hooks that give each row's receivers the stream they read in the frozen run: base + delta
+    (both from position `first` on)."""
     n_heads = {"q": tl_compat.n_heads(model), "k": tl_compat.n_kv_heads(model), "v": tl_compat.n_kv_heads(model)}
     masks: dict[tuple[int, str], Tensor] = {}
     reads: dict[tuple[int, str], Receiver] = {}
@@ -189,7 +199,7 @@ def receiver_hooks(model: Any, base: StreamRun, rows: list[Row], deltas: Tensor)
                 masks[key] = torch.zeros(len(rows), n_heads.get(r.kind, 1), dtype=torch.bool)
                 reads[key] = r
             masks[key][row, 0 if r.head is None else r.head] = True
-    return [(tl_paths.input_hook_name(layer, kind), _setter(mask, read_stream(model, base, reads[(layer, kind)]), deltas,
+    return [(tl_paths.input_hook_name(layer, kind), _setter(mask, read_stream(model, base, reads[(layer, kind)])[first:], deltas,
                                                             per_head=kind != "mlp"))
             for (layer, kind), mask in masks.items()]
 

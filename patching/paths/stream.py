@@ -9,6 +9,7 @@ output is `z[head] @ W_O[head]` (its share of `hook_attn_out` without `b_O`, whi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +30,9 @@ class StreamRun:
     """The final residual stream, before the final norm, (pos, d_model)."""
     acts: dict[str, Tensor]
     """Cached activations by hook name, each (pos, ...)."""
+    keys_values: Any = None
+    """The run's frozen key-value cache when kept (base runs): rows that change nothing before a
+    position run only from there, after a slice of it."""
 
 
 def stream_hook_names(model: object) -> list[str]:
@@ -42,12 +46,17 @@ def stream_hook_names(model: object) -> list[str]:
     return names
 
 
-def stream_run(model: object, tokens: Tensor, readout: int | None) -> StreamRun:
-    """Run `tokens` (one row) once, keeping what `node_output` and `read_stream` need."""
+def stream_run(model: object, tokens: Tensor, readout: int | None, *, keys_values: bool = False) -> StreamRun:
+    """Run `tokens` (one row) once, keeping what `node_output` and `read_stream` need (and the
+    keys and values, with `keys_values`)."""
+    kv = None
     with torch.no_grad():
-        final, acts = tl_compat.run_until_end_with_cache(model, tokens, stream_hook_names(model))
+        if keys_values:
+            final, acts, kv = tl_compat.run_until_end_with_keys_values(model, tokens, stream_hook_names(model))
+        else:
+            final, acts = tl_compat.run_until_end_with_cache(model, tokens, stream_hook_names(model))
         logits = readout_logits(model, final, readout)[0]
-    return StreamRun(logits=logits, final=final[0], acts={name: act[0] for name, act in acts.items()})
+    return StreamRun(logits=logits, final=final[0], acts={name: act[0] for name, act in acts.items()}, keys_values=kv)
 
 
 def node_output(model: object, run: StreamRun, node: Node) -> Tensor:
