@@ -229,11 +229,14 @@ def direction_logits(model: HookedTransformer, direction: Tensor) -> Tensor:
     weight (when it has one, i.e. the norm is not folded) and the unembedding.
 
     The norm's input-dependent scale is left out, as in the logit lens: the ranking of tokens is
-    what this is for.
+    what this is for. The final logit soft-cap (Gemma 2, `c * tanh(raw / c)`) is applied as the
+    model applies it, so the figures are logits the model could output.
     """
+    from transformer_lens.utilities import apply_softcap
+
     weight = getattr(model.ln_final, "w", None) if model.cfg.normalization_type is not None else None
     scaled = direction * weight if weight is not None else direction
-    return scaled.to(model.W_U.dtype) @ model.W_U
+    return apply_softcap(scaled.to(model.W_U.dtype) @ model.W_U, model.cfg.output_logits_soft_cap)
 
 
 def has_tokenizer(model: HookedTransformer) -> bool:
@@ -345,7 +348,12 @@ def frozen_final_readout(model: HookedTransformer, delta: Tensor, base_final: Te
 
     With the scale frozen the readout is linear in the residual stream (the norm's bias and `b_U`
     cancel in differences and are left out), so a component's direct effect is its own readout
-    (McGrath et al. 2023, "The Hydra Effect", §2)."""
+    (McGrath et al. 2023, "The Hydra Effect", §2). A final logit soft-cap (Gemma 2) is not linear:
+    the logits `delta` adds are then `cap(raw + lin(delta)) - cap(raw)` with `raw` the base run's
+    uncapped logits, so a change of a component's write must be read as one `delta`, never as the
+    difference of two readouts."""
+    from transformer_lens.utilities import apply_softcap
+
     kind = model.cfg.normalization_type
     if kind in ("LN", "LNPre"):
         centred = base_final - base_final.mean(-1, keepdim=True)
@@ -358,7 +366,12 @@ def frozen_final_readout(model: HookedTransformer, delta: Tensor, base_final: Te
     scaled = delta / scale
     if kind in ("LN", "RMS"):
         scaled = scaled * model.ln_final.w
-    return scaled @ model.W_U
+    added = scaled @ model.W_U
+    cap = model.cfg.output_logits_soft_cap
+    if cap is None or cap <= 0:
+        return added
+    raw = model.unembed(model.ln_final(base_final) if kind is not None else base_final)
+    return apply_softcap(raw + added, cap) - apply_softcap(raw, cap)
 
 
 # Building models, and generation with key-value caches, live in their own modules (this one stays

@@ -136,13 +136,13 @@ def self_repair(model: Any, tokens: Tensor, metric: LogitDiff, *, components: Se
         ablated_values = _ablated_outputs(components, base_out, names, ablation, model, corrupted, corpus)
         base_final = final[0, metric.position]
         m_base = _metric(metric, tl_compat.readout(model, base_final[None]))
-        base_direct = torch.stack([_direct(model, metric, _write(model, c, out), base_final)
-                                   for c, out in zip(components, base_out)])
         direct, total = torch.empty(len(components)), torch.empty(len(components))
         compensation = torch.zeros(len(components), len(components))
         for i, comp in enumerate(components):
             value = ablated_values[i]
-            direct[i] = base_direct[i] - _direct(model, metric, _write(model, comp, value), base_final)
+            # One readout of the change (ablated - base), not two readouts subtracted: under a final
+            # logit soft-cap the readout is not linear (tl_compat.frozen_final_readout).
+            direct[i] = -_direct(model, metric, _write(model, comp, value - base_out[i]), base_final)
             handle = tl_compat.attach_hook(model, comp.site.hook_name, _setter(comp.site, value))
             try:
                 final_i, run_i = tl_compat.run_until_end_with_cache(model, tokens, names)
@@ -152,8 +152,7 @@ def self_repair(model: Any, tokens: Tensor, metric: LogitDiff, *, components: Se
             for j, other in enumerate(components):
                 if other.order > comp.order:  # only components downstream can respond
                     own_out = other.site.select(run_i[other.site.hook_name])[0]
-                    own = _direct(model, metric, _write(model, other, own_out), base_final)
-                    compensation[i, j] = own - base_direct[j]
+                    compensation[i, j] = _direct(model, metric, _write(model, other, own_out - base_out[j]), base_final)
     return RepairResult(list(components), direct, total, compensation, ablation)
 
 
