@@ -240,10 +240,9 @@ def _fresh_sae_like(sae: Any, site: Any, seed: int) -> Any:
 
 
 def _plot_training(history: list[dict[str, Any]], path: Path) -> None:
-    from patching.figures import pyplot
+    from patching.figures import subplots
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    fig, axes = subplots(1, 3, figsize=(11, 3))
     steps = [record["step"] for record in history]
     for ax, key, name in zip(axes, ("mse", "explained_variance", "l0"), ("MSE (normalised)", "explained variance", "L0")):
         ax.plot(steps, [record[key] for record in history], marker=".")
@@ -252,7 +251,6 @@ def _plot_training(history: list[dict[str, Any]], path: Path) -> None:
     fig.suptitle("Training demonstration on real text (live metrics as logged)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _splice_section(model: Any, sae: Any, results: dict[str, Any]) -> Section:

@@ -79,12 +79,9 @@ def _l1_of(folder: Path) -> dict[str, Any]:
 
 
 def plot_sweep(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from patching.figures import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = subplots(figsize=(5, 4))
     for r in results:
         ax.scatter(r["l0"], r["ce_loss_recovered"], color="C0")
         ax.annotate(f"L1={r.get('l1_coefficient', '?')}, d_sae={r['d_sae']}", (r["l0"], r["ce_loss_recovered"]),
@@ -96,7 +93,6 @@ def plot_sweep(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("L0 vs CE loss recovered")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = RELEASES_DIR,
