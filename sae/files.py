@@ -10,17 +10,11 @@ library touches it. Saving records the weights' SHA-256 and a format version und
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
-import math
-import os
-import stat
-import struct
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -32,13 +26,15 @@ from sae.cfg_schema import FORMAT_VERSION, PROVENANCE_KEYS, check_config, strict
 from sae.config import ARCHITECTURES, SAEConfig
 from sae.errors import SAEConfigError, SAEFileError
 from sae.model import TORCH_DTYPES, SparseAutoencoder
+from sae.safe_io import SAFETENSORS_ITEMSIZE, header_entries, header_length, open_regular, read_exact
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 """Largest `cfg.json` read (SAELens configs are under 2 KiB); larger files are refused unread."""
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAE_ITEMSIZE = {name: SAFETENSORS_ITEMSIZE[name] for name in SAFETENSORS_DTYPES}
+"""The safetensors dtypes an SAE file may hold, with their element sizes."""
 
 # Metadata that `save_sae` writes anew each time rather than carrying over from the file read.
 REWRITTEN_METADATA = ("latentpatch", "sae_lens_version", "sae_lens_training_version")
@@ -110,10 +106,10 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SparseA
 
 def read_config_json(cfg_path: Path) -> dict[str, Any]:
     """`cfg.json` as a dictionary: a regular file of at most `MAX_CONFIG_BYTES`, strict JSON, an object."""
-    with _open_regular(cfg_path) as (handle, size):
+    with open_regular(cfg_path) as (handle, size):
         if size > MAX_CONFIG_BYTES:
             raise SAEFileError(cfg_path, f"is {size} bytes, more than the {MAX_CONFIG_BYTES} a cfg.json may hold")
-        raw = strict_json(_read_exact(handle, size, cfg_path), cfg_path, "cfg.json")
+        raw = strict_json(read_exact(handle, size, cfg_path), cfg_path, "cfg.json")
     if not isinstance(raw, dict):
         raise SAEFileError(cfg_path, f"must hold a JSON object, found {type(raw).__name__}")
     return raw
@@ -168,15 +164,15 @@ def _refuse_unsupported(raw: dict[str, Any], merged: dict[str, Any], cfg_path: P
 
 def _read_weights(path: Path, cfg: SAEConfig, expected_sha: str | None) -> dict[str, torch.Tensor]:
     """Check header, file size and shapes against `cfg`, then read the data, verify the hash, decode."""
-    with _open_regular(path) as (handle, size):
+    with open_regular(path) as (handle, size):
         if size < 8:
             raise SAEFileError(path, f"truncated: {size} bytes, shorter than the 8-byte header length")
-        head = _read_exact(handle, 8, path)
-        header_len = _header_length(head, size, path)
-        head += _read_exact(handle, header_len, path)
-        entries = _header_entries(head, size, path)
+        head = read_exact(handle, 8, path)
+        header_len = header_length(head, size, path)
+        head += read_exact(handle, header_len, path)
+        entries = header_entries(head, size, path, SAE_ITEMSIZE)
         _check_shapes({name: entry.shape for name, entry in entries.items()}, cfg, path)
-        blob = head + _read_exact(handle, size - len(head), path)
+        blob = head + read_exact(handle, size - len(head), path)
     if expected_sha is not None and hashlib.sha256(blob).hexdigest() != expected_sha:
         raise SAEFileError(path, "SHA-256 differs from the one recorded in cfg.json (file changed or truncated)")
     tensors = _decode(blob, path)
@@ -191,65 +187,9 @@ def read_safetensors(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
     """Validate a safetensors byte string's structure, then decode it (no code runs)."""
     if len(blob) < 8:
         raise SAEFileError(path, f"truncated: {len(blob)} bytes, shorter than the 8-byte header length")
-    header_len = _header_length(blob[:8], len(blob), path)
-    _header_entries(blob[: 8 + header_len], len(blob), path)
+    header_len = header_length(blob[:8], len(blob), path)
+    header_entries(blob[: 8 + header_len], len(blob), path, SAE_ITEMSIZE)
     return _decode(blob, path)
-
-
-class _Entry(NamedTuple):
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    stop: int
-
-
-def _header_length(first8: bytes, size: int, path: Path) -> int:
-    (header_len,) = struct.unpack("<Q", first8)
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-        raise SAEFileError(path, f"header length {header_len} exceeds the file ({size} bytes): truncated or corrupt")
-    return header_len
-
-
-def _header_entries(head: bytes, size: int, path: Path) -> dict[str, _Entry]:
-    """Validate the header (`head` = length prefix + JSON) against the file's `size`, before any data is read."""
-    header = strict_json(head[8:], path, "safetensors header")
-    if not isinstance(header, dict):
-        raise SAEFileError(path, "safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise SAEFileError(path, "safetensors header key '__metadata__' must be an object of strings")
-    entries = {name: _entry(name, info, path) for name, info in header.items()}
-    end = 0
-    for name, entry in sorted(entries.items(), key=lambda item: item[1].start):
-        itemsize = SAFETENSORS_DTYPES[entry.dtype].itemsize
-        if entry.start != end or entry.stop - entry.start != math.prod(entry.shape) * itemsize:
-            raise SAEFileError(path, f"tensor {name!r} offsets {entry.start}..{entry.stop} "
-                               "do not match its shape and position")
-        end = entry.stop
-    data_len = size - len(head)
-    if end != data_len:
-        raise SAEFileError(path, f"data section is {data_len} bytes but tensors cover {end}: "
-                           "truncated or trailing bytes")
-    return entries
-
-
-def _entry(name: str, info: Any, path: Path) -> _Entry:
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise SAEFileError(path, f"tensor {name!r}: header entry must be an object with dtype, shape and data_offsets")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise SAEFileError(path, f"tensor {name!r} key 'dtype' is {dtype!r}; "
-                           f"expected one of {sorted(SAFETENSORS_DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise SAEFileError(path, f"tensor {name!r} key 'shape' is invalid: {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise SAEFileError(path, f"tensor {name!r} key 'data_offsets' is invalid: {offsets!r}")
-    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _decode(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
@@ -271,44 +211,6 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], cfg: SAEConfig, path: Path
     for name, shape in expected.items():
         if shapes[name] != shape:
             raise SAEFileError(path, f"tensor {name!r} has shape {shapes[name]} but cfg.json implies {shape}")
-
-
-@contextlib.contextmanager
-def _open_regular(path: Path) -> Iterator[tuple[BinaryIO, int]]:
-    """Open `path` only if it is, or links to, a regular file; yield the handle and its size.
-
-    Symlinks are followed (the Hugging Face cache links into blobs) but must end at a regular
-    file: a link to /dev/zero would read forever and a FIFO would block forever.
-    """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise SAEFileError(path, f"is not a regular file ({_kind(path)})")
-        # O_NONBLOCK: a FIFO swapped in after the check must not block the open.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError as err:
-        raise SAEFileError(path, "file is missing") from err
-    except OSError as err:
-        raise SAEFileError(path, f"cannot be read ({err})") from err
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SAEFileError(path, f"is not a regular file ({_kind(path)})")
-        yield handle, info.st_size
-
-
-def _kind(path: Path) -> str:
-    mode = os.stat(path).st_mode
-    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
-    kind = next((word for test, word in kinds.items() if test(mode)), "not a plain file")
-    return f"a symlink to {kind}" if path.is_symlink() else kind
-
-
-def _read_exact(handle: BinaryIO, n: int, path: Path) -> bytes:
-    data = handle.read(n)
-    if len(data) != n:
-        raise SAEFileError(path, f"changed while being read: expected {n} more bytes, got {len(data)}")
-    return data
 
 
 def _sae_lens_version() -> str:

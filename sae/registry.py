@@ -12,8 +12,8 @@ weights file. Loading verifies that hash before parsing the file, then returns a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,16 @@ import torch
 
 from sae.errors import LatentpatchError, SAEFileError
 from sae.files import WEIGHTS_FILE, load_sae
+from sae.metrics import LegacyNamedFigures
 from sae.model import TORCH_DTYPES, SparseAutoencoder
+from sae.safe_io import UnsafeFileError, read_text, sha256_file
 
 RELEASES_DIR = Path(__file__).parent / "releases"
 REGISTRY_FILE = "registry.json"
+MAX_REGISTRY_BYTES = 16 * 1024 * 1024
+"""Largest `registry.json` read (the shipped one is a few KiB)."""
+MAX_RELEASE_WEIGHTS_BYTES = 4 * 1024 ** 3
+"""Largest weights file hashed (a shipped SAE is a few MiB; a 16k-latent SAE on a 2k-wide model is 256 MiB)."""
 
 
 class UnknownReleaseError(LatentpatchError, LookupError):
@@ -56,16 +62,18 @@ class ReleaseEntry:
     recipe: dict[str, Any]
     """How it was made: `commands` (exact, in order), `corpus`, `corpus_digest`, token counts, seconds."""
     heldout: dict[str, Any]
-    """SAEBench's core figures on held-out real text (`latentpatch.release.evaluate`): CE loss recovered, KL, EV, L0, ..."""
+    """SAEBench's core figures on held-out real text (`latentpatch.release.evaluate`), under SAELens's names
+    (`ce_loss_score`, `kl_div_with_sae`, `explained_variance`, `l0`, `frac_dead`, ...); the names used
+    before (`ce_loss_recovered`, `kl_spliced`, ...) still read, with a DeprecationWarning."""
 
 
 def _read_registry(root: Path) -> dict[str, Any]:
     path = root / REGISTRY_FILE
-    try:
-        registry = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return {}
-    except (OSError, json.JSONDecodeError) as err:
+    try:
+        registry = json.loads(read_text(path, max_bytes=MAX_REGISTRY_BYTES))
+    except json.JSONDecodeError as err:
         raise SAEFileError(path, f"is not a readable registry ({err})") from err
     if not isinstance(registry, dict):
         raise SAEFileError(path, f"must hold a JSON object, found {type(registry).__name__}")
@@ -89,7 +97,8 @@ def release_entry(release: str, sae_id: str, *, root: str | Path = RELEASES_DIR)
     entry = saes[sae_id]
     try:
         return ReleaseEntry(release=release, sae_id=sae_id, folder=root / entry["path"],
-                            weights_sha256=entry["weights_sha256"], recipe=entry["recipe"], heldout=entry["heldout"])
+                            weights_sha256=entry["weights_sha256"], recipe=entry["recipe"],
+                            heldout=LegacyNamedFigures(entry["heldout"]))
     except (KeyError, TypeError) as err:
         raise SAEFileError(root / REGISTRY_FILE, f"entry {release}/{sae_id} lacks {err}") from err
 
@@ -97,10 +106,10 @@ def release_entry(release: str, sae_id: str, *, root: str | Path = RELEASES_DIR)
 def verify_release(entry: ReleaseEntry) -> None:
     """Raise `ReleaseIntegrityError` unless the shipped weights hash to the recorded SHA-256."""
     path = entry.folder / WEIGHTS_FILE
-    try:
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as err:
-        raise ReleaseIntegrityError(path, f"cannot be read ({err})") from err
+    try:  # streamed, and only from a regular file: a link to /dev/zero or a FIFO is refused unread
+        actual = sha256_file(path, max_bytes=MAX_RELEASE_WEIGHTS_BYTES)
+    except UnsafeFileError as err:
+        raise ReleaseIntegrityError(path, err.problem) from err
     if actual != entry.weights_sha256:
         raise ReleaseIntegrityError(path, f"SHA-256 {actual} differs from the registry's {entry.weights_sha256}")
 

@@ -22,6 +22,7 @@ from patching.errors import PatchingError
 from patching.model.sites import Site
 from patching.sweep.units import PatchUnit, UnitPart
 from sae.files import atomic_folder
+from sae.safe_io import read_bytes, read_text
 
 RESULT_FORMAT_VERSION = 1
 METRIC_TOLERANCE = 1e-5
@@ -34,6 +35,10 @@ SMALL_SPAN_TOLERANCE = 1e-3
 its normalised effects are not reproducible to three decimals (STYLE.md 18)."""
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+"""Largest result manifest read (units and prompts; a 16k-latent sweep's is tens of MiB)."""
+MAX_TENSOR_BYTES = 8 * 1024 ** 3
+"""Largest result tensor file read into memory."""
 
 
 class TopEntry(NamedTuple):
@@ -141,8 +146,9 @@ class PatchResult:
     def load(cls, path: str | Path) -> "PatchResult":
         folder = Path(path)
         try:
-            manifest = json.loads((folder / MANIFEST_FILE).read_text())
-            tensors = load_safetensors_bytes((folder / TENSORS_FILE).read_bytes())
+            # guarded reads: a FIFO or a link to /dev/zero in a result folder is refused unread
+            manifest = json.loads(read_text(folder / MANIFEST_FILE, max_bytes=MAX_MANIFEST_BYTES))
+            tensors = load_safetensors_bytes(read_bytes(folder / TENSORS_FILE, max_bytes=MAX_TENSOR_BYTES))
         except (OSError, ValueError, json.JSONDecodeError) as err:
             raise PatchingError(f"{folder}: not a readable patch result ({err})") from err
         if manifest.get("format_version", 0) > RESULT_FORMAT_VERSION:
