@@ -62,8 +62,8 @@ def restoration(model, site, sae, layer):
     with torch.inference_mode():
         m_clean = metric(tl_compat.forward_logits(model, clean)[:, -1], torch.tensor([0])).item()
         m_corrupted = metric(tl_compat.forward_logits(model, corrupted)[:, -1], torch.tensor([0])).item()
-    latents = latent_restoration(model, site, sae, clean, corrupted, metric, COUNTS, 0)
-    with_error = latent_restoration(model, site, sae, clean, corrupted, metric, COUNTS, 0, with_error=True)
+    latents = latent_restoration(model, sae, clean, corrupted, metric, COUNTS, 0, site=site)
+    with_error = latent_restoration(model, sae, clean, corrupted, metric, COUNTS, 0, with_error=True, site=site)
     neurons = raw_restoration(model, Site(layer, "mlp_post"), clean, corrupted, metric, COUNTS, 0)
     dims = raw_restoration(model, site, clean, corrupted, metric, COUNTS, 0)
     curves = {"SAE latents": RestorationCurve(list(COUNTS), latents.fraction[None], [latents.n_active]),
@@ -113,10 +113,10 @@ def main() -> None:
     else:
         texts = list(default_texts()())
         text_name = f"self-generated corpus, {len(texts)} texts"
-    scores = unit_scores(model, sae, site.layer, texts, n_top=args.n_top)
+    scores = unit_scores(model, sae, site.layer, texts, k=args.n_top)
     neuron_median, top_neurons = top_k_median(scores.neurons, scores.neuron_max, args.k)
     latent_median, top_latents = top_k_median(scores.latents, scores.latent_max, args.k)
-    reports = inspect_units(model, sae, [Neuron(site.layer, i) for i in top_neurons], texts, NeuronConfig(n_top=args.n_top))
+    reports = inspect_units(model, sae, [Neuron(site.layer, i) for i in top_neurons], texts, config=NeuronConfig(n_top=args.n_top))
     clusters = [r.cluster_score for r in reports if r.cluster_score is not None]
     paris, curves, latent_scores = restoration(model, site, sae, site.layer)
     if args.out is not None:

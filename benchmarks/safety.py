@@ -70,7 +70,7 @@ def main() -> None:
                           dynamic_ns=tuple(args.dynamic_ns), jailbreak_templates=args.templates)
     suite = SafetySuite()
     start = time.perf_counter()
-    report = find_safety_latents(model, sae, suite, config, progress=False)
+    report = find_safety_latents(model, sae, suite, config=config, progress=False)
     seconds = time.perf_counter() - start
     if args.out:
         report.save(args.out, sae_sha256=weights_sha256(sae))

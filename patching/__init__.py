@@ -51,20 +51,21 @@ from patching.steering import (
     compare_steering, contrast_latents, generate_steered, latents_from_result, steer, steering_vector,
 )
 from patching.inspect import (
-    Decomposition, Direction, InspectConfig, LatentReport, Neuron, NeuronConfig, UnitReport, UnitScores, decompose,
+    Decomposition, InspectConfig, LatentReport, Neuron, NeuronConfig, NeuronDirection, UnitReport, UnitScores, decompose,
     inspect_latent, inspect_latents, inspect_units, logit_effect, readout, unit_scores, write_dashboards,
 )
 from patching.safety import (
     DirectionReport, GuidedGeneration, PAIRS, RefusalScore, SafetyConfig, SafetyReport, SafetySuite, UnitCurve,
     UnitSet, find_safety_latents, guided_generate, is_refusal, refusal_directions, refusal_rate,
 )
+from sae.deprecation import renamed_attributes
 from sae.errors import LatentpatchError
 
 __all__ = [
     "CONCEPTS", "CallableMetric", "CompareSettings", "Component", "Concept", "Corpus", "DEFAULT_MODEL",
-    "Decomposition", "Direction", "DirectionReport", "ErrorPatch", "EvalConfig", "GuidedGeneration", "InspectConfig",
+    "Decomposition", "DirectionReport", "ErrorPatch", "EvalConfig", "GuidedGeneration", "InspectConfig",
     "Interventions", "KLFromClean", "LatentChoice", "LatentEdit", "LatentPatch", "LatentReport", "LatentpatchError",
-    "LogitDiff", "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "Node",
+    "LogitDiff", "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection", "Node",
     "NoiseConfig", "PAIRS", "PatchResult", "PatchUnit", "PatchingError", "PathConfig", "PathResult", "PromptPair",
     "Receiver", "RefusalScore", "RepairResult", "RestorationCurve", "SAEEvaluation", "SafetyConfig", "SafetyReport",
     "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError",
@@ -80,3 +81,5 @@ __all__ = [
     "splice_metrics", "steer", "steering_vector", "subject_positions", "unit_scores", "upstream_nodes", "verify",
     "window_layers", "write_dashboards",
 ]
+
+__getattr__ = renamed_attributes(__name__, {"Direction": lambda: NeuronDirection})

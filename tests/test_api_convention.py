@@ -8,7 +8,9 @@ import inspect
 import pkgutil
 
 import pytest
+import torch
 
+from conftest import make_sae
 from sae.errors import LatentpatchError
 
 PACKAGES = ("sae", "patching", "training")
@@ -138,3 +140,94 @@ def test_import_latentpatch_is_cheap_and_lazy(tmp_path):
                       "from latentpatch import main, Site\nprint(main.__module__, Site.__module__)", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["latentpatch.cli.entry", "patching.model.sites"]
+
+
+# --- One name per concept: the old names still work, each with a DeprecationWarning -------------
+
+def deprecated(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, which must warn exactly one DeprecationWarning naming a replacement."""
+    with pytest.warns(DeprecationWarning, match="deprecated and will be removed in the next release; use") as caught:
+        value = fn(*args, **kwargs)
+    assert len([w for w in caught if issubclass(w.category, DeprecationWarning)]) == 1
+    return value
+
+
+@pytest.mark.parametrize("module", ["patching", "patching.inspect", "patching.inspect.neurons"])
+def test_direction_is_neuron_direction_under_its_old_name(module):
+    from patching import NeuronDirection
+
+    found = deprecated(getattr, importlib.import_module(module), "Direction")
+    assert found is NeuronDirection
+    assert "Direction" not in importlib.import_module(module).__dict__.get("__all__", [])
+    with pytest.raises(AttributeError):
+        importlib.import_module(module).NoSuchName  # noqa: B018
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model):
+    clean = torch.tensor([[1, 8, 9, 3, 4, 5, 6, 7]])
+    corrupted = clean.clone()
+    corrupted[0, 2] = 30
+    return clean, corrupted
+
+
+def test_patch_latents_old_unit_keyword_warns_and_means_units(tiny_model, tiny_sae, pair):
+    from patching import LogitDiff, patch_latents
+
+    metric = LogitDiff(3, 4)
+    new = patch_latents(tiny_model, tiny_sae, *pair, metric, units="position", progress=False)
+    old = deprecated(patch_latents, tiny_model, tiny_sae, *pair, metric, unit="position", progress=False)
+    assert [u.label() for u in old.units] == [u.label() for u in new.units]
+    # one unit per position that differs (the corruption at 2 onwards), all latents at once
+    assert [u.parts[0].positions for u in new.units] == [(p,) for p in range(2, 8)]
+    assert all(u.parts[0].latents is None for u in new.units)
+    assert torch.equal(old.effect, new.effect)
+    with pytest.raises(TypeError, match="both unit="):
+        patch_latents(tiny_model, tiny_sae, *pair, metric, unit="position", units="latent", progress=False)
+
+
+def test_latent_restoration_old_argument_order_warns_and_agrees(tiny_model, pair):
+    from patching import LogitDiff, Site, latent_restoration
+
+    site = Site(1, "resid_pre")
+    sae = make_sae(16, 30, hook_name=site.hook_name, model_name=tiny_model.cfg.model_name, seed=8)
+    new = latent_restoration(tiny_model, sae, *pair, LogitDiff(3, 4), (1, 5), 0)  # site from the SAE's config
+    old = deprecated(latent_restoration, tiny_model, site, sae, *pair, LogitDiff(3, 4), (1, 5), 0)
+    assert torch.equal(new.fraction, old.fraction) and new.n_active == old.n_active
+    assert torch.equal(new.scores, old.scores)
+
+
+def test_how_many_is_k(tiny_model, tiny_sae, pair):
+    from patching import LogitDiff, attribute_latents, unit_scores, verify
+
+    estimate = attribute_latents(tiny_model, tiny_sae, *pair, LogitDiff(3, 4), progress=False)
+    new = verify(estimate, k=3, random_k=2)
+    old = deprecated(verify, estimate, top_k=3, random_k=2)
+    assert new.k == old.k == 3 and new.spearman == old.spearman and new.n_checked == old.n_checked == 5
+    texts = torch.randint(1, 50, (4, 10), generator=torch.Generator().manual_seed(3))
+    scores = unit_scores(tiny_model, tiny_sae, 1, texts, k=3, batch_size=2)
+    with pytest.warns(DeprecationWarning, match="n_top"), pytest.warns(DeprecationWarning, match="batch_rows"):
+        again = unit_scores(tiny_model, tiny_sae, 1, texts, n_top=3, batch_rows=2)
+    assert torch.equal(scores.neurons.nan_to_num(-1), again.neurons.nan_to_num(-1))
+
+
+def test_configs_are_keyword_only_and_positional_ones_warn(tiny_model, tiny_sae):
+    from patching import InspectConfig, SteeringConfig, inspect_latent, steer
+    from patching.model import tl_compat
+
+    texts = torch.randint(1, 50, (3, 10), generator=torch.Generator().manual_seed(4))
+    new = inspect_latent(tiny_model, tiny_sae, 5, texts, config=InspectConfig(k_contexts=2, bins=4))
+    overridden = inspect_latent(tiny_model, tiny_sae, 5, texts, k_contexts=2, bins=4)
+    old = deprecated(inspect_latent, tiny_model, tiny_sae, 5, texts, InspectConfig(k_contexts=2, bins=4))
+    for report in (overridden, old):
+        assert torch.equal(report.counts, new.counts) and report.contexts == new.contexts
+    config = SteeringConfig(method="add", coefficient=3.0)
+    with steer(tiny_model, tiny_sae, [2], config=config):
+        steered = tl_compat.forward_logits(tiny_model, texts)
+    with pytest.warns(DeprecationWarning, match="positionally"):
+        with steer(tiny_model, tiny_sae, [2], config):
+            again = tl_compat.forward_logits(tiny_model, texts)
+    assert torch.equal(steered, again) and not torch.equal(steered, tl_compat.forward_logits(tiny_model, texts))
+    with pytest.raises(LatentpatchError, match="unknown SteeringConfig fields"):
+        with steer(tiny_model, tiny_sae, [2], coefficent=3.0):
+            pass

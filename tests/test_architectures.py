@@ -95,7 +95,7 @@ def test_splice_identity_is_bit_exact(zoo, prompts, name):
 def test_sweep_matches_naive_reference(zoo, prompts, name, unit, direction):
     model, sae = zoo[name]
     clean, corrupted = prompts
-    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, unit=unit, progress=False)
+    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, units=unit, progress=False)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     assert len(result.units) > 0
     # First, middle and last unit, on alternating rows: each naive value costs two forwards.

@@ -178,7 +178,7 @@ def test_bad_input_is_refused_before_any_forward(tiny, kwargs, pattern):
 def test_verify_reports_agreement_and_survives_save_load(tiny, tmp_path):
     model, sae, clean, corrupted, metric = tiny
     estimate = attribute_latents(model, sae, clean, corrupted, metric, progress=False)
-    check = verify(estimate, top_k=10, random_k=10)
+    check = verify(estimate, k=10, random_k=10)
     assert check.n_checked == 20
     direct = patch_latents(model, sae, clean, corrupted, metric, units=check.exact.units, progress=False)
     torch.testing.assert_close(check.exact.effect, direct.effect)
@@ -193,7 +193,7 @@ def test_verify_reports_agreement_and_survives_save_load(tiny, tmp_path):
     assert loaded.method == "atp" and torch.equal(loaded.effect, estimate.effect)
     with pytest.raises(PatchingError, match="carries no inputs"):
         verify(loaded)
-    again = verify(loaded, top_k=10, random_k=10, context=estimate.context)
+    again = verify(loaded, k=10, random_k=10, context=estimate.context)
     assert again.spearman == check.spearman
 
 

@@ -28,8 +28,8 @@ def site_book(tmp_path_factory):
     corpus = torch.randint(1, 50, (4, 10), generator=torch.Generator().manual_seed(2))
     config = NeuronConfig(InspectConfig(k_contexts=4, bins=8), n_top=8)
     direction = NeuronDirection(site, torch.randn(16, generator=torch.Generator().manual_seed(1)), name="probe")
-    reports = inspect_units(model, sae, [Neuron(1, 2), Neuron(1, 9), direction], corpus, config)
-    reports += inspect_latents(model, sae, [0, 7], corpus, config.inspect)
+    reports = inspect_units(model, sae, [Neuron(1, 2), Neuron(1, 9), direction], corpus, config=config)
+    reports += inspect_latents(model, sae, [0, 7], corpus, config=config.inspect)
     folder = tmp_path_factory.mktemp("dash")
     return write_dashboards(folder, reports, title="tiny <model>"), reports
 

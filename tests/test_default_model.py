@@ -97,7 +97,7 @@ def test_patching_on_default_model(default_model):
     result = patch_latents(default_model, sae, clean, corrupted, metric, units=[everything], progress=False)
     assert result.metric_clean[0] > 2 and result.metric_corrupted[0] < 0  # Paris vs Rome flips
     assert abs(result.effect[0, 0].item() - 1) < 1e-4
-    positions = patch_latents(default_model, sae, clean, corrupted, metric, unit="position", progress=False)
+    positions = patch_latents(default_model, sae, clean, corrupted, metric, units="position", progress=False)
     assert {u.position for u in positions.units} <= set(range(2, 11))  # only after the corrupted tokens
     resid = patch_residual(default_model, clean, corrupted, metric, layers=[0, 29], progress=False)
     by_unit = {(u.parts[0].site.layer, u.position): resid.effect[0, i].item() for i, u in enumerate(resid.units)}

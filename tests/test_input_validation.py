@@ -78,11 +78,11 @@ CASES = {
     "zero positions": (lambda m, s, c, r: patch_latents(m, s, c[:1, :0], r[:1, :0], METRIC, progress=False),
                        PatchingError, r"got shape \(1, 0\)"),
     # latent sets
-    "latent set of strings": (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, unit="joint", latent_sets=[["x"]]),
+    "latent set of strings": (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, units="joint", latent_sets=[["x"]]),
                               PatchingError, r"ints in 0..39 \(d_sae=40\); got \['x'\]"),
-    "latent set not a list": (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, unit="joint", latent_sets=[5]),
+    "latent set not a list": (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, units="joint", latent_sets=[5]),
                               PatchingError, r"latent_sets\[0\].*got 5"),
-    "latent set of floats": (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, unit="joint", latent_sets=[[1.9]]),
+    "latent set of floats": (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, units="joint", latent_sets=[[1.9]]),
                              PatchingError, r"got \[1.9\]"),
     # SAE objects
     "SAE with NaN weight": (lambda m, s, c, r: patch_latents(m, _sae_with(s, float("nan")), c, r, METRIC),
@@ -143,7 +143,7 @@ def test_a_metric_turning_nan_mid_sweep_is_refused_naming_the_unit(model, sae, p
 
     before = snapshot(model)
     with pytest.raises(PatchingError, match=r"returned nan \(expected a finite number\) for unit blocks\.1\.hook_resid_pre"):
-        patch_latents(model, sae, clean, corrupted, flaky, unit="position", batch_size=1, progress=False)
+        patch_latents(model, sae, clean, corrupted, flaky, units="position", batch_size=1, progress=False)
     assert calls["n"] > 4  # it failed mid-sweep, after good chunks
     assert snapshot(model) == before
 

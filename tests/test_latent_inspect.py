@@ -37,7 +37,7 @@ def test_contexts_and_histogram_match_the_activations(tiny_model, tiny_sae, corp
     z = _latents(tiny_model, tiny_sae, corpus)
     latent = int(z.flatten(0, 1).max(0).values.argmax())
     column = z[..., latent]
-    report = inspect_latent(tiny_model, tiny_sae, latent, corpus, InspectConfig(k_contexts=3, bins=5))
+    report = inspect_latent(tiny_model, tiny_sae, latent, corpus, config=InspectConfig(k_contexts=3, bins=5))
     best = torch.topk(column.flatten(), 3)
     assert [c.activation for c in report.contexts] == pytest.approx(best.values.tolist(), rel=1e-5)
     assert [(c.row, c.position) for c in report.contexts] == [divmod(int(i), corpus.shape[1]) for i in best.indices]
@@ -96,5 +96,5 @@ def test_padded_text_batches_give_each_text_its_own_latents(default_model_4l):
         assert torch.equal(alone.tokens, item.tokens)
         torch.testing.assert_close(alone.latents, item.latents, rtol=1e-4, atol=1e-4)
         assert not item.keep[0]  # BOS left out
-    report = inspect_latent(model, sae, 7, texts, InspectConfig(k_contexts=2))
+    report = inspect_latent(model, sae, 7, texts, config=InspectConfig(k_contexts=2))
     assert all("«" in c.text for c in report.contexts) and report.top_tokens is not None

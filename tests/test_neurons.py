@@ -15,7 +15,7 @@ from patching.errors import SiteError
 from patching.inspect.latents import InspectConfig
 from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
 from patching.inspect.neurons import (
-    Direction,
+    NeuronDirection,
     Neuron,
     TopKTracker,
     check_units,
@@ -86,7 +86,7 @@ def test_direction_decomposition_is_exact_with_unit_scale(tiny_model, corpus):
     sae = make_sae(16, 30, hook_name=site.hook_name, model_name=tiny_model.cfg.model_name, seed=8)
     vector = torch.randn(16, generator=torch.Generator().manual_seed(9))
     x = _hooks(tiny_model, corpus, [site.hook_name])[site.hook_name]
-    parts = decompose(sae, readout(tiny_model, Direction(site, vector)), x)
+    parts = decompose(sae, readout(tiny_model, NeuronDirection(site, vector)), x)
     torch.testing.assert_close(parts.total, x @ vector, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(parts.latents.sum(-1) + parts.b_dec + parts.error, x @ vector, rtol=1e-5, atol=1e-5)
 
@@ -113,7 +113,7 @@ def test_inspect_units_contexts_match_a_brute_force_scan(setup, corpus):
     acts = _hooks(model, corpus, [f"blocks.{LAYER}.mlp.hook_post", f"blocks.{LAYER}.hook_resid_mid"])
     post, x = acts[f"blocks.{LAYER}.mlp.hook_post"], acts[f"blocks.{LAYER}.hook_resid_mid"]
     config = NeuronConfig(InspectConfig(k_contexts=3, bins=5), n_top=6)
-    reports = inspect_units(model, sae, [Neuron(LAYER, 3), Neuron(LAYER, 11)], corpus, config)
+    reports = inspect_units(model, sae, [Neuron(LAYER, 3), Neuron(LAYER, 11)], corpus, config=config)
     for report in reports:
         column = post[..., report.unit.index].flatten()
         best = torch.sort(column, descending=True, stable=True)
@@ -143,7 +143,7 @@ def test_scores_on_hand_made_inputs():
 def test_unit_scores_match_per_unit_scans(tiny_model, corpus):
     site = Site(1, "resid_pre")
     sae = make_sae(16, 30, hook_name=site.hook_name, model_name=tiny_model.cfg.model_name, seed=8)
-    scores = unit_scores(tiny_model, sae, 1, corpus, n_top=4)
+    scores = unit_scores(tiny_model, sae, 1, corpus, k=4)
     post = _hooks(tiny_model, corpus, ["blocks.1.mlp.hook_post"])["blocks.1.mlp.hook_post"]
     for j in (0, 5, 31):
         column = post[..., j].flatten()
@@ -167,7 +167,7 @@ def test_unit_scores_match_per_unit_scans(tiny_model, corpus):
 @pytest.mark.parametrize("units, message", [
     ([Neuron(LAYER, 32)], "out of range"),
     ([Neuron(5, 0)], "out of range"),
-    ([Direction(Site(1, "resid_mid"), torch.ones(15))], "expected d_model=16"),
+    ([NeuronDirection(Site(1, "resid_mid"), torch.ones(15))], "expected d_model=16"),
     ([], "at least one unit"),
 ])
 def test_bad_units_raise_before_any_forward(setup, corpus, units, message):
@@ -190,10 +190,10 @@ def test_wrong_sae_site_and_bad_values_raise_before_any_forward(tiny_model, corp
         with pytest.raises(PatchingError, match="non-negative"):
             unchecked(Neuron)(1, -1)
         with pytest.raises(PatchingError, match="finite"):
-            Direction(Site(1, "resid_pre"), torch.tensor([float("nan")] * 16))
+            NeuronDirection(Site(1, "resid_pre"), torch.tensor([float("nan")] * 16))
         with pytest.raises(PatchingError, match="residual Site"):
-            Direction(Site(1, "mlp_post"), torch.ones(16))
-        with pytest.raises(PatchingError, match="Neuron or Direction"):
+            NeuronDirection(Site(1, "mlp_post"), torch.ones(16))
+        with pytest.raises(PatchingError, match="Neuron or NeuronDirection"):
             unchecked(check_units)(tiny_model, [3])
         with pytest.raises(PatchingError, match="n_top"):
             NeuronConfig(InspectConfig(k_contexts=8), n_top=4)
@@ -224,7 +224,7 @@ def test_a_failure_mid_pass_leaves_the_model_as_it_was(setup, corpus):
             return self.inner.decode(z)
 
     with pytest.raises(RuntimeError, match="injected"):
-        inspect_units(model, Faulty(), [Neuron(LAYER, 1)], corpus, NeuronConfig(InspectConfig(batch_rows=1)), site=Site(LAYER, "resid_mid"))
+        inspect_units(model, Faulty(), [Neuron(LAYER, 1)], corpus, config=NeuronConfig(InspectConfig(batch_rows=1)), site=Site(LAYER, "resid_mid"))
     assert snapshot(model) == before
 
 
@@ -270,7 +270,7 @@ def test_latents_with_the_error_node_restore_everything_at_the_largest_count(tin
     clean = torch.tensor([[1, 8, 9, 3, 4, 5, 6, 7]])
     corrupted = clean.clone()
     corrupted[0, 2] = 30
-    plain = latent_restoration(tiny_model, site, sae, clean, corrupted, LogitDiff(3, 4), (1, 10_000), 0)
-    both = latent_restoration(tiny_model, site, sae, clean, corrupted, LogitDiff(3, 4), (1, 10_000), 0, with_error=True)
+    plain = latent_restoration(tiny_model, sae, clean, corrupted, LogitDiff(3, 4), (1, 10_000), 0, site=site)
+    both = latent_restoration(tiny_model, sae, clean, corrupted, LogitDiff(3, 4), (1, 10_000), 0, with_error=True, site=site)
     assert both.fraction[-1].item() == pytest.approx(1.0, abs=1e-4) and plain.full == pytest.approx(1.0, abs=1e-4)
     assert plain.fraction[-1].item() != pytest.approx(1.0, abs=1e-3)  # without the error node, latents fall short

@@ -76,7 +76,7 @@ def naive_unit_value(model, saes, base, source, unit, i, metric=METRIC):
 @pytest.mark.parametrize("unit", ["latent_position", "latent", "position", "error"])
 def test_sweep_matches_naive_reference(model, sae, prompts, direction, unit):
     clean, corrupted = prompts
-    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, unit=unit, progress=False)
+    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, units=unit, progress=False)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     assert len(result.units) > 0
     for j in range(0, len(result.units), max(1, len(result.units) // 12)):
@@ -129,11 +129,11 @@ def test_joint_sets_and_several_sites(model, prompts):
     saes = {Site(0, "resid_post"): make_sae(16, 24, hook_name=None, model_name=None, seed=1),
             Site(2): make_sae(16, 24, hook_name=None, model_name=None, seed=2)}
     sets = [{Site(0, "resid_post"): [1, 2, 3]}, {Site(2): [0, 5]}, {Site(0, "resid_post"): [4], Site(2): [7, 8]}]
-    result = patch_latents(model, saes, clean, corrupted, METRIC, unit="joint", latent_sets=sets, progress=False)
+    result = patch_latents(model, saes, clean, corrupted, METRIC, units="joint", latent_sets=sets, progress=False)
     for j, unit in enumerate(result.units):
         for i in range(2):
             assert result.metric[i, j].item() == pytest.approx(naive_unit_value(model, saes, corrupted, clean, unit, i), abs=1e-4)
-    per_site = patch_latents(model, saes, clean, corrupted, METRIC, unit="latent", progress=False)
+    per_site = patch_latents(model, saes, clean, corrupted, METRIC, units="latent", progress=False)
     assert {u.site for u in per_site.units} == set(saes)
 
 
@@ -152,7 +152,7 @@ def test_pairs_with_a_small_span_are_flagged(model, sae, prompts, caplog):
     clean, corrupted = prompts
     tiny = CallableMetric(lambda logits: 1e-4 * (logits[:, 3] - logits[:, 5]), readout=-1)
     with caplog.at_level("WARNING", logger="patching.sweep.patch"):
-        result = patch_latents(model, sae, clean, corrupted, tiny, unit="position", progress=False)
+        result = patch_latents(model, sae, clean, corrupted, tiny, units="position", progress=False)
     spans = (result.metric_clean - result.metric_corrupted).abs()
     assert (spans < 1e-2).all() and (spans > 0).all()
     assert result.small_span_pairs == [0, 1] and result.provenance["small_span_pairs"] == [0, 1]
@@ -177,9 +177,9 @@ def test_alignment_on_end_and_explicit_map(model, sae):
     corrupted = torch.tensor([[9, 2, 3, 8, 5, 6, 7, 10, 11]])
     with pytest.raises(PatchingError, match="different token lengths"):
         patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), progress=False)
-    result = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), align="end", unit="position", progress=False)
+    result = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), align="end", units="position", progress=False)
     assert min(u.position for u in result.units) >= 2  # base (corrupted) positions 0, 1 have no clean partner
-    mapped = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), align={8: 6, 7: 5}, unit="position",
+    mapped = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), align={8: 6, 7: 5}, units="position",
                            progress=False)
     assert {u.position for u in mapped.units} <= {7, 8}
 
@@ -210,10 +210,10 @@ def naive_last_log_probs(model, saes, base, source, unit, i):
 
 def test_metrics_library(model, sae, prompts):
     clean, corrupted = prompts
-    kl = patch_latents(model, sae, clean, corrupted, KLFromClean(), unit="position", progress=False)
+    kl = patch_latents(model, sae, clean, corrupted, KLFromClean(), units="position", progress=False)
     assert torch.equal(kl.metric_clean, torch.zeros(2)) and (kl.metric_corrupted > 0).all()
-    prob = patch_latents(model, sae, clean, corrupted, TokenProb(3), unit="position", progress=False)
-    logp = patch_latents(model, sae, clean, corrupted, TokenLogProb(3), unit="position", progress=False)
+    prob = patch_latents(model, sae, clean, corrupted, TokenProb(3), units="position", progress=False)
+    logp = patch_latents(model, sae, clean, corrupted, TokenLogProb(3), units="position", progress=False)
     torch.testing.assert_close(prob.metric, logp.metric.exp())
     # Each sweep value against log-probabilities from a naive patched forward, KL(clean || patched)
     # from the clean run's own logits.
@@ -227,8 +227,8 @@ def test_metrics_library(model, sae, prompts):
             expected_kl = (clean_log_p[i].exp() * (clean_log_p[i] - log_q)).sum().item()
             assert kl.metric[i, j].item() == pytest.approx(expected_kl, abs=1e-4)
     custom = patch_latents(model, sae, clean, corrupted, lambda logits: logits[:, -1, 3] - logits[:, -1, 4],
-                           unit="position", progress=False)
-    reference = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), unit="position", progress=False)
+                           units="position", progress=False)
+    reference = patch_latents(model, sae, clean, corrupted, LogitDiff(3, 4), units="position", progress=False)
     # the custom metric reads every position (full-length rows), LogitDiff one (suffix rows, pooled
     # under the earliest cut): the same rounding, divided by the clean-corrupted span
     span = (reference.metric_clean - reference.metric_corrupted).abs().min().item()
@@ -249,9 +249,9 @@ def test_metrics_library(model, sae, prompts):
     (lambda m, s, c, r: patch_latents(m, {SITE: make_sae(12, 8, hook_name=None, model_name=None)}, c, r, METRIC),
      SpliceError, "d_in=12"),
     (lambda m, s, c, r: patch_latents(m, {Site(5): s}, c, r, METRIC, checks=SpliceChecks(allow_model_mismatch=True)), SiteError, "out of range"),
-    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, unit="joint", latent_sets=[[1, 40]]), PatchingError, r"ints in 0..39 \(d_sae=40\); got \[1, 40\]"),
-    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, unit="joint"), PatchingError, "needs latent_sets"),
-    (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, unit="neuron"), PatchingError, "unit must be one of"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, units="joint", latent_sets=[[1, 40]]), PatchingError, r"ints in 0..39 \(d_sae=40\); got \[1, 40\]"),
+    (lambda m, s, c, r: patch_latents(m, s, c, r, METRIC, units="joint"), PatchingError, "needs latent_sets"),
+    (lambda m, s, c, r: unchecked(patch_latents)(m, s, c, r, METRIC, units="neuron"), PatchingError, "units must be a list of PatchUnit values or a kind"),
     (lambda m, s, c, r: patch_residual(m, c, r, METRIC, layers=[3]), SiteError, "out of range"),
 ])
 def test_bad_input_raises_before_any_forward(model, sae, prompts, call, error, pattern):
@@ -363,7 +363,7 @@ ONE_PAIR = LogitDiff(answer=3, wrong=4)
 def test_sweep_matches_naive_reference_on_a_rotary_rmsnorm_gated_model(llama_like, prompts, direction, unit):
     model, sae = llama_like
     clean, corrupted = prompts
-    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, unit=unit, progress=False)
+    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, units=unit, progress=False)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     assert len(result.units) > 0
     for j in range(0, len(result.units), max(1, len(result.units) // 10)):

@@ -71,7 +71,7 @@ def toy():
 
 def test_patching_everything_restores_exactly_all_of_it(toy):
     model, site, sae, harmful, harmless, metric = toy
-    curve, active, full, scores = latent_restoration(model, site, sae, harmful, harmless, metric, (1, 3, 1000), start=3)
+    curve, active, full, scores = latent_restoration(model, sae, harmful, harmless, metric, (1, 3, 1000), start=3, site=site)
     assert full == pytest.approx(1.0, abs=1e-4)
     assert 0 < active <= 40 * 5 and scores.shape == (40,)
     # Every differing latent, without the error node, is what the largest count patches; the

@@ -88,7 +88,7 @@ def test_latent_restoration_takes_checks_and_never_patches_a_placeholder(model):
     checks = SpliceChecks(allow_model_mismatch=True)
     # Every count selects nothing and restores exactly 0 (before: latent 0 at position 0 was
     # patched as a placeholder).
-    curve = latent_restoration(model, SITE, sae, clean, corrupted, LogitDiff(2, 3), (1, 4), start=0, checks=checks)
+    curve = latent_restoration(model, sae, clean, corrupted, LogitDiff(2, 3), (1, 4), start=0, checks=checks, site=SITE)
     assert curve.fraction.tolist() == [0.0, 0.0]
     with pytest.raises(PatchingError, match="at least one"):
         joint_latent_unit([], SITE)

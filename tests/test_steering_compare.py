@@ -37,7 +37,7 @@ def sae(default_model_4l):
 @pytest.fixture(scope="module")
 def comparison(default_model_4l, sae):
     return compare_steering(default_model_4l, sae, CONCEPT, k_values=(1, 2), coefficients=(0.0, 4.0), methods=("add", "clamp"),
-                            settings=CompareSettings(seeds=(0,), max_new_tokens=3), progress=False)
+                            config=CompareSettings(seeds=(0,), max_new_tokens=3), progress=False)
 
 
 def test_table_has_a_baseline_and_one_row_per_setting(comparison):
@@ -122,7 +122,7 @@ def test_target_scores_equal_a_direct_computation(default_model_4l, sae, compari
 def test_a_custom_metric_replaces_the_concept_log_probability(default_model_4l, sae):
     paris = tl_compat.encode_text(default_model_4l, " Paris")[0]
     result = compare_steering(default_model_4l, sae, CONCEPT, k_values=(1,), coefficients=(4.0,), methods=("add",),
-                              settings=CompareSettings(seeds=(0,), max_new_tokens=2), progress=False,
+                              config=CompareSettings(seeds=(0,), max_new_tokens=2), progress=False,
                               metric=lambda logits: logits[:, paris])
     assert result.table["target_prob"].isna().all() and result.table["target_effect"].iloc[1] != 0
     # The scores are the custom metric's: the " Paris" logit, read directly.

@@ -13,6 +13,7 @@ An element is one unit at one position; n counts elements. The safety-latent sea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -24,10 +25,12 @@ from patching.attribution.estimators import attribute_latents, frozen_parameters
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.errors import PatchingError
+from patching.splice.collect import resolve_site
 from patching.splice.splicer import SpliceChecks, splice
 from patching.sweep.objectives import as_metric
 from patching.sweep.patch import patch_latents, patch_residual
 from patching.sweep.units import PatchUnit, UnitPart
+from sae.deprecation import warn_deprecated
 from sae.metrics import median
 
 
@@ -80,15 +83,34 @@ class RawRestoration(NamedTuple):
     """Dimensions x positions considered."""
 
 
-def latent_restoration(model: Any, site: Site, sae: Any, clean: Tensor, corrupted: Tensor, metric: Any,
-                       counts: Sequence[int], start: int, *, with_error: bool = False,
+def _site_second(fn: Any) -> Any:
+    """The old order `(model, site, sae, ...)`, told apart by the `Site` in second place: warn and
+    call as `(model, sae, ..., site=site)`."""
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], Site):
+            if "site" in kwargs:
+                raise TypeError(f"{fn.__name__}() got a site both second (the old order) and as site=")
+            warn_deprecated(f"{fn.__name__}(model, site, sae, ...)", f"{fn.__name__}(model, sae, ..., site=site)")
+            kwargs["site"], args = args[0], args[1:]
+        return fn(model, *args, **kwargs)
+    return wrapper
+
+
+@_site_second
+def latent_restoration(model: Any, sae: Any, clean: Tensor, corrupted: Tensor, metric: Any,
+                       counts: Sequence[int], start: int, *, site: Site | None = None, with_error: bool = False,
                        checks: SpliceChecks | None = None) -> LatentRestoration:
     """Rank (position, latent) elements from `start` on by AtP; patch the top n jointly.
+
+    `site` defaults to the SAE's own hook (from its config). The old order `(model, site, sae, ...)`
+    still works for one release, with a `DeprecationWarning`.
 
     `with_error` also patches the SAE's error node at every position from `start` with each
     top n: what the latents add to what the SAE does not reconstruct (Marks et al. 2024,
     "Sparse Feature Circuits", treat the error as one more node the same way). A count that
     selects no element (no latent differs from `start` on) restores exactly 0 and is not run."""
+    site, sae = resolve_site(model, sae, site, checks=checks)
     positions = list(range(start, clean.shape[1]))
     estimate = attribute_latents(model, {site: sae}, clean, corrupted, metric, include_error=False,
                                  positions=positions, progress=False, checks=checks)

@@ -17,6 +17,7 @@ from torch import Tensor
 from patching.errors import PatchingError
 from patching.sweep.patch import patch_latents
 from patching.sweep.results import PatchResult
+from sae.deprecation import renamed_keywords
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,11 @@ class Verification:
                 "max_missed_effect": self.max_missed_effect, "n_checked": self.n_checked}
 
 
-def verify(result: PatchResult, *, top_k: int = 50, random_k: int = 50, seed: int = 0, batch_size: int | None = None,
+@renamed_keywords(top_k="k")
+def verify(result: PatchResult, *, k: int = 50, random_k: int = 50, seed: int = 0, batch_size: int | None = None,
            context: dict[str, Any] | None = None) -> Verification:
-    """Patch the estimate's top-k units and `random_k` others exactly; compare.
+    """Patch the estimate's top `k` units and `random_k` others exactly; compare (`top_k=` is the
+    deprecated name of `k`).
 
     `context` (model, saes, clean, corrupted, metric, direction, align) defaults to the one an
     estimate carries from `attribute_latents`; pass it for a result loaded from disk.
@@ -53,13 +56,13 @@ def verify(result: PatchResult, *, top_k: int = 50, random_k: int = 50, seed: in
     context = context or result.context
     if context is None:
         raise PatchingError("this result carries no inputs to re-run (loaded from disk?): pass context={model, saes, ...}")
-    for name, value in (("top_k", top_k), ("random_k", random_k)):
+    for name, value in (("k", k), ("random_k", random_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise PatchingError(f"{name} must be a non-negative int, got {value!r}")
     score = result.mean_effect.abs()
     order = torch.argsort(score, descending=True, stable=True)
-    top = order[: top_k].tolist()
-    rest = order[top_k:].tolist()
+    top = order[: k].tolist()
+    rest = order[k:].tolist()
     generator = torch.Generator().manual_seed(seed)
     sampled = [rest[i] for i in torch.randperm(len(rest), generator=generator)[:random_k].tolist()]
     checked = top + sampled
@@ -69,7 +72,7 @@ def verify(result: PatchResult, *, top_k: int = 50, random_k: int = 50, seed: in
     estimate = result.mean_effect[checked]
     truth = exact.mean_effect
     signed = result.method != "atp_gd"
-    k = min(top_k, len(checked))
+    k = min(k, len(checked))
     exact_top = set(torch.argsort(truth.abs(), descending=True, stable=True)[:k].tolist())
     recall = len(exact_top & set(range(k))) / k if k else float("nan")
     missed = truth[len(top):].abs().max().item() if sampled else 0.0

@@ -21,12 +21,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from patching.configs import resolve_config
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.model.checks import check_latent_indices
 from patching.splice.collect import Corpus, iter_site_latents, resolve_site
 from patching.splice.splicer import SpliceChecks
+from sae.deprecation import positional_config
 from sae.protocol import SAELike
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
@@ -152,9 +154,13 @@ def direction_effect(model: Any, direction: Tensor, k: int = 10) -> tuple[list[T
     return effects[0], effects[1]
 
 
-def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus, config: InspectConfig = InspectConfig(),
-                    *, site: Site | None = None, checks: SpliceChecks | None = None) -> list[LatentReport]:
-    """Reports for several latents from one pass over the corpus (validated before any forward)."""
+@positional_config
+def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus, *, config: InspectConfig | None = None,
+                    site: Site | None = None, checks: SpliceChecks | None = None, **overrides: Any) -> list[LatentReport]:
+    """Reports for several latents from one pass over the corpus (validated before any forward).
+
+    `config` (an `InspectConfig`) with `overrides` replacing single fields (`k_contexts=4`)."""
+    config = resolve_config(InspectConfig, config, overrides)
     site, sae = resolve_site(model, sae, site, checks=checks)
     latents = check_latent_indices(latents, sae.d_sae)
     rows: list[Tensor] = []
@@ -183,10 +189,11 @@ def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus
     return reports
 
 
-def inspect_latent(model: Any, sae: Any, latent: int, corpus: Corpus, config: InspectConfig = InspectConfig(),
-                   *, site: Site | None = None, checks: SpliceChecks | None = None) -> LatentReport:
+@positional_config
+def inspect_latent(model: Any, sae: Any, latent: int, corpus: Corpus, *, config: InspectConfig | None = None,
+                   site: Site | None = None, checks: SpliceChecks | None = None, **overrides: Any) -> LatentReport:
     """`inspect_latents` for one latent."""
-    return inspect_latents(model, sae, [latent], corpus, config, site=site, checks=checks)[0]
+    return inspect_latents(model, sae, [latent], corpus, config=config, site=site, checks=checks, **overrides)[0]
 
 
 def histogram(values: Tensor, bins: int) -> tuple[Tensor, Tensor]:

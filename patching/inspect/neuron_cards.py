@@ -41,6 +41,8 @@ from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.splice.collect import Corpus, iter_site_values
 from patching.splice.splicer import SpliceChecks
+from patching.configs import resolve_config
+from sae.deprecation import positional_config, renamed_keywords
 
 
 @dataclass(frozen=True)
@@ -168,9 +170,13 @@ class _Moments:
         return (cov / var).float() if var > 0 else torch.zeros_like(cov).float()
 
 
-def inspect_units(model: Any, sae: Any, units: Sequence[Unit], corpus: Corpus, config: NeuronConfig = NeuronConfig(),
-                  *, site: Site | None = None, checks: SpliceChecks | None = None) -> list[UnitReport]:
-    """Reports for neurons / directions from one pass over the corpus (validated before any forward)."""
+@positional_config
+def inspect_units(model: Any, sae: Any, units: Sequence[Unit], corpus: Corpus, *, config: NeuronConfig | None = None,
+                  site: Site | None = None, checks: SpliceChecks | None = None, **overrides: Any) -> list[UnitReport]:
+    """Reports for neurons / directions from one pass over the corpus (validated before any forward).
+
+    `config` (a `NeuronConfig`) with `overrides` replacing single fields."""
+    config = resolve_config(NeuronConfig, config, overrides)
     units = check_units(model, units)
     reads = [readout(model, unit) for unit in units]
     sae_site, sae = check_sae_site(model, sae, site, reads, checks=checks)
@@ -259,7 +265,7 @@ class UnitScores(NamedTuple):
     """Monosemanticity of every neuron of a layer and every latent of an SAE, one formula for both."""
 
     neurons: Tensor
-    """`(d_mlp,)` token concentration of each neuron's top `n_top` contexts; NaN with fewer positive ones."""
+    """`(d_mlp,)` token concentration of each neuron's top `k` contexts; NaN with fewer positive ones."""
     latents: Tensor
     """`(d_sae,)` the same for each latent."""
     neuron_max: Tensor
@@ -270,29 +276,31 @@ class UnitScores(NamedTuple):
     """Corpus positions counted."""
 
 
-def unit_scores(model: Any, sae: Any, layer: int, corpus: Corpus, *, n_top: int = 20, hook: str = "mlp_post",
-                site: Site | None = None, batch_rows: int = 8, checks: SpliceChecks | None = None) -> UnitScores:
-    """Score every `hook` neuron of `layer` and every latent of `sae` in one pass."""
+@renamed_keywords(n_top="k", batch_rows="batch_size")
+def unit_scores(model: Any, sae: Any, layer: int, corpus: Corpus, *, k: int = 20, hook: str = "mlp_post",
+                site: Site | None = None, batch_size: int = 8, checks: SpliceChecks | None = None) -> UnitScores:
+    """Score every `hook` neuron of `layer` and every latent of `sae` in one pass, from each unit's
+    top `k` contexts; `batch_size` corpus rows per forward (`n_top=`, `batch_rows=`: deprecated names)."""
     from patching.splice.collect import resolve_site
 
     sae_site, sae = resolve_site(model, sae, site, checks=checks)
     neuron_site = Site(layer, hook).check(model)  # type: ignore[arg-type]
-    if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 2:
-        raise PatchingError(f"n_top must be an int >= 2, got {n_top!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise PatchingError(f"k must be an int >= 2, got {k!r}")
     d_mlp = neuron_site.width(model)
 
     def values(acts: dict[str, Tensor]) -> Tensor:
         return torch.cat([acts[neuron_site.hook_name].float(), sae.encode(acts[sae_site.hook_name]).float()], -1)
 
-    tracker, n_tokens = TopKTracker(n_top, d_mlp + sae.d_sae), 0
-    for item in iter_site_values(model, sorted({neuron_site, sae_site}), corpus, values, batch_rows=batch_rows):
+    tracker, n_tokens = TopKTracker(k, d_mlp + sae.d_sae), 0
+    for item in iter_site_values(model, sorted({neuron_site, sae_site}), corpus, values, batch_rows=batch_size):
         tracker.update(item.row, item.tokens, item.latents, item.keep)
         n_tokens += int(item.keep.sum())
     top = tracker.result()
     scores = torch.full((d_mlp + sae.d_sae,), float("nan"))
     for j in range(d_mlp + sae.d_sae):
         positive = top.values[:, j] > 0
-        if int(positive.sum()) == n_top:
+        if int(positive.sum()) == k:
             scores[j] = token_concentration(top.tokens[:, j].tolist())
     best = top.values[0] if top.values.shape[0] else torch.full((d_mlp + sae.d_sae,), float("nan"))
     return UnitScores(scores[:d_mlp], scores[d_mlp:], best[:d_mlp], best[d_mlp:], n_tokens)

@@ -32,6 +32,7 @@ from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.splice.splicer import SpliceChecks
+from sae.deprecation import renamed_attributes
 
 NeuronHook = Literal["mlp_pre", "mlp_post"]
 RESIDUAL_KINDS = ("resid_pre", "resid_mid", "resid_post")
@@ -67,8 +68,11 @@ class Neuron:
 
 
 @dataclass(frozen=True, eq=False)
-class Direction:
-    """A residual-stream direction at a site: its activation is `vector · x`."""
+class NeuronDirection:
+    """A residual-stream direction at a site, inspected like a neuron: its activation is `vector · x`.
+
+    Named apart from `direction=` of the patching functions ("denoise" or "noise"); the old name
+    `Direction` still works for one release, with a `DeprecationWarning`."""
 
     site: Site
     """A residual site (`resid_pre`, `resid_mid`, `resid_post`)."""
@@ -79,16 +83,16 @@ class Direction:
 
     def __post_init__(self) -> None:
         if not isinstance(self.site, Site) or self.site.kind not in RESIDUAL_KINDS:
-            raise PatchingError(f"Direction.site must be a residual Site ({', '.join(RESIDUAL_KINDS)}), got {self.site!r}")
+            raise PatchingError(f"NeuronDirection.site must be a residual Site ({', '.join(RESIDUAL_KINDS)}), got {self.site!r}")
         if not isinstance(self.vector, Tensor) or self.vector.dim() != 1 or not torch.isfinite(self.vector).all():
-            raise PatchingError(f"Direction.vector must be a finite 1-d tensor, got {getattr(self.vector, 'shape', self.vector)!r}")
+            raise PatchingError(f"NeuronDirection.vector must be a finite 1-d tensor, got {getattr(self.vector, 'shape', self.vector)!r}")
 
     @property
     def label(self) -> str:
         return f"{self.name}@{self.site.hook_name}"
 
 
-Unit = Neuron | Direction
+Unit = Neuron | NeuronDirection
 
 
 class Readout(NamedTuple):
@@ -120,26 +124,26 @@ def check_units(model: Any, units: Sequence[Unit]) -> tuple[Unit, ...]:
     """Units that exist in `model` (layers, neuron indices, vector widths), else `PatchingError`."""
     items = tuple(units)
     if not items:
-        raise PatchingError("give at least one unit (a Neuron or a Direction)")
+        raise PatchingError("give at least one unit (a Neuron or a NeuronDirection)")
     for unit in items:
         if isinstance(unit, Neuron):
             unit.site.check(model)
             width = unit.site.width(model)
             if unit.index >= width:
                 raise PatchingError(f"{unit.label}: neuron index {unit.index} out of range; layer {unit.layer} has d_mlp={width}")
-        elif isinstance(unit, Direction):
+        elif isinstance(unit, NeuronDirection):
             unit.site.check(model)
             if unit.vector.shape[0] != tl_compat.d_model(model):
                 raise PatchingError(f"{unit.label}: vector has {unit.vector.shape[0]} entries, expected d_model="
                                     f"{tl_compat.d_model(model)}")
         else:
-            raise PatchingError(f"units must be Neuron or Direction values, got {type(unit).__name__}")
+            raise PatchingError(f"units must be Neuron or NeuronDirection values, got {type(unit).__name__}")
     return items
 
 
 def readout(model: Any, unit: Unit) -> Readout:
     """The unit's pre-activation as an affine function of the (normalized) residual stream."""
-    if isinstance(unit, Direction):
+    if isinstance(unit, NeuronDirection):
         return Readout(unit.site, unit.vector.detach(), 0.0, "none", 0.0)
     try:
         weight, bias, norm, eps = tl_compat.mlp_pre_affine(model, unit.layer)
@@ -274,3 +278,6 @@ def cluster_concentration(dominant: Sequence[int]) -> float | None:
     """Fraction of a unit's top contexts whose dominant latent is the most common one."""
     groups = group_by_dominant(dominant)
     return len(groups[0][1]) / len(dominant) if groups else None
+
+
+__getattr__ = renamed_attributes(__name__, {"Direction": lambda: NeuronDirection})

@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patching.configs import resolve_config
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.model.sites import Site
@@ -32,6 +33,7 @@ from patching.safety.score import RefusalScore, greedy_scored, greedy_texts, que
 from patching.safety.units import collect_curves, pair_curves
 from patching.splice.generate import SharedPrefix
 from patching.splice.splicer import resolve_saes
+from sae.deprecation import positional_config
 
 DynamicKind = Literal["mlp_post", "latents"]
 
@@ -91,16 +93,13 @@ class SafetyConfig:
             is_int(self.jailbreak_templates) and self.jailbreak_templates >= 1), "None or a positive int")
 
 
-def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None, config: SafetyConfig | None = None,
-                        *, progress: bool = True, **overrides: Any) -> SafetyReport:
+@positional_config
+def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None, *, config: SafetyConfig | None = None,
+                        progress: bool = True, **overrides: Any) -> SafetyReport:
     """Refusal rates, restoration curves for every unit kind, the refusal direction and dynamic
     patching on `suite` (the full default suite when None). `overrides` replace `config` fields
     (`find_safety_latents(model, sae, max_pairs=8)`); everything is validated before any forward."""
-    unknown = set(overrides) - {f.name for f in fields(SafetyConfig)}
-    if unknown:
-        raise PatchingError(f"unknown settings {sorted(unknown)}; SafetyConfig has {[f.name for f in fields(SafetyConfig)]}")
-    base = config or SafetyConfig()
-    config = SafetyConfig(**{**{f.name: getattr(base, f.name) for f in fields(SafetyConfig)}, **overrides})
+    config = resolve_config(SafetyConfig, config, overrides)
     suite = SafetySuite() if suite is None else suite
     resolved = resolve_saes(model, saes)
     layer = next(iter(resolved)).layer if config.layer is None else config.layer

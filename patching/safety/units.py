@@ -40,7 +40,7 @@ def pair_curves(model: Any, saes: dict[Site, Any], harmful: Tensor, harmless: Te
     for site, sae in saes.items():
         active = active_latents(model, site, sae, harmful, start)
         counts = counts_for(percents, max(active, 1))
-        curve = latent_restoration(model, site, sae, harmful, harmless, metric, counts, start)
+        curve = latent_restoration(model, sae, harmful, harmless, metric, counts, start, site=site)
         out[f"latents@{site.hook_name}"] = (curve.fraction, active)
     n_layers = tl_compat.n_layers(model)
     raw_kinds = {f"mlp_post@layer {layer}": [Site(layer, "mlp_post")],
@@ -110,5 +110,5 @@ def latent_ranking(model: Any, site: Site, sae: Any, pairs: list[tuple[Tensor, T
     """The SAE's latents ranked by AtP summed over pairs and positions from `start`, best first."""
     total = torch.zeros(sae.d_sae)
     for harmful, harmless in pairs:
-        total += latent_restoration(model, site, sae, harmful, harmless, metric, [1], start).scores
+        total += latent_restoration(model, sae, harmful, harmless, metric, [1], start, site=site).scores
     return torch.argsort(total, descending=True, stable=True)

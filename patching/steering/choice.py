@@ -15,6 +15,7 @@ from patching.splice.collect import Corpus, iter_site_latents, resolve_site
 from patching.splice.splicer import SpliceChecks
 from patching.sweep.results import PatchResult
 from sae.protocol import SAELike
+from sae.deprecation import renamed_keywords
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,19 @@ class LatentChoice:
 
 
 
+@renamed_keywords(batch_rows="batch_size")
 def contrast_latents(model: Any, sae: Any, positive: Corpus, negative: Corpus, *, k: int = 16,
-                     site: Site | None = None, batch_rows: int = 8, checks: SpliceChecks | None = None) -> LatentChoice:
+                     site: Site | None = None, batch_size: int = 8, checks: SpliceChecks | None = None) -> LatentChoice:
     """Rank latents by mean activation on `positive` minus mean on `negative` (tokens pooled,
     special tokens left out) and keep the `k` best: the difference-of-means direction of Rimsky
     et al. 2024 ("Steering Llama 2 via Contrastive Activation Addition"), read in the SAE's basis.
+    `batch_size` corpus rows per forward (`batch_rows=` is its deprecated name).
     """
     site, sae = resolve_site(model, sae, site, checks=checks)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= sae.d_sae:
         raise SteeringError(f"k must be an int in 1..{sae.d_sae} (d_sae), got {k!r}")
-    pos_mean, pos_active_mean = _mean_latents(model, sae, site, positive, batch_rows)
-    neg_mean, _ = _mean_latents(model, sae, site, negative, batch_rows)
+    pos_mean, pos_active_mean = _mean_latents(model, sae, site, positive, batch_size)
+    neg_mean, _ = _mean_latents(model, sae, site, negative, batch_size)
     difference = pos_mean - neg_mean
     order = torch.argsort(difference, descending=True, stable=True)[:k]
     return LatentChoice(site, tuple(int(i) for i in order), tuple(float(difference[i]) for i in order),

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patching.configs import resolve_config
 from patching.model import tl_compat
 from patching.splice.generate import Sampling, generate
 from patching.model.tokens import padded_tokens, right_pad
@@ -44,6 +45,7 @@ from patching.steering.choice import LatentChoice, contrast_latents
 from patching.steering.steer import (PositionMode, SteerMethod, SteerScale, Steering, SteeringConfig, SteeringError,
                                      Weighting, steer)
 from patching.splice.splicer import SpliceChecks
+from sae.deprecation import renamed_keywords
 from sae.files import atomic_folder, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -167,16 +169,21 @@ def _prepare(model: Any, concept: Concept) -> _Data:
                  _single_token_ids(model, concept.target_tokens), lengths, concept.heldout)
 
 
+@renamed_keywords(settings="config")
 def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequence[int] = (1, 2, 4, 8, 16),
                      coefficients: Sequence[float] = (1.0, 2.0, 4.0, 8.0), methods: Sequence[SteerMethod] = ("add", "clamp"),
-                     settings: CompareSettings = CompareSettings(), choice: LatentChoice | None = None,
+                     config: CompareSettings | None = None, choice: LatentChoice | None = None,
                      metric: Callable[[Tensor], Tensor] | None = None, checks: SpliceChecks | None = None,
-                     progress: bool = True) -> SteeringComparison:
+                     progress: bool = True, **overrides: Any) -> SteeringComparison:
     """Measure every (method, K, coefficient) on `concept`; see the module docstring.
+
+    `config` (a `CompareSettings`; `settings=` is its deprecated name) with `overrides` replacing
+    single fields (`compare_steering(model, sae, PARIS, max_new_tokens=8)`).
 
     `metric`, if given, maps last-position logits `(batch, vocab)` to a score per prompt and
     replaces log P(concept tokens) as the target.
     """
+    settings = resolve_config(CompareSettings, config, overrides, error=SteeringError)
     k_values, coefficients, methods = _check_grid(k_values, coefficients, methods)
     site, _ = resolve_site(model, sae, choice.site if choice is not None else None, checks=checks)
     data = _prepare(model, concept)
@@ -196,9 +203,9 @@ def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequen
         top = choice.top(k)
         # Forward-pass measurements steer every position; generation steers `settings.positions`
         # (with positions="generated" a prompt-only forward pass would steer nothing at all).
-        with steer(model, sae, top, config, checks=checks):
+        with steer(model, sae, top, config=config, checks=checks):
             run = _measure(model, data, score)
-        with steer(model, sae, top, dataclasses.replace(config, positions=settings.positions), checks=checks) as state:
+        with steer(model, sae, top, config=dataclasses.replace(config, positions=settings.positions), checks=checks) as state:
             run["generated"] = _generate(state, data, settings)
         # Fluency is judged by the unsteered model, so it is scored outside the steering block.
         rows.append(_row(concept, method, k, float(c), top.latents, run, base, _fluency(model, data, run["generated"], n_new),

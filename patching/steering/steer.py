@@ -21,7 +21,6 @@ positions are steered with and without the cache.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import operator
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from patching.configs import resolve_config
 from patching.errors import SteeringError
 from patching.model import tl_compat
 from patching.model.checks import check_finite_in, check_generation, check_latent_indices
@@ -41,6 +41,7 @@ from patching.splice.edits import LatentEdit
 from patching.splice.generate import Interventions, Sampling, Step, generate, intervening
 from patching.splice.splicer import SpliceChecks
 from patching.steering.choice import LatentChoice
+from sae.deprecation import positional_config
 from sae.protocol import SAELike
 
 SteerMethod = Literal["add", "clamp"]
@@ -252,8 +253,9 @@ def _generate(model: Any, prompts: str | list[str] | Tensor, *, max_new_tokens: 
                     generator=generator)
 
 
+@positional_config
 @contextlib.contextmanager
-def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = None, *, site: Site | None = None,
+def steer(model: Any, sae: Any, target: Target, *, config: SteeringConfig | None = None, site: Site | None = None,
           checks: SpliceChecks | None = None, **overrides: Any) -> Iterator[Steering]:
     """Steer `model` for the duration of the block; yields the `Steering`.
 
@@ -262,9 +264,7 @@ def steer(model: Any, sae: Any, target: Target, config: SteeringConfig | None = 
     `overrides` replace fields of `config` (`steer(model, sae, choice, coefficient=8.0)`).
     Everything is validated before the first hook is attached; every hook is removed on exit.
     """
-    config = dataclasses.replace(config or SteeringConfig(), **overrides) if overrides else (config or SteeringConfig())
-    if not isinstance(config, SteeringConfig):
-        raise SteeringError(f"config must be a SteeringConfig, got {type(config).__name__}")
+    config = resolve_config(SteeringConfig, config, overrides, error=SteeringError)
     site, sae, resolved = _resolve_target(model, sae, target, site, checks)
     if config.method == "clamp" and isinstance(resolved, Tensor):
         raise SteeringError("method='clamp' sets latents: pass latents or a LatentChoice, not a vector")
@@ -308,8 +308,9 @@ class SteeredGeneration:
         return "\n".join(blocks)
 
 
-def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[str] | Tensor,
-                     config: SteeringConfig | None = None, *, max_new_tokens: int = 32, do_sample: bool = False,
+@positional_config
+def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[str] | Tensor, *,
+                     config: SteeringConfig | None = None, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float | None = None, seed: int = 0, use_kv_cache: bool = True,
                      site: Site | None = None, checks: SpliceChecks | None = None,
                      **overrides: Any) -> SteeredGeneration:
@@ -317,7 +318,7 @@ def generate_steered(model: Any, sae: Any, target: Target, prompts: str | list[s
     check_generation(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, error=SteeringError)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
     Sampling(do_sample, temperature, top_p)  # refuse bad sampling settings before steering attaches anything
-    with steer(model, sae, target, config, site=site, checks=checks, **overrides) as state:
+    with steer(model, sae, target, config=config, site=site, checks=checks, **overrides) as state:
         steered = state.generate(prompts, use_kv_cache=use_kv_cache, seed=seed, **kwargs)
     unsteered = _generate(model, prompts, max_new_tokens=max_new_tokens, use_kv_cache=use_kv_cache,
                           sampling=Sampling(do_sample, temperature, top_p), seed=seed)

@@ -34,28 +34,31 @@ from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_po
 from patching.sweep.results import METRIC_TOLERANCE, PatchResult, library_version
 from patching.sweep.units import (UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, head_units,
                                   joint_units)
+from sae.deprecation import renamed_keywords
 from sae.files import weights_sha256
 
 log = logging.getLogger(__name__)
 
 
+@renamed_keywords(unit="units")
 def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
-                  direction: Direction = "denoise", unit: UnitKind = "latent_position",
+                  direction: Direction = "denoise", units: UnitKind | Sequence[PatchUnit] = "latent_position",
                   positions: Sequence[int] | None = None, align: Align = None,
-                  latent_sets: Sequence[LatentSet] | None = None, units: Sequence[PatchUnit] | None = None,
-                  batch_size: int | None = None,
+                  latent_sets: Sequence[LatentSet] | None = None, batch_size: int | None = None,
                   memory_mb: int = DEFAULT_MEMORY_MB, progress: bool = True,
                   checks: SpliceChecks | None = None) -> PatchResult:
     """Patch SAE latents (or error nodes) between clean and corrupted runs; one unit per column.
 
-    `unit`: `latent_position` (each differing latent at each position), `latent` (a latent at
-    all positions), `position` (all latents at one position), `error` (the error node at each
-    position) or `joint` (each of `latent_sets` at once); explicit `units` replace `unit`.
+    `units`: a kind, `latent_position` (each differing latent at each position), `latent` (a latent
+    at all positions), `position` (all latents at one position), `error` (the error node at each
+    position) or `joint` (each of `latent_sets` at once); or an explicit list of `PatchUnit`s.
+    (`unit=`, the old name of the kind, still works with a `DeprecationWarning`.)
     `positions` restricts the base-run positions considered. Results are indexed by site when
     SAEs sit at several sites.
     """
+    unit, units = (units, None) if isinstance(units, str) else ("latent_position", units)
     if unit not in UNIT_KINDS:
-        raise PatchingError(f"unit must be one of {UNIT_KINDS}, got {unit!r}")
+        raise PatchingError(f"units must be a list of PatchUnit values or a kind, one of {UNIT_KINDS}; got {unit!r}")
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)

@@ -89,7 +89,7 @@ def differing_units(kind: str, differs: Mapping[Site, Tensor], positions: tuple[
     if kind == "joint":
         return joint_units(latent_sets, {site: mask.shape[1] for site, mask in differs.items()}, positions)
     if latent_sets is not None:
-        raise PatchingError("latent_sets is only used with unit='joint'")
+        raise PatchingError("latent_sets is only used with units='joint'")
     units: list[PatchUnit] = []
     for site, mask in differs.items():
         mask = mask & position_mask(mask.shape[0], positions)[:, None]
@@ -132,7 +132,7 @@ def joint_units(latent_sets: Any, widths: Mapping[Site, int],
     """One unit per latent set; `widths` gives each site's d_sae, against which every index is checked."""
     sites = list(widths)
     if not latent_sets:
-        raise PatchingError("unit='joint' needs latent_sets: a list of latent lists (or {site: latents} dicts)")
+        raise PatchingError("units='joint' needs latent_sets: a list of latent lists (or {site: latents} dicts)")
     units = []
     for i, latent_set in enumerate(latent_sets):
         if isinstance(latent_set, Mapping):
