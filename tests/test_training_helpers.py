@@ -61,6 +61,21 @@ def fresh_saes(n: int = 2) -> list[SparseAutoencoder]:
     return saes
 
 
+def topk_saes(architecture: str, n: int = 2, k: int = 2) -> list[SparseAutoencoder]:
+    """Fresh SAEs for the `topk` or `batchtopk` objective; k=2 of 32 leaves latents dead for AuxK."""
+    kind = {"topk": "topk", "batchtopk": "jumprelu"}[architecture]
+    return [SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=kind, k=k if kind == "topk" else None),
+                              generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def topk_config(architecture: str, **overrides: Any) -> TrainerConfig:
+    """`small_config` for TopK / BatchTopK: no resampling (AuxK instead), a strong AuxK term."""
+    values: dict[str, Any] = dict(architecture=architecture, k=2, resample_steps=(), l1_coefficient=1.0,
+                                  auxk_coefficient=0.5, batchtopk_threshold_lr=0.2)
+    values.update(overrides)
+    return small_config(**values)
+
+
 def small_config(**overrides: Any) -> TrainerConfig:
     values: dict[str, Any] = dict(total_steps=16, lr=1e-2, l1_coefficient=(0.5, 8.0), log_every=2, init_batches=2,
                                   dead_window_tokens=2 * BATCH, resample_steps=(4, 12), checkpoint_every=4,
@@ -70,8 +85,11 @@ def small_config(**overrides: Any) -> TrainerConfig:
 
 
 def make_trainer(out: Path | None, *, source: str = "shuffled", config: TrainerConfig | None = None) -> Trainer:
+    """A trainer for `config` (default `small_config()`) on fresh SAEs of its objective."""
     batches = shuffled_batches() if source == "shuffled" else global_rng_batches()
-    return Trainer(config or small_config(), fresh_saes(), batches, out_dir=out)
+    config = config or small_config()
+    saes = fresh_saes() if config.architecture == "l1" else topk_saes(config.architecture)
+    return Trainer(config, saes, batches, out_dir=out)
 
 
 def same_run(a: Trainer, b: Trainer) -> bool:

@@ -7,7 +7,8 @@ import signal
 import pytest
 import torch
 
-from tests.test_training_helpers import BATCH, D_IN, fresh_saes, make_trainer, same_run, shuffled_batches, small_config
+from tests.test_training_helpers import (BATCH, D_IN, fresh_saes, make_trainer, same_run, shuffled_batches, small_config,
+                                         topk_config)
 from training import CheckpointError, NonFiniteError, Trainer, TrainingInterrupted
 from training.errors import TrainingConfigError
 from training.trainer import checkpoint as ckpt
@@ -28,6 +29,27 @@ def test_resume_equals_uninterrupted_run(tmp_path, source):
     assert same_run(reference, resumed)
     log_lines = (tmp_path / "run" / "train_log.jsonl").read_text()
     assert log_lines == (tmp_path / "ref" / "train_log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_resume_equals_uninterrupted_run_for_topk_objectives(tmp_path, architecture):
+    """R9 for TopK and BatchTopK: AuxK's dead masks, unit decoder rows and BatchTopK's running
+    threshold all come back exactly."""
+    config = topk_config(architecture)
+    reference = make_trainer(tmp_path / "ref", config=config)
+    reference.fit()
+    assert any(r.get("auxk_loss", 0) > 0 for r in reference.history), "the run must exercise AuxK"
+    first = make_trainer(tmp_path / "run", config=config)
+    first.fit(until_step=7)
+    torch.manual_seed(999)
+    resumed = make_trainer(tmp_path / "run", config=config)
+    assert resumed.resume() == 7
+    resumed.fit()
+    assert same_run(reference, resumed)
+    assert (tmp_path / "run" / "train_log.jsonl").read_text() == (tmp_path / "ref" / "train_log.jsonl").read_text()
+    if architecture == "batchtopk":
+        threshold = reference.members[0].sae.threshold
+        assert threshold.min() > 0 and torch.equal(threshold, threshold[:1].expand_as(threshold))
 
 
 def _drop(piece: str, trainer: Trainer):

@@ -1,4 +1,5 @@
-"""TrainerConfig: the L1 training recipe, and nothing about models, data or paths.
+"""TrainerConfig: the training recipe (L1 by default, or TopK / BatchTopK with AuxK), and nothing
+about models, data or paths.
 
 The recipe follows Anthropic's "Towards Monosemanticity" (2023) and its April 2024 update
 ("Training Sparse Autoencoders", Circuits Updates): Adam, linear lr warmup and a linear decay
@@ -20,6 +21,7 @@ from typing import Any, Literal, get_args
 
 from training.errors import TrainingConfigError
 
+Objective = Literal["l1", "topk", "batchtopk"]
 Normalization = Literal["expected_norm", "none"]
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 
@@ -44,6 +46,23 @@ class TrainerConfig:
     (in normalized units). A tuple gives one value per SAE trained together (an L1 sweep)."""
     l1_warmup_fraction: float = 0.05
     """Fraction of `total_steps` over which lambda rises linearly from 0 (April 2024 update: 5%)."""
+    architecture: Objective = "l1"
+    """The sparsity objective. `l1`: ReLU SAEs (`standard`) with the L1 penalty above. `topk`: keep
+    each token's k largest latents (Gao et al. 2024), `topk` SAEs. `batchtopk`: keep the batch's k*B
+    largest (Bussmann et al. 2024), trained and saved as `jumprelu` SAEs whose threshold is the
+    running batch threshold (SAELens's inference form). TopK and BatchTopK keep decoder rows at
+    unit norm, ignore `l1_coefficient` and `decoder_init_norm`, and train dead latents with AuxK
+    instead of resampling (see training/trainer/topk_step.py)."""
+    k: int | tuple[int, ...] | None = None
+    """Latents per token for `topk` / `batchtopk` (an average over the batch for `batchtopk`); a
+    tuple gives one per SAE trained together. None for `l1`."""
+    auxk_coefficient: float = 1 / 32
+    """Weight alpha of the AuxK dead-latent loss (Gao et al. 2024, appendix A.2: 1/32); 0 disables it."""
+    k_aux: int | None = None
+    """Dead latents AuxK uses per token; None: d_in // 2 (SAELens's heuristic; Gao et al. use 512)."""
+    batchtopk_threshold_lr: float = 0.01
+    """Rate of the EMA that turns BatchTopK's per-batch thresholds into the inference threshold
+    (SAELens's `topk_threshold_lr`); the first 1/rate batches are averaged plainly."""
     grad_clip_norm: float | None = 1.0
     """Clip each SAE's gradient to this global L2 norm; None disables clipping."""
     normalization: Normalization = "expected_norm"
@@ -69,7 +88,7 @@ class TrainerConfig:
     log_every: int = 50
     """Steps between metric records (JSONL log, progress bar, wandb)."""
     eval_every: int | None = None
-    """Steps between `splice_metrics` evaluations on held-out tokens (needs a model); None: never."""
+    """Steps between evaluations (`patching.splice.evaluate_sae`) on held-out rows (needs a model); None: never."""
     checkpoint_every: int | None = 1000
     """Steps between checkpoints (one is also written at the end); None: only at the end."""
     keep_checkpoints: int = 2
@@ -108,9 +127,10 @@ class TrainerConfig:
         if bad or list(self.resample_steps) != sorted(set(self.resample_steps)):
             raise TrainingConfigError(f"TrainerConfig.resample_steps must be increasing steps in 1..{self.total_steps - 1}, "
                                       f"got {self.resample_steps!r}")
-        for name, kind in (("normalization", Normalization), ("b_dec_init", BDecInit)):
+        for name, kind in (("normalization", Normalization), ("b_dec_init", BDecInit), ("architecture", Objective)):
             if getattr(self, name) not in get_args(kind):
                 raise TrainingConfigError(f"TrainerConfig.{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
+        _check_objective(self)
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         object.__setattr__(self, "resample_steps", tuple(self.resample_steps))
 
@@ -128,6 +148,22 @@ class TrainerConfig:
             raise TrainingConfigError(f"l1_coefficient has {len(coefficients)} values but {n_saes} SAEs are trained; "
                                       "give one value or one per SAE")
         return coefficients
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """The k values (empty for `l1`)."""
+        return () if self.k is None else tuple(self.k) if isinstance(self.k, (tuple, list)) else (self.k,)
+
+    def k_for(self, n_saes: int) -> tuple[int | None, ...]:
+        """One k per SAE (None each for `l1`): a single value is shared, a tuple must have one per SAE."""
+        ks = self.ks
+        if not ks:
+            return (None,) * n_saes
+        if len(ks) == 1:
+            return ks * n_saes
+        if len(ks) != n_saes:
+            raise TrainingConfigError(f"k has {len(ks)} values but {n_saes} SAEs are trained; give one value or one per SAE")
+        return ks
 
     @property
     def lr_warmup_steps(self) -> int:
@@ -169,6 +205,32 @@ def _check_int(cfg: TrainerConfig, name: str, *, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise TrainingConfigError(f"TrainerConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_objective(cfg: TrainerConfig) -> None:
+    """k belongs to TopK/BatchTopK; resampling to L1 (AuxK is TopK's own remedy for dead latents)."""
+    if cfg.architecture == "l1":
+        if cfg.k is not None:
+            raise TrainingConfigError(f"TrainerConfig.k={cfg.k!r} is only used by architecture 'topk' or "
+                                      "'batchtopk'; drop it or set architecture")
+    elif not cfg.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cfg.ks):
+        raise TrainingConfigError(f"architecture {cfg.architecture!r} needs k: a positive int or a tuple of them, "
+                                  f"got {cfg.k!r}")
+    elif cfg.resample_steps:
+        # AuxK already trains dead latents on the residual the live ones leave (Gao et al. 2024, A.2),
+        # and resampling's loss weights assume the ReLU encoder: one remedy per objective.
+        raise TrainingConfigError(f"resample_steps={cfg.resample_steps} applies to architecture 'l1' only; "
+                                  f"{cfg.architecture!r} revives dead latents with AuxK (auxk_coefficient)")
+    if isinstance(cfg.k, list):
+        object.__setattr__(cfg, "k", tuple(cfg.k))
+    if isinstance(cfg.auxk_coefficient, bool) or not isinstance(cfg.auxk_coefficient, (int, float)) or not (
+            math.isfinite(cfg.auxk_coefficient) and cfg.auxk_coefficient >= 0):
+        raise TrainingConfigError(f"TrainerConfig.auxk_coefficient must be finite and >= 0, got {cfg.auxk_coefficient!r}")
+    if cfg.k_aux is not None:
+        _check_int(cfg, "k_aux", minimum=1)
+    rate = cfg.batchtopk_threshold_lr
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+        raise TrainingConfigError(f"TrainerConfig.batchtopk_threshold_lr must be in (0, 1], got {rate!r}")
 
 
 def _check_positive_reals(cfg: TrainerConfig) -> None:

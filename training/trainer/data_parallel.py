@@ -35,7 +35,8 @@ from training.trainer.config import TrainerConfig
 from training.parallel.distributed import Collective, state_from_bytes, state_to_bytes
 from training.errors import CheckpointError, NonFiniteError, TrainingConfigError
 from training.trainer.runlog import RunLog
-from training.trainer.step import L1Forward
+from training.trainer.step import StepForward
+from training.trainer.topk_step import TopKGradients
 from training.trainer.trainer import Trainer, _Member
 
 
@@ -53,6 +54,9 @@ class DataParallelTrainer(Trainer):
         self.fingerprint = config.fingerprint(self.fingerprint, {"data_parallel_world_size": self.world_size})
         collective.check_same(self.fingerprint, "the trainer fingerprint (trainer config, SAE configs, data)")
         self._flat = {id(m): _bind_flat_gradients(m) for m in self.members}
+        for member in self.members:
+            if isinstance(member.gradients, TopKGradients):  # BatchTopK selects over the global batch
+                member.gradients.world_size, member.gradients.gather = self.world_size, collective.all_gather_rows
         self._stop_agreed = False
 
     # ----------------------------------------------------------------------------- seams of Trainer
@@ -87,19 +91,20 @@ class DataParallelTrainer(Trainer):
         return self._stop_agreed
 
     @torch.no_grad()
-    def _reduce_gradients(self, member: _Member, out: L1Forward) -> L1Forward:
+    def _reduce_gradients(self, member: _Member, out: StepForward) -> StepForward:
         flat = self._flat[id(member)]
-        tail = flat[flat.numel() - member.sae.cfg.d_sae - 2 :]  # (d_sae fired counts, mse, l1)
-        tail[:-2].copy_(out.fired)
-        tail[-2], tail[-1] = out.mse, out.l1
+        tail = flat[flat.numel() - member.sae.cfg.d_sae - 3 :]  # (d_sae fired counts, mse, l1, penalty)
+        tail[:-3].copy_(out.fired)
+        tail[-3], tail[-2], tail[-1] = out.mse, out.l1, out.penalty
         self.comm.all_reduce_sum_(flat)
         flat[: flat.numel() - tail.numel()].div_(self.world_size)  # the gradients: a mean, as DDP's
-        tail[-2:].div_(self.world_size)
+        tail[-3:].div_(self.world_size)
         # Float sums of counts are exact below 2**24 tokens per global batch.
-        return out._replace(mse=tail[-2].clone(), l1=tail[-1].clone(), fired=tail[:-2].round().long())
+        return out._replace(mse=tail[-3].clone(), l1=tail[-2].clone(), penalty=tail[-1].clone(),
+                            fired=tail[:-3].round().long())
 
     @torch.no_grad()
-    def _batch_metrics(self, x_n: Tensor, out: L1Forward) -> dict[str, float]:
+    def _batch_metrics(self, x_n: Tensor, out: StepForward) -> dict[str, float]:
         """`batch_metrics` over the global batch, from sums every rank contributes to."""
         x, residual = x_n.double(), (x_n - out.x_hat).double()
         sums = torch.cat([torch.stack([residual.pow(2).sum(), x.pow(2).sum(), (out.z != 0).double().sum(),
@@ -184,14 +189,14 @@ class DataParallelTrainer(Trainer):
 
 
 def _bind_flat_gradients(member: _Member) -> Tensor:
-    """One buffer per SAE: its gradients (as the views `p.grad`), then d_sae firing counts, mse, l1.
+    """One buffer per SAE: its gradients (as the views `p.grad`), then d_sae firing counts, mse, l1, penalty.
 
-    `L1Gradients` writes gradients into existing `p.grad` tensors of the right shape, so after
+    The hand-written steps write gradients into existing `p.grad` tensors of the right shape, so after
     this every step writes straight into the buffer that is all-reduced: no copies.
     """
     params = list(member.sae.parameters())
     n_grad = sum(p.numel() for p in params)
-    flat = torch.zeros(n_grad + member.sae.cfg.d_sae + 2, dtype=params[0].dtype, device=params[0].device)
+    flat = torch.zeros(n_grad + member.sae.cfg.d_sae + 3, dtype=params[0].dtype, device=params[0].device)
     offset = 0
     for param in params:
         param.grad = flat[offset : offset + param.numel()].view_as(param)

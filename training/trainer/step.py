@@ -34,31 +34,30 @@ from torch import Tensor
 from sae.model import SparseAutoencoder
 
 
-class L1Forward(NamedTuple):
-    """What the step computed on the way, for the loss check, metrics and firing statistics."""
+class StepForward(NamedTuple):
+    """What a step (L1 here, TopK/BatchTopK in `topk_step`) computed on the way, for the loss check,
+    metrics and firing statistics. The loss is `mse + penalty`."""
 
     mse: Tensor
     """Mean over the batch of the summed squared reconstruction error (a 0-d tensor)."""
     l1: Tensor
-    """Mean over the batch of the decoder-norm-weighted L1 (a 0-d tensor)."""
+    """Mean over the batch of the decoder-norm-weighted L1 (a 0-d tensor); a metric only for TopK."""
+    penalty: Tensor
+    """The loss's second term (0-d), weighted: lambda * l1 for L1, the AuxK loss for TopK/BatchTopK."""
     z: Float[Tensor, "batch d_sae"]
     """Latent activations (a reused buffer: valid until the next step)."""
     x_hat: Float[Tensor, "batch d_in"]
     decoder_norms: Float[Tensor, " d_sae"]
     fired: Int[Tensor, " d_sae"]
     """Per-latent count of the batch's tokens on which it fired (z > 0)."""
+    threshold: Tensor | None = None
+    """BatchTopK only: the batch's selection threshold (0-d); `z = relu(h) * (h > threshold)`."""
 
 
-class L1Gradients:
-    """Computes the loss of module docstring for one SAE and stores its gradients in `p.grad`.
-
-    The gradient tensors are the same objects every step (written with `out=`), so an optimizer
-    over the SAE's parameters must not set them to None between steps.
-    """
+class BufferedStep:
+    """Reused (batch, d_sae) buffers and gradient tensors, shared by every hand-written step."""
 
     def __init__(self, sae: SparseAutoencoder) -> None:
-        if sae.cfg.architecture != "standard":
-            raise ValueError(f"L1Gradients handles 'standard' (ReLU) SAEs, not {sae.cfg.architecture!r}")
         self.sae = sae
         self._buffers: dict[str, Tensor] = {}
 
@@ -73,8 +72,23 @@ class L1Gradients:
             param.grad = torch.empty_like(param)
         return param.grad
 
+
+class L1Gradients(BufferedStep):
+    """Computes the loss of module docstring for one SAE and stores its gradients in `p.grad`.
+
+    The gradient tensors are the same objects every step (written with `out=`), so an optimizer
+    over the SAE's parameters must not set them to None between steps.
+    """
+
+    def __init__(self, sae: SparseAutoencoder) -> None:
+        if sae.cfg.architecture != "standard":
+            raise ValueError(f"L1Gradients handles 'standard' (ReLU) SAEs, not {sae.cfg.architecture!r}")
+        super().__init__(sae)
+
     @torch.no_grad()
-    def __call__(self, x: Float[Tensor, "batch d_in"], l1_coefficient: float) -> L1Forward:
+    def __call__(self, x: Float[Tensor, "batch d_in"], l1_coefficient: float,
+                 dead: Tensor | None = None) -> StepForward:
+        """The step at `x`; `dead` (the dead-latent mask, read by AuxK) is not used by L1."""
         sae = self.sae
         W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
         batch, d_sae = x.shape[0], sae.cfg.d_sae
@@ -108,4 +122,8 @@ class L1Gradients:
         if centred:
             grad_W_enc.addr_(b_dec, grad_b_enc, alpha=-1.0)
             b_dec.grad.sub_(W_enc @ grad_b_enc)
-        return L1Forward(mse=mse, l1=l1, z=z, x_hat=x_hat, decoder_norms=norms, fired=fired)
+        return StepForward(mse=mse, l1=l1, penalty=l1 * l1_coefficient, z=z, x_hat=x_hat, decoder_norms=norms,
+                           fired=fired)
+
+    def after_step_(self, step: int) -> None:
+        """Nothing to do after the optimizer step (TopK renormalises its decoder here)."""

@@ -1,4 +1,5 @@
-"""Trainer: one or several L1 SAEs trained on one stream of activation batches.
+"""Trainer: one or several SAEs (L1 by default; TopK or BatchTopK with AuxK) trained on one stream
+of activation batches.
 
 `Trainer(config, saes, batches).fit()` is a loop of small named steps (STYLE.md rule 11):
 `_initialise` (scale and `b_dec` from data), `_step` -> `StepOutput` (one Adam step of every
@@ -35,7 +36,9 @@ from training.trainer.init import geometric_median, normalization_scale
 from training.trainer.metrics import FiringTracker, batch_metrics
 from training.trainer.resample import resample_dead_
 from training.trainer.runlog import RunLog
-from training.trainer.step import L1Forward, L1Gradients
+from training.trainer.objective import check_sae_for, make_gradients, trained_parameters
+from training.trainer.step import L1Gradients, StepForward
+from training.trainer.topk_step import TopKGradients
 from training.activations.sources import StatefulSource, skip_batches
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ class _Member:
     optimizer: torch.optim.Adam
     l1_coefficient: float
     firing: FiringTracker
-    gradients: L1Gradients
+    gradients: L1Gradients | TopKGradients
 
 
 class Trainer:
@@ -86,6 +89,8 @@ class Trainer:
         self.single = isinstance(saes, SparseAutoencoder)
         sae_list = [saes] if self.single else list(saes)
         _check_saes(sae_list)
+        for index, (sae, k) in enumerate(zip(sae_list, config.k_for(len(sae_list)))):
+            check_sae_for(config, sae, index, k)
         if (model is None) != (eval_tokens is None) or (config.eval_every is not None and model is None):
             raise TrainingConfigError("evaluation needs both model and eval_tokens (and config.eval_every); "
                                       f"got model={'set' if model is not None else None}, eval_tokens="
@@ -97,9 +102,10 @@ class Trainer:
         self.model, self.eval_tokens, self.wandb_project = model, eval_tokens, wandb_project
         betas = config.adam_betas
         # fused Adam: one kernel per parameter instead of a dozen elementwise passes.
-        self.members = [_Member(sae, torch.optim.Adam(sae.parameters(), lr=config.lr, betas=betas, fused=True),
-                                coefficient, FiringTracker(sae.cfg.d_sae), L1Gradients(sae))
-                        for sae, coefficient in zip(sae_list, config.l1_for(len(sae_list)))]
+        self.members = [_Member(sae, torch.optim.Adam(trained_parameters(sae), lr=config.lr, betas=betas, fused=True),
+                                coefficient, FiringTracker(sae.cfg.d_sae), make_gradients(config, sae, k))
+                        for sae, coefficient, k in zip(sae_list, config.l1_for(len(sae_list)),
+                                                       config.k_for(len(sae_list)))]
         self.fingerprint = config.fingerprint(
             [_cfg_identity(s) for s in sae_list],
             batches.describe() if hasattr(batches, "describe") else type(batches).__name__)
@@ -188,8 +194,10 @@ class Trainer:
         for member in self.members:
             sae = member.sae
             sae.b_dec.copy_(b_dec)
-            if self.config.decoder_init_norm is not None:
-                sae.W_dec.mul_(self.config.decoder_init_norm / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            # TopK and BatchTopK keep unit decoder rows (training/trainer/topk_step.py).
+            norm = self.config.decoder_init_norm if self.config.architecture == "l1" else 1.0
+            if norm is not None:
+                sae.W_dec.mul_(norm / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
                 sae.W_enc.copy_(sae.W_dec.T)
             self._set_scale(sae)
         self._after_initialise()
@@ -217,7 +225,7 @@ class Trainer:
         # Every SAE's loss and gradients are checked before any optimizer steps (R10): a non-finite
         # value in SAE 1 must leave SAE 0 untouched too, as the error message promises.
         grads = [self._sae_gradients(i, m, x_n, l1_scale, step) for i, m in enumerate(self.members)]
-        results = [self._sae_update(m, out, loss, x_n, lr, is_log) for m, (out, loss) in zip(self.members, grads)]
+        results = [self._sae_update(m, out, loss, x_n, lr, is_log, step) for m, (out, loss) in zip(self.members, grads)]
         resampled = tuple(self._resample(m, x_n) if step in cfg.resample_steps else 0 for m in self.members)
         self.step, self.tokens_seen = step, self.tokens_seen + x.shape[0] * self.world_size
         return StepOutput(step=step, lr=lr, l1_scale=l1_scale,
@@ -227,32 +235,37 @@ class Trainer:
     def _sae_gradients(self, index: int, member: _Member, x_n: Tensor, l1_scale: float, step: int) -> tuple[Any, Tensor]:
         # Loss and gradients written out (training/step.py), into this SAE's buffers, reused every step.
         coefficient = member.l1_coefficient * l1_scale
-        out = self._reduce_gradients(member, member.gradients(x_n, coefficient))
-        loss = out.mse + coefficient * out.l1
+        dead = member.firing.dead_mask(self.config.dead_window_tokens) if self.config.architecture != "l1" else None
+        out = self._reduce_gradients(member, member.gradients(x_n, coefficient, dead))
+        loss = out.mse + out.penalty
         if not torch.isfinite(loss):
             raise NonFiniteError(step, f"loss of SAE {index}")
         self._clip_and_check(index, member, step)
         return out, loss
 
     def _sae_update(self, member: _Member, out: Any, loss: Tensor, x_n: Tensor, lr: float,
-                    is_log: bool) -> tuple[float, dict[str, float]] | None:
+                    is_log: bool, step: int) -> tuple[float, dict[str, float]] | None:
         for group in member.optimizer.param_groups:
             group["lr"] = lr
         member.optimizer.step()
+        member.gradients.after_step_(step)
         member.firing.update_(out.fired, x_n.shape[0] * self.world_size)
         if not is_log:
             return None
-        return loss.item(), self._batch_metrics(x_n, out)
+        metrics = self._batch_metrics(x_n, out)
+        if self.config.architecture != "l1":
+            metrics["auxk_loss"] = out.penalty.item()  # weighted, as in the loss
+        return loss.item(), metrics
 
     def _check_input(self, x: Tensor, step: int) -> None:
         if not torch.isfinite(x).all():
             raise NonFiniteError(step, "activations (input batch)")
 
-    def _reduce_gradients(self, member: _Member, out: L1Forward) -> L1Forward:
+    def _reduce_gradients(self, member: _Member, out: StepForward) -> StepForward:
         """Data parallel: average the gradients and losses over ranks, sum the firing counts."""
         return out
 
-    def _batch_metrics(self, x_n: Tensor, out: L1Forward) -> dict[str, float]:
+    def _batch_metrics(self, x_n: Tensor, out: StepForward) -> dict[str, float]:
         return batch_metrics(x_n, out.x_hat, out.z, out.decoder_norms, scale=self.scale)
 
     def _stop_requested(self) -> bool:
@@ -281,7 +294,8 @@ class Trainer:
         cfg = self.config
         for index, member in enumerate(self.members):
             record = {"step": output.step, "tokens": self.tokens_seen, "lr": output.lr,
-                      "l1_coefficient": member.l1_coefficient * output.l1_scale, "loss": output.losses[index],
+                      **({"l1_coefficient": member.l1_coefficient * output.l1_scale} if cfg.architecture == "l1" else {}),
+                      "loss": output.losses[index],
                       **output.metrics[index], "dead_fraction": member.firing.dead_fraction(cfg.dead_window_tokens),
                       "dense_fraction": member.firing.dense_fraction(cfg.dense_threshold)}
             if len(self.members) > 1:
@@ -379,9 +393,6 @@ def _check_saes(saes: list[SparseAutoencoder]) -> None:
         if not isinstance(sae, SparseAutoencoder):
             raise TrainingConfigError(f"SAE {index} is a {type(sae).__name__}; the trainer trains latentpatch "
                                       "SparseAutoencoder objects (raw W_enc, b_enc, W_dec, b_dec)")
-        if sae.cfg.architecture != "standard":
-            raise TrainingConfigError(f"SAE {index} has architecture {sae.cfg.architecture!r}; this trainer's L1 "
-                                      "recipe trains 'standard' (ReLU) SAEs")
         if sae.cfg.d_in != saes[0].cfg.d_in:
             raise TrainingConfigError(f"SAE {index} has d_in={sae.cfg.d_in}, SAE 0 has {saes[0].cfg.d_in}: SAEs "
                                       "trained together read the same activations")
