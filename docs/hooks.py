@@ -1,0 +1,118 @@
+"""mkdocs hooks that generate what would otherwise drift from the code (run at every build).
+
+- `<!-- cli -->` becomes the help of the `latentpatch` command and every subcommand, read from the
+  argparse parser the installed entry point builds, so a new flag appears without editing a page.
+- The tutorial notebooks (`notebooks/*.ipynb`) are copied into the site beside the tutorials page, so
+  its links to them are checked like any other link.
+- `<!-- api: MODULE -->` becomes MODULE's API reference: `::: MODULE` rendering the names of its
+  `__all__` whose home is this page, and a table linking the rest to the page that documents them.
+  A name's home is the most specific reference page that exports the same object, so a name re-exported
+  by `patching` (or the `latentpatch` namespace) is documented once, in its room. A page's modules are
+  the `api:` markers of the reference pages. A function named like the module that defines it
+  (`patching.steering.steer`) is rendered under its defining path, which griffe does not shadow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+API = re.compile(r"<!-- api: ([\w.]+) -->")
+REFERENCE = Path(__file__).parent / "reference"
+NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
+
+
+def on_files(files: Any, config: Any, **_: Any) -> Any:
+    from mkdocs.structure.files import File
+
+    for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
+        files.append(File(f"notebooks/{notebook.name}", str(NOTEBOOKS.parent), config["site_dir"],
+                          config["use_directory_urls"]))
+    return files
+
+
+def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
+    if "<!-- cli -->" in markdown:
+        markdown = markdown.replace("<!-- cli -->", cli_markdown())
+    return API.sub(lambda match: api_markdown(match.group(1)), markdown)
+
+
+def cli_markdown() -> str:
+    """One section per subcommand: its one-line help, then its full `--help` as argparse prints it."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "latentpatch"]
+    main = script.load()
+    parser: argparse.ArgumentParser = importlib.import_module(main.__module__).build_parser()
+    os.environ["COLUMNS"] = "110"  # argparse wraps to the terminal; a fixed width keeps builds identical
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    parts = ["## latentpatch\n", fence(parser.format_help())]
+    for name, command in sub.choices.items():
+        parts += [f"## latentpatch {name}\n", f"{helps.get(name, '')}\n", fence(command.format_help())]
+    return "\n".join(parts)
+
+
+def fence(text: str) -> str:
+    return f"```text\n{text.rstrip()}\n```\n"
+
+
+def documented_modules() -> list[str]:
+    return sorted(m for page in REFERENCE.glob("*.md") for m in API.findall(page.read_text()))
+
+
+def home(obj: Any, exporters: list[str]) -> str:
+    """The page that documents `obj`: the exporter its defining module sits under most specifically,
+    else the most specific exporter (constants carry no `__module__`)."""
+    defined_in = getattr(obj, "__module__", None) or ""
+    under = [m for m in exporters if defined_in == m or defined_in.startswith(m + ".")]
+    return max(under or exporters, key=lambda m: (m.count("."), m))
+
+
+def homes() -> dict[tuple[str, str], str]:
+    """(module, name) -> the module whose page documents that name, for every documented module."""
+    modules = {name: importlib.import_module(name) for name in documented_modules()}
+    exporters: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        for member in module.__all__:
+            exporters.setdefault(id(getattr(module, member)), []).append(name)
+    return {(name, member): home(getattr(module, member), exporters[id(getattr(module, member))])
+            for name, module in modules.items() for member in module.__all__}
+
+
+def shadowed(module_name: str, name: str) -> bool:
+    """Whether `name` is defined in a module of the same name (`patching.steering.steer.steer`): griffe
+    then resolves the re-exported name to that module, at any level of re-export."""
+    defined_in = getattr(getattr(importlib.import_module(module_name), name), "__module__", None) or ""
+    return defined_in.rsplit(".", 1)[-1] == name
+
+
+def anchor(module_name: str, name: str) -> str:
+    """The identifier under which the page of `module_name` renders `name`."""
+    if shadowed(module_name, name):
+        return f"{getattr(importlib.import_module(module_name), name).__module__}.{name}"
+    return f"{module_name}.{name}"
+
+
+def api_markdown(module_name: str) -> str:
+    table = homes()
+    names = sorted(member for (module, member), _ in table.items() if module == module_name)
+    own = [n for n in names if table[(module_name, n)] == module_name]
+    plain = [n for n in own if not shadowed(module_name, n)]
+    elsewhere = [n for n in names if table[(module_name, n)] != module_name]
+    parts = [f"::: {module_name}", "    options:", "      show_root_heading: false",
+             f"      members: {plain if plain else 'false'}".replace("'", '"'), ""]
+    for name in own:
+        if name not in plain:
+            parts += [f"::: {anchor(module_name, name)}", ""]
+    if elsewhere:
+        parts += [f"Also exported by `{module_name}`, documented where they are defined:", "",
+                  "| name | documented in |", "|---|---|"]
+        for n in elsewhere:
+            where = table[(module_name, n)]
+            parts.append(f"| [`{n}`][{anchor(where, n)}] | [`{where}`]({where}.md) |")
+    return "\n".join(parts) + "\n"
