@@ -82,7 +82,7 @@ def _shrunk(command: str, tmp: Path) -> list[str]:
         elif arg.startswith("--"):
             paths = arg in ("--out", "--activation-cache")
         elif paths:
-            arg = str(tmp / arg.lstrip("/"))
+            arg = arg.replace("$OUT", str(tmp), 1)
         out.append(arg)
     return out + ["--no-progress"] if argv[0] == "train" else out
 
