@@ -66,6 +66,30 @@ def test_every_shipped_sae_is_intact_small_and_documented(release, sae_id):
         assert isinstance(entry.heldout[key], (int, float))
 
 
+@pytest.mark.parametrize("release,sae_id", [(r, i) for r, ids in SHIPPED.items() for i in ids])
+def test_recorded_commands_name_no_path_of_the_machine_that_ran_them(release, sae_id):
+    recipe = release_entry(release, sae_id).recipe
+    for command in [*recipe["commands"], recipe["train_command"], *recipe["train_caches"]]:
+        words = shlex.split(command)
+        absolute = [w for w in words if Path(w).is_absolute() or "/work/" in w or w.startswith("~")]
+        assert not absolute, f"{release}/{sae_id} records {absolute} in {command!r}"
+    assert any(w.startswith("$OUT/") for c in recipe["commands"] for w in shlex.split(c))
+
+
+def test_recipe_writes_paths_under_the_output_root_as_out_and_refuses_others(tmp_path):
+    from latentpatch.release import relative_to_out
+
+    root = tmp_path / "runs"
+    command = f"latentpatch train --activation-cache {root}/a/blocks.1.hook_resid_pre {root}/b --text real --out {root}"
+    assert relative_to_out(command, root) == ("latentpatch train --activation-cache $OUT/a/blocks.1.hook_resid_pre "
+                                              "$OUT/b --text real --out $OUT")
+    quoted = f"latentpatch train --out '{root}/my run'"
+    assert relative_to_out(quoted, root) == "latentpatch train --out $OUT/'my run'"
+    assert shlex.split(relative_to_out(quoted, root)) == ["latentpatch", "train", "--out", "$OUT/my run"]
+    with pytest.raises(ValueError, match="outside --out-root"):
+        relative_to_out(f"latentpatch train --out {tmp_path}/elsewhere", root)
+
+
 def test_the_demo_site_is_shipped():
     assert "blocks.15.hook_resid_pre" in SHIPPED.get("smollm2-135m-res", []), SHIPPED
 
