@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import tempfile
 import time
@@ -102,7 +103,8 @@ def baseline_and_shipped(entry: Any, tokens: int | None, work: Path, rows: int) 
         raise RuntimeError("harvesting the generated corpus failed")
     runs = {"generated_only": [str(gen / entry.sae_id)]}
     if tokens is not None:  # a reduced run retrains the real-mix SAE at the same reduced budget
-        runs["real_mix"] = recipe["train_caches"]
+        # The registry names the recipe's caches under $OUT (the folder its harvests wrote to): set OUT to it.
+        runs["real_mix"] = [os.path.expandvars(cache) for cache in recipe["train_caches"]]
     figures, seconds = {}, {}
     for name, caches in runs.items():
         start = time.perf_counter()
