@@ -73,6 +73,8 @@ def file_kind(path: Path) -> str:
     """What `path` is, in words, for messages ("a FIFO", "a symlink to a character device")."""
     try:
         mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
     except OSError:
         return "unreadable"
     kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from patching.errors import ModelLoadError
-from patching.model import gemma3, tl_compat
+from patching.model import cache_check, gemma3, tl_compat
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +80,25 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     flags: ModelFlags = ModelFlags(),
     n_ctx: int = 2048,
+    verify_cache: bool = False,
 ) -> Any:
     """Return a TransformerLens model.
 
     `name` is the offline default `smollm2-135m-instruct`, the offline `gemma-3-270m` (needs the
     `gemma3` extra), or any official TransformerLens name (those go through TransformerLens's own
     loader and need the hub). `n_layers` keeps only the first layers: enough for experiments at
-    early sites and for fast tests.
+    early sites and for fast tests. The two offline models' converted caches are checked against
+    what their conversion recorded on every load (`cache_check`); `verify_cache` also hashes the
+    weights again when this process already did.
     """
     if n_layers is not None and (not isinstance(n_layers, int) or n_layers <= 0):
         raise ModelLoadError(f"n_layers must be a positive int or None, got {n_layers!r}")
     if name == DEFAULT_MODEL:
         model = _load_local(default_model_folder(), name, None, n_layers=n_layers, device=device, dtype=dtype,
-                            flags=flags, n_ctx=n_ctx)
+                            flags=flags, n_ctx=n_ctx, verify_cache=verify_cache)
     elif name == gemma3.MODEL_NAME:
         model = _load_local(gemma3_folder(), name, gemma3.OFFICIAL_NAME, n_layers=n_layers, device=device,
-                            dtype=dtype, flags=flags, n_ctx=n_ctx)
+                            dtype=dtype, flags=flags, n_ctx=n_ctx, verify_cache=verify_cache)
     else:
         model = tl_compat.load_official(name, flags=flags.as_kwargs(), n_layers=n_layers, device=device, dtype=dtype)
     tl_compat.transpose_layout(model)
@@ -136,7 +139,7 @@ def default_model_folder() -> Path:
             f"cache path {folder} contains one of {FORBIDDEN_PATH_WORDS}, which makes TransformerLens "
             f"guess the wrong architecture; set {CACHE_ENV} to another folder"
         )
-    if not (folder / "config.json").exists():
+    if not os.path.lexists(folder):  # a folder that exists but is damaged is refused by the load, not overwritten
         _convert_gguf(folder)
     return folder
 
@@ -163,7 +166,7 @@ def gemma3_folder() -> Path:
     TransformerLens is given the official name, never this path, so no cache path can make it
     guess the architecture wrong."""
     folder = cache_root() / gemma3.FOLDER_NAME
-    if not (folder / "config.json").exists():
+    if not os.path.lexists(folder):
         gemma3.chunk_paths()  # a missing package is named before any work starts
         convert_gguf_folder(folder, lambda scratch: gemma3.join_chunks(scratch / gemma3.GGUF_FILE))
     return folder
@@ -191,6 +194,7 @@ def convert_gguf_folder(folder: Path, source: Callable[[Path], Path]) -> None:
         out = scratch / "hf"
         hf_model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        cache_check.write_manifest(out)  # what every later load checks the folder against
         try:
             os.rename(out, folder)
         except OSError:
@@ -201,24 +205,33 @@ def convert_gguf_folder(folder: Path, source: Callable[[Path], Path]) -> None:
 
 
 def _load_local(folder: Path, name: str, official_name: str | None, *, n_layers: int | None, device: Any,
-                dtype: torch.dtype, flags: ModelFlags, n_ctx: int) -> Any:
-    """Build the HookedTransformer from a cached HF folder; `official_name` is the TransformerLens
-    name whose config applies (None: TransformerLens reads the folder's config.json)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+                dtype: torch.dtype, flags: ModelFlags, n_ctx: int, verify_cache: bool = False) -> Any:
+    """Build the HookedTransformer from a cached HF folder, checked first (`cache_check`);
+    `official_name` is the TransformerLens name whose config applies (None: TransformerLens reads
+    the folder's config.json)."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    recorded = cache_check.check_folder(folder, verify_weights=verify_cache)
+    if not recorded:
+        cache_check.check_headers(folder)  # converted before manifests: checked in full, recorded below
     total = AutoConfig.from_pretrained(folder).num_hidden_layers
     if n_layers is not None and n_layers > total:  # TransformerLens would fail with a bare IndexError
         raise ModelLoadError(f"n_layers={n_layers} but {name} has {total} layers")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in a CLI
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
+    hf_model = cache_check.load_hf_model(folder)
+    if not recorded:
+        _record_manifest(folder)
     return tl_compat.build_from_local_folder(
         folder, hf_model, tokenizer, model_name=name, flags=flags.as_kwargs(), official_name=official_name,
         n_layers=n_layers, n_ctx=n_ctx, device=device, dtype=dtype,
     )
+
+
+def _record_manifest(folder: Path) -> None:
+    """The manifest of a folder converted before manifests existed, once its load passed every check;
+    a read-only cache stays as it is (checked in full on each load instead)."""
+    try:
+        cache_check.write_manifest(folder)
+    except OSError as err:
+        log.warning("could not record %s in %s (%s); it is checked in full on every load", cache_check.MANIFEST_FILE,
+                    folder, err)
