@@ -4,6 +4,8 @@
 
 with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set as torchrun sets them. Scenarios:
 - `dp`: data-parallel training of 2 SAEs (global batch 32, 16 rows per rank), resampling twice;
+- `dp-topk` / `dp-batchtopk`: the same for the TopK / BatchTopK objectives with AuxK (BatchTopK
+  selects over the global batch);
 - `saes`: SAE-parallel training of a 4-SAE L1 sweep, then a per-rank activation cache written
   and read back (each rank lists the shards it read in OUT/cache-read-RANK.json), then two short
   data-parallel runs in which only rank 1 meets Ctrl-C or a non-finite batch (each rank records
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_training_helpers import RandomChunks, fresh_saes, shuffled_batches, small_config
+from tests.test_training_helpers import RandomChunks, fresh_saes, shuffled_batches, small_config, topk_config, topk_saes
 from training import NonFiniteError, Trainer, TrainerConfig, TrainingInterrupted
 from training.trainer import checkpoint as ckpt
 from training.activations.cache import CachedChunks, write_activation_cache
@@ -80,6 +82,11 @@ def run_dp(comm, out: Path, resume: bool, slow: bool) -> None:
                                                             "comm_calls": comm.comm_calls}))
 
 
+def run_dp_topk(comm, out: Path, architecture: str) -> None:
+    batches = RowStripe(shuffled_batches(), comm.rank, comm.world_size)
+    DataParallelTrainer(topk_config(architecture), topk_saes(architecture), batches, collective=comm, out_dir=out).fit()
+
+
 def run_saes(comm, out: Path) -> None:
     mine = assigned(len(SWEEP_L1), comm.rank, comm.world_size)
     # Each rank trains its SAEs on its own harvest (here: the same seeded source), no traffic.
@@ -138,6 +145,8 @@ def main() -> None:
         if scenario == "dp":
             run_dp(comm, out, resume="--resume" in sys.argv and ckpt.latest_checkpoint(out / "checkpoints") is not None,
                    slow="--slow" in sys.argv)
+        elif scenario in ("dp-topk", "dp-batchtopk"):
+            run_dp_topk(comm, out, scenario.removeprefix("dp-"))
         else:
             run_saes(comm, out)
             run_faults(comm, out)

@@ -28,7 +28,7 @@ from training import Trainer
 from training.parallel.distributed import assigned, state_from_bytes, state_to_bytes
 from training.activations.sources import RowStripe
 from tests.distributed_worker import dp_config, sweep_config, sweep_saes
-from tests.test_training_helpers import fresh_saes, make_trainer, shuffled_batches
+from tests.test_training_helpers import fresh_saes, make_trainer, shuffled_batches, topk_config
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +115,18 @@ def test_killed_rank_fails_the_job_loudly_and_the_rerun_resumes_to_the_single_pr
     for mine, ref in zip(ours, theirs):
         for key, value in ref.items():
             assert mine[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (ref["step"], key)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_data_parallel_topk_objectives_equal_the_single_process_run(tmp_path, architecture):
+    """AuxK's dead masks agree over ranks, and BatchTopK's selection and running threshold are the
+    global batch's: two ranks of 16 rows end at the single-process SAEs of batch 32."""
+    results = finish(launch(f"dp-{architecture}", str(tmp_path / "dp")))
+    assert all(code == 0 and "DONE" in stdout for code, stdout, _ in results), results[0][2][-2000:]
+    reference = make_trainer(tmp_path / "ref", config=topk_config(architecture))
+    reference.fit()
+    assert any(r.get("auxk_loss", 0) > 0 for r in reference.history)
+    _assert_close_saes(tmp_path / "dp", tmp_path / "ref", 2)
 
 
 def test_data_parallel_differs_from_a_run_on_one_stripe(tmp_path):
