@@ -2,8 +2,9 @@
 
 - `<!-- cli -->` becomes the help of the `latentpatch` command and every subcommand, read from the
   argparse parser the installed entry point builds, so a new flag appears without editing a page.
-- The tutorial notebooks (`notebooks/*.ipynb`) are copied into the site beside the tutorials page, so
-  its links to them are checked like any other link.
+- The tutorial notebooks (`notebooks/*.ipynb`) are copied into the site, so links to them are checked
+  like any other link, and `<!-- notebook: NAME.ipynb -->` becomes the notebook's cells: markdown as
+  written, code as Python blocks (not run by the docs test: tests/test_notebooks.py executes notebooks).
 - `<!-- api: MODULE -->` becomes MODULE's API reference: `::: MODULE` rendering the names of its
   `__all__` whose home is this page, and a table linking the rest to the page that documents them.
   A name's home is the most specific reference page that exports the same object, so a name re-exported
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 API = re.compile(r"<!-- api: ([\w.]+) -->")
+NOTEBOOK = re.compile(r"<!-- notebook: ([\w.-]+\.ipynb) -->")
 REFERENCE = Path(__file__).parent / "reference"
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 
@@ -38,7 +40,24 @@ def on_files(files: Any, config: Any, **_: Any) -> Any:
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     if "<!-- cli -->" in markdown:
         markdown = markdown.replace("<!-- cli -->", cli_markdown())
+    markdown = NOTEBOOK.sub(lambda match: notebook_markdown(match.group(1)), markdown)
     return API.sub(lambda match: api_markdown(match.group(1)), markdown)
+
+
+def notebook_markdown(name: str) -> str:
+    """The notebook's cells as markdown, after a link to the file itself."""
+    import json
+
+    cells = json.loads((NOTEBOOKS / name).read_text())["cells"]
+    parts = []
+    for cell in cells:
+        source = "".join(cell["source"]).rstrip()
+        parts.append(source if cell["cell_type"] == "markdown" else f"```python\n{source}\n```")
+        if not parts[0].startswith("# "):
+            raise ValueError(f"notebooks/{name} should open with a '# title' markdown cell")
+        if len(parts) == 1:
+            parts.append(f"[Download `{name}`](../notebooks/{name}) · run it with Jupyter from a checkout.")
+    return "\n\n".join(parts) + "\n"
 
 
 def cli_markdown() -> str:

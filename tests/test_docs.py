@@ -125,3 +125,15 @@ def test_the_cli_page_is_generated_from_the_parsers():
         for option in action._option_string_actions:
             if option != "--debug":
                 assert option in text, (action.prog, option)
+
+
+def test_every_notebook_has_a_tutorial_page_rendering_all_its_cells():
+    import json
+
+    hooks = load_hooks()
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        page = ROOT / "docs" / "tutorials" / f"{notebook.stem}.md"
+        assert f"<!-- notebook: {notebook.name} -->" in page.read_text(), page
+        rendered = hooks.notebook_markdown(notebook.name)
+        for cell in json.loads(notebook.read_text())["cells"]:
+            assert "".join(cell["source"]).rstrip() in rendered
