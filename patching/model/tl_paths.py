@@ -69,3 +69,32 @@ def parallel_blocks(model: HookedTransformer) -> bool:
 def has_mlps(model: HookedTransformer) -> bool:
     return not model.cfg.attn_only
 
+
+
+def attention_hook_names(model: HookedTransformer, layer: int) -> dict[str, str]:
+    """Block `layer`'s attention internals the QK fix reads: the queries and keys as they enter the
+    scores (`rot_q` / `rot_k` after rotary embeddings, else `q` / `k`), the masked scaled scores
+    (`-inf` where masked) and the pattern."""
+    rotary = model.cfg.positional_embedding_type == "rotary"
+    prefix = f"blocks.{layer}.attn."
+    return {"q": prefix + ("hook_rot_q" if rotary else "hook_q"), "k": prefix + ("hook_rot_k" if rotary else "hook_k"),
+            "scores": prefix + "hook_attn_scores", "pattern": prefix + "hook_pattern"}
+
+
+def attention_scale(model: HookedTransformer, layer: int) -> float:
+    """What block `layer` divides `q · k` by before the softmax."""
+    return float(model.blocks[layer].attn.attn_scale)
+
+
+def unsupported_for_qk_fix(model: HookedTransformer) -> str | None:
+    """Why the scores are not `rot_q · rot_k / scale` plus a mask in this model, or None."""
+    cfg = model.cfg
+    if cfg.use_qk_norm:
+        return "queries and keys are normalised after hook_q / hook_k (QK-norm)"
+    if cfg.attn_scores_soft_cap and cfg.attn_scores_soft_cap > 0:
+        return "attention scores are soft-capped"
+    if cfg.positional_embedding_type in ("alibi", "relative_positional_bias", "shortformer"):
+        return f"{cfg.positional_embedding_type} positions add to the scores or queries outside q · k"
+    if getattr(cfg, "use_attention_sinks", False):
+        return "attention sinks join the softmax"
+    return None

@@ -29,11 +29,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patching.attribution.estimators import frozen_parameters
+from patching.configs import resolve_config
 from patching.errors import PatchingError
 from patching.model import tl_compat, tl_paths
 from patching.model.sites import Site
 from patching.paths.nodes import Receiver, check_graph, reaches, receivers_of, upstream_nodes
-from patching.paths.path_patching import resolve_config
 from patching.paths.results import PathResult
 from patching.paths.stream import StreamRun, node_delta, stream_run
 from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics

@@ -18,7 +18,6 @@ a row joins the batch at its first receiver's block from the cached base stream
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patching.configs import resolve_config
 from patching.errors import PatchingError
 from patching.model import tl_compat, tl_paths
 from patching.model.sites import Site
@@ -60,17 +60,6 @@ class PathConfig:
             raise PatchingError(f"PathConfig.direction must be 'denoise' or 'noise', got {self.direction!r}")
         if self.by not in ("sender", "edge"):
             raise PatchingError(f"PathConfig.by must be 'sender' or 'edge', got {self.by!r}")
-
-
-def resolve_config(cls: type, config: Any, overrides: dict[str, Any]) -> Any:
-    """`config` (or the defaults) with `overrides` applied; unknown names and wrong types refused."""
-    if config is not None and not isinstance(config, cls):
-        raise PatchingError(f"config must be a {cls.__name__}, got {type(config).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise PatchingError(f"unknown {cls.__name__} settings {unknown}; valid: {sorted(names)}")
-    return dataclasses.replace(config or cls(), **overrides)
 
 
 Row = tuple[int, int, int, list[Receiver]]
