@@ -82,3 +82,22 @@ def default_model_4l():
     from patching import load_model
 
     return load_model(n_layers=4)
+
+
+
+def stub_model_loader(monkeypatch, load):
+    """Replace the one model loader every command reaches and return the list of its calls.
+
+    `patching.model.loading.load_model` is where the CLI looks it up (at call time, through
+    `load_model_for` and `load_plain_model`); patching `patching.load_model` instead reaches no
+    command. A test asserts the list is non-empty, so a stub that never takes effect fails."""
+    import patching.model.loading
+
+    calls = []
+
+    def stub(*args, **kwargs):
+        calls.append((args, kwargs))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(patching.model.loading, "load_model", stub)
+    return calls

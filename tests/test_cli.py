@@ -7,7 +7,7 @@ import json
 import pytest
 
 from latentpatch.cli.entry import main
-from tests.conftest import make_sae
+from tests.conftest import make_sae, stub_model_loader
 
 
 def test_inspect_prints_config_and_statistics(tmp_path, capsys):
@@ -38,9 +38,7 @@ EIFFEL = ["--clean", "The Eiffel Tower is located in the city of", "--corrupted"
 
 @pytest.mark.default_model
 def test_patch_attribute_eval_commands(topk_sae_dir, tmp_path, capsys, default_model, monkeypatch):
-    import patching
-
-    monkeypatch.setattr(patching, "load_model", lambda *a, **k: default_model)
+    loads = stub_model_loader(monkeypatch, lambda *a, **k: default_model)
     assert main(["patch", str(topk_sae_dir), *EIFFEL, "--unit", "position", "--out", str(tmp_path / "p"), "--json"]) == 0
     patched = json.loads(capsys.readouterr().out)
     assert patched["metric_clean"][0] > patched["metric_corrupted"][0] and len(patched["top"]) <= 10
@@ -51,6 +49,7 @@ def test_patch_attribute_eval_commands(topk_sae_dir, tmp_path, capsys, default_m
     assert main(["eval", str(topk_sae_dir), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["site"] == "blocks.20.hook_resid_pre" and evaluated["sparsity"]["l0"] == pytest.approx(16.0)
+    assert len(loads) == 3, "each command loads its model through the stub"
 
 
 def test_patch_with_mismatched_lengths_is_one_line_error(topk_sae_dir, capsys):
@@ -91,6 +90,14 @@ CASES = [
     (TRAIN + ["--out", "/etc/passwd/x"], "--out /etc/passwd/x cannot be created: /etc/passwd is a file"),
     (TRAIN + ["--out", "{root}/r", "--lr", "inf"], "TrainerConfig.lr must be a positive finite number, got inf"),
     (["train", "--tokens", "100", "--out", "{root}/r"], "the following arguments are required: --site"),
+    (TRAIN + ["--architecture", "topk", "--out", "{root}/r"], "--architecture topk needs --k"),
+    (TRAIN + ["--k", "8", "--out", "{root}/r"], "--k 8 needs --architecture topk or batchtopk"),
+    (TRAIN + ["--architecture", "batchtopk", "--k", "16", "--d-sae", "16", "--out", "{root}/r"],
+     "--k 16 must be positive and below --d-sae 16"),
+    (TRAIN + ["--architecture", "topk", "--k", "4", "8", "--d-sae", "16", "32", "64", "--out", "{root}/r"],
+     "--k 2: give one, or the same number"),
+    (TRAIN + ["--architecture", "topk", "--k", "4", "--resample-steps", "3", "--out", "{root}/r"],
+     "'topk' revives dead latents with AuxK"),
     (["eval", "{sae}", "--text", "/nonexistent"], "--text /nonexistent does not exist"),
     (["eval", "{sae}", "--text", "{root}/folder.txt"], "--text {root}/folder.txt is a folder; expected a file"),
     (["eval", "{sae}", "--text", "{root}/binary.txt"], "{root}/binary.txt holds a NUL byte"),
@@ -169,16 +176,15 @@ def _hub_offline():
 
 @pytest.mark.parametrize("raise_offline", [_transformers_offline, _hub_offline])
 def test_an_unreachable_hub_is_one_line(files, monkeypatch, capsys, raise_offline):
-    import patching
-
     def offline(*args, **kwargs):
         raise_offline()
 
-    monkeypatch.setattr(patching, "load_model", offline)
+    loads = stub_model_loader(monkeypatch, offline)
     _, sae = files
     assert main(["eval", str(sae), "--model", "gpt2"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the Hugging Face hub is unreachable" in err
+    assert [args[0] if args else kwargs.get("name") for args, kwargs in loads] == ["gpt2"], "the stub raised, not the network"
 
 
 def test_a_training_run_that_fails_at_start_leaves_nothing_behind(files, monkeypatch, capsys):
@@ -209,13 +215,13 @@ def test_a_training_run_that_fails_at_start_leaves_nothing_behind(files, monkeyp
 
 @pytest.mark.default_model
 def test_default_model_cases_are_one_line(topk_sae_dir, tmp_path, capsys, default_model, monkeypatch):
-    import patching
-
-    monkeypatch.setattr(patching, "load_model", lambda *a, **k: default_model)
+    loads = stub_model_loader(monkeypatch, lambda *a, **k: default_model)
     argv = ["patch", str(topk_sae_dir), *EIFFEL[:4], "--answer", " Paris Rome", "--wrong", " Rome"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--answer ' Paris Rome' is 2 tokens" in err
+    assert len(loads) == 1, "the patch command's model came from the stub"
+    monkeypatch.undo()  # the real loader: it refuses n_layers beyond the model, which the train case checks
     (tmp_path / "t.txt").write_text("Some text.\n")
     assert main(TRAIN + ["--site", "99", "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err.strip()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_sae
+from conftest import make_sae, stub_model_loader
 
 from patching.model import tl_compat
 from patching.splice import EvalConfig, evaluate_sae, save_evaluation, splice_metrics
@@ -235,11 +235,10 @@ def test_default_model_texts_ignore_saelens_special_ids_and_batching_does_not_ma
 
 
 def test_cli_eval_writes_folder_and_prints_grouped_figures(default_model_4l, tmp_path, capsys, monkeypatch):
-    import patching
     from latentpatch.cli.entry import main
 
     model = default_model_4l
-    monkeypatch.setattr(patching, "load_model", lambda *a, **k: model)
+    loads = stub_model_loader(monkeypatch, lambda *a, **k: model)
     folder = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name,
                       model_from_pretrained_kwargs=tl_compat.inferred_flags(model)).save(tmp_path / "sae")
     (tmp_path / "held.txt").write_text("The cat sat on the mat.\n\nOne two three four.\n")
@@ -250,3 +249,4 @@ def test_cli_eval_writes_folder_and_prints_grouped_figures(default_model_4l, tmp
     assert printed["token_stats"]["n_texts"] == 2 and printed["saved_to"] == str(tmp_path / "ev")
     assert saved["sparsity"] == printed["sparsity"] and saved["provenance"]["sae_sha256"]
     assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 0
+    assert len(loads) == 1, "the command's model came from the stub, not a second load of the default model"
