@@ -15,6 +15,20 @@ from patching.model import tl_compat
 from sae import SAEConfig, SparseAutoencoder
 
 
+MODEL_FIXTURES = {"default_model": "default_model", "default_model_4l": "default_model", "gemma": "gemma3"}
+"""Fixtures that load a real model (test_gemma3.py defines `gemma`), and the marker a test using one carries."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a model fixture, directly or through another fixture (`fixturenames`
+    is the closure), so `-m "not default_model"` never loads the default model whatever a test's
+    author remembered to mark."""
+    for item in items:
+        for name in sorted(set(item.fixturenames) & MODEL_FIXTURES.keys()):
+            item.add_marker(MODEL_FIXTURES[name])
+
+
 def construct_unchecked(cls, **values):
     """Build a frozen dataclass without its generated __init__, then run its __post_init__.
 
@@ -82,7 +96,6 @@ def default_model_4l():
     from patching import load_model
 
     return load_model(n_layers=4)
-
 
 
 def stub_model_loader(monkeypatch, load):
