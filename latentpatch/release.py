@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sae.files import WEIGHTS_FILE, atomic_write, load_sae, save_sae
-from sae.registry import REGISTRY_FILE, RELEASES_DIR, half_precision, load_release
+from sae.registry import REGISTRY_FILE, RELEASES_DIR, config_sha256, half_precision, load_release
+from sae.safe_io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,11 @@ def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = 
     sae = load_sae(sae_dir)
     sae_id = sae.cfg.hook_name
     folder = save_sae(half_precision(sae), root / release / sae_id)
-    sha = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+    sha = sha256_file(folder / WEIGHTS_FILE)
     registry_path = root / REGISTRY_FILE
     registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
-    entry = {"path": f"{release}/{sae_id}", "weights_sha256": sha, "recipe": recipe, "heldout": {}}
+    entry = {"path": f"{release}/{sae_id}", "weights_sha256": sha, "config_sha256": config_sha256(load_sae(folder).cfg),
+             "recipe": recipe, "heldout": {}}
     registry.setdefault(release, {"model": sae.cfg.model_name, "saes": {}})["saes"][sae_id] = entry
     atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
     return reevaluate(release, sae_id, root=root, n_rows=n_rows, name=sae_dir)

@@ -12,6 +12,7 @@ weights file. Loading verifies that hash before parsing the file, then returns a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ from typing import Any
 import torch
 
 from sae.errors import LatentpatchError, SAEFileError
-from sae.files import WEIGHTS_FILE, load_sae
-from sae.metrics import LegacyNamedFigures
+from sae.config import SAEConfig
+from sae.files import CONFIG_FILE, WEIGHTS_FILE, config_from_dict, load_sae, read_config_json
 from sae.model import TORCH_DTYPES, SparseAutoencoder
 from sae.safe_io import UnsafeFileError, read_text, sha256_file
 
@@ -32,6 +33,9 @@ MAX_REGISTRY_BYTES = 16 * 1024 * 1024
 """Largest `registry.json` read (the shipped one is a few KiB)."""
 MAX_RELEASE_WEIGHTS_BYTES = 4 * 1024 ** 3
 """Largest weights file hashed (a shipped SAE is a few MiB; a 16k-latent SAE on a 2k-wide model is 256 MiB)."""
+DEFINING_FIELDS = ("d_in", "d_sae", "architecture", "k", "apply_b_dec_to_input", "dtype", "normalization_scale",
+                   "hook_name", "model_name", "model_from_pretrained_kwargs", "prepend_bos")
+"""The `SAEConfig` fields a release's `config_sha256` covers: what the SAE computes and where it applies."""
 
 
 class UnknownReleaseError(LatentpatchError, LookupError):
@@ -59,12 +63,12 @@ class ReleaseEntry:
     """The SAE folder (SAELens layout) inside the installed package."""
     weights_sha256: str
     """SHA-256 of `sae_weights.safetensors` as shipped."""
+    config_sha256: str
+    """`config_sha256` of its `cfg.json`: the fields that define what the SAE computes and where."""
     recipe: dict[str, Any]
     """How it was made: `commands` (exact, in order), `corpus`, `corpus_digest`, token counts, seconds."""
     heldout: dict[str, Any]
-    """SAEBench's core figures on held-out real text (`latentpatch.release.evaluate`), under SAELens's names
-    (`ce_loss_score`, `kl_div_with_sae`, `explained_variance`, `l0`, `frac_dead`, ...); the names used
-    before (`ce_loss_recovered`, `kl_spliced`, ...) still read, with a DeprecationWarning."""
+    """SAEBench's core figures on held-out real text (`latentpatch.release.evaluate`): CE loss recovered, KL, EV, L0, ..."""
 
 
 def _read_registry(root: Path) -> dict[str, Any]:
@@ -97,14 +101,27 @@ def release_entry(release: str, sae_id: str, *, root: str | Path = RELEASES_DIR)
     entry = saes[sae_id]
     try:
         return ReleaseEntry(release=release, sae_id=sae_id, folder=root / entry["path"],
-                            weights_sha256=entry["weights_sha256"], recipe=entry["recipe"],
-                            heldout=LegacyNamedFigures(entry["heldout"]))
+                            weights_sha256=entry["weights_sha256"], config_sha256=entry["config_sha256"],
+                            recipe=entry["recipe"], heldout=entry["heldout"])
     except (KeyError, TypeError) as err:
         raise SAEFileError(root / REGISTRY_FILE, f"entry {release}/{sae_id} lacks {err}") from err
 
 
+def config_sha256(cfg: SAEConfig) -> str:
+    """SHA-256 of the config fields that define an SAE (`DEFINING_FIELDS`), canonical JSON.
+
+    The weights' hash alone left `cfg.json` free: an edited hook name, `apply_b_dec_to_input` or
+    model loaded as verified. Fields that change nothing the SAE computes or where it applies
+    (training corpus path, context size, free-form metadata) are left out, so that editing a note
+    does not break a release."""
+    fields = {name: getattr(cfg, name) for name in DEFINING_FIELDS}
+    fields["model_from_pretrained_kwargs"] = dict(fields["model_from_pretrained_kwargs"])
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify_release(entry: ReleaseEntry) -> None:
-    """Raise `ReleaseIntegrityError` unless the shipped weights hash to the recorded SHA-256."""
+    """Raise `ReleaseIntegrityError` unless the shipped weights hash to the recorded SHA-256 and
+    the config's defining fields to the recorded `config_sha256`."""
     path = entry.folder / WEIGHTS_FILE
     try:  # streamed, and only from a regular file: a link to /dev/zero or a FIFO is refused unread
         actual = sha256_file(path, max_bytes=MAX_RELEASE_WEIGHTS_BYTES)
@@ -112,6 +129,15 @@ def verify_release(entry: ReleaseEntry) -> None:
         raise ReleaseIntegrityError(path, err.problem) from err
     if actual != entry.weights_sha256:
         raise ReleaseIntegrityError(path, f"SHA-256 {actual} differs from the registry's {entry.weights_sha256}")
+    cfg_path = entry.folder / CONFIG_FILE
+    cfg, _ = config_from_dict(read_config_json(cfg_path), cfg_path)
+    _check_config(entry, cfg)
+
+
+def _check_config(entry: ReleaseEntry, cfg: SAEConfig) -> None:
+    if config_sha256(cfg) != entry.config_sha256:
+        raise ReleaseIntegrityError(entry.folder / CONFIG_FILE, f"its defining fields {list(DEFINING_FIELDS)} hash to "
+                                    f"{config_sha256(cfg)}, not the registry's {entry.config_sha256}: the config was edited")
 
 
 def load_release(release: str, sae_id: str, *, device: str | torch.device = "cpu", dtype: str = "float32",
@@ -122,6 +148,7 @@ def load_release(release: str, sae_id: str, *, device: str | torch.device = "cpu
     entry = release_entry(release, sae_id, root=root)
     verify_release(entry)
     stored = load_sae(entry.folder)
+    _check_config(entry, stored.cfg)  # the config actually loaded, should cfg.json change after the check
     if stored.cfg.dtype == dtype:
         return stored.to(device)
     sae = SparseAutoencoder(dataclasses.replace(stored.cfg, dtype=dtype))  # type: ignore[arg-type]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae import save_sae
-from sae.registry import (RELEASES_DIR, ReleaseIntegrityError, UnknownReleaseError, half_precision, list_releases,
-                          load_release, release_entry)
+from sae import load_sae, save_sae
+from sae.registry import (RELEASES_DIR, ReleaseIntegrityError, UnknownReleaseError, config_sha256, half_precision,
+                          list_releases, load_release, release_entry)
 from tests.conftest import make_sae
 
 SHIPPED = list_releases()
@@ -25,7 +25,7 @@ def release_root(tmp_path):
     folder = save_sae(half_precision(sae), tmp_path / "tiny-res" / "blocks.1.hook_resid_pre")
     sha = hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
     registry = {"tiny-res": {"model": "tiny", "saes": {"blocks.1.hook_resid_pre": {
-        "path": "tiny-res/blocks.1.hook_resid_pre", "weights_sha256": sha,
+        "path": "tiny-res/blocks.1.hook_resid_pre", "weights_sha256": sha, "config_sha256": config_sha256(load_sae(folder).cfg),
         "recipe": {"commands": ["latentpatch train ..."]}, "heldout": {"l0": 1.0}}}}}
     (tmp_path / "registry.json").write_text(json.dumps(registry))
     return tmp_path, sae

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sae import save_sae
-from sae.registry import ReleaseIntegrityError, load_release, verify_release, release_entry
+from sae import load_sae, save_sae
+from sae.registry import ReleaseIntegrityError, config_sha256, load_release, release_entry, verify_release
 from sae.safe_io import UnsafeFileError, read_bytes, read_header, sha256_file
 from tests.conftest import make_sae
 
@@ -43,7 +43,8 @@ def release_root(tmp_path):
     folder = save_sae(make_sae(8, 16, hook_name=SAE_ID, model_name="tiny"), tmp_path / "tiny-res" / SAE_ID)
     sha = hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
     registry = {"tiny-res": {"model": "tiny", "saes": {SAE_ID: {
-        "path": f"tiny-res/{SAE_ID}", "weights_sha256": sha, "recipe": {"commands": []}, "heldout": {}}}}}
+        "path": f"tiny-res/{SAE_ID}", "weights_sha256": sha, "config_sha256": config_sha256(load_sae(folder).cfg),
+        "recipe": {"commands": []}, "heldout": {}}}}}
     (tmp_path / "registry.json").write_text(json.dumps(registry))
     return tmp_path
 
