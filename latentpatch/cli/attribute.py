@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from latentpatch.cli.common import add_pair_options, add_sae_options, check_out, load_for, pair_metric, report
+from latentpatch.cli.common import add_pair_options, add_sae_options, check_out, describe_top, load_for, pair_metric, report
 
 
 def register(subparsers: Any) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
     add_sae_options(p)
     add_pair_options(p)
     _options(p)
-    p.set_defaults(run=run_attribute)
+    p.set_defaults(run=run_attribute, describe=describe_attribution)
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -40,3 +40,13 @@ def run_attribute(args: argparse.Namespace) -> dict[str, Any]:
                                direction=args.direction, align=align)
     checked = verify(result, k=args.verify, random_k=args.verify).to_dict() if args.verify else None
     return report(result, args, {"verification": checked})
+
+
+def describe_attribution(result: dict[str, Any]) -> str:
+    """The estimate's top units, and how well exact patching of its top and random units agreed."""
+    text = describe_top(result, f"Attribution ({result['method']}, estimated effects)")
+    checked = result.get("verification")
+    if checked:
+        text += (f"\n\nChecked by exact patching of {checked['n_checked']} units: Spearman {checked['spearman']:.3f}, "
+                 f"recall@{checked['k']} {checked['recall_at_k']:.2f}, largest missed effect {checked['max_missed_effect']:.3f}.")
+    return text

@@ -10,8 +10,13 @@ from typing import Any
 from training.errors import TrainingConfigError
 
 
+SAE_HELP = ("the SAE: a folder (cfg.json + sae_weights.safetensors, ours or SAELens's), a shipped release id "
+            "(smollm2-135m-res/blocks.15.hook_resid_pre; `latentpatch releases` lists them) or, with SAELens installed "
+            "and the hub reachable, sae_lens:RELEASE/SAE_ID")
+
+
 def add_sae_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sae", type=Path, help="SAE folder (cfg.json + sae_weights.safetensors, ours or SAELens's)")
+    p.add_argument("sae", help=SAE_HELP)
     p.add_argument("--model", default=None, help="model name (default: the one the SAE records)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -28,13 +33,65 @@ def add_pair_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="save the result (safetensors + manifest) and a PNG here")
 
 
-def load_for(sae_dir: Path, model_name: str | None) -> tuple[Any, Any]:
-    """The SAE and a model loaded with the weight processing the SAE records."""
-    from patching.model.loading import load_model_for
-    from sae import load_sae
+def resolve_sae(name: str | Path) -> Any:
+    """The SAE `name` names, loaded before any model: a folder; a shipped release id `RELEASE/SAE_ID`
+    (its weights verified against the registry); or `sae_lens:RELEASE/SAE_ID` through SAELens's
+    `SAE.from_pretrained` (needs SAELens and the hub). A name that is neither an existing folder nor a
+    known release lists the shipped releases (as `load_release` does for an unknown id)."""
+    from sae import as_sae, list_releases, load_release, load_sae
+    from sae.registry import UnknownReleaseError
 
-    sae = load_sae(sae_dir)
+    text = str(name)
+    if text.startswith("sae_lens:"):
+        return as_sae(_saelens_sae(text[len("sae_lens:"):]))
+    release, _, sae_id = text.partition("/")
+    releases = list_releases()
+    if release in releases and not Path(text).exists():
+        return load_release(release, sae_id)  # an unknown sae_id lists the release's ids
+    path = Path(text)
+    if not path.exists() and not path.is_absolute() and sae_id and not Path(release).exists():
+        raise UnknownReleaseError(f"{text!r} (neither an SAE folder nor a shipped release id)",
+                                  [f"{r}/{i}" for r, ids in releases.items() for i in ids])
+    return load_sae(path)
+
+
+def _saelens_sae(spec: str) -> Any:
+    from patching.errors import PatchingError
+
+    release, _, sae_id = spec.partition("/")
+    if not release or not sae_id:
+        raise PatchingError(f"sae_lens:{spec}: expected sae_lens:RELEASE/SAE_ID (e.g. "
+                            "sae_lens:gpt2-small-res-jb/blocks.8.hook_resid_pre)")
+    try:
+        from sae_lens import SAE
+    except ImportError as err:
+        raise PatchingError("sae_lens: names need SAELens installed (pip install 'latentpatch[saelens]')") from err
+    loaded = SAE.from_pretrained(release, sae_id)
+    return loaded[0] if isinstance(loaded, tuple) else loaded  # SAELens 5 returned (sae, cfg, sparsity)
+
+
+def load_for(sae_name: str | Path, model_name: str | None) -> tuple[Any, Any]:
+    """The SAE (resolved before any model loads) and a model loaded with the weight processing it records."""
+    from patching.model.loading import load_model_for
+
+    sae = resolve_sae(sae_name)
     return sae, load_model_for(sae, model_name)
+
+
+def add_model_option(p: argparse.ArgumentParser) -> None:
+    """`--model` for the commands that take no SAE."""
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="model name (default: the offline SmolLM2-135M-Instruct; gemma-3-270m is the second offline model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def load_plain_model(name: str) -> Any:
+    """A model for the commands that take no SAE, with the default weight processing."""
+    from patching.model.loading import load_model
+
+    model = load_model(name)
+    model.eval()
+    return model
 
 
 def pair_metric(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
@@ -94,3 +151,30 @@ def texts_for(text: str) -> tuple[Any, str, str | None]:
     if text.startswith("hf:"):
         return hf_texts(text[3:]), text, None
     return file_texts(text), text, None
+
+
+def fmt(value: Any, spec: str) -> str:
+    """`value` formatted by `spec`, or `-` where there is none."""
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[tuple[Any, ...]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned, two spaces apart."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+
+
+def describe_top(result: dict[str, Any], what: str) -> str:
+    """The human form of a sweep's JSON: a sentence on the pair, then its top units as a table."""
+    clean, corrupted = result["metric_clean"][0], result["metric_corrupted"][0]
+    lines = [f"{what}: {result['units']} units, {result['direction']}; metric {clean:.3f} on the clean prompt, "
+             f"{corrupted:.3f} on the corrupted one. Effect 1 = the unit alone restores the clean metric"
+             + (" (noise: destroys it)." if result["direction"] == "noise" else "."), ""]
+    rows: list[tuple[Any, ...]] = [("unit", "position", "token", "effect")]
+    rows += [(e["label"], fmt(e["position"], "d"), repr(e["token"]) if e["token"] is not None else "-",
+              format(e["effect"], "+.3f")) for e in result["top"]]
+    lines.append(table(rows))
+    if result.get("saved_to"):
+        lines += ["", f"Saved to {result['saved_to']}."]
+    return "\n".join(lines)

@@ -14,6 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from latentpatch.cli.common import SAE_HELP
+
 EXAMPLE = ("example: latentpatch dashboards runs/sae-l12-mid --latents 5 17 --neurons 40 1203 --out dash\n"
            "         latentpatch dashboards runs/sae-l12-mid --top-neurons 10 --top-latents 10 --out dash")
 
@@ -24,7 +26,7 @@ def register(subparsers: Any) -> None:
                               description="One page per latent / neuron (top contexts, histogram, logit effect, latent "
                                           "decomposition for neurons) and an index.html, with PNG plots.\n\n" + EXAMPLE,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sae", type=Path, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("sae", help=SAE_HELP)
     p.add_argument("--out", type=Path, required=True, help="output folder (index.html and one page per unit)")
     p.add_argument("--latents", type=int, nargs="*", default=[], help="latent indices")
     p.add_argument("--neurons", type=int, nargs="*", default=[], help="MLP neuron indices of the SAE's block")
@@ -49,12 +51,12 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
     from patching.model import tl_compat
     from patching.model.sites import Site
     from patching.sweep.results import library_version
-    from sae import load_sae
+    from latentpatch.cli.common import resolve_sae
     from sae.files import weights_sha256
     from training.paths import check_output_folder
 
     check_output_folder(args.out)
-    sae = load_sae(args.sae)
+    sae = resolve_sae(args.sae)
     site = Site.from_hook_name(sae.cfg.hook_name)
     if not (args.latents or args.neurons or args.top_latents or args.top_neurons):
         raise PatchingError("name units: --latents, --neurons, --top-latents or --top-neurons")

@@ -26,15 +26,33 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="latentpatch", description="Causal experiments on sparse-autoencoder latents.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the package version and the TransformerLens backend, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from latentpatch.cli import attribute, corpus, dashboards, demo, evaluate, harvest, inspect, patch, safety, steer, train
+    from latentpatch.cli import (attribute, corpus, dashboards, demo, evaluate, harvest, heads, inspect, patch, releases, repair,
+                                 residual, safety, steer, trace, train)
 
-    for command in (demo, inspect, train, harvest, corpus, evaluate, patch, attribute, safety, steer, dashboards):
+    for command in (demo, releases, inspect, train, harvest, corpus, evaluate, patch, attribute, residual, heads, trace,
+                    repair, safety, steer, dashboards):
         command.register(sub)
     for command in sub.choices.values():  # `--debug` after the subcommand too; SUPPRESS keeps the top-level value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def version_line() -> str:
+    """`latentpatch X (TransformerLens Y, backend hooked)`, read from the installed metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"latentpatch {installed('latentpatch')} (TransformerLens {installed('transformer-lens')}, backend hooked; "
+            f"SAELens {installed('sae-lens')})")
 
 
 def _text(result: dict[str, Any], indent: str = "") -> str:
@@ -60,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging()
         result = args.run(args)
         if result is not None:  # None: a rank other than 0 of a torchrun job (rank 0 reports)
-            print(json.dumps(result) if args.json else _text(result))
+            # A command may describe its result for people (a table, a few sentences); --json is for programs.
+            print(json.dumps(result) if args.json else getattr(args, "describe", _text)(result))
     except KeyboardInterrupt as err:  # TrainingInterrupted says which checkpoint it wrote
         print(f"{command}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
         return 130

@@ -1,10 +1,11 @@
-"""`latentpatch inspect`: validate and describe an SAE folder (ours or SAELens's)."""
+"""`latentpatch inspect`: validate and describe an SAE (a folder, ours or SAELens's, or a shipped release id)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
+
+from latentpatch.cli.common import SAE_HELP
 
 
 def register(sub: Any) -> None:
@@ -13,7 +14,7 @@ def register(sub: Any) -> None:
                              description="Validate and describe an SAE folder (ours or SAELens's).\n\n"
                                          "example: latentpatch inspect runs/sae-l15 --json",
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    inspect.add_argument("path", type=Path, help="folder holding cfg.json and sae_weights.safetensors")
+    inspect.add_argument("path", metavar="sae", help=SAE_HELP)
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     inspect.set_defaults(run=run_inspect)
 
@@ -21,10 +22,10 @@ def register(sub: Any) -> None:
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from sae import load_sae
+    from latentpatch.cli.common import resolve_sae
     from sae.files import config_to_dict
 
-    sae = load_sae(args.path)
+    sae = resolve_sae(args.path)
     with torch.no_grad():
         norms = sae.decoder_norms()
         stats = {"decoder_norm_min": norms.min().item(), "decoder_norm_mean": norms.mean().item(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from latentpatch.cli.common import add_pair_options, add_sae_options, check_out, load_for, pair_metric, report
+from latentpatch.cli.common import add_pair_options, add_sae_options, check_out, describe_top, load_for, pair_metric, report
 
 
 def register(subparsers: Any) -> None:
@@ -19,7 +19,7 @@ def register(subparsers: Any) -> None:
     add_sae_options(p)
     add_pair_options(p)
     _options(p)
-    p.set_defaults(run=run_patch)
+    p.set_defaults(run=run_patch, describe=lambda result: describe_top(result, "Exact latent patching"))
 
 
 def _options(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from latentpatch.cli.common import SAE_HELP
+
 EXAMPLE = (
     "examples:\n"
     "  latentpatch steer runs/sae-l12 --positive 'I love Paris.' 'Paris, France' --negative 'I love London.' "
@@ -27,7 +29,7 @@ def register(subparsers: Any) -> None:
     """Add the `steer` subcommand to the `latentpatch` parser."""
     p = subparsers.add_parser("steer", help="steer generation with SAE latents, or compare Top-1 with Top-K",
                               description=__doc__ + "\n" + EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sae", type=Path, help="SAE folder (its cfg.json names the model, site and loading flags)")
+    p.add_argument("sae", help=SAE_HELP)
     p.add_argument("--positive", nargs="+", help="texts that show the concept (generate mode)")
     p.add_argument("--negative", nargs="+", help="matched texts that do not (generate mode)")
     p.add_argument("--prompt", nargs="+", help="prompts to continue (generate mode)")
@@ -61,7 +63,7 @@ def load_model_for(sae: Any) -> Any:
 def run_steer(args: argparse.Namespace) -> dict[str, Any]:
     from patching.model.checks import check_generation
     from patching.steering.steer import SteeringError
-    from sae import load_sae
+    from latentpatch.cli.common import resolve_sae
     from training.paths import check_output_folder
 
     if args.compare is None and not (args.positive and args.negative and args.prompt):
@@ -73,7 +75,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare is None:  # generation settings, before contrast_latents runs the model
         check_generation(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=None,
                          error=SteeringError)
-    sae = load_sae(args.sae)
+    sae = resolve_sae(args.sae)
     concept = _read_concept(args.compare) if args.compare is not None else None
     model = load_model_for(sae)
     if concept is not None:
