@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -76,3 +78,25 @@ def test_batchtopk_keeps_about_k_latents_per_token_at_inference(tmp_path):
     x = torch.cat([next(shuffled_batches(seed=s)) for s in range(5, 9)])
     l0 = (load_sae(tmp_path / "sae-0").encode(x) > 0).float().sum(-1).mean().item()
     assert 2.5 < l0 < 6.0, l0
+
+
+@pytest.mark.default_model
+def test_train_command_trains_batchtopk_saes_that_saelens_reads(tmp_path):
+    """`latentpatch train --architecture batchtopk --k 8 4`: two jumprelu SAEs with their own k."""
+    from sae_lens import SAE
+
+    from latentpatch.cli.entry import main
+    from tests.test_training_integration import offline_texts
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(offline_texts()[:40]))
+    out = tmp_path / "run"
+    argv = ["train", "--site", "1", "--d-sae", "64", "--architecture", "batchtopk", "--k", "8", "4", "--tokens", "4096",
+            "--batch-size", "256", "--text", str(text), "--out", str(out), "--context-size", "32", "--buffer-tokens",
+            "1024", "--log-every", "4", "--no-progress", "--json"]
+    assert main(argv) == 0
+    recorded = json.loads((out / "run_config.json").read_text())["trainer"]
+    assert recorded["architecture"] == "batchtopk" and recorded["k"] == [8, 4]
+    for index in range(2):
+        assert SAE.load_from_disk(str(out / f"sae-{index}")).cfg.architecture() == "jumprelu"
+        assert load_sae(out / f"sae-{index}").threshold.min() > 0

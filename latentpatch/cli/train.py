@@ -1,4 +1,5 @@
-"""`latentpatch train`: harvest activations from a model and train L1 SAEs on them.
+"""`latentpatch train`: harvest activations from a model and train SAEs on them (L1 by default,
+or TopK / BatchTopK with AuxK: `--architecture topk --k 32`).
 
 The run configuration (`RunConfig`: model, site, text, paths) is separate from the library's
 `TrainerConfig` (STYLE.md rule 3). The output folder is a loadable SAE (SAELens layout, or one
@@ -27,6 +28,8 @@ from training.trainer.trainer import CHECKPOINT_DIR
 EXAMPLE = ("example: latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15\n"
            "         latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15 --resume\n"
            "         latentpatch train --site 6:resid_post --d-sae 2304 --l1 3 5 8 --tokens 1000000 --out runs/sweep\n"
+           "         latentpatch train --site 15 --d-sae 4608 --architecture batchtopk --k 32 64 --tokens 2000000 "
+           "--out runs/btk\n"
            "         torchrun --nproc-per-node 4 -m latentpatch train --site 15 --tokens 20000000 --out runs/dp\n"
            "         torchrun --nproc-per-node 4 -m latentpatch train --parallel saes --site 5 10 15 20 "
            "--tokens 2000000 --out runs/sites")
@@ -76,6 +79,14 @@ def register(subparsers: Any) -> None:
                                                            "name; several sites need --parallel saes under torchrun")
     p.add_argument("--d-sae", type=int, nargs="+", default=[4608], help="latents per SAE; several values train several SAEs")
     p.add_argument("--l1", type=float, nargs="+", default=[5.0], help="L1 coefficient(s) in normalized units (default 5)")
+    p.add_argument("--architecture", choices=("l1", "topk", "batchtopk"), default="l1",
+                   help="sparsity objective: 'l1' (ReLU SAEs, the default), 'topk' (k latents per token, Gao et al. "
+                        "2024) or 'batchtopk' (k per token on average over the batch, Bussmann et al. 2024; saved as "
+                        "SAELens's jumprelu); topk and batchtopk train dead latents with AuxK and ignore --l1")
+    p.add_argument("--k", type=int, nargs="+", default=None,
+                   help="latents per token for topk/batchtopk; several values train several SAEs")
+    p.add_argument("--auxk-coefficient", type=float, default=1 / 32,
+                   help="weight of the AuxK dead-latent loss (default 1/32, Gao et al. 2024; 0 turns it off)")
     p.add_argument("--tokens", type=int, required=True, help="training activations (steps = tokens // batch size)")
     p.add_argument("--out", type=Path, required=True, help="output folder DIR")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
@@ -134,10 +145,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _units(args: argparse.Namespace) -> list[tuple[int, float]]:
     """(d_sae, l1) of every SAE trained at one site."""
-    n_saes = max(len(args.d_sae), len(args.l1))
-    if {len(args.d_sae), len(args.l1)} - {1, n_saes}:
-        raise TrainingConfigError(f"--d-sae has {len(args.d_sae)} values and --l1 {len(args.l1)}: give one, "
-                                  "or the same number")
+    n_ks = len(args.k) if args.architecture != "l1" and args.k else 1
+    n_saes = max(len(args.d_sae), len(args.l1), n_ks)
+    if {len(args.d_sae), len(args.l1), n_ks} - {1, n_saes}:
+        raise TrainingConfigError(f"--d-sae has {len(args.d_sae)} values, --l1 {len(args.l1)} and --k {n_ks}: give "
+                                  "one, or the same number")
     widths = args.d_sae * n_saes if len(args.d_sae) == 1 else args.d_sae
     l1s = args.l1 * n_saes if len(args.l1) == 1 else args.l1
     return list(zip(widths, l1s))
@@ -188,13 +200,16 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
     if not data_parallel or collective.is_main:  # only rank 0 writes (or must see) a data-parallel run's folder
         _check_out(out, args.resume)
     l1s = tuple(l1 for _, l1 in group)
+    ks = _group_ks(args, group, seed_offsets)
     config = TrainerConfig(total_steps=steps, lr=args.lr, l1_coefficient=l1s if len(group) > 1 else l1s[0],
+                           architecture=args.architecture, k=ks if ks is None or len(ks) > 1 else ks[0],
+                           auxk_coefficient=args.auxk_coefficient,
                            resample_steps=tuple(args.resample_steps), log_every=args.log_every,
                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                            progress_bar=not args.no_progress)
     texts = texts_for(run.text)[:2]  # a missing or binary text file fails here, before the model loads
     model, site = _load(run, full=args.eval_every is not None)
-    saes = _new_saes(run, model, site, args.seed, seed_offsets or list(range(len(group))))
+    saes = _new_saes(run, model, site, args.seed, seed_offsets or list(range(len(group))), config)
     batches = _batches(run, model, site, args.seed, tokens=args.tokens, texts=texts, collective=collective,
                        stripe=data_parallel)
     eval_tokens = _eval_tokens(model, run.context_size) if args.eval_every is not None else None
@@ -286,16 +301,36 @@ def _load(run: RunConfig, *, full: bool) -> tuple[Any, Any]:
     return model, site.check(model)
 
 
-def _new_saes(run: RunConfig, model: Any, site: Any, seed: int, indices: list[int]) -> list[Any]:
+def _group_ks(args: argparse.Namespace, group: list[tuple[int, float]],
+              seed_offsets: list[int] | None) -> tuple[int, ...] | None:
+    """The k of each SAE in `group` (None for l1), checked against its width before anything loads."""
+    if args.architecture == "l1":
+        if args.k:
+            raise TrainingConfigError(f"--k {' '.join(map(str, args.k))} needs --architecture topk or batchtopk")
+        return None
+    if not args.k:
+        raise TrainingConfigError(f"--architecture {args.architecture} needs --k (latents per token)")
+    indices = seed_offsets or list(range(len(group)))
+    ks = tuple(args.k[i] if len(args.k) > 1 else args.k[0] for i in indices)
+    for (d_sae, _), k in zip(group, ks):
+        if not 0 < k <= d_sae or (args.architecture == "batchtopk" and k == d_sae):
+            raise TrainingConfigError(f"--k {k} must be positive and below --d-sae {d_sae}")
+    return ks
+
+
+def _new_saes(run: RunConfig, model: Any, site: Any, seed: int, indices: list[int], config: Any) -> list[Any]:
     import torch
 
     from sae import SAEConfig, SparseAutoencoder
+    from training.trainer.objective import SAE_ARCHITECTURE
 
     saes = []
     # Seeded by the SAE's index in the whole sweep: an SAE-parallel rank builds exactly the SAEs
     # a single process would.
-    for index, d_sae in zip(indices, run.d_sae, strict=True):
+    architecture = SAE_ARCHITECTURE[config.architecture]
+    for index, d_sae, k in zip(indices, run.d_sae, config.k_for(len(indices)), strict=True):
         cfg = SAEConfig(d_in=site.width(model), d_sae=d_sae, hook_name=site.hook_name, model_name=run.model,
+                        architecture=architecture, k=k if architecture == "topk" else None,
                         model_from_pretrained_kwargs=model.latentpatch_origin.flags.as_kwargs(),
                         context_size=run.context_size, dataset_path=run.text, prepend_bos=True)
         saes.append(SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(seed * 1000 + index)))
