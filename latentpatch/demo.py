@@ -29,18 +29,19 @@ FACTUAL = ("The Eiffel Tower is located in the city of", "The Colosseum is locat
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo runs; the defaults took 272 s on 2 CPU cores on a fresh clone with empty caches."""
+    """What the demo runs. With the shipped release SAE nothing trains on the critical path; the
+    measured time of the defaults is the `make demo` row of docs/benchmarks.md."""
 
     out: Path = Path("latentpatch-output")
     """Output folder for the report."""
     layer: int = 15
     """resid_pre layer of the SAE (15 of 30)."""
     d_sae: int = 4608
-    """Dictionary size (8 x d_model)."""
+    """Dictionary size (8 x d_model) of an SAE trained here (`train`, or a layer no release covers)."""
     l1: float = 5.0
-    """L1 coefficient (normalized units)."""
+    """L1 coefficient (normalized units) of an SAE trained here."""
     train_tokens: int = 600_000
-    """Activations the SAE trains on (about 40 passes over the default corpus's ~15k tokens)."""
+    """Activations an SAE trained here trains on (about 40 passes over the default corpus's ~15k tokens)."""
     batch_size: int = 1024
     """Activations per training step."""
     demo_train_tokens: int = 8192
@@ -80,6 +81,35 @@ class DemoConfig:
 
         return (f"l{self.layer}-d{self.d_sae}-l1_{self.l1:g}-t{self.train_tokens}-b{self.batch_size}-s{self.seed}"
                 f"-c{CorpusConfig().digest()}")
+
+
+TRAINER_TOKENS_PER_S = 11_338
+"""The trainer's measured rate on a 576 x 4608 SAE (docs/benchmarks.md, `benchmarks/train_throughput.py`,
+quiet 2-core machine); the time scales with d_sae (the encoder and decoder matmuls dominate)."""
+CORPUS_SECONDS = 100
+"""Generating the default corpus's chat texts with the model on a fresh cache (reused afterwards)."""
+
+
+def release_covers(layer: int) -> bool:
+    """Whether the demo's release ships an SAE at `layer` (read from the registry; no weights load)."""
+    from patching import Site
+    from sae import list_releases
+
+    return Site(layer).hook_name in list_releases().get(DEMO_RELEASE, [])
+
+
+def training_notice(config: DemoConfig, folder: Path) -> str:
+    """What the demo says before it trains an SAE: why, and about how long it takes."""
+    from sae import list_releases
+
+    training = config.train_tokens / TRAINER_TOKENS_PER_S * config.d_sae / 4608
+    covered = ", ".join(list_releases().get(DEMO_RELEASE, [])) or "nothing"
+    why = ("--train asks for it" if config.train
+           else f"no {DEMO_RELEASE} SAE covers layer {config.layer}; the release ships {covered}")
+    return (f"training the demo SAE at layer {config.layer} here ({why}): {config.train_tokens:,} activations at "
+            f"d_sae {config.d_sae}, about {round((training + CORPUS_SECONDS) / 60)} min on 2 CPU cores ({training:.0f} s "
+            f"at the trainer's measured {TRAINER_TOKENS_PER_S:,} tokens/s, plus up to {CORPUS_SECONDS} s generating "
+            f"the default corpus on a fresh cache); later runs reuse it from {folder}")
 
 
 def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
@@ -125,9 +155,11 @@ def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
         return release
     folder = demo_sae_dir(config)
     try:
-        return load_sae(folder)
+        sae = load_sae(folder)
+        log.info("using the demo SAE trained earlier at layer %d (%s)", config.layer, folder)
+        return sae
     except SAEFileError:
-        log.info("training the demo SAE at layer %d into %s", config.layer, folder)
+        log.warning(training_notice(config, folder))  # before any work: this is the slow path
     model = load_model(n_layers=config.layer + 1)
     site = Site(config.layer).check(model)
     rows = TokenRows(model, default_texts(), context_size=128, description="default corpus")

@@ -10,30 +10,39 @@ from typing import Any
 def register(sub: Any) -> None:
     """Add `demo` to the `latentpatch` parser."""
     demo = sub.add_parser("demo", help="the main job end to end on the default model, into an HTML report",
-                          description="Train (or reuse) an SAE at a middle layer of SmolLM2-135M-Instruct on the default "
-                                      "corpus, print its splice metrics, run a denoising sweep, attribution checked "
-                                      "against exact patching, Top-1 vs Top-K steering and a safety restoration curve, "
-                                      "and write index.html, its plots and results.json to --out.\n\n"
+                          description="Use the shipped release SAE at a middle layer of SmolLM2-135M-Instruct (with "
+                                      "--train, or at a --layer no release covers, train one here on the default corpus "
+                                      "first, about 3 min on 2 CPU cores at the defaults, and say so), print its splice "
+                                      "metrics, run a denoising sweep, attribution checked against exact patching, Top-1 "
+                                      "vs Top-K steering and a safety restoration curve, and write index.html, its plots "
+                                      "and results.json to --out.\n\n"
                                       "example: latentpatch demo --out latentpatch-output",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out", type=Path, default=Path("latentpatch-output"), help="report folder (default: latentpatch-output)")
     demo.add_argument("--layer", type=int, default=15, help="resid_pre layer of the SAE (default: 15 of 30)")
-    demo.add_argument("--d-sae", type=int, default=4608, help="dictionary size (default: 8 x 576)")
-    demo.add_argument("--train-tokens", type=int, default=600_000, help="activations the SAE trains on (default 600000)")
+    demo.add_argument("--d-sae", type=int, default=None,
+                      help="dictionary size of an SAE trained here (--train, or a --layer no release covers; default 8 x 576)")
+    demo.add_argument("--train-tokens", type=int, default=None,
+                      help="activations an SAE trained here trains on (--train, or a --layer no release covers; default 600000)")
     demo.add_argument("--safety-pairs", type=int, default=3, help="refuse/comply pairs in the safety curve (default 3)")
     demo.add_argument("--train", action="store_true", help="train the demo SAE instead of using the shipped release SAE")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     demo.set_defaults(run=run_demo)
 
 
-
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from latentpatch.demo import DemoConfig, run_demo as run
+    from latentpatch.cli.entry import UsageError
+    from latentpatch.demo import DemoConfig, release_covers, run_demo as run
     from training.paths import check_output_folder
 
+    shaping = {"d_sae": args.d_sae, "train_tokens": args.train_tokens}
+    given = [f"--{name.replace('_', '-')}" for name, value in shaping.items() if value is not None]
+    if given and not args.train and release_covers(args.layer):
+        raise UsageError(f"latentpatch demo: {' and '.join(given)} shape an SAE trained here, but the shipped release SAE "
+                         f"at layer {args.layer} is used: add --train to train one, or leave {' and '.join(given)} out")
     check_output_folder(args.out)
-    config = DemoConfig(out=args.out, layer=args.layer, d_sae=args.d_sae, train_tokens=args.train_tokens,
-                        safety_pairs=args.safety_pairs, train=args.train)
+    config = DemoConfig(out=args.out, layer=args.layer, safety_pairs=args.safety_pairs, train=args.train,
+                        **{name: value for name, value in shaping.items() if value is not None})
     results = run(config)
     brief = {key: results[key] for key in ("splice_metrics", "attribution", "seconds", "section_seconds", "report") if key in results}
     brief["sweep"] = {k: v for k, v in results.get("sweep", {}).items() if k != "top"}
