@@ -25,7 +25,6 @@ import torch
 from patching import Site, load_model
 from patching.safety import SafetyConfig, SafetySuite, find_safety_latents
 from sae import load_sae
-from sae.files import weights_sha256
 
 
 def load_the_sae(args: argparse.Namespace, model) -> tuple[object, str]:
@@ -73,7 +72,7 @@ def main() -> None:
     report = find_safety_latents(model, sae, suite, config=config, progress=False)
     seconds = time.perf_counter() - start
     if args.out:
-        report.save(args.out, sae_sha256=weights_sha256(sae))
+        report.save(args.out)
     summary = report.summary()
     print(f"refusal rates: {summary['refusal_rates']}")
     print(f"pairs in the curves: {summary['n_pairs']} of {summary['n_pairs_total']} (span >= {config.span_threshold})")

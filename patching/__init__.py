@@ -4,7 +4,7 @@
     splice/       typed edits, the splicer, collecting latents over a corpus, splice quality
     sweep/        metrics, prompt pairs, units, the batched exact engine, results and plots
     attribution/  AtP, integrated gradients, AtP*-GradDrop, verify against exact, restoration curves
-    paths/        path patching and edges: nodes, receivers, exact path patching
+    paths/        path patching and edges: nodes, receivers, exact path patching, edge attribution
     tracing/      Gaussian-noise corruption, ROME's causal tracing, self-repair (the Hydra effect)
     steering/  inspect/  safety/   the three uses; they never import each other
 
@@ -28,8 +28,8 @@ The convention every public function keeps (names in the glossary of the docs):
 
 from patching.errors import ModelLoadError, PatchingError, SiteError, SpliceError, SteeringError
 from patching.model import (
-    DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, as_site, cache_root, load_model, load_model_for, model_flags,
-    padded_tokens,
+    DEFAULT_MODEL, ModelFlags, ModelOrigin, Site, as_site, cache_root, library_version, load_model, load_model_for,
+    model_flags, padded_tokens, provenance,
 )
 from patching.splice import (
     Corpus, ErrorPatch, EvalConfig, Interventions, LatentEdit, LatentPatch, SAEEvaluation, Sampling, SiteRecord,
@@ -38,10 +38,14 @@ from patching.splice import (
 )
 from patching.sweep import (
     CallableMetric, KLFromClean, LogitDiff, Metric, PatchResult, PatchUnit, PromptPair, TokenLogProb, TokenProb,
-    TopEntry, UnitPart, as_metric, library_version, make_pairs, patch_heads, patch_latents, patch_residual,
+    TopEntry, UnitPart, as_metric, make_pairs, patch_heads, patch_latents, patch_residual,
 )
-from patching.attribution import RestorationCurve, Verification, attribute_latents, latent_restoration, raw_restoration, verify
-from patching.paths import PathConfig, PathResult, Node, Receiver, patch_paths, receivers_of, upstream_nodes
+from patching.attribution import (
+    QKConfig, RestorationCurve, Verification, attribute_latents, attribute_qk, latent_restoration, raw_restoration, verify,
+)
+from patching.paths import (
+    EdgeConfig, Node, PathConfig, PathResult, Receiver, attribute_edges, patch_paths, receivers_of, upstream_nodes,
+)
 from patching.tracing import (
     Component, NoiseConfig, RepairResult, TraceResult, causal_trace, embedding_std, self_repair, subject_positions,
     window_layers,
@@ -63,20 +67,21 @@ from sae.errors import LatentpatchError
 
 __all__ = [
     "CONCEPTS", "CallableMetric", "CompareSettings", "Component", "Concept", "Corpus", "DEFAULT_MODEL",
-    "Decomposition", "DirectionReport", "ErrorPatch", "EvalConfig", "GuidedGeneration", "InspectConfig",
+    "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "EvalConfig", "GuidedGeneration", "InspectConfig",
     "Interventions", "KLFromClean", "LatentChoice", "LatentEdit", "LatentPatch", "LatentReport", "LatentpatchError",
-    "LogitDiff", "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection", "Node",
-    "NoiseConfig", "PAIRS", "PatchResult", "PatchUnit", "PatchingError", "PathConfig", "PathResult", "PromptPair",
-    "Receiver", "RefusalScore", "RepairResult", "RestorationCurve", "SAEEvaluation", "SafetyConfig", "SafetyReport",
-    "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError",
-    "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step",
-    "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores",
-    "UnitSet", "Verification", "as_metric", "as_site", "attribute_latents", "cache_root", "causal_trace",
-    "compare_steering", "contrast_latents", "decompose", "embedding_std", "evaluate_sae", "find_safety_latents",
-    "generate", "generate_steered", "guided_generate", "inspect_latent", "inspect_latents", "inspect_units",
-    "intervening", "is_refusal", "iter_site_latents", "iter_site_values", "latent_restoration", "latents_from_result",
-    "library_version", "load_model", "load_model_for", "logit_effect", "make_pairs", "model_flags", "padded_tokens",
-    "patch_heads", "patch_latents", "patch_paths", "patch_residual", "raw_restoration", "readout", "receivers_of",
+    "LogitDiff", "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection",
+    "Node", "NoiseConfig", "PAIRS", "PatchResult", "PatchUnit", "PatchingError", "PathConfig", "PathResult",
+    "PromptPair", "QKConfig", "Receiver", "RefusalScore", "RepairResult", "RestorationCurve", "SAEEvaluation",
+    "SafetyConfig", "SafetyReport", "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice",
+    "SpliceChecks", "SpliceError", "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison",
+    "SteeringConfig", "SteeringError", "Step", "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve",
+    "UnitPart", "UnitReport", "UnitScores", "UnitSet", "Verification", "as_metric", "as_site", "attribute_edges",
+    "attribute_latents", "attribute_qk", "cache_root", "causal_trace", "compare_steering", "contrast_latents",
+    "decompose", "embedding_std", "evaluate_sae", "find_safety_latents", "generate", "generate_steered",
+    "guided_generate", "inspect_latent", "inspect_latents", "inspect_units", "intervening", "is_refusal",
+    "iter_site_latents", "iter_site_values", "latent_restoration", "latents_from_result", "library_version",
+    "load_model", "load_model_for", "logit_effect", "make_pairs", "model_flags", "padded_tokens", "patch_heads",
+    "patch_latents", "patch_paths", "patch_residual", "provenance", "raw_restoration", "readout", "receivers_of",
     "refusal_directions", "refusal_rate", "resolve_saes", "resolve_site", "save_evaluation", "self_repair", "splice",
     "splice_metrics", "steer", "steering_vector", "subject_positions", "unit_scores", "upstream_nodes", "verify",
     "window_layers", "write_dashboards",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import inspect
 import pkgutil
 
@@ -88,7 +89,8 @@ def test_patching_reexports_every_room():
     import patching
 
     for room in room_packages("patching"):
-        assert sorted(set(room.__all__) - set(patching.__all__)) == [], room.__name__
+        missing = sorted(set(room.__all__) - set(patching.__all__))
+        assert missing == [], f"{room.__name__} exports {missing}: import them in patching/__init__.py and list them in __all__"
 
 
 def test_latentpatch_is_the_one_namespace_and_no_name_means_two_things():
@@ -231,3 +233,119 @@ def test_configs_are_keyword_only_and_positional_ones_warn(tiny_model, tiny_sae)
     with pytest.raises(LatentpatchError, match="unknown SteeringConfig fields"):
         with steer(tiny_model, tiny_sae, [2], coefficent=3.0):
             pass
+
+
+# --- One result contract: save -> load equal, to_dataframe, plot, one provenance record ----------
+
+RECORD_KEYS = ("model", "model_flags", "saes", "prompts", "metric", "direction", "library_version", "torch_version",
+               "created")
+
+
+def round_trip(result, folder):
+    """Save and load `result`; both plot; to_dataframe is the same non-empty frame."""
+    import pandas as pd
+
+    loaded = type(result).load(result.save(folder))
+    assert type(loaded) is type(result)
+    for which, value in (("saved", result), ("loaded", loaded)):
+        assert value.plot(folder.parent / f"{folder.name}-{which}.png").read_bytes()[:4] == b"\x89PNG"
+    frame = loaded.to_dataframe()
+    assert isinstance(frame, pd.DataFrame) and len(frame) > 0
+    pd.testing.assert_frame_equal(frame, result.to_dataframe())
+    assert loaded.provenance == result.provenance
+    return loaded
+
+
+def assert_record(record, model, sae=None):
+    """The one provenance record: its keys, the model, the SAE hash recomputed from the SAE."""
+    from sae.files import weights_sha256
+
+    assert tuple(record)[: len(RECORD_KEYS)] == RECORD_KEYS
+    assert record["model"] == model.cfg.model_name and record["library_version"]
+    if sae is not None:
+        assert record["saes"] == {sae.cfg.hook_name: weights_sha256(sae)}
+
+
+def test_patch_result_and_verification_round_trip(tiny_model, tiny_sae, pair, tmp_path):
+    from patching import LogitDiff, PatchResult, Verification, attribute_latents, verify
+
+    estimate = attribute_latents(tiny_model, tiny_sae, *pair, LogitDiff(3, 4), progress=False)
+    assert_record(estimate.provenance, tiny_model, tiny_sae)
+    assert estimate.provenance["prompts"]["base"] and estimate.provenance["direction"] == "denoise"
+    loaded = round_trip(estimate, tmp_path / "estimate")
+    assert torch.equal(loaded.effect, estimate.effect) and loaded.units == estimate.units
+    check = verify(estimate, k=3, random_k=2)
+    assert_record(check.provenance, tiny_model, tiny_sae)
+    again = round_trip(check, tmp_path / "verification")
+    assert isinstance(again, Verification) and isinstance(again.exact, PatchResult)
+    assert again.to_dict() == check.to_dict() and torch.equal(again.estimate, check.estimate)
+    assert again.exact.units == check.exact.units and torch.equal(again.exact.effect, check.exact.effect)
+    from patching import TraceResult
+
+    with pytest.raises(LatentpatchError, match="holds a 'patching.attribution.verify:Verification'"):
+        TraceResult.load(tmp_path / "verification")  # another type's folder is refused, not misread
+    with pytest.raises(LatentpatchError, match="not a readable"):
+        PatchResult.load(tmp_path / "verification")
+
+
+def test_restoration_curve_round_trip(tiny_model, tmp_path):
+    from patching import RestorationCurve
+    from patching.model.provenance import provenance
+
+    curve = RestorationCurve([1, 2, 4], torch.tensor([[0.1, 0.5, float("nan")], [0.2, 0.6, 1.0]]), [8, 10],
+                             provenance=provenance(tiny_model, metric="logit diff"))
+    loaded = round_trip(curve, tmp_path / "curve")
+    assert loaded.counts == curve.counts and loaded.n_active == curve.n_active
+    assert torch.equal(loaded.fraction.nan_to_num(-9), curve.fraction.nan_to_num(-9))
+
+
+def test_trace_and_repair_results_round_trip(tiny_model, tmp_path):
+    from patching import Component, LogitDiff, NoiseConfig, causal_trace, self_repair
+
+    tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(2))
+    trace = causal_trace(tiny_model, tokens, (1, 2), 7, noise=NoiseConfig(scale=2.0, n_samples=3, seed=4), layers=[0, 2])
+    assert_record(trace.provenance, tiny_model)
+    loaded = round_trip(trace, tmp_path / "trace")
+    assert torch.equal(loaded.prob.nan_to_num(-9), trace.prob.nan_to_num(-9)) and loaded.subject == trace.subject
+    assert (loaded.kind, loaded.tokens, loaded.answer, loaded.p_clean) == (trace.kind, trace.tokens, trace.answer, trace.p_clean)
+    repair = self_repair(tiny_model, tokens, LogitDiff(2, 3), components=[Component(0, "head", head=1), Component(1, "mlp")])
+    assert_record(repair.provenance, tiny_model)
+    again = round_trip(repair, tmp_path / "repair")
+    assert again.components == repair.components and torch.equal(again.compensation, repair.compensation)
+    table = deprecated(repair.table)  # the old name of to_dataframe
+    assert list(table.columns) == list(repair.to_dataframe().columns)
+
+
+def test_steering_comparison_round_trip(tiny_model, tmp_path):
+    import pandas as pd
+
+    from patching import SteeringComparison
+    from patching.model.provenance import provenance
+
+    table = pd.DataFrame({"concept": ["paris", "paris"], "method": ["none", "add"], "k": [0, 2], "coefficient": [0.0, 4.0],
+                          "latents": ["", "3 9"], "target_effect": [0.0, 1.25], "target_prob": [float("nan"), 0.5],
+                          "kl_neutral": [0.0, 0.03125], "gen_perplexity": [12.5, 14.0], "gen_concept_rate": [0.0, 0.5]})
+    comparison = SteeringComparison(table, provenance(tiny_model, metric="log P(concept tokens)", site="blocks.1"))
+    loaded = round_trip(comparison, tmp_path / "steering")
+    pd.testing.assert_frame_equal(loaded.table, table)
+
+
+def test_safety_report_round_trip_and_its_recorded_hash(tiny_model, tiny_sae, tmp_path):
+    from patching import SafetyConfig, SafetyReport, SafetySuite
+    from patching.model.provenance import provenance
+    from patching.safety import DirectionReport, UnitCurve
+
+    curve = UnitCurve("latents@blocks.1.hook_resid_pre", [1.0, 10.0], torch.tensor([[0.2, 0.9]]), [40], [0])
+    rates = {"harmful": 0.75, "harmful_ablated": 0.25, "harmless": 0.0, "harmless_added": 0.5}
+    direction = DirectionReport([0, 1], [0.5, 1.5], 2.0, -1.0, [None, 0.5], [None, 0.25], best_layer=1, rates=rates,
+                                added_rates={1: 0.5})
+    record = provenance(tiny_model, saes=tiny_sae, metric="refusal score", direction="denoise")
+    report = SafetyReport([tiny_sae.cfg.hook_name], SafetyConfig(), SafetySuite(), "tiny", refusal_rates={"harmful": 0.5},
+                          spans=[2.0], pairs_used=[0], curves=[curve], direction=direction, provenance=record)
+    assert_record(report.provenance, tiny_model, tiny_sae)
+    loaded = round_trip(report, tmp_path / "safety")
+    assert loaded.summary() == report.summary() and loaded.suite == report.suite and loaded.config == report.config
+    assert loaded.direction == report.direction and torch.equal(loaded.curves[0].fraction, curve.fraction)
+    saved = json.loads((tmp_path / "safety" / "report.json").read_text())["provenance"]
+    assert saved["saes"] == record["saes"]  # computed from the SAE when the report was made, not passed in
+    deprecated(report.save, tmp_path / "again", sae_sha256="0" * 64)

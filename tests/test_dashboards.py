@@ -89,7 +89,7 @@ def test_cli_builds_dashboards(default_model_4l, tmp_path, monkeypatch):
     assert code == 0
     pages = sorted(p.name for p in out.glob("*.html"))
     assert "index.html" in pages and "latent-3.html" in pages and "L2N10.html" in pages and len(pages) == 4
-    assert "sae_sha256" in (out / "index.html").read_text()
+    assert "saes" in (out / "index.html").read_text() and "library_version" in (out / "index.html").read_text()
     assert cli.main(["dashboards", str(tmp_path / "sae"), "--latents", "64", "--text", str(corpus), "--out", str(out)]) == 1
 
 

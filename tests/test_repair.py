@@ -42,7 +42,7 @@ def test_built_self_repair_is_found(hydra):
     torch.testing.assert_close(result.total, torch.zeros(4))
     torch.testing.assert_close(result.repair, torch.tensor([0.0, 1.0, 0.0, 0.0]))
     assert result.compensation[1, 3] == 1.0 and result.compensation.abs().sum() == 1.0
-    table = result.table()
+    table = result.to_dataframe()
     assert table.loc[1, "top_compensator"] == "MLP1" and table.loc[1, "top_compensation"] == 1.0
 
 

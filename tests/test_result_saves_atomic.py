@@ -110,7 +110,7 @@ def _report(rate: float) -> SafetyReport:
 
 
 def _save_report(report: SafetyReport, folder: Path) -> Path:
-    return report.save(folder, sae_sha256="0" * 64)
+    return report.save(folder)
 
 
 def test_safety_report_save_interrupted_between_writes(tmp_path, monkeypatch):

@@ -449,7 +449,7 @@ def test_find_safety_latents_end_to_end_on_the_truncated_default_model(default_m
     assert report.direction.added_score[0] is None and report.direction.best_layer in (1, 2)
     assert all(isinstance(x, float) for x in report.direction.ablated_score[1:])
     assert "pairs have a refusal-score span" in report.paragraph()
-    report.save(tmp_path / "safety", sae_sha256="0" * 64)
+    report.save(tmp_path / "safety")
     assert (tmp_path / "safety" / "curves.png").exists() and (tmp_path / "safety" / "report.json").exists()
 
 

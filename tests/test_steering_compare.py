@@ -74,7 +74,7 @@ def test_saved_comparison_records_its_provenance(comparison, sae, tmp_path):
     table = pd.read_csv(folder / "steering.csv", keep_default_na=False)
     assert len(table) == len(comparison.table)
     manifest = json.loads((folder / "manifest.json").read_text())["provenance"]
-    assert manifest["sae_sha256"] == weights_sha256(sae) and manifest["model"] == "smollm2-135m-instruct"
+    assert manifest["saes"]["blocks.2.hook_resid_pre"] == weights_sha256(sae) and manifest["model"] == "smollm2-135m-instruct"
     assert manifest["concept"]["heldout"] == list(CONCEPT.heldout) and manifest["site"] == "blocks.2.hook_resid_pre"
     assert manifest["settings"]["seeds"] == [0] and manifest["grid"]["k_values"] == [1, 2]
     assert len(manifest["choice"]["latents"]) == 2 and manifest["library_version"]

@@ -34,10 +34,9 @@ from patching.splice.splicer import Splice, SpliceChecks, resolve_saes, splice
 from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Align, PromptPair, Prompts, check_positions, make_pairs
-from patching.sweep.patch import check_run_settings, differs_mask, flag_small_spans, provenance_record
+from patching.sweep.patch import check_run_settings, differs_mask, flag_small_spans, provenance_record, run_lengths
 from patching.sweep.results import PatchResult
 from patching.sweep.units import PatchUnit, differing_units
-from sae.files import weights_sha256
 
 Method = Literal["atp", "ig", "atp_gd"]
 METHODS: tuple[str, ...] = ("atp", "ig", "atp_gd")
@@ -57,7 +56,7 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
         raise PatchingError("attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
-    check_run_settings(model, metric, len(pairs))
+    check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
     resolved = resolve_saes(model, saes, checks=checks)
     layers = sorted({site.layer for site in resolved})
     with frozen_parameters(model), splice(model, resolved, checks=checks) as state:
@@ -78,12 +77,11 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
         effect, values = effect.abs(), m_base[:, None] + estimates
     extra = {"unit": "latent_position+error" if include_error else "latent_position", "method": method,
              "steps": steps if method == "ig" else None,
-             "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()},
              "checks": (checks or SpliceChecks()).to_dict()}
     result = PatchResult(units=units, effect=effect, metric=values, metric_clean=m_clean, metric_corrupted=m_corrupted,
                          direction=direction, method=method,
                          base_tokens=[tl_compat.to_str_tokens(model, pair.base[0]) for pair in pairs],
-                         provenance=provenance_record(model, pairs, metric, direction, extra, 0),
+                         provenance=provenance_record(model, pairs, metric, direction, extra, 0, saes=resolved),
                          context={"model": model, "saes": resolved, "clean": clean, "corrupted": corrupted,
                                   "metric": metric, "direction": direction, "align": align, "checks": checks})
     flag_small_spans(result)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -25,6 +26,7 @@ from patching.attribution.estimators import attribute_latents, frozen_parameters
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.errors import PatchingError
+from patching.saved import SavedResult
 from patching.splice.collect import resolve_site
 from patching.splice.splicer import SpliceChecks, splice
 from patching.sweep.objectives import as_metric
@@ -35,7 +37,7 @@ from sae.metrics import median
 
 
 @dataclass
-class RestorationCurve:
+class RestorationCurve(SavedResult):
     """Fraction of a behaviour restored by patching the top n units jointly, per pair."""
 
     counts: list[int]
@@ -44,6 +46,21 @@ class RestorationCurve:
     """(pairs, counts): normalized denoising effect of patching the top n elements."""
     n_active: list[int]
     """Per pair, the elements the percent is taken of (active latents, or dimensions x positions)."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """What produced it (`patching.model.provenance.provenance`)."""
+
+    def to_dataframe(self) -> Any:
+        """One row per (pair, n): the count, its percent of the pair's active elements, the fraction."""
+        import pandas as pd
+
+        return pd.DataFrame([{"pair": p, "count": n, "percent": 100.0 * n / self.n_active[p], "fraction": value}
+                             for p, row in enumerate(self.fraction.tolist()) for n, value in zip(self.counts, row)])
+
+    def plot(self, path: str | Path, *, label: str = "units", title: str = "", x: str = "percent") -> Path:
+        """Fraction restored against units patched, one thin line per pair and the median in bold."""
+        from patching.attribution.plots import plot_restoration_curves
+
+        return plot_restoration_curves({label: self}, Path(path), title=title, ylabel="fraction restored", x=x)
 
     def median(self) -> list[float]:
         return median(self.fraction, 0).tolist()  # true median: the mean of the middle two for even counts

@@ -8,20 +8,23 @@ the ranking holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
+from patching.figures import subplots
+from patching.saved import SavedResult
 from patching.sweep.patch import patch_latents
 from patching.sweep.results import PatchResult
 from sae.deprecation import renamed_keywords
 
 
 @dataclass(frozen=True)
-class Verification:
+class Verification(SavedResult):
     """How an estimate compares with exact patching on the units it was checked on."""
 
     spearman: float
@@ -38,10 +41,34 @@ class Verification:
     """The exact effects of the checked units."""
     estimate: Tensor
     """The estimate's mean effects of the same units."""
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+    """What produced it: the estimate's inputs and the checked counts (`patching.model.provenance`)."""
 
     def to_dict(self) -> dict[str, float | int]:
         return {"spearman": self.spearman, "recall_at_k": self.recall_at_k, "k": self.k,
                 "max_missed_effect": self.max_missed_effect, "n_checked": self.n_checked}
+
+    def to_dataframe(self) -> Any:
+        """One row per checked unit: its label, the estimated and the exact mean effect."""
+        import pandas as pd
+
+        return pd.DataFrame({"unit": [unit.label() for unit in self.exact.units], "estimate": self.estimate.tolist(),
+                             "exact": self.exact.mean_effect.tolist()})
+
+    def plot(self, path: str | Path) -> Path:
+        """Estimated against exact mean effect of each checked unit, with the diagonal."""
+        fig, ax = subplots(figsize=(4.5, 4.5))
+        exact = self.exact.mean_effect
+        ax.scatter(exact.tolist(), self.estimate.tolist(), s=12)
+        both = torch.cat([exact, self.estimate]) if exact.numel() else torch.zeros(1)
+        low, high = float(both.min()), float(both.max())
+        ax.plot([low, high], [low, high], color="black", linewidth=0.6, linestyle=":")
+        ax.set_xlabel("exact effect")
+        ax.set_ylabel("estimated effect")
+        ax.set_title(f"Spearman {self.spearman:.3f}, recall@{self.k} {self.recall_at_k:.2f}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(Path(path), dpi=120)
+        return Path(path)
 
 
 @renamed_keywords(top_k="k")
@@ -76,9 +103,10 @@ def verify(result: PatchResult, *, k: int = 50, random_k: int = 50, seed: int = 
     exact_top = set(torch.argsort(truth.abs(), descending=True, stable=True)[:k].tolist())
     recall = len(exact_top & set(range(k))) / k if k else float("nan")
     missed = truth[len(top):].abs().max().item() if sampled else 0.0
+    record = {**result.provenance, "verified_with": {"k": k, "random_k": random_k, "seed": seed, "method": result.method}}
     return Verification(spearman=spearman(estimate if signed else estimate.abs(), truth if signed else truth.abs()),
                         recall_at_k=recall, k=k, max_missed_effect=missed, n_checked=len(checked), exact=exact,
-                        estimate=estimate)
+                        estimate=estimate, provenance=record)
 
 
 def spearman(a: Tensor, b: Tensor) -> float:

@@ -8,19 +8,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save as save_safetensors_bytes
+
 from patching.figures import subplots
 from patching.safety.curves import UnitCurve
 from patching.safety.direction import DirectionReport
-from patching.sweep.results import library_version
+from patching.saved import FORMAT_VERSION, RESULT_FILE, TENSORS_FILE, SavedResult, class_name, encode
+from sae.deprecation import warn_deprecated
 from sae.files import atomic_folder
 
-REPORT_FILES = ("report.json", "prompts.json", "curves.png")
+REPORT_FILES = ("report.json", "prompts.json", "curves.png", RESULT_FILE, TENSORS_FILE)
+REFUSAL_METRIC = "logsumexp refusal-start − compliance-start logits at the first assistant position"
 
 CLAIM = "about 5% of safety neurons restore about 90% of safety performance (Chen et al. 2024)"
 
 
 @dataclass
-class SafetyReport:
+class SafetyReport(SavedResult):
     """Refusal rates, unit curves, the refusal direction and dynamic patching on one suite."""
 
     sites: list[str]
@@ -47,6 +51,9 @@ class SafetyReport:
     """Greedy generations behind the refusal rates."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall-clock seconds per stage."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """What produced it (`patching.model.provenance.provenance`; the prompts are the suite, saved
+    beside it as prompts.json)."""
 
     def summary(self) -> dict[str, Any]:
         return {"sites": self.sites, "refusal_rates": self.refusal_rates,
@@ -109,20 +116,41 @@ class SafetyReport:
                 f"{best['jailbreak_refusal_rate']:.2f}, controls {base['control_refusal_rate']:.2f} → "
                 f"{best['control_refusal_rate']:.2f}."]
 
-    def save(self, path: str | Path, *, sae_sha256: str) -> Path:
-        """report.json (figures, generations, provenance), prompts.json and curves.png, written
-        into a temporary folder and swapped in whole (`sae.atomic.atomic_folder`): a crash never
-        leaves a report beside another run's prompts."""
+    def to_dataframe(self) -> Any:
+        """One row per (unit kind, percent): the median restored fraction and the pairs behind it."""
+        import pandas as pd
+
+        return pd.DataFrame([{"kind": curve.kind, "percent": percent, "median_fraction": value, "n_pairs": len(curve.pairs)}
+                             for curve in self.curves for percent, value in zip(curve.percents, curve.median())])
+
+    def plot(self, path: str | Path) -> Path:
+        """Median restored fraction against percent of active units, one line per unit kind."""
+        return plot_curves(self.curves, Path(path), title=f"refusal restoration ({self.model_name})")
+
+    def save(self, path: str | Path, *, sae_sha256: str | None = None) -> Path:
+        """report.json (figures, generations, provenance), prompts.json, curves.png, and the whole
+        report for `load` (result.json + tensors), written into a temporary folder and swapped in
+        whole (`sae.atomic.atomic_folder`): a crash never leaves a report beside another run's prompts.
+
+        The SAE hashes come from the provenance recorded when the report was made; `sae_sha256=`
+        (the old way to pass one in) is deprecated and only used for a report that has none."""
         folder = Path(path)
+        record = self.provenance
+        if sae_sha256 is not None:
+            warn_deprecated("SafetyReport.save(sae_sha256=...)", "the provenance recorded by find_safety_latents")
+            record = record or {"model": self.model_name, "saes": {site: sae_sha256 for site in self.sites}}
         report = {"summary": self.summary(), "spans": self.spans, "pairs_used": self.pairs_used,
                   "fractions": {c.kind: c.fraction.tolist() for c in self.curves}, "generations": self.generations,
-                  "config": dataclasses.asdict(self.config),
-                  "provenance": {"model": self.model_name, "sae_sha256": sae_sha256, "library_version": library_version(),
-                                 "metric": "logsumexp refusal-start − compliance-start logits at the first assistant position"}}
+                  "config": dataclasses.asdict(self.config), "provenance": record}
         with atomic_folder(folder, owned=REPORT_FILES) as tmp:
-            plot_curves(self.curves, tmp / "curves.png", title=f"refusal restoration ({self.model_name})")
+            self.plot(tmp / "curves.png")
             (tmp / "prompts.json").write_bytes(json.dumps(dataclasses.asdict(self.suite), indent=1).encode())
             (tmp / "report.json").write_bytes(json.dumps(report, indent=1).encode())
+            tensors: dict[str, Any] = {}
+            state = encode({**self.to_state(), "provenance": record}, tensors, "state")
+            (tmp / TENSORS_FILE).write_bytes(save_safetensors_bytes(tensors))
+            (tmp / RESULT_FILE).write_bytes(json.dumps({"format_version": FORMAT_VERSION, "type": class_name(SafetyReport),
+                                                        "state": state}, indent=1, allow_nan=False).encode())
         return folder
 
 

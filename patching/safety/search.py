@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from patching.configs import resolve_config
 from patching.errors import PatchingError
 from patching.model import tl_compat
+from patching.model.provenance import provenance
 from patching.model.sites import Site
 from patching.safety.curves import DEFAULT_PERCENTS, pairs_clearing
 from patching.safety.direction import aligned_latents, direction_effects
 from patching.safety.dynamic import dynamic_table
 from patching.safety.prompts import SafetySuite
-from patching.safety.report import SafetyReport
+from patching.safety.report import REFUSAL_METRIC, SafetyReport
 from patching.safety.score import RefusalScore, greedy_scored, greedy_texts, query_start, refusal_rate, tokenize_chat
 from patching.safety.units import collect_curves, pair_curves
 from patching.splice.generate import SharedPrefix
@@ -101,6 +102,8 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
     (`find_safety_latents(model, sae, max_pairs=8)`); everything is validated before any forward."""
     config = resolve_config(SafetyConfig, config, overrides)
     suite = SafetySuite() if suite is None else suite
+    if not isinstance(suite, SafetySuite):  # its own checks run when it is built
+        raise PatchingError(f"suite must be a SafetySuite or None, got {type(suite).__name__}")
     resolved = resolve_saes(model, saes)
     layer = next(iter(resolved)).layer if config.layer is None else config.layer
     n_layers = tl_compat.n_layers(model)
@@ -113,7 +116,9 @@ def find_safety_latents(model: Any, saes: Any, suite: SafetySuite | None = None,
     clock: dict[str, float] = {}
     start_time = time.perf_counter()
     metric = RefusalScore.for_model(model)
-    report = SafetyReport([s.hook_name for s in resolved], config, suite, tl_compat.model_name(model))
+    report = SafetyReport([s.hook_name for s in resolved], config, suite, tl_compat.model_name(model),
+                          provenance=provenance(model, saes=resolved, prompts=None, metric=REFUSAL_METRIC,
+                                                direction="denoise"))
     start = query_start(model, suite)
     prefix = SharedPrefix.of(model, harmful[0][:, :start])  # the few-shot context, run once
     baseline = _rates(model, suite, harmful, harmless, metric, config, report, prefix)

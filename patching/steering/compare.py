@@ -21,9 +21,9 @@ settings applies to generation (positions="generated" steers only the sampled to
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,21 +35,23 @@ from tqdm.auto import tqdm
 
 from patching.configs import resolve_config
 from patching.model import tl_compat
+from patching.model.checks import check_finite_in
+from patching.model.provenance import provenance
 from patching.splice.generate import Sampling, generate
 from patching.model.tokens import padded_tokens, right_pad
 from patching.splice.collect import resolve_site
 from patching.splice.quality import kl_divergence
-from patching.model.loading import model_flags
-from patching.sweep.results import library_version
 from patching.steering.choice import LatentChoice, contrast_latents
 from patching.steering.steer import (PositionMode, SteerMethod, SteerScale, Steering, SteeringConfig, SteeringError,
                                      Weighting, steer)
 from patching.splice.splicer import SpliceChecks
 from sae.deprecation import renamed_keywords
-from sae.files import atomic_folder, weights_sha256
+from sae.files import atomic_folder
+from sae.safe_io import read_text
 
 log = logging.getLogger(__name__)
 CSV_FILE, MANIFEST_FILE, PLOT_FILE = "steering.csv", "manifest.json", "effect_vs_cost.png"
+MAX_SAVED_BYTES = 256 * 1024 * 1024
 
 
 def _texts(owner: str, name: str, value: Any) -> tuple[str, ...]:
@@ -104,12 +106,13 @@ class CompareSettings:
     def __post_init__(self) -> None:
         SteeringConfig(scale=self.scale, weighting=self.weighting, positions=self.positions)  # same checks
         object.__setattr__(self, "seeds", tuple(self.seeds))
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
-            raise SteeringError(f"CompareSettings.seeds must be a non-empty tuple of ints, got {self.seeds!r}")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in self.seeds):
+            raise SteeringError(f"CompareSettings.seeds must be a non-empty tuple of ints in [0, 2**63), got {self.seeds!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise SteeringError(f"CompareSettings.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise SteeringError(f"CompareSettings.temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+                0 < self.temperature < float("inf")):
+            raise SteeringError(f"CompareSettings.temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 @dataclass
@@ -121,14 +124,37 @@ class SteeringComparison:
     provenance: dict[str, Any]
     """Model, SAE hash, site, concept texts, settings, chosen latents, library version."""
 
+    def to_dataframe(self) -> Any:
+        """The table (a copy): one row per (method, k, coefficient) plus the unsteered baseline."""
+        return self.table.copy()
+
     def save(self, folder: str | Path) -> Path:
+        """steering.csv (the table), manifest.json (provenance, column dtypes) and the plot, as one unit."""
         folder = Path(folder)
+        dtypes = {column: str(dtype) for column, dtype in self.table.dtypes.items()}
         with atomic_folder(folder, owned=(CSV_FILE, MANIFEST_FILE, PLOT_FILE)) as tmp:
             (tmp / CSV_FILE).write_bytes(self.table.to_csv(index=False).encode())
             (tmp / MANIFEST_FILE).write_bytes(json.dumps({"provenance": self.provenance, "csv": CSV_FILE,
-                                                          "columns": list(self.table.columns)}, indent=1).encode())
+                                                          "columns": list(self.table.columns), "dtypes": dtypes},
+                                                         indent=1).encode())
             self.plot(tmp / PLOT_FILE)
         return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SteeringComparison":
+        """The comparison `save` wrote (columns in their saved dtypes; empty cells of float columns are NaN)."""
+        import pandas as pd
+
+        folder = Path(folder)
+        try:
+            manifest = json.loads(read_text(folder / MANIFEST_FILE, max_bytes=MAX_SAVED_BYTES))
+            table = pd.read_csv(io.StringIO(read_text(folder / CSV_FILE, max_bytes=MAX_SAVED_BYTES)), keep_default_na=False)
+        except (OSError, ValueError) as err:
+            raise SteeringError(f"{folder}: not a readable steering comparison ({err})") from err
+        for column, dtype in manifest.get("dtypes", {}).items():
+            if dtype.startswith("float"):
+                table[column] = pd.to_numeric(table[column].replace("", float("nan"))).astype(dtype)
+        return cls(table[manifest["columns"]], manifest["provenance"])
 
     def plot(self, path: str | Path) -> Path:
         return plot_comparison(self.table, Path(path), title=self.provenance.get("concept", {}).get("name", ""))
@@ -185,6 +211,10 @@ def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequen
     """
     settings = resolve_config(CompareSettings, config, overrides, error=SteeringError)
     k_values, coefficients, methods = _check_grid(k_values, coefficients, methods)
+    # Every cell before the first: a coefficient that overflows the model's dtype used to stop the
+    # grid after the cells before it had run (34 block calls in, for 1e39 with clamp).
+    check_finite_in(torch.tensor(coefficients, dtype=torch.float64), tl_compat.model_dtype(model), "coefficients",
+                    error=SteeringError)
     site, _ = resolve_site(model, sae, choice.site if choice is not None else None, checks=checks)
     data = _prepare(model, concept)
     if choice is None:
@@ -289,16 +319,12 @@ def _row(concept: Concept, method: str, k: int, c: float, latents: tuple[int, ..
 
 def _provenance(model: Any, sae: Any, site: Any, concept: Concept, choice: LatentChoice, settings: CompareSettings,
                 grid: dict[str, Any], metric: Any) -> dict[str, Any]:
-    return {
-        "model": tl_compat.model_name(model), "model_flags": model_flags(model), "site": site.hook_name,
-        "sae_sha256": weights_sha256(sae), "concept": dataclasses.asdict(concept), "settings": dataclasses.asdict(settings),
-        "grid": grid, "metric": "log P(concept tokens) at the last position" if metric is None else repr(metric),
-        "choice": {"latents": list(choice.latents), "scores": list(choice.scores),
-                   "typical_activations": None if choice.typical_activations is None else list(choice.typical_activations),
-                   "source": choice.source},
-        "library_version": library_version(), "torch_version": torch.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    choice_record = {"latents": list(choice.latents), "scores": list(choice.scores), "source": choice.source,
+                     "typical_activations": None if choice.typical_activations is None else list(choice.typical_activations)}
+    return provenance(model, saes={site: sae}, prompts={"heldout": list(concept.heldout), "neutral": list(concept.neutral)},
+                      metric="log P(concept tokens) at the last position" if metric is None else metric,
+                      site=site.hook_name, concept=dataclasses.asdict(concept), settings=dataclasses.asdict(settings),
+                      grid=grid, choice=choice_record)
 
 
 def plot_comparison(table: Any, path: Path, *, title: str = "") -> Path:

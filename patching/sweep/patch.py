@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from patching.errors import PatchingError
 from patching.model import tl_compat
-from patching.model.loading import model_flags
+from patching.model.provenance import provenance
 from patching.model.sites import Site
 from patching.splice.splicer import Splice, SpliceChecks, resolve_saes, splice
 from patching.sweep.engine import (
@@ -31,11 +31,10 @@ from patching.sweep.engine import (
 )
 from patching.sweep.objectives import as_metric, describe
 from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
-from patching.sweep.results import METRIC_TOLERANCE, PatchResult, library_version
+from patching.sweep.results import METRIC_TOLERANCE, PatchResult
 from patching.sweep.units import (UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, head_units,
                                   joint_units)
 from sae.deprecation import renamed_keywords
-from sae.files import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
-    check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
+    check_run_settings(model, metric, len(pairs), batch_size, memory_mb, lengths=run_lengths(pairs))
     resolved = resolve_saes(model, saes, checks=checks)
     if unit == "joint":
         joint_units(latent_sets, {site: sae.d_sae for site, sae in resolved.items()}, positions)  # refuse bad sets now
@@ -75,8 +74,7 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
             units = differing_units(unit, differs_mask(pairs, runs, resolved), positions, latent_sets)
         units = list(units)
         return _sweep(model, state, pairs, runs, units, metric, direction, positions, batch_size, memory_mb, progress,
-                      provenance={"unit": unit, "saes": {s.hook_name: weights_sha256(sae) for s, sae in resolved.items()},
-                                  "checks": (checks or SpliceChecks()).to_dict()})
+                      provenance={"unit": unit, "checks": (checks or SpliceChecks()).to_dict()})
 
 
 def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, direction: Direction = "denoise",
@@ -89,7 +87,7 @@ def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, 
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)
-    check_run_settings(model, metric, len(pairs), batch_size, memory_mb)
+    check_run_settings(model, metric, len(pairs), batch_size, memory_mb, lengths=run_lengths(pairs))
     shortest = min(pair.n_base for pair in pairs)
     if units is None:
         layers = list(range(tl_compat.n_layers(model))) if layers is None else [Site(layer).check(model).layer for layer in layers]
@@ -102,7 +100,7 @@ def patch_residual(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, 
     with torch.inference_mode():
         runs = [reference_runs(model, None, p, start_layers, metric.readout, raw_sites) for p in pairs]
         return _sweep(model, None, pairs, runs, list(units), metric, direction, positions, batch_size, memory_mb,
-                      progress, provenance={"unit": "raw", "saes": {}})
+                      progress, provenance={"unit": "raw"})
 
 
 def patch_heads(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, kind: str = "z",
@@ -154,8 +152,15 @@ def _check_units(units: Sequence[PatchUnit], saes: dict[Site, Any], n_pos: int) 
 
 
 def check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | None = None,
-                       memory_mb: int | None = None) -> None:
-    """Refuse bad batch settings and metric token ids before any forward pass (None: not used by the caller)."""
+                       memory_mb: int | None = None, *, lengths: Sequence[int] = ()) -> None:
+    """Refuse bad batch settings, metric token ids and (given the token `lengths` of every run) a
+    metric position outside the shortest run, before any forward pass (None: not used by the caller)."""
+    readout = getattr(metric, "readout", None)
+    if lengths and readout is not None:
+        shortest = min(lengths)
+        if isinstance(readout, bool) or not isinstance(readout, int) or not -shortest <= readout < shortest:
+            raise PatchingError(f"metric {describe(metric)} reads position {readout!r}, outside the shortest prompt "
+                                f"({shortest} tokens): give a position in [-{shortest}, {shortest})")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
         raise PatchingError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0):
@@ -166,6 +171,11 @@ def check_run_settings(model: Any, metric: Any, n_pairs: int, batch_size: int | 
             raise PatchingError(f"metric {describe(metric)} gives {tokens.numel()} token ids for {n_pairs} pairs; give 1 or {n_pairs}")
         if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
             raise PatchingError(f"metric {describe(metric)} names token ids outside [0, {vocab})")
+
+
+def run_lengths(pairs: Sequence[PromptPair]) -> list[int]:
+    """Token lengths of every run of `pairs` (base and source): where a metric's position must lie."""
+    return [n for pair in pairs for n in (pair.n_base, pair.source.shape[1])]
 
 
 def differs_mask(pairs: list[PromptPair], runs: list[tuple[RunCache, RunCache]], saes: dict[Site, Any]) -> dict[Site, Tensor]:
@@ -196,7 +206,8 @@ def _sweep(model: Any, state: Splice | None, pairs: list[PromptPair], runs: list
         units=units, effect=normalized_effect(values, m_clean, m_corrupted, direction), metric=values,
         metric_clean=m_clean, metric_corrupted=m_corrupted, direction=direction, method="exact",
         base_tokens=[tl_compat.to_str_tokens(model, pair.base[0]) for pair in pairs],
-        provenance=provenance_record(model, pairs, metric, direction, provenance, int(evaluated.sum())),
+        provenance=provenance_record(model, pairs, metric, direction, provenance, int(evaluated.sum()),
+                                     saes=state.saes if state else None),
     )
     flag_small_spans(result)
     return result
@@ -215,11 +226,10 @@ def flag_small_spans(result: PatchResult) -> None:
 
 
 def provenance_record(model: Any, pairs: list[PromptPair], metric: Any, direction: str, extra: dict[str, Any],
-                      n_forward_rows: int) -> dict[str, Any]:
-    return {
-        "model": tl_compat.model_name(model), "model_flags": model_flags(model), "direction": direction,
-        "metric": describe(metric), "library_version": library_version(), "torch_version": torch.__version__,
-        "base_prompts": [tl_compat.to_string(model, pair.base[0]) for pair in pairs],
-        "source_prompts": [tl_compat.to_string(model, pair.source[0]) for pair in pairs],
-        "patched_rows_evaluated": n_forward_rows, **extra,
-    }
+                      n_forward_rows: int, *, saes: Any = None) -> dict[str, Any]:
+    """The one provenance record (`patching.model.provenance`) of a sweep or an estimate: the pairs'
+    base and source prompts as text, the rows the engine ran, and `extra` (unit kind, checks, ...)."""
+    prompts = {"base": [tl_compat.to_string(model, pair.base[0]) for pair in pairs],
+               "source": [tl_compat.to_string(model, pair.source[0]) for pair in pairs]}
+    return provenance(model, saes=saes, prompts=prompts, metric=describe(metric), direction=direction,
+                      patched_rows_evaluated=n_forward_rows, **extra)

@@ -7,7 +7,6 @@ as one atomic folder. Nothing is unpickled on load.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,12 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from patching.errors import PatchingError
+from patching.model.provenance import library_version as library_version  # re-exported: its old home
 from patching.model.sites import Site
+from patching.saved import SavedResult
 from patching.sweep.units import PatchUnit, UnitPart
 from sae.files import atomic_folder
+from sae.deprecation import renamed_keywords
 from sae.safe_io import read_bytes, read_text
 
 RESULT_FORMAT_VERSION = 1
@@ -61,7 +63,7 @@ class TopEntry(NamedTuple):
 
 
 @dataclass
-class PatchResult:
+class PatchResult(SavedResult):
     """Effects of patching each unit, per prompt pair."""
 
     units: list[PatchUnit]
@@ -115,6 +117,10 @@ class PatchResult:
         site = unit.site.hook_name if unit.site is not None else None
         return TopEntry(site, unit.kind, position, token, unit.latent, float(self.mean_effect[i]), unit.label())
 
+    def to_state(self) -> dict[str, Any]:
+        """Every field but `context` (live model and prompts), for results nested in another."""
+        return {name: value for name, value in super().to_state().items() if name != "context"}
+
     def to_dataframe(self) -> Any:
         """One row per unit: site, kind, position, token, latent, mean effect, per-pair effects."""
         import pandas as pd
@@ -159,11 +165,12 @@ class PatchResult:
         return cls(units, tensors["effect"], tensors["metric"], tensors["metric_clean"], tensors["metric_corrupted"],
                    manifest["direction"], manifest["method"], manifest["base_tokens"], manifest["provenance"])
 
-    def plot(self, path: str | Path, *, top_k: int = 20) -> Path:
-        """A heatmap PNG: base positions × the top latents (or layers × positions for raw units)."""
+    @renamed_keywords(top_k="k")
+    def plot(self, path: str | Path, *, k: int = 20) -> Path:
+        """A heatmap PNG: base positions × the top `k` latents (or layers × positions for raw units)."""
         from patching.sweep.plots import plot_result
 
-        return plot_result(self, Path(path), top_k=top_k)
+        return plot_result(self, Path(path), top_k=k)
 
 
 def _part_to_json(part: UnitPart) -> dict[str, Any]:
@@ -177,9 +184,3 @@ def _part_from_json(data: dict[str, Any]) -> UnitPart:
                     None if data["positions"] is None else tuple(data["positions"]),
                     None if data["latents"] is None else tuple(data["latents"]))
 
-
-def library_version() -> str:
-    try:
-        return importlib.metadata.version("latentpatch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

@@ -13,7 +13,7 @@ direct effects moved by the ablation are the ones that did it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +24,11 @@ from patching.errors import PatchingError
 from patching.figures import subplots
 from patching.model import tl_compat
 from patching.model.checks import check_token_batch
+from patching.model.provenance import provenance
 from patching.model.sites import Site
+from patching.saved import SavedResult
 from patching.sweep.objectives import LogitDiff
+from sae.deprecation import renamed_keywords, warn_deprecated
 
 Ablation = Literal["zero", "mean", "resample"]
 
@@ -65,7 +68,7 @@ class Component:
 
 
 @dataclass(frozen=True)
-class RepairResult:
+class RepairResult(SavedResult):
     """Direct and total effects of each component, and who compensated."""
 
     components: list[Component]
@@ -80,6 +83,8 @@ class RepairResult:
     component i was ablated (downstream components only; 0 elsewhere)."""
     ablation: str
     """How components were ablated."""
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+    """What produced it (`patching.model.provenance.provenance`)."""
 
     @property
     def repair(self) -> Tensor:
@@ -87,6 +92,11 @@ class RepairResult:
         return self.direct - self.total
 
     def table(self) -> Any:
+        """Deprecated name of `to_dataframe`."""
+        warn_deprecated("RepairResult.table()", "to_dataframe()")
+        return self.to_dataframe()
+
+    def to_dataframe(self) -> Any:
         """A pandas DataFrame: component, direct, total, repair, top compensating component."""
         import pandas as pd
 
@@ -99,9 +109,10 @@ class RepairResult:
             "top_compensation": self.compensation.max(1).values.clamp(min=0).tolist(),
         })
 
-    def plot(self, path: str | Path, *, top_k: int = 3) -> Path:
+    @renamed_keywords(top_k="k")
+    def plot(self, path: str | Path, *, k: int = 3) -> Path:
         """Direct against total per component, and the compensation by downstream components for the
-        `top_k` components with the largest direct effects."""
+        `k` components with the largest direct effects (`top_k=`: deprecated name)."""
         n = len(self.components)
         fig, (left, right) = subplots(1, 2, figsize=(max(8, n * 0.3) + 6, 4))
         x = torch.arange(n).float()
@@ -110,7 +121,7 @@ class RepairResult:
         left.set_xticks(x.tolist(), [c.label() for c in self.components], rotation=90, fontsize=6)
         left.set_ylabel(f"effect of {self.ablation} ablation on the metric")
         left.legend()
-        for i in self.direct.abs().argsort(descending=True)[:top_k].tolist():
+        for i in self.direct.abs().argsort(descending=True)[:k].tolist():
             right.plot(x, self.compensation[i], marker=".", label=f"{self.components[i].label()} ablated")
         right.set_xticks(x.tolist(), [c.label() for c in self.components], rotation=90, fontsize=6)
         right.set_ylabel("rise in direct effect (compensation)")
@@ -153,7 +164,9 @@ def self_repair(model: Any, tokens: Tensor, metric: LogitDiff, *, components: Se
                 if other.order > comp.order:  # only components downstream can respond
                     own_out = other.site.select(run_i[other.site.hook_name])[0]
                     compensation[i, j] = _direct(model, metric, _write(model, other, own_out - base_out[j]), base_final)
-    return RepairResult(list(components), direct, total, compensation, ablation)
+    record = provenance(model, prompts=[tl_compat.to_string(model, tokens[0])], metric=metric,
+                        components=[c.label() for c in components])
+    return RepairResult(list(components), direct, total, compensation, ablation, provenance=record)
 
 
 def _metric(metric: LogitDiff, logits: Tensor) -> float:
@@ -193,6 +206,18 @@ def _ablated_outputs(components: Sequence[Component], base_out: list[Tensor], na
     return values
 
 
+def _check_logit_diff(metric: LogitDiff, vocab: int, n_pos: int) -> None:
+    """One answer and one wrong token id in the vocabulary, and a position inside the prompt."""
+    for name, ids in zip(("answer", "wrong"), metric.token_ids()):
+        if ids.numel() != 1 or not 0 <= int(ids.reshape(-1)[0]) < vocab:
+            raise PatchingError(f"LogitDiff.{name} must be one token id in [0, {vocab}) for self_repair's one prompt, "
+                                f"got {ids.tolist()}")
+    position = metric.position
+    if isinstance(position, bool) or not isinstance(position, int) or not -n_pos <= position < n_pos:
+        raise PatchingError(f"LogitDiff.position must be an int in [-{n_pos}, {n_pos}) (the prompt's {n_pos} tokens), "
+                            f"got {position!r}")
+
+
 def _check(model: Any, tokens: Tensor, metric: Any, components: Sequence[Component] | None, ablation: str,
            corrupted: Tensor | None, corpus: Tensor | None) -> list[Component]:
     if not isinstance(metric, LogitDiff):
@@ -211,6 +236,12 @@ def _check(model: Any, tokens: Tensor, metric: Any, components: Sequence[Compone
                             f"got {None if corrupted is None else tuple(corrupted.shape)}")
     if ablation == "mean" and (corpus is None or corpus.ndim != 2 or corpus.numel() == 0):
         raise PatchingError("mean ablation needs a (batch, pos) corpus of token ids")
+    _check_logit_diff(metric, vocab, tokens.shape[1])
+    if components is not None:
+        given, components = components, [] if isinstance(components, (str, Component)) else list(components)
+        if not components:
+            raise PatchingError(f"components must be a non-empty list of Component values, or None for every "
+                                f"attention layer and MLP; got {given!r}")
     if components is None:
         kinds = ["attn"] + (["mlp"] if tl_compat.d_mlp(model) else [])
         components = [Component(layer, kind) for layer in range(tl_compat.n_layers(model)) for kind in kinds]

@@ -19,24 +19,29 @@ residual stream; only the last position is unembedded.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
+from patching.figures import subplots
 from patching.model import tl_compat
 from patching.model.checks import check_token_batch
+from patching.model.provenance import provenance
 from patching.model.sites import Site
+from patching.saved import SavedResult
 from patching.tracing.noise import NoiseConfig, subject_positions
 
 TraceKind = Literal["state", "mlp", "attn"]
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(SavedResult):
     """One causal trace of one prompt."""
 
     kind: str
@@ -57,6 +62,8 @@ class TraceResult:
     """Noised positions."""
     answer: int
     """Token id of the answer."""
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+    """What produced it (`patching.model.provenance.provenance`)."""
 
     @property
     def effect(self) -> Tensor:
@@ -69,6 +76,28 @@ class TraceResult:
         prob = prob.nan_to_num(nan=-1.0)  # layers not traced
         layer, col = divmod(int(prob.argmax()), prob.shape[1])
         return layer, (col if positions is None else list(positions)[col]), float(prob[layer, col])
+
+    def to_dataframe(self) -> Any:
+        """One row per (layer, position): the token, the restored probability and the effect."""
+        import pandas as pd
+
+        effect = self.effect
+        return pd.DataFrame([{"layer": layer, "position": pos, "token": self.tokens[pos],
+                              "prob": float(self.prob[layer, pos]), "effect": float(effect[layer, pos])}
+                             for layer in range(self.prob.shape[0]) for pos in range(self.prob.shape[1])])
+
+    def plot(self, path: str | Path) -> Path:
+        """ROME's heatmap: restored answer probability, positions (rows) by layers (columns)."""
+        fig, ax = subplots(figsize=(max(5, self.prob.shape[0] * 0.25) + 2, max(3, len(self.tokens) * 0.3)))
+        image = ax.imshow(self.prob.T.numpy(), aspect="auto", cmap="Purples")
+        ax.set_yticks(range(len(self.tokens)), [t + ("*" if i in self.subject else "") for i, t in enumerate(self.tokens)],
+                      fontsize=7)
+        ax.set_xlabel(f"layer ({self.kind}{', window ' + str(self.window) if self.kind != 'state' else ''})")
+        ax.set_title(f"p(answer) restored; clean {self.p_clean:.3f}, corrupted {self.p_corrupted:.3f}", fontsize=9)
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(Path(path), dpi=120)
+        return Path(path)
 
 
 @dataclass
@@ -115,7 +144,10 @@ def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int],
             prob[layers, position] = _trace_position(model, runs, position, plans, answer_id, noise.n_samples, batch_size)
     return TraceResult(kind=kind, sever=sever, window=window if kind != "state" else 1, prob=prob, p_clean=p_clean,
                        p_corrupted=p_noised, tokens=tl_compat.to_str_tokens(model, tokens[0]), subject=subject_pos,
-                       answer=answer_id)
+                       answer=answer_id,
+                       provenance=provenance(model, prompts=[tl_compat.to_string(model, tokens[0])],
+                                             metric=f"p(token {answer_id})", direction="denoise",
+                                             noise=dataclasses.asdict(noise), layers=layers))
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
