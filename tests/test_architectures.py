@@ -223,3 +223,44 @@ def test_transformer_lens_cached_generate_is_still_wrong_for_learned_positions(z
                               verbose=False)
     assert not torch.equal(raw, uncached)
     assert torch.equal(tl_compat.generate(model, clean[:1], max_new_tokens=3, use_past_kv_cache=True), uncached)
+
+
+# SAE architectures: the model architectures above use ReLU SAEs; TopK (the per-token selection the
+# trainer's `topk` objective trains) and JumpReLU (SAELens's form of BatchTopK) go through the same
+# splice, sweep and attribution code on one model.
+SAE_KINDS = {"topk": dict(architecture="topk", k=5), "jumprelu": dict(architecture="jumprelu")}
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("sae_kind", list(SAE_KINDS))
+def test_patching_and_atp_run_through_topk_and_jumprelu_saes(prompts, sae_kind, direction):
+    """Splice identity, the sweep against the naive reference, and AtP exact on the affine toy.
+
+    AtP never differentiates the TopK selection or the JumpReLU step: the splice's gradient probes
+    sit on the latents themselves (`out = x + decode_delta(z' + dz, z)`), the encoder's output
+    cancels out of the gradient, and decoding is linear in z, so `(z_source - z_base) · dM/dz` is
+    exact wherever the model is affine downstream, as for a ReLU SAE. The selection enters only
+    through the two runs' latent values, which the encoder computes exactly. What AtP cannot see is
+    that patching one TopK latent leaves the others as they were (k+1 active latents at that
+    position): exact patching does the same, so the two agree.
+    """
+    clean, corrupted = prompts
+    model = build("llama")
+    sae = make_sae(16, 24, hook_name=SITE.hook_name, model_name=model.cfg.model_name, seed=3, **SAE_KINDS[sae_kind])
+    assert_splice_identity(model, sae, clean)
+    result = patch_latents(model, sae, clean, corrupted, METRIC, direction=direction, units="latent_position",
+                           progress=False)
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    assert len(result.units) > 0
+    for i, j in enumerate((0, len(result.units) // 2, len(result.units) - 1)):
+        expected = naive_unit_value(model, sae, base, source, result.units[j], i % 2)
+        assert result.metric[i % 2, j].item() == pytest.approx(expected, abs=1e-4)
+    toy = affine_toy("llama")
+    saes = {SITE: make_sae(16, 32, hook_name=None, model_name=None, seed=4, **SAE_KINDS[sae_kind]),
+            Site(2, "resid_post"): make_sae(16, 32, hook_name=None, model_name=None, seed=5, **SAE_KINDS[sae_kind])}
+    estimate = attribute_latents(toy, saes, clean, corrupted, METRIC, direction=direction, progress=False)
+    exact = patch_latents(toy, saes, clean, corrupted, METRIC, direction=direction, units=estimate.units,
+                          progress=False)
+    assert any(u.kind == "latent" for u in estimate.units)
+    torch.testing.assert_close(estimate.metric, exact.metric, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(estimate.effect, exact.effect, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,11 @@
   the score is the mean of their absolute values. It is unsigned: a ranking against
   cancellation between paths, not an effect size.
 
+Every SAE architecture is attributed the same way: dM/dz is read at the splice's probes on the
+latents, and the encoder's output cancels out of the gradient, so a TopK selection or a JumpReLU
+step is never differentiated; it enters only through the two runs' exact latent values
+(tests/test_architectures.py checks AtP against exact patching on TopK and JumpReLU SAEs).
+
 Estimates come back as a `PatchResult` (method ≠ "exact") whose `metric` column is
 M_base + estimate. Model parameters do not take gradients during the call (their
 `requires_grad` flags are restored afterwards), so a backward pass costs about one forward.
