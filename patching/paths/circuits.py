@@ -1,0 +1,242 @@
+"""Circuits over the head/MLP graph: edge-ablated runs, faithfulness and completeness, `find_circuit`.
+
+A circuit is a set of edges (node → receiver, `nodes.py`). Running the clean prompt with only the
+circuit intact means every edge outside it carries its sender's output from the corrupted run
+instead (resample ablation from the corrupted run, the ablation this module states): a receiver
+reads the live stream minus, for each missing edge, the sender's live output plus its corrupted
+output. Senders' live outputs are themselves computed from ablated inputs, so the circuit computes
+recursively, as in ACDC (Conmy et al. 2023) and Marks et al. 2024. With every edge missing the run is
+the corrupted run; with none missing it is the clean run.
+
+Faithfulness (Marks et al. 2024, "Sparse Feature Circuits", §3.3; DESIGN.md "Paths and edges"):
+`(M(C) − M(∅)) / (M(full) − M(∅))`, here `(M(C) − M_corrupted) / (M_clean − M_corrupted)`;
+completeness is the same score for the complement (every edge of the graph not in C): near 0 when
+the circuit holds everything that matters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from patching.configs import resolve_config
+from patching.errors import PatchingError
+from patching.model import tl_compat, tl_paths
+from patching.model.sites import Site
+from patching.paths.edges import attribute_edges
+from patching.paths.nodes import Node, Receiver, check_graph, reaches, receivers_of, upstream_nodes
+from patching.paths.path_patching import patch_paths
+from patching.paths.stream import StreamRun, node_output, stream_run
+from patching.sweep.engine import RunCache, readout_logits, reference_metrics
+from patching.sweep.objectives import Metric, as_metric
+from patching.sweep.pairs import Prompts, make_pairs
+from patching.sweep.patch import check_run_settings, provenance_record
+
+Edge = tuple[Node, Receiver]
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """How much of the clean-vs-corrupted gap a circuit carries, per pair."""
+
+    faithfulness: Tensor
+    """(M(C) − M_corrupted) / (M_clean − M_corrupted), (pairs,)."""
+    completeness: Tensor
+    """The same for the complement of C in the graph, (pairs,)."""
+    metric_circuit: Tensor
+    """M with only C intact, (pairs,)."""
+    metric_complement: Tensor
+    """M with only the complement intact, (pairs,)."""
+    metric_clean: Tensor
+    """M of the clean run, (pairs,)."""
+    metric_corrupted: Tensor
+    """M of the corrupted run, (pairs,)."""
+    n_edges: int
+    """Edges in C."""
+    ablation: str = field(default="resample (corrupted run)")
+    """What a missing edge carries."""
+
+
+def edge_ablated_metrics(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, circuits: Sequence[set[Edge]], *,
+                         senders: Sequence[Node], receivers: Sequence[Receiver]) -> tuple[Tensor, Tensor, Tensor]:
+    """M of the clean prompt with only each circuit's edges intact, (pairs, circuits); and M_clean,
+    M_corrupted (pairs,). The graph is every existing edge from `senders` to `receivers`; every
+    edge outside it is left intact in every run."""
+    metric = as_metric(metric)
+    pairs = make_pairs(model, clean, corrupted, direction="noise", align=None)  # base = clean, source = corrupted
+    check_run_settings(model, metric, len(pairs))
+    senders, receivers = check_graph(model, senders, receivers)
+    graph = [(u, r) for u in senders for r in receivers if reaches(u, r, model)]
+    for i, circuit in enumerate(circuits):
+        stray = [e for e in circuit if e not in set(graph)]
+        if stray:
+            raise PatchingError(f"circuit {i} holds {len(stray)} edge(s) outside the graph, e.g. "
+                                f"{stray[0][0].label()} -> {stray[0][1].label()}")
+    missing = torch.tensor([[[(u, r) not in circuit and reaches(u, r, model) for r in receivers] for u in senders]
+                            for circuit in circuits])  # (circuits, senders, receivers)
+    with torch.inference_mode():
+        runs = [(stream_run(model, p.base, metric.readout), stream_run(model, p.source, metric.readout)) for p in pairs]
+        bound, m_base, m_source = reference_metrics(metric, [(RunCache(b.logits), RunCache(s.logits)) for b, s in runs],
+                                                    "noise")
+        values = torch.stack([_ablated_run(model, bound, i, clean_run, corrupted_run, senders, receivers, missing)
+                              for i, (clean_run, corrupted_run) in enumerate(runs)])
+    return values, m_base, m_source  # noise: base is clean, source is corrupted
+
+
+def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, circuit: set[Edge], *,
+                 senders: Sequence[Node], receivers: Sequence[Receiver]) -> Faithfulness:
+    """Faithfulness of `circuit` and completeness (faithfulness of its complement in the graph of
+    `senders` × `receivers`); see the module docstring."""
+    senders, receivers = check_graph(model, senders, receivers)
+    graph = {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
+    values, m_clean, m_corrupted = edge_ablated_metrics(model, clean, corrupted, metric, [set(circuit), graph - set(circuit)],
+                                                        senders=senders, receivers=receivers)
+    span = m_clean - m_corrupted
+    return Faithfulness(faithfulness=(values[:, 0] - m_corrupted) / span, completeness=(values[:, 1] - m_corrupted) / span,
+                        metric_circuit=values[:, 0], metric_complement=values[:, 1], metric_clean=m_clean,
+                        metric_corrupted=m_corrupted, n_edges=len(circuit))
+
+
+def _ablated_run(model: Any, metric: Metric, pair_index: int, clean: StreamRun, corrupted: StreamRun, senders: list[Node],
+                 receivers: list[Receiver], missing: Tensor) -> Tensor:
+    """One row per circuit: the clean run with each missing edge carrying the corrupted output."""
+    rows = missing.shape[0]
+    live: dict[Node, Tensor] = {}  # each sender's output in the current rows, (rows, pos, d_model)
+    corrupt = {u: node_output(model, corrupted, u) for u in senders}
+    hooks = _capture_hooks(model, senders, live)
+    by_key: dict[tuple[int, str], list[int]] = {}
+    for j, r in enumerate(receivers):
+        by_key.setdefault((r.layer, r.kind) if r.kind != "logits" else (-1, "logits"), []).append(j)
+    for (layer, kind), columns in by_key.items():
+        name = (Site(tl_compat.n_layers(model) - 1, "resid_post").hook_name if kind == "logits"
+                else tl_paths.input_hook_name(layer, kind))
+        hooks.append((name, _ablation_hook(receivers, columns, senders, missing, live, corrupt)))
+    start = clean.acts[Site(0, "resid_pre").hook_name][None].expand(rows, -1, -1)
+    with tl_paths.node_inputs(model), tl_compat.hooks(model, hooks):
+        final = tl_compat.run_blocks(model, start, 0)
+    return metric(readout_logits(model, final, metric.readout), torch.full((rows,), pair_index)).cpu()
+
+
+def _capture_hooks(model: Any, senders: list[Node], live: dict[Node, Tensor]) -> list[tuple[str, Any]]:
+    """Hooks recording every sender's live output as the rows run."""
+    hooks: list[tuple[str, Any]] = []
+    embed = [u for u in senders if u.kind == "embed"]
+    if embed:
+        hooks.append((Site(0, "resid_pre").hook_name, lambda x: live.__setitem__(embed[0], x)))
+    for layer in sorted({u.layer for u in senders if u.kind == "head"}):
+        heads = [u for u in senders if u.kind == "head" and u.layer == layer]
+        w_o = tl_compat.head_out_weight(model, layer)
+
+        def record(z: Tensor, heads: list[Node] = heads, w_o: Tensor = w_o) -> None:
+            for u in heads:
+                live[u] = z[:, :, u.head] @ w_o[u.head]
+        hooks.append((Site(layer, "z").hook_name, record))
+    for u in senders:
+        if u.kind == "mlp":
+            hooks.append((Site(u.layer, "mlp_out").hook_name, lambda x, u=u: live.__setitem__(u, x)))
+    return hooks
+
+
+def _ablation_hook(receivers: list[Receiver], columns: list[int], senders: list[Node], missing: Tensor,
+                   live: dict[Node, Tensor], corrupt: dict[Node, Tensor]) -> Any:
+    """A hook on one block's q/k/v (or MLP, or final) input: subtract, per row and receiver, the live
+    minus corrupted output of every sender whose edge into it is missing."""
+    def hook(x: Tensor) -> Tensor:
+        x = x.clone()
+        for j in columns:
+            r = receivers[j]
+            for s, u in enumerate(senders):
+                rows = missing[:, s, j]
+                if rows.any():
+                    shift = (live[u] - corrupt[u][None])[rows]
+                    if r.kind in ("q", "k", "v"):
+                        x[rows, :, r.head] -= shift.to(x.dtype)
+                    else:
+                        x[rows] -= shift.to(x.dtype)
+        return x
+    return hook
+
+
+@dataclass(frozen=True)
+class CircuitConfig:
+    """Settings of `find_circuit`."""
+
+    threshold: float = 0.05
+    """Keep edges whose |normalised effect| is at least this."""
+    k: int | None = None
+    """And at most the k of largest |effect| among them; None for no cap."""
+    method: str = "eap_ig"
+    """Edge attribution that ranks the candidates: `eap` or `eap_ig`."""
+    steps: int = 8
+    """Points on the path for `eap_ig`."""
+    confirm: bool = True
+    """Patch the candidates exactly (path patching, one edge each) and select on the exact effects."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold >= 0:
+            raise PatchingError(f"CircuitConfig.threshold must be a number >= 0, got {self.threshold!r}")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise PatchingError(f"CircuitConfig.k must be a positive int, got {self.k!r}")
+
+
+@dataclass
+class CircuitResult:
+    """The edges kept, their scores, and the circuit's faithfulness and completeness."""
+
+    edges: list[Edge]
+    """Kept edges, by decreasing |score|."""
+    estimate: Tensor
+    """Attribution estimate of each kept edge's normalised noising effect (mean over pairs), (edges,)."""
+    exact: Tensor | None
+    """Exact path-patching effect of each kept edge, (edges,), when confirmed."""
+    faithfulness: Faithfulness
+    """Faithfulness and completeness of the kept edges."""
+    provenance: dict[str, Any]
+    """Model, prompts, metric and the settings."""
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame([{"sender": u.label(), "receiver": r.label(), "estimate": float(self.estimate[i]),
+                              "exact": None if self.exact is None else float(self.exact[i])}
+                             for i, (u, r) in enumerate(self.edges)])
+
+
+def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, senders: Any = None, receivers: Any = None,
+                 config: CircuitConfig | None = None, **overrides: Any) -> CircuitResult:
+    """Edges whose noising effect clears the threshold (at most k of them): ranked by EAP or EAP-IG
+    over every edge, confirmed by exact path patching of the candidates (every edge whose estimate
+    clears half the threshold, at most 4k), then scored for
+    faithfulness and completeness (Marks et al. 2024). Direction is noising: each edge's effect is
+    how much of the clean behaviour is lost when it alone carries the corrupted output."""
+    config = resolve_config(CircuitConfig, config, overrides)
+    senders, receivers = check_graph(model, upstream_nodes(model) if senders is None else senders,
+                                     receivers_of(model) if receivers is None else receivers)
+    estimate = attribute_edges(model, clean, corrupted, metric, senders=senders, receivers=receivers, method=config.method,
+                               steps=config.steps, direction="noise", progress=False).mean_effect  # (S, R)
+    order = torch.argsort(estimate.flatten().abs(), descending=True, stable=True)
+    n_candidates = int((estimate.abs() >= config.threshold / 2).sum())
+    n_candidates = n_candidates if config.k is None else min(n_candidates, 4 * config.k)
+    candidates = [(i // len(receivers), i % len(receivers)) for i in order[:n_candidates].tolist()]
+    candidates = [(s, r) for s, r in candidates if reaches(senders[s], receivers[r], model)]
+    exact = None
+    if config.confirm and candidates:
+        cs, cr = sorted({s for s, _ in candidates}), sorted({r for _, r in candidates})
+        grid = patch_paths(model, clean, corrupted, metric, senders=[senders[s] for s in cs],
+                           receivers=[receivers[r] for r in cr], by="edge", direction="noise", progress=False).mean_effect
+        exact = torch.tensor([float(grid[cs.index(s), cr.index(r)]) for s, r in candidates])
+    score = exact if exact is not None else torch.tensor([float(estimate[s, r]) for s, r in candidates])
+    ranked = torch.argsort(score.abs(), descending=True, stable=True).tolist()
+    kept = [i for i in ranked if abs(float(score[i])) >= config.threshold][: config.k]
+    edges = [(senders[candidates[i][0]], receivers[candidates[i][1]]) for i in kept]
+    f = faithfulness(model, clean, corrupted, metric, set(edges), senders=senders, receivers=receivers)
+    pairs = make_pairs(model, clean, corrupted, direction="noise", align=None)
+    extra = {"method": config.method, "steps": config.steps, "threshold": config.threshold, "k": config.k,
+             "confirm": config.confirm, "n_candidates": len(candidates), "ablation": f.ablation}
+    return CircuitResult(edges=edges, estimate=torch.tensor([float(estimate[candidates[i]]) for i in kept]),
+                         exact=None if exact is None else exact[kept], faithfulness=f,
+                         provenance=provenance_record(model, pairs, as_metric(metric), "noise", extra, 0))

@@ -1,0 +1,121 @@
+"""Circuits: edge-ablated runs against exact path patching, faithfulness 1 for the whole graph and
+completeness 0 for its empty complement, and a planted circuit recovered by `find_circuit`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching.errors import PatchingError
+from patching.model import tl_compat
+from patching.paths import Node, Receiver, patch_paths, receivers_of, upstream_nodes
+from patching.paths.circuits import edge_ablated_metrics, faithfulness
+from patching.paths.nodes import reaches
+from patching.sweep import LogitDiff
+
+METRIC = LogitDiff(answer=3, wrong=4)
+
+
+@pytest.fixture(scope="module", params=["learned", "rotary_gqa"])
+def model(request):
+    if request.param == "learned":
+        model = tl_compat.random_model(n_layers=2, d_vocab=50, n_ctx=32)
+    else:
+        model = tl_compat.random_model(n_layers=2, d_vocab=50, n_ctx=32, positional_embedding_type="rotary",
+                                       rotary_dim=4, normalization_type="RMS", n_key_value_heads=2,
+                                       act_fn="silu", gated_mlp=True, seed=1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(11)
+    clean = torch.randint(0, 50, (2, 6), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 1] = (corrupted[:, 1] + 13) % 50
+    corrupted[:, 5] = (corrupted[:, 5] + 7) % 50
+    return clean, corrupted
+
+
+def graph(model):
+    senders, receivers = upstream_nodes(model), receivers_of(model)
+    return senders, receivers, {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
+
+
+def test_whole_graph_is_faithful_and_its_complement_empty(model, prompts):
+    clean, corrupted = prompts
+    senders, receivers, edges = graph(model)
+    f = faithfulness(model, clean, corrupted, METRIC, edges, senders=senders, receivers=receivers)
+    torch.testing.assert_close(f.faithfulness, torch.ones(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(f.completeness, torch.zeros(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(f.metric_circuit, f.metric_clean, atol=1e-5, rtol=0)
+    assert (f.metric_clean - f.metric_corrupted).abs().min() > 0.05
+
+
+def test_missing_one_edge_equals_noising_path_patching_of_it(model, prompts):
+    clean, corrupted = prompts
+    senders, receivers, edges = graph(model)
+    kv = tl_compat.n_kv_heads(model)
+    sample = [(Node("embed"), Receiver("k", 0, kv - 1)), (Node("head", 0, 2), Receiver("q", 1, 1)),
+              (Node("mlp", 0), Receiver("v", 1, 0)), (Node("head", 1, 3), Receiver("logits")),
+              (Node("head", 0, 0), Receiver("mlp", 0)), (Node("embed"), Receiver("logits"))]
+    values, m_clean, _ = edge_ablated_metrics(model, clean, corrupted, METRIC, [edges - {e} for e in sample],
+                                              senders=senders, receivers=receivers)
+    exact = patch_paths(model, clean, corrupted, METRIC, senders=[u for u, _ in sample], receivers=[r for _, r in sample],
+                        by="edge", direction="noise", progress=False)
+    expected = torch.stack([exact.metric[:, i, i] for i in range(len(sample))], 1)
+    torch.testing.assert_close(values, expected, atol=1e-4, rtol=0)
+    assert (values - m_clean[:, None]).abs().max() > 1e-2
+
+
+def test_edges_outside_the_graph_refused(model, prompts):
+    clean, corrupted = prompts
+    senders, receivers, _ = graph(model)
+    with pytest.raises(PatchingError, match="outside the graph"):
+        edge_ablated_metrics(model, clean, corrupted, METRIC, [{(Node("head", 1, 0), Receiver("q", 0, 0))}],
+                             senders=senders, receivers=receivers)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Attention only, no norms, zero queries (so only values and direct paths matter). Heads L0H1
+    and L1H2 write strongly; every other head writes a thousandth as much (the noise)."""
+    model = tl_compat.random_model(n_layers=2, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
+                                   d_mlp=None, seed=4).eval()
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            block.attn.W_Q.zero_()
+            block.attn.b_Q.zero_()
+            keep = {0: 1, 1: 2}[layer]
+            scale = torch.full((4, 1, 1), 1e-3)
+            scale[keep] = 4.0
+            block.attn.W_O.mul_(scale)
+        model.unembed.W_U.mul_(30)
+    return model
+
+
+def test_planted_circuit_recovered(planted, prompts):
+    from patching.paths.circuits import find_circuit
+
+    clean, corrupted = prompts
+    heads = {Node("embed"), Node("head", 0, 1), Node("head", 1, 2)}
+    reads = {Receiver("v", 0, 1), Receiver("v", 1, 2), Receiver("logits")}
+    truth = {(u, r) for u in heads for r in reads if reaches(u, r, planted)}
+    found = find_circuit(planted, clean, corrupted, METRIC, threshold=0.02, method="eap", steps=1)
+    assert truth <= set(found.edges)  # recall 1 at the threshold
+    assert set(found.edges) == truth
+    torch.testing.assert_close(found.exact, found.estimate, atol=1e-4, rtol=0)  # EAP is exact on this affine model
+    assert found.faithfulness.faithfulness.min() > 0.99 and found.faithfulness.completeness.abs().max() < 0.01
+    assert len(found.to_dataframe()) == len(truth)
+    top = find_circuit(planted, clean, corrupted, METRIC, k=2, method="eap", steps=1)
+    assert set(top.edges) <= truth and len(top.edges) == 2
+
+
+def test_circuit_config_checks_its_fields():
+    from conftest import construct_unchecked
+    from patching.paths.circuits import CircuitConfig
+
+    with pytest.raises(PatchingError, match="k must be a positive int"):
+        construct_unchecked(CircuitConfig, k=0)
+    with pytest.raises(PatchingError, match="threshold must be a number >= 0"):
+        construct_unchecked(CircuitConfig, threshold=-1.0)
