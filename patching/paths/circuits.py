@@ -145,18 +145,20 @@ def _ablation_hook(receivers: list[Receiver], columns: list[int], senders: list[
                    live: dict[Node, Tensor], corrupt: dict[Node, Tensor]) -> Any:
     """A hook on one block's q/k/v (or MLP, or final) input: subtract, per row and receiver, the live
     minus corrupted output of every sender whose edge into it is missing."""
+    upstream = [s for s in range(len(senders)) if bool(missing[:, s, columns].any())]
+
     def hook(x: Tensor) -> Tensor:
+        if not upstream:
+            return x
+        shifts = torch.stack([live[senders[s]] - corrupt[senders[s]][None] for s in upstream])  # (S', rows, pos, d)
+        weights = missing[:, upstream][:, :, columns].to(shifts.dtype)  # (rows, S', J)
+        correction = torch.einsum("rsj,srpd->rjpd", weights, shifts).to(x.dtype)  # (rows, J, pos, d)
         x = x.clone()
-        for j in columns:
-            r = receivers[j]
-            for s, u in enumerate(senders):
-                rows = missing[:, s, j]
-                if rows.any():
-                    shift = (live[u] - corrupt[u][None])[rows]
-                    if r.kind in ("q", "k", "v"):
-                        x[rows, :, r.head] -= shift.to(x.dtype)
-                    else:
-                        x[rows] -= shift.to(x.dtype)
+        for c, j in enumerate(columns):
+            if receivers[j].kind in ("q", "k", "v"):
+                x[:, :, receivers[j].head] -= correction[:, c]
+            else:
+                x -= correction[:, c]
         return x
     return hook
 
