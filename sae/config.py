@@ -29,7 +29,8 @@ class SAEConfig:
     """Number of dictionary latents."""
     architecture: Architecture = "standard"
     """Activation function: `standard` (ReLU), `topk` (keep the k largest pre-activations,
-    then ReLU) or `jumprelu` (zero every pre-activation at or below a learned threshold)."""
+    then ReLU) or `jumprelu` (zero every pre-activation at or below a threshold: learned, or, for
+    an SAE trained with BatchTopK, the running batch threshold, the form SAELens saves BatchTopK in)."""
     k: int | None = None
     """Number of active latents per token; required for `topk`, forbidden otherwise."""
     apply_b_dec_to_input: bool = True
