@@ -250,3 +250,19 @@ def test_paths_to_the_logits_alone_run_no_block(model, prompts):
         counter.remove()
     assert counter.count == 2 * 2 * (1 + model.cfg.n_layers)  # the two reference runs of each pair, nothing more
     assert r.provenance["patched_rows_evaluated"] > 0
+
+
+def test_listed_edges_alone_equal_the_grid(model, prompts):
+    clean, corrupted = prompts
+    senders, receivers = sample_graph(model)
+    grid = patch_paths(model, clean, corrupted, METRIC, senders=senders, receivers=receivers, by="edge", progress=False)
+    edges = [(senders[1], receivers[0]), (senders[4], receivers[6]), (senders[0], receivers[3]), (senders[1], receivers[6])]
+    listed = patch_paths(model, clean, corrupted, METRIC, edges=edges, by="edge", progress=False)
+    assert listed.senders == [senders[1], senders[4], senders[0]]
+    for u, r in edges:
+        s, g = listed.senders.index(u), [group[0] for group in listed.receivers].index(r)
+        torch.testing.assert_close(listed.metric[:, s, g], grid.metric[:, senders.index(u), receivers.index(r)], atol=1e-5,
+                                   rtol=0)
+    assert int(torch.isnan(listed.metric[0]).sum()) == 3 * 3 - len(edges)
+    with pytest.raises(PatchingError, match="needs by='edge'"):
+        patch_paths(model, clean, corrupted, METRIC, edges=edges, progress=False)

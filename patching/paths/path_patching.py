@@ -66,19 +66,22 @@ Row = tuple[int, int, int, list[Receiver]]
 """A patched row: (start layer, sender index, group index, the group's receivers the sender reaches)."""
 
 
-def patch_paths(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, senders: Sequence[Node],
-                receivers: Sequence[Receiver], config: PathConfig | None = None, **overrides: Any) -> PathResult:
+def patch_paths(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, senders: Sequence[Node] | None = None,
+                receivers: Sequence[Receiver] | None = None, edges: Sequence[tuple[Node, Receiver]] | None = None,
+                config: PathConfig | None = None, **overrides: Any) -> PathResult:
     """Each sender's effect through its direct edges into `receivers` (see the module docstring).
 
     Prompts of a pair must have equal token lengths. `result.metric[p, s, g]` is the metric of
     sender s's paths through receiver group g (all receivers with `by="sender"`, receiver g with
     `by="edge"`); a sender that reaches none of a group's receivers, or whose output does not change,
-    has the base run's metric exactly, without a forward pass."""
+    has the base run's metric exactly, without a forward pass. Instead of `senders` × `receivers`,
+    `edges` names single (sender, receiver) edges (`by="edge"`): only those run, every other cell
+    of the grid is NaN."""
     config = resolve_config(PathConfig, config, overrides)
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)
     check_run_settings(model, metric, len(pairs), config.batch_size, config.memory_mb)
-    senders, receivers = check_graph(model, senders, receivers)
+    senders, receivers, wanted = _graph_or_edges(model, senders, receivers, edges, config)
     groups = [tuple(receivers)] if config.by == "sender" else [(receiver,) for receiver in receivers]
     with torch.inference_mode():
         runs = [(stream_run(model, p.base, metric.readout, keys_values=True), stream_run(model, p.source, metric.readout))
@@ -92,14 +95,36 @@ def patch_paths(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, 
         with tqdm(total=len(pairs) * len(senders) * len(groups), desc="path patching", disable=not config.progress,
                   leave=False) as bar, tl_paths.node_inputs(model):
             for i, (base, source) in enumerate(runs):
-                values[i], n_rows = pair_values(model, metric, i, base, source, senders, groups, rows_per_wave, bar)
+                values[i], n_rows = pair_values(model, metric, i, base, source, senders, groups, rows_per_wave, bar,
+                                                wanted)
                 evaluated += n_rows
+        if wanted is not None:
+            values[:, ~wanted] = float("nan")
     effect = normalized_effect(values.flatten(1), m_clean, m_corrupted, config.direction).view_as(values)
     extra = {"by": config.by, "senders": [s.label() for s in senders], "n_receivers": len(receivers)}
     return PathResult(senders=senders, receivers=groups, effect=effect, metric=values, metric_clean=m_clean,
                       metric_corrupted=m_corrupted, direction=config.direction, method="exact",
                       base_tokens=[tl_compat.to_str_tokens(model, pair.base[0]) for pair in pairs],
                       provenance=provenance_record(model, pairs, metric, config.direction, extra, evaluated))
+
+
+def _graph_or_edges(model: Any, senders: Any, receivers: Any, edges: Any,
+                    config: PathConfig) -> tuple[list[Node], list[Receiver], Tensor | None]:
+    """Checked senders and receivers, and with `edges` the (senders, receivers) mask of wanted cells."""
+    if edges is None:
+        return (*check_graph(model, senders, receivers), None)
+    if senders is not None or receivers is not None:
+        raise PatchingError("give either senders= and receivers=, or edges=, not both")
+    if config.by != "edge":
+        raise PatchingError("edges= patches single edges: it needs by='edge'")
+    if isinstance(edges, (str, tuple)) or not isinstance(edges, Sequence) or not edges or not all(
+            isinstance(e, tuple) and len(e) == 2 for e in edges):
+        raise PatchingError(f"edges must be a non-empty list of (Node, Receiver) pairs, got {edges!r}")
+    senders, receivers = check_graph(model, list(dict.fromkeys(u for u, _ in edges)), list(dict.fromkeys(r for _, r in edges)))
+    wanted = torch.zeros(len(senders), len(receivers), dtype=torch.bool)
+    for u, r in edges:
+        wanted[senders.index(u), receivers.index(r)] = True
+    return senders, receivers, wanted
 
 
 def wave_rows(model: Any, n_pos: int, readout: int | None, config: PathConfig) -> int:
@@ -115,8 +140,10 @@ def wave_rows(model: Any, n_pos: int, readout: int | None, config: PathConfig) -
 
 
 def pair_values(model: Any, metric: Metric, pair_index: int, base: StreamRun, source: StreamRun, senders: list[Node],
-                groups: list[tuple[Receiver, ...]], rows_per_wave: int, bar: tqdm) -> tuple[Tensor, int]:
-    """(senders, groups) metric values for one pair, and how many rows ran through blocks or readout."""
+                groups: list[tuple[Receiver, ...]], rows_per_wave: int, bar: tqdm,
+                wanted: Tensor | None = None) -> tuple[Tensor, int]:
+    """(senders, groups) metric values for one pair, and how many rows ran through blocks or readout
+    (only the `wanted` cells when a mask is given)."""
     base_metric = metric(base.logits[None], torch.tensor([pair_index]))[0]
     values = torch.full((len(senders), len(groups)), float(base_metric))
     n_layers = tl_compat.n_layers(model)
@@ -130,6 +157,8 @@ def pair_values(model: Any, metric: Metric, pair_index: int, base: StreamRun, so
             continue  # the sender's output is the same in both runs where the metric can see it
         deltas[s], firsts[s] = delta, 0 if metric.readout is None else int(changed[0])
         for g, group in enumerate(groups):
+            if wanted is not None and not wanted[s, g]:
+                continue
             reached = [r for r in group if reaches(node, r, model)]
             if reached:
                 start = min([r.layer for r in reached if r.kind != "logits"], default=n_layers)
