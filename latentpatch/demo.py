@@ -144,6 +144,8 @@ def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
     import torch
 
     from patching import Site, load_model
+    from patching.model import tl_compat
+    from patching.model.loading import model_flags
     from sae import SAEConfig, SAEFileError, SparseAutoencoder, load_sae
     from training import TensorBatches, Trainer, TrainerConfig
     from training.data.generated import default_texts
@@ -169,8 +171,8 @@ def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
         acts.append(chunks.next_chunk())
     activations = torch.cat(acts)
     sae = SparseAutoencoder(SAEConfig(d_in=site.width(model), d_sae=config.d_sae, hook_name=site.hook_name,
-                                      model_name=model.cfg.model_name, context_size=128, dataset_path="default corpus",
-                                      model_from_pretrained_kwargs=model.latentpatch_origin.flags.as_kwargs()),
+                                      model_name=tl_compat.model_name(model), context_size=128,
+                                      dataset_path="default corpus", model_from_pretrained_kwargs=model_flags(model)),
                             generator=torch.Generator().manual_seed(config.seed))
     trainer_config = TrainerConfig(total_steps=max(1, config.train_tokens // config.batch_size), l1_coefficient=config.l1,
                                    checkpoint_every=200, log_every=50, seed=config.seed)
@@ -299,9 +301,10 @@ def _splice_section(model: Any, sae: Any, results: dict[str, Any]) -> Section:
 
 def _factual(model: Any) -> tuple[str, str, Any]:
     from patching import LogitDiff
+    from patching.model import tl_compat
 
     clean, corrupted, answer, wrong = FACTUAL
-    return clean, corrupted, LogitDiff(model.to_single_token(answer), model.to_single_token(wrong))
+    return clean, corrupted, LogitDiff(*(tl_compat.single_token_id(model, text) for text in (answer, wrong)))
 
 
 def _sweep_section(model: Any, sae: Any, out: Path, results: dict[str, Any]) -> Section:

@@ -158,6 +158,50 @@ def test_only_the_model_room_imports_transformer_lens():
     assert offenders == []
 
 
+# TransformerLens's own API on a model object (HookedTransformer's methods and attributes, and its
+# `cfg` reached from a name `model`): outside the model room a model is opaque, reached only through
+# `tl_compat` and the model room's functions, so that a second backend changes one room.
+TL_ATTRIBUTES = {"to_str_tokens", "to_single_token", "to_tokens", "to_string", "tokenizer", "run_with_cache",
+                 "run_with_hooks", "hook_dict", "reset_hooks", "add_hook", "W_U", "W_E", "W_pos", "unembed",
+                 "ln_final", "blocks"}
+
+
+def transformer_lens_uses(path: Path) -> list[str]:
+    """`line: expression` for each use of TransformerLens's model API in `path` (an AST scan)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        root = node.value.id if isinstance(node.value, ast.Name) else None
+        if root == "tl_compat":  # the door itself: tl_compat.to_tokens(model, ...)
+            continue
+        if node.attr in TL_ATTRIBUTES or (node.attr == "cfg" and root == "model"):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_only_the_model_room_touches_transformer_lens_objects():
+    offenders = [f"{path.relative_to(ROOT)}:{use}"
+                 for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+                 if path.relative_to(ROOT).parts[:2] != ("patching", "model")
+                 for use in transformer_lens_uses(path)]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("source", [
+    "def f(model, tokens):\n    return model.to_str_tokens(tokens)\n",
+    "def f(model):\n    return model.tokenizer.eos_token_id\n",
+    "def f(model):\n    return model.cfg.n_layers\n",
+    "def f(runner):\n    return runner.run_with_cache('x')\n",
+])
+def test_the_attribute_scan_can_fail(tmp_path, source):
+    leaf = tmp_path / "leaf.py"
+    leaf.write_text(source)
+    assert len(transformer_lens_uses(leaf)) == 1
+    leaf.write_text("def f(model, sae, tokens):\n    return tl_compat.to_tokens(model, 'x'), sae.cfg.d_sae\n")
+    assert transformer_lens_uses(leaf) == []
+
+
 def test_packages_depend_in_one_direction():
     offenders = [f"{path.relative_to(ROOT)}:{line} imports {module}"
                  for package, allowed in PACKAGES.items() for path in (ROOT / package).rglob("*.py")

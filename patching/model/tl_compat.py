@@ -210,6 +210,19 @@ def encode_text(model: HookedTransformer, text: str) -> list[int]:
     return model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def tokenizer(model: HookedTransformer) -> Any:
+    """The model's Hugging Face tokenizer (None for a model built without one), for what only it
+    does: chat templates and its special tokens."""
+    return model.tokenizer
+
+
+def single_token_id(model: HookedTransformer, text: str) -> int | None:
+    """The id of `text` when it is one token without BOS (as TransformerLens's `to_single_token`
+    reads it), else None: the caller names what it needed the token for."""
+    ids = to_tokens(model, text, prepend_bos=False)[0]
+    return int(ids[0]) if ids.numel() == 1 else None
+
+
 def bos_token_id(model: HookedTransformer) -> int:
     return model.tokenizer.bos_token_id
 

@@ -34,7 +34,11 @@ class RefusalScore:
 
     @classmethod
     def for_model(cls, model: Any) -> "RefusalScore":
-        return cls((model.to_single_token(REFUSAL_START),), (model.to_single_token(COMPLIANCE_START),))
+        ids = {text: tl_compat.single_token_id(model, text) for text in (REFUSAL_START, COMPLIANCE_START)}
+        if None in ids.values():
+            raise PatchingError(f"RefusalScore.for_model needs {REFUSAL_START!r} and {COMPLIANCE_START!r} to be single "
+                                f"tokens of this model's tokenizer; build RefusalScore(refusal=..., compliance=...) from ids")
+        return cls((ids[REFUSAL_START],), (ids[COMPLIANCE_START],))
 
     def token_ids(self) -> list[Tensor]:
         return [torch.tensor(self.refusal), torch.tensor(self.compliance)]
@@ -46,7 +50,8 @@ class RefusalScore:
 
 def tokenize_chat(model: Any, suite: SafetySuite, requests: Sequence[str]) -> list[Tensor]:
     """Chat-formatted prompts as (1, pos) token rows; the template supplies the BOS itself."""
-    return [tl_compat.to_tokens(model, suite.format(model.tokenizer, request), prepend_bos=False) for request in requests]
+    tokenizer = tl_compat.tokenizer(model)
+    return [tl_compat.to_tokens(model, suite.format(tokenizer, request), prepend_bos=False) for request in requests]
 
 
 def query_start(model: Any, suite: SafetySuite) -> int:
@@ -106,7 +111,7 @@ def greedy_scored(model: Any, prompts: Sequence[Tensor], max_new_tokens: int, me
 
 def decode_until_eos(model: Any, tokens: Tensor) -> str:
     """The text of generated token ids, cut at the first end-of-sequence token."""
-    eos = getattr(model.tokenizer, "eos_token_id", None) if tl_compat.has_tokenizer(model) else None
+    eos = getattr(tl_compat.tokenizer(model), "eos_token_id", None)
     ids = tokens.tolist()
     if eos is not None and eos in ids:
         ids = ids[: ids.index(eos)]
