@@ -227,10 +227,11 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     candidates = [(s, r) for s, r in candidates if reaches(senders[s], receivers[r], model)]
     exact = None
     if config.confirm and candidates:
-        cs, cr = sorted({s for s, _ in candidates}), sorted({r for _, r in candidates})
-        grid = patch_paths(model, clean, corrupted, metric, senders=[senders[s] for s in cs],
-                           receivers=[receivers[r] for r in cr], by="edge", direction="noise", progress=False).mean_effect
-        exact = torch.tensor([float(grid[cs.index(s), cr.index(r)]) for s, r in candidates])
+        grid = patch_paths(model, clean, corrupted, metric, edges=[(senders[s], receivers[r]) for s, r in candidates],
+                           by="edge", direction="noise", progress=False)
+        columns = [group[0] for group in grid.receivers]
+        exact = torch.tensor([float(grid.mean_effect[grid.senders.index(senders[s]), columns.index(receivers[r])])
+                              for s, r in candidates])
     score = exact if exact is not None else torch.tensor([float(estimate[s, r]) for s, r in candidates])
     ranked = torch.argsort(score.abs(), descending=True, stable=True).tolist()
     kept = [i for i in ranked if abs(float(score[i])) >= config.threshold][: config.k]
