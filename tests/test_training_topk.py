@@ -10,7 +10,7 @@ import torch
 from sae import SAEConfig, SparseAutoencoder, load_sae
 from tests.conftest import construct_unchecked
 from tests.test_training_helpers import D_IN, make_trainer, shuffled_batches, topk_config, topk_saes
-from training import Trainer, TrainerConfig
+from training import NonFiniteError, Trainer, TrainerConfig
 from training.errors import TrainingConfigError
 
 
@@ -100,3 +100,29 @@ def test_train_command_trains_batchtopk_saes_that_saelens_reads(tmp_path):
     for index in range(2):
         assert SAE.load_from_disk(str(out / f"sae-{index}")).cfg.architecture() == "jumprelu"
         assert load_sae(out / f"sae-{index}").threshold.min() > 0
+
+
+@pytest.mark.parametrize("poison, tensor", [(float("nan"), "activations"), (1e30, "loss of SAE 0")])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_non_finite_stops_topk_objectives_before_any_parameter_changes(architecture, poison, tensor):
+    """R10 for TopK/BatchTopK: the step of the bad batch raises; parameters, the BatchTopK threshold
+    included, are those from before it."""
+    config = topk_config(architecture, checkpoint_every=None)
+
+    def batches():
+        source = shuffled_batches()
+        for index in range(100):
+            batch = next(source).clone()
+            if index == config.init_batches + 4:  # the batch of step 5
+                batch[3, 2] = poison
+            yield batch
+
+    trainer = Trainer(config, topk_saes(architecture), batches())
+    trainer.fit(until_step=4)
+    before = [{k: v.clone() for k, v in sae.state_dict().items()} for sae in trainer.saes]
+    with pytest.raises(NonFiniteError) as err:
+        trainer.fit()
+    assert err.value.step == 5 and tensor in str(err.value)
+    for sae, saved in zip(trainer.saes, before):
+        for name, value in sae.state_dict().items():
+            assert torch.equal(value, saved[name]), name
