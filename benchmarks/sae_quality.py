@@ -115,7 +115,7 @@ def baseline_and_shipped(entry: Any, tokens: int | None, work: Path, rows: int) 
         (figures[name],) = evaluate([work / name], n_rows=rows, saes=[load_sae(work / name)])
     if "real_mix" not in figures:
         (figures["real_mix"],) = evaluate([entry.folder], n_rows=rows, saes=[load_release(entry.release, entry.sae_id)])
-    keys = ("ce_loss_recovered", "kl_spliced", "explained_variance", "explained_variance_typical", "l0", "dead_fraction")
+    keys = ("ce_loss_score", "kl_div_with_sae", "explained_variance", "explained_variance_typical", "l0", "frac_dead")
     ratio = {k: round(figures["real_mix"][k] / figures["generated_only"][k], 3)
              if figures["generated_only"][k] else None for k in keys}
     return {"train_tokens": budget, "real_mix": {k: figures["real_mix"][k] for k in keys},

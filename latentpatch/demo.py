@@ -287,16 +287,23 @@ def _plot_training(history: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+SPLICE_FIGURES = ("ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "kl_div_with_sae", "kl_div_score",
+                  "explained_variance", "l0", "frac_dead", "n_tokens")
+"""The evaluator's figures the demo's report shows (`results["splice_metrics"]` holds them all)."""
+
+
 def _splice_section(model: Any, sae: Any, results: dict[str, Any]) -> Section:
     from latentpatch.cli.evaluate import EVAL_TEXTS
-    from patching import padded_tokens, splice_metrics
+    from patching.splice.evaluation import EvalConfig, evaluate_sae
 
-    tokens, mask = padded_tokens(model, list(EVAL_TEXTS))
-    metrics = splice_metrics(model, sae, tokens, mask=mask)
-    results["splice_metrics"] = metrics.to_dict()
+    # The one evaluator, configured as `latentpatch eval` runs it on its built-in sentences: the
+    # same figures under the same names as that command, the trainer's eval line and the registry.
+    figures = evaluate_sae(model, sae, EVAL_TEXTS, config=EvalConfig(progress=False)).figures()
+    results["splice_metrics"] = figures
     return Section(f"SAE at {sae.cfg.hook_name}: splice metrics",
-                   "The SAE replaces the residual stream (bottleneck mode) on held-out sentences.",
-                   figures=metrics.to_dict())
+                   "The SAE replaces the residual stream (bottleneck mode) on held-out sentences; SAEBench's core "
+                   "figures under SAELens's names and definitions (BOS and other special tokens not scored), as "
+                   "`latentpatch eval` prints them.", figures={k: figures[k] for k in SPLICE_FIGURES})
 
 
 def _factual(model: Any) -> tuple[str, str, Any]:

@@ -39,31 +39,27 @@ those few tokens move SAEBench's explained variance by 0.2 or more."""
 
 
 def evaluate(sae_dirs: list[Path], *, n_rows: int = EVAL_ROWS, corpus: str = "real",
-             saes: list[Any] | None = None) -> list[dict[str, Any]]:
+             saes: list[Any] | None = None, model: Any = None) -> list[dict[str, Any]]:
     """Held-out figures for each SAE folder (or each of `saes`, already loaded, named by `sae_dirs`):
-    SAEBench's core set (`patching.splice.evaluate_sae`) on the first `n_rows` rows of `corpus`'s
-    held-out split, under the names the registry records."""
+    the one evaluator (`patching.splice.evaluate_sae`, SAEBench's core set under SAELens's names,
+    `SAEEvaluation.figures`) on the first `n_rows` rows of `corpus`'s held-out split, configured as
+    the trainer's eval line and `latentpatch eval --heldout-rows` run it. `model`: the default model
+    unless given."""
     from patching.model.loading import load_model
     from patching.splice.evaluation import EvalConfig, evaluate_sae
     from training.data.heldout import heldout_tokens
 
-    model = load_model()
+    model = load_model() if model is None else model
     model.eval()
     tokens = heldout_tokens(model, corpus=corpus, n_rows=n_rows)
     results = []
     for index, folder in enumerate(sae_dirs):
         sae = saes[index] if saes is not None else load_sae(folder)
         start = time.perf_counter()
-        e = evaluate_sae(model, sae, tokens, config=EvalConfig(progress=False))
-        figures = {"ce_clean": e.ce_loss_without_sae, "ce_spliced": e.ce_loss_with_sae,
-                   "ce_ablated": e.ce_loss_with_ablation, "ce_loss_recovered": e.ce_loss_score,
-                   "kl_spliced": e.kl_div_with_sae, "kl_div_score": e.kl_div_score,
-                   "explained_variance": e.explained_variance,
-                   "explained_variance_typical": e.explained_variance_typical, "n_massive": e.n_massive,
-                   "mse": e.mse, "l0": e.l0, "dead_fraction": e.frac_dead, "dense_fraction": e.frac_dense,
-                   "n_tokens": e.n_tokens, "eval_seconds": round(time.perf_counter() - start, 1)}
+        figures = evaluate_sae(model, sae, tokens, config=EvalConfig(progress=False)).figures()
         results.append({"sae": str(folder), "d_sae": sae.cfg.d_sae, "corpus": f"{corpus} (held-out split)",
-                        "n_rows": n_rows, **_l1_of(folder), **figures})
+                        "n_rows": n_rows, **_l1_of(folder), **figures,
+                        "eval_seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: %s", folder, json.dumps(results[-1]))
     return results
 
@@ -84,8 +80,8 @@ def plot_sweep(results: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = subplots(figsize=(5, 4))
     for r in results:
-        ax.scatter(r["l0"], r["ce_loss_recovered"], color="C0")
-        ax.annotate(f"L1={r.get('l1_coefficient', '?')}, d_sae={r['d_sae']}", (r["l0"], r["ce_loss_recovered"]),
+        ax.scatter(r["l0"], r["ce_loss_score"], color="C0")
+        ax.annotate(f"L1={r.get('l1_coefficient', '?')}, d_sae={r['d_sae']}", (r["l0"], r["ce_loss_score"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.95, color="grey", lw=0.8, ls="--")
     ax.axvline(64, color="grey", lw=0.8, ls="--")

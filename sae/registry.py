@@ -24,6 +24,7 @@ import torch
 from sae.errors import LatentpatchError, SAEFileError
 from sae.config import SAEConfig
 from sae.files import CONFIG_FILE, WEIGHTS_FILE, config_from_dict, load_sae, read_config_json
+from sae.metrics import LegacyNamedFigures
 from sae.model import TORCH_DTYPES, SparseAutoencoder
 from sae.safe_io import UnsafeFileError, read_text, sha256_file
 
@@ -68,7 +69,9 @@ class ReleaseEntry:
     recipe: dict[str, Any]
     """How it was made: `commands` (exact, in order), `corpus`, `corpus_digest`, token counts, seconds."""
     heldout: dict[str, Any]
-    """SAEBench's core figures on held-out real text (`latentpatch.release.evaluate`): CE loss recovered, KL, EV, L0, ..."""
+    """SAEBench's core figures on held-out real text (`latentpatch.release.evaluate`), under SAELens's names
+    (`ce_loss_score`, `kl_div_with_sae`, `explained_variance`, `l0`, `frac_dead`, ...); the names used
+    before (`ce_loss_recovered`, `kl_spliced`, ...) still read, with a DeprecationWarning."""
 
 
 def _read_registry(root: Path) -> dict[str, Any]:
@@ -102,7 +105,8 @@ def release_entry(release: str, sae_id: str, *, root: str | Path = RELEASES_DIR)
     try:
         return ReleaseEntry(release=release, sae_id=sae_id, folder=root / entry["path"],
                             weights_sha256=entry["weights_sha256"], config_sha256=entry["config_sha256"],
-                            recipe=entry["recipe"], heldout=entry["heldout"])
+                            recipe=entry["recipe"],
+                            heldout=LegacyNamedFigures(entry["heldout"]))
     except (KeyError, TypeError) as err:
         raise SAEFileError(root / REGISTRY_FILE, f"entry {release}/{sae_id} lacks {err}") from err
 

@@ -65,8 +65,8 @@ def test_splice_metrics_on_default_model(default_model_4l):
     sae = make_sae(576, 2048, hook_name="blocks.2.hook_resid_pre", model_name=DEFAULT_MODEL)
     tokens = default_model_4l.to_tokens(["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France and"])
     metrics = splice_metrics(default_model_4l, sae, tokens)
-    assert metrics.ce_spliced > metrics.ce_clean
-    assert metrics.kl_spliced > 0 and 0 < metrics.l0 <= 2048
+    assert metrics.ce_loss_with_sae > metrics.ce_loss_without_sae
+    assert metrics.kl_div_with_sae > 0 and 0 < metrics.l0 <= 2048
 
 
 def test_cache_path_with_architecture_word_is_refused(monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
-"""SAEBench's core evaluation: SAELens's own evaluation code on the same tokens gives the same
-figures; closed-form values of each new statistic on hand-made inputs; the text path is
-independent of batching and padding; the saved folder holds what it says."""
+"""The one evaluator (SAEBench's core evaluation): SAELens's own evaluation code on the same tokens
+gives the same figures, for the streamed and the per-batch form; the trainer's eval line, the CLI and
+the registry path agree; closed-form values of each new statistic on hand-made inputs; the text path
+is independent of batching and padding; the saved folder holds what it says."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ import pytest
 import torch
 from conftest import make_sae, stub_model_loader
 
-from patching.model import tl_compat
-from patching.splice import EvalConfig, evaluate_sae, save_evaluation, splice_metrics
+from patching.model import Site, tl_compat
+from patching.splice import EvalConfig, SAEEvaluation, SpliceMetrics, evaluate_sae, save_evaluation, splice_metrics
 from patching.splice.evaluation import (
+    FIGURE_NAMES,
     _Sums,
     cosine_summary,
     explained_variance_from_sums,
     ignored_token_ids,
     max_decoder_cosine,
 )
-from sae.metrics import explained_variance
+from sae.metrics import LEGACY_FIGURE_NAMES, explained_variance
 
 BOS = 0
 REL = 1e-5  # float32 forward passes; our sums are float64, SAELens's partly float32
@@ -102,15 +104,64 @@ def test_relative_reconstruction_bias_equals_saelens_on_one_batch(model, sae, to
     assert ours.relative_reconstruction_bias == pytest.approx(theirs["relative_reconstruction_bias"], rel=REL)
 
 
-def test_with_nothing_ignored_figures_equal_splice_metrics(model, sae, tokens):
-    ours = evaluate_sae(model, sae, tokens, config=EvalConfig(batch_size=3, ignore_tokens=(), progress=False))
-    single = splice_metrics(model, sae, tokens, exclude_first_position=False)
-    pairs = {"ce_loss_without_sae": "ce_clean", "ce_loss_with_sae": "ce_spliced", "ce_loss_with_ablation": "ce_ablated",
-             "ce_loss_score": "ce_loss_recovered", "kl_div_with_sae": "kl_spliced",
-             "explained_variance": "explained_variance", "mse": "mse", "l0": "l0"}
-    for name, theirs in pairs.items():
-        assert getattr(ours, name) == pytest.approx(getattr(single, theirs), rel=REL, abs=1e-6), name
-    assert ours.n_tokens == single.n_tokens == tokens.numel()
+def test_per_batch_form_is_the_evaluator_and_equals_saelens(model, sae, tokens, tmp_path):
+    single = splice_metrics(model, sae, tokens, ignore_tokens=(BOS,))
+    streamed = evaluate_sae(model, sae, tokens, config=EvalConfig(batch_size=8, ignore_tokens=(BOS,), progress=False))
+    assert single.figures() == streamed.figures()
+    theirs, _ = _saelens(sae, model, tokens, tmp_path, n_batches=1)
+    for name in SAME_NAME + ("relative_reconstruction_bias",):
+        assert getattr(single, name) == pytest.approx(theirs[name], rel=REL, abs=1e-6), name
+    assert single.mse_per_token == pytest.approx(theirs["mse"], rel=REL)
+
+
+def test_old_names_read_on_the_result_with_a_deprecation_warning(model, sae, tokens):
+    result = splice_metrics(model, sae, tokens)
+    for old, new in LEGACY_FIGURE_NAMES.items():
+        with pytest.warns(DeprecationWarning, match=f"{old}.*{new}"):
+            assert getattr(result, old) == getattr(result, new)
+    with pytest.raises(AttributeError, match="no_such_figure"):
+        result.no_such_figure  # noqa: B018
+    assert SpliceMetrics is SAEEvaluation and set(result.figures()) == set(FIGURE_NAMES)
+
+
+def test_trainer_eval_line_cli_json_and_registry_give_identical_figures(model, tokens, tmp_path, monkeypatch, capsys):
+    """One SAE, the same held-out rows: `Trainer`'s `eval/...` record, `latentpatch eval --heldout-rows
+    --json` and `latentpatch.release.evaluate` (what the registry records) print the same numbers."""
+    import training.data.heldout as heldout
+    from latentpatch import release
+    from latentpatch.cli import evaluate as cli_evaluate
+    from latentpatch.cli.entry import main
+    from sae import SAEConfig, SparseAutoencoder, load_sae
+    from training import TensorBatches, Trainer, TrainerConfig
+    from training.activations.harvest import harvest
+
+    site = "blocks.1.hook_resid_pre"
+    acts = harvest(model, Site(1), torch.randint(0, 50, (40, 16), generator=torch.Generator().manual_seed(2)))
+    sae = SparseAutoencoder(SAEConfig(d_in=model.cfg.d_model, d_sae=32, hook_name=site, model_name=model.cfg.model_name))
+    config = TrainerConfig(total_steps=4, eval_every=4, log_every=4, init_batches=1, checkpoint_every=None,
+                           progress_bar=False)
+    trainer = Trainer(config, sae, TensorBatches(acts, 64), model=model, eval_tokens=tokens)
+    trainer.fit()
+    (line,) = [r for r in trainer.history if "eval/ce_loss_score" in r]
+    logged = {k.removeprefix("eval/"): v for k, v in line.items() if k.startswith("eval/")}
+    folder = sae.save(tmp_path / "sae")
+    calls = []
+
+    def rows(model, *, corpus="real", n_rows=32, context_size=128):
+        calls.append((corpus, n_rows, context_size))
+        return tokens[:n_rows]
+
+    monkeypatch.setattr(heldout, "heldout_tokens", rows)
+    monkeypatch.setattr(cli_evaluate, "load_for", lambda sae_arg, model_arg: (load_sae(sae_arg), model))
+    assert main(["eval", str(folder), "--heldout-rows", str(len(tokens)), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cli = {k: v for group in printed.values() if isinstance(group, dict) for k, v in group.items()}
+    (registry,) = release.evaluate([folder], n_rows=len(tokens), model=model)
+    assert calls == [("real", 8, 128)] * 2  # both read the held-out rows the stub serves
+    assert set(FIGURE_NAMES) <= set(logged) & set(cli) & set(registry)
+    for name in FIGURE_NAMES:
+        assert logged[name] == cli[name] == registry[name], (name, logged[name], cli[name], registry[name])
+    assert logged["n_tokens"] == tokens.numel()  # the tiny model has no tokenizer: no special ids to leave out
 
 
 def test_max_tokens_stops_after_the_batch_that_reaches_it(model, sae, tokens):

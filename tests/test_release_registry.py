@@ -62,7 +62,7 @@ def test_every_shipped_sae_is_intact_small_and_documented(release, sae_id):
     sae = load_release(release, sae_id)
     assert sae.cfg.hook_name == sae_id and sae.cfg.model_from_pretrained_kwargs is not None
     assert entry.recipe["commands"] and len(entry.recipe["corpus_digest"]) == 64
-    for key in ("ce_loss_recovered", "kl_spliced", "explained_variance", "l0", "n_tokens"):
+    for key in ("ce_loss_score", "kl_div_with_sae", "explained_variance", "l0", "n_tokens"):
         assert isinstance(entry.heldout[key], (int, float))
 
 

@@ -32,7 +32,11 @@ def register(subparsers: Any) -> None:
                                            "writes eval.json and the density and decoder-cosine histograms.\n\n"
                                            "example: latentpatch eval runs/sae-l15 --text heldout.txt --out results/eval")
     add_sae_options(ev)
-    ev.add_argument("--text", type=Path, help="a .txt file (one document per line) to evaluate on; default: built-in sentences")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--text", type=Path, help="a .txt file (one document per line) to evaluate on; default: built-in sentences")
+    source.add_argument("--heldout-rows", type=int, default=None, metavar="N",
+                        help="evaluate on the first N packed rows of the real corpus's held-out split, the rows the "
+                             "release registry (N=160) and `latentpatch train --eval-every` read: the same figures")
     ev.add_argument("--out", type=Path, default=None, help="write eval.json and the two histograms into this folder")
     ev.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
     ev.add_argument("--context-size", type=int, default=128, help="truncate each text to this many tokens (default 128)")
@@ -49,16 +53,29 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.text:  # checked before the model loads: missing, a folder, binary
         check_utf8_text(check_input_file(args.text, option="--text"))
+    if args.heldout_rows is not None and args.heldout_rows < 1:
+        raise ValueError(f"--heldout-rows must be a positive int, got {args.heldout_rows}")
     config = EvalConfig(batch_size=args.batch_size, context_size=args.context_size, max_tokens=args.max_tokens)
     sae, model = load_for(args.sae, args.model)
-    texts = text_lines(args.text) if args.text else iter(EVAL_TEXTS)
-    result = evaluate_sae(model, sae, texts, config=config)
+    corpus, described = _corpus(args, model)
+    result = evaluate_sae(model, sae, corpus, config=config)
     if args.out is not None:
         save_evaluation(result, args.out, provenance={
             "model": model.cfg.model_name, "sae": str(args.sae), "sae_sha256": weights_sha256(sae),
-            "text": str(args.text) if args.text else "built-in sentences", "config": asdict(config),
-            "library_version": library_version()})
+            "text": described, "config": asdict(config), "library_version": library_version()})
     return {"sae": str(args.sae), **result.to_dict(), "saved_to": str(args.out) if args.out else None}
+
+
+def _corpus(args: argparse.Namespace, model: Any) -> tuple[Any, str]:
+    """What to evaluate on, and how the saved provenance names it."""
+    if args.heldout_rows is not None:
+        from training.data.heldout import heldout_tokens
+
+        rows = heldout_tokens(model, n_rows=args.heldout_rows, context_size=args.context_size)
+        return rows, f"real corpus, held-out split, first {args.heldout_rows} rows of {args.context_size} tokens"
+    if args.text:
+        return text_lines(args.text), str(args.text)
+    return iter(EVAL_TEXTS), "built-in sentences"
 
 
 def text_lines(path: Path) -> Iterator[str]:

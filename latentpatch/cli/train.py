@@ -23,6 +23,7 @@ from sae.files import atomic_write
 from training.errors import TrainingConfigError
 from training.trainer.runlog import LOG_FILE
 from training.activations.sources import MAX_NORM_RATIO
+from training.data.heldout import HELDOUT_ROWS, heldout_tokens
 from training.trainer.trainer import CHECKPOINT_DIR
 
 EXAMPLE = ("example: latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 2000000 --out runs/sae-l15\n"
@@ -112,7 +113,11 @@ def register(subparsers: Any) -> None:
                         "holds none is harvested into first)")
     p.add_argument("--resample-steps", type=int, nargs="*", default=[], help="steps at which dead latents are resampled")
     p.add_argument("--log-every", type=int, default=50, help="steps between log records (default 50)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between splice_metrics on held-out text")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations (SAEBench's core figures, as `latentpatch eval --heldout-rows` and "
+                        "the release registry compute them) on the real corpus's held-out rows")
+    p.add_argument("--eval-rows", type=int, default=HELDOUT_ROWS,
+                   help=f"held-out rows each evaluation reads (default {HELDOUT_ROWS}; the registry reads 160)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (WANDB_MODE=offline works)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and resampling")
@@ -212,7 +217,8 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
     saes = _new_saes(run, model, site, args.seed, seed_offsets or list(range(len(group))), config)
     batches = _batches(run, model, site, args.seed, tokens=args.tokens, texts=texts, collective=collective,
                        stripe=data_parallel)
-    eval_tokens = _eval_tokens(model, run.context_size) if args.eval_every is not None else None
+    eval_tokens = heldout_tokens(model, n_rows=args.eval_rows, context_size=run.context_size) \
+        if args.eval_every is not None else None
     sae_arg = saes if len(saes) > 1 or seed_offsets is not None else saes[0]
     common = dict(out_dir=out, model=model if eval_tokens is not None else None, eval_tokens=eval_tokens,
                   wandb_project=args.wandb_project)
@@ -250,7 +256,8 @@ def _check_args(args: argparse.Namespace) -> None:
     counts = {"--batch-size": [args.batch_size], "--tokens": [args.tokens], "--context-size": [args.context_size],
               "--buffer-tokens": [args.buffer_tokens], "--log-every": [args.log_every], "--d-sae": args.d_sae,
               "--checkpoint-every": [args.checkpoint_every] if args.checkpoint_every is not None else [],
-              "--eval-every": [args.eval_every] if args.eval_every is not None else []}
+              "--eval-every": [args.eval_every] if args.eval_every is not None else [],
+              "--eval-rows": [args.eval_rows]}
     for option, values in counts.items():
         if any(value < 1 for value in values):
             raise TrainingConfigError(f"{option} must be a positive int, got {' '.join(map(str, values))}")
@@ -290,7 +297,7 @@ def _load(run: RunConfig, *, full: bool) -> tuple[Any, Any]:
 
     site = parse_site(run.site)
     # Harvesting runs blocks 0..layer only, so the rest of the model is not even loaded unless
-    # splice_metrics (which needs the logits) is asked for.
+    # an evaluation (which needs the logits) is asked for.
     try:
         model = load_model(run.model, n_layers=None if full else site.layer + 1)
     except ModelLoadError as err:
@@ -374,14 +381,3 @@ def _batches(run: RunConfig, model: Any, site: Any, seed: int, *, tokens: int, t
     return cached_batches(folders, batch_size=run.batch_size, buffer_tokens=run.buffer_tokens, seed=seed,
                           max_norm_ratio=run.max_norm_ratio)
 
-
-def _eval_tokens(model: Any, context_size: int) -> Any:
-    import torch
-
-    from patching.model import tl_compat
-    from training.data.prompts import EVAL_TEXTS
-
-    # Cut every text to the shortest one's length: no padding tokens in the losses.
-    rows = [tl_compat.to_tokens(model, text)[0] for text in EVAL_TEXTS]
-    length = min(context_size, *(row.shape[0] for row in rows))
-    return torch.stack([row[:length] for row in rows])

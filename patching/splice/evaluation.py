@@ -53,12 +53,32 @@ from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.model.tokens import padded_tokens
 from patching.splice.collect import resolve_site
+from patching.splice.decoder_cosine import COSINE_QUANTILES, cosine_summary, max_decoder_cosine
 from patching.splice.splicer import SpliceChecks, splice
-from sae.metrics import MASSIVE_NORM_RATIO, ce_loss_recovered, cross_entropy, kl_divergence, massive, median
+from sae.metrics import (
+    LEGACY_FIGURE_NAMES,
+    MASSIVE_NORM_RATIO,
+    ce_loss_recovered,
+    cross_entropy,
+    explained_variance_from_sums,
+    kl_div_score,
+    kl_divergence,
+    massive,
+    warn_legacy_name,
+)
+
+__all__ = ["COSINE_QUANTILES", "EvalConfig", "FIGURE_NAMES", "SAEEvaluation", "cosine_summary", "evaluate_sae",
+           "explained_variance_from_sums", "ignored_token_ids", "max_decoder_cosine", "token_batches"]
 
 STRUCTURAL_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
 """The tokenizer attributes SAELens's `get_special_token_ids` reads (sae_lens/util.py)."""
-COSINE_QUANTILES = (0.1, 0.25, 0.75, 0.9, 0.99)
+FIGURE_NAMES = ("ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_score",
+                "kl_div_with_sae", "kl_div_with_ablation", "explained_variance", "explained_variance_typical",
+                "n_massive", "mse", "mse_per_token", "cossim", "l2_norm_in", "l2_norm_out", "l2_ratio",
+                "relative_reconstruction_bias", "l0", "l1", "frac_dead", "frac_dense", "frac_over_1_percent",
+                "n_tokens", "n_loss_positions", "n_texts")
+"""The scalar figures of an `SAEEvaluation`, by their one name: what the trainer's eval log line
+(`eval/<name>`), `latentpatch eval`, the demo and the release registry record."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +185,17 @@ class SAEEvaluation:
     max_decoder_cosine: Tensor = field(repr=False)
     """Per latent: max |cos| with any other decoder row, (d_sae,)."""
 
+    def figures(self) -> dict[str, float | int]:
+        """The scalar figures, flat, under `FIGURE_NAMES` (SAELens's names)."""
+        return {name: getattr(self, name) for name in FIGURE_NAMES}
+
+    def __getattr__(self, name: str) -> Any:
+        """Names used before the one evaluator (`sae.metrics.LEGACY_FIGURE_NAMES`, e.g.
+        `ce_loss_recovered`), readable for one release with a DeprecationWarning."""
+        if name not in LEGACY_FIGURE_NAMES:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self, warn_legacy_name(type(self).__name__, name))
+
     def to_dict(self) -> dict[str, Any]:
         """The figures grouped as SAEBench's core output is, without the per-latent arrays."""
         return {
@@ -237,50 +268,6 @@ class _Sums:
         self.fires += active.sum(0).cpu()
 
 
-def explained_variance_from_sums(sse: float, sum_sq: float, sum_x: Tensor, n: int) -> float:
-    """1 - (SSE/n) / (E||x||^2 - ||E x||^2), SAELens's `ExplainedVarianceCalculator.compute`
-    (including its convention for zero variance: 1 if the error is zero too, else 0)."""
-    if n == 0:
-        return float("nan")
-    variance = sum_sq / n - (sum_x / n).pow(2).sum().item()
-    if variance < 1e-10:
-        return 1.0 if sse / n < 1e-10 else 0.0
-    return 1.0 - (sse / n) / variance
-
-
-@torch.inference_mode()
-def max_decoder_cosine(W_dec: Float[Tensor, "d_sae d_in"], *, chunk: int = 4096,
-                       absolute: bool = True) -> Float[Tensor, " d_sae"]:
-    """For each latent, the largest |cos| between its decoder row and any other latent's row.
-
-    `absolute=False` takes the signed maximum instead, as SAEBench's `calculate_max_cosine_sim`
-    (evals/core/main.py) does for `average_max_decoder_cosine_sim`; |cos| also counts antiparallel
-    rows as duplicates. Computed in blocks of `chunk` rows so that the d_sae x d_sae matrix never
-    exists at once. A zero row has cosine 0 with everything. With one latent there is no other
-    row: NaN.
-    """
-    rows = W_dec.detach().float()
-    unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-    for start in range(0, rows.shape[0], chunk):
-        block = unit[start:start + chunk] @ unit.T  # (chunk, d_sae)
-        block = block.abs() if absolute else block
-        index = torch.arange(block.shape[0], device=rows.device)
-        block[index, index + start] = float("-inf")  # a row's cosine with itself is not a neighbour
-        out[start:start + chunk] = block.max(dim=-1).values
-    return out.cpu().masked_fill(torch.isinf(out.cpu()), float("nan"))
-
-
-def cosine_summary(values: Tensor) -> dict[str, float]:
-    """Mean, true median, min, max and `COSINE_QUANTILES` of per-latent max |cos|."""
-    values = values.double()
-    summary = {"mean": values.mean().item(), "median": median(values).item(),
-               "min": values.min().item(), "max": values.max().item()}
-    for q in COSINE_QUANTILES:
-        summary[f"q{round(q * 100):02d}"] = values.nanquantile(q).item()
-    return summary
-
-
 def ignored_token_ids(model: Any, config: EvalConfig) -> tuple[int, ...]:
     """The ids `config` ignores: given, or the tokenizer's structural special ids (SAELens's rule)."""
     if config.ignore_tokens is not None:
@@ -290,18 +277,32 @@ def ignored_token_ids(model: Any, config: EvalConfig) -> tuple[int, ...]:
     return tuple(sorted(i for i in found if i is not None))
 
 
-def token_batches(model: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"],
-                  config: EvalConfig) -> Iterator[tuple[Tensor, Bool[Tensor, "batch pos"]]]:
-    """Batches of (tokens, real-token mask): token rows as given, or texts tokenized with BOS,
-    truncated to `context_size` and right-padded."""
+def check_right_padding(tokens: Tensor, mask: Tensor | None) -> None:
+    """`mask` (real tokens of right-padded rows) must be a bool tensor of the tokens' shape that
+    marks a non-empty prefix of each row."""
+    if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool or not mask[:, 0].all()
+                             or (mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError(f"mask must be a bool tensor of the tokens' shape {tuple(tokens.shape)} marking a "
+                         "non-empty prefix of each row (right padding)")
+
+
+def token_batches(model: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"], config: EvalConfig,
+                  mask: Bool[Tensor, "rows pos"] | None = None) -> Iterator[tuple[Tensor, Bool[Tensor, "batch pos"]]]:
+    """Batches of (tokens, real-token mask): token rows as given (with `mask`, right-padded rows
+    whose padding is not real), or texts tokenized with BOS, truncated to `context_size` and
+    right-padded."""
     if isinstance(corpus, Tensor):
         if corpus.ndim != 2 or corpus.is_floating_point() or corpus.shape[1] < 2:
             raise ValueError(f"a token corpus must be an integer tensor (rows, pos >= 2); got {corpus.dtype} "
                              f"{tuple(corpus.shape)}")
+        check_right_padding(corpus, mask)
+        real = torch.ones_like(corpus, dtype=torch.bool) if mask is None else mask
         for start in range(0, corpus.shape[0], config.batch_size):
-            rows = corpus[start:start + config.batch_size, :config.context_size]
-            yield rows, torch.ones_like(rows, dtype=torch.bool)
+            rows = slice(start, start + config.batch_size)
+            yield corpus[rows, :config.context_size], real[rows, :config.context_size].to(corpus.device)
         return
+    if mask is not None:
+        raise TypeError("mask marks the real tokens of a token tensor; texts are padded here")
     if isinstance(corpus, str):
         raise TypeError("corpus must be an iterable of texts or a token tensor, not one string; wrap it in a list")
     texts = iter(corpus)
@@ -313,20 +314,26 @@ def token_batches(model: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"],
 
 
 def evaluate_sae(model: Any, sae: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"], *, site: Site | None = None,
-                 config: EvalConfig | None = None, checks: SpliceChecks | None = None) -> SAEEvaluation:
-    """SAEBench's core figures for `sae` at its site (or `site`) over `corpus`.
+                 config: EvalConfig | None = None, checks: SpliceChecks | None = None,
+                 mask: Bool[Tensor, "rows pos"] | None = None) -> SAEEvaluation:
+    """SAEBench's core figures for `sae` at its site (or `site`) over `corpus`: the project's one
+    evaluator (the trainer's eval line, `latentpatch eval`, the demo and the release registry).
 
     `corpus` is an iterable of texts (read lazily, `batch_size` at a time, so a held-out split can
-    stream in) or a (rows, pos) token tensor used as given. The SAE is checked against the model
-    as a splice checks it, before the first forward pass.
+    stream in) or a (rows, pos) token tensor used as given; `mask` marks the real tokens of
+    right-padded rows (`patching.model.tokens.padded_tokens` gives both). Scored: every real
+    token whose id is not ignored (`EvalConfig.ignore_tokens`, by default the tokenizer's BOS,
+    EOS, PAD, SEP and decoder-start ids, as SAELens). The SAE is checked against the model as a
+    splice checks it, and the mask is checked, before the first forward pass.
     """
     config = EvalConfig() if config is None else config
     site, adapted = resolve_site(model, sae, site, checks=checks)
+    batches = token_batches(model, corpus, config, mask)
     ignored = torch.tensor(ignored_token_ids(model, config), dtype=torch.long)
     sums = _Sums(d_in=adapted.d_in, d_sae=adapted.d_sae, massive_norm_ratio=config.massive_norm_ratio)
     bar = tqdm(desc=f"eval {site.hook_name}", unit="tok", disable=not config.progress, total=config.max_tokens)
     with bar:
-        for tokens, real in token_batches(model, corpus, config):
+        for tokens, real in batches:
             device = tl_compat.model_device(model)
             tokens, real = tokens.to(device), real.to(device)
             keep = real & ~torch.isin(tokens, ignored.to(device))
@@ -381,7 +388,7 @@ def _finish(site: Site, sums: _Sums, max_cos: Tensor, signed: Tensor, config: Ev
         site=site.hook_name,
         ce_loss_score=ce_loss_recovered(ce_clean, ce_spliced, ce_ablated), ce_loss_with_sae=ce_spliced,
         ce_loss_without_sae=ce_clean, ce_loss_with_ablation=ce_ablated,
-        kl_div_score=(kl_ablated - kl_spliced) / kl_ablated, kl_div_with_sae=kl_spliced, kl_div_with_ablation=kl_ablated,
+        kl_div_score=kl_div_score(kl_spliced, kl_ablated), kl_div_with_sae=kl_spliced, kl_div_with_ablation=kl_ablated,
         explained_variance=explained_variance_from_sums(t["sse"], t["sum_sq"], sums.sum_x, n),
         explained_variance_typical=explained_variance_from_sums(t["sse_typical"], t["sum_sq_typical"],
                                                                 sums.sum_x_typical, sums.n_typical),

@@ -2,8 +2,9 @@
 
 The rows are the first `n_rows` token rows (BOS + `context_size - 1` tokens, packed as for
 training) of a corpus's held-out split, which no SAE trains on: the same rows on every machine,
-so figures from different runs compare (`latentpatch.release.evaluate` runs SAEBench's core set on
-them).
+so figures from different runs compare. The trainer's periodic evaluation (`latentpatch train
+--eval-every`), `latentpatch eval --heldout-rows` and the release registry (`latentpatch.release.evaluate`)
+all run the one evaluator, `patching.splice.evaluate_sae`, on them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from torch import Tensor
 
 from training.errors import DataSourceError
 
+HELDOUT_ROWS = 32
+"""Held-out rows the trainer's periodic evaluation reads by default (`latentpatch train --eval-rows`);
+the release registry reads 160 (`latentpatch.release.EVAL_ROWS`)."""
 
-def heldout_tokens(model: Any, *, corpus: str = "real", n_rows: int = 32,
+
+def heldout_tokens(model: Any, *, corpus: str = "real", n_rows: int = HELDOUT_ROWS,
                    context_size: int = 128) -> Int[Tensor, "row pos"]:
     """The first `n_rows` packed rows of `corpus`'s held-out split."""
     from training.data.mix import corpus_texts

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sae.metrics import explained_variance_from_sums
 from sae.model import SparseAutoencoder
 from training.trainer import checkpoint as ckpt
 from training.trainer.config import TrainerConfig
@@ -112,9 +113,9 @@ class DataParallelTrainer(Trainer):
         self.comm.all_reduce_sum_(sums)
         n, d_in = x_n.shape[0] * self.world_size, x_n.shape[1]
         squared, x_squared, nonzero, l1 = sums[:4].tolist()
-        total = x_squared - sums[4:].pow(2).sum().item() / n  # sum ||x - mean||^2
         # The same definitions as training.trainer.metrics.batch_metrics (mse in the activations' units).
-        return {"mse": squared / (n * d_in) * self.scale**2, "explained_variance": 1 - squared / total, "l0": nonzero / n,
+        return {"mse": squared / (n * d_in) * self.scale**2,
+                "explained_variance": explained_variance_from_sums(squared, x_squared, sums[4:], n), "l0": nonzero / n,
                 "l1": l1 / n}
 
     @torch.no_grad()

@@ -79,7 +79,8 @@ class Trainer:
 
     `out_dir` (optional) receives the JSONL log, checkpoints under `checkpoints/` and, at the
     end, the SAE folder (several SAEs: `sae-0/`, `sae-1/`, ...). With `model` and `eval_tokens`,
-    `splice_metrics` runs every `config.eval_every` steps at each SAE's `cfg.hook_name`.
+    the evaluator (`patching.splice.evaluate_sae`) runs every `config.eval_every` steps at each SAE's
+    `cfg.hook_name`.
     """
 
     def __init__(self, config: TrainerConfig, saes: SparseAutoencoder | Sequence[SparseAutoencoder],
@@ -304,11 +305,17 @@ class Trainer:
             runlog.write(record)
 
     def _evaluate(self, runlog: RunLog) -> None:
-        from patching.splice.quality import splice_metrics
+        """The one evaluator (`patching.splice.evaluate_sae`, SAEBench's figures under their SAELens
+        names, `eval/<name>`) on the eval rows, configured as `latentpatch eval` and the release
+        registry run it, so that the three print the same figures for the same SAE and rows. It
+        measures the SAE as it will be saved (the normalization scale folded into the weights):
+        bit for bit the figures `latentpatch eval` gives for the saved folder."""
+        from patching.splice.evaluation import EvalConfig, evaluate_sae
 
+        config = EvalConfig(context_size=max(2, self.eval_tokens.shape[1]), progress=False)
         for index, member in enumerate(self.members):
-            metrics = splice_metrics(self.model, member.sae, self.eval_tokens)
-            record = {"step": self.step, "tokens": self.tokens_seen, **{f"eval/{k}": v for k, v in metrics.to_dict().items()}}
+            figures = evaluate_sae(self.model, member.sae.folded(), self.eval_tokens, config=config).figures()
+            record = {"step": self.step, "tokens": self.tokens_seen, **{f"eval/{k}": v for k, v in figures.items()}}
             if len(self.members) > 1:
                 record["sae"] = index
             runlog.write(record)
