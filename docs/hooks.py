@@ -67,12 +67,19 @@ def cli_markdown() -> str:
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "latentpatch"]
     main = script.load()
     parser: argparse.ArgumentParser = importlib.import_module(main.__module__).build_parser()
-    os.environ["COLUMNS"] = "110"  # argparse wraps to the terminal; a fixed width keeps builds identical
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {choice.dest: choice.help for choice in sub._choices_actions}
-    parts = ["## latentpatch\n", fence(parser.format_help())]
-    for name, command in sub.choices.items():
-        parts += [f"## latentpatch {name}\n", f"{helps.get(name, '')}\n", fence(command.format_help())]
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; a fixed width keeps builds identical
+    try:
+        parts = ["## latentpatch\n", fence(parser.format_help())]
+        for name, command in sub.choices.items():
+            parts += [f"## latentpatch {name}\n", f"{helps.get(name, '')}\n", fence(command.format_help())]
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     return "\n".join(parts)
 
 

@@ -1,6 +1,7 @@
 """The README and the documentation site say what the code does: every ```python block of README.md and
 docs/**/*.md runs (the blocks of one page in order, in one namespace, as a reader would run them), and
-every `latentpatch ...` command shown in a bash block parses with the command line's own parser.
+every `latentpatch ...` command shown in a bash block parses with the command line's own parser. A page
+that uses an old name (one that warns with `sae.deprecation`'s message) fails: the docs show the current API.
 
 A block fenced as ```python no-run is skipped; a page that uses it must say why next to it."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
+DEPRECATED = re.compile(r"is deprecated and will be removed")  # sae.deprecation.warn_deprecated's message
 BASH = re.compile(r"^```bash\n(.*?)^```", flags=re.S | re.M)
 
 
@@ -60,9 +63,13 @@ def example_pages() -> list:
 def test_every_python_block_runs(page, tmp_path, monkeypatch, reused_default_model):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": f"docs:{page.name}"}
-    for index, block in enumerate(python_blocks(page)):
-        code = compile(block, f"{page.relative_to(ROOT)} (python block {index + 1})", "exec")
-        exec(code, namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for index, block in enumerate(python_blocks(page)):
+            code = compile(block, f"{page.relative_to(ROOT)} (python block {index + 1})", "exec")
+            exec(code, namespace)
+    deprecated = [str(w.message) for w in caught if DEPRECATED.search(str(w.message))]
+    assert not deprecated, f"{page.name} shows old names: {deprecated}"
 
 
 def cli_commands(page: Path) -> list[str]:
