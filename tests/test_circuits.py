@@ -49,6 +49,8 @@ def test_whole_graph_is_faithful_and_its_complement_empty(model, prompts):
     torch.testing.assert_close(f.faithfulness, torch.ones(2), atol=1e-4, rtol=0)
     torch.testing.assert_close(f.completeness, torch.zeros(2), atol=1e-4, rtol=0)
     torch.testing.assert_close(f.metric_circuit, f.metric_clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(f.metric_empty, f.metric_corrupted, atol=1e-5, rtol=0)  # the whole graph: M(∅) is corrupted
+    torch.testing.assert_close(f.metric_complement, f.metric_corrupted, atol=1e-5, rtol=0)
     assert (f.metric_clean - f.metric_corrupted).abs().min() > 0.05
 
 
@@ -66,6 +68,19 @@ def test_missing_one_edge_equals_noising_path_patching_of_it(model, prompts):
     expected = torch.stack([exact.metric[:, i, i] for i in range(len(sample))], 1)
     torch.testing.assert_close(values, expected, atol=1e-4, rtol=0)
     assert (values - m_clean[:, None]).abs().max() > 1e-2
+
+
+def test_a_partial_graph_measures_its_own_empty_circuit(model, prompts):
+    clean, corrupted = prompts
+    senders, receivers = upstream_nodes(model, layers=[1], embed=False), receivers_of(model, layers=[1])
+    edges = {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
+    f = faithfulness(model, clean, corrupted, METRIC, set(), senders=senders, receivers=receivers)
+    values, _, _ = edge_ablated_metrics(model, clean, corrupted, METRIC, [set()], senders=senders, receivers=receivers)
+    torch.testing.assert_close(f.metric_empty, values[:, 0])
+    assert (f.metric_empty - f.metric_corrupted).abs().max() > 1e-3  # layer 0 stays intact: not the corrupted run
+    torch.testing.assert_close(f.faithfulness, torch.zeros(2), atol=1e-6, rtol=0)
+    whole = faithfulness(model, clean, corrupted, METRIC, edges, senders=senders, receivers=receivers)
+    torch.testing.assert_close(whole.faithfulness, torch.ones(2), atol=1e-4, rtol=0)
 
 
 def test_edges_outside_the_graph_refused(model, prompts):

@@ -9,9 +9,10 @@ recursively, as in ACDC (Conmy et al. 2023) and Marks et al. 2024. With every ed
 the corrupted run; with none missing it is the clean run.
 
 Faithfulness (Marks et al. 2024, "Sparse Feature Circuits", §3.3; DESIGN.md "Paths and edges"):
-`(M(C) − M(∅)) / (M(full) − M(∅))`, here `(M(C) − M_corrupted) / (M_clean − M_corrupted)`;
-completeness is the same score for the complement (every edge of the graph not in C): near 0 when
-the circuit holds everything that matters.
+`(M(C) − M(∅)) / (M(full) − M(∅))`, where M(full) is the clean run and M(∅) the run with every edge
+of the graph missing (the corrupted run when the graph is the whole model; a graph over some layers
+leaves the rest intact, so M(∅) is measured, not assumed); completeness is the same score for the
+complement (every edge of the graph not in C): near 0 when the circuit holds everything that matters.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ class Faithfulness:
     """How much of the clean-vs-corrupted gap a circuit carries, per pair."""
 
     faithfulness: Tensor
-    """(M(C) − M_corrupted) / (M_clean − M_corrupted), (pairs,)."""
+    """(M(C) − M(∅)) / (M_clean − M(∅)), (pairs,)."""
     completeness: Tensor
     """The same for the complement of C in the graph, (pairs,)."""
     metric_circuit: Tensor
     """M with only C intact, (pairs,)."""
     metric_complement: Tensor
     """M with only the complement intact, (pairs,)."""
+    metric_empty: Tensor
+    """M with every edge of the graph missing, (pairs,)."""
     metric_clean: Tensor
     """M of the clean run, (pairs,)."""
     metric_corrupted: Tensor
@@ -93,12 +96,17 @@ def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, ci
     `senders` × `receivers`); see the module docstring."""
     senders, receivers = check_graph(model, senders, receivers)
     graph = {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
-    values, m_clean, m_corrupted = edge_ablated_metrics(model, clean, corrupted, metric, [set(circuit), graph - set(circuit)],
+    values, m_clean, m_corrupted = edge_ablated_metrics(model, clean, corrupted, metric,
+                                                        [set(circuit), graph - set(circuit), set()],
                                                         senders=senders, receivers=receivers)
-    span = m_clean - m_corrupted
-    return Faithfulness(faithfulness=(values[:, 0] - m_corrupted) / span, completeness=(values[:, 1] - m_corrupted) / span,
-                        metric_circuit=values[:, 0], metric_complement=values[:, 1], metric_clean=m_clean,
-                        metric_corrupted=m_corrupted, n_edges=len(circuit))
+    empty = values[:, 2]
+    span = m_clean - empty
+    if (span.abs() < 1e-6).any():
+        raise PatchingError(f"ablating every edge of the graph leaves the metric at its clean value (pairs "
+                            f"{torch.nonzero(span.abs() < 1e-6).flatten().tolist()}): faithfulness is undefined")
+    return Faithfulness(faithfulness=(values[:, 0] - empty) / span, completeness=(values[:, 1] - empty) / span,
+                        metric_circuit=values[:, 0], metric_complement=values[:, 1], metric_empty=empty,
+                        metric_clean=m_clean, metric_corrupted=m_corrupted, n_edges=len(circuit))
 
 
 def _ablated_run(model: Any, metric: Metric, pair_index: int, clean: StreamRun, corrupted: StreamRun, senders: list[Node],
