@@ -149,6 +149,9 @@ def load_release(release: str, sae_id: str, *, device: str | torch.device = "cpu
     """A shipped SAE, its weights verified, in `dtype` (float32 by default); works offline."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    if not isinstance(release, str) or not isinstance(sae_id, str):  # a list failed as unhashable, untyped
+        shipped = [f"{name} {sid}" for name, ids in list_releases(root=root).items() for sid in ids]
+        raise UnknownReleaseError(f"release {release!r} with sae_id {sae_id!r} (both must be strings)", shipped)
     entry = release_entry(release, sae_id, root=root)
     verify_release(entry)
     stored = load_sae(entry.folder)

@@ -3,15 +3,14 @@
 TransformerLens's `to_tokens` cuts a text to its first `n_ctx` tokens without a word, so a patch on
 two long prompts was computed on their beginnings, with the metric read after the wrong token.
 Every entry point now refuses, naming the lengths; the cut happens only when asked for. The model
-here is a tiny random one with a word-level tokenizer built on the spot (no download), so texts of
-any token length are easy to write.
+here is a tiny random one with a word-level tokenizer (`worded_model`), so texts of any token
+length are easy to write.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hooks_snapshot import assert_refused_before_any_forward
 from patching import LogitDiff, PatchingError, attribute_latents, generate_steered, padded_tokens, patch_latents
@@ -19,26 +18,14 @@ from patching.model import tl_compat
 from patching.splice.generate import generate
 from patching.tracing import NoiseConfig, causal_trace, self_repair
 from conftest import make_sae
+from worded_model import worded_model
 
 N_CTX = 16
 
 
 @pytest.fixture(scope="module")
 def worded(tmp_path_factory):
-    """A 2-layer random model whose tokenizer maps the words `w0..w46` to ids 3..49 (BOS is 0)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens import HookedTransformer
-
-    words = ["<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(47)]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    folder = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                            pad_token="<eos>").save_pretrained(folder)
-    cfg = tl_compat.tiny_config(n_layers=2, d_vocab=50, n_ctx=N_CTX, positional_embedding_type="rotary")
-    model = HookedTransformer(cfg, AutoTokenizer.from_pretrained(folder))
-    model.eval()
-    return model
+    return worded_model(tmp_path_factory.mktemp("tokenizer"), n_ctx=N_CTX)
 
 
 @pytest.fixture(scope="module")

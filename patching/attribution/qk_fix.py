@@ -32,7 +32,7 @@ from patching.model.sites import Site
 from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Direction, Prompts, make_pairs
-from patching.sweep.patch import check_run_settings, flag_small_spans, provenance_record
+from patching.sweep.patch import check_run_settings, flag_small_spans, provenance_record, run_lengths
 from patching.sweep.results import PatchResult
 from patching.sweep.units import head_units
 
@@ -71,7 +71,7 @@ def attribute_qk(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     if reason is not None and config.method == "atp_qk":
         raise PatchingError(f"the QK fix cannot run on {tl_compat.model_name(model)}: {reason}")
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)
-    check_run_settings(model, metric, len(pairs))
+    check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
     n_layers = tl_compat.n_layers(model)
     layers = list(range(n_layers)) if config.layers is None else [Site(layer).check(model).layer for layer in config.layers]
     shortest = min(pair.n_base for pair in pairs)

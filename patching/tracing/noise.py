@@ -38,6 +38,9 @@ class NoiseConfig:
             raise PatchingError("NoiseConfig.scale must be finite, got inf")
         if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or self.n_samples < 1:
             raise PatchingError(f"NoiseConfig.n_samples must be a positive int, got {self.n_samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise PatchingError(f"NoiseConfig.seed must be an int in [0, 2**63) (what torch.Generator takes), "
+                                f"got {self.seed!r}")
 
     def draw(self, n_positions: int, d_model: int) -> Tensor:
         """The noise, `(n_samples, n_positions, d_model)`, the same for every call with this config."""
