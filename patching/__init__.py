@@ -4,7 +4,7 @@
     splice/       typed edits, the splicer, collecting latents over a corpus, splice quality
     sweep/        metrics, prompt pairs, units, the batched exact engine, results and plots
     attribution/  AtP, integrated gradients, AtP*-GradDrop, verify against exact, restoration curves
-    paths/        path patching and edges: nodes, receivers, exact path patching, edge attribution
+    paths/        path patching, edge attribution and circuits (faithfulness, completeness)
     tracing/      Gaussian-noise corruption, ROME's causal tracing, self-repair (the Hydra effect)
     steering/  inspect/  safety/   the three uses; they never import each other
 
@@ -37,14 +37,16 @@ from patching.splice import (
     iter_site_values, resolve_saes, resolve_site, save_evaluation, splice, splice_metrics,
 )
 from patching.sweep import (
-    CallableMetric, KLFromClean, LogitDiff, Metric, PatchResult, PatchUnit, PromptPair, TokenLogProb, TokenProb,
-    TopEntry, UnitPart, as_metric, make_pairs, patch_heads, patch_latents, patch_residual,
+    CallableMetric, KLFromClean, LogitDiff, Metric, PatchResult, PatchUnit, PromptPair, ReferenceRuns, TokenLogProb,
+    TokenProb, TopEntry, UnitPart, as_metric, make_pairs, patch_heads, patch_latents, patch_residual, register_unit_kind,
+    unit_kinds,
 )
 from patching.attribution import (
     QKConfig, RestorationCurve, Verification, attribute_latents, attribute_qk, latent_restoration, raw_restoration, verify,
 )
 from patching.paths import (
-    EdgeConfig, Node, PathConfig, PathResult, Receiver, attribute_edges, patch_paths, receivers_of, upstream_nodes,
+    CircuitConfig, CircuitResult, EdgeConfig, Faithfulness, Node, PathConfig, PathResult, Receiver, attribute_edges,
+    faithfulness, find_circuit, patch_paths, receivers_of, upstream_nodes,
 )
 from patching.tracing import (
     Component, NoiseConfig, RepairResult, TraceResult, causal_trace, embedding_std, self_repair, subject_positions,
@@ -66,25 +68,26 @@ from sae.deprecation import renamed_attributes
 from sae.errors import LatentpatchError
 
 __all__ = [
-    "CONCEPTS", "CallableMetric", "CompareSettings", "Component", "Concept", "Corpus", "DEFAULT_MODEL",
-    "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "EvalConfig", "GuidedGeneration", "InspectConfig",
-    "Interventions", "KLFromClean", "LatentChoice", "LatentEdit", "LatentPatch", "LatentReport", "LatentpatchError",
-    "LogitDiff", "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection",
-    "Node", "NoiseConfig", "PAIRS", "PatchResult", "PatchUnit", "PatchingError", "PathConfig", "PathResult",
-    "PromptPair", "QKConfig", "Receiver", "RefusalScore", "RepairResult", "RestorationCurve", "SAEEvaluation",
-    "SafetyConfig", "SafetyReport", "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice",
-    "SpliceChecks", "SpliceError", "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison",
-    "SteeringConfig", "SteeringError", "Step", "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve",
-    "UnitPart", "UnitReport", "UnitScores", "UnitSet", "Verification", "as_metric", "as_site", "attribute_edges",
-    "attribute_latents", "attribute_qk", "cache_root", "causal_trace", "compare_steering", "contrast_latents",
-    "decompose", "embedding_std", "evaluate_sae", "find_safety_latents", "generate", "generate_steered",
+    "CONCEPTS", "CallableMetric", "CircuitConfig", "CircuitResult", "CompareSettings", "Component", "Concept",
+    "Corpus", "DEFAULT_MODEL", "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "EvalConfig",
+    "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions", "KLFromClean", "LatentChoice", "LatentEdit",
+    "LatentPatch", "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "ModelFlags", "ModelLoadError",
+    "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection", "Node", "NoiseConfig", "PAIRS", "PatchResult",
+    "PatchUnit", "PatchingError", "PathConfig", "PathResult", "PromptPair", "QKConfig", "Receiver", "ReferenceRuns",
+    "RefusalScore", "RepairResult", "RestorationCurve", "SAEEvaluation", "SafetyConfig", "SafetyReport",
+    "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError",
+    "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step",
+    "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores",
+    "UnitSet", "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latents", "attribute_qk",
+    "cache_root", "causal_trace", "compare_steering", "contrast_latents", "decompose", "embedding_std",
+    "evaluate_sae", "faithfulness", "find_circuit", "find_safety_latents", "generate", "generate_steered",
     "guided_generate", "inspect_latent", "inspect_latents", "inspect_units", "intervening", "is_refusal",
     "iter_site_latents", "iter_site_values", "latent_restoration", "latents_from_result", "library_version",
     "load_model", "load_model_for", "logit_effect", "make_pairs", "model_flags", "padded_tokens", "patch_heads",
     "patch_latents", "patch_paths", "patch_residual", "provenance", "raw_restoration", "readout", "receivers_of",
-    "refusal_directions", "refusal_rate", "resolve_saes", "resolve_site", "save_evaluation", "self_repair", "splice",
-    "splice_metrics", "steer", "steering_vector", "subject_positions", "unit_scores", "upstream_nodes", "verify",
-    "window_layers", "write_dashboards",
+    "refusal_directions", "refusal_rate", "register_unit_kind", "resolve_saes", "resolve_site", "save_evaluation",
+    "self_repair", "splice", "splice_metrics", "steer", "steering_vector", "subject_positions", "unit_kinds",
+    "unit_scores", "upstream_nodes", "verify", "window_layers", "write_dashboards",
 ]
 
 __getattr__ = renamed_attributes(__name__, {"Direction": lambda: NeuronDirection})

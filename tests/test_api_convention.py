@@ -349,3 +349,50 @@ def test_safety_report_round_trip_and_its_recorded_hash(tiny_model, tiny_sae, tm
     saved = json.loads((tmp_path / "safety" / "report.json").read_text())["provenance"]
     assert saved["saes"] == record["saes"]  # computed from the SAE when the report was made, not passed in
     deprecated(report.save, tmp_path / "again", sae_sha256="0" * 64)
+
+
+# --- Extension points: the docstrings' "add your own" examples, run exactly as written -----------
+
+def docstring_example(module) -> str:
+    """The one ```python block of `module`'s docstring."""
+    doc = importlib.import_module(module).__doc__
+    start = doc.index("```python\n") + len("```python\n")
+    return doc[start: doc.index("```", start)]
+
+
+def test_add_your_own_unit_kind_example(tiny_model, tiny_sae, pair):
+    """The units module's example registers a kind; a sweep by that name equals the built-in
+    latent_position sweep's units at the last position, effect for effect."""
+    from patching import LogitDiff, patch_latents
+    from patching.sweep.units import UNIT_KIND_TABLE
+
+    namespace: dict = {}
+    try:
+        exec(docstring_example("patching.sweep.units"), namespace)
+        ours = patch_latents(tiny_model, tiny_sae, *pair, LogitDiff(3, 4), units="latent_last", progress=False)
+    finally:
+        UNIT_KIND_TABLE.pop("latent_last", None)
+    every = patch_latents(tiny_model, tiny_sae, *pair, LogitDiff(3, 4), units="latent_position", progress=False)
+    last = [i for i, unit in enumerate(every.units) if unit.parts[0].positions == (pair[0].shape[1] - 1,)]
+    assert len(ours.units) == len(last) > 0 and ours.units == [every.units[i] for i in last]
+    torch.testing.assert_close(ours.effect, every.effect[:, last], rtol=0, atol=1e-6)
+    with pytest.raises(LatentpatchError, match="already registered"):
+        namespace["register_unit_kind"]("latent", namespace["last_position_latents"])
+    with pytest.raises(LatentpatchError, match="one of"):
+        patch_latents(tiny_model, tiny_sae, *pair, LogitDiff(3, 4), units="latent_last", progress=False)
+
+
+def test_add_your_own_metric_example(tiny_model, tiny_sae, pair):
+    """The objectives module's example metric binds to the clean runs through `bind` alone; a
+    sweep with it equals a sweep with TokenLogProb of the clean top token found here by hand."""
+    from patching import TokenLogProb, patch_latents
+    from patching.model import tl_compat
+
+    namespace: dict = {}
+    exec(docstring_example("patching.sweep.objectives"), namespace)
+    with torch.inference_mode():
+        top = int(tl_compat.forward_logits(tiny_model, pair[0])[0, -1].argmax())
+    ours = patch_latents(tiny_model, tiny_sae, *pair, namespace["CleanTopLogProb"](), units="position", progress=False)
+    reference = patch_latents(tiny_model, tiny_sae, *pair, TokenLogProb(top), units="position", progress=False)
+    torch.testing.assert_close(ours.metric, reference.metric, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.metric_clean, reference.metric_clean, rtol=0, atol=1e-5)

@@ -13,9 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Room -> the rooms it may import. `errors` and `figures` are base modules every room may use, so
-# they import no room themselves.
-BASE = {"errors", "figures"}
+# Room -> the rooms it may import. `errors`, `figures`, `configs` (one way to pass a config) and `saved`
+# (the result contract) are base modules every room may use, so they import no room themselves.
+BASE = {"errors", "figures", "configs", "saved"}
 ALLOWED = {
     "model": set(),
     "splice": {"model"},

@@ -3,10 +3,15 @@ exact engine, `patch_latents` / `patch_residual`, and results with their plots.
 
 Imports `model` and `splice` below it."""
 
-from patching.sweep.objectives import CallableMetric, KLFromClean, LogitDiff, Metric, TokenLogProb, TokenProb, as_metric
+from patching.sweep.objectives import (CallableMetric, KLFromClean, LogitDiff, Metric, ReferenceRuns, TokenLogProb, TokenProb,
+                                       as_metric)
 from patching.sweep.pairs import PromptPair, make_pairs
-from patching.sweep.units import PatchUnit, UnitPart
+from patching.sweep.units import PatchUnit, UnitPart, register_unit_kind, unit_kinds
 from patching.sweep.patch import patch_heads, patch_latents, patch_residual
 from patching.sweep.results import PatchResult, TopEntry, library_version
 
-__all__ = ["CallableMetric", "KLFromClean", "LogitDiff", "Metric", "PatchResult", "PatchUnit", "PromptPair", "TokenLogProb", "TokenProb", "TopEntry", "UnitPart", "as_metric", "library_version", "make_pairs", "patch_heads", "patch_latents", "patch_residual"]
+__all__ = [
+    "CallableMetric", "KLFromClean", "LogitDiff", "Metric", "PatchResult", "PatchUnit", "PromptPair", "ReferenceRuns",
+    "TokenLogProb", "TokenProb", "TopEntry", "UnitPart", "as_metric", "library_version", "make_pairs", "patch_heads",
+    "patch_latents", "patch_residual", "register_unit_kind", "unit_kinds",
+]

@@ -24,7 +24,7 @@ from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.splice.edits import ErrorPatch, LatentPatch
 from patching.splice.splicer import Splice
-from patching.sweep.objectives import KLFromClean, Metric
+from patching.sweep.objectives import Metric, ReferenceRuns, bind_metric
 from patching.sweep.pairs import PromptPair
 from patching.sweep.units import PatchUnit, position_mask
 
@@ -283,17 +283,11 @@ def _group(items: list[tuple]) -> dict[Site, list[tuple]]:
     return grouped
 
 
-def bind_metric(metric: Metric, clean_runs: list[RunCache]) -> Metric:
-    """Metrics that compare against the clean run (KL) get each pair's clean logits."""
-    if isinstance(metric, KLFromClean):
-        return metric.bind(torch.stack([run.logits for run in clean_runs]))
-    return metric
-
-
 def reference_metrics(metric: Metric, runs: list[tuple[RunCache, RunCache]], direction: str) -> tuple[Metric, Tensor, Tensor]:
     """The metric bound to the clean runs, M_clean and M_corrupted per pair; refuses pairs it cannot tell apart."""
-    clean_runs = [source if direction == "denoise" else base for base, source in runs]
-    metric = bind_metric(metric, clean_runs)
+    clean_runs, corrupted_runs = zip(*[(source, base) if direction == "denoise" else (base, source) for base, source in runs])
+    metric = bind_metric(metric, ReferenceRuns(torch.stack([run.logits for run in clean_runs]),
+                                               torch.stack([run.logits for run in corrupted_runs])))
     m_base = torch.stack([metric(base.logits[None], torch.tensor([i]))[0] for i, (base, _) in enumerate(runs)]).cpu()
     m_source = torch.stack([metric(src.logits[None], torch.tensor([i]))[0] for i, (_, src) in enumerate(runs)]).cpu()
     for name, values in (("base", m_base), ("source", m_source)):

@@ -5,6 +5,31 @@ every position (`readout = None`). Sweeps compute the final norm and unembedding
 readout position, so a metric that declares one is cheaper; a metric with `columns()` (the token
 ids it reads) has only those logits computed, the rest NaN. Metrics receive `pair`, the index
 of the prompt pair each row belongs to, so per-pair answer tokens work in mixed batches.
+
+A metric that needs something from the unpatched runs (KL needs the clean distribution) has a
+`bind(runs)` method: the sweep calls it once with the `ReferenceRuns` and uses the metric it
+returns. Adding such a metric touches no engine code, for example the log-probability of the
+clean run's own top token:
+
+```python
+from dataclasses import dataclass
+
+import torch
+
+from patching.sweep import ReferenceRuns
+
+
+@dataclass(frozen=True)
+class CleanTopLogProb:
+    readout: int = -1
+    top: torch.Tensor | None = None  # per pair: the clean run's top token, set by bind
+
+    def bind(self, runs: ReferenceRuns) -> "CleanTopLogProb":
+        return CleanTopLogProb(self.readout, runs.clean_logits.argmax(-1))
+
+    def __call__(self, logits, pair):
+        return logits.float().log_softmax(-1)[torch.arange(logits.shape[0]), self.top.to(logits.device)[pair]]
+```
 """
 
 from __future__ import annotations
@@ -12,7 +37,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -26,6 +51,28 @@ class Metric(Protocol):
     readout: int | None
 
     def __call__(self, logits: Tensor, pair: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]: ...
+
+
+class ReferenceRuns(NamedTuple):
+    """What a metric's `bind` may read from a sweep's unpatched runs, one row per prompt pair."""
+
+    clean_logits: Tensor
+    """Logits of each pair's clean run at the metric's readout position, (pairs, vocab) (all
+    positions, (pairs, pos, vocab), for a metric reading every position)."""
+    corrupted_logits: Tensor
+    """The same for each pair's corrupted run."""
+
+
+@runtime_checkable
+class BindsToRuns(Protocol):
+    """A metric that needs the unpatched runs: `bind` returns the metric the sweep evaluates."""
+
+    def bind(self, runs: ReferenceRuns) -> Metric: ...
+
+
+def bind_metric(metric: Metric, runs: ReferenceRuns) -> Metric:
+    """`metric.bind(runs)` for a metric that has it (`BindsToRuns`), else the metric itself."""
+    return metric.bind(runs) if isinstance(metric, BindsToRuns) else metric
 
 
 def _tokens(name: str, value: int | Sequence[int] | Tensor) -> Tensor:
@@ -101,8 +148,8 @@ class TokenProb(TokenLogProb):
 class KLFromClean:
     """KL(clean || patched) of the next-token distribution at `position`, in nats.
 
-    The sweep calls `bind(clean_logits)` with each pair's clean-run logits at `position`;
-    M_clean is then 0 and effects normalise as for any other metric.
+    The sweep calls `bind(runs)` with each pair's reference runs (`ReferenceRuns`; the clean
+    logits alone are accepted too); M_clean is then 0 and effects normalise as for any other metric.
     """
 
     position: int = -1
@@ -114,7 +161,8 @@ class KLFromClean:
     def readout(self) -> int:
         return self.position
 
-    def bind(self, clean_logits: Float[Tensor, "pairs vocab"]) -> "KLFromClean":
+    def bind(self, runs: ReferenceRuns | Float[Tensor, "pairs vocab"]) -> "KLFromClean":
+        clean_logits = runs.clean_logits if isinstance(runs, ReferenceRuns) else runs
         return KLFromClean(self.position, clean_logits.float().log_softmax(-1))
 
     def __call__(self, logits: Float[Tensor, "rows vocab"], pair: Int[Tensor, " rows"]) -> Float[Tensor, " rows"]:

@@ -32,7 +32,7 @@ from patching.sweep.engine import (
 from patching.sweep.objectives import as_metric, describe
 from patching.sweep.pairs import Align, Direction, PromptPair, Prompts, check_positions, make_pairs
 from patching.sweep.results import METRIC_TOLERANCE, PatchResult
-from patching.sweep.units import (UNIT_KINDS, LatentSet, PatchUnit, UnitKind, UnitPart, differing_units, head_units,
+from patching.sweep.units import (LatentSet, PatchUnit, UnitKind, UnitPart, check_unit_kind, differing_units, head_units,
                                   joint_units)
 from sae.deprecation import renamed_keywords
 
@@ -50,14 +50,13 @@ def patch_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, met
 
     `units`: a kind, `latent_position` (each differing latent at each position), `latent` (a latent
     at all positions), `position` (all latents at one position), `error` (the error node at each
-    position) or `joint` (each of `latent_sets` at once); or an explicit list of `PatchUnit`s.
+    position), `joint` (each of `latent_sets` at once) or any kind added with `register_unit_kind`;
+    or an explicit list of `PatchUnit`s.
     (`unit=`, the old name of the kind, still works with a `DeprecationWarning`.)
     `positions` restricts the base-run positions considered. Results are indexed by site when
     SAEs sit at several sites.
     """
-    unit, units = (units, None) if isinstance(units, str) else ("latent_position", units)
-    if unit not in UNIT_KINDS:
-        raise PatchingError(f"units must be a list of PatchUnit values or a kind, one of {UNIT_KINDS}; got {unit!r}")
+    unit, units = (check_unit_kind(units), None) if isinstance(units, str) else ("latent_position", units)
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=direction, align=align)
     positions = check_positions(pairs, positions)

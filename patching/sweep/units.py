@@ -4,11 +4,31 @@ A unit is one or more parts; a part names a site, a kind (`latent`, `error` or `
 positions and latents (None meaning all of them). The sweep turns a unit into element
 coordinates for one pair, keeping only elements whose source and base values differ: only
 those can have an effect (DESIGN.md, Patching).
+
+How a sweep enumerates its units (`patch_latents(units="position")`) is a table of unit kinds:
+each kind is one function from a site and the mask of its latents that differ to the units at
+that site. Adding a kind is one registration, for example each latent that differs at the last
+position, patched there alone:
+
+```python
+from patching.sweep import PatchUnit, UnitPart, register_unit_kind
+
+
+def last_position_latents(site, differs, positions):
+    # differs: (pos, d_sae) bool, the latents that differ in some pair at each kept position
+    last = differs.shape[0] - 1
+    return [PatchUnit((UnitPart(site, "latent", (last,), (latent,)),))
+            for latent in differs[last].nonzero().flatten().tolist()]
+
+
+register_unit_kind("latent_last", last_position_latents)
+# patch_latents(model, sae, clean, corrupted, metric, units="latent_last")
+```
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -20,8 +40,13 @@ from patching.model.checks import check_latent_indices
 from patching.model.sites import HEAD_KINDS, Site, as_site
 
 PartKind = Literal["latent", "error", "raw"]
-UnitKind = Literal["latent_position", "latent", "position", "error", "joint"]
-UNIT_KINDS: tuple[str, ...] = ("latent_position", "latent", "position", "error", "joint")
+UnitKind = str
+"""A registered unit kind (`unit_kinds()`), or `joint` (one unit per given latent set)."""
+UnitEnumerator = Callable[[Site, Tensor, "tuple[int, ...] | None"], "list[PatchUnit]"]
+"""`(site, differs, positions) -> units at site`; `differs` is the (pos, d_sae) bool mask of the
+latents that differ in some pair, already restricted to `positions` (None: every position)."""
+UNIT_KIND_TABLE: dict[str, UnitEnumerator] = {}
+"""The unit kinds a sweep enumerates by name; `register_unit_kind` adds one."""
 LatentSet = Union[Sequence[int], Mapping[Union[Site, str], Sequence[int]]]
 
 
@@ -81,31 +106,68 @@ class PatchUnit:
         )
 
 
+def register_unit_kind(name: str, enumerate_units: UnitEnumerator) -> None:
+    """Make `patch_latents(units=name)` enumerate units with `enumerate_units` (see the module
+    docstring); a name already taken, or not an identifier, is refused."""
+    if not isinstance(name, str) or not name.isidentifier() or name == "joint":
+        raise PatchingError(f"a unit kind's name must be an identifier other than 'joint', got {name!r}")
+    if name in UNIT_KIND_TABLE:
+        raise PatchingError(f"unit kind {name!r} is already registered (to {UNIT_KIND_TABLE[name].__name__})")
+    if not callable(enumerate_units):
+        raise PatchingError(f"unit kind {name!r}: expected a function (site, differs, positions) -> units")
+    UNIT_KIND_TABLE[name] = enumerate_units
+
+
+def unit_kinds() -> tuple[str, ...]:
+    """Every unit kind `patch_latents(units=...)` takes by name: the registered ones and `joint`."""
+    return (*UNIT_KIND_TABLE, "joint")
+
+
+def check_unit_kind(kind: Any) -> str:
+    if kind not in unit_kinds():
+        raise PatchingError(f"units must be a list of PatchUnit values or a kind, one of {unit_kinds()}; got {kind!r}")
+    return kind
+
+
 def differing_units(kind: str, differs: Mapping[Site, Tensor], positions: tuple[int, ...] | None,
                     latent_sets: Sequence[LatentSet] | None) -> list[PatchUnit]:
     """Units of `kind` over every site; `differs[site]` is a (pos, d_sae) mask, any pair."""
-    if kind not in UNIT_KINDS:
-        raise PatchingError(f"unit must be one of {UNIT_KINDS}, got {kind!r}")
+    check_unit_kind(kind)
     if kind == "joint":
         return joint_units(latent_sets, {site: mask.shape[1] for site, mask in differs.items()}, positions)
     if latent_sets is not None:
         raise PatchingError("latent_sets is only used with units='joint'")
+    enumerate_units = UNIT_KIND_TABLE[kind]
     units: list[PatchUnit] = []
     for site, mask in differs.items():
-        mask = mask & position_mask(mask.shape[0], positions)[:, None]
-        if kind == "latent_position":
-            for p, latent in torch.nonzero(mask).tolist():
-                units.append(PatchUnit((UnitPart(site, "latent", (p,), (latent,)),)))
-        elif kind == "latent":
-            for latent in torch.nonzero(mask.any(0)).flatten().tolist():
-                units.append(PatchUnit((UnitPart(site, "latent", positions, (latent,)),)))
-        elif kind == "position":
-            for p in torch.nonzero(mask.any(1)).flatten().tolist():
-                units.append(PatchUnit((UnitPart(site, "latent", (p,), None),)))
-        else:
-            for p in (positions if positions is not None else range(mask.shape[0])):
-                units.append(PatchUnit((UnitPart(site, "error", (p,)),)))
+        units += enumerate_units(site, mask & position_mask(mask.shape[0], positions)[:, None], positions)
     return units
+
+
+def _latent_position(site: Site, differs: Tensor, positions: tuple[int, ...] | None) -> list[PatchUnit]:
+    """Each differing latent at each position, alone."""
+    return [PatchUnit((UnitPart(site, "latent", (p,), (latent,)),)) for p, latent in torch.nonzero(differs).tolist()]
+
+
+def _latent(site: Site, differs: Tensor, positions: tuple[int, ...] | None) -> list[PatchUnit]:
+    """Each differing latent at every kept position at once."""
+    return [PatchUnit((UnitPart(site, "latent", positions, (latent,)),))
+            for latent in torch.nonzero(differs.any(0)).flatten().tolist()]
+
+
+def _position(site: Site, differs: Tensor, positions: tuple[int, ...] | None) -> list[PatchUnit]:
+    """Every latent at one position, for each position where any differs."""
+    return [PatchUnit((UnitPart(site, "latent", (p,), None),)) for p in torch.nonzero(differs.any(1)).flatten().tolist()]
+
+
+def _error(site: Site, differs: Tensor, positions: tuple[int, ...] | None) -> list[PatchUnit]:
+    """The SAE's error node at each kept position."""
+    return [PatchUnit((UnitPart(site, "error", (p,)),)) for p in (positions if positions is not None else range(differs.shape[0]))]
+
+
+for _name, _enumerate in (("latent_position", _latent_position), ("latent", _latent), ("position", _position),
+                          ("error", _error)):
+    register_unit_kind(_name, _enumerate)
 
 
 def head_units(model: Any, kind: str, layers: Sequence[int], by: Literal["all", "position"],
