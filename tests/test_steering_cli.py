@@ -19,7 +19,7 @@ CONCEPT = {"name": "paris", "positive": ["I love Paris, France."], "negative": [
 @pytest.fixture
 def sae_dir(default_model_4l, tmp_path, monkeypatch):
     # The CLI loads the model the SAE names (the full default model); the 4-layer one is enough here.
-    monkeypatch.setattr(cli_steer, "load_model_for", lambda sae: default_model_4l)
+    monkeypatch.setattr(cli_steer, "load_model_for", lambda sae, name=None: default_model_4l)
     sae = make_sae(576, 64, hook_name="blocks.2.hook_resid_pre", model_name=default_model_4l.cfg.model_name)
     return str(sae.save(tmp_path / "sae"))
 

@@ -4,7 +4,8 @@
     latentpatch dashboards runs/sae-l12-mid --top-neurons 10 --top-latents 10 --out dash/
 
 The SAE folder names the model and site. Neuron pages need the SAE at the MLP's input
-(`resid_mid` of the neurons' block). The corpus is the default one (self-generated, cached) or a
+(`resid_mid` of the neurons' block). `--text` takes what `train` takes, a named corpus (its training
+split: `generated`, the self-generated chat corpus, by default; `default` is the training mix) or a
 .txt/.jsonl file. The model is loaded only up to the SAE's block: nothing later is needed.
 """
 
@@ -32,7 +33,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--neurons", type=int, nargs="*", default=[], help="MLP neuron indices of the SAE's block")
     p.add_argument("--top-latents", type=int, default=0, help="also the N latents with the largest activation")
     p.add_argument("--top-neurons", type=int, default=0, help="also the N neurons with the largest activation")
-    p.add_argument("--text", default="default", help="'default' (self-generated corpus) or a .txt/.jsonl file")
+    p.add_argument("--text", default="generated",
+                   help="a named corpus, as for train ('generated': the self-generated chat corpus, the default; "
+                        "'default': real text plus it; 'real', 'brown', ...) or a .txt/.jsonl file")
     p.add_argument("--max-texts", type=int, default=None, help="use only the first N texts of the corpus")
     p.add_argument("--n-top", type=int, default=32, help="top contexts grouped and scored per neuron (default 32)")
     p.add_argument("--contexts", type=int, default=12, help="top contexts shown per unit (default 12)")
@@ -96,10 +99,10 @@ def load_model_for(sae: Any, name: str | None) -> Any:
 
 
 def _texts(text: str, max_texts: int | None) -> list[str]:
-    from training.data.generated import default_texts
-    from training.data.text import file_texts
+    """The first `max_texts` texts of a `--text` value, resolved as every command resolves it."""
+    from latentpatch.cli.common import texts_for
 
-    opener = default_texts() if text == "default" else file_texts(text)
+    opener, _, _ = texts_for(text)
     texts = []
     for item in opener():
         if max_texts is not None and len(texts) >= max_texts:

@@ -49,15 +49,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--coefficients", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="coefficients of --compare")
     p.add_argument("--methods", nargs="+", choices=("add", "clamp"), default=["add", "clamp"], help="methods of --compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of --compare")
+    p.add_argument("--model", default=None, help="model name (default: the SAE's model_name)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_steer)
 
 
-def load_model_for(sae: Any) -> Any:
-    """The model the SAE was trained on, loaded with the SAE's weight-processing flags."""
+def load_model_for(sae: Any, name: str | None = None) -> Any:
+    """The model the SAE was trained on (or `name`), loaded with the SAE's weight-processing flags."""
     from patching.model.loading import load_model_for as load
 
-    return load(sae)
+    return load(sae, name)
 
 
 def run_steer(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
                          error=SteeringError)
     sae = resolve_sae(args.sae)
     concept = _read_concept(args.compare) if args.compare is not None else None
-    model = load_model_for(sae)
+    model = load_model_for(sae, args.model)
     if concept is not None:
         return _compare(args, model, sae, concept)
     return _generate(args, model, sae)
