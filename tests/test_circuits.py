@@ -109,7 +109,7 @@ def planted():
     return model
 
 
-def test_planted_circuit_recovered(planted, prompts):
+def test_planted_circuit_recovered(planted, prompts, tmp_path):
     from patching.paths.circuits import find_circuit
 
     clean, corrupted = prompts
@@ -122,6 +122,10 @@ def test_planted_circuit_recovered(planted, prompts):
     torch.testing.assert_close(found.exact, found.estimate, atol=1e-4, rtol=0)  # EAP is exact on this affine model
     assert found.faithfulness.faithfulness.min() > 0.99 and found.faithfulness.completeness.abs().max() < 0.01
     assert len(found.to_dataframe()) == len(truth)
+    loaded = type(found).load(found.save(tmp_path / "circuit"))
+    assert loaded.edges == found.edges and loaded.provenance == found.provenance
+    torch.testing.assert_close(loaded.faithfulness.faithfulness, found.faithfulness.faithfulness)
+    assert (tmp_path / "circuit" / "plot.png").stat().st_size > 0
     top = find_circuit(planted, clean, corrupted, METRIC, k=2, method="eap", steps=1)
     assert set(top.edges) <= truth and len(top.edges) == 2
 

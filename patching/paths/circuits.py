@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,11 +27,13 @@ from torch import Tensor
 
 from patching.configs import resolve_config
 from patching.errors import PatchingError
+from patching.figures import subplots
 from patching.model import tl_compat, tl_paths
 from patching.model.sites import Site
 from patching.paths.edges import attribute_edges
 from patching.paths.nodes import Node, Receiver, check_graph, reaches, receivers_of, upstream_nodes
 from patching.paths.path_patching import patch_paths
+from patching.saved import SavedResult
 from patching.paths.stream import StreamRun, node_output, stream_run
 from patching.sweep.engine import RunCache, readout_logits, reference_metrics
 from patching.sweep.objectives import Metric, as_metric
@@ -194,7 +197,7 @@ class CircuitConfig:
 
 
 @dataclass
-class CircuitResult:
+class CircuitResult(SavedResult):
     """The edges kept, their scores, and the circuit's faithfulness and completeness."""
 
     edges: list[Edge]
@@ -214,6 +217,20 @@ class CircuitResult:
         return pd.DataFrame([{"sender": u.label(), "receiver": r.label(), "estimate": float(self.estimate[i]),
                               "exact": None if self.exact is None else float(self.exact[i])}
                              for i, (u, r) in enumerate(self.edges)])
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG bar chart of the kept edges' effects (exact where confirmed), faithfulness in the title."""
+        score = self.exact if self.exact is not None else self.estimate
+        fig, ax = subplots(figsize=(7, max(2.5, 0.25 * len(self.edges) + 1.5)))
+        ax.barh(range(len(self.edges)), score.tolist(), color="tab:blue")
+        ax.set_yticks(range(len(self.edges)), [f"{u.label()} -> {r.label()}" for u, r in self.edges], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("normalised noising effect" + (" (exact)" if self.exact is not None else " (estimate)"))
+        ax.set_title(f"{len(self.edges)} edges: faithfulness {float(self.faithfulness.faithfulness.mean()):.3f}, "
+                     f"completeness {float(self.faithfulness.completeness.mean()):.3f}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(Path(path), dpi=120)
+        return Path(path)
 
 
 def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, senders: Any = None, receivers: Any = None,
