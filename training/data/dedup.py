@@ -9,7 +9,7 @@ holds it. The rule, with sentences compared by `sentence_key` (lower case, lette
    against `sentence_keys` of the earlier documents), before its own split is drawn: so nothing
    of a later source, held out or not, repeats an earlier source, and the earlier sources
    (release 1's Brown and nlp-corpus) keep their documents and digests unchanged.
-2. After the split, every later source's training documents lose the sentences of every held-out
+2. After the split, every source's training documents lose the sentences of every held-out
    document of every source (their own included).
 
 Sentences are split at `.`, `!` or `?` (a closing quote or bracket may follow) before whitespace,

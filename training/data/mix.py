@@ -9,8 +9,8 @@ self-generated chat corpus.
 - `real-no-mail`, `default-no-mail`: the same without the mails, which then stay out of training
   entirely so that `mail`'s split can measure how an SAE generalises to a register it never saw
   (issue 26 §4). The other sources keep exactly the weights they have in `default`.
-- `real-v1`, `default-v1`: release 1's definitions (Brown + nlp-corpus, unweighted), kept so that
-  release 1's recorded recipes and digests still reproduce.
+- `real-v1`, `default-v1`: release 1's definitions (Brown + nlp-corpus as release 1 split them,
+  unweighted), kept so that release 1's recorded recipes and digests still reproduce.
 
 Weights. The sources differ tenfold in size (Moby-Dick 0.2M words, State of the Union 1.8M), so a
 mix by size would be mostly speeches and sentence samples, and a uniform mix would repeat
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from training.errors import DataSourceError
-from training.data.catalog import SOURCES, source_documents
+from training.data.catalog import SOURCES, release_1_documents, source_documents
 from training.data.npm import CorpusUnavailableError
 from training.data.real import HELDOUT_FRACTION, Split
 from training.data.text import TextOpener
@@ -128,7 +128,7 @@ def corpus_documents(name: str, split: Split = "train", *, folder: str | Path | 
 def _real_parts(name: str, split: Split, folder: str | Path | None) -> list[list[str]]:
     """The real sources' texts a mix draws on, each already weighted for the training split."""
     if name.endswith("-v1"):
-        return [real_documents(source, split, folder=folder) for source in RELEASE_1_SOURCES]
+        return [[doc.text for doc in release_1_documents(source, split, folder=folder)] for source in RELEASE_1_SOURCES]
     sources = [s for s in SOURCES if not (name.endswith("-no-mail") and s == WITHHELD_SOURCE)]
     if split == "heldout":
         return [real_documents(source, split, folder=folder) for source in sources]
