@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
-DEPRECATED = re.compile(r"is deprecated and will be removed")  # sae.deprecation.warn_deprecated's message
+DEPRECATED = re.compile(r"is deprecated and will be removed in the next release")  # sae.deprecation.warn_deprecated's message
 BASH = re.compile(r"^```bash\n(.*?)^```", flags=re.S | re.M)
 
 
@@ -144,3 +144,17 @@ def test_every_notebook_has_a_tutorial_page_rendering_all_its_cells():
         rendered = hooks.notebook_markdown(notebook.name)
         for cell in json.loads(notebook.read_text())["cells"]:
             assert "".join(cell["source"]).rstrip() in rendered
+
+
+def test_every_section_the_code_cites_in_design_md_is_in_the_repository():
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = {s.strip().lower() for s in re.findall(r"^#+ ([^(\n]+)", design, flags=re.M)}
+    sections |= {s.lower() for s in re.findall(r"^\*\*([^*.]+)\.\*\*", design, flags=re.M)}
+    cited = {}
+    for package in ("sae", "patching", "training", "latentpatch"):
+        for path in (ROOT / package).rglob("*.py"):
+            for section in re.findall(r"DESIGN\.md, ([A-Za-z][A-Za-z ]*[A-Za-z])", path.read_text()):
+                cited[section.lower()] = path.relative_to(ROOT)
+    assert cited and "patching" in sections, sections
+    missing = {s: p for s, p in cited.items() if s not in sections}
+    assert not missing, f"cited sections absent from docs/design.md: {missing}"
