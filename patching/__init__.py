@@ -8,22 +8,31 @@
     tracing/      Gaussian-noise corruption, ROME's causal tracing, self-repair (the Hydra effect)
     steering/  inspect/  safety/   the three uses; they never import each other
 
-`errors` and `figures` sit below every room. This module re-exports the public API of every room
-(and `import latentpatch` re-exports this, `sae` and `training`: one public namespace).
+`errors`, `figures`, `configs` (one way to pass a config) and `saved` (the result contract) sit
+below every room. This module re-exports the public API of every room (and `import latentpatch`
+re-exports this, `sae` and `training`: one public namespace).
 
-The convention every public function keeps (names in the glossary of the docs):
+The convention every public function keeps (issue 25; names in the glossary of the docs):
 
-- Experiments: `fn(model, sae_or_saes, clean, corrupted, metric, *, config=None, **overrides)`. The
-  model comes first, the SAE(s) second; inputs next; everything optional is keyword-only. A config
-  dataclass is passed as `config=` and single fields override it by keyword (`k=20`).
-- "How many" is `k` (the top k units, latents or contexts). Batch sizing is `batch_size` (rows per
-  forward) with `memory_mb` as the cap it is derived from when left out.
-- `direction` is only ever "denoise" or "noise" (the patching direction); the inspect class of a
-  neuron's read/write vectors is `NeuronDirection`. Units are chosen with `units=`.
-- Every result has `save(folder)`, `Result.load(folder)`, `plot()` and `to_dataframe()`, and carries
-  one provenance record (`patching.provenance`).
-- Every typed error derives from `LatentpatchError`. Old names keep working for one release with a
-  `DeprecationWarning`.
+- Arguments: `fn(model, sae_or_saes, clean, corrupted, metric, ..., *, config=None, **overrides)`.
+  The model comes first, the SAE(s) second (a `{Site: SAE}` mapping or one SAE at its own hook;
+  `site=` only overrides that hook), the inputs next; everything optional is keyword-only.
+- Configs: a frozen config dataclass passed as `config=`, single fields overridden by keyword
+  (`find_safety_latents(model, sae, max_pairs=8)`), resolved by `configs.resolve_config`.
+- "How many" is `k` (the top k units, latents, contexts); `random_k` and the `k_*` fields of a
+  config name other counts the same way. Batch sizing is `batch_size` (rows per forward), with
+  `memory_mb` the budget a sweep derives it from when left out.
+- `direction` means only "denoise" or "noise" (the patching direction); a residual direction read
+  like a neuron is a `NeuronDirection`. A sweep's units are chosen with `units=` (a kind from
+  `unit_kinds()`, or explicit `PatchUnit`s); a metric is the `Metric` protocol, with `bind` for
+  one that needs the unpatched runs (`ReferenceRuns`).
+- Results: `save(folder)`, `Type.load(folder)`, `plot(path)` and `to_dataframe()`, and one
+  provenance record built by `provenance(...)` (model, SAE hashes, prompts, metric, direction,
+  versions, time).
+- Errors: every typed error derives from `LatentpatchError`.
+- Old names (`Direction`, `unit=`, `top_k=`, `n_top=`, `batch_rows=`, `settings=`, a positional
+  config, `latent_restoration(model, site, sae, ...)`, `.table()`) keep working for one release
+  with a `DeprecationWarning`.
 """
 
 from patching.errors import ModelLoadError, PatchingError, SiteError, SpliceError, SteeringError
