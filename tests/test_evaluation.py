@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import make_sae, stub_model_loader
 
-from patching.model import Site, tl_compat
+from latentpatch.cli.evaluate import EVAL_TEXTS
+from patching.model import Site, padded_tokens, tl_compat
 from patching.splice import EvalConfig, SAEEvaluation, SpliceMetrics, evaluate_sae, save_evaluation, splice_metrics
 from patching.splice.evaluation import (
     FIGURE_NAMES,
@@ -301,3 +302,36 @@ def test_cli_eval_writes_folder_and_prints_grouped_figures(default_model_4l, tmp
     assert saved["sparsity"] == printed["sparsity"] and saved["provenance"]["sae_sha256"]
     assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 0
     assert len(loads) == 1, "the command's model came from the stub, not a second load of the default model"
+
+
+def test_demo_splice_section_prints_what_latentpatch_eval_prints(default_model_4l, tmp_path, capsys, monkeypatch):
+    from latentpatch.cli.entry import main
+    from latentpatch.demo import _splice_section
+    from sae import load_sae
+
+    model = default_model_4l
+    stub_model_loader(monkeypatch, lambda *a, **k: model)
+    folder = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name,
+                      model_from_pretrained_kwargs=tl_compat.inferred_flags(model)).save(tmp_path / "sae")
+    assert main(["eval", str(folder), "--json"]) == 0  # the built-in sentences, as the demo's section
+    printed = json.loads(capsys.readouterr().out)
+    cli = {k: v for group in printed.values() if isinstance(group, dict) for k, v in group.items()}
+    results = {}
+    _splice_section(model, load_sae(folder), results)
+    for name in FIGURE_NAMES:
+        assert results["splice_metrics"][name] == cli[name], name
+    tokens, real = padded_tokens(model, list(EVAL_TEXTS))
+    assert tokens[:, 0].tolist() == [model.tokenizer.bos_token_id] * len(EVAL_TEXTS)
+    assert cli["n_tokens"] == int(real.sum()) - len(EVAL_TEXTS)  # every real token but the BOS is scored
+
+
+def test_cli_eval_refuses_bad_heldout_rows_before_loading(tmp_path, monkeypatch, capsys):
+    from latentpatch.cli import evaluate as cli_evaluate
+    from latentpatch.cli.entry import main
+
+    loads = []
+    monkeypatch.setattr(cli_evaluate, "load_for", lambda *a: loads.append(a))
+    assert main(["eval", str(tmp_path), "--heldout-rows", "0"]) == 1
+    assert "--heldout-rows must be a positive int, got 0" in capsys.readouterr().err and not loads
+    assert main(["eval", str(tmp_path), "--heldout-rows", "4", "--text", str(tmp_path / "t.txt")]) == 1
+    assert "not allowed with argument --heldout-rows" in capsys.readouterr().err and not loads
