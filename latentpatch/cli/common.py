@@ -10,6 +10,11 @@ from typing import Any
 from training.errors import TrainingConfigError
 
 
+class UsageError(Exception):
+    """A command line argparse cannot parse, or options that contradict each other; printed as one line
+    with exit status 1, like every error."""
+
+
 SAE_HELP = ("the SAE: a folder (cfg.json + sae_weights.safetensors, ours or SAELens's), a shipped release id "
             "(smollm2-135m-res/blocks.15.hook_resid_pre; `latentpatch releases` lists them) or, with SAELens installed "
             "and the hub reachable, sae_lens:RELEASE/SAE_ID")

@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from latentpatch.cli.entry import UsageError
+    from latentpatch.cli.common import UsageError
     from latentpatch.demo import DemoConfig, release_covers, run_demo as run
     from training.paths import check_output_folder
 

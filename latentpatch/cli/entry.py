@@ -11,9 +11,7 @@ import logging
 import sys
 from typing import Any
 
-
-class UsageError(Exception):
-    """A command line argparse cannot parse; printed as one line with exit status 1, like every error."""
+from latentpatch.cli.common import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
