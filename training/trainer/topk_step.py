@@ -83,22 +83,30 @@ class TopKGradients(BufferedStep):
         centred = sae.cfg.apply_b_dec_to_input
         bias = b_enc - b_dec @ W_enc if centred else b_enc
         h = torch.addmm(bias, x, W_enc, out=self._buffer("h", (batch, d_sae), x))
-        z, threshold = self._select(h)
-        x_hat = torch.addmm(b_dec, z, W_dec)
+        active, values, threshold = self._select(h)  # flat indices into (B, d_sae) and relu(h) there
+        rows, cols = active // d_sae, active % d_sae
+        z = self._buffer("z", (batch, d_sae), x).zero_()
+        z.view(-1).index_copy_(0, active, values)
+        Z = _sparse(rows, cols, values, batch, d_sae)
+        x_hat = torch.sparse.addmm(b_dec.expand(batch, -1), Z, W_dec)  # only the selected rows of W_dec
         norms = W_dec.norm(dim=-1)
         residual = x_hat - x  # (B, d_in), kept: AuxK's e is -residual
         mse = residual.pow(2).sum(-1).mean()
-        l1 = z.sum(0) @ norms / batch
+        l1 = values @ norms[cols] / batch
         g = residual * (2.0 / batch)
-        torch.mm(z.T, g, out=self._grad(W_dec))
+        self._grad(W_dec).copy_(torch.sparse.mm(Z.t(), g))
         torch.sum(g, 0, out=self._grad(b_dec))
-        dz = self._buffer("dz", (batch, d_sae), x)
-        fired = torch.gt(z, 0, out=dz).sum(0).long()  # as in step.py: a float mask summed
-        torch.mm(g, W_dec.T, out=dz)
-        dpre = torch.ops.aten.threshold_backward.grad_input(dz, z, 0.0, grad_input=dz)  # dz * [z > 0]
-        penalty = self._auxk_(h, residual, dead, dpre)
-        grad_W_enc = torch.mm(x.T, dpre, out=self._grad(W_enc))
-        grad_b_enc = torch.sum(dpre, 0, out=self._grad(b_enc))
+        # dL/dh where z > 0 (elsewhere it is 0): one dense matmul, read at the selected entries.
+        dz = torch.mm(g, W_dec.T, out=self._buffer("dz", (batch, d_sae), x))
+        firing = values > 0
+        p = dz.view(-1)[active] * firing
+        fired = torch.bincount(cols[firing], minlength=d_sae)
+        penalty, aux = self._auxk_(h, residual, dead)
+        if aux is not None:
+            rows, cols, p = torch.cat([rows, aux[0]]), torch.cat([cols, aux[1]]), torch.cat([p, aux[2]])
+        grad_W_enc = self._grad(W_enc)
+        grad_W_enc.copy_(torch.sparse.mm(_sparse(cols, rows, p, d_sae, batch), x).T)  # x^T p, as (d_sae, d_in)^T
+        grad_b_enc = self._grad(b_enc).zero_().index_add_(0, cols, p)
         if centred:
             grad_W_enc.addr_(b_dec, grad_b_enc, alpha=-1.0)
             b_dec.grad.sub_(W_enc @ grad_b_enc)
@@ -110,39 +118,44 @@ class TopKGradients(BufferedStep):
         return StepForward(mse=mse, l1=l1, penalty=penalty, z=z, x_hat=x_hat, decoder_norms=norms, fired=fired,
                            threshold=threshold)
 
-    def _select(self, h: Float[Tensor, "batch d_sae"]) -> tuple[Tensor, Tensor | None]:
-        """`z` (a reused buffer) and, for BatchTopK, the batch's threshold."""
-        z = self._buffer("z", tuple(h.shape), h)
+    def _select(self, h: Float[Tensor, "batch d_sae"]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The selected entries (flat indices into h, their relu'd values) and BatchTopK's threshold."""
+        batch, d_sae = h.shape
         if not self.batch_level:
             top = torch.topk(h, self.k, dim=-1, sorted=False)
-            return z.zero_().scatter_(-1, top.indices, top.values.relu()), None
-        torch.clamp(h, min=0.0, out=z)  # relu(h)
-        n_keep = self.k * h.shape[0] * self.world_size
-        candidates = z.view(-1).topk(min(n_keep + 1, z.numel()), sorted=False).values
-        if self.gather is not None:  # the global batch's top n_keep + 1 lie among every rank's own
-            candidates = self.gather(candidates)
+            active = (top.indices + torch.arange(batch, device=h.device).unsqueeze(-1) * d_sae).flatten()
+            return active, top.values.relu().flatten(), None
+        relu = torch.clamp(h, min=0.0, out=self._buffer("z", tuple(h.shape), h))
+        n_keep = self.k * batch * self.world_size
+        local = relu.view(-1).topk(min(n_keep + 1, relu.numel()), sorted=False)
+        candidates = local.values if self.gather is None else self.gather(local.values)
+        # The global batch's top n_keep + 1 lie among every rank's own top n_keep + 1.
         ordered = candidates.topk(n_keep + 1).values  # descending
         threshold = (ordered[n_keep - 1] + ordered[n_keep]) / 2
-        return z.masked_fill_(z <= threshold, 0.0), threshold
+        keep = local.values > threshold  # = relu(h) > threshold: every such entry is a local candidate
+        return local.indices[keep], local.values[keep], threshold
 
-    def _auxk_(self, h: Tensor, residual: Tensor, dead: Tensor | None, dpre: Tensor) -> Tensor:
-        """Add AuxK's gradients to `W_dec.grad` and `dpre`; return its weighted loss (0-d)."""
+    def _auxk_(self, h: Tensor, residual: Tensor, dead: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """AuxK's weighted loss (0-d); adds its gradient to `W_dec.grad` and returns its dL/dh entries
+        (rows, columns, values), or None without dead latents."""
         index = dead.nonzero().squeeze(-1) if dead is not None and self.auxk_coefficient > 0 else None
         if index is None or index.numel() == 0:
-            return residual.new_zeros(())
-        n_dead, batch, W_dec = index.numel(), h.shape[0], self.sae.W_dec
+            return residual.new_zeros(()), None
+        n_dead, (batch, d_sae), W_dec = index.numel(), h.shape, self.sae.W_dec
         k_aux = min(self.k_aux, n_dead)
         weight = self.auxk_coefficient * min(n_dead / self.k_aux, 1.0)
         h_dead = h.index_select(1, index).relu_()  # (B, n_dead)
         top = h_dead.topk(k_aux, dim=-1, sorted=False)
-        z_aux = torch.zeros_like(h_dead).scatter_(-1, top.indices, top.values)
-        W_dead = W_dec.index_select(0, index)  # (n_dead, d_in)
-        miss = torch.addmm(residual, z_aux, W_dead)  # e_hat - e = z_aux @ W_dead + (x_hat - x)
+        rows = torch.arange(batch, device=h.device).repeat_interleave(k_aux)
+        cols, values = index[top.indices].flatten(), top.values.flatten()
+        Z_aux = _sparse(rows, cols, values, batch, d_sae)
+        miss = torch.sparse.addmm(residual, Z_aux, W_dec)  # e_hat - e = z_aux @ W_dec + (x_hat - x)
         aux = miss.pow(2).sum(-1).mean()
         g_aux = miss.mul_(weight * 2.0 / batch)
-        W_dec.grad.index_add_(0, index, z_aux.T @ g_aux)
-        dpre.index_add_(1, index, (g_aux @ W_dead.T).mul_(z_aux > 0))
-        return aux * weight
+        W_dec.grad.add_(torch.sparse.mm(Z_aux.t(), g_aux))
+        dz_aux = g_aux @ W_dec.index_select(0, index).T  # (B, n_dead)
+        p = dz_aux.gather(1, top.indices).flatten() * (values > 0)
+        return aux * weight, (rows, cols, p)
 
     @torch.no_grad()
     def after_step_(self, step: int) -> None:
@@ -154,3 +167,8 @@ class TopKGradients(BufferedStep):
         if self.batch_level and self._batch_threshold is not None:
             rate = max(self.threshold_lr, 1.0 / step)
             sae.threshold.add_(rate * (self._batch_threshold.to(sae.threshold.dtype) - sae.threshold))
+
+
+def _sparse(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """A (n_rows, n_cols) COO matrix; repeated (row, col) pairs add up, as in `torch.sparse.mm`."""
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n_rows, n_cols), check_invariants=False)
