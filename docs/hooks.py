@@ -5,6 +5,8 @@
 - The tutorial notebooks (`notebooks/*.ipynb`) are copied into the site, so links to them are checked
   like any other link, and `<!-- notebook: NAME.ipynb -->` becomes the notebook's cells: markdown as
   written, code as Python blocks (not run by the docs test: tests/test_notebooks.py executes notebooks).
+- `<!-- releases -->` becomes the table of the shipped SAEs' held-out figures, read from the registry
+  (`sae.registry`), so the results page shows what `load_release` ships.
 - `<!-- api: MODULE -->` becomes MODULE's API reference: `::: MODULE` rendering the names of its
   `__all__` whose home is this page, and a table linking the rest to the page that documents them.
   A name's home is the most specific reference page that exports the same object, so a name re-exported
@@ -40,8 +42,26 @@ def on_files(files: Any, config: Any, **_: Any) -> Any:
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     if "<!-- cli -->" in markdown:
         markdown = markdown.replace("<!-- cli -->", cli_markdown())
+    if "<!-- releases -->" in markdown:
+        markdown = markdown.replace("<!-- releases -->", releases_markdown())
     markdown = NOTEBOOK.sub(lambda match: notebook_markdown(match.group(1)), markdown)
     return API.sub(lambda match: api_markdown(match.group(1)), markdown)
+
+
+def releases_markdown() -> str:
+    """One row per shipped SAE: its recipe's size and the held-out figures the registry records."""
+    from sae.registry import list_releases, release_entry
+
+    rows = ["| release | sae_id | d_sae | L1 | training activations | CE loss score | KL (nats) | EV | "
+            "EV without massive tokens | L0 | dead | held-out tokens |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for release, sae_ids in list_releases().items():
+        for sae_id in sae_ids:
+            entry = release_entry(release, sae_id)
+            h, r = entry.heldout, entry.recipe
+            rows.append(f"| `{release}` | `{sae_id}` | {r['d_sae']} | {r['l1_coefficient']:g} | {r['train_tokens']:,} | "
+                        f"{h['ce_loss_score']:.3f} | {h['kl_div_with_sae']:.3f} | {h['explained_variance']:.3f} | "
+                        f"{h['explained_variance_typical']:.3f} | {h['l0']:.1f} | {h['frac_dead']:.1%} | {h['n_tokens']:,} |")
+    return "\n".join(rows) + "\n"
 
 
 def notebook_markdown(name: str) -> str:

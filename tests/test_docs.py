@@ -158,3 +158,14 @@ def test_every_section_the_code_cites_in_design_md_is_in_the_repository():
     assert cited and "patching" in sections, sections
     missing = {s: p for s, p in cited.items() if s not in sections}
     assert not missing, f"cited sections absent from docs/design.md: {missing}"
+
+
+def test_the_release_table_shows_what_the_registry_records():
+    from sae.registry import list_releases, release_entry
+
+    table = load_hooks().releases_markdown()
+    for release, sae_ids in list_releases().items():
+        for sae_id in sae_ids:
+            row = next(line for line in table.splitlines() if f"`{sae_id}`" in line and f"`{release}`" in line)
+            assert f"| {release_entry(release, sae_id).heldout['ce_loss_score']:.3f} |" in row, row
+    assert "<!-- releases -->" in (ROOT / "docs" / "results.md").read_text()
