@@ -138,3 +138,34 @@ def test_circuit_config_checks_its_fields():
         construct_unchecked(CircuitConfig, k=0)
     with pytest.raises(PatchingError, match="threshold must be a number >= 0"):
         construct_unchecked(CircuitConfig, threshold=-1.0)
+
+
+def test_zero_ablating_every_edge_leaves_only_the_attention_biases(prompts):
+    model = tl_compat.random_model(n_layers=2, d_vocab=50, n_ctx=32, seed=6).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.b_O.normal_()
+    clean, corrupted = prompts
+    senders, receivers, _ = graph(model)
+    values, _, _ = edge_ablated_metrics(model, clean, corrupted, METRIC, [set()], senders=senders, receivers=receivers,
+                                        ablation="zero")
+    with torch.inference_mode():  # b_O belongs to no head: it is all the final residual keeps
+        final = sum(block.attn.b_O for block in model.blocks)
+        logits = model.unembed(model.ln_final(final[None, None]))[0, 0]
+    expected = (logits[3] - logits[4]).item()
+    torch.testing.assert_close(values, torch.full((2, 1), expected), atol=1e-5, rtol=0)
+
+
+def test_position_mean_over_identical_clean_prompts_changes_nothing(model, prompts):
+    clean, corrupted = prompts
+    same = clean[:1].repeat(2, 1)
+    senders, receivers, _ = graph(model)
+    values, m_clean, _ = edge_ablated_metrics(model, same, corrupted, METRIC, [set()], senders=senders,
+                                              receivers=receivers, ablation="position_mean")
+    torch.testing.assert_close(values[:, 0], m_clean, atol=1e-5, rtol=0)
+    with pytest.raises(PatchingError, match="faithfulness is undefined"):
+        faithfulness(model, same, corrupted, METRIC, set(), senders=senders, receivers=receivers,
+                     ablation="position_mean")
+    with pytest.raises(PatchingError, match="ablation must be one of"):
+        edge_ablated_metrics(model, clean, corrupted, METRIC, [set()], senders=senders, receivers=receivers,
+                             ablation="median")

@@ -1,10 +1,11 @@
 """Circuits over the head/MLP graph: edge-ablated runs, faithfulness and completeness, `find_circuit`.
 
 A circuit is a set of edges (node → receiver, `nodes.py`). Running the clean prompt with only the
-circuit intact means every edge outside it carries its sender's output from the corrupted run
-instead (resample ablation from the corrupted run, the ablation this module states): a receiver
-reads the live stream minus, for each missing edge, the sender's live output plus its corrupted
-output. Senders' live outputs are themselves computed from ablated inputs, so the circuit computes
+circuit intact means every edge outside it carries its sender's ablated output instead: a receiver
+reads the live stream minus, for each missing edge, the sender's live output plus its ablated one.
+The ablation is stated with every result: `resample` (the sender's output in the pair's corrupted
+run, the default), `zero`, `mean` (its mean over every clean prompt and position) or
+`position_mean` (its mean over the clean prompts at each position; prompts of one length). Senders' live outputs are themselves computed from ablated inputs, so the circuit computes
 recursively, as in ACDC (Conmy et al. 2023) and Marks et al. 2024. With every edge missing the run is
 the corrupted run; with none missing it is the clean run.
 
@@ -18,7 +19,7 @@ complement (every edge of the graph not in C): near 0 when the circuit holds eve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,26 @@ class Faithfulness:
     """M of the corrupted run, (pairs,)."""
     n_edges: int
     """Edges in C."""
-    ablation: str = field(default="resample (corrupted run)")
-    """What a missing edge carries."""
+    ablation: str = "resample"
+    """What a missing edge carries: `resample`, `zero`, `mean` or `position_mean`."""
+
+
+ABLATIONS: tuple[str, ...] = ("resample", "zero", "mean", "position_mean")
 
 
 def edge_ablated_metrics(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, circuits: Sequence[set[Edge]], *,
-                         senders: Sequence[Node], receivers: Sequence[Receiver]) -> tuple[Tensor, Tensor, Tensor]:
+                         senders: Sequence[Node], receivers: Sequence[Receiver],
+                         ablation: str = "resample") -> tuple[Tensor, Tensor, Tensor]:
     """M of the clean prompt with only each circuit's edges intact, (pairs, circuits); and M_clean,
     M_corrupted (pairs,). The graph is every existing edge from `senders` to `receivers`; every
     edge outside it is left intact in every run."""
     metric = as_metric(metric)
+    if ablation not in ABLATIONS:
+        raise PatchingError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     pairs = make_pairs(model, clean, corrupted, direction="noise", align=None)  # base = clean, source = corrupted
+    if ablation == "position_mean" and len({p.n_base for p in pairs}) > 1:
+        raise PatchingError("ablation='position_mean' needs prompts of one token length, got lengths "
+                            f"{sorted({p.n_base for p in pairs})}")
     check_run_settings(model, metric, len(pairs))
     senders, receivers = check_graph(model, senders, receivers)
     graph = [(u, r) for u in senders for r in receivers if reaches(u, r, model)]
@@ -88,20 +98,21 @@ def edge_ablated_metrics(model: Any, clean: Prompts, corrupted: Prompts, metric:
         runs = [(stream_run(model, p.base, metric.readout), stream_run(model, p.source, metric.readout)) for p in pairs]
         bound, m_base, m_source = reference_metrics(metric, [(RunCache(b.logits), RunCache(s.logits)) for b, s in runs],
                                                     "noise")
-        values = torch.stack([_ablated_run(model, bound, i, clean_run, corrupted_run, senders, receivers, missing)
-                              for i, (clean_run, corrupted_run) in enumerate(runs)])
+        values = torch.stack([_ablated_run(model, bound, i, clean_run, ablated_outputs(model, runs, i, senders, ablation),
+                                           senders, receivers, missing)
+                              for i, (clean_run, _) in enumerate(runs)])
     return values, m_base, m_source  # noise: base is clean, source is corrupted
 
 
 def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, circuit: set[Edge], *,
-                 senders: Sequence[Node], receivers: Sequence[Receiver]) -> Faithfulness:
+                 senders: Sequence[Node], receivers: Sequence[Receiver], ablation: str = "resample") -> Faithfulness:
     """Faithfulness of `circuit` and completeness (faithfulness of its complement in the graph of
     `senders` × `receivers`); see the module docstring."""
     senders, receivers = check_graph(model, senders, receivers)
     graph = {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
     values, m_clean, m_corrupted = edge_ablated_metrics(model, clean, corrupted, metric,
                                                         [set(circuit), graph - set(circuit), set()],
-                                                        senders=senders, receivers=receivers)
+                                                        senders=senders, receivers=receivers, ablation=ablation)
     empty = values[:, 2]
     span = m_clean - empty
     if (span.abs() < 1e-6).any():
@@ -109,15 +120,32 @@ def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, ci
                             f"{torch.nonzero(span.abs() < 1e-6).flatten().tolist()}): faithfulness is undefined")
     return Faithfulness(faithfulness=(values[:, 0] - empty) / span, completeness=(values[:, 1] - empty) / span,
                         metric_circuit=values[:, 0], metric_complement=values[:, 1], metric_empty=empty,
-                        metric_clean=m_clean, metric_corrupted=m_corrupted, n_edges=len(circuit))
+                        metric_clean=m_clean, metric_corrupted=m_corrupted, n_edges=len(circuit), ablation=ablation)
 
 
-def _ablated_run(model: Any, metric: Metric, pair_index: int, clean: StreamRun, corrupted: StreamRun, senders: list[Node],
-                 receivers: list[Receiver], missing: Tensor) -> Tensor:
-    """One row per circuit: the clean run with each missing edge carrying the corrupted output."""
+def ablated_outputs(model: Any, runs: list[tuple[StreamRun, StreamRun]], pair_index: int, senders: list[Node],
+                    ablation: str) -> dict[Node, Tensor]:
+    """What each sender's missing edges carry in pair `pair_index`, (pos, d_model) per sender."""
+    clean_run, corrupted_run = runs[pair_index]
+    if ablation == "resample":
+        return {u: node_output(model, corrupted_run, u) for u in senders}
+    if ablation == "zero":
+        return {u: torch.zeros_like(node_output(model, clean_run, u)) for u in senders}
+    n_pos = clean_run.final.shape[0]
+    out = {}
+    for u in senders:
+        outputs = [node_output(model, run, u) for run, _ in runs]
+        mean = (torch.stack(outputs).mean(0) if ablation == "position_mean"
+                else torch.cat(outputs).mean(0, keepdim=True).expand(n_pos, -1))
+        out[u] = mean
+    return out
+
+
+def _ablated_run(model: Any, metric: Metric, pair_index: int, clean: StreamRun, corrupt: dict[Node, Tensor],
+                 senders: list[Node], receivers: list[Receiver], missing: Tensor) -> Tensor:
+    """One row per circuit: the clean run with each missing edge carrying the sender's ablated output."""
     rows = missing.shape[0]
     live: dict[Node, Tensor] = {}  # each sender's output in the current rows, (rows, pos, d_model)
-    corrupt = {u: node_output(model, corrupted, u) for u in senders}
     hooks = _capture_hooks(model, senders, live)
     by_key: dict[tuple[int, str], list[int]] = {}
     for j, r in enumerate(receivers):
@@ -188,12 +216,16 @@ class CircuitConfig:
     """Points on the path for `eap_ig`."""
     confirm: bool = True
     """Patch the candidates exactly (path patching, one edge each) and select on the exact effects."""
+    ablation: str = "resample"
+    """What missing edges carry when faithfulness and completeness are measured (`ABLATIONS`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold >= 0:
             raise PatchingError(f"CircuitConfig.threshold must be a number >= 0, got {self.threshold!r}")
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise PatchingError(f"CircuitConfig.k must be a positive int, got {self.k!r}")
+        if self.ablation not in ABLATIONS:
+            raise PatchingError(f"CircuitConfig.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
 
 
 @dataclass
@@ -261,7 +293,8 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     ranked = torch.argsort(score.abs(), descending=True, stable=True).tolist()
     kept = [i for i in ranked if abs(float(score[i])) >= config.threshold][: config.k]
     edges = [(senders[candidates[i][0]], receivers[candidates[i][1]]) for i in kept]
-    f = faithfulness(model, clean, corrupted, metric, set(edges), senders=senders, receivers=receivers)
+    f = faithfulness(model, clean, corrupted, metric, set(edges), senders=senders, receivers=receivers,
+                     ablation=config.ablation)
     pairs = make_pairs(model, clean, corrupted, direction="noise", align=None)
     extra = {"method": config.method, "steps": config.steps, "threshold": config.threshold, "k": config.k,
              "confirm": config.confirm, "n_candidates": len(candidates), "ablation": f.ablation}
