@@ -91,7 +91,7 @@ def _retarget(command: str, *, caches: list[str], tokens: int, out: Path, l1: fl
 
 def baseline_and_shipped(entry: Any, tokens: int | None, work: Path, rows: int) -> dict[str, Any]:
     from latentpatch.cli.entry import main
-    from sae.files import load_sae
+    from sae import load_sae
     from sae.registry import load_release
     from latentpatch.release import evaluate
 

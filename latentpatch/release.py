@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sae.files import WEIGHTS_FILE, atomic_write, load_sae, save_sae
+from sae import load_sae
+from sae.files import WEIGHTS_FILE, atomic_write, save_sae
 from sae.registry import REGISTRY_FILE, RELEASES_DIR, config_sha256, half_precision, load_release
 from sae.safe_io import sha256_file
 

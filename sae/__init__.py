@@ -2,8 +2,8 @@
 
 from sae.config import SAEConfig
 from sae.errors import LatentpatchError, NotAnSAEError, SAEConfigError, SAEFileError, ShadowedPackageError
-from sae.files import load_sae, save_sae, weights_sha256
-from sae.model import SAEOutput, SparseAutoencoder
+from sae.files import save_sae, weights_sha256
+from sae.model import SAEOutput, SparseAutoencoder, load_sae
 from sae.protocol import SAELensAdapter, SAELike, as_sae
 from sae.registry import ReleaseIntegrityError, UnknownReleaseError, list_releases, load_release
 

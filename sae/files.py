@@ -25,7 +25,6 @@ from sae.atomic import atomic_write
 from sae.cfg_schema import FORMAT_VERSION, PROVENANCE_KEYS, check_config, strict_json
 from sae.config import ARCHITECTURES, SAEConfig
 from sae.errors import SAEConfigError, SAEFileError
-from sae.model import TORCH_DTYPES, SparseAutoencoder
 from sae.safe_io import SAFETENSORS_ITEMSIZE, header_entries, header_length, open_regular, read_exact
 
 CONFIG_FILE = "cfg.json"
@@ -42,8 +41,8 @@ METADATA_FIELDS = ("hook_name", "model_name", "model_from_pretrained_kwargs", "p
                    "context_size", "dataset_path")
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:
-    """Write `sae` to the folder `path` (created if needed) and return it.
+def save_sae(sae: Any, path: str | Path) -> Path:
+    """Write `sae` (a `SparseAutoencoder`) to the folder `path` (created if needed) and return it.
 
     The weights are written first and the config, which carries their hash, last: a crash
     between the two leaves a config whose hash no longer matches, which loading refuses.
@@ -81,8 +80,9 @@ def config_to_dict(cfg: SAEConfig, *, weights_sha256: str | None = None) -> dict
     return out
 
 
-def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Read and validate an SAE folder; every problem raises `SAEFileError` naming the file.
+def read_sae_folder(path: str | Path) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
+    """Read and validate an SAE folder into its config and weights; every problem raises `SAEFileError`
+    naming the file. `load_sae` (in `sae.model`, which builds the module) is the public door.
 
     Sizes and file types are checked before anything is read: a symlink to a device, a FIFO or a
     folder is refused, `cfg.json` may hold at most `MAX_CONFIG_BYTES`, and the weights' data is
@@ -98,10 +98,7 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SparseA
         raise SAEFileError(folder, "is not a folder (an SAE is a folder holding cfg.json and sae_weights.safetensors)")
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     cfg, expected_sha = config_from_dict(read_config_json(cfg_path), cfg_path)
-    tensors = _read_weights(weights_path, cfg, expected_sha)
-    sae = SparseAutoencoder(cfg, generator=torch.Generator())  # weights overwritten: leave the caller's RNG alone
-    sae.load_state_dict({name: t.to(TORCH_DTYPES[cfg.dtype]) for name, t in tensors.items()})
-    return sae.to(device)
+    return cfg, _read_weights(weights_path, cfg, expected_sha)
 
 
 def read_config_json(cfg_path: Path) -> dict[str, Any]:
@@ -229,6 +226,7 @@ def weights_sha256(sae: Any) -> str:
     For a latentpatch SAE this equals the hash recorded in its saved `cfg.json`; for a SAELens
     SAE it hashes its state dict serialised the same way.
     """
-    module = sae.folded() if isinstance(sae, SparseAutoencoder) else getattr(sae, "sae", sae)
+    # A latentpatch SAE hashes as saved (normalization folded in); a SAELens adapter hashes what it wraps.
+    module = sae.folded() if callable(getattr(sae, "folded", None)) else getattr(sae, "sae", sae)
     tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
     return hashlib.sha256(save_safetensors_bytes(tensors)).hexdigest()

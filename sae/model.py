@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from sae.config import SAEConfig
+from sae.files import read_sae_folder, save_sae
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -148,13 +149,28 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write `cfg.json` + `sae_weights.safetensors` (SAELens layout) atomically."""
-        from sae.files import save_sae
-
         return save_sae(self, path)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "SparseAutoencoder":
         """Read and validate an SAE folder written by latentpatch or SAELens."""
-        from sae.files import load_sae
-
         return load_sae(path, device=device)
+
+
+def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Read and validate an SAE folder (ours or SAELens's); every problem raises `SAEFileError` naming
+    the file.
+
+    Sizes and file types are checked before anything is read: a symlink to a device, a FIFO or a
+    folder is refused, `cfg.json` may hold at most `sae.files.MAX_CONFIG_BYTES`, and the weights' data is
+    read only once the safetensors header, the file size and the shapes `cfg.json` implies agree.
+
+    A file written by latentpatch carries `metadata.latentpatch.weights_sha256` and is verified
+    against it. A file without that section is taken as SAELens-written (SAELens records no
+    hash): its structure, names, shapes and finiteness are checked, but a corruption of the data
+    bytes that leaves the values finite cannot be detected, as safetensors has no checksum.
+    """
+    cfg, tensors = read_sae_folder(path)
+    sae = SparseAutoencoder(cfg, generator=torch.Generator())  # weights overwritten: leave the caller's RNG alone
+    sae.load_state_dict({name: t.to(TORCH_DTYPES[cfg.dtype]) for name, t in tensors.items()})
+    return sae.to(device)

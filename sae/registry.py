@@ -23,9 +23,9 @@ import torch
 
 from sae.errors import LatentpatchError, SAEFileError
 from sae.config import SAEConfig
-from sae.files import CONFIG_FILE, WEIGHTS_FILE, config_from_dict, load_sae, read_config_json
+from sae.files import CONFIG_FILE, WEIGHTS_FILE, config_from_dict, read_config_json
 from sae.metrics import LegacyNamedFigures
-from sae.model import TORCH_DTYPES, SparseAutoencoder
+from sae.model import TORCH_DTYPES, SparseAutoencoder, load_sae
 from sae.safe_io import UnsafeFileError, read_text, sha256_file
 
 RELEASES_DIR = Path(__file__).parent / "releases"
