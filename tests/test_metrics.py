@@ -111,6 +111,12 @@ def test_splice_metrics_match_direct_computation(tiny_model, tiny_sae, tiny_toke
     assert metrics.n_tokens == int(keep.sum()) == 36 - 4 * len(ignored)
 
 
+def test_exclude_first_position_still_reads_with_a_deprecation_warning(tiny_model, tiny_sae, tiny_tokens):
+    with pytest.warns(DeprecationWarning, match="exclude_first_position"):
+        every = splice_metrics(tiny_model, tiny_sae, tiny_tokens, exclude_first_position=False)
+    assert every.figures() == splice_metrics(tiny_model, tiny_sae, tiny_tokens, ignore_tokens=()).figures()
+
+
 def test_by_default_the_tokenizers_special_ids_are_not_scored(tiny_model, tiny_sae, tiny_tokens):
     """BOS/EOS/PAD (SAELens's `get_special_token_ids`) are left out by id, wherever they sit."""
     tokens = tiny_tokens.clone()

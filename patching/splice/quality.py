@@ -14,6 +14,7 @@ still read on the result, with a DeprecationWarning, for one release (`sae.metri
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from jaxtyping import Bool, Int
@@ -35,13 +36,21 @@ read, with a DeprecationWarning."""
 
 def splice_metrics(model: Any, sae: Any, tokens: Int[Tensor, "batch pos"], *, mask: Bool[Tensor, "batch pos"] | None = None,
                    site: Site | None = None, ignore_tokens: tuple[int, ...] | None = None,
-                   checks: SpliceChecks | None = None) -> SAEEvaluation:
+                   checks: SpliceChecks | None = None, exclude_first_position: bool | None = None) -> SAEEvaluation:
     """`evaluate_sae` on one batch of `tokens` (one forward pass of each kind over all rows).
 
     `mask` marks the real tokens of a right-padded batch (`padded_tokens` gives both); padding is
     left out of every figure. `ignore_tokens` as `EvalConfig.ignore_tokens` (None: the
-    tokenizer's special ids; (): score every real token).
+    tokenizer's special ids; (): score every real token). `exclude_first_position` is deprecated
+    (position 0 was left out of the reconstruction figures before the one evaluator): True now means
+    the default (the special ids, BOS among them), False `ignore_tokens=()`.
     """
+    if exclude_first_position is not None:
+        warnings.warn("splice_metrics(exclude_first_position=...) is deprecated and will be removed in the next "
+                      "release; use ignore_tokens= (the tokenizer's special ids by default, () for none)",
+                      DeprecationWarning, stacklevel=2)
+        if ignore_tokens is None and not exclude_first_position:
+            ignore_tokens = ()
     check_right_padding(tokens, mask)
     config = EvalConfig(batch_size=max(1, tokens.shape[0]), context_size=max(2, tokens.shape[-1]),
                         ignore_tokens=ignore_tokens, progress=False)
