@@ -21,7 +21,10 @@ EleutherAI's sparsify). With `g = (2/B)(x_hat - x)` and `g_a = alpha s (2/B)(e_h
     dW_dec = z^T g + into_dead(z_aux^T g_a)        db_dec = sum_b g_b - [W_enc @ sum_b p_b]
     dW_enc = x^T p - [c (x) sum_b p_b]             db_enc = sum_b p_b
 
-The selection is piecewise constant and has no gradient, as autograd through `torch.topk`.
+The selection is piecewise constant and has no gradient, as autograd through `torch.topk`. Only
+the selected entries of `z` and `p` are nonzero, so `z @ W_dec`, `z^T g` and `x^T p` are sparse
+products (B*k*d_in work); the step's two dense matmuls are `h` and `g @ W_dec^T` (read at the
+selected entries), against the L1 step's five.
 Decoder rows stay at unit norm (Gao et al. §2.1): the selection compares pre-activations, which a
 latent could otherwise win by shrinking its decoder row while growing its encoder column. The
 gradient's component along each row is removed before the optimizer step and the rows are
