@@ -158,7 +158,8 @@ def load_release(release: str, sae_id: str, *, device: str | torch.device = "cpu
     _check_config(entry, stored.cfg)  # the config actually loaded, should cfg.json change after the check
     if stored.cfg.dtype == dtype:
         return stored.to(device)
-    sae = SparseAutoencoder(dataclasses.replace(stored.cfg, dtype=dtype))  # type: ignore[arg-type]
+    # weights overwritten below: a private generator leaves the caller's RNG alone
+    sae = SparseAutoencoder(dataclasses.replace(stored.cfg, dtype=dtype), generator=torch.Generator())  # type: ignore[arg-type]
     sae.load_state_dict({name: t.to(TORCH_DTYPES[dtype]) for name, t in stored.state_dict().items()})
     return sae.to(device)
 
@@ -166,6 +167,6 @@ def load_release(release: str, sae_id: str, *, device: str | torch.device = "cpu
 def half_precision(sae: SparseAutoencoder, dtype: str = "float16") -> SparseAutoencoder:
     """A copy of `sae` (normalization folded in) stored in `dtype`, for shipping."""
     folded = sae.folded()
-    half = SparseAutoencoder(dataclasses.replace(folded.cfg, dtype=dtype))  # type: ignore[arg-type]
+    half = SparseAutoencoder(dataclasses.replace(folded.cfg, dtype=dtype), generator=torch.Generator())  # type: ignore[arg-type]
     half.load_state_dict({name: t.to(TORCH_DTYPES[dtype]) for name, t in folded.state_dict().items()})
     return half

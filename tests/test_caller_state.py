@@ -181,3 +181,13 @@ def test_loading_and_folding_an_sae_leave_the_global_rng_alone(tmp_path):
     digest = weights_sha256(sae)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(loaded.W_enc, sae.W_enc) and digest == weights_sha256(loaded)
+
+
+def test_loading_a_release_leaves_the_global_rng_alone():
+    """`load_release` converts the shipped float16 weights into a fresh float32 SAE."""
+    from sae import list_releases, load_release
+
+    release, ids = next(iter(list_releases().items()))
+    state = torch.get_rng_state()
+    sae = load_release(release, ids[0])
+    assert torch.equal(torch.get_rng_state(), state) and sae.W_enc.dtype == torch.float32
