@@ -339,7 +339,7 @@ def _attribution_section(model: Any, sae: Any, out: Path, results: dict[str, Any
 
     clean, corrupted, metric = _factual(model)
     estimate = attribute_latents(model, sae, clean, corrupted, metric)
-    check = verify(estimate, top_k=50, random_k=50)
+    check = verify(estimate, k=50, random_k=50)
     estimate.plot(out / "attribution.png")
     results["attribution"] = check.to_dict()
     return Section("Attribution patching (AtP), checked against exact patching",
@@ -352,7 +352,7 @@ def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
     from patching.steering.concepts import PARIS
 
     comparison = compare_steering(model, sae, PARIS, k_values=config.steering_k, coefficients=config.steering_coefficients,
-                                  methods=("add",), settings=CompareSettings(seeds=(0,), max_new_tokens=config.steering_tokens))
+                                  methods=("add",), config=CompareSettings(seeds=(0,), max_new_tokens=config.steering_tokens))
     comparison.save(out / "steering")
     (out / "steering.png").write_bytes((out / "steering" / PLOT_FILE).read_bytes())
     table = comparison.table.drop(columns=[c for c in comparison.table.columns if c.startswith("sample")], errors="ignore")
@@ -366,14 +366,13 @@ def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results
     from patching import Site
     from patching.safety.search import find_safety_latents
     from patching.safety.prompts import SafetySuite
-    from sae.files import weights_sha256
 
     full = SafetySuite()
     suite = SafetySuite(pairs=full.pairs[: config.suite_pairs], jailbreak_templates=full.jailbreak_templates[:1])
     layer = Site.from_hook_name(sae.cfg.hook_name).layer
     report = find_safety_latents(model, sae, suite, max_pairs=config.safety_pairs, percents=(0.1, 1.0, 10.0, 100.0),
                                  direction_layers=(layer,), dynamic_ns=(100,))
-    report.save(out / "safety", sae_sha256=weights_sha256(sae))
+    report.save(out / "safety")
     images = []
     if (out / "safety" / "curves.png").exists():
         (out / "safety.png").write_bytes((out / "safety" / "curves.png").read_bytes())

@@ -53,9 +53,8 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
     from patching.inspect.neurons import Neuron
     from patching.model import tl_compat
     from patching.model.sites import Site
-    from patching.sweep.results import library_version
+    from patching.model.provenance import provenance
     from latentpatch.cli.common import resolve_sae
-    from sae.files import weights_sha256
     from training.paths import check_output_folder
 
     check_output_folder(args.out)
@@ -78,13 +77,12 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
         known = {n.index for n in neurons}
         neurons += [Neuron(site.layer, i) for i in scores.neuron_max.argsort(descending=True)[: args.top_neurons].tolist()
                     if i not in known]
-    reports: list[Any] = inspect_units(model, sae, neurons, texts, config) if neurons else []
+    reports: list[Any] = inspect_units(model, sae, neurons, texts, config=config) if neurons else []
     if latents:
-        reports += inspect_latents(model, sae, latents, texts, config.inspect)
-    provenance = {"model": tl_compat.model_name(model), "sae": str(args.sae), "sae_sha256": weights_sha256(sae),
-                  "site": site.hook_name, "corpus": args.text, "texts": len(texts), "library_version": library_version()}
+        reports += inspect_latents(model, sae, latents, texts, config=config.inspect)
+    record = provenance(model, saes={site: sae}, prompts=None, sae=str(args.sae), corpus=args.text, texts=len(texts))
     index = write_dashboards(args.out, reports, title=f"{tl_compat.model_name(model)}: units at {site.hook_name}",
-                             provenance=provenance)
+                             provenance=record)
     return {"index": str(index), "pages": len(reports), "latents": latents, "neurons": [n.index for n in neurons]}
 
 

@@ -28,12 +28,11 @@ def register(subparsers: Any) -> None:
 def run_safety(args: argparse.Namespace) -> dict[str, Any]:
     from patching.safety.search import SafetyConfig, find_safety_latents
     from patching.safety.prompts import SafetySuite
-    from sae.files import weights_sha256
 
     check_out(args)
     sae, model = load_for(args.sae, args.model)
     suite = SafetySuite()
     overrides = {"percents": tuple(args.percents)} if args.percents else {}
-    report = find_safety_latents(model, sae, suite, SafetyConfig(max_pairs=args.max_pairs, **overrides))
-    report.save(args.out, sae_sha256=weights_sha256(sae))
+    report = find_safety_latents(model, sae, suite, config=SafetyConfig(max_pairs=args.max_pairs, **overrides))
+    report.save(args.out)
     return {"saved_to": str(args.out), **report.summary()}
