@@ -30,7 +30,7 @@ RECORDED = {
         "heldout": (14, 111267, 131823, "84ff731df7c96a89964a7a9937de8301cebc818c0aed93b1ee2ff95015a2e2bf"),
     },
     "mail": {
-        "train": (3717, 589666, 1054310, "e80c10f9286ea01587c41c5d29811cff0372981f5de8ca2a64a06610cd4d440a"),
+        "train": (3717, 588989, 1051189, "fb587718a12a44361027696c5f1e9d3d55a602723dea4723ee77c523d01482ae"),
         "heldout": (197, 24769, 42597, "745fd6fc82a1dc16b3af212b27e01539d7dee7cbfaed2b66bf379c610e3ba9d1"),
     },
     "bible": {

@@ -55,6 +55,9 @@ wrote:
 Forwarded text follows.
 From: someone@example.com
 Subject: pasted header
+Received: from relay (relay [10.0.0.1])
+	by mail.example.com with SMTP
+X-Mailer:\tPine
 I agree with Martin.
 
 --

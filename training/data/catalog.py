@@ -36,7 +36,7 @@ from training.errors import DataSourceError
 
 MAX_SPLIT_BYTES = 1 << 31
 """Largest parsed split read (the largest, nlp-corpus's training split, is about 10 MB)."""
-LATER_VERSION = 2
+LATER_VERSION = 3
 """Bump when a parser or the cross-source rule changes: the `real-v<N>` cache is rebuilt."""
 
 

@@ -12,7 +12,8 @@ skipped), then the body loses
 - everything from a signature or footer marker on: the RFC 3676 delimiter `-- `, Outlook's
   `-----Original Message-----`, forwarded-message banners, a PGP signature, and the rule of
   underscores or dashes that opens a Mailman/Yahoo! Groups footer;
-- header lines pasted into the body (`From:`, `Subject:`, ... of forwarded mail) and PGP armour.
+- header lines pasted into the body (`From:`, `Received:`, `X-...:` of a forwarded or bounced
+  mail, with their folded continuation lines) and PGP armour.
 
 Paragraphs (blocks between blank lines) are unwrapped into single lines. Identical bodies (a mail
 cross-posted to two lists) are kept once, the first by id.
@@ -37,8 +38,9 @@ _CUT = re.compile(r"^(-- ?$|-+ ?Original Message ?-+|-+ ?(Begin )?Forwarded|Begi
 _QUOTE = re.compile(r"^\s*>")
 _ATTRIBUTION = re.compile(r"(wrote|writes|said|says)\s*:\s*$", re.IGNORECASE)
 _ATTRIBUTION_OPENING = re.compile(r"^\s*(On|At|Quoting|In article)\b")
-_HEADER = re.compile(r"^\s*(From|To|Cc|Bcc|Subject|Date|Sent|Reply-To|Message-ID|Hash|Organization)\s*:\s",
-                     re.IGNORECASE)
+_HEADER = re.compile(r"^\s*(From|To|Cc|Bcc|Subject|Date|Sent|Reply-To|Message-ID|Hash|Organization|Return-Path"
+                     r"|Delivered-To|Received|In-Reply-To|References|Sender|Precedence|Errors-To|MIME-Version"
+                     r"|Content-[\w-]+|List-[\w-]+|X-[\w-]+)\s*:", re.IGNORECASE)
 _ARMOUR = re.compile(r"^-----BEGIN PGP SIGNED MESSAGE-----\s*$")
 
 
@@ -68,10 +70,13 @@ def strip_reply(body: str) -> str:
     headers removed (see the module docstring), paragraphs unwrapped, one per line."""
     lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     kept: list[str] = []
+    in_header = False
     for index, line in enumerate(lines):
         if _CUT.match(line):
             break
-        if _QUOTE.match(line) or _HEADER.match(line) or _ARMOUR.match(line):
+        # A pasted header's folded continuation lines open with whitespace (RFC 5322 §2.2.3).
+        in_header = bool(_HEADER.match(line)) or (in_header and line[:1].isspace() and bool(line.strip()))
+        if in_header or _QUOTE.match(line) or _ARMOUR.match(line):
             continue
         following = next((later for later in lines[index + 1:] if later.strip()), "")
         if _ATTRIBUTION.search(line) and (not following or _QUOTE.match(following)):
