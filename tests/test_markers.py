@@ -66,3 +66,18 @@ def test_markers_follow_the_model_fixtures(tmp_path, capsys):
     assert marks == {"test_direct": ["default_model"], "test_indirect": ["default_model"], "test_gemma": ["gemma3"],
                      "test_plain": []}
     assert list(_collected(tmp_path, "not default_model and not gemma3")) == ["test_plain"]
+
+
+@pytest.mark.parametrize("module", ["patching.attribution.restoration", "sae.files", "training.trainer.trainer",
+                                    "latentpatch.demo"])
+def test_warnings_from_our_packages_fail_the_suite(module):
+    """pyproject's filterwarnings: a warning attributed to one of our modules is an error in the suite,
+    a DeprecationWarning (old public names, TransformerLens's own) is not, nor is one from elsewhere."""
+    import warnings
+
+    with pytest.raises(UserWarning):
+        warnings.warn_explicit("from our code", UserWarning, "x.py", 1, module=module)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn_explicit("an old name", DeprecationWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("from elsewhere", UserWarning, "x.py", 1, module="transformer_lens.utils")
+    assert [str(w.message) for w in seen] == ["an old name", "from elsewhere"]

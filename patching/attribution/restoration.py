@@ -243,4 +243,4 @@ def raw_attribution_sites(model: Any, sites: Sequence[Site], clean: Tensor, corr
         m_corrupted = metric(logits[:, metric.readout], pair)
         m_corrupted.sum().backward()
     scores = {site: (acts[site.hook_name][0] - probes[site]["x"][0]) * probes[site]["node"].grad[0] for site in sites}
-    return RawAttribution(scores, m_clean - float(m_corrupted[0]))
+    return RawAttribution(scores, m_clean - float(m_corrupted[0].detach()))  # a number: no graph (and no warning)
