@@ -274,7 +274,7 @@ def test_default_model_texts_ignore_saelens_special_ids_and_batching_does_not_ma
     from sae_lens.util import get_special_token_ids
 
     model = default_model_4l
-    assert set(ignored_token_ids(model, EvalConfig())) == set(get_special_token_ids(model.tokenizer))
+    assert set(ignored_token_ids(model, EvalConfig().ignore_tokens)) == set(get_special_token_ids(model.tokenizer))
     sae = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name,
                    model_from_pretrained_kwargs=tl_compat.inferred_flags(model))
     texts = ["The cat sat on the mat.", "Paris is the capital of France, and its largest city by far.",

@@ -1,4 +1,7 @@
-"""SAEBench's core evaluation of an SAE at its site, streamed over many texts.
+"""The project's one evaluator of an SAE at its site: SAEBench's core figures, streamed over many
+texts or token rows. The trainer's eval line, `latentpatch eval`, the demo and the release registry
+all print `SAEEvaluation.figures()` (under SAELens's names); `splice_metrics` is its per-batch form.
+Which tokens are read and scored: `patching.splice.scored_tokens`.
 
 The figures and their definitions follow SAELens 6.54 `sae_lens/evals.py` (`get_recons_loss`,
 `get_downstream_reconstruction_metrics`, `get_sparsity_and_variance_metrics`,
@@ -39,8 +42,7 @@ Padding of unequal texts never counts (right padding, see `patching.model.tokens
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +53,9 @@ from tqdm.auto import tqdm
 
 from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.model.tokens import padded_tokens
 from patching.splice.collect import resolve_site
 from patching.splice.decoder_cosine import COSINE_QUANTILES, cosine_summary, max_decoder_cosine
+from patching.splice.scored_tokens import check_right_padding, ignored_token_ids, token_batches
 from patching.splice.splicer import SpliceChecks, splice
 from sae.metrics import (
     LEGACY_FIGURE_NAMES,
@@ -67,11 +69,9 @@ from sae.metrics import (
     warn_legacy_name,
 )
 
-__all__ = ["COSINE_QUANTILES", "EvalConfig", "FIGURE_NAMES", "SAEEvaluation", "cosine_summary", "evaluate_sae",
-           "explained_variance_from_sums", "ignored_token_ids", "max_decoder_cosine", "token_batches"]
+__all__ = ["COSINE_QUANTILES", "EvalConfig", "FIGURE_NAMES", "SAEEvaluation", "check_right_padding", "cosine_summary",
+           "evaluate_sae", "explained_variance_from_sums", "ignored_token_ids", "max_decoder_cosine", "token_batches"]
 
-STRUCTURAL_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
-"""The tokenizer attributes SAELens's `get_special_token_ids` reads (sae_lens/util.py)."""
 FIGURE_NAMES = ("ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_score",
                 "kl_div_with_sae", "kl_div_with_ablation", "explained_variance", "explained_variance_typical",
                 "n_massive", "mse", "mse_per_token", "cossim", "l2_norm_in", "l2_norm_out", "l2_ratio",
@@ -268,51 +268,6 @@ class _Sums:
         self.fires += active.sum(0).cpu()
 
 
-def ignored_token_ids(model: Any, config: EvalConfig) -> tuple[int, ...]:
-    """The ids `config` ignores: given, or the tokenizer's structural special ids (SAELens's rule)."""
-    if config.ignore_tokens is not None:
-        return tuple(config.ignore_tokens)
-    tokenizer = getattr(model, "tokenizer", None)
-    found = {getattr(tokenizer, name, None) for name in STRUCTURAL_SPECIAL_TOKENS} if tokenizer is not None else set()
-    return tuple(sorted(i for i in found if i is not None))
-
-
-def check_right_padding(tokens: Tensor, mask: Tensor | None) -> None:
-    """`mask` (real tokens of right-padded rows) must be a bool tensor of the tokens' shape that
-    marks a non-empty prefix of each row."""
-    if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool or not mask[:, 0].all()
-                             or (mask[:, 1:] & ~mask[:, :-1]).any()):
-        raise ValueError(f"mask must be a bool tensor of the tokens' shape {tuple(tokens.shape)} marking a "
-                         "non-empty prefix of each row (right padding)")
-
-
-def token_batches(model: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"], config: EvalConfig,
-                  mask: Bool[Tensor, "rows pos"] | None = None) -> Iterator[tuple[Tensor, Bool[Tensor, "batch pos"]]]:
-    """Batches of (tokens, real-token mask): token rows as given (with `mask`, right-padded rows
-    whose padding is not real), or texts tokenized with BOS, truncated to `context_size` and
-    right-padded."""
-    if isinstance(corpus, Tensor):
-        if corpus.ndim != 2 or corpus.is_floating_point() or corpus.shape[1] < 2:
-            raise ValueError(f"a token corpus must be an integer tensor (rows, pos >= 2); got {corpus.dtype} "
-                             f"{tuple(corpus.shape)}")
-        check_right_padding(corpus, mask)
-        real = torch.ones_like(corpus, dtype=torch.bool) if mask is None else mask
-        for start in range(0, corpus.shape[0], config.batch_size):
-            rows = slice(start, start + config.batch_size)
-            yield corpus[rows, :config.context_size], real[rows, :config.context_size].to(corpus.device)
-        return
-    if mask is not None:
-        raise TypeError("mask marks the real tokens of a token tensor; texts are padded here")
-    if isinstance(corpus, str):
-        raise TypeError("corpus must be an iterable of texts or a token tensor, not one string; wrap it in a list")
-    texts = iter(corpus)
-    while batch := list(itertools.islice(texts, config.batch_size)):
-        if not all(isinstance(text, str) and text for text in batch):
-            raise ValueError("every text in the corpus must be a non-empty string")
-        tokens, real = padded_tokens(model, batch, truncate=True)  # cut to context_size below: the cut is asked for
-        yield tokens[:, :config.context_size], real[:, :config.context_size]
-
-
 def evaluate_sae(model: Any, sae: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"], *, site: Site | None = None,
                  config: EvalConfig | None = None, checks: SpliceChecks | None = None,
                  mask: Bool[Tensor, "rows pos"] | None = None) -> SAEEvaluation:
@@ -328,8 +283,8 @@ def evaluate_sae(model: Any, sae: Any, corpus: Iterable[str] | Int[Tensor, "rows
     """
     config = EvalConfig() if config is None else config
     site, adapted = resolve_site(model, sae, site, checks=checks)
-    batches = token_batches(model, corpus, config, mask)
-    ignored = torch.tensor(ignored_token_ids(model, config), dtype=torch.long)
+    batches = token_batches(model, corpus, batch_size=config.batch_size, context_size=config.context_size, mask=mask)
+    ignored = torch.tensor(ignored_token_ids(model, config.ignore_tokens), dtype=torch.long)
     sums = _Sums(d_in=adapted.d_in, d_sae=adapted.d_sae, massive_norm_ratio=config.massive_norm_ratio)
     bar = tqdm(desc=f"eval {site.hook_name}", unit="tok", disable=not config.progress, total=config.max_tokens)
     with bar:
