@@ -6,6 +6,7 @@ created. Every command line (`latentpatch ...`, `latentpatch train`) uses these.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from training.errors import RunPathError
@@ -24,8 +25,14 @@ def check_output_folder(path: str | Path, *, option: str = "--out") -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise RunPathError(f"{option} {folder} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunPathError(f"{option} {folder}: no permission to write in {existing}")
+    # A probe file, not os.access: as root, os.access calls /proc writable, and the run then failed
+    # after its work, at the save.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".latentpatch-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunPathError(f"{option} {folder}: no permission to write in {existing} ({err.strerror})") from err
     return folder
 
 

@@ -48,9 +48,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from patching.splice import EvalConfig, evaluate_sae, save_evaluation
     from patching.sweep import library_version
     from sae.files import weights_sha256
-    from training.paths import check_input_file
+    from training.paths import check_input_file, check_output_folder
     from training.data.text import check_utf8_text
 
+    if args.out is not None:  # before the model loads: a file there failed after 60 s of evaluation
+        check_output_folder(args.out)
     if args.text:  # checked before the model loads: missing, a folder, binary
         check_utf8_text(check_input_file(args.text, option="--text"))
     if args.heldout_rows is not None and args.heldout_rows < 1:

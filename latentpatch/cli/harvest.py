@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -53,11 +54,15 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     from latentpatch.cli.common import parse_site, texts_for
     from training.activations.harvest import MultiSiteChunks
     from training.data.text import TokenRows
+    from training.paths import check_output_folder
 
     if args.tokens <= 0 or args.skip_rows < 0:
         raise TrainingConfigError(f"--tokens must be positive and --skip-rows >= 0, got {args.tokens}, "
                                   f"{args.skip_rows}")
     sites = [parse_site(text) for text in args.sites]
+    check_output_folder(args.out)  # before the model loads: a file there failed after it, as NotADirectoryError
+    if os.path.lexists(args.out / "harvest.json"):  # a second harvest replaced the first's record
+        raise TrainingConfigError(f"{args.out} already holds a harvest (harvest.json); choose another --out")
     folders = {site.hook_name: args.out / site.hook_name for site in sites}
     taken = [str(f) for f in folders.values() if (f / "manifest.json").exists()]
     if taken:

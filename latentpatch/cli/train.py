@@ -91,6 +91,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokens", type=int, required=True, help="training activations (steps = tokens // batch size)")
     p.add_argument("--out", type=Path, required=True, help="output folder DIR")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace what DIR holds (an SAE, other files); without it "
+                                                            "a folder that is not empty is refused")
     p.add_argument("--text", default="default",
                    help="'default' (Brown + nlp-corpus + the self-generated chat corpus, training split), 'real', "
                         "'brown', 'nlp-corpus', 'generated', a .txt/.jsonl file, or hf:NAME (needs the hub)")
@@ -203,7 +205,7 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
     if steps < 1:
         raise TrainingConfigError(f"--tokens {args.tokens} is less than one batch of {args.batch_size}")
     if not data_parallel or collective.is_main:  # only rank 0 writes (or must see) a data-parallel run's folder
-        _check_out(out, args.resume)
+        _check_out(out, args.resume, getattr(args, "overwrite", False))
     l1s = tuple(l1 for _, l1 in group)
     ks = _group_ks(args, group, seed_offsets)
     config = TrainerConfig(total_steps=steps, lr=args.lr, l1_coefficient=l1s if len(group) > 1 else l1s[0],
@@ -283,12 +285,22 @@ def _remove_failed_start(out: Path, created: bool) -> None:
             folder.rmdir()  # only when empty: never anything this run did not write
 
 
-def _check_out(out: Path, resume: bool) -> None:
+def _check_out(out: Path, resume: bool, overwrite: bool = False) -> None:
+    """The output folder, before the model loads: writable (`check_output_folder`), and not holding
+    anything a new run would replace (an SAE without checkpoints had its weights silently replaced)."""
+    from training.paths import check_output_folder
+
+    check_output_folder(out)
     has_run = (Path(out) / "checkpoints").is_dir()
     if has_run and not resume:
         raise TrainingConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     if resume and not has_run:
         raise TrainingConfigError(f"--resume given but {out} holds no checkpoints/")
+    held = sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() and not resume else []
+    if held and not overwrite:
+        what = "an SAE (cfg.json)" if "cfg.json" in held else f"{len(held)} entries ({', '.join(held[:3])}...)"
+        raise TrainingConfigError(f"--out {out} already holds {what}; choose another --out, or pass --overwrite to "
+                                  "replace it")
 
 
 def _load(run: RunConfig, *, full: bool) -> tuple[Any, Any]:
