@@ -110,8 +110,8 @@ class LogitDiff:
         return [_tokens("answer", self.answer), _tokens("wrong", self.wrong)]
 
     def columns(self) -> Tensor:
-        """The only logits this metric reads: sweeps unembed just these (README, "Performance":
-        the head sweeps with the full unembedding)."""
+        """The only logits this metric reads: sweeps unembed just these (docs/benchmarks.md; the head
+        sweeps measured with the full unembedding are in CHANGELOG.md)."""
         return torch.unique(torch.cat(self.token_ids()))
 
 
