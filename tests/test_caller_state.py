@@ -191,3 +191,18 @@ def test_loading_a_release_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     sae = load_release(release, ids[0])
     assert torch.equal(torch.get_rng_state(), state) and sae.W_enc.dtype == torch.float32
+
+
+@pytest.mark.default_model
+def test_generating_the_corpus_leaves_the_global_rng_alone(tmp_path):
+    """Hugging Face's `generate` takes no generator: the corpus seeds torch inside a forked RNG, so
+    the caller's state is restored and the same config still writes the same texts."""
+    from training.data.generated import CorpusConfig, build_corpus
+
+    config = CorpusConfig(n_prompts=1, samples_per_prompt=2, max_new_tokens=3, batch_size=2)
+    state = torch.get_rng_state()
+    build_corpus(config, tmp_path / "a.jsonl")
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(99)  # another caller state: the corpus does not depend on it
+    build_corpus(config, tmp_path / "b.jsonl")
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()

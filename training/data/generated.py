@@ -115,10 +115,13 @@ def build_corpus(config: CorpusConfig, path: Path) -> dict[str, Any]:
         batch = jobs[b : b + config.batch_size]
         inputs = [_render(tokenizer, kind, text) for _, _, kind, text in batch]
         encoded = tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(config.seed * 1_000_003 + b // config.batch_size)
-        out = model.generate(**encoded, do_sample=True, temperature=config.temperature, top_p=config.top_p,
-                             max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             logits_processor=[_Progress(progress)])
+        # Hugging Face's generate draws from torch's global RNG and takes no generator: seed it inside
+        # fork_rng, which gives the caller's state back afterwards (the texts are unchanged).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed * 1_000_003 + b // config.batch_size)
+            out = model.generate(**encoded, do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                                 max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 logits_processor=[_Progress(progress)])
         prompt_len = encoded["input_ids"].shape[1]
         for row, (prompt_index, sample, _, _) in enumerate(batch):
             n_pad = int((encoded["attention_mask"][row] == 0).sum())
