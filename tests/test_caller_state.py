@@ -159,7 +159,7 @@ def test_compare_steering_leaves_the_global_rng_alone(default_model_4l):
                       target_tokens=[" Paris"], heldout=["My favourite city is"], neutral=["The cat sat on the mat."])
     sae = make_sae(576, 64, hook_name="blocks.2.hook_resid_pre", model_name=default_model_4l.cfg.model_name)
     settings = CompareSettings(seeds=(0, 1), max_new_tokens=2)
-    run = dict(k_values=(1,), coefficients=(4.0,), methods=("add",), settings=settings, progress=False)
+    run = dict(k_values=(1,), coefficients=(4.0,), methods=("add",), config=settings, progress=False)
     state = torch.get_rng_state()
     first = compare_steering(default_model_4l, sae, concept, **run).table
     assert torch.equal(torch.get_rng_state(), state)
