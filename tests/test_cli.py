@@ -79,7 +79,7 @@ def files(tmp_path_factory):
 TRAIN = ["train", "--site", "1", "--tokens", "100", "--batch-size", "10"]
 PAIR = ["--clean", "a b", "--corrupted", "a c", "--answer", " x", "--wrong", " y"]
 CASES = [
-    (TRAIN + ["--batch-size", "0", "--out", "{root}/r"], "--batch-size must be a positive int, got 0"),
+    (TRAIN + ["--batch-size", "0", "--out", "{root}/r"], "argument --batch-size: must be in [1, 1048576], got 0"),
     (TRAIN + ["--d-sae", "0", "--out", "{root}/r"], "--d-sae must be a positive int, got 0"),
     (TRAIN + ["--max-norm-ratio", "0.5", "--out", "{root}/r"], "--max-norm-ratio must be above 1"),
     (TRAIN + ["--text", "{root}/binary.txt", "--out", "{root}/r"], "{root}/binary.txt holds a NUL byte"),
@@ -112,6 +112,18 @@ CASES = [
     (["steer", "{sae}", "--positive", "a", "--negative", "b", "--prompt", "c", "--max-new-tokens", "0"],
      "max_new_tokens must be a positive int, got 0"),
     (["demo", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    # issue 30: numbers bounded while parsing, outputs checked before the work, nothing replaced
+    (["dashboards", "{sae}", "--top-latents=-3", "--out", "{root}/d"], "argument --top-latents: must be in [0, 100000]"),
+    (["patch", "{sae}", *PAIR, "--top", "-5"], "argument --top: must be in [1, 100000], got -5"),
+    (["attribute", "{sae}", *PAIR, "--method", "ig", "--steps", "100000000"], "argument --steps: must be in [1, 1024]"),
+    (["attribute", "{sae}", *PAIR, "--verify", "-3"], "argument --verify: must be in [0, 100000], got -3"),
+    (["steer", "{sae}", "--positive", "a", "--negative", "b", "--prompt", "c", "--seed", str(2 ** 70)],
+     "argument --seed: must be in [0, 9223372036854775807]"),
+    (TRAIN + ["--buffer-tokens", str(10 ** 12), "--out", "{root}/r"], "argument --buffer-tokens: must be in [1, 16777216]"),
+    (TRAIN + ["--out", "{sae}"], "already holds an SAE (cfg.json); choose another --out, or pass --overwrite"),
+    (["eval", "{sae}", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    (["harvest", "--sites", "1", "--tokens", "10", "--text", "brown", "--out", "{root}/a_file"],
+     "--out {root}/a_file is a file"),
     (["nonsense"], "invalid choice: 'nonsense'"),
 ]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from latentpatch.cli.common import add_pair_options, add_sae_options, check_out, describe_top, load_for, pair_metric, report
+from latentpatch.cli.common import COUNT_MAX, MAX_IG_STEPS, add_pair_options, bounded_int, add_sae_options, check_out, describe_top, load_for, pair_metric, report
 
 
 def register(subparsers: Any) -> None:
@@ -25,8 +25,8 @@ def register(subparsers: Any) -> None:
 
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("atp", "ig", "atp_gd"), default="atp", help="estimator (default atp)")
-    p.add_argument("--steps", type=int, default=8, help="integrated-gradients path points (default 8)")
-    p.add_argument("--verify", type=int, default=0, metavar="K",
+    p.add_argument("--steps", type=bounded_int(1, MAX_IG_STEPS), default=8, help="integrated-gradients path points (default 8)")
+    p.add_argument("--verify", type=bounded_int(0, COUNT_MAX), default=0, metavar="K",
                    help="check the estimate by exact patching of its top K units and K random others")
 
 

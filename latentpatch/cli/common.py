@@ -10,6 +10,31 @@ from typing import Any
 from training.errors import TrainingConfigError
 
 
+SEED_MAX = 2 ** 63 - 1
+"""Largest seed `torch.Generator.manual_seed` takes: a larger one failed after the model loaded."""
+COUNT_MAX = 100_000
+"""Largest count of units listed or pages written: beyond what a person reads or a disk wants."""
+MAX_IG_STEPS = 1024
+"""Most integrated-gradients path points, as `patching.attribution.estimators.MAX_IG_STEPS` (1e8 asked for 10 TB)."""
+
+
+def bounded_int(low: int, high: int):
+    """An argparse `type`: an int in [low, high]. Checked while parsing, so before any model loads,
+    and reported as one line naming the option (`argument --top: must be in [1, 100000], got -5`):
+    `--top-latents=-3` meant "all but 3" and wrote 2,301 pages before it was stopped."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 class UsageError(Exception):
     """A command line argparse cannot parse, or options that contradict each other; printed as one line
     with exit status 1, like every error."""
@@ -34,7 +59,7 @@ def add_pair_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", choices=("denoise", "noise"), default="denoise",
                    help="denoise: corrupted run, clean values patched in; noise: the reverse (default: denoise)")
     p.add_argument("--align", choices=("end",), default=None, help="align prompts of different length on their ends")
-    p.add_argument("--top", type=int, default=10, help="how many units to list (default 10)")
+    p.add_argument("--top", type=bounded_int(1, COUNT_MAX), default=10, help="how many units to list (default 10)")
     p.add_argument("--out", type=Path, default=None, help="save the result (safetensors + manifest) and a PNG here")
 
 

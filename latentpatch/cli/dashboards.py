@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from latentpatch.cli.common import SAE_HELP
+from latentpatch.cli.common import COUNT_MAX, SAE_HELP, bounded_int
 
 EXAMPLE = ("example: latentpatch dashboards runs/sae-l12-mid --latents 5 17 --neurons 40 1203 --out dash\n"
            "         latentpatch dashboards runs/sae-l12-mid --top-neurons 10 --top-latents 10 --out dash")
@@ -31,8 +31,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (index.html and one page per unit)")
     p.add_argument("--latents", type=int, nargs="*", default=[], help="latent indices")
     p.add_argument("--neurons", type=int, nargs="*", default=[], help="MLP neuron indices of the SAE's block")
-    p.add_argument("--top-latents", type=int, default=0, help="also the N latents with the largest activation")
-    p.add_argument("--top-neurons", type=int, default=0, help="also the N neurons with the largest activation")
+    p.add_argument("--top-latents", type=bounded_int(0, COUNT_MAX), default=0, help="also the N latents with the largest activation")
+    p.add_argument("--top-neurons", type=bounded_int(0, COUNT_MAX), default=0, help="also the N neurons with the largest activation")
     p.add_argument("--text", default="generated",
                    help="a named corpus, as for train ('generated': the self-generated chat corpus, the default; "
                         "'default': real text plus it; 'real', 'brown', ...) or a .txt/.jsonl file")

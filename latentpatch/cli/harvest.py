@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from latentpatch.cli.common import bounded_int
 from sae.files import atomic_write
 from training.errors import TrainingConfigError
 
@@ -31,7 +32,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="model name (default: the offline SmolLM2; gemma-3-270m "
                                                                       "is the second offline model)")
     p.add_argument("--sites", nargs="+", required=True, help="sites: layers (15), layer:kind or hook names")
-    p.add_argument("--tokens", type=int, required=True, help="activations per site")
+    p.add_argument("--tokens", type=bounded_int(1, 2 ** 40), required=True, help="activations per site")
     p.add_argument("--text", default="default", help="a named corpus (default, real, default-no-mail, a source "
                                                      "such as brown or sotu, generated: its training split; "
                                                      "`latentpatch corpus` lists the sources), or a .txt/.jsonl file")

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from latentpatch.cli.common import add_model_option, check_out, load_plain_model, single_token, table
+from latentpatch.cli.common import (COUNT_MAX, add_model_option, bounded_int, check_out, load_plain_model, single_token,
+                                    table)
 
 EXAMPLE = ("example: latentpatch repair --prompt 'When Mary and John went to the store, John gave a drink to' "
            "--answer ' Mary' --wrong ' John' --ablation mean --out results/repair")
@@ -32,7 +33,7 @@ def register(sub: Any) -> None:
     p.add_argument("--corrupted", default=None, help="prompt whose outputs a resample ablation uses (same token length)")
     p.add_argument("--components", choices=("layers", "heads"), default="layers",
                    help="every attention layer and MLP (default), or every head")
-    p.add_argument("--top", type=int, default=10, help="how many components to list (default 10)")
+    p.add_argument("--top", type=bounded_int(1, COUNT_MAX), default=10, help="how many components to list (default 10)")
     p.add_argument("--out", type=Path, default=None, help="save the result and its plot (repair.png) here")
     p.set_defaults(run=run_repair, describe=describe_repair)
 

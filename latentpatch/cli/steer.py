@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from latentpatch.cli.common import SAE_HELP
+from latentpatch.cli.common import SAE_HELP, SEED_MAX, bounded_int
 
 EXAMPLE = (
     "examples:\n"
@@ -42,13 +42,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated (default 32)")
     p.add_argument("--sample", action="store_true", help="sample (temperature --temperature) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0, help="sampling seed (default 0)")
     p.add_argument("--compare", type=Path, metavar="CONCEPT_JSON", help="run the Top-1 vs Top-K comparison instead")
     p.add_argument("--out", type=Path, help="output folder of --compare")
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="K values of --compare")
     p.add_argument("--coefficients", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="coefficients of --compare")
     p.add_argument("--methods", nargs="+", choices=("add", "clamp"), default=["add", "clamp"], help="methods of --compare")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of --compare")
+    p.add_argument("--seeds", type=bounded_int(0, SEED_MAX), nargs="+", default=[0, 1, 2], help="sampling seeds of --compare")
     p.add_argument("--model", default=None, help="model name (default: the SAE's model_name)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_steer)

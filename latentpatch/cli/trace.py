@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from latentpatch.cli.common import add_model_option, check_out, load_plain_model, table
+from latentpatch.cli.common import COUNT_MAX, SEED_MAX, add_model_option, bounded_int, check_out, load_plain_model, table
 
 EXAMPLE = ("example: latentpatch trace --prompt 'The Eiffel Tower is located in the city of' --subject 'The Eiffel Tower' "
            "--answer ' Paris' --kind mlp --out results/trace")
@@ -33,9 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--sever", choices=("mlp", "attn"), default=None, help="hold this module at the token corrupted")
     p.add_argument("--noise", type=float, default=3.0, help="noise scale in embedding standard deviations (ROME: 3)")
     p.add_argument("--samples", type=int, default=10, help="noise draws averaged (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
+    p.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0, help="seed of the noise draws (default 0)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to trace (default: all)")
-    p.add_argument("--top", type=int, default=5, help="how many peak restorations to list (default 5)")
+    p.add_argument("--top", type=bounded_int(1, COUNT_MAX), default=5, help="how many peak restorations to list (default 5)")
     p.add_argument("--out", type=Path, default=None, help="save the result and its heatmap (trace.png) here")
     p.set_defaults(run=run_trace, describe=describe_trace)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentpatch.cli.common import parse_site, texts_for
+from latentpatch.cli.common import SEED_MAX, bounded_int, parse_site, texts_for
 from sae.files import atomic_write
 from training.errors import TrainingConfigError
 from training.trainer.runlog import LOG_FILE
@@ -88,7 +88,7 @@ def register(subparsers: Any) -> None:
                    help="latents per token for topk/batchtopk; several values train several SAEs")
     p.add_argument("--auxk-coefficient", type=float, default=1 / 32,
                    help="weight of the AuxK dead-latent loss (default 1/32, Gao et al. 2024; 0 turns it off)")
-    p.add_argument("--tokens", type=int, required=True, help="training activations (steps = tokens // batch size)")
+    p.add_argument("--tokens", type=bounded_int(1, 2 ** 40), required=True, help="training activations (steps = tokens // batch size)")
     p.add_argument("--out", type=Path, required=True, help="output folder DIR")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in DIR")
     p.add_argument("--overwrite", action="store_true", help="replace what DIR holds (an SAE, other files); without it "
@@ -96,7 +96,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--text", default="default",
                    help="'default' (Brown + nlp-corpus + the self-generated chat corpus, training split), 'real', "
                         "'brown', 'nlp-corpus', 'generated', a .txt/.jsonl file, or hf:NAME (needs the hub)")
-    p.add_argument("--batch-size", type=int, default=4096, help="activations per step (default 4096; under torchrun "
+    p.add_argument("--batch-size", type=bounded_int(1, 2 ** 20), default=4096, help="activations per step (default 4096; under torchrun "
                                                                    "with --parallel data, the global batch over all ranks)")
     p.add_argument("--parallel", choices=("data", "saes"), default="data",
                    help="under torchrun: 'data' (each rank harvests a stripe of the tokens, gradients all-reduced) or "
@@ -105,7 +105,7 @@ def register(subparsers: Any) -> None:
                                                                      "stopped answering before the job fails (default 600)")
     p.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate (default 4e-4)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")
-    p.add_argument("--buffer-tokens", type=int, default=65536, help="shuffle-buffer capacity in activations")
+    p.add_argument("--buffer-tokens", type=bounded_int(1, 2 ** 24), default=65536, help="shuffle-buffer capacity in activations")
     p.add_argument("--keep-special-tokens", action="store_true", help="train on BOS/special-token activations too")
     p.add_argument("--max-norm-ratio", type=float, default=0.0,
                    help="leave out massive activations, norms over this multiple of their chunk's median "
@@ -122,7 +122,7 @@ def register(subparsers: Any) -> None:
                    help=f"held-out rows each evaluation reads (default {HELDOUT_ROWS}; the registry reads 160)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (WANDB_MODE=offline works)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and resampling")
+    p.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0, help="seed of data order, initialisation and resampling")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_train)

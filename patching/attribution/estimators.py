@@ -45,6 +45,9 @@ from patching.sweep.units import PatchUnit, differing_units
 
 Method = Literal["atp", "ig", "atp_gd"]
 METHODS: tuple[str, ...] = ("atp", "ig", "atp_gd")
+MAX_IG_STEPS = 1024
+"""Most integrated-gradients path points: each holds the activations once more (1e8 asked the allocator
+for 10 TB); the CLI's `--steps` takes the same bound (`latentpatch.cli.common.MAX_IG_STEPS`)."""
 
 
 def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
@@ -54,8 +57,8 @@ def attribute_latents(model: Any, saes: Any, clean: Prompts, corrupted: Prompts,
     """Estimate every latent's (and error node's) patching effect; see the module docstring."""
     if method not in METHODS:
         raise PatchingError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise PatchingError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_IG_STEPS:
+        raise PatchingError(f"steps must be a positive int at most {MAX_IG_STEPS}, got {steps!r}")
     metric = as_metric(metric)
     if metric.readout is None:
         raise PatchingError("attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")

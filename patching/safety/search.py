@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -78,7 +79,11 @@ class SafetyConfig:
             isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100 for p in self.percents),
             "non-empty numbers in (0, 100]")
         bad("span_threshold", self.span_threshold, isinstance(self.span_threshold, (int, float))
-            and not isinstance(self.span_threshold, bool) and self.span_threshold > 0, "a positive number")
+            and not isinstance(self.span_threshold, bool) and 0 < self.span_threshold < math.inf,
+            "a positive finite number (inf kept no pair, and the report said nothing)")
+        bad("overshoot_margin", self.overshoot_margin, isinstance(self.overshoot_margin, (int, float))
+            and not isinstance(self.overshoot_margin, bool) and math.isfinite(self.overshoot_margin)
+            and self.overshoot_margin >= 0, "a finite number >= 0")
         bad("max_pairs", self.max_pairs, self.max_pairs is None or (is_int(self.max_pairs) and self.max_pairs >= 1),
             "None or a positive int")
         bad("max_new_tokens", self.max_new_tokens, is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
