@@ -118,6 +118,29 @@ def test_batchtopk_threshold_reproduces_the_training_selection():
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(D_SAE, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("crowded", [False, True], ids=["row_candidates", "flat_fallback"])
+def test_batchtopk_selection_equals_saelens_on_either_candidate_path(crowded):
+    """The selection comes from each row's top 4k unless one row holds more of the batch's top kB
+    than that (`crowded`: one row outshines every other), when the flat top is taken."""
+    from sae_lens.saes.batchtopk_sae import BatchTopK
+
+    sae = _sae("jumprelu", False, unit_rows=True)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    step = TopKGradients(sae, k=K, batch_level=True, auxk_coefficient=0.0)
+    if crowded:
+        x[0] *= 1000.0  # row 0 is positive on about half of its 40 latents, each above any other row's
+    out = step(x, 0.0, None)
+    with torch.no_grad():
+        h = sae.pre_activations(x)
+        rows = h.relu().topk(4 * K, dim=-1).values
+        n_keep = K * BATCH
+        pool_min = rows.flatten().topk(n_keep + 1).values[-1]
+        assert (rows.min(-1).values.max() > pool_min) == crowded  # the path this case means to take
+        expected = BatchTopK(K)(h)
+    assert torch.equal(out.z > 0, expected > 0)
+    torch.testing.assert_close(out.z, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_running_threshold_is_a_mean_then_an_ema():
     sae = _sae("jumprelu", True, unit_rows=True)
     step = TopKGradients(sae, k=K, batch_level=True, auxk_coefficient=0.0, threshold_lr=0.25)

@@ -130,13 +130,32 @@ class TopKGradients(BufferedStep):
             return active, top.values.relu().flatten(), None
         relu = torch.clamp(h, min=0.0, out=self._buffer("z", tuple(h.shape), h))
         n_keep = self.k * batch * self.world_size
-        local = relu.view(-1).topk(min(n_keep + 1, relu.numel()), sorted=False)
-        candidates = local.values if self.gather is None else self.gather(local.values)
+        values, indices = self._candidates(relu, n_keep)
+        candidates = values if self.gather is None else self.gather(values)
         # The global batch's top n_keep + 1 lie among every rank's own top n_keep + 1.
         ordered = candidates.topk(n_keep + 1).values  # descending
         threshold = (ordered[n_keep - 1] + ordered[n_keep]) / 2
-        keep = local.values > threshold  # = relu(h) > threshold: every such entry is a local candidate
-        return local.indices[keep], local.values[keep], threshold
+        keep = values > threshold  # = relu(h) > threshold: every such entry is a local candidate
+        return indices[keep], values[keep], threshold
+
+    def _candidates(self, relu: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+        """The min(n_keep + 1, B*d_sae) largest entries of `relu` (values, flat indices), ties aside.
+
+        One process: first each row's top m = 4k (a row-wise top-k costs a quarter of one over the
+        flattened batch on a CPU); their union's top n_keep + 1 is the answer whenever no row's m-th
+        largest exceeds that set's smallest, since everything left out is then no larger. Otherwise,
+        and under data parallel (where the ranks would have to agree on the fallback), the flat top.
+        """
+        batch, d_sae = relu.shape
+        m = min(d_sae, 4 * self.k)
+        if self.gather is None and m < d_sae:
+            rows = relu.topk(m, dim=-1, sorted=False)  # (B, m); m > k, so B*m > n_keep
+            pool = rows.values.flatten().topk(n_keep + 1, sorted=False)
+            if rows.values.min(-1).values.max() <= pool.values.min():
+                offsets = torch.arange(batch, device=relu.device).unsqueeze(-1) * d_sae
+                return pool.values, (rows.indices + offsets).flatten()[pool.indices]
+        top = relu.view(-1).topk(min(n_keep + 1, relu.numel()), sorted=False)
+        return top.values, top.indices
 
     def _auxk_(self, h: Tensor, residual: Tensor, dead: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """AuxK's weighted loss (0-d); adds its gradient to `W_dec.grad` and returns its dL/dh entries
