@@ -39,3 +39,20 @@ def dom(page: Path) -> str:
     done = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()],
                           check=True, capture_output=True, timeout=120, text=True)
     return done.stdout
+
+
+def page_widths(page: Path, *, width: int = 1280) -> tuple[int, int]:
+    """(document scrollWidth, clientWidth) of `page` rendered `width` px wide: a copy of the page with a
+    script appended that writes both into the DOM, read back with --dump-dom."""
+    import re
+
+    probe = page.with_name(f".widths-{page.name}")
+    script = ("<script>document.body.setAttribute('data-widths', document.documentElement.scrollWidth + ',' "
+              "+ document.documentElement.clientWidth)</script>")
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    profile = page.parent / ".chromium-widths"
+    done = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},900", "--dump-dom",
+                           probe.resolve().as_uri()], check=True, capture_output=True, timeout=120, text=True)
+    found = re.search(r'data-widths="(\d+),(\d+)"', done.stdout)
+    assert found, "the width probe did not run"
+    return int(found.group(1)), int(found.group(2))
