@@ -128,6 +128,9 @@ def test_planted_circuit_recovered(planted, prompts, tmp_path):
     assert (tmp_path / "circuit" / "plot.png").stat().st_size > 0
     top = find_circuit(planted, clean, corrupted, METRIC, k=2, method="eap", steps=1)
     assert set(top.edges) <= truth and len(top.edges) == 2
+    capped = find_circuit(planted, clean, corrupted, METRIC, threshold=0.02, method="eap", steps=1, max_candidates=3)
+    assert capped.provenance["candidates_capped"] and not found.provenance["candidates_capped"]
+    assert capped.provenance["n_candidates"] == 3 and set(capped.edges) <= truth
 
 
 def test_circuit_config_checks_its_fields():

@@ -218,12 +218,18 @@ class CircuitConfig:
     """Patch the candidates exactly (path patching, one edge each) and select on the exact effects."""
     ablation: str = "resample"
     """What missing edges carry when faithfulness and completeness are measured (`ABLATIONS`)."""
+    max_candidates: int = 500
+    """At most this many candidates (by |estimate|) are patched exactly: each is one row of a forward
+    pass, and a low threshold on a whole model's graph (~70k edges on the default) clears thousands.
+    The provenance records whether the cap cut the list."""
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold >= 0:
             raise PatchingError(f"CircuitConfig.threshold must be a number >= 0, got {self.threshold!r}")
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise PatchingError(f"CircuitConfig.k must be a positive int, got {self.k!r}")
+        if isinstance(self.max_candidates, bool) or not isinstance(self.max_candidates, int) or self.max_candidates < 1:
+            raise PatchingError(f"CircuitConfig.max_candidates must be a positive int, got {self.max_candidates!r}")
         if self.ablation not in ABLATIONS:
             raise PatchingError(f"CircuitConfig.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
 
@@ -269,7 +275,7 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
                  config: CircuitConfig | None = None, **overrides: Any) -> CircuitResult:
     """Edges whose noising effect clears the threshold (at most k of them): ranked by EAP or EAP-IG
     over every edge, confirmed by exact path patching of the candidates (every edge whose estimate
-    clears half the threshold, at most 4k), then scored for
+    clears half the threshold, at most 4k and `max_candidates`), then scored for
     faithfulness and completeness (Marks et al. 2024). Direction is noising: each edge's effect is
     how much of the clean behaviour is lost when it alone carries the corrupted output."""
     config = resolve_config(CircuitConfig, config, overrides)
@@ -278,8 +284,8 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     estimate = attribute_edges(model, clean, corrupted, metric, senders=senders, receivers=receivers, method=config.method,
                                steps=config.steps, direction="noise", progress=False).mean_effect  # (S, R)
     order = torch.argsort(estimate.flatten().abs(), descending=True, stable=True)
-    n_candidates = int((estimate.abs() >= config.threshold / 2).sum())
-    n_candidates = n_candidates if config.k is None else min(n_candidates, 4 * config.k)
+    cleared = int((estimate.abs() >= config.threshold / 2).sum())
+    n_candidates = min(cleared, config.max_candidates, 4 * config.k if config.k is not None else cleared)
     candidates = [(i // len(receivers), i % len(receivers)) for i in order[:n_candidates].tolist()]
     candidates = [(s, r) for s, r in candidates if reaches(senders[s], receivers[r], model)]
     exact = None
@@ -297,7 +303,8 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
                      ablation=config.ablation)
     pairs = make_pairs(model, clean, corrupted, direction="noise", align=None)
     extra = {"method": config.method, "steps": config.steps, "threshold": config.threshold, "k": config.k,
-             "confirm": config.confirm, "n_candidates": len(candidates), "ablation": f.ablation}
+             "confirm": config.confirm, "n_candidates": len(candidates), "candidates_capped": cleared > n_candidates,
+             "ablation": f.ablation}
     return CircuitResult(edges=edges, estimate=torch.tensor([float(estimate[candidates[i]]) for i in kept]),
                          exact=None if exact is None else exact[kept], faithfulness=f,
                          provenance=provenance_record(model, pairs, as_metric(metric), "noise", extra, 0))
