@@ -95,12 +95,21 @@ def cli_markdown() -> str:
         parts = ["## latentpatch\n", fence(parser.format_help())]
         for name, command in sub.choices.items():
             parts += [f"## latentpatch {name}\n", f"{helps.get(name, '')}\n", fence(command.format_help())]
+            parts += json_markdown(command.get_default("json_output"))
     finally:
         if columns is None:
             del os.environ["COLUMNS"]
         else:
             os.environ["COLUMNS"] = columns
     return "\n".join(parts)
+
+
+def json_markdown(fields: dict[str, str] | None) -> list[str]:
+    """The keys `--json` prints, as the command declares them (`JSON_OUTPUT`; a test holds the output to them)."""
+    if not fields:
+        return []
+    rows = "\n".join(f"| `{key}` | {meaning.replace('|', '&#124;')} |" for key, meaning in fields.items())
+    return ["`--json` prints one object with these keys:\n", f"| key | meaning |\n| --- | --- |\n{rows}\n"]
 
 
 def fence(text: str) -> str:
