@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,12 @@ def _read_weights(path: Path, cfg: SAEConfig, expected_sha: str | None) -> dict[
         head += read_exact(handle, header_len, path)
         entries = header_entries(head, size, path, SAE_ITEMSIZE)
         _check_shapes({name: entry.shape for name, entry in entries.items()}, cfg, path)
+        # Reading, decoding and building the SAE hold the data about three times; a file consistent
+        # with its header and cfg.json but beyond memory (a 4.6 TB sparse file) raised a MemoryError
+        # naming no file.
+        if 3 * size > memory_bytes():
+            raise SAEFileError(path, f"is {size} bytes: loading it needs about {3 * size} bytes, more than this "
+                               f"machine's {memory_bytes()} bytes of memory")
         blob = head + read_exact(handle, size - len(head), path)
     if expected_sha is not None and hashlib.sha256(blob).hexdigest() != expected_sha:
         raise SAEFileError(path, "SHA-256 differs from the one recorded in cfg.json (file changed or truncated)")
@@ -208,6 +215,14 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], cfg: SAEConfig, path: Path
     for name, shape in expected.items():
         if shapes[name] != shape:
             raise SAEFileError(path, f"tensor {name!r} has shape {shapes[name]} but cfg.json implies {shape}")
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (`sysconf`), or no bound where the platform cannot tell."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 62
 
 
 def _sae_lens_version() -> str:
