@@ -117,3 +117,20 @@ def test_a_split_without_a_digest_is_rebuilt_not_trusted(tmp_path, monkeypatch):
     docs = catalog.release_1_documents("brown", "train", folder=tmp_path)
     assert calls and "EDITED" not in {d.text for d in docs}
     assert digest_path(base / "brown-train.jsonl").exists()
+
+
+def test_the_no_npm_fallback_is_reported_once(monkeypatch, caplog):
+    import logging
+
+    import training.data.mix as mix
+
+    def unavailable(*args, **kwargs):
+        raise CorpusUnavailableError("npm is not installed")
+
+    monkeypatch.setattr(mix, "_real_parts", unavailable)
+    monkeypatch.setattr(mix, "generated_documents", lambda split: ["a generated text"])
+    monkeypatch.setattr(mix, "_WARNED_FALLBACK", set())
+    with caplog.at_level(logging.WARNING, logger=mix.log.name):
+        for _ in range(2):  # the CLI reads the corpus for its digest, then for its texts
+            assert mix.corpus_documents("default", "train") == ["a generated text"]
+    assert sum("falls back to the generated corpus" in r.getMessage() for r in caplog.records) == 1

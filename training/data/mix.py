@@ -101,6 +101,10 @@ def generated_documents(split: Split) -> list[str]:
     return texts
 
 
+_WARNED_FALLBACK: set[str] = set()
+"""Corpus names whose fallback to the generated corpus was already reported in this process."""
+
+
 def corpus_documents(name: str, split: Split = "train", *, folder: str | Path | None = None) -> list[str]:
     """The documents `name` means, in their fixed order (see the module docstring)."""
     if name not in CORPUS_NAMES:
@@ -116,7 +120,9 @@ def corpus_documents(name: str, split: Split = "train", *, folder: str | Path | 
     except CorpusUnavailableError as err:
         if name.startswith("real"):
             raise
-        log.warning("real corpora unavailable (%s); --text %s falls back to the generated corpus only", err, name)
+        if name not in _WARNED_FALLBACK:  # a command reads its corpus twice (digest, then texts): say it once
+            _WARNED_FALLBACK.add(name)
+            log.warning("real corpora unavailable (%s); --text %s falls back to the generated corpus only", err, name)
         parts = []
     if name.startswith("default"):
         parts.append(generated_documents(split))
