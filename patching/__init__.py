@@ -46,9 +46,9 @@ from patching.splice import (
     iter_site_values, resolve_saes, resolve_site, save_evaluation, splice, splice_metrics,
 )
 from patching.sweep import (
-    CallableMetric, KLFromClean, LogitDiff, Metric, PatchResult, PatchUnit, PromptPair, ReferenceRuns, TokenLogProb,
-    TokenProb, TopEntry, UnitPart, as_metric, make_pairs, patch_heads, patch_latents, patch_residual, register_unit_kind,
-    unit_kinds,
+    CallableMetric, ErrorShare, ErrorShareConfig, KLFromClean, LogitDiff, Metric, PatchResult, PatchUnit, PromptPair,
+    ReferenceRuns, TokenLogProb, TokenProb, TopEntry, UnitPart, as_metric, error_share, make_pairs, patch_heads,
+    patch_latents, patch_residual, register_unit_kind, unit_kinds,
 )
 from patching.attribution import (
     QKConfig, RestorationCurve, Verification, attribute_latents, attribute_qk, latent_restoration, raw_restoration, verify,
@@ -78,7 +78,8 @@ from sae.errors import LatentpatchError
 
 __all__ = [
     "CONCEPTS", "CallableMetric", "CircuitConfig", "CircuitResult", "CompareSettings", "Component", "Concept",
-    "Corpus", "DEFAULT_MODEL", "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "EvalConfig",
+    "Corpus", "DEFAULT_MODEL", "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "ErrorShare",
+    "ErrorShareConfig", "EvalConfig",
     "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions", "KLFromClean", "LatentChoice", "LatentEdit",
     "LatentPatch", "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "ModelFlags", "ModelLoadError",
     "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection", "Node", "NoiseConfig", "PAIRS", "PatchResult",
@@ -88,7 +89,7 @@ __all__ = [
     "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step",
     "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores",
     "UnitSet", "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latents", "attribute_qk",
-    "cache_root", "causal_trace", "compare_steering", "contrast_latents", "decompose", "embedding_std",
+    "cache_root", "causal_trace", "compare_steering", "contrast_latents", "decompose", "embedding_std", "error_share",
     "evaluate_sae", "faithfulness", "find_circuit", "find_safety_latents", "generate", "generate_steered",
     "guided_generate", "inspect_latent", "inspect_latents", "inspect_units", "intervening", "is_refusal",
     "iter_site_latents", "iter_site_values", "latent_restoration", "latents_from_result", "library_version",
