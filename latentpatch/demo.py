@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,9 @@ def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Run every step; return the results (also written to `config.out`)."""
-    from patching import load_model
+    from latentpatch.demo_report import latent_cards, mentioned_latents
+    from latentpatch.report import demo_summary
+    from patching import load_model, provenance
 
     started = time.perf_counter()
     out = Path(config.out)
@@ -209,7 +212,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - start, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["section_seconds"] = timings
-    results["report"] = str(write_report(out, sections, "latentpatch demo: SmolLM2-135M-Instruct", results))
+    start = time.perf_counter()
+    cards = latent_cards(model, sae, mentioned_latents(results), out)
+    timings["cards"] = round(time.perf_counter() - start, 1)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    record = provenance(model, saes=sae, release=DEMO_RELEASE if shipped_sae(config) is not None else "trained here")
+    results["report"] = str(write_report(out, sections, "latentpatch demo: SmolLM2-135M-Instruct", results,
+                                         summary=demo_summary(results), cards=cards, provenance=record))
     return results
 
 
@@ -252,13 +261,10 @@ def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
                                 "train_s": round(train_s, 1), "history": history}
     last = history[-1]
     return Section("The trainer at work (a demonstration, not the SAE used below)",
-                   f"{len(activations):,} activations of {described} at {site.hook_name} (harvested in {harvest_s:.0f} s), "
-                   f"{config.demo_train_steps} steps of {DEMO_BATCH} (learning rate {config.demo_lr:g}) in {train_s:.0f} s: "
-                   "explained variance "
-                   f"{last['explained_variance']:.2f} at L0 {last['l0']:.0f} on its last training batch. This only shows "
-                   f"the trainer; the sections below use the release SAE `{DEMO_RELEASE}` (its recipe, data and held-out "
-                   "figures are in its registry entry), or the SAE `--train` trained.",
-                   images=["training.png"], table=history)
+                   f"A fresh SAE trained for {config.demo_train_steps} steps ({train_s:.0f} s) on {len(activations):,} "
+                   f"activations of {described} reaches explained variance {last['explained_variance']:.2f} at L0 "
+                   f"{last['l0']:.0f}; the sections below use the release SAE `{DEMO_RELEASE}` (or the one `--train` trained), "
+                   "not this one.", images=["training.png"])
 
 
 def _fresh_sae_like(sae: Any, site: Any, seed: int) -> Any:
@@ -315,6 +321,7 @@ def _factual(model: Any) -> tuple[str, str, Any]:
 
 
 def _sweep_section(model: Any, sae: Any, out: Path, results: dict[str, Any]) -> Section:
+    from latentpatch.demo_report import by_position, joint_and_error
     from patching import patch_latents
 
     clean, corrupted, metric = _factual(model)
@@ -325,7 +332,9 @@ def _sweep_section(model: Any, sae: Any, out: Path, results: dict[str, Any]) -> 
     sweep.plot(out / "sweep.png")
     top = [entry._asdict() for entry in sweep.top(10)]
     results["sweep"] = {"units": len(sweep.units), "seconds": round(seconds, 2), "top": top,
-                        "metric_clean": sweep.metric_clean.item(), "metric_corrupted": sweep.metric_corrupted.item()}
+                        "metric_clean": sweep.metric_clean.item(), "metric_corrupted": sweep.metric_corrupted.item(),
+                        "contrast": f"{FACTUAL[2].strip()} vs {FACTUAL[3].strip()}", "by_position": by_position(sweep),
+                        **joint_and_error(model, sae, sweep, clean, corrupted, metric)}
     return Section("Denoising sweep: Eiffel Tower → Colosseum",
                    f"Every latent that differs between the runs, at every position, set to its clean value in the "
                    f"corrupted run; effect 1 restores ' Paris' over ' Rome' fully. {len(sweep.units)} patches in "
@@ -357,9 +366,13 @@ def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
     (out / "steering.png").write_bytes((out / "steering" / PLOT_FILE).read_bytes())
     table = comparison.table.drop(columns=[c for c in comparison.table.columns if c.startswith("sample")], errors="ignore")
     results["steering"] = table.to_dict(orient="records")
+    shown = [{"method": row["method"], "k": row["k"], "coefficient": row["coefficient"],
+              "latents": [int(x) for x in str(row["latents"]).split()], "target_effect": row["target_effect"],
+              "kl_neutral": row["kl_neutral"], "gen_perplexity": row["gen_perplexity"], "gen_concept_rate": row["gen_concept_rate"]}
+             for row in results["steering"]]
     return Section(f"Top-1 versus Top-K steering towards '{PARIS.name}'",
                    "Target effect against collateral cost (KL on neutral text) per K and coefficient.",
-                   images=["steering.png"], table=results["steering"])
+                   images=["steering.png"], table=shown)
 
 
 def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
@@ -378,8 +391,10 @@ def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results
         (out / "safety.png").write_bytes((out / "safety" / "curves.png").read_bytes())
         images = ["safety.png"]
     results["safety"] = report.summary()
+    rates = {f"refusal rate, {name} prompts": rate for name, rate in report.refusal_rates.items()}
     return Section("Safety latents: restoring refusals", "Top-n latents (by AtP) patched jointly from the refusing "
                    "harmful prompt into its complying harmless twin, against the same for residual dimensions.",
-                   figures={"refusal_rates": report.refusal_rates, "pairs": len(report.pairs_used),
-                            "dynamic": report.dynamic, "finding": report.paragraph()}, images=images)
+                   notes=re.split(r"(?<=\.)\s+(?=[A-Z0-9])", report.paragraph()),
+                   figures={**rates, "pairs in the curves": len(report.pairs_used)}, images=images,
+                   table=list(report.dynamic.get("rows", [])))
 

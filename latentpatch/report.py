@@ -41,6 +41,8 @@ class Section:
     """PNG file names relative to the report folder."""
     table: list[dict[str, Any]] = field(default_factory=list)
     """Rows of a wider table (e.g. top latents); columns from the rows' keys, first seen first."""
+    notes: list[str] = field(default_factory=list)
+    """Findings shown as a bulleted list, one sentence each (after the text)."""
 
 
 @dataclass(frozen=True)

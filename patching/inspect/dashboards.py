@@ -62,7 +62,7 @@ def write_dashboards(folder: str | Path, reports: Sequence[Report], *, title: st
 def write_page(folder: Path, report: Report) -> Path:
     """One unit's page and its PNG plots in `folder`."""
     stem = slug(report)
-    images = [_plot_activity(report, folder / f"{stem}_activity.png")]
+    images = [plot_activity(report, folder / f"{stem}_activity.png")]
     sections = [f"<p>positive on {report.n_active}/{report.n_tokens} tokens ({100 * report.frequency:.2f}%); "
                 f"token concentration of the top contexts: {_num(_token_score(report))}</p>",
                 f"<img src='{images[0].name}' alt='logit effect and activation histogram'>",
@@ -146,7 +146,8 @@ def _groups_table(report: UnitReport) -> str:
             f"{''.join(rows)}</table>")
 
 
-def _plot_activity(report: Report, path: Path) -> Path:
+def plot_activity(report: Report, path: Path) -> Path:
+    """PNG: the direct logit effect and the activation histogram (the demo report's latent cards use it too)."""
     from patching.figures import subplots
 
     fig, (bars, hist) = subplots(1, 2, figsize=(11, 4))
