@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from patching.errors import ModelLoadError
-from patching.model import cache_check, gemma3, tl_compat
+from patching.model import cache_check, gemma3, tl_bridge, tl_compat
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class ModelOrigin:
     """Weight processing applied."""
     n_layers: int | None
     """Layers kept, if truncated."""
+    backend: str = "hooked"
+    """TransformerLens's `HookedTransformer` ("hooked") or `TransformerBridge` ("bridge")."""
 
 
 ORIGIN_ATTRIBUTE = "latentpatch_origin"
@@ -81,6 +83,7 @@ def load_model(
     flags: ModelFlags = ModelFlags(),
     n_ctx: int = 2048,
     verify_cache: bool = False,
+    backend: str = "hooked",
 ) -> Any:
     """Return a TransformerLens model.
 
@@ -89,20 +92,27 @@ def load_model(
     loader and need the hub). `n_layers` keeps only the first layers: enough for experiments at
     early sites and for fast tests. The two offline models' converted caches are checked against
     what their conversion recorded on every load (`cache_check`); `verify_cache` also hashes the
-    weights again when this process already did.
+    weights again when this process already did. `backend="bridge"` wraps the same checked
+    Hugging Face model in a `TransformerBridge` (compatibility mode, the same `flags`) instead of
+    converting it (offline models only; see docs/guides/backends.md).
     """
+    tl_bridge.check_backend(backend)
+    if backend == "bridge" and name not in (DEFAULT_MODEL, gemma3.MODEL_NAME):
+        raise ModelLoadError(f"backend='bridge' loads the offline models ({DEFAULT_MODEL}, {gemma3.MODEL_NAME}), "
+                             f"not {name!r}")
     if n_layers is not None and (not isinstance(n_layers, int) or n_layers <= 0):
         raise ModelLoadError(f"n_layers must be a positive int or None, got {n_layers!r}")
     if name == DEFAULT_MODEL:
         model = _load_local(default_model_folder(), name, None, n_layers=n_layers, device=device, dtype=dtype,
-                            flags=flags, n_ctx=n_ctx, verify_cache=verify_cache)
+                            flags=flags, n_ctx=n_ctx, verify_cache=verify_cache, backend=backend)
     elif name == gemma3.MODEL_NAME:
         model = _load_local(gemma3_folder(), name, gemma3.OFFICIAL_NAME, n_layers=n_layers, device=device,
-                            dtype=dtype, flags=flags, n_ctx=n_ctx, verify_cache=verify_cache)
+                            dtype=dtype, flags=flags, n_ctx=n_ctx, verify_cache=verify_cache, backend=backend)
     else:
         model = tl_compat.load_official(name, flags=flags.as_kwargs(), n_layers=n_layers, device=device, dtype=dtype)
-    tl_compat.transpose_layout(model)
-    setattr(model, ORIGIN_ATTRIBUTE, ModelOrigin(name=name, flags=flags, n_layers=n_layers))
+    if backend == "hooked":
+        tl_compat.transpose_layout(model)
+    setattr(model, ORIGIN_ATTRIBUTE, ModelOrigin(name=name, flags=flags, n_layers=n_layers, backend=backend))
     return model
 
 
@@ -121,6 +131,14 @@ def model_flags(model: Any) -> dict[str, bool | None]:
     (a model not loaded by latentpatch on which that step would change nothing)."""
     origin = getattr(model, ORIGIN_ATTRIBUTE, None)
     return origin.flags.as_kwargs() if origin is not None else tl_compat.inferred_flags(model)
+
+
+def model_backend(model: Any) -> str:
+    """"hooked" or "bridge": the origin's record, else told from the model's type."""
+    origin = getattr(model, ORIGIN_ATTRIBUTE, None)
+    if origin is not None:
+        return origin.backend
+    return "bridge" if tl_bridge.is_bridge(model) else "hooked"
 
 
 def cache_root() -> Path:
@@ -205,7 +223,8 @@ def convert_gguf_folder(folder: Path, source: Callable[[Path], Path]) -> None:
 
 
 def _load_local(folder: Path, name: str, official_name: str | None, *, n_layers: int | None, device: Any,
-                dtype: torch.dtype, flags: ModelFlags, n_ctx: int, verify_cache: bool = False) -> Any:
+                dtype: torch.dtype, flags: ModelFlags, n_ctx: int, verify_cache: bool = False,
+                backend: str = "hooked") -> Any:
     """Build the HookedTransformer from a cached HF folder, checked first (`cache_check`);
     `official_name` is the TransformerLens name whose config applies (None: TransformerLens reads
     the folder's config.json)."""
@@ -221,6 +240,9 @@ def _load_local(folder: Path, name: str, official_name: str | None, *, n_layers:
     hf_model = cache_check.load_hf_model(folder)
     if not recorded:
         _record_manifest(folder)
+    if backend == "bridge":
+        return tl_bridge.boot_bridge(hf_model, tokenizer, model_name=name, flags=flags.as_kwargs(), n_layers=n_layers,
+                                     n_ctx=n_ctx, device=device, dtype=dtype)
     return tl_compat.build_from_local_folder(
         folder, hf_model, tokenizer, model_name=name, flags=flags.as_kwargs(), official_name=official_name,
         n_layers=n_layers, n_ctx=n_ctx, device=device, dtype=dtype,

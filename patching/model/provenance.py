@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from patching.model import tl_compat
-from patching.model.loading import model_flags
+from patching.model.loading import model_backend, model_flags
 from sae.files import weights_sha256
 
 RECORD_KEYS = ("model", "model_flags", "saes", "prompts", "metric", "direction", "library_version", "torch_version",
-               "created")
+               "created", "model_backend")
 """The keys every record has (None where a result has no such input); extra keys follow them."""
 
 
@@ -67,6 +67,7 @@ def provenance(model: Any = None, *, saes: Any = None, prompts: Any = None, metr
         "library_version": library_version(),
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_backend": None if model is None else model_backend(model),
     }
     clash = sorted(set(extra) & set(record))
     if clash:

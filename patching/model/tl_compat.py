@@ -15,8 +15,11 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from patching.model.tl_bridge import TLModel
 from transformer_lens import loading_from_pretrained as tl_loading
 
+from patching.model import tl_bridge
 from patching.model.checks import check_context
 from patching.model.tl_readout import readout  # noqa: F401  (re-exported: one door to TransformerLens)
 
@@ -26,7 +29,7 @@ PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold
 
 
 def is_supported_model(model: Any) -> bool:
-    return isinstance(model, HookedTransformer)
+    return isinstance(model, TLModel)
 
 
 def tiny_config(**overrides: Any) -> HookedTransformerConfig:
@@ -42,31 +45,31 @@ def random_model(**overrides: Any) -> HookedTransformer:
     return HookedTransformer(tiny_config(**overrides))
 
 
-def n_layers(model: HookedTransformer) -> int:
+def n_layers(model: TLModel) -> int:
     return model.cfg.n_layers
 
 
-def d_model(model: HookedTransformer) -> int:
+def d_model(model: TLModel) -> int:
     return model.cfg.d_model
 
 
-def d_mlp(model: HookedTransformer) -> int | None:
+def d_mlp(model: TLModel) -> int | None:
     return model.cfg.d_mlp
 
 
-def model_name(model: HookedTransformer) -> str:
+def model_name(model: TLModel) -> str:
     return model.cfg.model_name
 
 
-def hook_names(model: HookedTransformer) -> set[str]:
+def hook_names(model: TLModel) -> set[str]:
     return set(model.hook_dict)
 
 
-def hook_module(model: HookedTransformer, hook_name: str) -> torch.nn.Module:
+def hook_module(model: TLModel, hook_name: str) -> torch.nn.Module:
     return model.hook_dict[hook_name]
 
 
-def attach_hook(model: HookedTransformer, hook_name: str, fn: HookFn, *, prepend: bool = False) -> RemovableHandle:
+def attach_hook(model: TLModel, hook_name: str, fn: HookFn, *, prepend: bool = False) -> RemovableHandle:
     """Attach a forward hook that may replace the hook point's output.
 
     A plain torch hook on the HookPoint: TransformerLens's `reset_hooks` (called by
@@ -81,7 +84,7 @@ def attach_hook(model: HookedTransformer, hook_name: str, fn: HookFn, *, prepend
 
 
 @contextlib.contextmanager
-def hooks(model: HookedTransformer, pairs: Sequence[tuple[str, HookFn]], *, prepend: bool = False) -> Iterator[None]:
+def hooks(model: TLModel, pairs: Sequence[tuple[str, HookFn]], *, prepend: bool = False) -> Iterator[None]:
     """Forward hooks `(hook_name, fn)` attached for the block (see `attach_hook`) and removed when
     it is left, however it is left: the one place that holds R5 for every caller. Every name is
     checked before the first hook is attached."""
@@ -112,7 +115,7 @@ def same_model(a: str, b: str) -> bool:
     return a == b or canonical_model_name(a) == canonical_model_name(b)
 
 
-def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: bool = True, truncate: bool = False) -> Tensor:
+def to_tokens(model: TLModel, text: str | list[str], *, prepend_bos: bool = True, truncate: bool = False) -> Tensor:
     """Token ids of `text` (a list is right-padded by TransformerLens). A text longer than the
     model's context is refused (`check_context`), never cut as TransformerLens's default does;
     `truncate=True` keeps its first `n_ctx` tokens, for callers that mean to cut."""
@@ -123,26 +126,26 @@ def to_tokens(model: HookedTransformer, text: str | list[str], *, prepend_bos: b
     return tokens
 
 
-def to_str_tokens(model: HookedTransformer, tokens: Tensor) -> list[str]:
+def to_str_tokens(model: TLModel, tokens: Tensor) -> list[str]:
     """String tokens; token ids as text for models without a tokenizer (tiny test models)."""
     if model.tokenizer is None:
         return [str(t) for t in tokens.tolist()]
     return model.to_str_tokens(tokens)
 
 
-def forward_logits(model: HookedTransformer, tokens: Tensor) -> Tensor:
+def forward_logits(model: TLModel, tokens: Tensor) -> Tensor:
     return model(tokens, return_type="logits")
 
 
-def model_dtype(model: HookedTransformer) -> torch.dtype:
+def model_dtype(model: TLModel) -> torch.dtype:
     return model.cfg.dtype
 
 
-def model_device(model: HookedTransformer) -> torch.device:
+def model_device(model: TLModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def inferred_flags(model: HookedTransformer) -> dict[str, bool | None]:
+def inferred_flags(model: TLModel) -> dict[str, bool | None]:
     """The weight processing of a model not loaded by latentpatch, read off the model itself.
 
     Folded norms show in its type (`LNPre`, `RMSPre`); centred writing weights as a zero mean over
@@ -167,30 +170,33 @@ def inferred_flags(model: HookedTransformer) -> dict[str, bool | None]:
     }
 
 
-def d_vocab(model: HookedTransformer) -> int:
+def d_vocab(model: TLModel) -> int:
     return model.cfg.d_vocab
 
 
-def run_blocks(model: HookedTransformer, residual: Tensor, start_layer: int, past_kv_cache: Any = None) -> Tensor:
+def run_blocks(model: TLModel, residual: Tensor, start_layer: int, past_kv_cache: Any = None) -> Tensor:
     """Run blocks `start_layer..n_layers-1` on a residual stream; return it before the final norm.
 
     With `past_kv_cache` the residual holds only the positions after the cached prefix. It is made
     contiguous: a block whose MLP reads its input unnormalized (parallel attention and MLP, no norm)
     hands it to TransformerLens's `batch_addmm`, whose `.view` refuses an expanded tensor."""
+    tl_bridge.require_hooked(model, "start_at_layer")
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
 
 
-def n_heads(model: HookedTransformer) -> int:
+def n_heads(model: TLModel) -> int:
     return model.cfg.n_heads
 
 
-def run_until_end_with_cache(model: HookedTransformer, tokens: Tensor, hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+def run_until_end_with_cache(model: TLModel, tokens: Tensor, hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """The final residual stream (before the final norm) and the named activations, one forward."""
+    if tl_bridge.is_bridge(model):
+        return tl_bridge.run_until_end_with_cache(model, tokens, hook_names)
     final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers)
     return final, {name: cache[name] for name in hook_names}
 
 
-def to_string(model: HookedTransformer, tokens: Tensor) -> str:
+def to_string(model: TLModel, tokens: Tensor) -> str:
     if model.tokenizer is None:
         return " ".join(str(t) for t in tokens.tolist())
     return model.to_string(tokens)
@@ -200,34 +206,34 @@ class _StopForward(Exception):
     """Raised by the harvest hook once it has the activation: nothing later needs to run."""
 
 
-def run_to_hook(model: HookedTransformer, tokens: Tensor, hook_name: str, layer: int) -> Tensor:
+def run_to_hook(model: TLModel, tokens: Tensor, hook_name: str, layer: int) -> Tensor:
     """The activation at `hook_name` (in block `layer`), running the model no further."""
     return run_to_hooks(model, tokens, [hook_name], layer)[hook_name]
 
 
-def encode_text(model: HookedTransformer, text: str) -> list[int]:
+def encode_text(model: TLModel, text: str) -> list[int]:
     """Token ids of `text` with no BOS or other special tokens added."""
     return model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenizer(model: HookedTransformer) -> Any:
+def tokenizer(model: TLModel) -> Any:
     """The model's Hugging Face tokenizer (None for a model built without one), for what only it
     does: chat templates and its special tokens."""
     return model.tokenizer
 
 
-def single_token_id(model: HookedTransformer, text: str) -> int | None:
+def single_token_id(model: TLModel, text: str) -> int | None:
     """The id of `text` when it is one token without BOS (as TransformerLens's `to_single_token`
     reads it), else None: the caller names what it needed the token for."""
     ids = to_tokens(model, text, prepend_bos=False)[0]
     return int(ids[0]) if ids.numel() == 1 else None
 
 
-def bos_token_id(model: HookedTransformer) -> int:
+def bos_token_id(model: TLModel) -> int:
     return model.tokenizer.bos_token_id
 
 
-def special_token_ids(model: HookedTransformer) -> list[int]:
+def special_token_ids(model: TLModel) -> list[int]:
     """BOS, EOS, padding and every other special token of the model's tokenizer."""
     tokenizer = model.tokenizer
     ids = set(tokenizer.all_special_ids)
@@ -237,7 +243,7 @@ def special_token_ids(model: HookedTransformer) -> list[int]:
     return sorted(ids)
 
 
-def direction_logits(model: HookedTransformer, direction: Tensor) -> Tensor:
+def direction_logits(model: TLModel, direction: Tensor) -> Tensor:
     """Direct logit effect of a residual-stream direction, `(d_vocab,)`: through the final norm's
     weight (when it has one, i.e. the norm is not folded) and the unembedding.
 
@@ -252,11 +258,11 @@ def direction_logits(model: HookedTransformer, direction: Tensor) -> Tensor:
     return apply_softcap(scaled.to(model.W_U.dtype) @ model.W_U, model.cfg.output_logits_soft_cap)
 
 
-def has_tokenizer(model: HookedTransformer) -> bool:
+def has_tokenizer(model: TLModel) -> bool:
     return model.tokenizer is not None
 
 
-def pad_token_id(model: HookedTransformer) -> int:
+def pad_token_id(model: TLModel) -> int:
     """The id used to right-pad token rows (0 for models without a tokenizer)."""
     if model.tokenizer is None:
         return 0
@@ -264,7 +270,7 @@ def pad_token_id(model: HookedTransformer) -> int:
     return pad if pad is not None else model.tokenizer.eos_token_id
 
 
-def run_to_hooks(model: HookedTransformer, tokens: Tensor, hook_names: list[str], layer: int) -> dict[str, Tensor]:
+def run_to_hooks(model: TLModel, tokens: Tensor, hook_names: list[str], layer: int) -> dict[str, Tensor]:
     """The activations at several hooks within blocks `0..layer`, running the model no further.
 
     `stop_at_layer=layer + 1` skips every later block, and the last hook to fire aborts the forward
@@ -290,13 +296,13 @@ def run_to_hooks(model: HookedTransformer, tokens: Tensor, hook_names: list[str]
     return captured
 
 
-def mlp_input_kind(model: HookedTransformer) -> str:
+def mlp_input_kind(model: TLModel) -> str:
     """The residual-stream site kind the MLP reads: `resid_pre` with parallel attention (GPT-J,
     GPT-NeoX), else `resid_mid`."""
     return "resid_pre" if model.cfg.parallel_attn_mlp else "resid_mid"
 
 
-def mlp_pre_affine(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor, str, float]:
+def mlp_pre_affine(model: TLModel, layer: int) -> tuple[Tensor, Tensor, str, float]:
     """`mlp.hook_pre` of block `layer` as an affine map of its norm's normalized input.
 
     Returns `(W, b, norm, eps)` with `hook_pre = normalized(x) @ W + b`, where `normalized(x)` is
@@ -323,20 +329,20 @@ def mlp_pre_affine(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor
     return weight, bias, norm, float(cfg.eps)
 
 
-def mlp_out_weight(model: HookedTransformer, layer: int) -> Tensor:
+def mlp_out_weight(model: TLModel, layer: int) -> Tensor:
     """`W_out` of block `layer`, `(d_mlp, d_model)`: row n is what neuron n writes to the residual stream."""
     return model.blocks[layer].mlp.W_out.detach()
 
 
-def d_head(model: HookedTransformer) -> int:
+def d_head(model: TLModel) -> int:
     return model.cfg.d_head
 
 
-def n_ctx(model: HookedTransformer) -> int:
+def n_ctx(model: TLModel) -> int:
     return model.cfg.n_ctx
 
 
-def n_kv_heads(model: HookedTransformer) -> int:
+def n_kv_heads(model: TLModel) -> int:
     """Heads of `hook_k` / `hook_v`: the key/value heads under grouped-query attention, unless
     TransformerLens was asked to ungroup them."""
     cfg = model.cfg
@@ -345,17 +351,17 @@ def n_kv_heads(model: HookedTransformer) -> int:
     return cfg.n_key_value_heads
 
 
-def head_out_weight(model: HookedTransformer, layer: int) -> Tensor:
+def head_out_weight(model: TLModel, layer: int) -> Tensor:
     """`W_O` of block `layer`, `(n_heads, d_head, d_model)`: a head's write is `z[head] @ W_O[head]`."""
     return model.blocks[layer].attn.W_O.detach()
 
 
-def token_embeddings(model: HookedTransformer, tokens: Tensor) -> Tensor:
+def token_embeddings(model: TLModel, tokens: Tensor) -> Tensor:
     """`W_E[tokens]`: the token embeddings, before any positional embedding."""
     return model.W_E.detach()[tokens]
 
 
-def frozen_final_readout(model: HookedTransformer, delta: Tensor, base_final: Tensor) -> Tensor:
+def frozen_final_readout(model: TLModel, delta: Tensor, base_final: Tensor) -> Tensor:
     """Logits that `delta` (..., d_model) adds at a position whose final residual in the base run is
     `base_final` (..., d_model), with the final norm's scale frozen at the base run's.
 

@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
-from transformer_lens import HookedTransformer
+
+from patching.model.tl_bridge import TLModel
 
 from patching.errors import PatchingError
+from patching.model import tl_bridge
 from patching.model.checks import check_context
 from patching.model.tl_readout import readout
 
 
-def prefix_cache(model: HookedTransformer, prefix_tokens: Tensor) -> Any:
+def prefix_cache(model: TLModel, prefix_tokens: Tensor) -> Any:
     """Keys and values of a prompt prefix at every layer, frozen for reuse by many suffix runs
     (one cache row per row of `prefix_tokens`; hooks attached by the caller act on the prefix run)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -64,12 +66,13 @@ def slice_cache(cache: Any, length: int) -> Any:
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[:, :length], frozen=True)
 
 
-def run_until_end_with_keys_values(model: HookedTransformer, tokens: Tensor,
+def run_until_end_with_keys_values(model: TLModel, tokens: Tensor,
                                    hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor], Any]:
     """As `run_until_end_with_cache`, and the same forward's frozen key-value cache (what
     `prefix_cache` makes of the whole prompt)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+    tl_bridge.require_hooked(model, "past_kv_cache")
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=tokens.shape[0])
     final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers,
                                         past_kv_cache=kv, attention_mask=torch.ones_like(tokens))
@@ -77,7 +80,7 @@ def run_until_end_with_keys_values(model: HookedTransformer, tokens: Tensor,
     return final, {name: cache[name] for name in hook_names}, kv
 
 
-def run_blocks_joining(model: HookedTransformer, joins: Sequence[tuple[int, Tensor]], past_kv_cache: Any = None) -> Tensor:
+def run_blocks_joining(model: TLModel, joins: Sequence[tuple[int, Tensor]], past_kv_cache: Any = None) -> Tensor:
     """Run rows that enter at different layers; return every row's residual before the final
     norm, in join order.
 
@@ -87,6 +90,7 @@ def run_blocks_joining(model: HookedTransformer, joins: Sequence[tuple[int, Tens
     one row per layer would otherwise run as thirty small batches). `past_kv_cache` (frozen, or
     None) holds the positions before the residual's: one row shared by every row, or one row per
     output row."""
+    tl_bridge.require_hooked(model, "start_at_layer")
     layers = [layer for layer, _ in joins]
     if not layers or layers != sorted(set(layers)):
         raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
@@ -119,7 +123,7 @@ def cache_before(cache: Any, n_tokens: int, position: int) -> Any:
 
 
 @contextlib.contextmanager
-def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[None]:
+def bound_prefix(model: TLModel, prefix_tokens: Tensor) -> Iterator[None]:
     """Inside, every forward pass of `model` runs after `prefix_tokens` (`(1, length)`), whose keys
     and values are computed once on entry: the tokens or residual a caller passes are the positions
     *after* the prefix, and hooks see only those. Several experiments on prompts that share a long
@@ -170,7 +174,7 @@ def bound_prefix(model: HookedTransformer, prefix_tokens: Tensor) -> Iterator[No
             model.forward = plain  # type: ignore[method-assign]
 
 
-def attach_block_pre_hook(model: HookedTransformer, layer: int, fn: Callable[[int, int], None]) -> RemovableHandle:
+def attach_block_pre_hook(model: TLModel, layer: int, fn: Callable[[int, int], None]) -> RemovableHandle:
     """Call `fn(n_positions, past_positions)` before block `layer` runs.
 
     `past_positions` is the length of the block's key-value cache entry (0 without a cache):
@@ -187,7 +191,7 @@ def attach_block_pre_hook(model: HookedTransformer, layer: int, fn: Callable[[in
     return model.blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
-def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_new_tokens: int, use_past_kv_cache: bool = True,
+def generate(model: TLModel, inputs: Tensor | str | list[str], *, max_new_tokens: int, use_past_kv_cache: bool = True,
              do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
              stop_at_eos: bool = False) -> Tensor:
     """Token ids of prompt + continuation, `(batch, pos + new)`.
@@ -223,7 +227,7 @@ def generate(model: HookedTransformer, inputs: Tensor | str | list[str], *, max_
     return tokens.clone()
 
 
-def new_kv_cache(model: HookedTransformer, rows: int, prefix: Any = None) -> Any:
+def new_kv_cache(model: TLModel, rows: int, prefix: Any = None) -> Any:
     """An empty, growing key-value cache for `rows` rows; with `prefix` (a frozen batch-1 cache
     from `prefix_cache`), a growing copy of it broadcast to `rows` rows."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -242,7 +246,7 @@ def cache_length(cache: Any) -> int:
     return int(cache.previous_attention_mask.shape[1])
 
 
-def forward_step(model: HookedTransformer, tokens: Tensor, attention_mask: Tensor, cache: Any = None, *,
+def forward_step(model: TLModel, tokens: Tensor, attention_mask: Tensor, cache: Any = None, *,
                  last_only: bool = False) -> Tensor:
     """Logits of `tokens` (the positions after what `cache` holds, or a whole sequence without a
     cache); `attention_mask` covers exactly `tokens` (0 marks left padding). `last_only`: only the
@@ -275,13 +279,13 @@ def sample_logits(logits: Tensor, *, temperature: float, top_p: float | None,
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, True, generator=generator)[:, 0]
 
 
-def seeded_generator(model: HookedTransformer, seed: int) -> torch.Generator:
+def seeded_generator(model: TLModel, seed: int) -> torch.Generator:
     """A `torch.Generator` on the model's device seeded with `seed`: sampling with it reproduces
     without reseeding torch's global RNG, whose stream belongs to the caller (STYLE.md rule 20)."""
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
-def left_padded_tokens(model: HookedTransformer, prompts: str | list[str] | Tensor, *,
+def left_padded_tokens(model: TLModel, prompts: str | list[str] | Tensor, *,
                        max_new_tokens: int = 0) -> tuple[Tensor, Tensor | None]:
     """Token ids for generation and the mask of real tokens (None: no padding).
 

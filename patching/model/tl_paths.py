@@ -16,7 +16,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Literal
 
-from transformer_lens import HookedTransformer
+from patching.model.sites import Site, internal_hook_name
+
+
+from patching.model.tl_bridge import TLModel
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 InputKind = Literal["q", "k", "v", "mlp"]
@@ -24,16 +27,16 @@ InputKind = Literal["q", "k", "v", "mlp"]
 
 def input_hook_name(layer: int, kind: InputKind) -> str:
     """The hook carrying a node's residual input at block `layer` (inside `node_inputs` only)."""
-    return f"blocks.{layer}.hook_mlp_in" if kind == "mlp" else f"blocks.{layer}.hook_{kind}_input"
+    return internal_hook_name(layer, "hook_mlp_in" if kind == "mlp" else f"hook_{kind}_input")
 
 
 def resid_hook_name(layer: int, kind: Literal["resid_pre", "resid_mid"]) -> str:
     """`hook_resid_pre` / `hook_resid_mid` of block `layer` (as `Site(layer, kind).hook_name`)."""
-    return f"blocks.{layer}.hook_{kind}"
+    return Site(layer, kind).hook_name
 
 
 @contextlib.contextmanager
-def node_inputs(model: HookedTransformer, *, mlp: bool = True) -> Iterator[None]:
+def node_inputs(model: TLModel, *, mlp: bool = True) -> Iterator[None]:
     """Inside, `hook_{q,k,v}_input` fire in every block (and `hook_mlp_in` with `mlp`, when the
     model has MLPs); the flags are restored on exit."""
     cfg = model.cfg
@@ -46,7 +49,7 @@ def node_inputs(model: HookedTransformer, *, mlp: bool = True) -> Iterator[None]
         cfg.use_split_qkv_input, cfg.use_hook_mlp_in = saved
 
 
-def unsupported_for_paths(model: HookedTransformer) -> str | None:
+def unsupported_for_paths(model: TLModel) -> str | None:
     """Why head outputs are not additive terms of the residual stream in this model, or None.
 
     Path patching and edge attribution treat the stream as the sum of the embedding and every
@@ -61,32 +64,33 @@ def unsupported_for_paths(model: HookedTransformer) -> str | None:
     return None
 
 
-def parallel_blocks(model: HookedTransformer) -> bool:
+def parallel_blocks(model: TLModel) -> bool:
     """Whether each block's MLP reads `resid_pre` beside the attention (GPT-J, GPT-NeoX)."""
     return bool(model.cfg.parallel_attn_mlp)
 
 
-def has_mlps(model: HookedTransformer) -> bool:
+def has_mlps(model: TLModel) -> bool:
     return not model.cfg.attn_only
 
 
 
-def attention_hook_names(model: HookedTransformer, layer: int) -> dict[str, str]:
+def attention_hook_names(model: TLModel, layer: int) -> dict[str, str]:
     """Block `layer`'s attention internals the QK fix reads: the queries and keys as they enter the
     scores (`rot_q` / `rot_k` after rotary embeddings, else `q` / `k`), the masked scaled scores
     (`-inf` where masked) and the pattern."""
     rotary = model.cfg.positional_embedding_type == "rotary"
-    prefix = f"blocks.{layer}.attn."
-    return {"q": prefix + ("hook_rot_q" if rotary else "hook_q"), "k": prefix + ("hook_rot_k" if rotary else "hook_k"),
-            "scores": prefix + "hook_attn_scores", "pattern": prefix + "hook_pattern"}
+    return {"q": internal_hook_name(layer, "attn.hook_rot_q" if rotary else "attn.hook_q"),
+            "k": internal_hook_name(layer, "attn.hook_rot_k" if rotary else "attn.hook_k"),
+            "scores": internal_hook_name(layer, "attn.hook_attn_scores"),
+            "pattern": internal_hook_name(layer, "attn.hook_pattern")}
 
 
-def attention_scale(model: HookedTransformer, layer: int) -> float:
+def attention_scale(model: TLModel, layer: int) -> float:
     """What block `layer` divides `q · k` by before the softmax."""
     return float(model.blocks[layer].attn.attn_scale)
 
 
-def unsupported_for_qk_fix(model: HookedTransformer) -> str | None:
+def unsupported_for_qk_fix(model: TLModel) -> str | None:
     """Why the scores are not `rot_q · rot_k / scale` plus a mask in this model, or None."""
     cfg = model.cfg
     if cfg.use_qk_norm:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from patching.model.tl_bridge import TLModel
 
 
-def readout(model: HookedTransformer, residual: Tensor, columns: Tensor | None = None) -> Tensor:
+def readout(model: TLModel, residual: Tensor, columns: Tensor | None = None) -> Tensor:
     """Final norm, unembedding and soft-cap on a slice of the final residual stream.
 
     With `columns` (token ids) only those logits are computed; every other entry of the full-width

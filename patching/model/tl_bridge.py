@@ -1,0 +1,149 @@
+"""The second backend: TransformerLens's `TransformerBridge`, which wraps a Hugging Face model
+through an architecture adapter instead of converting it into a `HookedTransformer` (removed in
+TransformerLens 4). Part of the TransformerLens door: only `loading` imports this module.
+
+The Bridge is booted from the same local Hugging Face folder (and the same checked `transformers`
+model) as the `hooked` backend, then put in compatibility mode, which exposes the canonical hook
+names (`blocks.{i}.hook_resid_pre`, `...attn.hook_z`, ...) and applies the weight processing that
+`ModelFlags` states. No hub access: the tokenizer and the weights are handed to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import torch
+
+from patching.errors import ModelLoadError
+from sae.errors import LatentpatchError
+
+BACKENDS = ("hooked", "bridge")
+"""`load_model`'s backends: TransformerLens's `HookedTransformer` and `TransformerBridge`."""
+
+
+def check_backend(backend: Any) -> str:
+    """A typed error for an unknown backend, before any model is read."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def is_bridge(model: Any) -> bool:
+    """True for a TransformerBridge (any TransformerLens version that has one)."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # a TransformerLens without the Bridge cannot have built one
+        return False
+    return isinstance(model, TransformerBridge)
+
+
+def truncate_hf_model(hf_model: torch.nn.Module, n_layers: int) -> None:
+    """Keep only the first `n_layers` decoder layers of a `transformers` causal LM, in place.
+
+    The Bridge has no `first_n_layers` (HookedTransformer's truncation), so the model it wraps is
+    cut instead: the layer list is the one `nn.ModuleList` as long as the config's layer count,
+    and the config (with its per-layer `layer_types`, where it has one) is cut to match."""
+    config = hf_model.config
+    total = config.num_hidden_layers
+    lists = [m for m in hf_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total]
+    if len(lists) != 1:
+        raise ModelLoadError(f"cannot find the one layer list of {type(hf_model).__name__} to keep {n_layers} layers")
+    del lists[0][n_layers:]
+    config.num_hidden_layers = n_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:n_layers]
+
+
+def refused_flags(bridge: Any, flags: dict[str, bool]) -> list[str]:
+    """The requested processing steps this Bridge would silently skip or change; each is refused.
+
+    - `center_unembed` with logit softcapping: the Bridge logs a warning and drops it (tanh is not
+      shift-invariant), where HookedTransformer would center anyway.
+    - `fold_ln` on an adapter that declares it unsupported: the Bridge warns and skips it.
+    """
+    cfg = bridge.cfg
+    refused = []
+    if flags["center_unembed"] and (getattr(cfg, "output_logits_soft_cap", None) or 0) > 0:
+        refused.append("center_unembed (the model softcaps its logits; the Bridge would drop the step)")
+    if flags["fold_ln"] and not getattr(bridge.adapter, "supports_fold_ln", True):
+        refused.append(f"fold_ln ({type(bridge.adapter).__name__} cannot fold its norms)")
+    return refused
+
+
+def boot_bridge(hf_model: torch.nn.Module, tokenizer: Any, *, model_name: str, flags: dict[str, bool],
+                n_layers: int | None, n_ctx: int, device: Any, dtype: torch.dtype) -> Any:
+    """A TransformerBridge in compatibility mode around `hf_model` (already loaded and checked),
+    processed as `flags` state (`fold_ln`, `center_writing_weights`, `center_unembed`,
+    `fold_value_biases`: the same four steps as HookedTransformer's, by the same names).
+
+    `n_ctx` caps the context latentpatch accepts (`cfg.n_ctx`), as the hooked backend's does; the
+    wrapped model's own position limit is left alone (changing it after load changes nothing)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if n_layers is not None:
+        truncate_hf_model(hf_model, n_layers)
+    hf_model = hf_model.to(device=device, dtype=dtype)
+    with contextlib.redirect_stdout(io.StringIO()):
+        bridge = TransformerBridge.boot_transformers(model_name, hf_model=hf_model, tokenizer=tokenizer,
+                                                     device=device, dtype=dtype)
+    refused = refused_flags(bridge, flags)
+    if refused:
+        raise ModelLoadError(f"the bridge backend cannot apply {'; '.join(refused)}; load with backend='hooked' "
+                             f"or without these flags")
+    with contextlib.redirect_stdout(io.StringIO()):  # no_processing: not even the adapter's own preprocessing
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not any(flags.values()), **flags)
+    bridge.cfg.model_name = model_name
+    bridge.cfg.n_ctx = min(n_ctx, bridge.cfg.n_ctx) if bridge.cfg.n_ctx else n_ctx
+    return bridge
+
+
+class BackendUnsupportedError(LatentpatchError, NotImplementedError):
+    """A step the engine needs that the bridge backend does not have yet (named in the message)."""
+
+
+MISSING = {
+    "start_at_layer": "TransformerBridge cannot start a forward at a layer (HF owns the layer loop)",
+    "past_kv_cache": "TransformerBridge takes no TransformerLens key-value cache",
+}
+"""What the sweep engine's shortcuts need and the Bridge lacks: rows joining at a layer from a cached
+residual, and key/value prefixes. Functions that use them refuse a Bridge model before any forward."""
+
+
+def require_hooked(model: Any, need: str) -> None:
+    """Refuse a Bridge model, naming the missing step, before any forward pass runs."""
+    if is_bridge(model):
+        raise BackendUnsupportedError(f"the bridge backend cannot do this yet: {MISSING[need]}; "
+                                      f"load the model with backend='hooked'")
+
+
+def run_until_end_with_cache(model: Any, tokens: torch.Tensor, hook_names: list[str]) -> tuple[torch.Tensor, dict]:
+    """The Bridge's final residual stream (before the final norm) and the named activations.
+
+    `stop_at_layer=n_layers` returns logits on the Bridge (no block has that index), so the final
+    residual is read at the last block's `hook_resid_post` instead; the unembedding still runs."""
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    _, cache = model.run_with_cache(tokens, names_filter=list(dict.fromkeys([*hook_names, last])))
+    return cache[last], {name: cache[name] for name in hook_names}
+
+
+def _model_types() -> Any:
+    """`HookedTransformer | TransformerBridge`, or whichever of the two this TransformerLens has:
+    the door's functions are annotated with it, and the test suite checks annotations at run time."""
+    import transformer_lens
+
+    types = [t for t in (getattr(transformer_lens, "HookedTransformer", None),) if t is not None]
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+        types.append(TransformerBridge)
+    except ImportError:
+        pass
+    union = types[0]
+    for extra in types[1:]:
+        union = union | extra
+    return union
+
+
+TLModel = _model_types()
+"""The models the door accepts: either backend."""

@@ -1,0 +1,152 @@
+"""The bridge backend (TransformerLens's TransformerBridge) against the hooked one and against
+Hugging Face itself: loading, weight processing, provenance, truncation, the splicer, and what the
+sweep engine cannot do on it yet (strict xfails naming the missing step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching import LogitDiff, ModelFlags, ModelLoadError, Site, load_model, patch_latents, patch_residual, splice
+from patching.model import tl_bridge
+from patching.model.provenance import provenance
+from tests.conftest import make_sae
+
+ALL_FLAGS = ModelFlags(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+
+
+def tiny_hf_folder(folder, kind="llama", n_layers=3):
+    """A tiny random `transformers` causal LM saved offline (config -> model -> save_pretrained)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(**common) if kind == "llama" else Gemma2Config(**common, head_dim=8)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)  # TransformerLens reloads a tokenizer from its folder
+    return folder
+
+
+def tiny_tokenizer():
+    """A 64-word word-level tokenizer built in memory (the Bridge would fetch one from the hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 64)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def boot_tiny(folder, flags=None, n_layers=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    flags = flags or ModelFlags()
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return tl_bridge.boot_bridge(hf_model, AutoTokenizer.from_pretrained(folder), model_name="tiny", flags=flags.as_kwargs(), n_layers=n_layers,
+                                 n_ctx=64, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return tiny_hf_folder(tmp_path_factory.mktemp("tiny-hf"))
+
+
+TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def test_bad_backend_and_unsupported_names_are_refused_before_loading():
+    with pytest.raises(ModelLoadError, match="backend must be one of"):
+        load_model(backend="bridged")
+    with pytest.raises(ModelLoadError, match="loads the offline models"):
+        load_model("gpt2", backend="bridge")
+
+
+def test_truncated_bridge_equals_hugging_face_with_fewer_layers(llama_folder):
+    """`n_layers` on the Bridge cuts the wrapped model; the reference is transformers' own
+    2-layer model from the same folder (eager attention, as the Bridge forces)."""
+    from transformers import AutoModelForCausalLM
+
+    bridge = boot_tiny(llama_folder, n_layers=2)
+    reference = AutoModelForCausalLM.from_pretrained(llama_folder, num_hidden_layers=2, attn_implementation="eager")
+    assert bridge.cfg.n_layers == 2 and "blocks.2.hook_resid_pre" not in bridge.hook_dict
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(TOKENS), reference(TOKENS).logits, atol=1e-5, rtol=0)
+
+
+def test_splice_without_edit_is_exact_identity_on_the_bridge(llama_folder):
+    bridge = boot_tiny(llama_folder)
+    sae = make_sae(32, 48, hook_name="blocks.1.hook_resid_pre", model_name="tiny")
+    with torch.no_grad():
+        reference = bridge(TOKENS)
+        with splice(bridge, sae, cache=True) as state:
+            assert torch.equal(bridge(TOKENS), reference)
+    assert Site(1) in state.records
+
+
+def test_softcapped_logits_refuse_center_unembed(tmp_path):
+    """The Bridge would drop center_unembed on a softcapped model with only a log line."""
+    folder = tiny_hf_folder(tmp_path / "gemma2", kind="gemma2", n_layers=2)
+    with pytest.raises(ModelLoadError, match="center_unembed"):
+        boot_tiny(folder, flags=ModelFlags(center_unembed=True))
+
+
+@pytest.mark.xfail(strict=True, raises=tl_bridge.BackendUnsupportedError,
+                   reason="the sweep engine starts rows at a layer (start_at_layer) and reuses key/value "
+                          "prefixes (past_kv_cache); TransformerBridge has neither")
+def test_residual_sweep_on_the_bridge_matches_naive_hooks(llama_folder):
+    bridge = boot_tiny(llama_folder)
+    clean, corrupted = TOKENS[:1], TOKENS[1:]
+    metric = LogitDiff(answer=3, wrong=4)
+    ours = patch_residual(bridge, clean, corrupted, metric, layers=[1], positions=[2], progress=False)
+    _, cache = bridge.run_with_cache(clean, names_filter="blocks.1.hook_resid_pre")
+
+    def put(resid, hook):
+        resid[:, 2] = cache["blocks.1.hook_resid_pre"][:, 2]
+        return resid
+
+    logits = bridge.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", put)])
+    torch.testing.assert_close(ours.metric[0, 0], (logits[0, -1, 3] - logits[0, -1, 4]).double(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, raises=tl_bridge.BackendUnsupportedError,
+                   reason="patch_latents' reference runs keep a TransformerLens key-value cache; the Bridge takes none")
+def test_latent_sweep_on_the_bridge_runs(llama_folder):
+    bridge = boot_tiny(llama_folder)
+    sae = make_sae(32, 48, hook_name="blocks.1.hook_resid_pre", model_name="tiny")
+    patch_latents(bridge, sae, TOKENS[:1], TOKENS[1:], LogitDiff(answer=3, wrong=4), units="position", progress=False)
+
+
+# --- the default model on both backends -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompts(default_model_4l):
+    return default_model_4l.to_tokens(["The Eiffel Tower is in the city of", "The capital of France is"])
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("flags", [ModelFlags(), ALL_FLAGS], ids=["no-processing", "all-processing"])
+def test_default_model_logits_agree_between_backends(flags, prompts):
+    hooked = load_model(n_layers=4, flags=flags)
+    bridge = load_model(n_layers=4, flags=flags, backend="bridge")
+    with torch.no_grad():
+        difference = (bridge(prompts) - hooked(prompts)).abs().max().item()
+    assert difference < 1e-4, difference
+    assert bridge.latentpatch_origin.backend == "bridge" and hooked.latentpatch_origin.backend == "hooked"
+    assert bridge.latentpatch_origin.flags == flags
+
+
+@pytest.mark.default_model
+def test_bridge_hooks_match_hooked_and_provenance_names_the_backend(default_model_4l, prompts):
+    bridge = load_model(n_layers=4, backend="bridge")
+    with torch.no_grad():
+        _, hooked_cache = default_model_4l.run_with_cache(prompts)
+        _, bridge_cache = bridge.run_with_cache(prompts)
+    assert set(hooked_cache.keys()) <= set(bridge_cache.keys())
+    for name in hooked_cache.keys():
+        torch.testing.assert_close(bridge_cache[name], hooked_cache[name], atol=2e-4, rtol=1e-4, msg=name)
+    record = provenance(bridge)
+    assert record["model_backend"] == "bridge" and provenance(default_model_4l)["model_backend"] == "hooked"
+    assert record["model"] == "smollm2-135m-instruct" and record["model_flags"] == ModelFlags().as_kwargs()
