@@ -116,3 +116,18 @@ def test_bad_settings_are_refused_before_any_forward(affine):
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_several_sites_give_each_site_its_own_shares(tiny_model, tiny_sae):
+    """With SAEs at two sites, each column is that site's shares: the other SAE is spliced but, with
+    its error node, reproduces the model exactly, so one call per site gives the same values."""
+    other = make_sae(tiny_model.cfg.d_model, 40, hook_name="blocks.2.hook_resid_pre",
+                     model_name=tiny_model.cfg.model_name, seed=7)
+    clean, corrupted = pair_tokens(0, n=2, length=10)
+    both = error_share(tiny_model, {SITE: tiny_sae, "blocks.2.hook_resid_pre": other}, clean, corrupted, METRIC)
+    assert both.sites == [SITE, "blocks.2.hook_resid_pre"] and both.latents.shape == (2, 2)
+    for s, sae in enumerate((tiny_sae, other)):
+        alone = error_share(tiny_model, sae, clean, corrupted, METRIC)
+        for name in ("latents", "error", "total"):
+            torch.testing.assert_close(getattr(both, name)[:, s], getattr(alone, name)[:, 0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(both.latents[:, 0], both.latents[:, 1], atol=1e-3)
