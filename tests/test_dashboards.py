@@ -35,12 +35,12 @@ def site_book(tmp_path_factory):
 
 
 def _images(page: Path) -> list[str]:
-    return re.findall(r"<img src='([^']+)'", page.read_text())
+    return re.findall(r"<img src=[\'\"]([^\'\"]+)[\'\"]", page.read_text())
 
 
 def test_every_page_is_linked_and_references_existing_pngs(site_book):
     index, reports = site_book
-    links = re.findall(r"<a href='([^']+)'>", index.read_text())
+    links = re.findall(r"<a href=[\'\"]([^\'\"]+)[\'\"]>", index.read_text())
     assert len(links) == len(reports) == 5 and "tiny &lt;model&gt;" in index.read_text()
     for link in links:
         page = index.parent / link
@@ -100,3 +100,20 @@ def test_cli_registers_the_dashboards_subcommand(tmp_path):
                                           "--out", str(tmp_path), "--json"])
     assert args.run is cli_inspect.run_dashboards
     assert (args.latents, args.neurons, args.top_neurons, args.out) == ([1, 5], [], 3, tmp_path)
+
+
+def test_a_latent_page_is_its_card_and_escapes_user_text(site_book, tmp_path):
+    """Latent pages come from the report's card template; a hostile corpus text or token stays text."""
+    import dataclasses
+
+    from patching.inspect.latents import MARK_CLOSE, MARK_OPEN, ActivatingContext, LatentReport
+
+    latent = next(r for r in site_book[1] if isinstance(r, LatentReport))
+    payload = "<script>document.title='pwned'</script>"
+    hostile = dataclasses.replace(latent, contexts=[ActivatingContext(1.5, 0, 3, payload, f"a {MARK_OPEN}{payload}{MARK_CLOSE} b")])
+    index = write_dashboards(tmp_path, [hostile], title=payload)
+    for page in (index, tmp_path / f"latent-{latent.latent}.html"):
+        text = page.read_text()
+        assert "<script>" not in text and "&lt;script&gt;" in text
+    card_page = (tmp_path / f"latent-{latent.latent}.html").read_text()
+    assert f'id="latent-{latent.latent}"' in card_page and "<mark>&lt;script&gt;" in card_page

@@ -39,30 +39,36 @@ def write_dashboards(folder: str | Path, reports: Sequence[Report], *, title: st
     """Write one page (and its PNGs) per report and `index.html`; return the index's path.
 
     `provenance` (model, SAE hash, corpus, library version, ...) is listed on the index page."""
+    from latentpatch.report import auto_label, card_from_report, render_template
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for report in reports:
         page = write_page(folder, report)
         kind = "latent" if isinstance(report, LatentReport) else "neuron" if isinstance(report.unit, Neuron) else "direction"
-        score = _token_score(report)
-        rows.append(f"<tr><td><a href='{page.name}'>{html.escape(_title(report))}</a></td><td>{kind}</td>"
-                    f"<td>{100 * report.frequency:.2f}%</td><td>{_num(score)}</td>"
-                    f"<td>{html.escape(report.contexts[0].token if report.contexts else '')!s}</td></tr>")
-    body = (f"<h1>{html.escape(title)}</h1><table><tr><th>unit</th><th>kind</th><th>density</th>"
-            f"<th>token concentration</th><th>top token</th></tr>{''.join(rows)}</table>")
-    if provenance:
-        cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in provenance.items())
-        body += f"<h2>Provenance</h2><table>{cells}</table>"
+        label = card_from_report(report).label if isinstance(report, LatentReport) else auto_label([], [])
+        rows.append({"page": page.name, "title": _title(report), "kind": kind, "label": label,
+                     "density": f"{100 * report.frequency:.2f}%", "score": _num(_token_score(report)),
+                     "token": report.contexts[0].token if report.contexts else ""})
     index = folder / "index.html"
-    atomic_write(index, _document(title, body).encode())
+    atomic_write(index, render_template("dashboard_index.html", title=title, rows=rows,
+                                        provenance=dict(provenance or {})).encode())
     return index
 
 
 def write_page(folder: Path, report: Report) -> Path:
-    """One unit's page and its PNG plots in `folder`."""
+    """One unit's page and its PNG plots in `folder`: a latent's page is its card (the demo report's
+    template); a neuron's or direction's adds the latent decomposition."""
+    from latentpatch.report import card_from_report, render_template
+
     stem = slug(report)
     images = [plot_activity(report, folder / f"{stem}_activity.png")]
+    if isinstance(report, LatentReport):
+        page = folder / f"{stem}.html"
+        atomic_write(page, render_template("dashboard_page.html", title=_title(report), score=_num(_token_score(report)),
+                                           card=card_from_report(report, images[0].name)).encode())
+        return page
     sections = [f"<p>positive on {report.n_active}/{report.n_tokens} tokens ({100 * report.frequency:.2f}%); "
                 f"token concentration of the top contexts: {_num(_token_score(report))}</p>",
                 f"<img src='{images[0].name}' alt='logit effect and activation histogram'>",
