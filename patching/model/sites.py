@@ -144,3 +144,19 @@ def as_site(site: "Site | str") -> Site:
     if isinstance(site, str):
         return Site.from_hook_name(site)
     raise SiteError(f"expected a Site or a hook name string, got {type(site).__name__}")
+
+
+INTERNAL_HOOKS: tuple[str, ...] = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "attn.hook_q",
+                                   "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores",
+                                   "attn.hook_pattern")
+"""Hooks the engine reads or sets that no `Site` kind names: a block's split inputs (path patching, edge
+attribution) and attention internals (AtP*'s QK fix)."""
+
+
+def internal_hook_name(layer: int, hook: str) -> str:
+    """`blocks.{layer}.{hook}` for one of `INTERNAL_HOOKS`: the one place besides `Site` that builds a hook name."""
+    if hook not in INTERNAL_HOOKS:
+        raise SiteError(f"unknown internal hook {hook!r}; known: {', '.join(INTERNAL_HOOKS)}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise SiteError(f"layer must be an int >= 0, got {layer!r}")
+    return f"blocks.{layer}.{hook}"
