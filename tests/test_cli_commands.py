@@ -44,10 +44,29 @@ def no_model(monkeypatch):
 
 
 def run_json(capsys, *argv: str) -> dict:
+    """The command's JSON, whose keys must be exactly those it documents (`JSON_OUTPUT`, on the CLI page)."""
     code = main([*argv, "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    return json.loads(captured.out)
+    out = json.loads(captured.out)
+    documented = subcommands()[argv[0]].get_default("json_output")
+    assert documented is not None and set(out) == set(documented), f"{argv[0]}: {sorted(out)} vs {sorted(documented)}"
+    return out
+
+
+def subcommands() -> dict:
+    import argparse
+
+    from latentpatch.cli.entry import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_command_with_json_documents_its_keys():
+    missing = [name for name, parser in subcommands().items()
+               if any("--json" in action.option_strings for action in parser._actions) and not parser.get_default("json_output")]
+    assert missing == []
 
 
 def one_error_line(capsys, *argv: str) -> str:

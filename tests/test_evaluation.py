@@ -299,7 +299,7 @@ def test_cli_eval_writes_folder_and_prints_grouped_figures(default_model_4l, tmp
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert printed["token_stats"]["n_texts"] == 2 and printed["saved_to"] == str(tmp_path / "ev")
-    assert saved["sparsity"] == printed["sparsity"] and saved["provenance"]["sae_sha256"]
+    assert saved["sparsity"] == printed["sparsity"] and saved["provenance"]["saes"]
     assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 0
     assert len(loads) == 1, "the command's model came from the stub, not a second load of the default model"
 

@@ -6,21 +6,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from latentpatch.cli.common import COUNT_MAX, MAX_IG_STEPS, add_pair_options, bounded_int, add_sae_options, check_out, describe_top, load_for, pair_metric, report
+from latentpatch.cli.common import SWEEP_JSON_OUTPUT, add_pair_command, COUNT_MAX, MAX_IG_STEPS, bounded_int, check_out, describe_top, load_for, pair_metric, report
+
+
+JSON_OUTPUT = {**SWEEP_JSON_OUTPUT,
+    "verification": "with --verify K: spearman, recall_at_k, k, max_missed_effect, n_checked; else null",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
 
 
 def register(subparsers: Any) -> None:
     """Add `attribute` to the `latentpatch` parser."""
-    raw = argparse.RawDescriptionHelpFormatter
-    helptext = "attribution estimate (AtP / IG / GradDrop) on a prompt pair"
-    p = subparsers.add_parser("attribute", help=helptext, formatter_class=raw, description=helptext + ".\n\nexample: "
-                              "latentpatch attribute runs/sae-l15 --clean 'The Eiffel Tower is located in the city of' "
-                              "--corrupted 'The Colosseum is located in the city of' --answer ' Paris' --wrong ' Rome' "
-                              "--out results/eiffel")
-    add_sae_options(p)
-    add_pair_options(p)
+    p = add_pair_command(subparsers, "attribute", "attribution estimate (AtP / IG / GradDrop) on a prompt pair", sae=True)
     _options(p)
-    p.set_defaults(run=run_attribute, describe=describe_attribution)
+    p.set_defaults(run=run_attribute, json_output=JSON_OUTPUT, describe=describe_attribution)
 
 
 def _options(p: argparse.ArgumentParser) -> None:

@@ -45,6 +45,35 @@ SAE_HELP = ("the SAE: a folder (cfg.json + sae_weights.safetensors, ours or SAEL
             "and the hub reachable, sae_lens:RELEASE/SAE_ID")
 
 
+SWEEP_JSON_OUTPUT = {
+    "method": "how the effects were computed (exact, atp, ig, atp_gd)",
+    "direction": "denoise or noise",
+    "units": "how many units were patched",
+    "metric_clean": "the metric on each pair's clean prompt",
+    "metric_corrupted": "the metric on each pair's corrupted prompt",
+    "top": "the --top units by |effect|: site, kind, position, token, latent, effect, label",
+    "saved_to": "the result folder (--out), or null",
+}
+"""What `report` returns: the `--json` keys of every command that prints a sweep (patch, attribute, residual,
+heads), before each adds its own."""
+
+
+EIFFEL_PAIR = ("--clean 'The Eiffel Tower is located in the city of' --corrupted 'The Colosseum is located in the city of' "
+               "--answer ' Paris' --wrong ' Rome'")
+"""The example pair the commands' help shows."""
+
+
+def add_pair_command(sub: Any, name: str, helptext: str, *, sae: bool, description: str | None = None) -> Any:
+    """A subcommand on a prompt pair: its parser, with an example in its help, the SAE's options (or the
+    model's, for commands that take no SAE) and the pair's options."""
+    example = f"example: latentpatch {name}{' runs/sae-l15' if sae else ''} {EIFFEL_PAIR} --out results/{name}"
+    p = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=f"{description or helptext + '.'}\n\n{example}")
+    (add_sae_options if sae else add_model_option)(p)
+    add_pair_options(p)
+    return p
+
+
 def add_sae_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae", help=SAE_HELP)
     p.add_argument("--model", default=None, help="model name (default: the one the SAE records)")

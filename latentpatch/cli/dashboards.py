@@ -21,6 +21,15 @@ EXAMPLE = ("example: latentpatch dashboards runs/sae-l12-mid --latents 5 17 --ne
            "         latentpatch dashboards runs/sae-l12-mid --top-neurons 10 --top-latents 10 --out dash")
 
 
+JSON_OUTPUT = {
+    "index": "the index page",
+    "pages": "how many unit pages were written",
+    "latents": "the latents with a page",
+    "neurons": "the neurons with a page",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(subparsers: Any) -> None:
     """Add the `dashboards` subcommand to the `latentpatch` parser."""
     p = subparsers.add_parser("dashboards", help="build static HTML dashboards for latents and neurons of an SAE",
@@ -41,7 +50,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--contexts", type=int, default=12, help="top contexts shown per unit (default 12)")
     p.add_argument("--model", default=None, help="model name (default: the SAE's model_name)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(run=run_dashboards)
+    p.set_defaults(run=run_dashboards, json_output=JSON_OUTPUT)
 
 
 def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,6 +22,21 @@ EVAL_TEXTS = (
 )
 
 
+JSON_OUTPUT = {
+    "sae": "the SAE as named on the command line",
+    "site": "its hook name",
+    "model_behavior_preservation": "kl_div_score, kl_div_with_sae, kl_div_with_ablation (SAELens's names)",
+    "model_performance_preservation": "ce_loss_score, ce_loss_with_sae, ce_loss_without_sae, ce_loss_with_ablation",
+    "reconstruction_quality": "explained_variance, explained_variance_typical, mse, mse_per_token, cossim",
+    "shrinkage": "l2_norm_in, l2_norm_out, l2_ratio, relative_reconstruction_bias",
+    "sparsity": "l0, l1, frac_dead, frac_dense, frac_over_1_percent, dense_threshold",
+    "decoder_cosine": "statistics of the cosine between decoder rows",
+    "token_stats": "n_tokens, n_loss_positions, n_texts, n_massive",
+    "saved_to": "the folder eval.json and the histograms were written to (--out), or null",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(subparsers: Any) -> None:
     """Add `eval` to the `latentpatch` parser."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -41,13 +56,12 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
     ev.add_argument("--context-size", type=int, default=128, help="truncate each text to this many tokens (default 128)")
     ev.add_argument("--max-tokens", type=int, default=None, help="stop once this many tokens are evaluated (default: all)")
-    ev.set_defaults(run=run_eval)
+    ev.set_defaults(run=run_eval, json_output=JSON_OUTPUT)
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from patching.splice import EvalConfig, evaluate_sae, save_evaluation
-    from patching.sweep import library_version
-    from sae.files import weights_sha256
+    from patching.model.provenance import provenance
     from training.paths import check_input_file, check_output_folder
     from training.data.text import check_utf8_text
 
@@ -62,9 +76,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     corpus, described = _corpus(args, model)
     result = evaluate_sae(model, sae, corpus, config=config)
     if args.out is not None:
-        save_evaluation(result, args.out, provenance={
-            "model": model.cfg.model_name, "sae": str(args.sae), "sae_sha256": weights_sha256(sae),
-            "text": described, "config": asdict(config), "library_version": library_version()})
+        save_evaluation(result, args.out, provenance=provenance(model, saes=sae, prompts=described, sae=str(args.sae),
+                                                                config=asdict(config)))
     return {"sae": str(args.sae), **result.to_dict(), "saved_to": str(args.out) if args.out else None}
 
 

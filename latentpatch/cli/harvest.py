@@ -24,6 +24,18 @@ from training.errors import TrainingConfigError
 EXAMPLE = "example: latentpatch harvest --sites 5 15 25 --tokens 2000000 --text default --out runs/acts"
 
 
+JSON_OUTPUT = {
+    "command": "the command, to continue or repeat the harvest",
+    "model": "the model", "sites": "the hook names harvested", "text": "the text harvested",
+    "corpus_digest": "digest of the corpus split read, or null",
+    "tokens_per_site": "activations written per site", "stopped_early": "true when interrupted (an exact cache all the same)",
+    "skipped_rows": "rows skipped (--skip-rows)", "rows": "rows read", "epochs_of_text": "complete passes over the text",
+    "context_size": "tokens per row", "seconds": "wall-clock time", "tokens_per_s": "harvest rate",
+    "caches": "hook name -> cache folder",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(subparsers: Any) -> None:
     """Add the `harvest` subcommand to the `latentpatch` parser."""
     p = subparsers.add_parser("harvest", help="harvest activations at several sites into on-disk caches (one pass)",
@@ -44,7 +56,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--keep-special-tokens", action="store_true", help="keep BOS/special-token activations")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(run=run_harvest)
+    p.set_defaults(run=run_harvest, json_output=JSON_OUTPUT)
 
 
 def run_harvest(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,26 +11,28 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from latentpatch.cli.common import add_model_option, add_pair_options, check_out, describe_top, load_plain_model, pair_metric, report
+from latentpatch.cli.common import SWEEP_JSON_OUTPUT, add_pair_command, check_out, describe_top, load_plain_model, pair_metric, report
 
-EXAMPLE = ("example: latentpatch heads --clean 'When Mary and John went to the store, John gave a drink to' "
-           "--corrupted 'When Mary and John went to the store, Mary gave a drink to' --answer ' Mary' --wrong ' John' "
-           "--kind z --out results/heads")
 KINDS = ("z", "q", "k", "v", "pattern", "head_out")
+
+
+JSON_OUTPUT = {**SWEEP_JSON_OUTPUT,
+    "kind": "what of each head was patched",
+    "by": "all positions at once, or one position at a time",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
 
 
 def register(sub: Any) -> None:
     """Add `heads` to the `latentpatch` parser."""
-    p = sub.add_parser("heads", help="attention-head patching (z, q, k, v, pattern) on a prompt pair",
-                       description=__doc__.split("\n\n")[1] + "\n\n" + EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_option(p)
-    add_pair_options(p)
+    p = add_pair_command(sub, "heads", "attention-head patching (z, q, k, v, pattern) on a prompt pair", sae=False,
+                         description=__doc__.split("\n\n")[1])
     p.add_argument("--kind", choices=KINDS, default="z", help="what of each head is patched (default z)")
     p.add_argument("--by", choices=("all", "position"), default="all",
                    help="all positions at once (default) or one position at a time")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to patch (default: all)")
-    p.set_defaults(run=run_heads, describe=lambda result: describe_top(result, f"Head patching ({result['kind']})"))
+    p.set_defaults(run=run_heads, json_output=JSON_OUTPUT,
+                   describe=lambda result: describe_top(result, f"Head patching ({result['kind']})"))
 
 
 def run_heads(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,6 +8,14 @@ from typing import Any
 from latentpatch.cli.common import SAE_HELP
 
 
+JSON_OUTPUT = {
+    "path": "the SAE as named on the command line",
+    "config": "its cfg.json as SAELens 6 reads it",
+    "statistics": "decoder-norm range, b_enc mean, b_dec norm, parameter count",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
+
+
 def register(sub: Any) -> None:
     """Add `inspect` to the `latentpatch` parser."""
     inspect = sub.add_parser("inspect", help="print an SAE folder's config and weight statistics",
@@ -16,7 +24,7 @@ def register(sub: Any) -> None:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect.add_argument("path", metavar="sae", help=SAE_HELP)
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    inspect.set_defaults(run=run_inspect)
+    inspect.set_defaults(run=run_inspect, json_output=JSON_OUTPUT)
 
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:

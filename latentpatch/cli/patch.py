@@ -5,21 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from latentpatch.cli.common import add_pair_options, add_sae_options, check_out, describe_top, load_for, pair_metric, report
+from latentpatch.cli.common import SWEEP_JSON_OUTPUT, add_pair_command, check_out, describe_top, load_for, pair_metric, report
+
+
+JSON_OUTPUT = SWEEP_JSON_OUTPUT
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
 
 
 def register(subparsers: Any) -> None:
     """Add `patch` to the `latentpatch` parser."""
-    raw = argparse.RawDescriptionHelpFormatter
-    helptext = "exact latent patching sweep on a prompt pair"
-    p = subparsers.add_parser("patch", help=helptext, formatter_class=raw, description=helptext + ".\n\nexample: "
-                              "latentpatch patch runs/sae-l15 --clean 'The Eiffel Tower is located in the city of' "
-                              "--corrupted 'The Colosseum is located in the city of' --answer ' Paris' --wrong ' Rome' "
-                              "--out results/eiffel")
-    add_sae_options(p)
-    add_pair_options(p)
+    p = add_pair_command(subparsers, "patch", "exact latent patching sweep on a prompt pair", sae=True)
     _options(p)
-    p.set_defaults(run=run_patch, describe=lambda result: describe_top(result, "Exact latent patching"))
+    p.set_defaults(run=run_patch, json_output=JSON_OUTPUT, describe=lambda result: describe_top(result, "Exact latent patching"))
 
 
 def _options(p: argparse.ArgumentParser) -> None:

@@ -16,13 +16,19 @@ EXAMPLE = "example: latentpatch releases\n         latentpatch patch smollm2-135
 FIGURES = ("d_sae", "l0", "ce_loss_score", "kl_div_with_sae", "explained_variance", "frac_dead", "error_share")
 
 
+JSON_OUTPUT = {
+    "saes": "one object per shipped SAE: name (RELEASE/SAE_ID), release, sae_id, weights_sha256, corpus, heldout figures",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
+
+
 def register(sub: Any) -> None:
     """Add `releases` to the `latentpatch` parser."""
     p = sub.add_parser("releases", help="list the shipped SAE releases and their held-out figures",
                        description=__doc__.split("\n\n")[1] + "\n\n" + EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(run=run_releases, describe=describe_releases)
+    p.set_defaults(run=run_releases, json_output=JSON_OUTPUT, describe=describe_releases)
 
 
 def run_releases(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,15 @@ EXAMPLE = ("example: latentpatch repair --prompt 'When Mary and John went to the
            "--answer ' Mary' --wrong ' John' --ablation mean --out results/repair")
 
 
+JSON_OUTPUT = {
+    "ablation": "zero, mean or resample",
+    "components": "every component: component, direct, total, repair, top_compensator, top_compensation",
+    "top": "the --top components by |direct effect|, as in components",
+    "saved_to": "the result folder (--out), or null",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
+
+
 def register(sub: Any) -> None:
     """Add `repair` to the `latentpatch` parser."""
     p = sub.add_parser("repair", help="self-repair: direct vs total effects of ablating components, and compensators",
@@ -35,7 +44,7 @@ def register(sub: Any) -> None:
                    help="every attention layer and MLP (default), or every head")
     p.add_argument("--top", type=bounded_int(1, COUNT_MAX), default=10, help="how many components to list (default 10)")
     p.add_argument("--out", type=Path, default=None, help="save the result and its plot (repair.png) here")
-    p.set_defaults(run=run_repair, describe=describe_repair)
+    p.set_defaults(run=run_repair, json_output=JSON_OUTPUT, describe=describe_repair)
 
 
 def run_repair(args: argparse.Namespace) -> dict[str, Any]:

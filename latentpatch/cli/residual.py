@@ -9,21 +9,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from latentpatch.cli.common import add_model_option, add_pair_options, check_out, describe_top, load_plain_model, pair_metric, report
+from latentpatch.cli.common import SWEEP_JSON_OUTPUT, add_pair_command, check_out, describe_top, load_plain_model, pair_metric, report
 
-EXAMPLE = ("example: latentpatch residual --clean 'The Eiffel Tower is located in the city of' "
-           "--corrupted 'The Colosseum is located in the city of' --answer ' Paris' --wrong ' Rome' --out results/residual")
+
+JSON_OUTPUT = SWEEP_JSON_OUTPUT
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
 
 
 def register(sub: Any) -> None:
     """Add `residual` to the `latentpatch` parser."""
-    p = sub.add_parser("residual", help="raw residual trace (layer x position) on a prompt pair",
-                       description=__doc__.split("\n\n")[1] + "\n\n" + EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_option(p)
-    add_pair_options(p)
+    p = add_pair_command(sub, "residual", "raw residual trace (layer x position) on a prompt pair", sae=False,
+                         description=__doc__.split("\n\n")[1])
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to patch (default: all)")
-    p.set_defaults(run=run_residual, describe=lambda result: describe_top(result, "Residual trace"))
+    p.set_defaults(run=run_residual, json_output=JSON_OUTPUT, describe=lambda result: describe_top(result, "Residual trace"))
 
 
 def run_residual(args: argparse.Namespace) -> dict[str, Any]:

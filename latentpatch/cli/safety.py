@@ -9,6 +9,22 @@ from typing import Any
 from latentpatch.cli.common import add_sae_options, check_out, load_for
 
 
+JSON_OUTPUT = {
+    "saved_to": "the report folder (--out)",
+    "sites": "the SAE's hook names",
+    "refusal_rates": "refusal rates of the harmful and harmless prompts",
+    "span_threshold": "the refusal-score span a pair needs to enter the curves",
+    "n_pairs": "pairs that entered the curves",
+    "n_pairs_total": "pairs scored",
+    "curves": "one summary per restoration curve (latents, neurons, residual dimensions)",
+    "direction": "the refusal direction's restoration, or null",
+    "dynamic": "dynamic activation patching rows, or null",
+    "seconds": "wall-clock time",
+    "finding": "what was found, in sentences computed from the numbers",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(subparsers: Any) -> None:
     """Add `safety` to the `latentpatch` parser."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -21,7 +37,7 @@ def register(subparsers: Any) -> None:
     sf.add_argument("--max-pairs", type=int, default=None, help="use at most this many refuse/comply pairs (default: all)")
     sf.add_argument("--percents", type=float, nargs="+", default=None,
                     help="percents of active units at which each restoration curve is measured")
-    sf.set_defaults(run=run_safety)
+    sf.set_defaults(run=run_safety, json_output=JSON_OUTPUT)
 
 
 

@@ -25,6 +25,19 @@ EXAMPLE = (
 )
 
 
+JSON_OUTPUT = {
+    "sae": "generate mode: the SAE as named",
+    "site": "generate mode: its hook name",
+    "config": "generate mode: the steering settings",
+    "latents": "generate mode: the latents steered with",
+    "generations": "generate mode: each prompt's unsteered and steered continuation",
+    "out": "--compare: the output folder",
+    "rows": "--compare: rows of the comparison table",
+    "best_effect_per_setting": "--compare: the best target effect for each method and K",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(subparsers: Any) -> None:
     """Add the `steer` subcommand to the `latentpatch` parser."""
     p = subparsers.add_parser("steer", help="steer generation with SAE latents, or compare Top-1 with Top-K",
@@ -51,7 +64,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", type=bounded_int(0, SEED_MAX), nargs="+", default=[0, 1, 2], help="sampling seeds of --compare")
     p.add_argument("--model", default=None, help="model name (default: the SAE's model_name)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(run=run_steer)
+    p.set_defaults(run=run_steer, json_output=JSON_OUTPUT)
 
 
 def load_model_for(sae: Any, name: str | None = None) -> Any:

@@ -19,6 +19,22 @@ EXAMPLE = ("example: latentpatch trace --prompt 'The Eiffel Tower is located in 
            "--answer ' Paris' --kind mlp --out results/trace")
 
 
+JSON_OUTPUT = {
+    "kind": "state, mlp or attn",
+    "sever": "the module held corrupted at the token, or null",
+    "window": "layers per restored window",
+    "p_clean": "the answer's probability on the clean prompt",
+    "p_corrupted": "its probability with the subject noised (mean over draws)",
+    "tokens": "the prompt's tokens",
+    "subject": "the noised positions",
+    "answer": "the answer's token id",
+    "prob": "the answer's probability with each (layer, position) restored; null where not traced",
+    "peaks": "the --top restorations: layer, position, token, prob, effect",
+    "saved_to": "the result folder (--out), or null",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
+
+
 def register(sub: Any) -> None:
     """Add `trace` to the `latentpatch` parser."""
     p = sub.add_parser("trace", help="ROME's causal trace (noised subject, restored states or MLP/attention windows)",
@@ -37,7 +53,7 @@ def register(sub: Any) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to trace (default: all)")
     p.add_argument("--top", type=bounded_int(1, COUNT_MAX), default=5, help="how many peak restorations to list (default 5)")
     p.add_argument("--out", type=Path, default=None, help="save the result and its heatmap (trace.png) here")
-    p.set_defaults(run=run_trace, describe=describe_trace)
+    p.set_defaults(run=run_trace, json_output=JSON_OUTPUT, describe=describe_trace)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -67,6 +67,19 @@ class RunConfig:
     folder that holds no cache yet is harvested into first."""
 
 
+JSON_OUTPUT = {
+    "out": "the output folder",
+    "site": "the hook name trained on (single process or data parallel)",
+    "steps": "steps taken", "resumed_from_step": "the checkpoint step resumed from (0 for a fresh run)",
+    "tokens": "activations seen", "seconds": "wall-clock time", "tokens_per_s": "training rate",
+    "final": "each SAE's last logged metrics",
+    "communication_share": "data parallel: share of time in collectives",
+    "world_size": "ranks (torchrun)", "parallel": "data or saes (torchrun)",
+    "groups": "SAE parallel: each rank's summary",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(subparsers: Any) -> None:
     """Add the `train` subcommand to the `latentpatch` parser."""
     p = subparsers.add_parser("train", help="train L1 SAEs on a model's activations (resumable)",
@@ -125,7 +138,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0, help="seed of data order, initialisation and resampling")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(run=run_train)
+    p.set_defaults(run=run_train, json_output=JSON_OUTPUT)
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
