@@ -1,0 +1,90 @@
+"""Benchmark: the two model backends (HookedTransformer, TransformerBridge) on the default model.
+
+In one process, on the same weights: the forward pass of each backend (median of `--repeat`) and the
+largest logit difference between them; the residual trace of the Eiffel Tower -> Colosseum pair
+(`resid_pre`, `--layers` x every position) as the naive one-forward-per-patch loop on each backend,
+and through our sweep engine where the backend supports it (on the Bridge the engine refuses: it
+needs `start_at_layer` and key/value prefixes, which the Bridge lacks; the refusal is recorded). The
+last line printed is one JSON object.
+
+    nice python benchmarks/backends.py --layers 0,10,20,29 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from patching import LogitDiff, load_model, patch_residual
+from patching.model.tl_bridge import BackendUnsupportedError
+
+FACT = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
+
+
+def timed(fn, repeat):
+    """The last result and the median wall time of `repeat` calls."""
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def naive_trace(model, clean, corrupted, layers, answer, wrong):
+    """One full forward per (layer, position): clean resid_pre put into the corrupted run."""
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("hook_resid_pre"))
+    out = torch.empty(len(layers), clean.shape[1], dtype=torch.float64)
+    for i, layer in enumerate(layers):
+        name = f"blocks.{layer}.hook_resid_pre"
+        for p in range(clean.shape[1]):
+            def put(resid, hook, p=p, name=name):
+                resid[:, p] = cache[name][:, p]
+                return resid
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, put)])
+            out[i, p] = (logits[0, -1, answer] - logits[0, -1, wrong]).double()
+    return out
+
+
+def measure(model, args, clean, corrupted, answer, wrong):
+    figures = {}
+    with torch.inference_mode():
+        logits, figures["forward_s"] = timed(lambda: model(clean), args.repeat)
+        naive, figures["naive_trace_s"] = timed(lambda: naive_trace(model, clean, corrupted, args.layers, answer, wrong), 1)
+    try:
+        ours, figures["engine_trace_s"] = timed(lambda: patch_residual(
+            model, clean, corrupted, LogitDiff(answer, wrong), layers=args.layers, progress=False), 1)
+        figures["engine_vs_naive_max_abs"] = (ours.metric[0].reshape(naive.shape) - naive).abs().max().item()
+        figures["engine_speedup"] = figures["naive_trace_s"] / figures["engine_trace_s"]
+    except BackendUnsupportedError as err:
+        figures["engine_trace"] = f"refused: {err}"
+    return logits, naive, figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="0,10,20,29", help="resid_pre layers of the trace (comma-separated)")
+    parser.add_argument("--repeat", type=int, default=5, help="forward passes timed per backend (median)")
+    args = parser.parse_args()
+    args.layers = [int(x) for x in args.layers.split(",")]
+    torch.set_num_threads(1)
+    results, logits, traces = {"torch_threads": 1, "machine": platform.processor() or platform.machine()}, {}, {}
+    for backend in ("hooked", "bridge"):
+        model = load_model(backend=backend)
+        clean, corrupted = (model.to_tokens(text) for text in FACT[:2])
+        answer, wrong = (model.to_single_token(text) for text in FACT[2:])
+        logits[backend], traces[backend], results[backend] = measure(model, args, clean, corrupted, answer, wrong)
+        del model
+    results["logits_max_abs_difference"] = (logits["bridge"] - logits["hooked"]).abs().max().item()
+    results["trace_max_abs_difference"] = (traces["bridge"] - traces["hooked"]).abs().max().item()
+    results["bridge_forward_vs_hooked"] = results["bridge"]["forward_s"] / results["hooked"]["forward_s"]
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
