@@ -139,7 +139,42 @@ def test_repair_json_equals_self_repair(model, capsys):
     assert len(out["top"]) == 3 and abs(out["top"][0]["direct"]) == pytest.approx(expected.direct.abs().max().item(), abs=1e-5)
 
 
+@pytest.mark.default_model
+def test_paths_json_equals_patch_paths(model, capsys, tmp_path):
+    from patching import LogitDiff
+    from patching.paths import Node, PathResult, patch_paths, receivers_of
+
+    argv = ["paths", *EIFFEL, "--senders", "L1H0", "MLP1", "embed", "--receivers", "q", "v", "--receiver-layers", "3",
+            "--by", "edge", "--top", "5", "--out", str(tmp_path / "p")]
+    out = run_json(capsys, *argv)
+    expected = patch_paths(model, EIFFEL[1], EIFFEL[3], LogitDiff(*ids(model, " Paris", " Rome")),
+                           senders=[Node("head", 1, 0), Node("mlp", 1), Node("embed")],
+                           receivers=receivers_of(model, [3], kinds=("q", "v")), by="edge", progress=False)
+    assert out["senders"] == 3 and len(out["receivers"]) == len(expected.receivers)
+    assert [(e["sender"], e["receivers"]) for e in out["top"]] == [(s, r) for s, r, _ in expected.top(5)]
+    assert [e["effect"] for e in out["top"]] == pytest.approx([e for _, _, e in expected.top(5)], abs=1e-5)
+    assert torch.allclose(PathResult.load(tmp_path / "p").effect, expected.effect, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.default_model
+def test_circuit_json_equals_find_circuit(model, capsys):
+    from patching import LogitDiff
+    from patching.paths import find_circuit, receivers_of, upstream_nodes
+
+    out = run_json(capsys, "circuit", *EIFFEL, "--layers", "2", "3", "--threshold", "0.1", "--method", "eap")
+    expected = find_circuit(model, EIFFEL[1], EIFFEL[3], LogitDiff(*ids(model, " Paris", " Rome")),
+                            senders=upstream_nodes(model, [2, 3]), receivers=receivers_of(model, [2, 3]), threshold=0.1,
+                            method="eap")
+    assert [(e["sender"], e["receiver"]) for e in out["edges"]] == [(u.label(), r.label()) for u, r in expected.edges]
+    assert out["faithfulness"] == pytest.approx(float(expected.faithfulness.faithfulness.mean()), abs=1e-5)
+    assert out["completeness"] == pytest.approx(float(expected.faithfulness.completeness.mean()), abs=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["paths", *EIFFEL, "--senders", "X9"], "expected L<layer>H<head>"),
+    (["paths", *EIFFEL, "--align", "end"], "--align is not supported"),
+    (["circuit", *EIFFEL, "--direction", "noise"], "leave --direction"),
+    (["circuit", *EIFFEL, "--threshold", "nan"], "--threshold must be"),
     (["trace", "--prompt", "p", "--subject", "s", "--answer", " a", "--samples", "0"], "--samples must be between"),
     (["trace", "--prompt", "p", "--subject", "s", "--answer", " a", "--noise", "nan"], "--noise must be a finite"),
     (["trace", "--prompt", "p", "--subject", "s", "--answer", " a", "--kind", "mlp", "--sever", "attn"], "--sever applies"),

@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the package version and the TransformerLens backend, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from latentpatch.cli import (attribute, corpus, dashboards, demo, evaluate, harvest, heads, inspect, patch, releases, repair,
-                                 residual, safety, steer, trace, train)
+    from latentpatch.cli import (attribute, circuit, corpus, dashboards, demo, evaluate, harvest, heads, inspect, patch, paths,
+                                 releases, repair, residual, safety, steer, trace, train)
 
-    for command in (demo, releases, inspect, train, harvest, corpus, evaluate, patch, attribute, residual, heads, trace,
-                    repair, safety, steer, dashboards):
+    for command in (demo, releases, inspect, train, harvest, corpus, evaluate, patch, attribute, residual, heads, paths,
+                    circuit, trace, repair, safety, steer, dashboards):
         command.register(sub)
     for command in sub.choices.values():  # `--debug` after the subcommand too; SUPPRESS keeps the top-level value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -1,0 +1,95 @@
+"""`latentpatch paths`: path patching on a prompt pair (Wang et al. 2022; Goldowsky-Dill et al. 2023).
+
+Each sender's (every head and MLP by default, or those named) patched output reaches the metric only
+through the receivers' inputs (`--receivers`: the logits, heads' q/k/v inputs, MLP inputs), every other
+path frozen at the base run; all receivers at once (`--by sender`) or one receiver at a time (`--by edge`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from latentpatch.cli.common import add_pair_command, check_out, load_plain_model, pair_metric, table
+
+JSON_OUTPUT = {
+    "direction": "denoise or noise",
+    "senders": "how many senders were patched",
+    "receivers": "the receiver groups (labels), one per column",
+    "metric_clean": "the metric on each pair's clean prompt",
+    "metric_corrupted": "the metric on each pair's corrupted prompt",
+    "top": "the --top (sender, receivers, effect) entries by |effect|",
+    "saved_to": "the result folder (--out), or null",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
+
+RECEIVER_CHOICES = ("logits", "q", "k", "v", "mlp")
+_NODE = re.compile(r"^(?:L(\d+)H(\d+)|MLP(\d+)|embed)$")
+
+
+def register(sub: Any) -> None:
+    """Add `paths` to the `latentpatch` parser."""
+    p = add_pair_command(sub, "paths", "path patching: senders' effects through chosen receivers' inputs", sae=False,
+                         description=__doc__.split("\n\n")[1])
+    p.add_argument("--senders", nargs="+", default=None, metavar="NODE",
+                   help="senders: L<layer>H<head>, MLP<layer> or embed (default: the embedding and every head and MLP)")
+    p.add_argument("--receivers", nargs="+", choices=RECEIVER_CHOICES, default=["logits"],
+                   help="receiver kinds (default: logits, i.e. each sender's direct effect)")
+    p.add_argument("--receiver-layers", type=int, nargs="+", default=None, help="layers of q/k/v/mlp receivers (default: all)")
+    p.add_argument("--by", choices=("sender", "edge"), default="sender",
+                   help="every receiver at once (default) or one receiver at a time")
+    p.set_defaults(run=run_paths, json_output=JSON_OUTPUT, describe=describe_paths)
+
+
+def parse_nodes(texts: list[str]) -> list[Any]:
+    """`L3H2`, `MLP4`, `embed` as `Node`s; refused (naming the bad one) before any model loads."""
+    from patching.errors import PatchingError
+    from patching.paths import Node
+
+    nodes = []
+    for text in texts:
+        match = _NODE.match(text)
+        if match is None:
+            raise PatchingError(f"--senders {text!r}: expected L<layer>H<head> (L3H2), MLP<layer> (MLP4) or embed")
+        layer, head, mlp = match.groups()
+        nodes.append(Node("head", int(layer), int(head)) if layer is not None else
+                     Node("mlp", int(mlp)) if mlp is not None else Node("embed"))
+    return nodes
+
+
+def run_paths(args: argparse.Namespace) -> dict[str, Any]:
+    from patching.errors import PatchingError
+    from patching.paths import patch_paths, receivers_of
+
+    if args.align is not None:
+        raise PatchingError("paths needs prompts of equal token length (--align is not supported)")
+    senders = parse_nodes(args.senders) if args.senders else None
+    check_out(args)
+    model = load_plain_model(args.model)
+    metric, _ = pair_metric(args, model)
+    receivers = receivers_of(model, args.receiver_layers, kinds=tuple(args.receivers))
+    result = patch_paths(model, args.clean, args.corrupted, metric, senders=senders, receivers=receivers,
+                         direction=args.direction, by=args.by)
+    if args.out is not None:
+        result.save(args.out)
+        result.plot(args.out / "paths.png")
+    return {"direction": result.direction, "senders": len(result.senders),
+            "receivers": [result.group_label(g) for g in range(len(result.receivers))],
+            "metric_clean": result.metric_clean.tolist(), "metric_corrupted": result.metric_corrupted.tolist(),
+            "top": [{"sender": s, "receivers": r, "effect": e} for s, r, e in result.top(args.top)],
+            "saved_to": str(args.out) if args.out else None}
+
+
+def describe_paths(result: dict[str, Any]) -> str:
+    receivers = result["receivers"][0] if len(result["receivers"]) == 1 else f"{len(result['receivers'])} receiver groups"
+    lines = [f"Path patching ({result['direction']}): {result['senders']} senders through {receivers}; metric "
+             f"{result['metric_clean'][0]:.3f} clean, {result['metric_corrupted'][0]:.3f} corrupted. The largest effects:", ""]
+    rows: list[tuple[Any, ...]] = [("sender", "through", "effect")]
+    rows += [(e["sender"], e["receivers"], f"{e['effect']:+.3f}") for e in result["top"]]
+    lines.append(table(rows))
+    if result["saved_to"]:
+        lines += ["", f"Saved to {result['saved_to']}."]
+    return "\n".join(lines)
+
+
