@@ -52,7 +52,8 @@ def positional_config(fn: F) -> F:
             if "config" in kwargs:
                 raise TypeError(f"{fn.__name__}() got a config both positionally and as config=")
             warn_deprecated(f"passing the config of {fn.__name__}() positionally", "config=")
-            *args, kwargs["config"] = args
+            kwargs["config"] = args[-1]
+            args = args[:-1]
         return fn(*args, **kwargs)
     return wrapper  # type: ignore[return-value]
 
