@@ -3,14 +3,18 @@ known) and against independent computations on a random model."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from patching.errors import PatchingError
 from patching.model import Site, tl_compat
-from patching.sweep import LogitDiff, PatchUnit, UnitPart, patch_residual
+from patching.sweep import (CallableMetric, KLFromClean, LogitDiff, PatchUnit, TokenLogProb, TokenProb, UnitPart,
+                            patch_residual)
 from patching.tracing.repair import Component, self_repair
 from tests.conftest import unchecked
+from tests.hooks_snapshot import assert_refused_before_any_forward
 
 METRIC = LogitDiff(answer=2, wrong=3)
 
@@ -121,3 +125,67 @@ def test_bad_inputs_raise(model, kwargs, pattern):
     with pytest.raises(PatchingError, match="head= is needed"):
         Component(0, "head")
     assert Site(0, "head_out", head=0).hook_name == Component(0, "head", head=0).site.hook_name
+
+
+@dataclass(frozen=True)
+class PlainLogitDiff:
+    """The logit difference as a user would write it: a `Metric` that is not a `LogitDiff`."""
+
+    readout: int = -1
+
+    def __call__(self, logits, pair):
+        return (logits[:, 2] - logits[:, 3]).float()
+
+
+@pytest.mark.parametrize("metric", [PlainLogitDiff(), lambda logits: logits[:, 2] - logits[:, 3]],
+                         ids=["metric", "bare-callable"])
+def test_any_metric_equals_the_logit_diff_path_where_they_coincide(model, metric):
+    """A general metric takes the M(base + Δ) − M(base) path; for a logit difference it is LogitDiff's."""
+    tokens = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(6))
+    corrupted = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(7))
+    comps = [Component(0, "head", head=1), Component(1, "attn"), Component(1, "mlp"), Component(2, "mlp")]
+    expected = self_repair(model, tokens, METRIC, components=comps, ablation="resample", corrupted=corrupted)
+    result = self_repair(model, tokens, metric, components=comps, ablation="resample", corrupted=corrupted)
+    for name in ("direct", "total", "compensation"):
+        torch.testing.assert_close(getattr(result, name), getattr(expected, name), atol=1e-5, rtol=0, msg=name)
+    assert expected.compensation.abs().sum() > 0 and expected.direct.abs().min() > 0  # nothing vacuous
+
+
+def test_token_log_prob_direct_and_total_against_hooks_and_the_engine(model):
+    """A non-linear metric: direct = M(frozen(final)) − M(frozen(final − change)), read by hand."""
+    metric = TokenLogProb(token=5, position=-2)
+    tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(8))
+    corrupted = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(9))
+    comps = [Component(0, "mlp"), Component(1, "head", head=0), Component(2, "attn")]
+    result = self_repair(model, tokens, metric, components=comps, ablation="resample", corrupted=corrupted)
+    units = [PatchUnit((UnitPart(c.site, "raw", None),)) for c in comps]
+    engine = patch_residual(model, tokens, corrupted, metric, direction="noise", units=units, progress=False)
+    torch.testing.assert_close(result.total, engine.metric_clean[0] - engine.metric[0], atol=1e-5, rtol=0)
+    _, clean = model.run_with_cache(tokens)
+    _, corr = model.run_with_cache(corrupted)
+    final, scale = clean["blocks.2.hook_resid_post"][0, -2], clean["ln_final.hook_scale"][0, -2]
+
+    def frozen(x):
+        x = x - x.mean()
+        return ((x / scale * model.ln_final.w + model.ln_final.b) @ model.W_U + model.b_U)[None]
+
+    for i, comp in enumerate(comps):
+        name, pick = comp.site.hook_name, (lambda t: t[0, -2, 0]) if comp.kind == "head" else (lambda t: t[0, -2])
+        change = pick(clean[name]) - pick(corr[name])
+        if comp.kind == "head":
+            change = change @ model.blocks[1].attn.W_O[0]
+        pair = torch.tensor([0])
+        expected = metric(frozen(final), pair) - metric(frozen(final - change), pair)
+        assert result.direct[i].item() == pytest.approx(expected.item(), abs=1e-5), comp.label()
+    assert result.direct.abs().min() > 0
+
+
+@pytest.mark.parametrize("metric,pattern", [
+    (KLFromClean(), "reference runs"), (CallableMetric(lambda logits: logits[:, 0]), "readout=None"),
+    (TokenLogProb(token=50), r"TokenLogProb.token must be one token id in \[0, 50\)"),
+    (TokenProb(token=1, position=9), r"TokenProb.readout must be an int in \[-4, 4\)"),
+    (LogitDiff(answer=[1, 2], wrong=3), "LogitDiff.answer must be one token id"), ("logit", "metric must be"),
+])
+def test_unsupported_metrics_are_refused_before_any_forward_pass(model, metric, pattern):
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    assert_refused_before_any_forward(model, lambda: unchecked(self_repair)(model, tokens, metric), PatchingError, pattern)

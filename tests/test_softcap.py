@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patching.model import tl_compat
-from patching.sweep.objectives import LogitDiff
+from patching.sweep.objectives import LogitDiff, TokenLogProb
 from patching.tracing.repair import Component, self_repair
 
 CAP = 1.5
@@ -35,10 +35,10 @@ def corrupted():
     return torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(6))
 
 
-def _metric(model, tokens, hooks) -> float:
+def _metric(model, tokens, hooks, metric=METRIC) -> float:
     with torch.inference_mode():
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-    return float(METRIC(logits[:, -1], torch.zeros(1, dtype=torch.long))[0])
+    return float(metric(logits[:, -1], torch.zeros(1, dtype=torch.long))[0])
 
 
 def _outputs(model, tokens, hook_name: str) -> torch.Tensor:
@@ -85,22 +85,24 @@ def _frozen_scale(model, tokens):
     return ("ln_final.hook_scale", lambda x, hook: scale.clone())
 
 
-def test_direct_effect_and_compensation_on_gemma2_style_model(tokens):
+@pytest.mark.parametrize("metric", [METRIC, TokenLogProb(token=3)], ids=["logit-diff", "log-prob"])
+def test_direct_effect_and_compensation_on_gemma2_style_model(tokens, metric):
     """Gemma 2's tiny twin (RMSNorm before and after each sublayer, attention and logit soft-caps): the
     last MLP's direct effect equals the metric change when it alone is ablated with the final norm's
     scale frozen, and the compensation it shows when attention 0 is ablated equals the change from
-    setting only its output to its value in that run (scale frozen), both through the cap."""
+    setting only its output to its value in that run (scale frozen), both through the cap; for the
+    linear logit difference and for a non-linear log-probability."""
     model = _model(**GEMMA2)
     assert model.cfg.output_logits_soft_cap > 0 and model.cfg.normalization_type == "RMS"
     freeze = _frozen_scale(model, tokens)
     last, first = "blocks.2.hook_mlp_out", "blocks.0.hook_attn_out"
-    base = _metric(model, tokens, [freeze])
+    base = _metric(model, tokens, [freeze], metric)
     zero = torch.zeros_like(_outputs(model, tokens, last))
-    direct = base - _metric(model, tokens, [freeze, (last, _set(zero))])
+    direct = base - _metric(model, tokens, [freeze, (last, _set(zero))], metric)
     with torch.inference_mode(), model.hooks(fwd_hooks=[(first, lambda x, hook: torch.zeros_like(x))]):
         _, run = model.run_with_cache(tokens, names_filter=[last])
-    compensation = _metric(model, tokens, [freeze, (last, _set(run[last]))]) - base
-    result = self_repair(model, tokens, METRIC, components=[Component(0, "attn"), Component(2, "mlp")])
+    compensation = _metric(model, tokens, [freeze, (last, _set(run[last]))], metric) - base
+    result = self_repair(model, tokens, metric, components=[Component(0, "attn"), Component(2, "mlp")])
     assert float(result.direct[1]) == pytest.approx(direct, abs=1e-5)
     assert float(result.compensation[0, 1]) == pytest.approx(compensation, abs=1e-5)
 

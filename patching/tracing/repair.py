@@ -3,7 +3,14 @@ Language Model Computations"): a component's direct effect on the metric against
 
 - direct effect: the change in the metric carried by the component's own output alone, read
   straight through the unembedding with the final norm's scale frozen at the base run's
-  (`tl_compat.frozen_final_readout`); linear, so the metric must be a logit difference;
+  (`tl_compat.frozen_final_readout`). The readout is linear, so for a `LogitDiff` the direct effect
+  is the metric of the change's logits alone. Any other `Metric` (one position, int `readout`) is
+  evaluated at the base run's logits plus that change, M(base + Δ) − M(base): the same number for a
+  linear metric, and for a non-linear one (a log-probability) the metric's change with only the
+  component's direct path moved. For a non-linear metric direct effects of several components do
+  not add up, so read compensation as per-component changes, not as shares of a sum. Metrics
+  that read every position (`readout=None`) or need reference runs (`bind`, e.g. `KLFromClean`)
+  are refused: one prompt has one read position and no clean/corrupted pair;
 - total effect: the metric's change when the component is ablated (zero, the mean over a corpus, or
   resampled from the corrupted run) and everything downstream recomputes.
 Direct − total is what the rest of the network restored; the downstream components whose own
@@ -12,7 +19,7 @@ direct effects moved by the ablation are the ones that did it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +34,7 @@ from patching.model.checks import check_token_batch
 from patching.model.provenance import provenance
 from patching.model.sites import Site
 from patching.saved import SavedResult
-from patching.sweep.objectives import LogitDiff
+from patching.sweep.objectives import BindsToRuns, CallableMetric, LogitDiff, Metric, as_metric
 from sae.deprecation import renamed_keywords, warn_deprecated
 
 Ablation = Literal["zero", "mean", "resample"]
@@ -132,20 +139,23 @@ class RepairResult(SavedResult):
         return path
 
 
-def self_repair(model: Any, tokens: Tensor, metric: LogitDiff, *, components: Sequence[Component] | None = None,
+def self_repair(model: Any, tokens: Tensor, metric: Metric | Callable[..., Tensor], *, components: Sequence[Component] | None = None,
                 ablation: Ablation = "zero", corrupted: Tensor | None = None, corpus: Tensor | None = None) -> RepairResult:
     """Direct and total effects of ablating each component on `tokens` (1, pos), and compensation.
 
     `ablation`: `zero`; `mean` (the component's output averaged over every position of `corpus`,
     (batch, pos) token ids); `resample` (its output on `corrupted`, same length as `tokens`).
-    Components default to every attention layer and MLP."""
+    Components default to every attention layer and MLP. `metric`: a `Metric` with an int
+    `readout` (`LogitDiff`, `TokenLogProb`, ...), or a callable on (1, vocab) logits read at the
+    last position (`as_metric`); see the module docstring for the direct effect of each."""
+    metric = _repair_metric(metric)
     components = _check(model, tokens, metric, components, ablation, corrupted, corpus)
     names = sorted({c.site.hook_name for c in components})
     with torch.inference_mode():
         final, base = tl_compat.run_until_end_with_cache(model, tokens, names)
         base_out = [c.site.select(base[c.site.hook_name])[0] for c in components]  # (pos, width) each
         ablated_values = _ablated_outputs(components, base_out, names, ablation, model, corrupted, corpus)
-        base_final = final[0, metric.position]
+        base_final = final[0, metric.readout]
         m_base = _metric(metric, tl_compat.readout(model, base_final[None]))
         direct, total = torch.empty(len(components)), torch.empty(len(components))
         compensation = torch.zeros(len(components), len(components))
@@ -159,7 +169,7 @@ def self_repair(model: Any, tokens: Tensor, metric: LogitDiff, *, components: Se
                 final_i, run_i = tl_compat.run_until_end_with_cache(model, tokens, names)
             finally:
                 handle.remove()
-            total[i] = m_base - _metric(metric, tl_compat.readout(model, final_i[0, metric.position][None]))
+            total[i] = m_base - _metric(metric, tl_compat.readout(model, final_i[0, metric.readout][None]))
             for j, other in enumerate(components):
                 if other.order > comp.order:  # only components downstream can respond
                     own_out = other.site.select(run_i[other.site.hook_name])[0]
@@ -169,7 +179,21 @@ def self_repair(model: Any, tokens: Tensor, metric: LogitDiff, *, components: Se
     return RepairResult(list(components), direct, total, compensation, ablation, provenance=record)
 
 
-def _metric(metric: LogitDiff, logits: Tensor) -> float:
+def _repair_metric(metric: Any) -> Metric:
+    """The metric as a `Metric` reading one position; a bare callable reads the last one."""
+    if callable(metric) and not isinstance(metric, Metric):
+        metric = CallableMetric(metric, readout=-1)
+    metric = as_metric(metric)
+    if isinstance(metric, BindsToRuns):
+        raise PatchingError(f"self_repair cannot take {type(metric).__name__}: it needs reference runs (bind) and "
+                            "self_repair has one prompt; use LogitDiff, TokenLogProb, TokenProb or a Metric with an int readout")
+    if metric.readout is None:
+        raise PatchingError(f"self_repair reads one position: {metric!r} has readout=None (every position); give an int "
+                            "readout, e.g. LogitDiff, TokenLogProb, TokenProb or CallableMetric(fn, readout=-1)")
+    return metric
+
+
+def _metric(metric: Metric, logits: Tensor) -> float:
     return float(metric(logits, torch.zeros(1, dtype=torch.long))[0])
 
 
@@ -180,9 +204,14 @@ def _write(model: Any, comp: Component, output: Tensor) -> Tensor:
     return output
 
 
-def _direct(model: Any, metric: LogitDiff, write: Tensor, base_final: Tensor) -> Tensor:
-    logits = tl_compat.frozen_final_readout(model, write[metric.position], base_final)
-    return metric(logits[None], torch.zeros(1, dtype=torch.long))[0]
+def _direct(model: Any, metric: Metric, write: Tensor, base_final: Tensor) -> Tensor:
+    """The metric's change when `write` is added to the final residual through the direct path only."""
+    pair = torch.zeros(1, dtype=torch.long)
+    added = tl_compat.frozen_final_readout(model, write[metric.readout], base_final)[None]
+    if isinstance(metric, LogitDiff):  # linear: the readout of the change is the change of the metric
+        return metric(added, pair)[0]
+    base = tl_compat.readout(model, base_final[None]).float()
+    return (metric(base + added.float(), pair) - metric(base, pair))[0]
 
 
 def _setter(site: Site, value: Tensor):
@@ -206,22 +235,24 @@ def _ablated_outputs(components: Sequence[Component], base_out: list[Tensor], na
     return values
 
 
-def _check_logit_diff(metric: LogitDiff, vocab: int, n_pos: int) -> None:
-    """One answer and one wrong token id in the vocabulary, and a position inside the prompt."""
-    for name, ids in zip(("answer", "wrong"), metric.token_ids()):
+def _check_metric(metric: Metric, vocab: int, n_pos: int) -> None:
+    """Token ids (where the metric names them) one each and in the vocabulary, and a read position
+    inside the prompt."""
+    kind = type(metric).__name__
+    names = ("answer", "wrong") if isinstance(metric, LogitDiff) else ("token",)
+    for name, ids in zip(names, metric.token_ids() if hasattr(metric, "token_ids") else []):
         if ids.numel() != 1 or not 0 <= int(ids.reshape(-1)[0]) < vocab:
-            raise PatchingError(f"LogitDiff.{name} must be one token id in [0, {vocab}) for self_repair's one prompt, "
+            raise PatchingError(f"{kind}.{name} must be one token id in [0, {vocab}) for self_repair's one prompt, "
                                 f"got {ids.tolist()}")
-    position = metric.position
+    position = metric.readout
     if isinstance(position, bool) or not isinstance(position, int) or not -n_pos <= position < n_pos:
-        raise PatchingError(f"LogitDiff.position must be an int in [-{n_pos}, {n_pos}) (the prompt's {n_pos} tokens), "
+        label = "position" if isinstance(metric, LogitDiff) else "readout"
+        raise PatchingError(f"{kind}.{label} must be an int in [-{n_pos}, {n_pos}) (the prompt's {n_pos} tokens), "
                             f"got {position!r}")
 
 
 def _check(model: Any, tokens: Tensor, metric: Any, components: Sequence[Component] | None, ablation: str,
            corrupted: Tensor | None, corpus: Tensor | None) -> list[Component]:
-    if not isinstance(metric, LogitDiff):
-        raise PatchingError(f"self_repair needs a LogitDiff metric (direct effects are linear readouts), got {type(metric).__name__}")
     if ablation not in ("zero", "mean", "resample"):
         raise PatchingError(f"ablation must be 'zero', 'mean' or 'resample', got {ablation!r}")
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[0] != 1:
@@ -236,7 +267,7 @@ def _check(model: Any, tokens: Tensor, metric: Any, components: Sequence[Compone
                             f"got {None if corrupted is None else tuple(corrupted.shape)}")
     if ablation == "mean" and (corpus is None or corpus.ndim != 2 or corpus.numel() == 0):
         raise PatchingError("mean ablation needs a (batch, pos) corpus of token ids")
-    _check_logit_diff(metric, vocab, tokens.shape[1])
+    _check_metric(metric, vocab, tokens.shape[1])
     if components is not None:
         given, components = components, [] if isinstance(components, (str, Component)) else list(components)
         if not components:
