@@ -351,9 +351,13 @@ def _attribution_section(model: Any, sae: Any, out: Path, results: dict[str, Any
     check = verify(estimate, k=50, random_k=50)
     estimate.plot(out / "attribution.png")
     results["attribution"] = check.to_dict()
+    errors = sum(entry.kind == "error" for entry in estimate.top(10))
+    results["attribution"]["errors_in_top10"] = errors
     return Section("Attribution patching (AtP), checked against exact patching",
                    "AtP estimates every latent's and error node's effect from one gradient; its top 50 and 50 random "
-                   "others are then patched exactly.", figures=check.to_dict(), images=["attribution.png"])
+                   f"others are then patched exactly. {errors} of AtP's 10 largest units are the SAE's error nodes (what "
+                   "the SAE does not reconstruct at a position), shown beside the latents in the chart.",
+                   figures=check.to_dict(), images=["attribution.png"])
 
 
 def _steering_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
@@ -394,7 +398,7 @@ def _safety_section(model: Any, sae: Any, config: DemoConfig, out: Path, results
     rates = {f"refusal rate, {name} prompts": rate for name, rate in report.refusal_rates.items()}
     return Section("Safety latents: restoring refusals", "Top-n latents (by AtP) patched jointly from the refusing "
                    "harmful prompt into its complying harmless twin, against the same for residual dimensions.",
-                   notes=re.split(r"(?<=\.)\s+(?=[A-Z0-9])", report.paragraph()),
+                   notes=re.split(r"(?<=\.)(?<!al\.)\s+(?=[A-Za-z])", report.paragraph()),
                    figures={**rates, "pairs in the curves": len(report.pairs_used)}, images=images,
                    table=list(report.dynamic.get("rows", [])))
 

@@ -12,9 +12,9 @@ from latentpatch.report import LatentCard, card_from_report
 
 log = logging.getLogger(__name__)
 
-CARD_DOCUMENTS = 96
+CARD_DOCUMENTS = 48
 """Held-out documents the cards' contexts and histograms come from (the first of the fixed order)."""
-CARD_CHARS = 2000
+CARD_CHARS = 1200
 """Each document's first characters (long documents would dominate the pass)."""
 MAX_CARDS = 40
 
