@@ -218,3 +218,14 @@ def test_version_names_the_package_and_the_backend(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert f"latentpatch {version('latentpatch')}" in out and f"TransformerLens {version('transformer-lens')}" in out
+
+
+def test_human_output_has_no_python_reprs(capsys, no_model):
+    from latentpatch.cli.entry import _text
+
+    assert _text({"a": 1.23456789, "b": [1, 2], "c": {"d": True, "e": None},
+                  "top": [{"site": "x", "effect": 0.123456, "more": {"k": 1}}, {"site": "y", "effect": -2.0}]}) == (
+        "a: 1.235\nb: 1, 2\nc:\n  d: yes\n  e: -\ntop:\n  site  effect  more\n  x     0.1235   k=1\n  y         -2     -")
+    assert main(["inspect", "smollm2-135m-res/blocks.15.hook_resid_pre"]) == 0
+    text = capsys.readouterr().out
+    assert "d_sae: 2304" in text and not any(mark in text for mark in ("{", "[", "None", "True", "False"))

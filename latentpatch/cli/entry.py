@@ -54,13 +54,35 @@ def version_line() -> str:
 
 
 def _text(result: dict[str, Any], indent: str = "") -> str:
+    """The human form of a command's result where the command has no `describe` of its own: nested
+    keys indented, numbers rounded, lists of scalars joined, lists of records as a table; never a
+    Python repr."""
+    from latentpatch.cli.common import table
+
     lines = []
     for key, value in result.items():
         if isinstance(value, dict):
             lines += [f"{indent}{key}:", _text(value, indent + "  ")]
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            columns = list(dict.fromkeys(name for item in value for name in item))
+            rows = [tuple(columns)] + [tuple(_cell(item.get(name)) for name in columns) for item in value]
+            lines += [f"{indent}{key}:"] + [indent + "  " + line for line in table(rows).splitlines()]
         else:
-            lines.append(f"{indent}{key}: {value:.6g}" if isinstance(value, float) else f"{indent}{key}: {value}")
+            lines.append(f"{indent}{key}: {_cell(value)}")
     return "\n".join(line for line in lines if line)
+
+
+def _cell(value: Any) -> str:
+    """One value for people: floats to 4 significant digits, lists joined, records as key=value."""
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "-"}[value]
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value) if value else "-"
+    return str(value)
 
 
 # Libraries that log retries and download chatter at WARNING: the CLI reports their failure as one line.
