@@ -229,6 +229,9 @@ def demo_summary(results: Mapping[str, Any]) -> list[str]:
     if "spearman" in check:
         sentences.append(f"Attribution patching ranks units like exact patching: Spearman {check['spearman']:.2f}, "
                          f"recall@{check['k']} {check['recall_at_k']:.2f} on {check['n_checked']} units checked.")
+    if check.get("errors_in_top10"):
+        sentences.append(f"{check['errors_in_top10']} of AtP's 10 largest units are SAE error nodes: part of the effect "
+                         "runs through what the SAE does not reconstruct.")
     if "seconds" in results:
         sentences.append(f"The whole run took {results['seconds'] / 60:.1f} min.")
     return sentences

@@ -29,7 +29,8 @@ def fake_results():
                 {"site": "blocks.15.hook_resid_pre", "kind": "latent", "position": 4, "token": " Eiffel", "latent": 12, "effect": -0.02}],
                 "by_position": [{"position": 4, "token": " Eiffel", "effect": 0.03}, {"position": 5, "token": " Tower", "effect": 0.31}],
                 "joint_top10": 0.274, "error_node": 0.41},
-            "attribution": {"spearman": 0.912, "recall_at_k": 0.78, "k": 50, "max_missed_effect": 0.01, "n_checked": 100},
+            "attribution": {"spearman": 0.912, "recall_at_k": 0.78, "k": 50, "max_missed_effect": 0.01, "n_checked": 100,
+                            "errors_in_top10": 2},
             "seconds": 250.0}
 
 
@@ -47,6 +48,7 @@ def test_summary_sentences_are_computed_from_the_results():
     assert "Latent 3465 alone restores 5%" in text  # the first *latent* row, not the error node above it
     assert "top 10 latents patched jointly restore 27%" in text and "error node alone restores 41%" in text
     assert "Spearman 0.91" in text and "4.2 min" in text
+    assert "2 of AtP's 10 largest units are SAE error nodes" in text
     results["sweep"]["top"][1]["effect"] = 0.75
     assert "Latent 3465 alone restores 75%" in " ".join(demo_summary(results))
     assert quality_sentence({}) == "" and demo_summary({}) == []
