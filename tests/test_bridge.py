@@ -85,6 +85,19 @@ def test_splice_without_edit_is_exact_identity_on_the_bridge(llama_folder):
     assert Site(1) in state.records
 
 
+def test_final_residual_and_readout_give_the_bridge_logits(llama_folder):
+    """The door's final residual on a Bridge (its last resid_post: `stop_at_layer=n_layers` returns
+    logits there) read out by the door's final norm and unembedding equals the Bridge's forward."""
+    from patching.model import tl_compat
+
+    bridge = boot_tiny(llama_folder)
+    with torch.no_grad():
+        final, acts = tl_compat.run_until_end_with_cache(bridge, TOKENS, ["blocks.1.hook_resid_pre"])
+        _, cache = bridge.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_pre")
+        assert torch.equal(tl_compat.readout(bridge, final), bridge(TOKENS))
+    assert torch.equal(acts["blocks.1.hook_resid_pre"], cache["blocks.1.hook_resid_pre"])
+
+
 def test_softcapped_logits_refuse_center_unembed(tmp_path):
     """The Bridge would drop center_unembed on a softcapped model with only a log line."""
     folder = tiny_hf_folder(tmp_path / "gemma2", kind="gemma2", n_layers=2)
