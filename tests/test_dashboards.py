@@ -117,3 +117,21 @@ def test_a_latent_page_is_its_card_and_escapes_user_text(site_book, tmp_path):
         assert "<script>" not in text and "&lt;script&gt;" in text
     card_page = (tmp_path / f"latent-{latent.latent}.html").read_text()
     assert f'id="latent-{latent.latent}"' in card_page and "<mark>&lt;script&gt;" in card_page
+
+
+def test_tokens_the_plot_font_lacks_draw_without_warnings(tmp_path):
+    """Real text holds CJK tokens; the suite turns a warning from our code into an error, and the demo
+    printed one per missing glyph."""
+    import warnings
+
+    import torch
+
+    from patching import Site
+    from patching.inspect.dashboards import plot_activity
+    from patching.inspect.latents import LatentReport, TokenEffect
+
+    effects = [TokenEffect("息", 1, 1.0)]
+    report = LatentReport(1, Site(1), effects, effects, [], torch.ones(3), torch.arange(4.0), 10, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_activity(report, tmp_path / "cjk.png").read_bytes()[:4] == b"\x89PNG"

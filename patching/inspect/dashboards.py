@@ -153,16 +153,23 @@ def _groups_table(report: UnitReport) -> str:
 
 
 def plot_activity(report: Report, path: Path) -> Path:
-    """PNG: the direct logit effect and the activation histogram (the demo report's latent cards use it too)."""
+    """PNG: the direct logit effect and the activation histogram (the demo report's latent cards use it too).
+
+    Tokens in scripts the plot font lacks (CJK in real text) are drawn as boxes without a warning per
+    glyph; the page's tables beside the plot show them in the browser's fonts."""
+    import warnings
+
     from patching.figures import subplots
 
-    fig, (bars, hist) = subplots(1, 2, figsize=(11, 4))
-    draw_logit_effect(bars, report.top_tokens, report.bottom_tokens)
-    label = "activation (non-zero only)" if isinstance(report, LatentReport) else "activation"
-    draw_histogram(hist, report.counts, report.edges, report.n_active, report.n_tokens, label=label)
-    fig.suptitle(_title(report), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        fig, (bars, hist) = subplots(1, 2, figsize=(11, 4))
+        draw_logit_effect(bars, report.top_tokens, report.bottom_tokens)
+        label = "activation (non-zero only)" if isinstance(report, LatentReport) else "activation"
+        draw_histogram(hist, report.counts, report.edges, report.n_active, report.n_tokens, label=label)
+        fig.suptitle(_title(report), fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
     return path
 
 
