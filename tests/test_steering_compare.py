@@ -4,17 +4,20 @@ the fluency measure against a direct computation, and validation before any forw
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import dataclass
 
 import pandas as pd
 import pytest
 import torch
-from tests.conftest import make_sae
+from tests.conftest import make_sae, unchecked
 from tests.hooks_snapshot import CountingHook
 
 from patching.model import tl_compat
 from patching.steering.compare import CompareSettings, Concept, compare_steering
 from patching.steering.choice import contrast_latents
 from patching.steering.steer import SteeringError
+from patching.sweep import CallableMetric, KLFromClean, TokenLogProb
 from sae.files import weights_sha256
 
 pytestmark = pytest.mark.default_model
@@ -120,14 +123,61 @@ def test_target_scores_equal_a_direct_computation(default_model_4l, sae, compari
 
 
 def test_a_custom_metric_replaces_the_concept_log_probability(default_model_4l, sae):
+    """A bare callable on the last-position logits keeps working, without a deprecation warning."""
     paris = tl_compat.encode_text(default_model_4l, " Paris")[0]
-    result = compare_steering(default_model_4l, sae, CONCEPT, k_values=(1,), coefficients=(4.0,), methods=("add",),
-                              config=CompareSettings(seeds=(0,), max_new_tokens=2), progress=False,
-                              metric=lambda logits: logits[:, paris])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        result = compare_steering(default_model_4l, sae, CONCEPT, k_values=(1,), coefficients=(4.0,), methods=("add",),
+                                  config=CompareSettings(seeds=(0,), max_new_tokens=2), progress=False,
+                                  metric=lambda logits: logits[:, paris])
     assert result.table["target_prob"].isna().all() and result.table["target_effect"].iloc[1] != 0
     # The scores are the custom metric's: the " Paris" logit, read directly.
     direct = _last_logits(default_model_4l, CONCEPT.heldout)[:, paris]
     assert result.table["target_score"].iloc[0] == pytest.approx(float(direct.mean()), abs=1e-3)
+
+
+@dataclass(frozen=True)
+class PerPromptLogit:
+    """A user's own `Metric`: one token's logit per held-out prompt (pair), read at `readout`."""
+
+    tokens: tuple[int, ...]
+    readout: int = -2
+
+    def __call__(self, logits, pair):
+        return logits[torch.arange(logits.shape[0]), torch.tensor(self.tokens)[pair]].float()
+
+
+def _logits_at(model, texts, position):
+    """Each held-out prompt run alone, its logits at `position` (negative: from its own end)."""
+    with torch.inference_mode():
+        return torch.stack([model(tl_compat.to_tokens(model, text))[0, position].float() for text in texts])
+
+
+@pytest.mark.parametrize("kind", ["token-log-prob", "own-metric"])
+def test_a_metric_through_compare_steering_equals_the_same_computation_by_hand(default_model_4l, sae, kind):
+    """A `Metric` reads each held-out prompt at its `readout` (prompts of different lengths, right-padded
+    in the batch), with the prompt's index as `pair`: unsteered and steered scores against each
+    prompt run alone, steered here by `steer`."""
+    from patching.steering.steer import steer
+
+    model = default_model_4l
+    paris, france = (int(tl_compat.encode_text(model, t)[0]) for t in (" Paris", " France"))
+    metric = TokenLogProb(token=paris) if kind == "token-log-prob" else PerPromptLogit((paris, france))
+    by_hand = ((lambda logits: logits.log_softmax(-1)[:, paris]) if kind == "token-log-prob"
+               else (lambda logits: torch.stack([logits[0, paris], logits[1, france]])))
+    assert len({len(tl_compat.to_tokens(model, t)[0]) for t in CONCEPT.heldout}) == 2  # padding is exercised
+    result = compare_steering(model, sae, CONCEPT, k_values=(1,), coefficients=(4.0,), methods=("add",),
+                              config=CompareSettings(seeds=(0,), max_new_tokens=2), progress=False, metric=metric)
+    base = by_hand(_logits_at(model, CONCEPT.heldout, metric.readout))
+    choice = contrast_latents(model, sae, list(CONCEPT.positive), list(CONCEPT.negative), k=1)
+    with steer(model, sae, choice.top(1), method="add", coefficient=4.0, scale="activation"):
+        steered = by_hand(_logits_at(model, CONCEPT.heldout, metric.readout))
+    table = result.table
+    assert table["target_score"].iloc[0] == pytest.approx(float(base.mean()), abs=1e-3)
+    assert table["target_score"].iloc[1] == pytest.approx(float(steered.mean()), abs=1e-3)
+    assert table["target_effect"].iloc[1] == pytest.approx(float((steered - base).mean()), abs=1e-3)
+    assert abs(table["target_effect"].iloc[1]) > 1e-2 and table["target_prob"].isna().all()
+    assert result.provenance["metric"] == repr(metric)
 
 
 def test_generated_positions_are_measured(default_model_4l, sae):
@@ -148,6 +198,14 @@ def test_bad_inputs_are_refused_before_any_forward(default_model_4l, sae):
         (lambda: compare_steering(model, sae, bad_token, k_values=(1,), progress=False), "single tokens"),
         (lambda: compare_steering(model, sae, CONCEPT, k_values=(0,), progress=False), "k_values"),
         (lambda: compare_steering(model, sae, CONCEPT, methods=(), progress=False), "methods"),
+        (lambda: compare_steering(model, sae, CONCEPT, metric=KLFromClean(), progress=False), "reference runs"),
+        (lambda: compare_steering(model, sae, CONCEPT, metric=CallableMetric(lambda x: x[:, 0]), progress=False),
+         "int readout"),
+        (lambda: compare_steering(model, sae, CONCEPT, metric=TokenLogProb(1, position=-9), progress=False),
+         "readout -9 is outside"),
+        (lambda: compare_steering(model, sae, CONCEPT, metric=TokenLogProb([1, 2, 3]), progress=False),
+         r"one per held-out prompt \(2\)"),
+        (lambda: unchecked(compare_steering)(model, sae, CONCEPT, metric="paris", progress=False), "metric must be"),
     ]
     try:
         for call, match in cases:

@@ -4,8 +4,8 @@ For each method, K and coefficient `c` (latents from `contrast_latents` on the c
 contrast sets, or a given `LatentChoice`):
 
 - target effect: the change, steered minus unsteered, of log P(any concept token) at the last
-  position of each held-out prompt (or of a given metric on those logits); mean and spread
-  over prompts;
+  position of each held-out prompt (or of a given `Metric` at its `readout` position of each
+  prompt, the prompts being its pairs); mean and spread over prompts;
 - collateral cost: KL(unsteered || steered) of the next-token distribution on neutral text,
   mean over its tokens; and the perplexity, under the unsteered model, of sampled steered
   continuations of the held-out prompts (a fluency proxy);
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from patching.configs import resolve_config
 from patching.model import tl_compat
 from patching.model.checks import check_finite_in
+from patching.errors import PatchingError
 from patching.model.provenance import provenance
 from patching.splice.generate import Sampling, generate
 from patching.model.tokens import padded_tokens, right_pad
@@ -45,6 +46,7 @@ from patching.steering.choice import LatentChoice, contrast_latents
 from patching.steering.steer import (PositionMode, SteerMethod, SteerScale, Steering, SteeringConfig, SteeringError,
                                      Weighting, steer)
 from patching.splice.splicer import SpliceChecks
+from patching.sweep.objectives import BindsToRuns, CallableMetric, Metric, as_metric
 from sae.deprecation import renamed_keywords
 from sae.files import atomic_folder
 from sae.safe_io import read_text
@@ -165,7 +167,8 @@ class _Data:
     """Tokenized texts, shared by every setting."""
 
     heldout: Tensor
-    heldout_last: Tensor
+    heldout_read: Tensor
+    """Per held-out prompt, the position the target is read at (its last token by default)."""
     neutral: Tensor
     neutral_mask: Tensor
     target_ids: Tensor
@@ -183,7 +186,40 @@ def _single_token_ids(model: Any, tokens: Sequence[str]) -> Tensor:
     return torch.tensor(sorted(set(ids)))
 
 
-def _prepare(model: Any, concept: Concept) -> _Data:
+def _target_metric(metric: Any) -> Metric | None:
+    """The target as a `Metric` reading one position (`as_metric`, as the sweeps do; a bare callable reads
+    the last). Refused: `bind` (no clean/corrupted pair here) and reading every position."""
+    if metric is None:
+        return None
+    if callable(metric) and not isinstance(metric, Metric):
+        metric = CallableMetric(metric, readout=-1)
+    try:
+        metric = as_metric(metric)
+    except PatchingError as err:
+        raise SteeringError(str(err)) from err
+    if isinstance(metric, BindsToRuns):
+        raise SteeringError(f"compare_steering cannot take {type(metric).__name__} (it needs reference runs, bind): "
+                            "use TokenLogProb, TokenProb, LogitDiff or a Metric with an int readout")
+    if isinstance(metric.readout, bool) or not isinstance(metric.readout, int):
+        raise SteeringError(f"compare_steering reads one position per held-out prompt: {metric!r} needs an int readout "
+                            f"(-1: the last token), got {metric.readout!r}")
+    return metric
+
+
+def _read_positions(metric: Metric | None, lengths: list[int], vocab: int) -> Tensor:
+    """Each held-out prompt's read position (`readout` within its own tokens); token ids checked too."""
+    readout = -1 if metric is None else metric.readout
+    positions = torch.tensor([readout if readout >= 0 else n + readout for n in lengths])
+    if ((positions < 0) | (positions >= torch.tensor(lengths))).any():
+        raise SteeringError(f"metric readout {readout} is outside a held-out prompt (their lengths: {lengths} tokens)")
+    for ids in getattr(metric, "token_ids", list)():
+        if ids.numel() not in (1, len(lengths)) or not ((0 <= ids) & (ids < vocab)).all():
+            raise SteeringError(f"metric token ids must be one id or one per held-out prompt ({len(lengths)}), each in "
+                                f"[0, {vocab}); got {ids.tolist()}")
+    return positions
+
+
+def _prepare(model: Any, concept: Concept, metric: Metric | None) -> _Data:
     if not tl_compat.has_tokenizer(model):
         raise SteeringError("compare_steering needs a model with a tokenizer (concepts are texts)")
     device = tl_compat.model_device(model)
@@ -191,23 +227,26 @@ def _prepare(model: Any, concept: Concept) -> _Data:
     neutral, mask = padded_tokens(model, list(concept.neutral))
     mask[:, 0] = False  # BOS: its next-token distribution carries no information about the text
     lengths = heldout_mask.sum(-1).tolist()
-    return _Data(heldout.to(device), torch.tensor(lengths) - 1, neutral.to(device), mask,
-                 _single_token_ids(model, concept.target_tokens), lengths, concept.heldout)
+    return _Data(heldout.to(device), _read_positions(metric, lengths, tl_compat.d_vocab(model)), neutral.to(device),
+                 mask, _single_token_ids(model, concept.target_tokens), lengths, concept.heldout)
 
 
 @renamed_keywords(settings="config")
 def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequence[int] = (1, 2, 4, 8, 16),
                      coefficients: Sequence[float] = (1.0, 2.0, 4.0, 8.0), methods: Sequence[SteerMethod] = ("add", "clamp"),
                      config: CompareSettings | None = None, choice: LatentChoice | None = None,
-                     metric: Callable[[Tensor], Tensor] | None = None, checks: SpliceChecks | None = None,
+                     metric: Metric | Callable[..., Tensor] | None = None, checks: SpliceChecks | None = None,
                      progress: bool = True, **overrides: Any) -> SteeringComparison:
     """Measure every (method, K, coefficient) on `concept`; see the module docstring.
 
     `config` (a `CompareSettings`; `settings=` is its deprecated name) with `overrides` replacing
     single fields (`compare_steering(model, sae, PARIS, max_new_tokens=8)`).
 
-    `metric`, if given, maps last-position logits `(batch, vocab)` to a score per prompt and
-    replaces log P(concept tokens) as the target.
+    `metric`, if given, replaces log P(concept tokens) as the target: a `Metric` (`TokenLogProb`,
+    `LogitDiff`, your own) called on each held-out prompt's logits at its `readout` position,
+    `(prompts, vocab)`, with `pair` the prompt's index (token ids: one, or one per prompt); or, as
+    before, a bare callable on the last-position logits (through `as_metric`, no warning: the sweeps
+    accept one too). Metrics that need `bind` or read every position are refused.
     """
     settings = resolve_config(CompareSettings, config, overrides, error=SteeringError)
     k_values, coefficients, methods = _check_grid(k_values, coefficients, methods)
@@ -216,13 +255,15 @@ def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequen
     check_finite_in(torch.tensor(coefficients, dtype=torch.float64), tl_compat.model_dtype(model), "coefficients",
                     error=SteeringError)
     site, _ = resolve_site(model, sae, choice.site if choice is not None else None, checks=checks)
-    data = _prepare(model, concept)
+    target = _target_metric(metric)
+    data = _prepare(model, concept, target)
     if choice is None:
         choice = contrast_latents(model, sae, list(concept.positive), list(concept.negative), k=max(k_values),
                                   checks=checks)
     elif len(choice.latents) < max(k_values):
         raise SteeringError(f"the choice ranks {len(choice.latents)} latents but k_values go up to {max(k_values)}")
-    score = metric or (lambda logits: logits.float().log_softmax(-1)[:, data.target_ids].logsumexp(-1))
+    score = ((lambda logits: logits.float().log_softmax(-1)[:, data.target_ids].logsumexp(-1)) if target is None
+             else (lambda logits: target(logits, torch.arange(logits.shape[0], device=logits.device))))
     n_new = settings.max_new_tokens
     base = {**_measure(model, data, score), "generated": _generate(model, data, settings)}
     rows = [_row(concept, "none", 0, 0.0, (), base, base, _fluency(model, data, base["generated"], n_new), metric is None)]
@@ -243,7 +284,7 @@ def compare_steering(model: Any, sae: Any, concept: Concept, *, k_values: Sequen
     import pandas as pd
 
     grid_record = {"k_values": list(k_values), "coefficients": list(coefficients), "methods": list(methods)}
-    return SteeringComparison(pd.DataFrame(rows), _provenance(model, sae, site, concept, choice, settings, grid_record, metric))
+    return SteeringComparison(pd.DataFrame(rows), _provenance(model, sae, site, concept, choice, settings, grid_record, target))
 
 
 def _check_grid(k_values: Any, coefficients: Any, methods: Any) -> tuple[tuple[int, ...], tuple[float, ...], tuple[str, ...]]:
@@ -261,7 +302,7 @@ def _check_grid(k_values: Any, coefficients: Any, methods: Any) -> tuple[tuple[i
 def _measure(model: Any, data: _Data, score: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
     """Target scores and neutral-text logits under whatever steering is active."""
     logits = tl_compat.forward_logits(model, data.heldout)
-    last = logits[torch.arange(logits.shape[0]), data.heldout_last.to(logits.device)]
+    last = logits[torch.arange(logits.shape[0]), data.heldout_read.to(logits.device)]
     neutral = tl_compat.forward_logits(model, data.neutral)[data.neutral_mask.to(logits.device)]
     return {"score": score(last).float().cpu(), "neutral": neutral.float().cpu()}
 
