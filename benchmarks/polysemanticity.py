@@ -116,7 +116,7 @@ def main() -> None:
     scores = unit_scores(model, sae, site.layer, texts, k=args.n_top)
     neuron_median, top_neurons = top_k_median(scores.neurons, scores.neuron_max, args.k)
     latent_median, top_latents = top_k_median(scores.latents, scores.latent_max, args.k)
-    reports = inspect_units(model, sae, [Neuron(site.layer, i) for i in top_neurons], texts, config=NeuronConfig(n_top=args.n_top))
+    reports = inspect_units(model, sae, [Neuron(site.layer, i) for i in top_neurons], texts, config=NeuronConfig(k=args.n_top))
     clusters = [r.cluster_score for r in reports if r.cluster_score is not None]
     paris, curves, latent_scores = restoration(model, site, sae, site.layer)
     if args.out is not None:

@@ -2,8 +2,8 @@
 names the replacement (issue 25: one name per concept; users may already depend on the old ones).
 
 In the lowest package so every package can use it: a renamed keyword (`renamed_keywords`), a config
-once passed positionally (`positional_config`), and a renamed module attribute (`renamed_attributes`,
-for a module's `__getattr__`, PEP 562).
+once passed positionally (`positional_config`), a renamed module attribute (`renamed_attributes`,
+for a module's `__getattr__`, PEP 562) and a renamed field of a frozen config (`renamed_fields`).
 """
 
 from __future__ import annotations
@@ -68,3 +68,31 @@ def renamed_attributes(module: str, renames: dict[str, Callable[[], Any]]) -> Ca
         warn_deprecated(f"{module}.{name}", f"{module}.{getattr(value, '__name__', name)}")
         return value
     return __getattr__
+
+
+
+def renamed_fields(**renames: str) -> Callable[[type], type]:
+    """`@renamed_fields(n_top="k")` above `@dataclass(frozen=True)`: `Config(n_top=5)` warns and builds
+    `Config(k=5)`, and reading `config.n_top` warns and gives `config.k`. The old name is no field, so
+    `dataclasses.replace(config, k=3)`, `fields` and `asdict` see only the new one (an alias kept as
+    a field or `InitVar` is read back by `replace` and would undo the change). The old keyword wins
+    over the new one when both are given: `replace(config, n_top=5)` passes every field too."""
+    def decorate(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for old, new in renames.items():
+                if old in kwargs:
+                    warn_deprecated(f"{cls.__name__}({old}=...)", f"{new}=")
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__  # type: ignore[misc]
+        for old, new in renames.items():
+            def read(self: Any, old: str = old, new: str = new) -> Any:
+                warn_deprecated(f"{cls.__name__}.{old}", f"{cls.__name__}.{new}")
+                return getattr(self, new)
+            setattr(cls, old, property(read, doc=f"Deprecated name of `{new}`."))
+        return cls
+    return decorate

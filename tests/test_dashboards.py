@@ -26,7 +26,7 @@ def site_book(tmp_path_factory):
     site = Site(1, "resid_mid")
     sae = make_sae(16, 40, hook_name=site.hook_name, model_name=model.cfg.model_name, seed=3)
     corpus = torch.randint(1, 50, (4, 10), generator=torch.Generator().manual_seed(2))
-    config = NeuronConfig(InspectConfig(k_contexts=4, bins=8), n_top=8)
+    config = NeuronConfig(InspectConfig(k_contexts=4, bins=8), k=8)
     direction = NeuronDirection(site, torch.randn(16, generator=torch.Generator().manual_seed(1)), name="probe")
     reports = inspect_units(model, sae, [Neuron(1, 2), Neuron(1, 9), direction], corpus, config=config)
     reports += inspect_latents(model, sae, [0, 7], corpus, config=config.inspect)

@@ -112,7 +112,7 @@ def test_inspect_units_contexts_match_a_brute_force_scan(setup, corpus):
     name, model, sae = setup
     acts = _hooks(model, corpus, [f"blocks.{LAYER}.mlp.hook_post", f"blocks.{LAYER}.hook_resid_mid"])
     post, x = acts[f"blocks.{LAYER}.mlp.hook_post"], acts[f"blocks.{LAYER}.hook_resid_mid"]
-    config = NeuronConfig(InspectConfig(k_contexts=3, bins=5), n_top=6)
+    config = NeuronConfig(InspectConfig(k_contexts=3, bins=5), k=6)
     reports = inspect_units(model, sae, [Neuron(LAYER, 3), Neuron(LAYER, 11)], corpus, config=config)
     for report in reports:
         column = post[..., report.unit.index].flatten()
@@ -195,8 +195,8 @@ def test_wrong_sae_site_and_bad_values_raise_before_any_forward(tiny_model, corp
             NeuronDirection(Site(1, "mlp_post"), torch.ones(16))
         with pytest.raises(PatchingError, match="Neuron or NeuronDirection"):
             unchecked(check_units)(tiny_model, [3])
-        with pytest.raises(PatchingError, match="n_top"):
-            NeuronConfig(InspectConfig(k_contexts=8), n_top=4)
+        with pytest.raises(PatchingError, match=r"NeuronConfig.k \(4\)"):
+            NeuronConfig(InspectConfig(k_contexts=8), k=4)
     finally:
         counter.remove()
     assert counter.count == 0
@@ -224,7 +224,7 @@ def test_a_failure_mid_pass_leaves_the_model_as_it_was(setup, corpus):
             return self.inner.decode(z)
 
     with pytest.raises(RuntimeError, match="injected"):
-        inspect_units(model, Faulty(), [Neuron(LAYER, 1)], corpus, config=NeuronConfig(InspectConfig(batch_rows=1)), site=Site(LAYER, "resid_mid"))
+        inspect_units(model, Faulty(), [Neuron(LAYER, 1)], corpus, config=NeuronConfig(InspectConfig(batch_size=1)), site=Site(LAYER, "resid_mid"))
     assert snapshot(model) == before
 
 
@@ -274,3 +274,45 @@ def test_latents_with_the_error_node_restore_everything_at_the_largest_count(tin
     both = latent_restoration(tiny_model, sae, clean, corrupted, LogitDiff(3, 4), (1, 10_000), 0, with_error=True, site=site)
     assert both.fraction[-1].item() == pytest.approx(1.0, abs=1e-4) and plain.full == pytest.approx(1.0, abs=1e-4)
     assert plain.fraction[-1].item() != pytest.approx(1.0, abs=1e-3)  # without the error node, latents fall short
+
+
+@pytest.mark.parametrize("cls,old,new,value", [(NeuronConfig, "n_top", "k", 12), (InspectConfig, "batch_rows", "batch_size", 3)])
+def test_renamed_config_fields_keep_working_for_one_release(cls, old, new, value):
+    """`n_top` → `k`, `batch_rows` → `batch_size` (issue 25: one name per concept): the old keyword and
+    the old attribute warn and mean the new field; `dataclasses.replace` with the new name stays silent."""
+    import dataclasses
+    import warnings
+
+    with pytest.warns(DeprecationWarning, match=rf"{cls.__name__}\({old}=\.\.\.\) is deprecated.*use {new}="):
+        config = cls(**{old: value})
+    assert config == cls(**{new: value}) and getattr(config, new) == value
+    assert old not in {f.name for f in dataclasses.fields(cls)} and old not in dataclasses.asdict(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        replaced = dataclasses.replace(config, **{new: value + 1})
+        assert getattr(replaced, new) == value + 1 and replaced == cls(**{new: value + 1})
+    with pytest.warns(DeprecationWarning, match=rf"{cls.__name__}\.{old} is deprecated"):
+        assert getattr(replaced, old) == value + 1
+    with pytest.warns(DeprecationWarning, match=old):
+        assert getattr(dataclasses.replace(config, **{old: value + 2}), new) == value + 2
+    with pytest.warns(DeprecationWarning, match=old), pytest.raises(PatchingError, match=rf"{cls.__name__}\.{new} must be"):
+        cls(**{old: 0})
+
+
+def test_old_config_keywords_of_the_inspect_functions_give_the_same_reports(tiny_model, corpus):
+    """`inspect_units(..., n_top=)` and `inspect_latents(..., batch_rows=)` (overrides under the old
+    names) warn and equal the new names' reports."""
+    from patching.inspect.latents import inspect_latents
+
+    sae = make_sae(tiny_model.cfg.d_model, 24, hook_name=f"blocks.{LAYER}.hook_resid_mid",
+                   model_name=tiny_model.cfg.model_name, seed=3)
+    units = [Neuron(LAYER, 2)]
+    new = inspect_units(tiny_model, sae, units, corpus, k=9)
+    with pytest.warns(DeprecationWarning, match="n_top"):
+        old = inspect_units(tiny_model, sae, units, corpus, n_top=9)
+    assert len(new[0].terms) == len(old[0].terms) == 9 and new[0].contexts == old[0].contexts
+    latents = inspect_latents(tiny_model, sae, [1, 5], corpus, batch_size=2)
+    with pytest.warns(DeprecationWarning, match="batch_rows"):
+        again = inspect_latents(tiny_model, sae, [1, 5], corpus, batch_rows=2)
+    for a, b in zip(latents, again):
+        assert torch.equal(a.counts, b.counts) and a.contexts == b.contexts

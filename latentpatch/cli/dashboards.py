@@ -72,7 +72,7 @@ def run_dashboards(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.latents or args.neurons or args.top_latents or args.top_neurons):
         raise PatchingError("name units: --latents, --neurons, --top-latents or --top-neurons")
     latents = list(check_latent_indices(args.latents, sae.d_sae)) if args.latents else []
-    config = NeuronConfig(InspectConfig(k_contexts=args.contexts), n_top=max(args.n_top, args.contexts))
+    config = NeuronConfig(InspectConfig(k_contexts=args.contexts), k=max(args.n_top, args.contexts))
     texts = _texts(args.text, args.max_texts)
     model = load_model_for(sae, args.model)
     neurons = [Neuron(site.layer, i) for i in args.neurons]

@@ -28,7 +28,7 @@ from patching.model.sites import Site
 from patching.model.checks import check_latent_indices
 from patching.splice.collect import Corpus, iter_site_latents, resolve_site
 from patching.splice.splicer import SpliceChecks
-from sae.deprecation import positional_config
+from sae.deprecation import positional_config, renamed_fields, renamed_keywords
 from sae.protocol import SAELike
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
@@ -60,6 +60,7 @@ class ActivatingContext(NamedTuple):
     """Surrounding text with the activating token marked «like this»."""
 
 
+@renamed_fields(batch_rows="batch_size")  # the old name works for one release, with a DeprecationWarning
 @dataclass(frozen=True)
 class InspectConfig:
     """How much `inspect_latents` reports."""
@@ -74,13 +75,13 @@ class InspectConfig:
     """Tokens of context shown after it."""
     bins: int = 30
     """Histogram bins over the non-zero activations."""
-    batch_rows: int = 8
+    batch_size: int = 8
     """Corpus rows per forward pass."""
     exclude_special: bool = True
     """Leave special tokens (BOS, EOS, padding) out: BOS's residual is an outlier in most models."""
 
     def __post_init__(self) -> None:
-        for name in ("k_tokens", "k_contexts", "bins", "batch_rows"):
+        for name in ("k_tokens", "k_contexts", "bins", "batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("context_before", "context_after"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -154,6 +155,7 @@ def direction_effect(model: Any, direction: Tensor, k: int = 10) -> tuple[list[T
     return effects[0], effects[1]
 
 
+@renamed_keywords(batch_rows="batch_size")
 @positional_config
 def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus, *, config: InspectConfig | None = None,
                     site: Site | None = None, checks: SpliceChecks | None = None, **overrides: Any) -> list[LatentReport]:
@@ -167,7 +169,7 @@ def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus
     active: list[list[Tensor]] = [[] for _ in latents]
     candidates: list[list[tuple[float, int, int]]] = [[] for _ in latents]
     n_tokens = 0
-    for item in iter_site_latents(model, sae, site, corpus, latents=latents, batch_rows=config.batch_rows,
+    for item in iter_site_latents(model, sae, site, corpus, latents=latents, batch_rows=config.batch_size,
                                   exclude_special=config.exclude_special):
         rows.append(item.tokens)
         n_tokens += int(item.keep.sum())
@@ -189,6 +191,7 @@ def inspect_latents(model: Any, sae: Any, latents: Sequence[int], corpus: Corpus
     return reports
 
 
+@renamed_keywords(batch_rows="batch_size")
 @positional_config
 def inspect_latent(model: Any, sae: Any, latent: int, corpus: Corpus, *, config: InspectConfig | None = None,
                    site: Site | None = None, checks: SpliceChecks | None = None, **overrides: Any) -> LatentReport:

@@ -42,16 +42,17 @@ from patching.model.sites import Site
 from patching.splice.collect import Corpus, iter_site_values
 from patching.splice.splicer import SpliceChecks
 from patching.configs import resolve_config
-from sae.deprecation import positional_config, renamed_keywords
+from sae.deprecation import positional_config, renamed_fields, renamed_keywords
 
 
+@renamed_fields(n_top="k")  # the old name works for one release, with a DeprecationWarning
 @dataclass(frozen=True)
 class NeuronConfig:
     """How much `inspect_units` reports."""
 
     inspect: InspectConfig = InspectConfig()
     """Contexts shown (`k_contexts`), their window, histogram bins, logit-effect tokens, batching."""
-    n_top: int = 32
+    k: int = 32
     """Top contexts grouped by dominant latent and scored (at least `inspect.k_contexts`)."""
     k_latents: int = 5
     """Latents listed per context."""
@@ -59,14 +60,14 @@ class NeuronConfig:
     """Latents listed by share of the unit's variance."""
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "k_latents", "k_variance"):
+        for name in ("k", "k_latents", "k_variance"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PatchingError(f"NeuronConfig.{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.inspect, InspectConfig):
             raise PatchingError(f"NeuronConfig.inspect must be an InspectConfig, got {type(self.inspect).__name__}")
-        if self.n_top < self.inspect.k_contexts:
-            raise PatchingError(f"NeuronConfig.n_top ({self.n_top}) must be >= inspect.k_contexts "
+        if self.k < self.inspect.k_contexts:
+            raise PatchingError(f"NeuronConfig.k ({self.k}) must be >= inspect.k_contexts "
                                 f"({self.inspect.k_contexts}): shown contexts are a prefix of the scored ones")
 
 
@@ -102,7 +103,7 @@ class UnitReport:
     contexts: list[ActivatingContext]
     """Top-activating contexts, strongest first (the first `k_contexts` of the scored ones)."""
     terms: list[ContextTerms]
-    """Decomposition at each of the `n_top` scored contexts."""
+    """Decomposition at each of the `k` scored contexts."""
     counts: Tensor
     """Histogram counts of the unit's activation over the corpus."""
     edges: Tensor
@@ -170,6 +171,7 @@ class _Moments:
         return (cov / var).float() if var > 0 else torch.zeros_like(cov).float()
 
 
+@renamed_keywords(n_top="k")
 @positional_config
 def inspect_units(model: Any, sae: Any, units: Sequence[Unit], corpus: Corpus, *, config: NeuronConfig | None = None,
                   site: Site | None = None, checks: SpliceChecks | None = None, **overrides: Any) -> list[UnitReport]:
@@ -188,11 +190,11 @@ def inspect_units(model: Any, sae: Any, units: Sequence[Unit], corpus: Corpus, *
         columns = [_unit_activation(acts[s.hook_name], unit) for s, unit in zip(act_sites, units)]
         return torch.cat([torch.stack(columns, -1).float(), acts[sae_site.hook_name].float()], -1)
 
-    tracker = TopKTracker(config.n_top, n)
+    tracker = TopKTracker(config.k, n)
     payload = torch.zeros(0, n, tl_compat.d_model(model))
     moments, rows, all_values = _Moments(n, sae.d_sae), [], []
     cfg = config.inspect
-    for item in iter_site_values(model, sites, corpus, values, batch_rows=cfg.batch_rows, exclude_special=cfg.exclude_special):
+    for item in iter_site_values(model, sites, corpus, values, batch_rows=cfg.batch_size, exclude_special=cfg.exclude_special):
         acts, x = item.latents[:, :n], item.latents[:, n:]
         rows.append(item.tokens)
         kept_x = x[item.keep]
