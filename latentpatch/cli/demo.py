@@ -27,12 +27,13 @@ def register(sub: Any) -> None:
     demo.add_argument("--safety-pairs", type=int, default=3, help="refuse/comply pairs in the safety curve (default 3)")
     demo.add_argument("--train", action="store_true", help="train the demo SAE instead of using the shipped release SAE")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    demo.set_defaults(run=run_demo)
+    demo.set_defaults(run=run_demo, describe=describe)
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from latentpatch.cli.common import UsageError
     from latentpatch.demo import DemoConfig, release_covers, run_demo as run
+    from latentpatch.report import demo_summary
     from training.paths import check_output_folder
 
     shaping = {"d_sae": args.d_sae, "train_tokens": args.train_tokens}
@@ -47,4 +48,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     brief = {key: results[key] for key in ("splice_metrics", "attribution", "seconds", "section_seconds", "report") if key in results}
     brief["sweep"] = {k: v for k, v in results.get("sweep", {}).items() if k != "top"}
     brief["safety"] = {k: results.get("safety", {}).get(k) for k in ("refusal_rates", "n_pairs", "dynamic")}
+    brief["findings"] = demo_summary(results)
     return brief
+
+
+def describe(brief: dict[str, Any]) -> str:
+    """Five to ten lines for a person: how long it took, what was found, where the report is (`--json` for programs)."""
+    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in brief.get("section_seconds", {}).items())
+    lines = [f"latentpatch demo: done in {brief['seconds'] / 60:.1f} min ({steps})"]
+    lines += [f"  - {sentence}" for sentence in brief.get("findings", []) if not sentence.startswith("The whole run")]
+    lines.append(f"report: {brief['report']} (plots and results.json beside it)")
+    return "\n".join(lines)
