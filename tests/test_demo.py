@@ -9,7 +9,7 @@ from PIL import Image
 
 from latentpatch.cli.entry import main
 from latentpatch.demo import DemoConfig, demo_sae_dir
-from tests.browser import dom, screenshot
+from tests.browser import dom, page_widths, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -39,5 +39,10 @@ def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys):
     shot = Image.open(screenshot(page, tmp_path / "shot.png", size="1200,4000")).convert("RGB")
     colored = sum(1 for r, g, b in shot.getdata() if max(r, g, b) - min(r, g, b) > 60)
     assert colored > 20_000  # the heatmaps and plots were drawn, not just text
+    written = page.read_text()
+    assert "Summary" in written and 'id="latent-' in written and 'href="#latent-' in written  # latents link to cards
+    assert brief["findings"] and brief["findings"][0].startswith("Spliced into the model")
+    scroll, client = page_widths(page, width=1280)
+    assert scroll <= client  # no sideways scrolling at 1280 px
     assert demo_sae_dir(DemoConfig(**small)).exists()
 
