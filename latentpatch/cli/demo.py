@@ -7,6 +7,18 @@ from pathlib import Path
 from typing import Any
 
 
+JSON_OUTPUT = {
+    "splice_metrics": "the evaluator's figures on the built-in sentences",
+    "attribution": "AtP against exact patching (agreement)",
+    "seconds": "wall-clock time", "section_seconds": "time per section",
+    "report": "the report's index.html",
+    "sweep": "the exact sweep's summary",
+    "safety": "refusal rates, pairs used and the dynamic-patching rows",
+    "findings": "the report's summary: key findings as sentences",
+}
+"""The top-level keys of `--json`, documented on the docs' CLI page."""
+
+
 def register(sub: Any) -> None:
     """Add `demo` to the `latentpatch` parser."""
     demo = sub.add_parser("demo", help="the main job end to end on the default model, into an HTML report",
@@ -27,7 +39,7 @@ def register(sub: Any) -> None:
     demo.add_argument("--safety-pairs", type=int, default=3, help="refuse/comply pairs in the safety curve (default 3)")
     demo.add_argument("--train", action="store_true", help="train the demo SAE instead of using the shipped release SAE")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    demo.set_defaults(run=run_demo, describe=describe)
+    demo.set_defaults(run=run_demo, json_output=JSON_OUTPUT, describe=describe)
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
