@@ -48,11 +48,11 @@ def test_no_other_module_builds_hook_names():
     import re
     from pathlib import Path
 
-    # An f-string or a literal that starts a hook name ("blocks.6...") outside sites.py builds one.
+    # An f-string or a literal that starts a hook name ("blocks.6...") outside hook_names.py builds one.
     building = re.compile(r"""f["']blocks\.|["']blocks\.(\d|\{)|["']blocks\.["']\s*\+""")
     root = Path(__file__).resolve().parents[1]
     offenders = [f"{path}:{n}" for package in ("sae", "patching", "training", "latentpatch")
-                 for path in (root / package).rglob("*.py") if path.name != "sites.py"
+                 for path in (root / package).rglob("*.py") if path.name != "hook_names.py"
                  for n, line in enumerate(path.read_text().splitlines(), 1) if building.search(line)]
     assert offenders == []
     assert building.search('name = f"blocks.{layer}.hook_resid_pre"') and building.search("'blocks.3.attn'")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from patching.model import tl_compat
 from patching.errors import SiteError
+from patching.model.hook_names import HOOK_SUFFIX, hook_name
 
 SiteKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_pre", "mlp_post",
                    "z", "q", "k", "v", "pattern", "head_out"]
@@ -19,24 +20,6 @@ HEAD_KINDS: tuple[str, ...] = ("z", "q", "k", "v", "pattern", "head_out")
 KV_KINDS: tuple[str, ...] = ("k", "v")
 """Kinds with one head per key/value head: fewer than query heads under grouped-query attention."""
 
-_HOOK_SUFFIX = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "mlp_pre": "mlp.hook_pre",
-    "mlp_post": "mlp.hook_post",
-    "z": "attn.hook_z",
-    "q": "attn.hook_q",
-    "k": "attn.hook_k",
-    "v": "attn.hook_v",
-    "pattern": "attn.hook_pattern",
-    # A head's write to the residual stream is z @ W_O[head], linear in z with W_O fixed, so it
-    # is read and patched through hook_z: TransformerLens's hook_result needs `use_attn_result`,
-    # which materialises (batch, pos, head, d_model) in every forward pass.
-    "head_out": "attn.hook_z",
-}
 # Kinds a bare hook name can stand for: per-head kinds without a head are every head concatenated
 # (SAELens's attention-output SAEs on hook_z); a pattern needs its head, and head_out is z's alias.
 _PARSEABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_pre", "mlp_post", "z", "q", "k", "v")
@@ -78,13 +61,13 @@ class Site:
 
     @property
     def hook_name(self) -> str:
-        return f"blocks.{self.layer}.{_HOOK_SUFFIX[self.kind]}"
+        return hook_name(self.layer, self.kind)
 
     @classmethod
     def from_hook_name(cls, hook_name: str) -> "Site":
         """Parse a TransformerLens hook name such as `blocks.6.hook_resid_pre`."""
         match = _HOOK_PATTERN.match(hook_name) if isinstance(hook_name, str) else None
-        kinds = {_HOOK_SUFFIX[kind]: kind for kind in _PARSEABLE}
+        kinds = {HOOK_SUFFIX[kind]: kind for kind in _PARSEABLE}
         if match is None or match.group(2) not in kinds:
             raise SiteError(
                 f"cannot read a site from hook name {hook_name!r}; expected blocks.<layer>.<suffix> "
@@ -145,18 +128,3 @@ def as_site(site: "Site | str") -> Site:
         return Site.from_hook_name(site)
     raise SiteError(f"expected a Site or a hook name string, got {type(site).__name__}")
 
-
-INTERNAL_HOOKS: tuple[str, ...] = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "attn.hook_q",
-                                   "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores",
-                                   "attn.hook_pattern")
-"""Hooks the engine reads or sets that no `Site` kind names: a block's split inputs (path patching, edge
-attribution) and attention internals (AtP*'s QK fix)."""
-
-
-def internal_hook_name(layer: int, hook: str) -> str:
-    """`blocks.{layer}.{hook}` for one of `INTERNAL_HOOKS`: the one place besides `Site` that builds a hook name."""
-    if hook not in INTERNAL_HOOKS:
-        raise SiteError(f"unknown internal hook {hook!r}; known: {', '.join(INTERNAL_HOOKS)}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise SiteError(f"layer must be an int >= 0, got {layer!r}")
-    return f"blocks.{layer}.{hook}"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from patching.errors import ModelLoadError
+from patching.model.hook_names import hook_name
 from sae.errors import LatentpatchError
 
 BACKENDS = ("hooked", "bridge")
@@ -123,9 +124,7 @@ def run_until_end_with_cache(model: Any, tokens: torch.Tensor, hook_names: list[
 
     `stop_at_layer=n_layers` returns logits on the Bridge (no block has that index), so the final
     residual is read at the last block's `hook_resid_post` instead; the unembedding still runs."""
-    from patching.model.sites import Site  # sites imports the door: read here, not at import time
-
-    last = Site(model.cfg.n_layers - 1, "resid_post").hook_name
+    last = hook_name(model.cfg.n_layers - 1, "resid_post")
     _, cache = model.run_with_cache(tokens, names_filter=list(dict.fromkeys([*hook_names, last])))
     return cache[last], {name: cache[name] for name in hook_names}
 

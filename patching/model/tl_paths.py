@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Literal
 
-from patching.model.sites import Site, internal_hook_name
+from patching.model.hook_names import hook_name, internal_hook_name
 
 
 from patching.model.tl_bridge import TLModel
@@ -32,7 +32,7 @@ def input_hook_name(layer: int, kind: InputKind) -> str:
 
 def resid_hook_name(layer: int, kind: Literal["resid_pre", "resid_mid"]) -> str:
     """`hook_resid_pre` / `hook_resid_mid` of block `layer` (as `Site(layer, kind).hook_name`)."""
-    return Site(layer, kind).hook_name
+    return hook_name(layer, kind)
 
 
 @contextlib.contextmanager
