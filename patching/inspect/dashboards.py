@@ -39,7 +39,7 @@ def write_dashboards(folder: str | Path, reports: Sequence[Report], *, title: st
     """Write one page (and its PNGs) per report and `index.html`; return the index's path.
 
     `provenance` (model, SAE hash, corpus, library version, ...) is listed on the index page."""
-    from latentpatch.report import auto_label, card_from_report, render_template
+    from patching.inspect.pages import auto_label, card_from_report, render_template
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def write_dashboards(folder: str | Path, reports: Sequence[Report], *, title: st
 def write_page(folder: Path, report: Report) -> Path:
     """One unit's page and its PNG plots in `folder`: a latent's page is its card (the demo report's
     template); a neuron's or direction's adds the latent decomposition."""
-    from latentpatch.report import card_from_report, render_template
+    from patching.inspect.pages import card_from_report, render_template
 
     stem = slug(report)
     images = [plot_activity(report, folder / f"{stem}_activity.png")]
