@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys, time
 from pathlib import Path
-from training import Trainer, checkpoint
+from training import Trainer
+from training.trainer import checkpoint
 from tests.test_training_helpers import fresh_saes, shuffled_batches, small_config
 
 class Slow:
