@@ -66,6 +66,20 @@ def make_sae(d_in: int, d_sae: int, *, hook_name: str | None, model_name: str | 
     return sae
 
 
+def learned_or_rotary_gqa(kind: str):
+    """The two 3-layer random models the head, path and edge tests run on: learned positions, or rotary
+    positions with RMS norm, grouped-query attention (2 key/value heads) and a gated SiLU MLP."""
+    from patching.model import tl_compat
+
+    if kind == "learned":
+        model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)
+    else:
+        model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32, positional_embedding_type="rotary",
+                                       rotary_dim=4, normalization_type="RMS", n_key_value_heads=2,
+                                       act_fn="silu", gated_mlp=True, seed=1)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)

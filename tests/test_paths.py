@@ -12,6 +12,7 @@ from conftest import construct_unchecked, unchecked
 from hooks_snapshot import CountingHook, assert_refused_before_any_forward, snapshot
 from patching.errors import PatchingError
 from patching.model import tl_compat
+from tests.conftest import learned_or_rotary_gqa
 from patching.paths import Node, PathConfig, PathResult, Receiver, patch_paths, receivers_of, upstream_nodes
 from patching.sweep import LogitDiff, patch_heads
 
@@ -20,13 +21,7 @@ METRIC = LogitDiff(answer=3, wrong=4)
 
 @pytest.fixture(scope="module", params=["learned", "rotary_gqa"])
 def model(request):
-    if request.param == "learned":
-        model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)
-    else:
-        model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32, positional_embedding_type="rotary",
-                                       rotary_dim=4, normalization_type="RMS", n_key_value_heads=2,
-                                       act_fn="silu", gated_mlp=True, seed=1)
-    return model.eval()
+    return learned_or_rotary_gqa(request.param)
 
 
 @pytest.fixture(scope="module")
