@@ -70,7 +70,6 @@ def renamed_attributes(module: str, renames: dict[str, Callable[[], Any]]) -> Ca
     return __getattr__
 
 
-
 def renamed_fields(**renames: str) -> Callable[[type], type]:
     """`@renamed_fields(n_top="k")` above `@dataclass(frozen=True)`: `Config(n_top=5)` warns and builds
     `Config(k=5)`, and reading `config.n_top` warns and gives `config.k`. The old name is no field, so
@@ -78,7 +77,7 @@ def renamed_fields(**renames: str) -> Callable[[type], type]:
     a field or `InitVar` is read back by `replace` and would undo the change). The old keyword wins
     over the new one when both are given: `replace(config, n_top=5)` passes every field too."""
     def decorate(cls: type) -> type:
-        init = cls.__init__
+        init = getattr(cls, "__init__")
 
         @functools.wraps(init)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -88,7 +87,7 @@ def renamed_fields(**renames: str) -> Callable[[type], type]:
                     kwargs[new] = kwargs.pop(old)
             init(self, *args, **kwargs)
 
-        cls.__init__ = __init__  # type: ignore[misc]
+        setattr(cls, "__init__", __init__)
         for old, new in renames.items():
             def read(self: Any, old: str = old, new: str = new) -> Any:
                 warn_deprecated(f"{cls.__name__}.{old}", f"{cls.__name__}.{new}")
