@@ -76,6 +76,20 @@ def test_recorded_commands_name_no_path_of_the_machine_that_ran_them(release, sa
     assert any(w.startswith("$OUT/") for c in recipe["commands"] for w in shlex.split(c))
 
 
+def test_no_shipped_release_file_names_a_path_of_the_machine_that_made_it():
+    """Every JSON record beside the shipped SAEs (registry, sweeps, benchmark outputs) names its folders
+    relative to $OUT, as the recipes do."""
+    import re
+
+    from sae.registry import RELEASES_DIR
+
+    absolute = re.compile(r'"(/(?:work|root|home|tmp)/[^"]*)"|[\s=](/(?:work|root|home|tmp)/\S*)')
+    found = [f"{path.relative_to(RELEASES_DIR)}:{n}: {m.group(0).strip()}" for path in sorted(Path(RELEASES_DIR).rglob("*.json"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) for m in absolute.finditer(line)]
+    assert found == []
+    assert absolute.search('  "out": "/work/runs/sweep-l15",') and absolute.search("--out /work/runs/x")
+
+
 def test_recipe_writes_paths_under_the_output_root_as_out_and_refuses_others(tmp_path):
     from latentpatch.release import relative_to_out
 
