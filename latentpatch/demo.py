@@ -227,6 +227,8 @@ def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
 
     It only shows the trainer at work: every later section uses `sae` (the release SAE, or the one
     `--train` trained), never this one."""
+    from latentpatch.demo_report import plot_training
+
     import torch
 
     from patching import Site
@@ -256,7 +258,7 @@ def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
     train_s = time.perf_counter() - start
     history = [{k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
                 if k in ("step", "tokens", "mse", "explained_variance", "l0", "dead_fraction")} for record in trainer.history]
-    _plot_training(history, out / "training.png")
+    plot_training(history, out / "training.png")
     results["training_demo"] = {"tokens": len(activations), "steps": config.demo_train_steps, "harvest_s": round(harvest_s, 1),
                                 "train_s": round(train_s, 1), "history": history}
     last = history[-1]
@@ -277,20 +279,6 @@ def _fresh_sae_like(sae: Any, site: Any, seed: int) -> Any:
                                        context_size=128, dataset_path="default mix",
                                        model_from_pretrained_kwargs=dict(cfg.model_from_pretrained_kwargs or {})),
                              generator=torch.Generator().manual_seed(seed))
-
-
-def _plot_training(history: list[dict[str, Any]], path: Path) -> None:
-    from patching.figures import subplots
-
-    fig, axes = subplots(1, 3, figsize=(11, 3))
-    steps = [record["step"] for record in history]
-    for ax, key, name in zip(axes, ("mse", "explained_variance", "l0"), ("MSE (normalised)", "explained variance", "L0")):
-        ax.plot(steps, [record[key] for record in history], marker=".")
-        ax.set_xlabel("step")
-        ax.set_title(name)
-    fig.suptitle("Training demonstration on real text (live metrics as logged)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 SPLICE_FIGURES = ("ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "kl_div_with_sae", "kl_div_score",

@@ -73,3 +73,17 @@ def latent_cards(model: Any, sae: Any, latents: list[int], out: Path) -> list[La
     texts = [text[:CARD_CHARS] for text in documents[:CARD_DOCUMENTS]]
     reports = inspect_latents(model, sae, latents, texts, k_contexts=6)
     return [card_from_report(report, plot_activity(report, out / f"latent-{report.latent}.png").name) for report in reports]
+
+
+def plot_training(history: list[dict[str, Any]], path: Path) -> None:
+    from patching.figures import subplots
+
+    fig, axes = subplots(1, 3, figsize=(11, 3))
+    steps = [record["step"] for record in history]
+    for ax, key, name in zip(axes, ("mse", "explained_variance", "l0"), ("MSE (normalised)", "explained variance", "L0")):
+        ax.plot(steps, [record[key] for record in history], marker=".")
+        ax.set_xlabel("step")
+        ax.set_title(name)
+    fig.suptitle("Training demonstration on real text (live metrics as logged)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

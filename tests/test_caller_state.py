@@ -32,7 +32,7 @@ def _safety_plot(path: Path) -> Path:
 
 
 def _comparison_plot(path: Path) -> Path:
-    from patching.steering.compare import plot_comparison
+    from patching.steering.plots import plot_comparison
 
     table = pd.DataFrame({"method": ["none", "sae", "sae"], "k": [0, 1, 1], "coefficient": [0.0, 1.0, 2.0],
                           "kl_neutral": [0.0, 0.1, 0.3], "gen_perplexity": [10.0, 12.0, 20.0],
@@ -41,9 +41,9 @@ def _comparison_plot(path: Path) -> Path:
 
 
 def _training_plot(path: Path) -> Path:
-    from latentpatch.demo import _plot_training
+    from latentpatch.demo_report import plot_training
 
-    _plot_training([{"step": s, "mse": 1.0 / (s + 1), "explained_variance": s / 4, "l0": 10.0 - s} for s in range(4)], path)
+    plot_training([{"step": s, "mse": 1.0 / (s + 1), "explained_variance": s / 4, "l0": 10.0 - s} for s in range(4)], path)
     return path
 
 

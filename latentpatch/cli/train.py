@@ -14,10 +14,10 @@ import contextlib
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentpatch.cli.run_config import RunConfig
 from latentpatch.cli.common import SEED_MAX, bounded_int, parse_site, texts_for
 from sae.files import atomic_write
 from training.errors import TrainingConfigError
@@ -34,37 +34,6 @@ EXAMPLE = ("example: latentpatch train --site 15 --d-sae 4608 --l1 5 --tokens 20
            "         torchrun --nproc-per-node 4 -m latentpatch train --site 15 --tokens 20000000 --out runs/dp\n"
            "         torchrun --nproc-per-node 4 -m latentpatch train --parallel saes --site 5 10 15 20 "
            "--tokens 2000000 --out runs/sites")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What a `train` run reads and writes, on top of the trainer's recipe."""
-
-    model: str
-    """Model name (`smollm2-135m-instruct` offline, or any TransformerLens name)."""
-    site: str
-    """Hook site: a layer (`15`), `layer:kind` (`15:resid_post`) or a hook name."""
-    d_sae: tuple[int, ...]
-    """Latent counts, one per SAE (or one shared)."""
-    text: str
-    """`default` (real text + the self-generated chat corpus), `brown`, `nlp-corpus`, `generated` (their
-    training splits, `training.data.mix`), a .txt/.jsonl path, or `hf:NAME` (needs the hub)."""
-    out: str
-    """Output folder."""
-    batch_size: int
-    """Activations per step."""
-    context_size: int
-    """Tokens per harvested row (BOS included)."""
-    buffer_tokens: int
-    """Shuffle-buffer capacity in activations."""
-    drop_special_tokens: bool
-    """Leave BOS and other special tokens out of training."""
-    max_norm_ratio: float | None
-    """Leave out activations over this multiple of their chunk's median norm (massive activations,
-    `training.activations.sources.MassiveActivationFilter`); None keeps them."""
-    activation_cache: tuple[str, ...] | None
-    """Cache folder(s): read activations from them (shards of all, weighted by their tokens); a single
-    folder that holds no cache yet is harvested into first."""
 
 
 JSON_OUTPUT = {

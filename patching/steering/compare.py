@@ -42,6 +42,7 @@ from patching.splice.generate import Sampling, generate
 from patching.model.tokens import padded_tokens, right_pad
 from patching.splice.collect import resolve_site
 from patching.splice.quality import kl_divergence
+from patching.steering.plots import plot_comparison
 from patching.steering.choice import LatentChoice, contrast_latents
 from patching.steering.steer import (PositionMode, SteerMethod, SteerScale, Steering, SteeringConfig, SteeringError,
                                      Weighting, steer)
@@ -366,37 +367,3 @@ def _provenance(model: Any, sae: Any, site: Any, concept: Concept, choice: Laten
                       metric="log P(concept tokens) at the last position" if metric is None else metric,
                       site=site.hook_name, concept=dataclasses.asdict(concept), settings=dataclasses.asdict(settings),
                       grid=grid, choice=choice_record)
-
-
-def plot_comparison(table: Any, path: Path, *, title: str = "") -> Path:
-    """Effect against cost, one curve per K (points ordered by coefficient), one column per method:
-    top row KL on neutral text, bottom row perplexity of steered continuations."""
-    from matplotlib.ticker import NullFormatter
-
-    from patching.figures import subplots
-
-    methods = [m for m in table["method"].unique() if m != "none"]
-    base = table[table["method"] == "none"]
-    fig, axes = subplots(2, max(len(methods), 1), figsize=(5.5 * max(len(methods), 1), 8), squeeze=False)
-    for j, method in enumerate(methods):
-        part = table[table["method"] == method]
-        for row, cost in enumerate(("kl_neutral", "gen_perplexity")):
-            ax = axes[row, j]
-            for k in sorted(part["k"].unique()):
-                curve = part[part["k"] == k].sort_values("coefficient")
-                ax.plot(curve[cost], curve["target_effect"], marker="o", label=f"K={k}")
-            ax.scatter(base[cost], base["target_effect"], marker="*", s=120, color="black", label="unsteered", zorder=3)
-            ax.set_xlabel("KL(unsteered || steered) on neutral text [nats]" if row == 0
-                          else "perplexity of steered continuations (unsteered model)")
-            ax.set_ylabel("target effect (Δ score)")
-            # KL starts at exactly 0 (the unsteered point); perplexity spans orders of magnitude.
-            if row == 0:
-                ax.set_xscale("symlog", linthresh=1e-3)
-            else:
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{title} — {method}", fontsize=9)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path

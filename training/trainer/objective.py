@@ -8,6 +8,9 @@ batches, never by the optimizer, so it is left out of the trained parameters.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from torch import nn
 
 from sae.model import SparseAutoencoder
@@ -45,3 +48,22 @@ def make_gradients(config: TrainerConfig, sae: SparseAutoencoder, k: int | None)
 def trained_parameters(sae: SparseAutoencoder) -> list[nn.Parameter]:
     """The parameters the optimizer steps: all but a JumpReLU threshold."""
     return [p for name, p in sae.named_parameters() if name != "threshold"]
+
+
+def check_saes(saes: list[SparseAutoencoder]) -> None:
+    if not saes:
+        raise TrainingConfigError("Trainer needs at least one SAE")
+    for index, sae in enumerate(saes):
+        if not isinstance(sae, SparseAutoencoder):
+            raise TrainingConfigError(f"SAE {index} is a {type(sae).__name__}; the trainer trains latentpatch "
+                                      "SparseAutoencoder objects (raw W_enc, b_enc, W_dec, b_dec)")
+        if sae.cfg.d_in != saes[0].cfg.d_in:
+            raise TrainingConfigError(f"SAE {index} has d_in={sae.cfg.d_in}, SAE 0 has {saes[0].cfg.d_in}: SAEs "
+                                      "trained together read the same activations")
+        if sae.cfg.normalization_scale is not None:
+            raise TrainingConfigError(f"SAE {index} already has normalization_scale={sae.cfg.normalization_scale}; "
+                                      "the trainer estimates it (pass a fresh SAE)")
+
+
+def cfg_identity(sae: SparseAutoencoder) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(sae.cfg).items() if k != "normalization_scale"}

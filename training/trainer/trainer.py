@@ -36,7 +36,7 @@ from training.trainer.init import geometric_median, normalization_scale
 from training.trainer.metrics import FiringTracker, batch_metrics
 from training.trainer.resample import resample_dead_
 from training.trainer.runlog import RunLog
-from training.trainer.objective import check_sae_for, make_gradients, trained_parameters
+from training.trainer.objective import cfg_identity, check_sae_for, check_saes, make_gradients, trained_parameters
 from training.trainer.step import L1Gradients, StepForward
 from training.trainer.topk_step import TopKGradients
 from training.activations.sources import StatefulSource, skip_batches
@@ -89,7 +89,7 @@ class Trainer:
         self.config = config
         self.single = isinstance(saes, SparseAutoencoder)
         sae_list = [saes] if self.single else list(saes)
-        _check_saes(sae_list)
+        check_saes(sae_list)
         for index, (sae, k) in enumerate(zip(sae_list, config.k_for(len(sae_list)))):
             check_sae_for(config, sae, index, k)
         if (model is None) != (eval_tokens is None) or (config.eval_every is not None and model is None):
@@ -108,7 +108,7 @@ class Trainer:
                         for sae, coefficient, k in zip(sae_list, config.l1_for(len(sae_list)),
                                                        config.k_for(len(sae_list)))]
         self.fingerprint = config.fingerprint(
-            [_cfg_identity(s) for s in sae_list],
+            [cfg_identity(s) for s in sae_list],
             batches.describe() if hasattr(batches, "describe") else type(batches).__name__)
         self.step, self.tokens_seen, self.batches_consumed = 0, 0, 0
         self.scale: float | None = None
@@ -391,22 +391,3 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-
-
-def _check_saes(saes: list[SparseAutoencoder]) -> None:
-    if not saes:
-        raise TrainingConfigError("Trainer needs at least one SAE")
-    for index, sae in enumerate(saes):
-        if not isinstance(sae, SparseAutoencoder):
-            raise TrainingConfigError(f"SAE {index} is a {type(sae).__name__}; the trainer trains latentpatch "
-                                      "SparseAutoencoder objects (raw W_enc, b_enc, W_dec, b_dec)")
-        if sae.cfg.d_in != saes[0].cfg.d_in:
-            raise TrainingConfigError(f"SAE {index} has d_in={sae.cfg.d_in}, SAE 0 has {saes[0].cfg.d_in}: SAEs "
-                                      "trained together read the same activations")
-        if sae.cfg.normalization_scale is not None:
-            raise TrainingConfigError(f"SAE {index} already has normalization_scale={sae.cfg.normalization_scale}; "
-                                      "the trainer estimates it (pass a fresh SAE)")
-
-
-def _cfg_identity(sae: SparseAutoencoder) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(sae.cfg).items() if k != "normalization_scale"}
