@@ -59,36 +59,48 @@ def evaluate(sae_dirs: list[Path], *, n_rows: int = EVAL_ROWS, corpus: str = "re
         start = time.perf_counter()
         figures = evaluate_sae(model, sae, tokens, config=EvalConfig(progress=False)).figures()
         results.append({"sae": str(folder), "d_sae": sae.cfg.d_sae, "corpus": f"{corpus} (held-out split)",
-                        "n_rows": n_rows, **_l1_of(folder), **figures,
+                        "n_rows": n_rows, **_objective_of(folder), **figures,
                         "eval_seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: %s", folder, json.dumps(results[-1]))
     return results
 
 
-def _l1_of(folder: Path) -> dict[str, Any]:
-    """The L1 coefficient a `latentpatch train` run gave this SAE (from its run_config.json)."""
+def _objective_of(folder: Path) -> dict[str, Any]:
+    """How a `latentpatch train` run trained this SAE (from its run_config.json): the architecture
+    and its sparsity setting, the L1 coefficient for 'l1', k for 'topk' and 'batchtopk'."""
     several = folder.name.startswith("sae-")  # several SAEs trained together: RUN/sae-<i>/
     run_config = (folder.parent if several else folder) / "run_config.json"
     if not run_config.is_file():
         return {}
-    coefficients = json.loads(run_config.read_text())["trainer"]["l1_coefficient"]
+    trainer = json.loads(run_config.read_text())["trainer"]
     index = int(folder.name.split("-")[1]) if several else 0
-    return {"l1_coefficient": coefficients[index] if isinstance(coefficients, list) else coefficients}
+    architecture = trainer.get("architecture", "l1")
+    key = "l1_coefficient" if architecture == "l1" else "k"
+    value = trainer[key]
+    return {"architecture": architecture, key: value[index] if isinstance(value, list) else value}
 
 
 def plot_sweep(results: list[dict[str, Any]], path: Path) -> None:
+    """The held-out Pareto curves: L0 against CE loss recovered and against KL, one series per
+    architecture, each point labelled with its sparsity setting."""
     from patching.figures import subplots
 
-    fig, ax = subplots(figsize=(5, 4))
-    for r in results:
-        ax.scatter(r["l0"], r["ce_loss_score"], color="C0")
-        ax.annotate(f"L1={r.get('l1_coefficient', '?')}, d_sae={r['d_sae']}", (r["l0"], r["ce_loss_score"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
-    ax.axvline(64, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("CE loss recovered (held-out real text)")
-    ax.set_title("L0 vs CE loss recovered")
+    fig, axes = subplots(1, 2, figsize=(9, 4))
+    architectures = sorted({r.get("architecture", "l1") for r in results})
+    for colour, architecture in enumerate(architectures):
+        points = sorted((r for r in results if r.get("architecture", "l1") == architecture), key=lambda r: r["l0"])
+        for ax, key in zip(axes, ("ce_loss_score", "kl_div_with_sae")):
+            ax.plot([r["l0"] for r in points], [r[key] for r in points], "o-", color=f"C{colour}", label=architecture)
+            for r in points:
+                setting = f"k={r['k']}" if "k" in r else f"L1={r.get('l1_coefficient', '?')}"
+                ax.annotate(f"{setting}, d_sae={r['d_sae']}", (r["l0"], r[key]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+    for ax, (label, target) in zip(axes, (("CE loss recovered", 0.97), ("KL to the clean model (nats)", 0.25))):
+        ax.axhline(target, color="grey", lw=0.8, ls="--")
+        ax.axvline(64, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(f"{label}, held-out")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -158,6 +170,7 @@ def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_di
     run = json.loads((train_dir / "run_config.json").read_text())
     result = json.loads((train_dir / "result.json").read_text())
     coefficients = run["trainer"]["l1_coefficient"]
+    ks = run["trainer"].get("k")
     widths = run["run"]["d_sae"]
     hook = parse_site(run["run"]["site"]).hook_name
     return {
@@ -174,12 +187,19 @@ def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_di
         "generated_harvest_tokens": sum(h["tokens_per_site"] for h in harvests if h["text"] == "generated"),
         "harvested_tokens": sum(h["tokens_per_site"] for h in harvests),
         "train_tokens": result["tokens"], "train_steps": result["steps"], "train_seconds": result["seconds"],
-        "saes_trained_together": max(len(widths), len(coefficients) if isinstance(coefficients, list) else 1),
+        "saes_trained_together": max([len(widths), *(len(v) for v in (coefficients, ks) if isinstance(v, list))]),
         "sae_index": sae_index,
+        "architecture": run["trainer"].get("architecture", "l1"),
         "l1_coefficient": coefficients[sae_index] if isinstance(coefficients, list) else coefficients,
+        "k": _nth(run["trainer"].get("k"), sae_index),
         "d_sae": widths[sae_index] if len(widths) > 1 else widths[0],
         "trainer": run["trainer"],
     }
+
+
+def _nth(value: Any, index: int) -> Any:
+    """The `index`-th of a per-SAE setting recorded as one value or a list of them."""
+    return value[index] if isinstance(value, list) else value
 
 
 def main(argv: list[str] | None = None) -> None:
