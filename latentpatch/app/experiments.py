@@ -1,0 +1,230 @@
+"""The app's long requests, each checked in full before its job starts and then run as a job:
+
+- sweep: the exact latent sweep (`patch_latents`, every latent that differs at every position) drawn as
+  a heatmap, then AtP (`attribute_latents`) checked against exact patching (`verify`);
+- steer: latents by id or from a contrast of two text sets (`contrast_latents`), steered and unsteered
+  greedy continuations streamed token by token under `steer`, and the KL cost on neutral text;
+- circuit: `find_circuit`'s edges, as a graph where the circuits room exports one.
+
+The results are the library's own numbers, rounded only by the page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from latentpatch.app import checks
+from latentpatch.app.jobs import AppInputError, Job
+from latentpatch.app.workbench import Workbench
+
+
+@dataclass(frozen=True)
+class PairInputs:
+    """A checked prompt pair: what a sweep or a circuit runs on."""
+
+    sae: int
+    clean: str
+    corrupted: str
+    metric: Any
+    """`LogitDiff(answer, wrong)` at the last position."""
+
+
+def check_pair(bench: Workbench, request: dict[str, Any]) -> PairInputs:
+    from patching import LogitDiff
+    from patching.sweep.pairs import make_pairs
+
+    index, _ = bench.sae(request.get("sae", 0))
+    clean, corrupted = request.get("clean"), request.get("corrupted")
+    checks.prompt_tokens(bench.model, clean, "clean", bench.limits)
+    checks.prompt_tokens(bench.model, corrupted, "corrupted", bench.limits)
+    make_pairs(bench.model, clean, corrupted, direction="denoise", align=None)  # equal token lengths, or its message
+    metric = LogitDiff(checks.one_token(bench.model, request.get("answer"), "answer"),
+                       checks.one_token(bench.model, request.get("wrong"), "wrong"))
+    return PairInputs(index, clean, corrupted, metric)
+
+
+def start_sweep(bench: Workbench, request: dict[str, Any]) -> Job:
+    pair = check_pair(bench, request)
+    return bench.runner.start("sweep", lambda job: run_sweep(bench, pair, job))
+
+
+def run_sweep(bench: Workbench, pair: PairInputs, job: Job) -> None:
+    from patching import attribute_latents, patch_latents, verify
+
+    sae = bench.saes[pair.sae]
+    job.set_phase("exact sweep: every latent that differs, at every position", expected_rows=differing(bench, pair) + 2)
+    exact = patch_latents(bench.model, sae, pair.clean, pair.corrupted, pair.metric, units="latent_position", progress=False)
+    job.emit("heatmap", **heatmap(exact, bench.limits.heatmap_latents))
+    job.set_phase("AtP estimate (one forward and backward pass per prompt)", expected_rows=2)
+    atp = attribute_latents(bench.model, sae, pair.clean, pair.corrupted, pair.metric, method="atp", progress=False)
+    k = bench.limits.verify_k
+    job.set_phase(f"AtP check: AtP's top {k} and {k} random other units patched exactly", expected_rows=2 * k + 2)
+    check = verify(atp, k=k, random_k=k)
+    job.emit("check", **check.to_dict(), units=[
+        {"unit": unit.label(), "latent": unit.latent, "position": unit.position, "atp": float(e), "exact": float(x)}
+        for unit, e, x in zip(check.exact.units, check.estimate.tolist(), check.exact.mean_effect.tolist())])
+
+
+def differing(bench: Workbench, pair: PairInputs) -> int:
+    """How many (latent, position) units the exact sweep will patch: those whose clean and corrupted
+    values differ (an estimate for the progress bar, from a run up to the SAE's site only)."""
+    from patching.splice.collect import iter_site_latents
+
+    rows = list(iter_site_latents(bench.model, bench.saes[pair.sae], bench.sites[pair.sae], [pair.clean, pair.corrupted],
+                                  exclude_special=False))
+    return int((rows[0].latents != rows[1].latents).sum())
+
+
+def heatmap(result: Any, n_latents: int) -> dict[str, Any]:
+    """Positions (rows) by the `n_latents` latents with the largest |effect| anywhere (columns); None
+    where a latent did not differ at a position (not patched: no effect possible)."""
+    effect = result.mean_effect
+    cells: dict[tuple[int, int], float] = {}
+    for i, unit in enumerate(result.units):
+        if unit.kind == "latent" and unit.latent is not None and unit.position is not None:
+            cells[(unit.position, unit.latent)] = float(effect[i])
+    strength: dict[int, float] = {}
+    for (_, latent), value in cells.items():
+        strength[latent] = max(strength.get(latent, 0.0), abs(value))
+    latents = sorted(strength, key=lambda latent: (-strength[latent], latent))[:n_latents]
+    tokens = result.base_tokens[0]
+    top = [{"position": e.position, "token": e.token, "latent": e.latent, "effect": e.effect}
+           for e in result.top(10) if e.latent is not None]
+    return {"tokens": tokens, "latents": latents,
+            "effects": [[cells.get((p, latent)) for latent in latents] for p in range(len(tokens))],
+            "top": top, "units": len(result.units), "metric_clean": float(result.metric_clean[0]),
+            "metric_corrupted": float(result.metric_corrupted[0])}
+
+
+@dataclass(frozen=True)
+class SteerInputs:
+    """A checked steering request."""
+
+    sae: int
+    prompt: str
+    latents: tuple[int, ...] | None
+    positive: list[str] | None
+    negative: list[str] | None
+    k: int
+    method: str
+    coefficient: float
+    scale: str
+    max_new_tokens: int
+
+
+def check_steer(bench: Workbench, request: dict[str, Any]) -> SteerInputs:
+    index, sae = bench.sae(request.get("sae", 0))
+    limits = bench.limits
+    prompt = request.get("prompt")
+    checks.prompt_tokens(bench.model, prompt, "prompt", limits)
+    method, scale = request.get("method", "add"), request.get("scale", "unit")
+    if method not in ("add", "clamp"):
+        raise AppInputError(f"method: expected 'add' or 'clamp', got {method!r:.40}")
+    if scale not in ("unit", "activation"):
+        raise AppInputError(f"scale: expected 'unit' or 'activation', got {scale!r:.40}")
+    latents, positive, negative = request.get("latents"), request.get("positive"), request.get("negative")
+    k = checks.count(request.get("k", 1), "k", limits.max_k)
+    if latents:
+        latents = checks.latent_list(latents, int(sae.d_sae), limits)
+        if scale == "activation":
+            raise AppInputError("scale 'activation' needs the latents' typical activations, which a contrast measures: "
+                                "choose latents from a contrast, or use scale 'unit'")
+        positive = negative = None
+    elif positive or negative:
+        positive = checks.texts(positive, "positive", bench.model, limits)
+        negative = checks.texts(negative, "negative", bench.model, limits)
+        latents = None
+    else:
+        raise AppInputError("latents: give latent ids, or positive and negative texts to contrast")
+    new = checks.count(request.get("max_new_tokens", 16), "max_new_tokens", limits.max_new_tokens)
+    return SteerInputs(index, prompt, latents, positive, negative, k, method,
+                       checks.coefficient(request.get("coefficient", 4.0), limits), scale, new)
+
+
+def start_steer(bench: Workbench, request: dict[str, Any]) -> Job:
+    inputs = check_steer(bench, request)
+    return bench.runner.start("steer", lambda job: run_steer(bench, inputs, job))
+
+
+def run_steer(bench: Workbench, inputs: SteerInputs, job: Job) -> None:
+    from patching import contrast_latents, steer
+    from patching.model import tl_compat
+
+    model, sae = bench.model, bench.saes[inputs.sae]
+    target: Any = inputs.latents
+    if target is None:
+        job.set_phase("ranking latents on the contrast")
+        target = contrast_latents(model, sae, inputs.positive, inputs.negative, k=inputs.k)
+        job.emit("latents", latents=list(target.latents), scores=list(target.scores), source="contrast")
+    else:
+        job.emit("latents", latents=list(target), scores=None, source="given")
+    settings = dict(method=inputs.method, coefficient=inputs.coefficient, scale=inputs.scale)
+    tokens, mask = tl_compat.left_padded_tokens(model, inputs.prompt)
+    job.set_phase("steered continuation", expected_rows=inputs.max_new_tokens)
+    with steer(model, sae, target, **settings):
+        stream(model, tokens, mask, inputs.max_new_tokens, job, "steered")
+    job.set_phase("unsteered continuation", expected_rows=inputs.max_new_tokens)
+    stream(model, tokens, mask, inputs.max_new_tokens, job, "unsteered")
+    job.set_phase("KL cost on neutral text", expected_rows=2)
+    job.emit("kl", kl=neutral_kl(model, sae, target, settings))
+
+
+def stream(model: Any, tokens: Any, mask: Any, max_new_tokens: int, job: Job, column: str) -> None:
+    """Greedy continuation (as `generate_steered` decodes) with each token published as it is chosen:
+    `observe` sees the logits the greedy choice is the argmax of."""
+    from patching.splice.generate import generate
+
+    chosen: list[int] = []
+
+    def observe(step: Any, logits: Any) -> None:
+        chosen.append(int(logits[0].argmax(-1)))
+        job.emit("token", column=column, text=decode(model, torch.tensor(chosen)), n=len(chosen))
+
+    out = generate(model, tokens, max_new_tokens, attention_mask=mask, observe=observe)
+    job.emit("continuation", column=column, text=decode(model, out[0, tokens.shape[1]:]))
+
+
+def decode(model: Any, tokens: Any) -> str:
+    """Token ids as text without special tokens, as `generate_steered` shows its continuations."""
+    from patching.model import tl_compat
+
+    if tl_compat.has_tokenizer(model):
+        tokens = tokens[~torch.isin(tokens.cpu(), torch.tensor(tl_compat.special_token_ids(model)))]
+    return tl_compat.to_string(model, tokens)
+
+
+def neutral_kl(model: Any, sae: Any, target: Any, settings: dict[str, Any]) -> float:
+    """KL(unsteered || steered) of the next-token distribution over the neutral texts' positions: the
+    steering comparison's collateral cost (`patching.steering.compare`), for this one setting."""
+    from patching import steer
+    from patching.model import tl_compat
+    from patching.model.tokens import padded_tokens
+    from patching.steering.concepts import NEUTRAL
+    from sae.metrics import kl_divergence
+
+    tokens, mask = padded_tokens(model, list(NEUTRAL))
+    with torch.inference_mode():
+        base = tl_compat.forward_logits(model, tokens)
+        with steer(model, sae, target, **settings):
+            steered = tl_compat.forward_logits(model, tokens)
+    return float(kl_divergence(base, steered, mask))
+
+
+def start_circuit(bench: Workbench, request: dict[str, Any]) -> Job:
+    pair = check_pair(bench, request)
+    k = checks.count(request.get("k", 8), "k", bench.limits.max_k)
+    return bench.runner.start("circuit", lambda job: run_circuit(bench, pair, k, job))
+
+
+def run_circuit(bench: Workbench, pair: PairInputs, k: int, job: Job) -> None:
+    from patching import find_circuit
+
+    job.set_phase(f"edge attribution, then exact path patching of the candidates (at most {4 * k})")
+    result = find_circuit(bench.model, pair.clean, pair.corrupted, pair.metric, k=k)
+    graph = result.to_graph_json() if hasattr(result, "to_graph_json") else None
+    table = result.to_dataframe().to_dict(orient="records")
+    job.emit("circuit", graph=graph, edges=table, faithfulness=float(result.faithfulness.faithfulness.mean()),
+             completeness=float(result.faithfulness.completeness.mean()))
