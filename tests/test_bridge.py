@@ -1,6 +1,6 @@
 """The bridge backend (TransformerLens's TransformerBridge) against the hooked one and against
-Hugging Face itself: loading, weight processing, provenance, truncation, the splicer, and what the
-sweep engine cannot do on it yet (strict xfails naming the missing step)."""
+Hugging Face itself: loading, weight processing, provenance, truncation, the splicer, and the sweep
+engine's full-row path (the Bridge has no start_at_layer and no key/value prefix) against naive hooks."""
 
 from __future__ import annotations
 
@@ -105,10 +105,9 @@ def test_softcapped_logits_refuse_center_unembed(tmp_path):
         boot_tiny(folder, flags=ModelFlags(center_unembed=True))
 
 
-@pytest.mark.xfail(strict=True, raises=tl_bridge.BackendUnsupportedError,
-                   reason="the sweep engine starts rows at a layer (start_at_layer) and reuses key/value "
-                          "prefixes (past_kv_cache); TransformerBridge has neither")
 def test_residual_sweep_on_the_bridge_matches_naive_hooks(llama_folder):
+    """The engine's full-row path (no start_at_layer, no key/value prefix on the Bridge) against one
+    run_with_hooks forward of the Bridge itself."""
     bridge = boot_tiny(llama_folder)
     clean, corrupted = TOKENS[:1], TOKENS[1:]
     metric = LogitDiff(answer=3, wrong=4)
@@ -120,15 +119,28 @@ def test_residual_sweep_on_the_bridge_matches_naive_hooks(llama_folder):
         return resid
 
     logits = bridge.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", put)])
-    torch.testing.assert_close(ours.metric[0, 0], (logits[0, -1, 3] - logits[0, -1, 4]).double(), atol=1e-5, rtol=0)
+    assert ours.metric[0, 0].item() == pytest.approx((logits[0, -1, 3] - logits[0, -1, 4]).item(), abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=tl_bridge.BackendUnsupportedError,
-                   reason="patch_latents' reference runs keep a TransformerLens key-value cache; the Bridge takes none")
-def test_latent_sweep_on_the_bridge_runs(llama_folder):
+def test_latent_sweep_on_the_bridge_matches_naive_splices(llama_folder):
+    """Each position's all-latent patch against one forward of the Bridge with the source run's
+    latents set at that position through the splice (the naive reference)."""
+    from patching import LatentEdit
+
     bridge = boot_tiny(llama_folder)
     sae = make_sae(32, 48, hook_name="blocks.1.hook_resid_pre", model_name="tiny")
-    patch_latents(bridge, sae, TOKENS[:1], TOKENS[1:], LogitDiff(answer=3, wrong=4), units="position", progress=False)
+    metric = LogitDiff(answer=3, wrong=4)
+    result = patch_latents(bridge, sae, TOKENS[:1], TOKENS[1:], metric, units="position", progress=False)
+    with torch.no_grad(), splice(bridge, sae, cache=True) as state:
+        bridge(TOKENS[:1])
+    z_clean = state.records[Site(1)].latents[0]
+    assert len(result.units) == TOKENS.shape[1]
+    for j, unit in enumerate(result.units):
+        (position,) = unit.parts[0].positions
+        edit = LatentEdit(Site(1), tuple(range(48)), z_clean[position], positions=position)
+        with torch.no_grad(), splice(bridge, sae, edits=[edit]):
+            logits = bridge(TOKENS[1:])
+        assert result.metric[0, j].item() == pytest.approx((logits[0, -1, 3] - logits[0, -1, 4]).item(), abs=1e-4)
 
 
 # --- the default model on both backends -------------------------------------------------------------------

@@ -97,6 +97,8 @@ def load_model(
     converting it (offline models only; see docs/guides/backends.md).
     """
     tl_bridge.check_backend(backend)
+    if backend == "hooked":
+        tl_bridge.require_hooked_transformer("backend='hooked'")
     if backend == "bridge" and name not in (DEFAULT_MODEL, gemma3.MODEL_NAME):
         raise ModelLoadError(f"backend='bridge' loads the offline models ({DEFAULT_MODEL}, {gemma3.MODEL_NAME}), "
                              f"not {name!r}")

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from patching.errors import ModelLoadError
-from patching.model.hook_names import hook_name
 from sae.errors import LatentpatchError
 
 BACKENDS = ("hooked", "bridge")
@@ -108,8 +107,9 @@ MISSING = {
     "start_at_layer": "TransformerBridge cannot start a forward at a layer (HF owns the layer loop)",
     "past_kv_cache": "TransformerBridge takes no TransformerLens key-value cache",
 }
-"""What the sweep engine's shortcuts need and the Bridge lacks: rows joining at a layer from a cached
-residual, and key/value prefixes. Functions that use them refuse a Bridge model before any forward."""
+"""What the shortcuts of the sweep engine and the generation loop need and the Bridge lacks: rows
+joining at a layer from a cached residual, and key/value prefixes. The sweep engine runs whole rows
+instead (`tl_bridge_rows`); the functions that need the steps themselves refuse a Bridge model."""
 
 
 def require_hooked(model: Any, need: str) -> None:
@@ -119,22 +119,40 @@ def require_hooked(model: Any, need: str) -> None:
                                       f"load the model with backend='hooked'")
 
 
-def run_until_end_with_cache(model: Any, tokens: torch.Tensor, hook_names: list[str]) -> tuple[torch.Tensor, dict]:
-    """The Bridge's final residual stream (before the final norm) and the named activations.
+def full_rows(model: Any) -> bool:
+    """Whether the sweep engine must run every patched row whole on `model` (a Bridge: no
+    `start_at_layer`, no key-value prefix; see `tl_bridge_rows`), rather than only the positions
+    from its first patched one on."""
+    return is_bridge(model)
 
-    `stop_at_layer=n_layers` returns logits on the Bridge (no block has that index), so the final
-    residual is read at the last block's `hook_resid_post` instead; the unembedding still runs."""
-    last = hook_name(model.cfg.n_layers - 1, "resid_post")
-    _, cache = model.run_with_cache(tokens, names_filter=list(dict.fromkeys([*hook_names, last])))
-    return cache[last], {name: cache[name] for name in hook_names}
+
+def has_hooked_transformer() -> bool:
+    """Whether this TransformerLens still has `HookedTransformer` (3.x; 4.0 removed it).
+
+    TransformerLens 4 answers `getattr(transformer_lens, "HookedTransformer", None)` with an
+    ImportError (its migration pointer), not None, so the name is asked for inside a try."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_hooked_transformer(what: str) -> None:
+    """Refuse, naming `what`, where only `HookedTransformer` can do it and this TransformerLens
+    (4.x) has none."""
+    if not has_hooked_transformer():
+        raise BackendUnsupportedError(f"{what} needs TransformerLens 3.x's HookedTransformer, which the installed "
+                                      f"TransformerLens removed; load the model with backend='bridge'")
 
 
 def _model_types() -> Any:
     """`HookedTransformer | TransformerBridge`, or whichever of the two this TransformerLens has:
     the door's functions are annotated with it, and the test suite checks annotations at run time."""
-    import transformer_lens
-
-    types = [t for t in (getattr(transformer_lens, "HookedTransformer", None),) if t is not None]
+    types = []
+    if has_hooked_transformer():
+        from transformer_lens import HookedTransformer
+        types.append(HookedTransformer)
     try:
         from transformer_lens.model_bridge import TransformerBridge
         types.append(TransformerBridge)

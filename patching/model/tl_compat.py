@@ -14,12 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from patching.model.tl_bridge import TLModel
-from transformer_lens import loading_from_pretrained as tl_loading
 
-from patching.model import tl_bridge
+from patching.model import tl_bridge, tl_bridge_rows
 from patching.model.checks import check_context
 from patching.model.tl_readout import frozen_final_readout, readout  # noqa: F401  (re-exported: one door to TransformerLens)
 
@@ -32,8 +30,12 @@ def is_supported_model(model: Any) -> bool:
     return isinstance(model, TLModel)
 
 
-def tiny_config(**overrides: Any) -> HookedTransformerConfig:
-    """A HookedTransformerConfig for tests and examples (random weights)."""
+def tiny_config(**overrides: Any) -> Any:
+    """A HookedTransformerConfig for tests and examples (random weights); TransformerLens 3.x only
+    (imported here, not at module import, so that TransformerLens 4 can import the door)."""
+    tl_bridge.require_hooked_transformer("a random HookedTransformer")
+    from transformer_lens import HookedTransformerConfig
+
     defaults: dict[str, Any] = dict(
         n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=50, n_ctx=32,
         act_fn="gelu", normalization_type="LN", seed=0,
@@ -41,8 +43,12 @@ def tiny_config(**overrides: Any) -> HookedTransformerConfig:
     return HookedTransformerConfig(**{**defaults, **overrides})
 
 
-def random_model(**overrides: Any) -> HookedTransformer:
-    return HookedTransformer(tiny_config(**overrides))
+def random_model(**overrides: Any) -> Any:
+    """A random HookedTransformer (TransformerLens 3.x only)."""
+    config = tiny_config(**overrides)
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer(config)
 
 
 def n_layers(model: TLModel) -> int:
@@ -105,7 +111,11 @@ def canonical_model_name(name: str) -> str:
     """TransformerLens's official name for `name` or any of its aliases ("gpt2-small" -> "gpt2");
     names it does not know are returned as given (the offline default, local folders)."""
     try:
-        return tl_loading.get_official_model_name(name)
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:  # TransformerLens 4 moved the resolver to supported_models
+        from transformer_lens.supported_models import get_official_model_name
+    try:
+        return get_official_model_name(name)
     except ValueError:
         return name
 
@@ -184,6 +194,12 @@ def run_blocks(model: TLModel, residual: Tensor, start_layer: int, past_kv_cache
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
 
 
+def full_rows(model: TLModel) -> bool:
+    """Whether patched rows run whole on `model` (the Bridge: `tl_bridge_rows`): the sweep engine
+    then starts every row at position 0 instead of at its first patched position."""
+    return tl_bridge.full_rows(model)
+
+
 def n_heads(model: TLModel) -> int:
     return model.cfg.n_heads
 
@@ -191,7 +207,7 @@ def n_heads(model: TLModel) -> int:
 def run_until_end_with_cache(model: TLModel, tokens: Tensor, hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """The final residual stream (before the final norm) and the named activations, one forward."""
     if tl_bridge.is_bridge(model):
-        return tl_bridge.run_until_end_with_cache(model, tokens, hook_names)
+        return tl_bridge_rows.run_until_end_with_cache(model, tokens, hook_names)
     final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers)
     return final, {name: cache[name] for name in hook_names}
 

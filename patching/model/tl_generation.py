@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from patching.model.tl_bridge import TLModel
 
 from patching.errors import PatchingError
-from patching.model import tl_bridge
+from patching.model import tl_bridge, tl_bridge_rows
 from patching.model.checks import check_context
 from patching.model.tl_readout import readout
 
@@ -72,7 +72,8 @@ def run_until_end_with_keys_values(model: TLModel, tokens: Tensor,
     `prefix_cache` makes of the whole prompt)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    tl_bridge.require_hooked(model, "past_kv_cache")
+    if tl_bridge.is_bridge(model):  # the prompt stands for its keys and values: rows rerun it whole
+        return tl_bridge_rows.run_until_end_with_keys_values(model, tokens, hook_names)
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=tokens.shape[0])
     final, cache = model.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=model.cfg.n_layers,
                                         past_kv_cache=kv, attention_mask=torch.ones_like(tokens))
@@ -89,8 +90,9 @@ def run_blocks_joining(model: TLModel, joins: Sequence[tuple[int, Tensor]], past
     own layer on, while rows of many start layers share each block's matrix products (a trace's
     one row per layer would otherwise run as thirty small batches). `past_kv_cache` (frozen, or
     None) holds the positions before the residual's: one row shared by every row, or one row per
-    output row."""
-    tl_bridge.require_hooked(model, "start_at_layer")
+    output row. On the Bridge every row runs whole (`tl_bridge_rows.run_rows_joining`)."""
+    if tl_bridge.is_bridge(model):
+        return tl_bridge_rows.run_rows_joining(model, joins, past_kv_cache)
     layers = [layer for layer, _ in joins]
     if not layers or layers != sorted(set(layers)):
         raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
@@ -117,7 +119,10 @@ def _rows_entry(entry: Any, rows: int) -> Any:
 def cache_before(cache: Any, n_tokens: int, position: int) -> Any:
     """The keys and values before `position` of a prompt of `n_tokens` tokens, from its whole
     cache; None when that is nothing. Whatever the cache holds before the prompt itself (the
-    context of an enclosing `bound_prefix`) is kept, so rows run after it as every forward there does."""
+    context of an enclosing `bound_prefix`) is kept, so rows run after it as every forward there does.
+    On the Bridge (a `FullRows` stand-in) only position 0 exists."""
+    if tl_bridge_rows.is_full_rows(cache):
+        return tl_bridge_rows.cache_before(cache, n_tokens, position)
     length = cache_length(cache) - n_tokens + position
     return slice_cache(cache, length) if length > 0 else None
 

@@ -1,6 +1,7 @@
 """Building TransformerLens models: from a local Hugging Face folder, from an official name, and
 the weight layout every loaded model gets. Part of the TransformerLens door (`tl_compat`
-re-exports it; nothing else imports this module)."""
+re-exports it; nothing else imports this module). `HookedTransformer` is imported where a model is
+built, never at import: TransformerLens 4 removed it, and the door must import there (issue 27)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer
-from transformer_lens import loading_from_pretrained as tl_loading
+
+from patching.model import tl_bridge
 
 
 def build_from_local_folder(
@@ -26,7 +27,7 @@ def build_from_local_folder(
     n_ctx: int,
     device: str | torch.device,
     dtype: torch.dtype,
-) -> HookedTransformer:
+) -> Any:
     """Build a HookedTransformer from a local HF folder the way `from_pretrained` does inside.
 
     `from_pretrained` refuses names outside TransformerLens's official list, so we run its
@@ -35,6 +36,10 @@ def build_from_local_folder(
     weights are `hf_model`'s): TransformerLens configures some architectures (Gemma 3) by name only
     and cannot build them from a folder's config.json.
     """
+    tl_bridge.require_hooked_transformer("backend='hooked'")
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as tl_loading
+
     source = official_name or str(folder)
     cfg = tl_loading.get_pretrained_model_config(
         source, hf_cfg=hf_model.config.to_dict(), fold_ln=flags["fold_ln"], device=device,
@@ -48,14 +53,17 @@ def build_from_local_folder(
         return model.to(device)
 
 
-def load_official(name: str, *, flags: dict[str, bool], n_layers: int | None, device: Any, dtype: torch.dtype) -> HookedTransformer:
+def load_official(name: str, *, flags: dict[str, bool], n_layers: int | None, device: Any, dtype: torch.dtype) -> Any:
     """Any official TransformerLens name, through its own loader (needs the hub)."""
+    tl_bridge.require_hooked_transformer(f"loading {name!r} by its TransformerLens name")
+    from transformer_lens import HookedTransformer
+
     return HookedTransformer.from_pretrained_no_processing(
         name, device=device, dtype=dtype, first_n_layers=n_layers, **flags
     )
 
 
-def transpose_layout(model: HookedTransformer) -> None:
+def transpose_layout(model: Any) -> None:
     """Store weights in the memory order TransformerLens 3.9 reshapes them to in every forward pass
     (same values, same shapes), so that its per-call copies become views.
 

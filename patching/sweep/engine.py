@@ -177,13 +177,14 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
     readout = metric.readout
     last_read = None if readout is None else readout % pair.n_base
     pending: list[tuple[int, int, int, list]] = []
+    suffixes = readout is not None and not tl_compat.full_rows(model)  # the Bridge runs whole rows
     for i, unit in enumerate(units):
         elements = element_patches(unit, pair, base, source, positions)
         first = min(int(e[2].min()) for e in elements) if elements else None
         if first is None or (last_read is not None and first > last_read):
             values[i] = base_metric  # nothing differs, or only after the position the metric reads
         else:
-            pending.append((first if readout is not None else 0, unit.start_layer, i, elements))
+            pending.append((first if suffixes else 0, unit.start_layer, i, elements))
     if progress is not None:
         progress.update(len(units) - len(pending))
     columns = getattr(metric, "columns", lambda: None)()
