@@ -54,8 +54,9 @@ from patching.attribution import (
     QKConfig, RestorationCurve, Verification, attribute_latents, attribute_qk, latent_restoration, raw_restoration, verify,
 )
 from patching.paths import (
-    CircuitConfig, CircuitResult, EdgeConfig, Faithfulness, Node, PathConfig, PathResult, Receiver, attribute_edges,
-    faithfulness, find_circuit, patch_paths, receivers_of, upstream_nodes,
+    CircuitConfig, CircuitResult, EdgeConfig, Faithfulness, LatentEdgeConfig, LatentGraph, LatentNode, Node, PathConfig,
+    PathResult, Receiver, attribute_edges, attribute_latent_edges, faithfulness, find_circuit, patch_paths,
+    receivers_of, upstream_nodes,
 )
 from patching.tracing import (
     Component, NoiseConfig, RepairResult, TraceResult, causal_trace, embedding_std, self_repair, subject_positions,
@@ -80,7 +81,7 @@ __all__ = [
     "CONCEPTS", "CallableMetric", "CircuitConfig", "CircuitResult", "CompareSettings", "Component", "Concept",
     "Corpus", "DEFAULT_MODEL", "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "ErrorShare",
     "ErrorShareConfig", "EvalConfig",
-    "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions", "KLFromClean", "LatentChoice", "LatentEdit",
+    "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions", "KLFromClean", "LatentChoice", "LatentEdgeConfig", "LatentEdit", "LatentGraph", "LatentNode",
     "LatentPatch", "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "ModelFlags", "ModelLoadError",
     "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection", "Node", "NoiseConfig", "PAIRS", "PatchResult",
     "PatchUnit", "PatchingError", "PathConfig", "PathResult", "PromptPair", "QKConfig", "Receiver", "ReferenceRuns",
@@ -88,7 +89,7 @@ __all__ = [
     "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError",
     "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step",
     "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores",
-    "UnitSet", "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latents", "attribute_qk",
+    "UnitSet", "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latent_edges", "attribute_latents", "attribute_qk",
     "cache_root", "causal_trace", "compare_steering", "contrast_latents", "decompose", "embedding_std", "error_share",
     "evaluate_sae", "faithfulness", "find_circuit", "find_safety_latents", "generate", "generate_steered",
     "guided_generate", "inspect_latent", "inspect_latents", "inspect_units", "intervening", "is_refusal",
