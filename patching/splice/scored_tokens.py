@@ -17,7 +17,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from patching.model import tl_compat
-from patching.model.tokens import padded_tokens
+from patching.model.tokens import leading_text, padded_tokens
 
 STRUCTURAL_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
 """The tokenizer attributes SAELens's `get_special_token_ids` reads (sae_lens/util.py)."""
@@ -65,5 +65,8 @@ def token_batches(model: Any, corpus: Iterable[str] | Int[Tensor, "rows pos"], *
     while batch := list(itertools.islice(texts, batch_size)):
         if not all(isinstance(text, str) and text for text in batch):
             raise ValueError("every text in the corpus must be a non-empty string")
-        tokens, real = padded_tokens(model, batch, truncate=True)  # cut to context_size below: the cut is asked for
+        # Only each text's first context_size tokens are read: tokenize no more of it (a 20 MB line
+        # tokenized whole cost 4 GB); cut to context_size below: the cut is asked for.
+        heads = [leading_text(model, text, context_size) for text in batch]
+        tokens, real = padded_tokens(model, heads, truncate=True)
         yield tokens[:, :context_size], real[:, :context_size]

@@ -4,7 +4,8 @@ Texts come from local files (`.txt`: documents separated by blank lines; `.jsonl
 object per line with a text field), from a Hugging Face dataset through `datasets` when the
 hub is reachable, or from the default corpus (`training.data.generated`). `TokenRows` packs them as
 SAELens does: documents are concatenated with a BOS token between them and cut into rows of
-`context_size` tokens, each starting with BOS.
+`context_size` tokens, each starting with BOS. A long document is tokenized in bounded windows
+(`patching.model.tokens.encode_windows`), so memory does not grow with a document's length.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from patching.model import tl_compat
+from patching.model.tokens import encode_windows
 from training.errors import DataSourceError
 
 log = logging.getLogger(__name__)
@@ -148,15 +150,22 @@ class TokenRows:
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        self._texts = self.open_texts()
+        self._pieces = self._token_pieces()
         self._pending: list[int] = []
         self._rows_in_epoch = 0
+
+    def _token_pieces(self) -> Iterator[list[int]]:
+        """The token stream in bounded pieces: each document's tokens window by window
+        (`encode_windows`: a 20 MB one-line document is never tokenized, or held, whole), then BOS."""
+        for text in self.open_texts():
+            yield from encode_windows(self.model, text)
+            yield [self.bos]
 
     def _next_row(self) -> list[int]:
         need = self.context_size - 1
         while len(self._pending) < need:
-            text = next(self._texts, None)
-            if text is None:
+            piece = next(self._pieces, None)
+            if piece is None:
                 if self._rows_in_epoch == 0:
                     raise DataSourceError(f"{self.description} holds fewer than {need} tokens: not one row")
                 log.info("%s: epoch %d done after %d rows; starting again", self.description, self.epoch,
@@ -164,7 +173,7 @@ class TokenRows:
                 self.epoch += 1
                 self._start_epoch()
                 continue
-            self._pending.extend(tl_compat.encode_text(self.model, text) + [self.bos])
+            self._pending.extend(piece)
         row, self._pending = [self.bos] + self._pending[:need], self._pending[need:]
         self._rows_in_epoch += 1
         self.rows_served += 1
