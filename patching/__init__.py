@@ -71,8 +71,9 @@ from patching.inspect import (
     inspect_latent, inspect_latents, inspect_units, logit_effect, readout, unit_scores, write_dashboards,
 )
 from patching.safety import (
-    DirectionReport, GuidedGeneration, PAIRS, RefusalScore, SafetyConfig, SafetyReport, SafetySuite, UnitCurve,
-    UnitSet, find_safety_latents, guided_generate, is_refusal, refusal_directions, refusal_rate,
+    DirectionReport, GuidedGeneration, NamedPair, PAIRS, PairSetConfig, PairSetShares, RefusalScore, SafetyConfig,
+    SafetyReport, SafetySuite, UnitCurve, UnitSet, find_safety_latents, guided_generate, is_refusal, named_pairs,
+    pair_set_error_share, refusal_directions, refusal_rate,
 )
 from sae.deprecation import renamed_attributes
 from sae.errors import LatentpatchError
@@ -80,25 +81,26 @@ from sae.errors import LatentpatchError
 __all__ = [
     "CONCEPTS", "CallableMetric", "CircuitConfig", "CircuitResult", "CompareSettings", "Component", "Concept",
     "Corpus", "DEFAULT_MODEL", "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "ErrorShare",
-    "ErrorShareConfig", "EvalConfig",
-    "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions", "KLFromClean", "LatentChoice", "LatentEdgeConfig", "LatentEdit", "LatentGraph", "LatentNode",
-    "LatentPatch", "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "ModelFlags", "ModelLoadError",
-    "ModelOrigin", "Neuron", "NeuronConfig", "NeuronDirection", "Node", "NoiseConfig", "PAIRS", "PatchResult",
-    "PatchUnit", "PatchingError", "PathConfig", "PathResult", "PromptPair", "QKConfig", "Receiver", "ReferenceRuns",
-    "RefusalScore", "RepairResult", "RestorationCurve", "SAEEvaluation", "SafetyConfig", "SafetyReport",
-    "SafetySuite", "Sampling", "Site", "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError",
-    "SpliceMetrics", "SteeredGeneration", "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step",
-    "TokenLogProb", "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores",
-    "UnitSet", "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latent_edges", "attribute_latents", "attribute_qk",
-    "cache_root", "causal_trace", "compare_steering", "contrast_latents", "decompose", "embedding_std", "error_share",
-    "evaluate_sae", "faithfulness", "find_circuit", "find_safety_latents", "generate", "generate_steered",
-    "guided_generate", "inspect_latent", "inspect_latents", "inspect_units", "intervening", "is_refusal",
-    "iter_site_latents", "iter_site_values", "latent_restoration", "latents_from_result", "library_version",
-    "load_model", "load_model_for", "logit_effect", "make_pairs", "model_flags", "padded_tokens", "patch_heads",
-    "patch_latents", "patch_paths", "patch_residual", "provenance", "raw_restoration", "readout", "receivers_of",
-    "refusal_directions", "refusal_rate", "register_unit_kind", "resolve_saes", "resolve_site", "save_evaluation",
-    "self_repair", "splice", "splice_metrics", "steer", "steering_vector", "subject_positions", "unit_kinds",
-    "unit_scores", "upstream_nodes", "verify", "window_layers", "write_dashboards",
+    "ErrorShareConfig", "EvalConfig", "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions",
+    "KLFromClean", "LatentChoice", "LatentEdgeConfig", "LatentEdit", "LatentGraph", "LatentNode", "LatentPatch", "LatentReport", "LatentpatchError", "LogitDiff",
+    "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin", "NamedPair", "Neuron", "NeuronConfig", "NeuronDirection",
+    "Node", "NoiseConfig", "PAIRS", "PairSetConfig", "PairSetShares", "PatchResult", "PatchUnit", "PatchingError",
+    "PathConfig", "PathResult", "PromptPair", "QKConfig", "Receiver", "ReferenceRuns", "RefusalScore", "RepairResult",
+    "RestorationCurve", "SAEEvaluation", "SafetyConfig", "SafetyReport", "SafetySuite", "Sampling", "Site",
+    "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError", "SpliceMetrics", "SteeredGeneration",
+    "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step", "TokenLogProb", "TokenProb",
+    "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores", "UnitSet", "Verification",
+    "as_metric", "as_site", "attribute_edges", "attribute_latent_edges", "attribute_latents", "attribute_qk", "cache_root", "causal_trace",
+    "compare_steering", "contrast_latents", "decompose", "embedding_std", "error_share", "evaluate_sae",
+    "faithfulness", "find_circuit", "find_safety_latents", "generate", "generate_steered", "guided_generate",
+    "inspect_latent", "inspect_latents", "inspect_units", "intervening", "is_refusal", "iter_site_latents",
+    "iter_site_values", "latent_restoration", "latents_from_result", "library_version", "load_model",
+    "load_model_for", "logit_effect", "make_pairs", "model_flags", "named_pairs", "padded_tokens",
+    "pair_set_error_share", "patch_heads", "patch_latents", "patch_paths", "patch_residual", "provenance",
+    "raw_restoration", "readout", "receivers_of", "refusal_directions", "refusal_rate", "register_unit_kind",
+    "resolve_saes", "resolve_site", "save_evaluation", "self_repair", "splice", "splice_metrics", "steer",
+    "steering_vector", "subject_positions", "unit_kinds", "unit_scores", "upstream_nodes", "verify", "window_layers",
+    "write_dashboards",
 ]
 
 __getattr__ = renamed_attributes(__name__, {"Direction": lambda: NeuronDirection})

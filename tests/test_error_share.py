@@ -1,13 +1,18 @@
 """`error_share`: the latents' and the error node's shares of a pair's denoising effect at an SAE
-site, checked against a hand computation on an affine toy and against plain TransformerLens hooks."""
+site, checked against a hand computation on an affine toy and against plain TransformerLens hooks; the
+named pair set (`pair_set_error_share`) against plain hooks pair by pair, its medians and its threshold."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from conftest import construct_unchecked, make_sae, unchecked
-from patching import ErrorShare, ErrorShareConfig, LogitDiff, error_share
+from patching import (ErrorShare, ErrorShareConfig, LogitDiff, NamedPair, PairSetConfig, PairSetShares, error_share,
+                      named_pairs, pair_set_error_share)
 from patching.errors import PatchingError
 from patching.model import tl_compat
 
@@ -131,3 +136,133 @@ def test_several_sites_give_each_site_its_own_shares(tiny_model, tiny_sae):
         for name in ("latents", "error", "total"):
             torch.testing.assert_close(getattr(both, name)[:, s], getattr(alone, name)[:, 0], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(both.latents[:, 0], both.latents[:, 1], atol=1e-3)
+
+
+# --- the named pair set (`pair_set_error_share`) ------------------------------------------------
+
+WORDED_SITE = "blocks.1.hook_resid_pre"
+WORDED_PAIRS = (  # words w0..w46 are one token each; answers differ from the pair's tokens
+    NamedPair("a", "factual", "w1 w2 w3 w4 w5 w6", "w1 w7 w3 w4 w5 w6", " w20", " w21"),
+    NamedPair("b", "factual", "w8 w9 w10 w11 w12", "w8 w9 w13 w11 w12", " w22", " w23"),
+    NamedPair("c", "ioi", "w14 w15 w16 w17 w18 w19 w2", "w14 w15 w16 w17 w18 w15 w2", " w24", " w25"),
+    NamedPair("d", "ioi", "w30 w31 w32 w33", "w30 w34 w32 w33", " w26", " w27"),
+    NamedPair("e", "ioi", "w35 w36 w37 w38 w39", "w40 w36 w37 w38 w39", " w28", " w29"),
+)
+
+
+@pytest.fixture(scope="module")
+def worded(tmp_path_factory):
+    from worded_model import worded_model
+
+    model = worded_model(tmp_path_factory.mktemp("tokenizer"), n_layers=3, n_ctx=16)
+    sae = make_sae(model.cfg.d_model, 40, hook_name=WORDED_SITE, model_name=model.cfg.model_name, seed=11)
+    return model, sae
+
+
+def _plain_shares(model, sae, pair):
+    """One pair's three shares set by plain hooks (no engine, no splice), and its span."""
+    clean, corrupted = model.to_tokens(pair.clean), model.to_tokens(pair.corrupted)
+    answer, wrong = model.to_single_token(pair.answer), model.to_single_token(pair.wrong)
+
+    def metric(tokens, value):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(WORDED_SITE, lambda act, hook: value)])
+        return float(logits[0, -1, answer] - logits[0, -1, wrong])
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=WORDED_SITE)
+        x_clean = cache[WORDED_SITE]
+        _, cache = model.run_with_cache(corrupted, names_filter=WORDED_SITE)
+        x_corr = cache[WORDED_SITE]
+        d_clean, d_corr = sae.decode(sae.encode(x_clean)), sae.decode(sae.encode(x_corr))
+        m_clean, m_corr = metric(clean, x_clean), metric(corrupted, x_corr)
+        span = m_clean - m_corr
+        latents = (metric(corrupted, d_clean + (x_corr - d_corr)) - m_corr) / span
+        error = (metric(corrupted, d_corr + (x_clean - d_clean)) - m_corr) / span
+    return latents, error, span
+
+
+def test_pair_set_matches_plain_hooks_and_medians_count_only_pairs_over_the_threshold(worded):
+    model, sae = worded
+    first = pair_set_error_share(model, sae, WORDED_PAIRS, span_threshold=1e-6)
+    spans = first.span.tolist()
+    for i, pair in enumerate(WORDED_PAIRS):
+        latents, error, span = _plain_shares(model, sae, pair)
+        assert first.latents[i].item() == pytest.approx(latents, abs=1e-3, rel=1e-3)
+        assert first.error[i].item() == pytest.approx(error, abs=1e-3, rel=1e-3)
+        assert spans[i] == pytest.approx(span, abs=1e-4, rel=1e-4)
+    positive = sorted(s for s in spans if s > 0)
+    assert len(positive) >= 2, f"spans {spans}: the toy needs pairs on both sides of a threshold"
+    threshold = (positive[0] + positive[1]) / 2  # drops the smallest positive span and every negative one
+    result = pair_set_error_share(model, sae, WORDED_PAIRS, config=PairSetConfig(span_threshold=threshold))
+    assert result.counted.tolist() == [s >= threshold for s in spans]
+    for group in ("factual", "ioi"):
+        rows = [i for i, p in enumerate(WORDED_PAIRS) if p.group == group and spans[i] >= threshold]
+        median = result.medians()[group]
+        assert median["n_pairs"] == sum(p.group == group for p in WORDED_PAIRS) and median["n_counted"] == len(rows)
+        for name in ("latents", "error", "total"):
+            expected = float(np.median(getattr(first, name)[rows].numpy())) if rows else None
+            assert median[name] == (pytest.approx(expected, abs=1e-6) if rows else None)
+
+
+def test_pair_set_saves_and_writes_a_strict_json_registry_block(worded, tmp_path):
+    model, sae = worded
+    result = pair_set_error_share(model, sae, WORDED_PAIRS[:3], span_threshold=1e-6)
+    block = json.loads(json.dumps(result.registry_block(), allow_nan=False))
+    assert block["site"] == WORDED_SITE and set(block["pairs"]) == {"a", "b", "c"}
+    assert block["pairs"]["a"]["latents"] == pytest.approx(result.latents[0].item())
+    loaded = PairSetShares.load(result.save(tmp_path / "set"))
+    assert loaded.names == result.names and torch.equal(loaded.error, result.error)
+    assert loaded.provenance["prompts"]["a"] == [WORDED_PAIRS[0].clean, WORDED_PAIRS[0].corrupted]
+    assert list(loaded.to_dataframe()["pair"]) == ["a", "b", "c"] and (tmp_path / "set" / "plot.png").stat().st_size
+
+
+@pytest.mark.parametrize("pairs, overrides, message", [
+    ((NamedPair("x", "factual", "w1 w2 w3", "w1 w2", " w5", " w6"),), {}, "equal lengths"),
+    ((NamedPair("x", "factual", "w1 w2", "w1 w3", " w5 w6", " w7"),), {}, "one token"),
+    ((NamedPair("x", "safety", "w1 w2", "w1 w3"),), {}, "chat template"),
+    (WORDED_PAIRS, {"span_threshold": 0.0}, "span_threshold"),
+    (WORDED_PAIRS, {"batch_size": 0}, "batch_size"),
+    (WORDED_PAIRS, {"direction": "noise"}, "unknown PairSetConfig fields"),
+    ((), {}, "non-empty"),
+])
+def test_pair_set_refuses_bad_input_before_any_forward(worded, pairs, overrides, message):
+    model, sae = worded
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(PatchingError, match=message):
+            unchecked(pair_set_error_share)(model, sae, pairs, **overrides)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_named_pairs_are_the_issue_set_and_refuse_unknown_groups():
+    pairs = named_pairs()
+    assert [p.name for p in pairs if p.group == "factual"] == ["eiffel"]
+    assert sum(p.group == "ioi" for p in pairs) == 5 and sum(p.group == "safety" for p in pairs) == 30
+    for p in pairs:
+        if p.group == "ioi":  # clean repeats the subject (answer: the other name); corrupted repeats the answer
+            assert p.clean.count(p.wrong.strip()) == 2 and p.corrupted.count(p.answer.strip()) == 2
+    with pytest.raises(PatchingError, match="pair groups"):
+        named_pairs(["eiffel"])
+    with pytest.raises(PatchingError, match="safety pair"):
+        NamedPair("x", "safety", "a", "b", " a", " b")
+
+
+def test_safety_pairs_span_is_the_suites_refusal_score_difference(default_model_4l):
+    """Chat path on the default tokenizer: each safety pair's span equals the refusal scores the
+    safety search reads (`refusal_scores`, KV-cached decoder), and the splice reproduces the clean run."""
+    from patching.safety import RefusalScore, SafetySuite
+    from patching.safety.score import refusal_scores, tokenize_chat
+
+    model = default_model_4l
+    sae = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name, seed=2)
+    pairs = [p for p in named_pairs(["safety"])][:2]
+    result = pair_set_error_share(model, sae, pairs)
+    suite, metric = SafetySuite(), RefusalScore.for_model(model)
+    for i, pair in enumerate(pairs):
+        harmful, harmless = tokenize_chat(model, suite, [pair.clean, pair.corrupted])
+        scores = refusal_scores(model, [harmful, harmless], metric)
+        assert result.span[i].item() == pytest.approx((scores[0] - scores[1]).item(), abs=1e-3)
+    torch.testing.assert_close(result.total, torch.ones(2), atol=1e-3, rtol=0)

@@ -335,3 +335,36 @@ def test_cli_eval_refuses_bad_heldout_rows_before_loading(tmp_path, monkeypatch,
     assert "--heldout-rows must be a positive int, got 0" in capsys.readouterr().err and not loads
     assert main(["eval", str(tmp_path), "--heldout-rows", "4", "--text", str(tmp_path / "t.txt")]) == 1
     assert "not allowed with argument --heldout-rows" in capsys.readouterr().err and not loads
+
+
+def test_cli_eval_pairs_prints_the_pair_sets_registry_block(default_model_4l, tmp_path, capsys, monkeypatch):
+    from latentpatch.cli.entry import main
+    from patching.safety import named_pairs, pair_set_error_share
+    from sae import load_sae
+
+    model = default_model_4l
+    stub_model_loader(monkeypatch, lambda *a, **k: model)
+    folder = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name,
+                      model_from_pretrained_kwargs=tl_compat.inferred_flags(model)).save(tmp_path / "sae")
+    args = ["eval", str(folder), "--pairs", "factual", "ioi", "--span-threshold", "0.5", "--out", str(tmp_path / "ev"),
+            "--json"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)["error_share"]
+    direct = pair_set_error_share(model, load_sae(folder), named_pairs(["factual", "ioi"]), span_threshold=0.5)
+    assert set(printed["pairs"]) == {"eiffel", "ioi-0", "ioi-1", "ioi-2", "ioi-3", "ioi-4"}
+    assert printed["median"] == json.loads(json.dumps(direct.medians()))
+    assert printed["span_threshold"] == 0.5 and (tmp_path / "ev" / "error_share" / "result.json").is_file()
+
+
+def test_cli_eval_pairs_refuses_a_bad_threshold_before_loading_and_names_the_groups(tmp_path, monkeypatch, capsys):
+    from latentpatch.cli import evaluate as cli_evaluate
+    from latentpatch.cli.entry import main
+    from patching.safety.pair_set import PAIR_GROUPS
+
+    assert cli_evaluate.PAIR_GROUPS == PAIR_GROUPS
+    loads = []
+    monkeypatch.setattr(cli_evaluate, "load_for", lambda *a: loads.append(a))
+    assert main(["eval", str(tmp_path), "--pairs", "--span-threshold", "0"]) == 1
+    assert "span_threshold must be a positive finite number" in capsys.readouterr().err and not loads
+    assert main(["eval", str(tmp_path), "--pairs", "eiffel"]) != 0
+    assert "invalid choice" in capsys.readouterr().err and not loads

@@ -1,4 +1,5 @@
-"""`latentpatch eval`: SAEBench's core evaluation of an SAE spliced into its model."""
+"""`latentpatch eval`: SAEBench's core evaluation of an SAE spliced into its model, and with `--pairs`
+the error share on the named prompt pairs (`patching.safety.pair_set_error_share`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from latentpatch.cli.common import add_sae_options, load_for
+
+PAIR_GROUPS = ("factual", "ioi", "safety")
+"""`patching.safety.PAIR_GROUPS`, spelled here so that `latentpatch --help` imports no torch (a test
+holds the two equal)."""
 
 EVAL_TEXTS = (
     "The Eiffel Tower is located in the city of Paris, which is also famous for the Louvre.",
@@ -32,6 +37,8 @@ JSON_OUTPUT = {
     "sparsity": "l0, l1, frac_dead, frac_dense, frac_over_1_percent, dense_threshold",
     "decoder_cosine": "statistics of the cosine between decoder rows",
     "token_stats": "n_tokens, n_loss_positions, n_texts, n_massive",
+    "error_share": "with --pairs: the named pair set's error share (site, span_threshold, median per group over the "
+                   "pairs whose span clears it, every pair's latents/error/total shares and span); else null",
     "saved_to": "the folder eval.json and the histograms were written to (--out), or null",
 }
 """The top-level keys of `--json`, documented on the docs' CLI page."""
@@ -45,14 +52,22 @@ def register(subparsers: Any) -> None:
                                description="Splice an SAE into its model and measure SAEBench's core figures on text "
                                            "(SAELens's definitions; see patching/splice/evaluation.py); --out also "
                                            "writes eval.json and the density and decoder-cosine histograms.\n\n"
-                                           "example: latentpatch eval runs/sae-l15 --text heldout.txt --out results/eval")
+                                           "example: latentpatch eval runs/sae-l15 --text heldout.txt --out results/eval\n"
+                                           "         latentpatch eval smollm2-135m-res/blocks.15.hook_resid_pre --pairs --json")
     add_sae_options(ev)
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--text", type=Path, help="a .txt file (one document per line) to evaluate on; default: built-in sentences")
     source.add_argument("--heldout-rows", type=int, default=None, metavar="N",
                         help="evaluate on the first N packed rows of the real corpus's held-out split, the rows the "
                              "release registry (N=160) and `latentpatch train --eval-every` read: the same figures")
-    ev.add_argument("--out", type=Path, default=None, help="write eval.json and the two histograms into this folder")
+    ev.add_argument("--pairs", nargs="*", default=None, choices=PAIR_GROUPS, metavar="GROUP",
+                    help="also measure the error share on the named prompt pairs (issue 26 section 4): the latents' "
+                         "and the error node's shares of each pair's exact denoising effect, with medians; groups "
+                         f"{', '.join(PAIR_GROUPS)} (default: all)")
+    ev.add_argument("--span-threshold", type=float, default=1.0,
+                    help="with --pairs: a pair counts in the medians only if M(clean) - M(corrupted) reaches this (default 1)")
+    ev.add_argument("--out", type=Path, default=None, help="write eval.json and the two histograms into this folder "
+                                                             "(with --pairs, the pair set's result into OUT/error_share)")
     ev.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
     ev.add_argument("--context-size", type=int, default=128, help="truncate each text to this many tokens (default 128)")
     ev.add_argument("--max-tokens", type=int, default=None, help="stop once this many tokens are evaluated (default: all)")
@@ -60,6 +75,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from patching.safety import PairSetConfig, named_pairs, pair_set_error_share
     from patching.splice import EvalConfig, evaluate_sae, save_evaluation
     from patching.model.provenance import provenance
     from training.paths import check_input_file, check_output_folder
@@ -72,13 +88,20 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.heldout_rows is not None and args.heldout_rows < 1:
         raise ValueError(f"--heldout-rows must be a positive int, got {args.heldout_rows}")
     config = EvalConfig(batch_size=args.batch_size, context_size=args.context_size, max_tokens=args.max_tokens)
+    pair_config = PairSetConfig(span_threshold=args.span_threshold)  # a bad threshold fails before the model loads
     sae, model = load_for(args.sae, args.model)
     corpus, described = _corpus(args, model)
     result = evaluate_sae(model, sae, corpus, config=config)
+    shares = None
+    if args.pairs is not None:
+        shares = pair_set_error_share(model, sae, named_pairs(args.pairs or PAIR_GROUPS), config=pair_config)
     if args.out is not None:
         save_evaluation(result, args.out, provenance=provenance(model, saes=sae, prompts=described, sae=str(args.sae),
                                                                 config=asdict(config)))
-    return {"sae": str(args.sae), **result.to_dict(), "saved_to": str(args.out) if args.out else None}
+        if shares is not None:
+            shares.save(args.out / "error_share")
+    return {"sae": str(args.sae), **result.to_dict(), "error_share": shares.registry_block() if shares else None,
+            "saved_to": str(args.out) if args.out else None}
 
 
 def _corpus(args: argparse.Namespace, model: Any) -> tuple[Any, str]:
