@@ -35,7 +35,7 @@ from patching.paths.edges import attribute_edges
 from patching.paths.nodes import Node, Receiver, check_graph, reaches, receivers_of, upstream_nodes
 from patching.paths.path_patching import patch_paths
 from patching.saved import SavedResult
-from patching.paths.stream import StreamRun, node_output, stream_run
+from patching.paths.stream import StreamRun, ablated_outputs, stream_run
 from patching.sweep.engine import RunCache, readout_logits, reference_metrics
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Prompts, make_pairs
@@ -121,24 +121,6 @@ def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, ci
     return Faithfulness(faithfulness=(values[:, 0] - empty) / span, completeness=(values[:, 1] - empty) / span,
                         metric_circuit=values[:, 0], metric_complement=values[:, 1], metric_empty=empty,
                         metric_clean=m_clean, metric_corrupted=m_corrupted, n_edges=len(circuit), ablation=ablation)
-
-
-def ablated_outputs(model: Any, runs: list[tuple[StreamRun, StreamRun]], pair_index: int, senders: list[Node],
-                    ablation: str) -> dict[Node, Tensor]:
-    """What each sender's missing edges carry in pair `pair_index`, (pos, d_model) per sender."""
-    clean_run, corrupted_run = runs[pair_index]
-    if ablation == "resample":
-        return {u: node_output(model, corrupted_run, u) for u in senders}
-    if ablation == "zero":
-        return {u: torch.zeros_like(node_output(model, clean_run, u)) for u in senders}
-    n_pos = clean_run.final.shape[0]
-    out = {}
-    for u in senders:
-        outputs = [node_output(model, run, u) for run, _ in runs]
-        mean = (torch.stack(outputs).mean(0) if ablation == "position_mean"
-                else torch.cat(outputs).mean(0, keepdim=True).expand(n_pos, -1))
-        out[u] = mean
-    return out
 
 
 def _ablated_run(model: Any, metric: Metric, pair_index: int, clean: StreamRun, corrupt: dict[Node, Tensor],

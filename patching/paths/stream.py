@@ -4,6 +4,7 @@ Path patching and edge attribution both need, for a prompt, every upstream node'
 of the residual stream) and the stream every receiver reads. One forward pass caches `hook_z`,
 `hook_mlp_out`, `hook_resid_pre` and `hook_resid_mid` of every block and the final residual; a head's
 output is `z[head] @ W_O[head]` (its share of `hook_attn_out` without `b_O`, which belongs to no head).
+`ablated_outputs` says what a node carries instead when it is ablated (circuits) or intervened on (EAP).
 """
 
 from __future__ import annotations
@@ -81,3 +82,23 @@ def read_stream(model: object, run: StreamRun, receiver: Receiver) -> Tensor:
     if receiver.kind == "mlp" and not tl_paths.parallel_blocks(model):
         return run.acts[Site(receiver.layer, "resid_mid").hook_name]
     return run.acts[Site(receiver.layer, "resid_pre").hook_name]
+
+
+def ablated_outputs(model: Any, runs: list[tuple[StreamRun, StreamRun]], pair_index: int, senders: list[Node],
+                    ablation: str) -> dict[Node, Tensor]:
+    """What each sender's missing edges carry in pair `pair_index`, (pos, d_model) per sender: its output in
+    the pair's second run (`resample`), zero, or its mean over the first runs of every pair, over prompts
+    and positions (`mean`) or per position (`position_mean`, prompts of one length)."""
+    clean_run, corrupted_run = runs[pair_index]
+    if ablation == "resample":
+        return {u: node_output(model, corrupted_run, u) for u in senders}
+    if ablation == "zero":
+        return {u: torch.zeros_like(node_output(model, clean_run, u)) for u in senders}
+    n_pos = clean_run.final.shape[0]
+    out = {}
+    for u in senders:
+        outputs = [node_output(model, run, u) for run, _ in runs]
+        mean = (torch.stack(outputs).mean(0) if ablation == "position_mean"
+                else torch.cat(outputs).mean(0, keepdim=True).expand(n_pos, -1))
+        out[u] = mean
+    return out
