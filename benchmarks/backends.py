@@ -2,10 +2,12 @@
 
 In one process, on the same weights: the forward pass of each backend (median of `--repeat`) and the
 largest logit difference between them; the residual trace of the Eiffel Tower -> Colosseum pair
-(`resid_pre`, `--layers` x every position) as the naive one-forward-per-patch loop on each backend,
-and through our sweep engine where the backend supports it (on the Bridge the engine refuses: it
-needs `start_at_layer` and key/value prefixes, which the Bridge lacks; the refusal is recorded). The
-last line printed is one JSON object.
+(`resid_pre`, `--layers` x every position) and the head-z sweep (every head of `--layers`, all
+positions) as the naive one-forward-per-patch loop on each backend and through our sweep engine. On
+the Bridge the engine runs whole rows (it has no `start_at_layer` and no key/value prefix: each
+patched row reruns the prompt from the embedding, `patching/model/tl_bridge_rows.py`), so its gain
+there is batching and skipping the unembedding of unread positions, not skipped layers and
+positions. The last line printed is one JSON object.
 
     nice python benchmarks/backends.py --layers 0,10,20,29 --repeat 5
 """
@@ -20,7 +22,7 @@ import time
 
 import torch
 
-from patching import LogitDiff, load_model, patch_residual
+from patching import LogitDiff, load_model, patch_heads, patch_residual
 from patching.model.tl_bridge import BackendUnsupportedError
 
 FACT = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
@@ -51,6 +53,31 @@ def naive_trace(model, clean, corrupted, layers, answer, wrong):
     return out
 
 
+def naive_heads(model, clean, corrupted, layers, answer, wrong):
+    """One full forward per (layer, head): the clean head's z at every position put into the corrupted run."""
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
+    n_heads = model.cfg.n_heads
+    out = torch.empty(len(layers), n_heads, dtype=torch.float64)
+    for i, layer in enumerate(layers):
+        name = f"blocks.{layer}.attn.hook_z"
+        for h in range(n_heads):
+            def put(z, hook, h=h, name=name):
+                z[:, :, h] = cache[name][:, :, h]
+                return z
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, put)])
+            out[i, h] = (logits[0, -1, answer] - logits[0, -1, wrong]).double()
+    return out
+
+
+def measure_heads(model, args, clean, corrupted, answer, wrong, figures):
+    with torch.inference_mode():
+        naive, figures["naive_heads_s"] = timed(lambda: naive_heads(model, clean, corrupted, args.layers, answer, wrong), 1)
+    ours, figures["engine_heads_s"] = timed(lambda: patch_heads(
+        model, clean, corrupted, LogitDiff(answer, wrong), kind="z", layers=args.layers, progress=False), 1)
+    figures["engine_heads_vs_naive_max_abs"] = (ours.metric[0].reshape(naive.shape) - naive).abs().max().item()
+    figures["engine_heads_speedup"] = figures["naive_heads_s"] / figures["engine_heads_s"]
+
+
 def measure(model, args, clean, corrupted, answer, wrong):
     figures = {}
     with torch.inference_mode():
@@ -63,6 +90,7 @@ def measure(model, args, clean, corrupted, answer, wrong):
         figures["engine_speedup"] = figures["naive_trace_s"] / figures["engine_trace_s"]
     except BackendUnsupportedError as err:
         figures["engine_trace"] = f"refused: {err}"
+    measure_heads(model, args, clean, corrupted, answer, wrong, figures)
     return logits, naive, figures
 
 

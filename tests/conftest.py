@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 
 import pytest
 import torch
@@ -19,14 +20,23 @@ MODEL_FIXTURES = {"default_model": "default_model", "default_model_4l": "default
 """Fixtures that load a real model (test_gemma3.py defines `gemma`), and the marker a test using one carries."""
 
 
+BACKEND = os.environ.get("LATENTPATCH_TEST_BACKEND", "hooked")
+"""The backend the model fixtures boot: "hooked" (make test) or "bridge" (make test-bridge, on
+TransformerLens 4): `tiny_model`, `default_model` and `default_model_4l` are then TransformerBridges
+of the same shapes, and tests marked `hooked_only` are skipped with their reason."""
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     """Mark every test that uses a model fixture, directly or through another fixture (`fixturenames`
     is the closure), so `-m "not default_model"` never loads the default model whatever a test's
-    author remembered to mark."""
+    author remembered to mark. On the bridge backend, skip what is marked `hooked_only`."""
     for item in items:
         for name in sorted(set(item.fixturenames) & MODEL_FIXTURES.keys()):
             item.add_marker(MODEL_FIXTURES[name])
+        marker = item.get_closest_marker("hooked_only")
+        if BACKEND == "bridge" and marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"hooked backend only: {marker.kwargs.get('reason', marker.args)}"))
 
 
 def construct_unchecked(cls, **values):
@@ -81,7 +91,11 @@ def learned_or_rotary_gqa(kind: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model(tmp_path_factory):
+    if BACKEND == "bridge":
+        from tests.test_bridge import tiny_gpt2_bridge
+
+        return tiny_gpt2_bridge(tmp_path_factory.mktemp("tiny-gpt2"))
     model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32)
     model.eval()
     return model
@@ -102,14 +116,14 @@ def tiny_tokens():
 def default_model():
     from patching import load_model
 
-    return load_model()
+    return load_model(backend=BACKEND)
 
 
 @pytest.fixture(scope="session")
 def default_model_4l():
     from patching import load_model
 
-    return load_model(n_layers=4)
+    return load_model(n_layers=4, backend=BACKEND)
 
 
 def stub_model_loader(monkeypatch, load):

@@ -28,15 +28,30 @@ def tiny_hf_folder(folder, kind="llama", n_layers=3):
     return folder
 
 
-def tiny_tokenizer():
-    """A 64-word word-level tokenizer built in memory (the Bridge would fetch one from the hub)."""
+def tiny_tokenizer(size=64):
+    """A `size`-word word-level tokenizer built in memory (the Bridge would fetch one from the hub)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 64)}}
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, size)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_gpt2_bridge(folder):
+    """conftest's `tiny_model` on the bridge backend: a random Hugging Face GPT-2 of the hooked tiny
+    model's shapes (3 layers, d_model 16, 4 heads, d_mlp 32, 50 tokens, 32 positions, LayerNorm,
+    learned positions, weights drawn at the same scale), saved offline and booted through the Bridge."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_embd=16, n_layer=3, n_head=4, n_inner=32, n_positions=32,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1,
+                        initializer_range=0.8 / 16**0.5)  # HookedTransformerConfig's default scale: spans as large
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer(50).save_pretrained(folder)
+    return boot_tiny(folder).eval()
 
 
 def boot_tiny(folder, flags=None, n_layers=None):
@@ -151,7 +166,11 @@ def prompts(default_model_4l):
     return default_model_4l.to_tokens(["The Eiffel Tower is in the city of", "The capital of France is"])
 
 
+CROSS_BACKEND = "compares against the hooked backend (HookedTransformer: TransformerLens 3.x)"
+
+
 @pytest.mark.default_model
+@pytest.mark.hooked_only(reason=CROSS_BACKEND)
 @pytest.mark.parametrize("flags", [ModelFlags(), ALL_FLAGS], ids=["no-processing", "all-processing"])
 def test_default_model_logits_agree_between_backends(flags, prompts):
     hooked = load_model(n_layers=4, flags=flags)
@@ -164,6 +183,7 @@ def test_default_model_logits_agree_between_backends(flags, prompts):
 
 
 @pytest.mark.default_model
+@pytest.mark.hooked_only(reason=CROSS_BACKEND)
 def test_bridge_hooks_match_hooked_and_provenance_names_the_backend(default_model_4l, prompts):
     bridge = load_model(n_layers=4, backend="bridge")
     with torch.no_grad():

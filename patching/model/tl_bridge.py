@@ -119,6 +119,23 @@ def require_hooked(model: Any, need: str) -> None:
                                       f"load the model with backend='hooked'")
 
 
+def attach_forward_hook(module: torch.nn.Module, fn: Any, *, prepend: bool = False) -> Any:
+    """`module.register_forward_hook` calling `fn(output)`, whose non-None result replaces the output.
+
+    On the Bridge a hook point may carry a `hook_conversion` (attention's `hook_z`, `hook_q`, ...
+    hold flat heads underneath): `fn` then sees the converted tensor, `(batch, pos, head, d_head)`,
+    as TransformerLens's own hooks do, and its result is reverted before the model goes on."""
+    conversion = getattr(module, "hook_conversion", None)
+
+    def forward_hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> Any:
+        if conversion is None:
+            return fn(output)
+        result = fn(conversion.convert(output))
+        return None if result is None else conversion.revert(result)
+
+    return module.register_forward_hook(forward_hook, prepend=prepend)
+
+
 def full_rows(model: Any) -> bool:
     """Whether the sweep engine must run every patched row whole on `model` (a Bridge: no
     `start_at_layer`, no key-value prefix; see `tl_bridge_rows`), rather than only the positions

@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from patching.model.hook_names import hook_name
-from patching.model.tl_bridge import BackendUnsupportedError
+from patching.model.tl_bridge import BackendUnsupportedError, attach_forward_hook
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class _Stop(Exception):
 
 def _attach(model: Any, name: str, fn: Any, prepend: bool = False) -> Any:
     """A forward hook on the hook point `name` that may replace its output (as `tl_compat.attach_hook`)."""
-    return model.hook_dict[name].register_forward_hook(lambda module, inputs, output: fn(output), prepend=prepend)
+    return attach_forward_hook(model.hook_dict[name], fn, prepend=prepend)
 
 
 def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace: Sequence[tuple[str, Any]] = ()) -> tuple[Tensor, dict[str, Tensor]]:

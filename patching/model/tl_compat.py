@@ -80,13 +80,12 @@ def attach_hook(model: TLModel, hook_name: str, fn: HookFn, *, prepend: bool = F
 
     A plain torch hook on the HookPoint: TransformerLens's `reset_hooks` (called by
     `run_with_hooks`) does not know it, so a user's TransformerLens hooks inside a splice
-    cannot remove ours; we remove it ourselves through the returned handle.
+    cannot remove ours; we remove it ourselves through the returned handle. On the Bridge a hook
+    point may carry a `hook_conversion` (attention's `hook_z`, `hook_q`, ... hold flat heads); `fn`
+    sees the converted tensor, as TransformerLens's own hooks do, and its result is reverted.
     """
 
-    def forward_hook(module: torch.nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
-        return fn(output)
-
-    return hook_module(model, hook_name).register_forward_hook(forward_hook, prepend=prepend)
+    return tl_bridge.attach_forward_hook(hook_module(model, hook_name), fn, prepend=prepend)
 
 
 @contextlib.contextmanager
