@@ -1,7 +1,7 @@
 """`latentpatch serve` (issue 29 §2): the app's API on a tiny random model with a word-level tokenizer,
 each number checked against the Python API or a naive computation; its refusals (typed errors as 400
 with no forward pass run, a busy model as 409, bodies and prompts capped, no path outside its own
-files); and one end-to-end run in Debian's Chromium on the default model cut to 2 layers."""
+files). The end-to-end run in Chromium is tests/test_app_browser.py."""
 
 from __future__ import annotations
 
@@ -281,135 +281,17 @@ def test_one_job_at_a_time_and_cancel_between_forward_passes(client, bench, mode
     assert client.post("/api/search", json={"text": "w1"}).status_code == 200  # the model is free again
 
 
-# ---- end to end: Debian's Chromium, driven by Selenium through Debian's chromedriver (no browser download)
 
-EIFFEL = {"clean": "The Eiffel Tower is located in the city of", "corrupted": "The Colosseum is located in the city of",
-          "answer": " Paris", "wrong": " Rome"}
+def test_serve_refuses_an_unknown_sae_in_one_line_before_any_model_loads(monkeypatch, capsys):
+    import patching.model.loading as loading
+    from latentpatch.cli.entry import main
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad SAE was refused")
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """The default model cut to 2 layers, a random SAE at blocks.1.hook_resid_pre, and the app on a free
-    local port, served by uvicorn on a thread of this process."""
-    import socket
-
-    import uvicorn
-
-    from latentpatch.app import Workbench, create_app
-    from patching import load_model
-
-    model = load_model(n_layers=2)
-    sae = make_sae(model.cfg.d_model, 128, hook_name="blocks.1.hook_resid_pre", model_name=model.cfg.model_name, seed=3)
-    texts = ["The Eiffel Tower is in Paris, the capital of France.", "Rome is the capital of Italy and home of the Colosseum.",
-             "She bought bread, cheese and wine at the market before the train left."]
-    bench = Workbench(model, [sae], ["random-l1"], card_texts=texts)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(bench), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}", model, sae
-    server.should_exit = True
-    thread.join(10)
-    listener.close()
-
-
-@pytest.fixture(scope="module")
-def driver(served):
-    import shutil
-
-    from browser import chromium
-
-    binary = chromium()
-    chromedriver = shutil.which("chromedriver")
-    if chromedriver is None:
-        pytest.skip("Debian's chromium-driver is missing (make browser installs it)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1800", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(chromedriver), options=options)
-    yield browser
-    browser.quit()
-
-
-def _finish(driver, timeout: float = 240.0) -> str:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, timeout).until(lambda d: d.find_element("tag name", "body").get_attribute("data-job")
-                                         in ("done", "failed", "cancelled", "refused"))
-    return driver.find_element("tag name", "body").get_attribute("data-job")
-
-
-def _open(driver, url: str) -> None:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get(url)
-    WebDriverWait(driver, 30).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")
-    assert driver.find_element("id", "error").is_displayed() is False
-
-
-def _fill(driver, **values: str) -> None:
-    for name, value in values.items():
-        box = driver.find_element("id", name)
-        box.clear()
-        box.send_keys(value)
-
-
-@pytest.mark.browser
-@pytest.mark.default_model
-def test_the_app_in_chromium_shows_the_python_apis_numbers(served, driver, tmp_path):
-    from patching import LogitDiff, generate_steered, patch_latents
-
-    url, model, sae = served
-    for page in ("", "latents", "patch", "steer", "circuits"):
-        _open(driver, f"{url}/{page}")
-        assert "random-l1" in driver.find_element("id", "sae").text
-    _open(driver, f"{url}/patch")
-    _fill(driver, **EIFFEL)
-    driver.find_element("id", "run").click()
-    assert _finish(driver) == "done"
-    metric = LogitDiff(*[int(model.to_tokens(EIFFEL[w], prepend_bos=False)[0, 0]) for w in ("answer", "wrong")])
-    exact = patch_latents(model, sae, EIFFEL["clean"], EIFFEL["corrupted"], metric, progress=False)
-    rows = [[td.text for td in tr.find_elements("tag name", "td")] for tr in driver.find_elements("css selector", "#top tr")[1:]]
-    assert rows == [[f"#{e.latent}", str(e.position), f'"{e.token}"', f"{e.effect:.4f}"] for e in exact.top(10)]
-    assert driver.find_element("id", "check-summary").text.startswith("Spearman")
-    strongest = exact.top(1)[0]
-    driver.find_element("css selector", f'#heatmap td[data-latent="{strongest.latent}"][data-position="{strongest.position}"]').click()
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, 120).until(lambda d: f"Latent {strongest.latent}" in d.find_element("id", "card").text)
-    driver.save_screenshot(str(tmp_path / "patch.png"))
-    assert (tmp_path / "patch.png").stat().st_size > 20_000  # a rendered page, not a blank one
-
-    _fill(driver, corrupted="The Colosseum in Rome is located in the city of")
-    driver.find_element("id", "run").click()
-    assert _finish(driver) == "refused"
-    assert "different token lengths" in driver.find_element("id", "error").text
-
-    _open(driver, f"{url}/steer")
-    _fill(driver, prompt="My favourite city is", latents="5, 17", coefficient="40", max_new_tokens="8")
-    driver.find_element("id", "run").click()
-    assert _finish(driver) == "done"
-    reference = generate_steered(model, sae, [5, 17], "My favourite city is", method="add", coefficient=40.0, max_new_tokens=8)
-    assert driver.find_element("id", "steered").text == reference.steered[0]
-    assert driver.find_element("id", "unsteered").text == reference.unsteered[0]
-    from patching import steer
-    from patching.model.tokens import padded_tokens
-    from patching.steering.concepts import NEUTRAL
-
-    tokens, mask = padded_tokens(model, list(NEUTRAL))
-    with torch.inference_mode():
-        base = model(tokens)
-        with steer(model, sae, [5, 17], method="add", coefficient=40.0):
-            steered = model(tokens)
-    assert float(driver.find_element("id", "kl").get_attribute("data-kl")) == pytest.approx(naive_kl(base, steered, mask), rel=1e-4)
-    driver.save_screenshot(str(tmp_path / "steer.png"))
-    _fill(driver, coefficient="1e9")
-    driver.find_element("id", "run").click()
-    assert _finish(driver) == "refused" and "|c| <= 1000" in driver.find_element("id", "error").text
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_model_for", refuse)
+    assert main(["serve", "smollm2-135m-res/blocks.99.hook_resid_pre", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "blocks.99.hook_resid_pre" in err and "Traceback" not in err
+    assert main(["serve", "x", "--port", "70000"]) == 1 and "--port" in capsys.readouterr().err
