@@ -149,4 +149,34 @@ def test_refusals_before_any_forward(one_layer):
                                      rotary_dim=4).eval()
     assert_refused_before_any_forward(qk_norm, lambda: attribute_qk(qk_norm, clean, corrupted, METRIC), PatchingError, "QK-norm")
     with pytest.raises(PatchingError, match="QKConfig.method must be one of"):
-        construct_unchecked(QKConfig, method="atp*")
+        construct_unchecked(QKConfig, method="atp_gd")
+
+
+def test_atp_star_is_the_qk_fix_alone_with_no_block_after(one_layer):
+    clean, corrupted = prompts_differing_at_the_end()
+    for kind in ("q", "k"):
+        star = attribute_qk(one_layer, clean, corrupted, METRIC, kind=kind, method="atp*")
+        fixed = attribute_qk(one_layer, clean, corrupted, METRIC, kind=kind)
+        torch.testing.assert_close(star.effect, fixed.effect.abs())
+
+
+@pytest.mark.parametrize("kind, by", [("q", "position"), ("k", "all")])
+def test_atp_star_is_the_mean_of_the_qk_fix_under_each_blocks_grad_drop(kind, by):
+    """Reference: the QK fix run under TransformerLens hooks that detach block ℓ's attention and MLP
+    writes (values unchanged, gradient dropped), |estimate| averaged over the blocks after each unit."""
+    model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32, positional_embedding_type="rotary", rotary_dim=4,
+                                   normalization_type="RMS", n_key_value_heads=2, act_fn="silu", gated_mlp=True, seed=1).eval()
+    clean, corrupted = prompts_differing_at_the_end()
+    star = attribute_qk(model, clean, corrupted, METRIC, kind=kind, by=by, method="atp*")
+    n_units = star.metric.shape[1] // 3  # units are layer-major
+    per_drop = {}
+    for drop in (1, 2):
+        hooks = [(f"blocks.{drop}.hook_{name}", lambda x, hook: x.detach()) for name in ("attn_out", "mlp_out")]
+        with model.hooks(fwd_hooks=hooks):
+            r = attribute_qk(model, clean, corrupted, METRIC, kind=kind, by=by)
+        per_drop[drop] = (r.metric - r.metric_corrupted[:, None]).abs().reshape(2, 3, n_units)
+    plain = attribute_qk(model, clean, corrupted, METRIC, kind=kind, by=by)
+    last = (plain.metric - plain.metric_corrupted[:, None]).abs().reshape(2, 3, n_units)[:, 2]
+    expected = torch.stack([(per_drop[1][:, 0] + per_drop[2][:, 0]) / 2, per_drop[2][:, 1], last], 1).flatten(1)
+    torch.testing.assert_close(star.metric - star.metric_corrupted[:, None], expected, atol=1e-5, rtol=1e-4)
+    assert (star.effect >= 0).all() and (expected - last.repeat(1, 3)).abs().max() > 1e-4

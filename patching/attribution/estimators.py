@@ -149,7 +149,7 @@ def _estimate(model: Any, state: Splice, method: str, steps: int, pair_index: in
     drops = range(start, tl_compat.n_layers(model))
     total = {site: (torch.zeros_like(d[0]), torch.zeros(d[1].shape[0])) for site, d in deltas.items()}
     for layer in drops:
-        with _drop_block_gradient(model, layer):
+        with drop_block_gradient(model, layer):
             grads = _gradients(model, state, base, metric, pair_index, start, rows=1, edits=())
         for site in state.saes:
             latent_scores, error_scores = _score(deltas[site], grads[site])
@@ -197,7 +197,7 @@ def _path_gradients(model: Any, state: Splice, base: RunCache, metric: Metric, p
 
 
 @contextlib.contextmanager
-def _drop_block_gradient(model: Any, layer: int) -> Iterator[None]:
+def drop_block_gradient(model: Any, layer: int) -> Iterator[None]:
     """GradDrop: block `layer`'s attention and MLP writes keep their values but pass no gradient."""
     # Prepended so that a splice at the same hook still builds its gradient probes on top.
     names = [Site(layer, kind).hook_name for kind in ("attn_out", "mlp_out")]

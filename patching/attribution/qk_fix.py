@@ -9,6 +9,12 @@ key (one column, in every row after it) and takes the change in attention probab
 still linearised; everything up to it is exact, so on a model whose metric is linear in the pattern
 (one attention layer read at one position) the estimate equals exact patching.
 
+AtP* (`method="atp*"`) adds GradDrop (§3.2, as `atp_gd` does for latents): for every block ℓ after
+a unit's layer, the QK-fixed estimate with ∂M/∂pattern taken while block ℓ's attention and MLP writes
+pass no gradient; the score is the mean of their absolute values (a unit in the last layer keeps
+|QK fix|). It is unsigned — a ranking robust to cancellation between paths, not an effect size — and
+costs one backward pass per block after the first scored layer.
+
 Units are those of `patch_heads` (`kind` `q` or `k`, `by` `all` or `position`, in its order), so the
 result lines up with the exact sweep column for column. Key units are key/value heads under
 grouped-query attention: a key's change reaches every query head of its group, and the estimate
@@ -24,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from patching.attribution.estimators import frozen_parameters
+from patching.attribution.estimators import drop_block_gradient, frozen_parameters
 from patching.configs import resolve_config
 from patching.errors import PatchingError
 from patching.model import tl_compat, tl_paths
@@ -43,8 +49,9 @@ class QKConfig:
 
     kind: Literal["q", "k"] = "q"
     """Query heads (`q`) or key/value heads' keys (`k`)."""
-    method: Literal["atp", "atp_qk"] = "atp_qk"
-    """`atp`: `Δ · ∂M/∂(q or k)`; `atp_qk`: the pattern recomputed exactly (the QK fix)."""
+    method: Literal["atp", "atp_qk", "atp*"] = "atp_qk"
+    """`atp`: `Δ · ∂M/∂(q or k)`; `atp_qk`: the pattern recomputed exactly (the QK fix); `atp*`: the
+    QK fix with GradDrop (unsigned)."""
     by: Literal["all", "position"] = "position"
     """One unit per head at every position (`all`) or per head and position (`position`)."""
     layers: tuple[int, ...] | None = None
@@ -53,7 +60,7 @@ class QKConfig:
     """`denoise`: base = corrupted, source = clean; `noise`: the reverse."""
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("kind", self.kind, ("q", "k")), ("method", self.method, ("atp", "atp_qk")),
+        for name, value, allowed in (("kind", self.kind, ("q", "k")), ("method", self.method, ("atp", "atp_qk", "atp*")),
                                      ("by", self.by, ("all", "position")), ("direction", self.direction, ("denoise", "noise"))):
             if value not in allowed:
                 raise PatchingError(f"QKConfig.{name} must be one of {allowed}, got {value!r}")
@@ -68,7 +75,7 @@ def attribute_qk(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     if metric.readout is None:
         raise PatchingError("attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")
     reason = tl_paths.unsupported_for_qk_fix(model)
-    if reason is not None and config.method == "atp_qk":
+    if reason is not None and config.method != "atp":
         raise PatchingError(f"the QK fix cannot run on {tl_compat.model_name(model)}: {reason}")
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)
     check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
@@ -84,19 +91,52 @@ def attribute_qk(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
         metric, m_clean, m_corrupted = reference_metrics(metric, [(RunCache(b[0]), RunCache(s[0])) for b, s in runs],
                                                          config.direction)
         for i, ((_, base), (_, source)) in enumerate(runs):
-            grads = _base_gradients(model, metric, i, base, layers)
-            per_layer = [_layer_scores(model, config, layer, base, source, grads)[:, :shortest] for layer in layers]
-            scores = torch.stack(per_layer)  # (layers, heads, pos)
-            estimates[i] = (scores.sum(-1) if config.by == "all" else scores.transpose(1, 2)).flatten()
+            if config.method == "atp*":
+                estimates[i] = _grad_drop_scores(model, config, metric, i, base, source, layers, shortest)
+            else:
+                grads = _base_gradients(model, metric, i, base, layers)
+                estimates[i] = _unit_scores(config, [_layer_scores(model, config, layer, base, source, grads)[:, :shortest]
+                                                     for layer in layers])
     m_base = m_corrupted if config.direction == "denoise" else m_clean
     values = m_base[:, None] + estimates
+    effect = normalized_effect(values, m_clean, m_corrupted, config.direction)
     extra = {"unit": f"head_{config.kind}_{config.by}", "method": config.method, "layers": layers}
-    result = PatchResult(units=units, effect=normalized_effect(values, m_clean, m_corrupted, config.direction),
+    result = PatchResult(units=units, effect=effect.abs() if config.method == "atp*" else effect,
                          metric=values, metric_clean=m_clean, metric_corrupted=m_corrupted, direction=config.direction,
                          method=config.method, base_tokens=[tl_compat.to_str_tokens(model, p.base[0]) for p in pairs],
                          provenance=provenance_record(model, pairs, metric, config.direction, extra, 0))
     flag_small_spans(result)
     return result
+
+
+def _unit_scores(config: QKConfig, per_layer: list[Tensor]) -> Tensor:
+    """Flatten (heads, pos) scores per layer into `patch_heads`'s unit order."""
+    scores = torch.stack(per_layer)  # (layers, heads, pos)
+    return (scores.sum(-1) if config.by == "all" else scores.transpose(1, 2)).flatten()
+
+
+def _grad_drop_scores(model: Any, config: QKConfig, metric: Metric, pair_index: int, base: dict[str, Tensor],
+                      source: dict[str, Tensor], layers: list[int], shortest: int) -> Tensor:
+    """AtP*: per unit, the mean over blocks ℓ after its layer of |QK fix with block ℓ's gradient dropped|."""
+    n_heads = tl_compat.n_heads(model) if config.kind == "q" else tl_compat.n_kv_heads(model)
+
+    def scores(chosen: list[int], grads: dict[str, Tensor]) -> Tensor:
+        """|unit scores| of the `chosen` layers' units, zero for the rest."""
+        return _unit_scores(config, [_layer_scores(model, config, layer, base, source, grads)[:, :shortest]
+                                     if layer in chosen else torch.zeros(n_heads, shortest) for layer in layers]).abs()
+
+    total = torch.zeros(len(layers) * n_heads * (1 if config.by == "all" else shortest))
+    counts = torch.zeros(len(layers))
+    for drop in range(min(layers) + 1, tl_compat.n_layers(model)):
+        before = [layer for layer in layers if layer < drop]
+        with drop_block_gradient(model, drop):
+            total += scores(before, _base_gradients(model, metric, pair_index, base, before))
+        counts += torch.tensor([float(layer < drop) for layer in layers])
+    last = [layer for layer, count in zip(layers, counts.tolist()) if count == 0]
+    if last:  # units with no block after them: plain |QK fix|
+        total += scores(last, _base_gradients(model, metric, pair_index, base, last))
+        counts[counts == 0] = 1
+    return total / counts.repeat_interleave(len(total) // len(layers))  # units are layer-major
 
 
 def _names(model: Any, layer: int) -> dict[str, str]:
