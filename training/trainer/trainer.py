@@ -7,8 +7,8 @@ SAE on the same batch), `_log`, `_evaluate`, `_checkpoint`. Several SAEs (an L1 
 widths) share each batch, so the data is read or harvested once for all of them.
 
 Reliability (RELIABILITY.md R8-R11): checkpoints hold every piece of state, resume is exact on
-CPU, a non-finite value stops training before any parameter changes, and Ctrl-C finishes the
-running step, writes a checkpoint and raises `TrainingInterrupted` with signal handlers restored.
+CPU, a non-finite value stops training before any parameter changes, and Ctrl-C or SIGTERM finishes
+the running step, writes a checkpoint and raises `TrainingInterrupted` with signal handlers restored.
 """
 
 from __future__ import annotations
@@ -373,21 +373,24 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sigint_deferred(self) -> Iterator[None]:
-        """While training, a first Ctrl-C only asks the loop to stop after the running step."""
+        """While training, a first Ctrl-C or SIGTERM (`kill`, a scheduler ending a job) only asks
+        the loop to stop after the running step; a second one stops at once."""
         self._interrupt_requested = False
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
 
         def request_stop(signum: int, frame: Any) -> None:
-            if self._interrupt_requested:  # a second Ctrl-C stops at once
+            if self._interrupt_requested:
                 raise KeyboardInterrupt
             self._interrupt_requested = True
-            log.warning("Ctrl-C: finishing step %d, then writing a checkpoint", self.step + 1)
+            log.warning("%s: finishing step %d, then writing a checkpoint", signal.Signals(signum).name, self.step + 1)
 
-        signal.signal(signal.SIGINT, request_stop)
+        for number in previous:
+            signal.signal(number, request_stop)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():  # None: set outside Python, which cannot be restored
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)
