@@ -295,3 +295,11 @@ def test_serve_refuses_an_unknown_sae_in_one_line_before_any_model_loads(monkeyp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "blocks.99.hook_resid_pre" in err and "Traceback" not in err
     assert main(["serve", "x", "--port", "70000"]) == 1 and "--port" in capsys.readouterr().err
+
+
+def test_cards_are_cached_and_bounded(client, bench, monkeypatch):
+    import latentpatch.app.workbench as workbench
+
+    monkeypatch.setattr(workbench, "MAX_CARDS", 2)
+    pages = [client.get(f"/api/card/0/{latent}").text for latent in (1, 2, 1, 3)]
+    assert pages[0] == pages[2] and len(bench._cards) == 2 and (0, 3) in bench._cards

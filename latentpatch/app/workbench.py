@@ -23,6 +23,8 @@ SEARCH_K = 20
 """Latents listed by a search, strongest first."""
 TOKEN_K = 3
 """Latents shown under each token of a searched text."""
+MAX_CARDS = 256
+"""Rendered cards kept (each carries its plot, ~50 KB): the oldest goes first, so memory stays bounded (R12)."""
 
 
 class Workbench:
@@ -109,6 +111,8 @@ class Workbench:
             texts = self.card_texts()
             with self.runner.quick():
                 self._cards[key] = render_card(self.model, sae, latent, texts)
+            while len(self._cards) > MAX_CARDS:
+                del self._cards[next(iter(self._cards))]
         return self._cards[key]
 
 
