@@ -303,3 +303,28 @@ def test_cards_are_cached_and_bounded(client, bench, monkeypatch):
     monkeypatch.setattr(workbench, "MAX_CARDS", 2)
     pages = [client.get(f"/api/card/0/{latent}").text for latent in (1, 2, 1, 3)]
     assert pages[0] == pages[2] and len(bench._cards) == 2 and (0, 3) in bench._cards
+
+
+def test_a_cancelled_sweep_leaves_the_model_as_it_was(client, model, monkeypatch):
+    import latentpatch.app.experiments as experiments
+
+    before, reached, release = hook_counts(model), threading.Event(), threading.Event()
+    counted = experiments.differing
+
+    def paused(bench, pair):  # hold the job just before the exact sweep's first forward pass
+        n = counted(bench, pair)
+        reached.set()
+        release.wait(10)
+        return n
+
+    monkeypatch.setattr(experiments, "differing", paused)
+    job = client.post("/api/sweep", json=PAIR).json()
+    assert reached.wait(10)
+    client.post(f"/api/jobs/{job['id']}/cancel")
+    release.set()
+    state = wait(client, job)
+    assert state["state"] == "cancelled" and events(state, "heatmap") == [] and "cancelled" in state["error"]
+    assert hook_counts(model) == before
+    monkeypatch.setattr(experiments, "differing", counted)
+    again = wait(client, client.post("/api/sweep", json=PAIR).json())
+    assert again["state"] == "done" and events(again, "heatmap")
