@@ -39,7 +39,7 @@ from patching.paths.stream import StreamRun, ablated_outputs, stream_run
 from patching.sweep.engine import RunCache, readout_logits, reference_metrics
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Prompts, make_pairs
-from patching.sweep.patch import check_run_settings, provenance_record
+from patching.sweep.patch import check_run_settings, provenance_record, run_lengths
 
 Edge = tuple[Node, Receiver]
 
@@ -84,7 +84,7 @@ def edge_ablated_metrics(model: Any, clean: Prompts, corrupted: Prompts, metric:
     if ablation == "position_mean" and len({p.n_base for p in pairs}) > 1:
         raise PatchingError("ablation='position_mean' needs prompts of one token length, got lengths "
                             f"{sorted({p.n_base for p in pairs})}")
-    check_run_settings(model, metric, len(pairs))
+    check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
     senders, receivers = check_graph(model, senders, receivers)
     graph = [(u, r) for u in senders for r in receivers if reaches(u, r, model)]
     for i, circuit in enumerate(circuits):

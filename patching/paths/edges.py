@@ -45,7 +45,7 @@ from patching.paths.stream import StreamRun, node_output, stream_run
 from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Direction, Prompts, make_pairs
-from patching.sweep.patch import check_run_settings, provenance_record
+from patching.sweep.patch import check_run_settings, provenance_record, run_lengths
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def attribute_edges(model: Any, clean: Prompts, corrupted: Prompts, metric: Any,
         raise PatchingError("edge attribution needs a metric that reads one position (e.g. LogitDiff(position=-1))")
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)
     check_intervention(config.intervention, [p.n_base for p in pairs])
-    check_run_settings(model, metric, len(pairs))
+    check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
     senders, receivers = check_graph(model, upstream_nodes(model) if senders is None else senders,
                                      receivers_of(model) if receivers is None else receivers)
     exists = torch.tensor([[reaches(node, r, model) for r in receivers] for node in senders])

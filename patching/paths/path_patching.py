@@ -36,7 +36,7 @@ from patching.paths.stream import StreamRun, node_delta, read_stream, stream_run
 from patching.sweep.engine import DEFAULT_MEMORY_MB, RunCache, check_metric_finite, normalized_effect, readout_logits, reference_metrics
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Direction, Prompts, make_pairs
-from patching.sweep.patch import check_run_settings, provenance_record
+from patching.sweep.patch import check_run_settings, provenance_record, run_lengths
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def patch_paths(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, 
     config = resolve_config(PathConfig, config, overrides)
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)
-    check_run_settings(model, metric, len(pairs), config.batch_size, config.memory_mb)
+    check_run_settings(model, metric, len(pairs), config.batch_size, config.memory_mb, lengths=run_lengths(pairs))
     senders, receivers, wanted = _graph_or_edges(model, senders, receivers, edges, config)
     groups = [tuple(receivers)] if config.by == "sender" else [(receiver,) for receiver in receivers]
     with torch.inference_mode():
