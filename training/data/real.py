@@ -57,13 +57,39 @@ _NO_SPACE_BEFORE = {".", ",", ";", ":", "?", "!", ")", "]", "}", "'s", "'S", "n'
 _NO_SPACE_AFTER = {"(", "[", "{", "$", "``", "`"}
 
 
+def split_tags(line: str) -> list[tuple[str, str]]:
+    """The (word, tag) pairs of a `word/tag` line; a word may itself hold a slash (`1/2/cd` ->
+    `1/2`, tag `cd`); a token without a slash has tag ''."""
+    pairs = []
+    for token in line.split():
+        word, slash, tag = token.rpartition("/")
+        pairs.append((word, tag) if slash else (token, ""))
+    return pairs
+
+
 def strip_tags(line: str) -> list[str]:
     """The words of a `word/tag` line; a word may itself hold a slash (`1/2/cd` -> `1/2`)."""
-    words = []
-    for token in line.split():
-        word, slash, _tag = token.rpartition("/")
-        words.append(word if slash else token)
-    return words
+    return [word for word, _tag in split_tags(line)]
+
+
+def detokenize_spans(words: list[str]) -> tuple[str, list[tuple[int, int] | None]]:
+    """`detokenize`, with each word's (start, end) character span in the text (None for a word
+    dropped: an abbreviation's doubled period). The sparse-probing labels read the spans."""
+    out: list[str] = []
+    spans: list[tuple[int, int] | None] = []
+    glue_next, length = False, 0
+    for word in words:
+        text = {"``": '"', "''": '"', "`": "'"}.get(word, word)
+        if text == "." and out and out[-1].endswith("."):
+            spans.append(None)
+            continue  # Brown tags an abbreviation's period and the sentence's full stop apart: "Jr. ."
+        attach = glue_next or not out or word in _NO_SPACE_BEFORE
+        piece = text if attach else " " + text
+        spans.append((length + len(piece) - len(text), length + len(piece)))
+        out.append(piece)
+        length += len(piece)
+        glue_next = word in _NO_SPACE_AFTER
+    return "".join(out), spans
 
 
 def detokenize(words: list[str]) -> str:
@@ -73,22 +99,13 @@ def detokenize(words: list[str]) -> str:
     punctuation and split clitics (n't, 's, 're ...) attach to the word before; opening brackets
     and `$` to the word after.
     """
-    out: list[str] = []
-    glue_next = False
-    for word in words:
-        text = {"``": '"', "''": '"', "`": "'"}.get(word, word)
-        if text == "." and out and out[-1].endswith("."):
-            continue  # Brown tags an abbreviation's period and the sentence's full stop apart: "Jr. ."
-        attach = glue_next or not out or word in _NO_SPACE_BEFORE
-        out.append(text if attach else " " + text)
-        glue_next = word in _NO_SPACE_AFTER
-    return "".join(out).strip()
+    return detokenize_spans(words)[0].strip()
 
 
-def brown_paragraphs(raw: str) -> list[str]:
-    """Paragraphs of one Brown file: a tab opens a paragraph, other lines continue it, and a
-    headline (every tag ending in `-hl`) stands alone."""
-    paragraphs: list[list[str]] = []
+def brown_tagged_paragraphs(raw: str) -> list[list[tuple[str, str]]]:
+    """(word, tag) pairs of each paragraph of one Brown file: a tab opens a paragraph, other lines
+    continue it, and a headline (every tag ending in `-hl`) stands alone."""
+    paragraphs: list[list[tuple[str, str]]] = []
     after_headline = False
     for line in raw.splitlines():
         if not line.strip():
@@ -96,9 +113,14 @@ def brown_paragraphs(raw: str) -> list[str]:
         headline = all(token.endswith("-hl") for token in line.split())
         if line.startswith("\t") or not paragraphs or headline or after_headline:
             paragraphs.append([])
-        paragraphs[-1].extend(strip_tags(line))
+        paragraphs[-1].extend(split_tags(line))
         after_headline = headline
-    return [detokenize(words) for words in paragraphs if words]
+    return [pairs for pairs in paragraphs if pairs]
+
+
+def brown_paragraphs(raw: str) -> list[str]:
+    """Paragraphs of one Brown file as plain text (`brown_tagged_paragraphs`, tags stripped)."""
+    return [detokenize([word for word, _tag in pairs]) for pairs in brown_tagged_paragraphs(raw)]
 
 
 def brown_categories(raw: str) -> dict[str, str]:
