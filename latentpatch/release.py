@@ -131,7 +131,8 @@ def reevaluate(release: str, sae_id: str, *, root: Path = RELEASES_DIR, n_rows: 
     registry_path = root / REGISTRY_FILE
     registry = json.loads(registry_path.read_text())
     entry = registry[release]["saes"][sae_id]
-    entry["heldout"] = figures
+    # the quality blocks (`latentpatch.quality`: error_share, probing, generalisation) are measured apart: kept
+    entry["heldout"] = {**{k: v for k, v in entry.get("heldout", {}).items() if isinstance(v, dict)}, **figures}
     atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
     return entry
 
