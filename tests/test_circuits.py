@@ -172,3 +172,71 @@ def test_position_mean_over_identical_clean_prompts_changes_nothing(model, promp
     with pytest.raises(PatchingError, match="ablation must be one of"):
         edge_ablated_metrics(model, clean, corrupted, METRIC, [set()], senders=senders, receivers=receivers,
                              ablation="median")
+
+
+def test_graph_json_round_trip_and_drawing(planted, prompts, tmp_path):
+    import json
+
+    from patching.paths.circuits import find_circuit
+    from patching.paths.graph import EDGE_KEYS, GRAPH_NODE_KINDS, METADATA_KEYS, NODE_KEYS, check_graph_document
+
+    clean, corrupted = prompts
+    found = find_circuit(planted, clean, corrupted, METRIC, threshold=0.02, method="eap", steps=1)
+    doc = json.loads(found.to_graph_json(tmp_path / "graph.json").read_text())
+    check_graph_document(doc)
+    assert doc["schema"] == "latentpatch.graph/1" and set(METADATA_KEYS) <= set(doc["metadata"])
+    assert all(set(NODE_KEYS) <= set(n) and n["kind"] in GRAPH_NODE_KINDS for n in doc["nodes"])
+    assert all(set(EDGE_KEYS) <= set(e) for e in doc["edges"])
+    ids = {n["id"]: n for n in doc["nodes"]}
+    expected = {(u.label() if u.kind != "embed" else "embed",
+                 "logits" if r.kind == "logits" else f"L{r.layer}H{r.head}", float(w))
+                for (u, r), w in zip(found.edges, found.exact)}
+    assert {(e["source"], e["target"], round(e["weight"], 5)) for e in doc["edges"]} == {(u, r, round(w, 5))
+                                                                                        for u, r, w in expected}
+    assert ids["logits"]["kind"] == "logit" and ids["embed"]["kind"] == "embedding" and ids["embed"]["layer"] == -1
+    assert ids["L0H1"]["influence"] > 0 and doc["metadata"]["scores"]["faithfulness"] > 0.99
+    assert doc["metadata"]["model"] == found.provenance["model"] and doc["metadata"]["prompts"]["base"]
+    assert found.plot_graph(tmp_path / "graph.png").stat().st_size > 0
+    broken = dict(doc, edges=doc["edges"] + [{"source": "nowhere", "target": "logits", "weight": 1.0}])
+    with pytest.raises(PatchingError, match="between existing node ids"):
+        check_graph_document(broken)
+    with pytest.raises(PatchingError, match="metadata lacks"):
+        check_graph_document(dict(doc, metadata={}))
+
+
+def test_threshold_curve_ends_faithful_with_an_empty_complement(planted, prompts, tmp_path):
+    from patching.paths.circuits import CircuitResult, find_circuit
+
+    clean, corrupted = prompts
+    found = find_circuit(planted, clean, corrupted, METRIC, threshold=0.02, method="eap", steps=1, curve_points=5)
+    curve = found.curve
+    assert int(curve.n_edges[0]) == 1 and len(curve.n_edges) >= 4
+    assert float(curve.faithfulness[-1]) == pytest.approx(1.0, abs=1e-5)  # the whole graph
+    assert float(curve.completeness[-1]) == pytest.approx(0.0, abs=1e-6)  # its complement is empty
+    at_truth = [j for j, n in enumerate(curve.n_edges.tolist()) if n >= len(found.edges)][0]
+    assert float(curve.faithfulness[at_truth]) > 0.99
+    assert (curve.threshold[:-1] >= curve.threshold[1:]).all()
+    assert found.plot_curve(tmp_path / "curve.png").stat().st_size > 0
+    loaded = CircuitResult.load(found.save(tmp_path / "saved"))
+    torch.testing.assert_close(loaded.curve.faithfulness, curve.faithfulness)
+    assert find_circuit(planted, clean, corrupted, METRIC, threshold=0.02, method="eap", curve_points=0).curve is None
+
+
+def test_graph_scores_closed_form():
+    """a → b (3), e1 → b (1), b → logit (2), e2 → logit (2): rows normalise to b: (¾, ¼), logit: (½, ½);
+    influence b ½, e2 ½, a ⅜, e1 ⅛; replacement ⅜ / (⅜ + ⅛ + ½); completeness Σ (non-error share ×
+    (influence + logit weight)) / Σ weight = (⅜ + ⅛ + ¾·½ + ½ + ½·1) / 2.5."""
+    from patching.paths.graph import graph_scores, influence
+
+    def node(i, kind):
+        return {"id": i, "kind": kind, "layer": 0, "position": None, "label": i, "activation": None, "influence": 0.0}
+
+    nodes = [node("a", "latent"), node("e1", "error"), node("b", "latent"), node("e2", "error"), node("out", "logit")]
+    edges = [{"source": s, "target": t, "weight": w} for s, t, w in
+             [("a", "b", 3.0), ("e1", "b", -1.0), ("b", "out", 2.0), ("e2", "out", 2.0)]]
+    torch.testing.assert_close(influence(nodes, edges), torch.tensor([0.375, 0.125, 0.5, 0.5, 0.0], dtype=torch.float64))
+    scores = graph_scores(nodes, edges)
+    assert scores.replacement == pytest.approx(0.375)
+    assert scores.completeness == pytest.approx((0.375 + 0.125 + 0.75 * 0.5 + 0.5 + 0.5) / 2.5)
+    no_errors = graph_scores(nodes[:1] + nodes[2:3] + nodes[4:], [edges[0], edges[2]])
+    assert (no_errors.replacement, no_errors.completeness) == (1.0, 1.0)

@@ -191,3 +191,30 @@ def test_bad_input_refused_before_any_forward(model, prompts, saes, kwargs, patt
     assert_refused_before_any_forward(
         model, lambda: attribute_latent_edges(model, chosen, clean, corrupted, METRIC, progress=False, **kwargs),
         PatchingError, pattern)
+
+
+def test_graph_json_of_a_latent_graph(model, prompts, tmp_path):
+    import json
+
+    from patching.paths.graph import check_graph_document, graph_scores
+
+    clean, corrupted = prompts
+    graph = attribute_latent_edges(model, saes_for(model), clean, corrupted, METRIC, k=None, progress=False)
+    labels = {graph.nodes[0]: "first latent"}
+    doc = json.loads(graph.to_graph_json(tmp_path / "g.json", labels=labels).read_text())
+    check_graph_document(doc)
+    by_id = {n["id"]: n for n in doc["nodes"]}
+    assert by_id[graph.nodes[0].label()]["label"] == "first latent"
+    assert {n["kind"] for n in doc["nodes"]} == {"latent", "error", "logit"}
+    into_metric = sum(e["weight"] for e in doc["edges"] if e["target"] == "logits")
+    last = [j for j, n in enumerate(graph.nodes) if n.site == SITES[1]]
+    assert into_metric == pytest.approx(float(graph.node_effect.mean(0)[last].sum()), abs=1e-5)
+    assert len(doc["edges"]) == int((graph.edge_effect.mean(0) != 0).sum()) + len(last)
+    scores = graph.scores()
+    assert 0 < scores.replacement < 1 and 0 < scores.completeness <= 1
+    assert (scores.replacement, scores.completeness) == pytest.approx(tuple(graph_scores(doc["nodes"], doc["edges"]).__dict__.values()))
+    assert doc["metadata"]["scores"]["replacement"] == pytest.approx(scores.replacement)
+    assert set(doc["metadata"]["saes"]) and doc["metadata"]["method"] == "latent_edges"
+    strong = json.loads(graph.to_graph_json(tmp_path / "s.json", threshold=0.05).read_text())
+    assert all(abs(e["weight"]) >= 0.05 for e in strong["edges"]) and len(strong["edges"]) < len(doc["edges"])
+    assert graph.plot_graph(tmp_path / "g.png", threshold=0.05).stat().st_size > 0

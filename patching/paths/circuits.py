@@ -32,6 +32,7 @@ from patching.figures import subplots
 from patching.model import tl_compat, tl_paths
 from patching.model.sites import Site
 from patching.paths.edges import attribute_edges
+from patching.paths.graph import circuit_document, plot_graph_document, write_graph_json
 from patching.paths.nodes import Node, Receiver, check_graph, reaches, receivers_of, upstream_nodes
 from patching.paths.path_patching import patch_paths
 from patching.saved import SavedResult
@@ -87,8 +88,9 @@ def edge_ablated_metrics(model: Any, clean: Prompts, corrupted: Prompts, metric:
     check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
     senders, receivers = check_graph(model, senders, receivers)
     graph = [(u, r) for u in senders for r in receivers if reaches(u, r, model)]
+    graph_set = set(graph)
     for i, circuit in enumerate(circuits):
-        stray = [e for e in circuit if e not in set(graph)]
+        stray = [e for e in circuit if e not in graph_set]
         if stray:
             raise PatchingError(f"circuit {i} holds {len(stray)} edge(s) outside the graph, e.g. "
                                 f"{stray[0][0].label()} -> {stray[0][1].label()}")
@@ -200,6 +202,9 @@ class CircuitConfig:
     """Patch the candidates exactly (path patching, one edge each) and select on the exact effects."""
     ablation: str = "resample"
     """What missing edges carry when faithfulness and completeness are measured (`ABLATIONS`)."""
+    curve_points: int = 8
+    """Circuits measured for the threshold curve (`CircuitResult.curve`): the top n edges by |estimate|
+    for n spaced geometrically up to every edge of the graph; 0 for no curve."""
     max_candidates: int = 500
     """At most this many candidates (by |estimate|) are patched exactly: each is one row of a forward
     pass, and a low threshold on a whole model's graph (~70k edges on the default) clears thousands.
@@ -214,6 +219,22 @@ class CircuitConfig:
             raise PatchingError(f"CircuitConfig.max_candidates must be a positive int, got {self.max_candidates!r}")
         if self.ablation not in ABLATIONS:
             raise PatchingError(f"CircuitConfig.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
+        if isinstance(self.curve_points, bool) or not isinstance(self.curve_points, int) or self.curve_points < 0:
+            raise PatchingError(f"CircuitConfig.curve_points must be an int >= 0, got {self.curve_points!r}")
+
+
+@dataclass(frozen=True)
+class CircuitCurve:
+    """Faithfulness and completeness as the threshold varies (Marks et al. 2024, Fig. 3), means over pairs."""
+
+    threshold: Tensor
+    """|estimate| of the last edge each circuit keeps, (points,)."""
+    n_edges: Tensor
+    """Edges in each circuit, (points,)."""
+    faithfulness: Tensor
+    """(points,)."""
+    completeness: Tensor
+    """(points,): the complement's faithfulness."""
 
 
 @dataclass
@@ -230,6 +251,31 @@ class CircuitResult(SavedResult):
     """Faithfulness and completeness of the kept edges."""
     provenance: dict[str, Any]
     """Model, prompts, metric and the settings."""
+    curve: CircuitCurve | None = None
+    """The threshold curve, when measured (`CircuitConfig.curve_points`)."""
+
+    def to_graph_json(self, path: str | Path) -> Path:
+        """Write the circuit in the `latentpatch.graph/1` schema (docs/guides/paths.md; `graph.py`)."""
+        return write_graph_json(circuit_document(self), path)
+
+    def plot_graph(self, path: str | Path) -> Path:
+        """A PNG drawing of the circuit laid out by layer, node size by influence, edge width by |weight|."""
+        return plot_graph_document(circuit_document(self), path)
+
+    def plot_curve(self, path: str | Path) -> Path:
+        """A PNG of faithfulness and completeness against the number of edges kept."""
+        if self.curve is None:
+            raise PatchingError("this circuit has no threshold curve (find_circuit(..., curve_points=0))")
+        fig, ax = subplots(figsize=(6, 4))
+        ax.plot(self.curve.n_edges.tolist(), self.curve.faithfulness.tolist(), marker="o", label="faithfulness")
+        ax.plot(self.curve.n_edges.tolist(), self.curve.completeness.tolist(), marker="s", label="completeness")
+        ax.set_xscale("log")
+        ax.set_xlabel("edges kept (by |estimate|)")
+        ax.set_ylabel(f"score ({self.faithfulness.ablation} ablation)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(Path(path), dpi=120)
+        return Path(path)
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -286,7 +332,31 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     pairs = make_pairs(model, clean, corrupted, direction="noise", align=None)
     extra = {"method": config.method, "steps": config.steps, "threshold": config.threshold, "k": config.k,
              "confirm": config.confirm, "n_candidates": len(candidates), "candidates_capped": cleared > n_candidates,
-             "ablation": f.ablation}
+             "ablation": f.ablation, "n_layers": tl_compat.n_layers(model), "n_heads": tl_compat.n_heads(model),
+             "n_kv_heads": tl_compat.n_kv_heads(model)}
+    curve = (threshold_curve(model, clean, corrupted, metric, estimate, senders=senders, receivers=receivers,
+                             points=config.curve_points, ablation=config.ablation) if config.curve_points else None)
     return CircuitResult(edges=edges, estimate=torch.tensor([float(estimate[candidates[i]]) for i in kept]),
                          exact=None if exact is None else exact[kept], faithfulness=f,
-                         provenance=provenance_record(model, pairs, as_metric(metric), "noise", extra, 0))
+                         provenance=provenance_record(model, pairs, as_metric(metric), "noise", extra, 0), curve=curve)
+
+
+def threshold_curve(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, estimate: Tensor, *,
+                    senders: list[Node], receivers: list[Receiver], points: int, ablation: str) -> CircuitCurve:
+    """Faithfulness and completeness of the top n edges by |estimate| (senders × receivers), for up to
+    `points` values of n spaced geometrically from 1 to every edge of the graph; one batched run of
+    every circuit, its complement and the empty circuit per pair."""
+    graph = [(s, r) for s in range(len(senders)) for r in range(len(receivers)) if reaches(senders[s], receivers[r], model)]
+    graph.sort(key=lambda e: -abs(float(estimate[e])))
+    counts = sorted({max(1, round(len(graph) ** (j / max(points - 1, 1)))) for j in range(points)})
+    everything = {(senders[s], receivers[r]) for s, r in graph}
+    circuits = [{(senders[s], receivers[r]) for s, r in graph[:n]} for n in counts]
+    values, m_clean, _ = edge_ablated_metrics(model, clean, corrupted, metric,
+                                              circuits + [everything - c for c in circuits] + [set()],
+                                              senders=senders, receivers=receivers, ablation=ablation)
+    empty = values[:, -1:]
+    span = m_clean[:, None] - empty
+    scores = (values[:, :-1] - empty) / span  # (pairs, 2 · points)
+    return CircuitCurve(threshold=torch.tensor([abs(float(estimate[graph[n - 1]])) for n in counts]),
+                        n_edges=torch.tensor(counts), faithfulness=scores[:, :len(counts)].mean(0),
+                        completeness=scores[:, len(counts):].mean(0))

@@ -44,6 +44,7 @@ from patching.errors import PatchingError
 from patching.figures import subplots
 from patching.model import tl_compat
 from patching.model.sites import Site
+from patching.paths.graph import GraphScores, latent_document, latent_scores, plot_graph_document, write_graph_json
 from patching.saved import SavedResult
 from patching.splice.splicer import SpliceChecks, resolve_saes, splice
 from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
@@ -116,6 +117,9 @@ class LatentGraph(SavedResult):
     """(upstream, downstream) indices into `nodes`, between consecutive sites."""
     edge_effect: Tensor
     """Normalised effect of each edge, (pairs, edges)."""
+    node_activation: Tensor
+    """Each node's value in the clean run, (pairs, nodes): the latent (summed over positions for a node
+    without one), or the error's norm."""
     metric_clean: Tensor
     """M on each clean prompt, (pairs,)."""
     metric_corrupted: Tensor
@@ -131,6 +135,18 @@ class LatentGraph(SavedResult):
         order = torch.argsort(mean.abs(), descending=True, stable=True)[:k].tolist()
         return [(self.nodes[self.edges[i][0]].label(), self.nodes[self.edges[i][1]].label(), float(mean[i]))
                 for i in order]
+
+    def scores(self) -> GraphScores:
+        """circuit-tracer's replacement and completeness scores of the whole graph (`graph.py`)."""
+        return latent_scores(self)
+
+    def to_graph_json(self, path: str | Path, *, threshold: float = 0.0, labels: dict[LatentNode, str] | None = None) -> Path:
+        """Write the graph (edges with |mean effect| ≥ threshold) in the `latentpatch.graph/1` schema."""
+        return write_graph_json(latent_document(self, threshold=threshold, labels=labels), path)
+
+    def plot_graph(self, path: str | Path, *, threshold: float = 0.0, labels: dict[LatentNode, str] | None = None) -> Path:
+        """A PNG drawing of the graph laid out by layer and position (`graph.plot_graph_document`)."""
+        return plot_graph_document(latent_document(self, threshold=threshold, labels=labels), path)
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -205,7 +221,9 @@ def attribute_latent_edges(model: Any, saes: Any, clean: Prompts, corrupted: Pro
     edge_effect = normalized_effect(m_base[:, None] + raw_edges, m_clean, m_corrupted, config.direction)
     extra = {"method": "latent_edges", "k": config.k, "positions": config.positions, "n_nodes": len(nodes),
              "n_edges": len(edges), "checks": (checks or SpliceChecks()).to_dict()}
+    clean_runs = [source if config.direction == "denoise" else base for base, source in runs]
     return LatentGraph(sites=sites, nodes=nodes, node_effect=node_effect, edges=edges, edge_effect=edge_effect,
+                       node_activation=torch.stack([_activations(nodes, run) for run in clean_runs]),
                        metric_clean=m_clean, metric_corrupted=m_corrupted, direction=config.direction,
                        provenance=provenance_record(model, pairs, metric, config.direction, extra, 0, saes=resolved))
 
@@ -214,6 +232,16 @@ def _site_delta(pair: PromptPair, base: RunCache, source: RunCache, site: Site) 
     """Source minus base latents (pos, d_sae) and errors (pos, d_in) at one site."""
     return (pair.source_minus_base(source.latents[site], base.latents[site]),
             pair.source_minus_base(source.errors[site], base.errors[site]))
+
+
+def _activations(nodes: list[LatentNode], run: RunCache) -> Tensor:
+    """Each node's value in `run`: its latent, or its error's norm, at its position or summed."""
+    out = torch.zeros(len(nodes))
+    for j, node in enumerate(nodes):
+        per_pos = (run.errors[node.site].norm(dim=-1) if node.latent is None
+                   else run.latents[node.site][:, node.latent])
+        out[j] = per_pos.sum() if node.pos is None else per_pos[node.pos]
+    return out
 
 
 def _graph_nodes(sites: Sequence[Site], deltas: list[dict[Site, tuple[Tensor, Tensor]]], positions: bool) -> list[LatentNode]:
