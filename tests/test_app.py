@@ -182,6 +182,24 @@ def test_circuit_lists_find_circuits_edges(client, model):
     reference = find_circuit(model, CLEAN, CORRUPTED, metric, k=3)
     assert [(e["sender"], e["receiver"]) for e in found["edges"]] == [(u.label(), r.label()) for u, r in reference.edges]
     assert found["faithfulness"] == pytest.approx(float(reference.faithfulness.faithfulness.mean()), abs=1e-5)
+    graph = found["graph"]
+    if graph is not None:  # the circuits room's graph export (latentpatch.graph/1), drawn by the page
+        from patching.paths.graph import circuit_document
+
+        document = circuit_document(reference)
+        assert [n["id"] for n in graph["nodes"]] == [n["id"] for n in document["nodes"]]
+        assert [e["weight"] for e in graph["edges"]] == pytest.approx([e["weight"] for e in document["edges"]], abs=1e-5)
+
+
+def test_non_finite_results_are_sent_as_null():
+    import json
+
+    from latentpatch.app.jobs import Job
+
+    job = Job(id="x", kind="test")
+    job.emit("check", spearman=float("nan"), units=[{"atp": float("inf"), "exact": 0.5}], k=3)
+    sent = json.loads(json.dumps(job.to_dict(), allow_nan=False))
+    assert sent["events"][0]["spearman"] is None and sent["events"][0]["units"] == [{"atp": None, "exact": 0.5}]
 
 
 @pytest.fixture

@@ -145,6 +145,16 @@ def test_the_app_in_chromium_shows_the_python_apis_numbers(served, driver, tmp_p
     driver.find_element("id", "run").click()
     assert _finish(driver) == "refused" and "|c| <= 1000" in driver.find_element("id", "error").text
 
+    _open(driver, f"{url}/circuits")
+    _fill(driver, **EIFFEL, k="4")
+    driver.find_element("id", "run").click()
+    assert _finish(driver) == "done"
+    edges = driver.find_elements("css selector", "#edges tr")[1:]
+    assert 1 <= len(edges) <= 4 and driver.find_element("id", "circuit-summary").text.startswith(f"{len(edges)} edges")
+    drawn = driver.find_elements("css selector", "#graph svg line")
+    assert len(drawn) in (0, len(edges))  # drawn wherever the circuits room exports its graph
+    driver.save_screenshot(str(tmp_path / "circuits.png"))
+
 
 @pytest.mark.default_model
 def test_the_serve_command_prints_its_url_and_answers_there(tmp_path):

@@ -224,7 +224,18 @@ def run_circuit(bench: Workbench, pair: PairInputs, k: int, job: Job) -> None:
 
     job.set_phase(f"edge attribution, then exact path patching of the candidates (at most {4 * k})")
     result = find_circuit(bench.model, pair.clean, pair.corrupted, pair.metric, k=k)
-    graph = result.to_graph_json() if hasattr(result, "to_graph_json") else None
     table = result.to_dataframe().to_dict(orient="records")
+    graph = graph_view(result)
     job.emit("circuit", graph=graph, edges=table, faithfulness=float(result.faithfulness.faithfulness.mean()),
              completeness=float(result.faithfulness.completeness.mean()))
+
+
+def graph_view(result: Any) -> dict[str, Any] | None:
+    """The circuit's nodes and edges in the circuits room's `latentpatch.graph/1` schema (influence filled
+    in), for the page to draw; None where the installed library has no graph export yet."""
+    try:
+        from patching.paths.graph import circuit_document
+    except ImportError:
+        return None
+    document = circuit_document(result)
+    return {"schema": document["schema"], "nodes": document["nodes"], "edges": document["edges"]}

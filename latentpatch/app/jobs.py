@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,8 +63,9 @@ class Job:
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def emit(self, kind: str, **data: Any) -> None:
-        """Publish one result; appending to a list is atomic under the GIL, so readers need no lock."""
-        self.events.append({"kind": kind, "t": round(time.perf_counter() - self.started, 4), **data})
+        """Publish one result; appending to a list is atomic under the GIL, so readers need no lock.
+        Non-finite numbers become None: strict JSON has no NaN (a Spearman of one unit is NaN)."""
+        self.events.append({"kind": kind, "t": round(time.perf_counter() - self.started, 4), **finite(data)})
 
     def set_phase(self, phase: str, expected_rows: int | None = None) -> None:
         self.phase, self.rows, self.expected_rows = phase, 0, expected_rows
@@ -75,6 +77,17 @@ class Job:
         return {"id": self.id, "kind": self.kind, "state": self.state, "phase": self.phase, "rows": self.rows,
                 "progress": progress, "events": self.events[since:], "n_events": len(self.events), "error": self.error,
                 "seconds": round((self.finished or time.perf_counter()) - self.started, 3)}
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity, however nested in dicts and lists, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 class JobRunner:

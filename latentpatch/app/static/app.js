@@ -196,13 +196,57 @@ async function steerRun() {
   });
 }
 
-// ---- circuits
+// ---- circuits: the latentpatch.graph/1 document drawn as SVG, nodes by layer (left to right), edge width
+// by |weight| (red raises the metric, blue lowers it), latent nodes linked to their cards.
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function drawGraph(graph) {
+  const layers = [...new Set(graph.nodes.map((n) => n.layer))].sort((a, b) => a - b);
+  const columns = new Map(layers.map((layer) => [layer, graph.nodes.filter((n) => n.layer === layer)]));
+  const height = 70 + 46 * Math.max(...[...columns.values()].map((c) => c.length));
+  const width = 1000, step = layers.length > 1 ? (width - 160) / (layers.length - 1) : 0;
+  const at = new Map();
+  layers.forEach((layer, i) => columns.get(layer).forEach((n, j) => at.set(n.id, [80 + i * step, 40 + j * 46])));
+  const picture = svg("svg", {viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": "circuit graph"});
+  const biggest = Math.max(1e-9, ...graph.edges.map((e) => Math.abs(e.weight)));
+  graph.edges.forEach((e) => {
+    const [x1, y1] = at.get(e.source), [x2, y2] = at.get(e.target);
+    const line = svg("line", {x1, y1, x2, y2, stroke: e.weight >= 0 ? "#c62828" : "#1565c0", "stroke-opacity": 0.7,
+                              "stroke-width": 0.5 + 5 * Math.abs(e.weight) / biggest});
+    line.appendChild(svg("title", {}, `${e.source} → ${e.target}: ${e.weight.toFixed(4)}`));
+    picture.appendChild(line);
+  });
+  const colours = {embedding: "#9e9e9e", head: "#fb8c00", mlp: "#43a047", latent: "#8e24aa", error: "#616161", logit: "#212121"};
+  graph.nodes.forEach((n) => {
+    const [x, y] = at.get(n.id);
+    const group = svg("g", {"data-node": n.id});
+    group.appendChild(svg("circle", {cx: x, cy: y, r: 5 + 10 * Math.min(1, n.influence || 0), fill: colours[n.kind] || "#000"}));
+    group.appendChild(svg("text", {x: x + 14, y: y + 4, "font-size": 11}, n.label));
+    group.appendChild(svg("title", {}, `${n.id} (${n.kind}), influence ${fixed(n.influence, 3)}`));
+    const index = n.kind === "latent" && info ? info.saes.findIndex((s) => s.site === n.site) : -1;
+    if (index >= 0) {
+      group.style.cursor = "pointer";
+      group.addEventListener("click", () => { $("sae").value = String(index); openCard(n.latent); });
+    }
+    picture.appendChild(group);
+  });
+  $("graph").appendChild(picture);
+}
+
 async function circuit() {
   ["edges", "graph", "circuit-summary"].forEach((id) => { $(id).textContent = ""; });
   const body = Object.assign(pairBody(), {k: Number($("k").value)});
   await runJob("/api/circuit", body, (e) => {
     if (e.kind !== "circuit") return;
     $("circuit-summary").textContent = `${e.edges.length} edges; faithfulness ${fixed(e.faithfulness, 3)}, completeness ${fixed(e.completeness, 3)}.`;
+    if (e.graph) drawGraph(e.graph);
     table($("edges"), ["sender", "receiver", "estimate", "exact"],
           e.edges.map((r) => [r.sender, r.receiver, fixed(r.estimate, 4), fixed(r.exact, 4)]));
   });
