@@ -218,3 +218,22 @@ def test_graph_json_of_a_latent_graph(model, prompts, tmp_path):
     strong = json.loads(graph.to_graph_json(tmp_path / "s.json", threshold=0.05).read_text())
     assert all(abs(e["weight"]) >= 0.05 for e in strong["edges"]) and len(strong["edges"]) < len(doc["edges"])
     assert graph.plot_graph(tmp_path / "g.png", threshold=0.05).stat().st_size > 0
+
+
+def test_latent_labels_are_the_top_activating_tokens(model, prompts):
+    from patching.paths.labels import latent_labels
+    from patching.paths.latents import LatentNode
+
+    saes = saes_for(model)
+    corpus = torch.randint(0, 50, (5, 9), generator=torch.Generator().manual_seed(3))
+    nodes = [LatentNode(SITES[0], 2), LatentNode(SITES[1], 5, 3), LatentNode(SITES[1])]
+    labels = latent_labels(model, saes, corpus, nodes, k=2)
+    assert labels[nodes[2]] == "error"
+    for node in nodes[:2]:
+        _, cache = model.run_with_cache(corpus)
+        z = saes[node.site].encode(cache[node.site.hook_name])[..., node.latent].flatten()  # (rows · pos,)
+        top = torch.topk(z, 2).indices
+        expected = "|".join(dict.fromkeys(str(int(corpus.flatten()[i])) for i in top if z[i] > 0)) or "(silent)"
+        assert labels[node] == expected
+    with pytest.raises(PatchingError, match="no SAE given"):
+        latent_labels(model, {SITES[0]: saes[SITES[0]]}, corpus, nodes)
