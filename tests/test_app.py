@@ -174,21 +174,37 @@ def test_steer_from_a_contrast_names_the_contrast_latents(client, model, sae):
 
 def test_circuit_lists_find_circuits_edges(client, model):
     from patching import LogitDiff, find_circuit
+    from patching.paths.graph import circuit_document
 
     state = wait(client, client.post("/api/circuit", json={**PAIR, "k": 3}).json())
     assert state["state"] == "done", state["error"]
     (found,) = events(state, "circuit")
     metric = LogitDiff(*[int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in ("w7", "w8")])
-    reference = find_circuit(model, CLEAN, CORRUPTED, metric, k=3)
+    reference = find_circuit(model, CLEAN, CORRUPTED, metric, k=3, curve_points=0)
     assert [(e["sender"], e["receiver"]) for e in found["edges"]] == [(u.label(), r.label()) for u, r in reference.edges]
-    assert found["faithfulness"] == pytest.approx(float(reference.faithfulness.faithfulness.mean()), abs=1e-5)
-    graph = found["graph"]
-    if graph is not None:  # the circuits room's graph export (latentpatch.graph/1), drawn by the page
-        from patching.paths.graph import circuit_document
+    assert found["scores"]["faithfulness"] == pytest.approx(float(reference.faithfulness.faithfulness.mean()), abs=1e-5)
+    document = circuit_document(reference)
+    assert [n["id"] for n in found["graph"]["nodes"]] == [n["id"] for n in document["nodes"]]
+    assert [e["weight"] for e in found["graph"]["edges"]] == pytest.approx([e["weight"] for e in document["edges"]], abs=1e-5)
 
-        document = circuit_document(reference)
-        assert [n["id"] for n in graph["nodes"]] == [n["id"] for n in document["nodes"]]
-        assert [e["weight"] for e in graph["edges"]] == pytest.approx([e["weight"] for e in document["edges"]], abs=1e-5)
+
+def test_latent_circuit_keeps_the_k_strongest_edges_of_attribute_latent_edges(client, model, sae):
+    from patching import LogitDiff
+    from patching.paths import attribute_latent_edges
+
+    state = wait(client, client.post("/api/circuit", json={**PAIR, "k": 5, "nodes": "latents"}).json())
+    assert state["state"] == "done", state["error"]
+    (found,) = events(state, "circuit")
+    metric = LogitDiff(*[int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in ("w7", "w8")])
+    graph = attribute_latent_edges(model, sae, CLEAN, CORRUPTED, metric, progress=False)
+    # one SAE: every node feeds the metric, with its node effect (AtP)
+    effect = {node.label(): float(e) for node, e in zip(graph.nodes, graph.node_effect.mean(0))}
+    strongest = sorted(effect.items(), key=lambda item: -abs(item[1]))[:5]
+    assert [(e["sender"], e["estimate"]) for e in found["edges"]] == [(n, pytest.approx(v, abs=1e-6)) for n, v in strongest]
+    latents = [n for n in found["graph"]["nodes"] if n["kind"] == "latent"]
+    assert latents and all(n["site"] == "blocks.1.hook_resid_pre" and isinstance(n["latent"], int) for n in latents)
+    refused = client.post("/api/circuit", json={**PAIR, "nodes": "neurons"})
+    assert refused.status_code == 400 and "nodes:" in refused.json()["error"]
 
 
 def test_non_finite_results_are_sent_as_null():

@@ -151,8 +151,16 @@ def test_the_app_in_chromium_shows_the_python_apis_numbers(served, driver, tmp_p
     assert _finish(driver) == "done"
     edges = driver.find_elements("css selector", "#edges tr")[1:]
     assert 1 <= len(edges) <= 4 and driver.find_element("id", "circuit-summary").text.startswith(f"{len(edges)} edges")
-    drawn = driver.find_elements("css selector", "#graph svg line")
-    assert len(drawn) in (0, len(edges))  # drawn wherever the circuits room exports its graph
+    assert len(driver.find_elements("css selector", "#graph svg line")) == len(edges)
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element("id", "nodes")).select_by_value("latents")
+    driver.find_element("id", "run").click()
+    assert _finish(driver) == "done"
+    node = driver.find_element("css selector", '#graph svg g[data-node^="L1.resid_pre/#"]')
+    latent = node.get_attribute("data-node").split("#")[1]
+    node.click()
+    WebDriverWait(driver, 120).until(lambda d: f"Latent {latent}" in d.find_element("id", "card").text)
     driver.save_screenshot(str(tmp_path / "circuits.png"))
 
 

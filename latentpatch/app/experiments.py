@@ -4,7 +4,8 @@
   a heatmap, then AtP (`attribute_latents`) checked against exact patching (`verify`);
 - steer: latents by id or from a contrast of two text sets (`contrast_latents`), steered and unsteered
   greedy continuations streamed token by token under `steer`, and the KL cost on neutral text;
-- circuit: `find_circuit`'s edges, as a graph where the circuits room exports one.
+- circuit: `find_circuit`'s edges between heads and MLPs, or the edges between the SAEs' latents
+  (`attribute_latent_edges`), drawn from the circuits room's graph document (`latentpatch.graph/1`).
 
 The results are the library's own numbers, rounded only by the page.
 """
@@ -216,26 +217,38 @@ def neutral_kl(model: Any, sae: Any, target: Any, settings: dict[str, Any]) -> f
 def start_circuit(bench: Workbench, request: dict[str, Any]) -> Job:
     pair = check_pair(bench, request)
     k = checks.count(request.get("k", 8), "k", bench.limits.max_k)
-    return bench.runner.start("circuit", lambda job: run_circuit(bench, pair, k, job))
+    nodes = request.get("nodes", "components")
+    if nodes not in ("components", "latents"):
+        raise AppInputError(f"nodes: expected 'components' (heads and MLPs) or 'latents' (the SAEs' latents), got {nodes!r:.40}")
+    run = run_circuit if nodes == "components" else run_latent_circuit
+    return bench.runner.start("circuit", lambda job: run(bench, pair, k, job))
 
 
 def run_circuit(bench: Workbench, pair: PairInputs, k: int, job: Job) -> None:
+    """Heads, MLPs and the embedding as nodes: `find_circuit`, drawn from its graph document."""
     from patching import find_circuit
+    from patching.paths.graph import circuit_document
 
     job.set_phase(f"edge attribution, then exact path patching of the candidates (at most {4 * k})")
-    result = find_circuit(bench.model, pair.clean, pair.corrupted, pair.metric, k=k)
-    table = result.to_dataframe().to_dict(orient="records")
-    graph = graph_view(result)
-    job.emit("circuit", graph=graph, edges=table, faithfulness=float(result.faithfulness.faithfulness.mean()),
-             completeness=float(result.faithfulness.completeness.mean()))
-
-
-def graph_view(result: Any) -> dict[str, Any] | None:
-    """The circuit's nodes and edges in the circuits room's `latentpatch.graph/1` schema (influence filled
-    in), for the page to draw; None where the installed library has no graph export yet."""
-    try:
-        from patching.paths.graph import circuit_document
-    except ImportError:
-        return None
+    result = find_circuit(bench.model, pair.clean, pair.corrupted, pair.metric, k=k, curve_points=0)
     document = circuit_document(result)
-    return {"schema": document["schema"], "nodes": document["nodes"], "edges": document["edges"]}
+    job.emit("circuit", graph={"nodes": document["nodes"], "edges": document["edges"]},
+             edges=result.to_dataframe().to_dict(orient="records"), scores=document["metadata"]["scores"])
+
+
+def run_latent_circuit(bench: Workbench, pair: PairInputs, k: int, job: Job) -> None:
+    """The SAEs' latents and error nodes as nodes (a sparse feature circuit, Marks et al. 2024): every
+    node's AtP effect and the edges between consecutive sites (`attribute_latent_edges`), the `k`
+    strongest edges drawn; latent nodes open their cards."""
+    from patching.paths import attribute_latent_edges
+    from patching.paths.graph import latent_document
+
+    job.set_phase("node effects and latent-to-latent edges (one backward pass per group of downstream nodes)")
+    saes = dict(zip(bench.sites, bench.saes))
+    graph = attribute_latent_edges(bench.model, saes, pair.clean, pair.corrupted, pair.metric, progress=False)
+    weights = sorted((abs(e["weight"]) for e in latent_document(graph)["edges"]), reverse=True)
+    document = latent_document(graph, threshold=weights[min(k, len(weights)) - 1] if weights else 0.0)
+    edges = [{"sender": e["source"], "receiver": e["target"], "estimate": e["weight"], "exact": None}
+             for e in sorted(document["edges"], key=lambda e: -abs(e["weight"]))]
+    job.emit("circuit", graph={"nodes": document["nodes"], "edges": document["edges"]}, edges=edges,
+             scores=document["metadata"]["scores"])

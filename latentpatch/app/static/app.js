@@ -242,10 +242,11 @@ function drawGraph(graph) {
 
 async function circuit() {
   ["edges", "graph", "circuit-summary"].forEach((id) => { $(id).textContent = ""; });
-  const body = Object.assign(pairBody(), {k: Number($("k").value)});
+  const body = Object.assign(pairBody(), {k: Number($("k").value), nodes: $("nodes").value});
   await runJob("/api/circuit", body, (e) => {
     if (e.kind !== "circuit") return;
-    $("circuit-summary").textContent = `${e.edges.length} edges; faithfulness ${fixed(e.faithfulness, 3)}, completeness ${fixed(e.completeness, 3)}.`;
+    const scores = Object.entries(e.scores).map(([name, v]) => `${name} ${typeof v === "number" ? fixed(v, 3) : v}`);
+    $("circuit-summary").textContent = `${e.edges.length} edges; ${scores.join(", ")}.`;
     if (e.graph) drawGraph(e.graph);
     table($("edges"), ["sender", "receiver", "estimate", "exact"],
           e.edges.map((r) => [r.sender, r.receiver, fixed(r.estimate, 4), fixed(r.exact, 4)]));
