@@ -4,14 +4,22 @@ Every edge between the embedding, heads and MLPs and the heads' q/k/v inputs, ML
 ranked by edge attribution (EAP or EAP-IG), the candidates are confirmed by exact path patching, and the
 edges whose noising effect clears `--threshold` form the circuit; faithfulness and completeness are measured
 with the missing edges ablated (Marks et al. 2024's definitions).
+
+With `--sae` (repeatable; residual-stream SAEs), the latent graph of Marks et al. is computed too: every
+latent and error node at the SAEs' sites, the edges between consecutive sites into the `--latent-k`
+strongest nodes, and circuit-tracer's replacement and completeness scores. `--graph-json` writes the latent
+graph (with `--sae`) or the head circuit as `latentpatch.graph/1` JSON (docs/guides/paths.md).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from latentpatch.cli.common import COUNT_MAX, add_pair_command, bounded_int, check_out, load_plain_model, pair_metric, table
+from latentpatch.cli.common import (
+    COUNT_MAX, add_pair_command, bounded_int, check_out, load_plain_model, pair_metric, resolve_sae, table,
+)
 
 JSON_OUTPUT = {
     "edges": "the circuit's edges, by decreasing |effect|: sender, receiver, estimate, exact (null when not confirmed)",
@@ -21,6 +29,9 @@ JSON_OUTPUT = {
     "metric_clean": "the metric on each pair's clean prompt",
     "metric_corrupted": "the metric on each pair's corrupted prompt",
     "saved_to": "the result folder (--out), or null",
+    "latent_graph": "with --sae: sites, node and edge counts, replacement and completeness scores and the top "
+                    "edges (upstream, downstream, mean normalised noising effect); null without --sae",
+    "graph_json": "the graph JSON written (--graph-json), or null",
 }
 """The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
 
@@ -37,12 +48,22 @@ def register(sub: Any) -> None:
     p.add_argument("--max-candidates", type=bounded_int(1, COUNT_MAX), default=500,
                    help="at most this many candidate edges are patched exactly (default 500)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layers whose nodes form the graph (default: all)")
+    p.add_argument("--sae", action="append", default=None,
+                   help="an SAE (folder or RELEASE/SAE_ID) on the residual stream whose latents join the graph; repeat "
+                        "for several sites (the model is loaded with the first SAE's weight processing)")
+    p.add_argument("--latent-k", type=bounded_int(1, COUNT_MAX), default=32,
+                   help="downstream latent nodes per site whose incoming edges are computed (default 32)")
+    p.add_argument("--graph-json", type=Path, default=None,
+                   help="write the graph (the latent graph with --sae, else the circuit) as JSON here")
     p.set_defaults(run=run_circuit, json_output=JSON_OUTPUT, describe=describe_circuit)
 
 
 def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
     from patching.errors import PatchingError
-    from patching.paths import find_circuit, receivers_of, upstream_nodes
+    from patching.model.loading import DEFAULT_MODEL as DEFAULT
+    from patching.model.loading import load_model_for
+    from patching.paths import attribute_latent_edges, find_circuit, receivers_of, upstream_nodes
+    from patching.paths.latents import check_latent_sites
 
     if args.align is not None:
         raise PatchingError("circuit needs prompts of equal token length (--align is not supported)")
@@ -51,8 +72,11 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
     if args.direction != "denoise":
         raise PatchingError("circuit measures noising effects itself; leave --direction at its default")
     check_out(args)
-    model = load_plain_model(args.model)
+    saes = [resolve_sae(name) for name in args.sae or []]
+    model = load_plain_model(args.model) if not saes else load_model_for(saes[0], args.model if args.model != DEFAULT else None)
     metric, _ = pair_metric(args, model)
+    if saes:
+        check_latent_sites(model, saes, None)  # before the circuit's forward passes
     senders = upstream_nodes(model, args.layers)
     receivers = receivers_of(model, args.layers)
     result = find_circuit(model, args.clean, args.corrupted, metric, senders=senders, receivers=receivers,
@@ -61,12 +85,24 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
     if args.out is not None:
         result.save(args.out)
         result.plot(args.out / "circuit.png")
+    latent = (attribute_latent_edges(model, saes, args.clean, args.corrupted, metric, k=args.latent_k, direction="noise",
+                                     progress=False) if saes else None)
+    if args.graph_json is not None:
+        (latent if latent is not None else result).to_graph_json(args.graph_json)
     f = result.faithfulness
     edges = [{"sender": u.label(), "receiver": r.label(), "estimate": float(result.estimate[i]),
               "exact": None if result.exact is None else float(result.exact[i])} for i, (u, r) in enumerate(result.edges)]
     return {"edges": edges, "faithfulness": float(f.faithfulness.mean()), "completeness": float(f.completeness.mean()),
             "ablation": f.ablation, "metric_clean": f.metric_clean.tolist(), "metric_corrupted": f.metric_corrupted.tolist(),
-            "saved_to": str(args.out) if args.out else None}
+            "saved_to": str(args.out) if args.out else None, "latent_graph": None if latent is None else _latent_summary(latent),
+            "graph_json": str(args.graph_json) if args.graph_json else None}
+
+
+def _latent_summary(graph: Any) -> dict[str, Any]:
+    scores = graph.scores()
+    return {"sites": [site.hook_name for site in graph.sites], "n_nodes": len(graph.nodes), "n_edges": len(graph.edges),
+            "replacement": scores.replacement, "completeness": scores.completeness,
+            "top_edges": [{"upstream": u, "downstream": d, "effect": e} for u, d, e in graph.top_edges(10)]}
 
 
 def describe_circuit(result: dict[str, Any]) -> str:
@@ -76,6 +112,14 @@ def describe_circuit(result: dict[str, Any]) -> str:
     rows += [(e["sender"], e["receiver"], f"{e['estimate']:+.3f}", "-" if e["exact"] is None else f"{e['exact']:+.3f}")
              for e in result["edges"]]
     lines.append(table(rows))
+    if result["latent_graph"] is not None:
+        g = result["latent_graph"]
+        lines += ["", f"Latent graph over {', '.join(g['sites'])}: {g['n_nodes']} nodes, {g['n_edges']} edges; replacement "
+                      f"score {g['replacement']:.3f}, completeness {g['completeness']:.3f}.", ""]
+        lines.append(table([("upstream", "downstream", "effect")]
+                           + [(e["upstream"], e["downstream"], f"{e['effect']:+.3f}") for e in g["top_edges"]]))
+    if result["graph_json"]:
+        lines += ["", f"Graph JSON written to {result['graph_json']}."]
     if result["saved_to"]:
         lines += ["", f"Saved to {result['saved_to']}."]
     return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""`latentpatch circuit --sae ... --graph-json`: on a tiny worded model with two residual-stream SAEs saved
+as folders, the command's latent graph and JSON file equal `attribute_latent_edges` and
+`LatentGraph.to_graph_json` on the same inputs; without `--sae` the JSON is the head circuit's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import patching.model.loading as loading
+from conftest import make_sae
+from latentpatch.cli.entry import main
+from patching import LogitDiff
+from patching.model.sites import Site
+from patching.paths import attribute_latent_edges
+from worded_model import worded_model
+
+PAIR = ["--clean", "w1 w2 w3 w4 w5", "--corrupted", "w1 w9 w3 w4 w5", "--answer", "w6", "--wrong", "w7"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return worded_model(tmp_path_factory.mktemp("tokenizer"), n_layers=3)
+
+
+@pytest.fixture
+def stubbed(tiny, monkeypatch):
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append(args)
+        return tiny
+
+    monkeypatch.setattr(loading, "load_model", load)
+    yield tiny
+    assert calls
+
+
+@pytest.fixture(scope="module")
+def sae_folders(tiny, tmp_path_factory):
+    folders, saes = [], {}
+    for seed, layer in enumerate((1, 2)):
+        site = Site(layer, "resid_pre")
+        sae = make_sae(tiny.cfg.d_model, 16, hook_name=site.hook_name, model_name=tiny.cfg.model_name, seed=seed)
+        folders.append(str(sae.save(tmp_path_factory.mktemp("sae") / f"l{layer}")))
+        saes[site] = sae
+    return folders, saes
+
+
+def run(capsys, *argv):
+    code = main([*argv, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_sae_graph_json_equals_the_api(stubbed, sae_folders, capsys, tmp_path):
+    folders, saes = sae_folders
+    path = tmp_path / "graph.json"
+    out = run(capsys, "circuit", *PAIR, "--sae", folders[0], "--sae", folders[1], "--latent-k", "4",
+              "--graph-json", str(path), "--threshold", "0.5", "--method", "eap")
+    metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
+    expected = attribute_latent_edges(stubbed, saes, PAIR[1], PAIR[3], metric, k=4, direction="noise", progress=False)
+    g = out["latent_graph"]
+    assert g["sites"] == [s.hook_name for s in saes] and g["n_edges"] == len(expected.edges)
+    assert g["replacement"] == pytest.approx(expected.scores().replacement, abs=1e-6)
+    assert [(e["upstream"], e["downstream"]) for e in g["top_edges"]] == [(u, d) for u, d, _ in expected.top_edges(10)]
+    doc = json.loads(path.read_text())
+    reference = json.loads(expected.to_graph_json(tmp_path / "api.json").read_text())
+    assert [n["id"] for n in doc["nodes"]] == [n["id"] for n in reference["nodes"]]
+    assert [e["weight"] for e in doc["edges"]] == pytest.approx([e["weight"] for e in reference["edges"]], abs=1e-6)
+    assert out["graph_json"] == str(path)
+
+
+def test_without_sae_the_json_is_the_circuit(stubbed, capsys, tmp_path):
+    path = tmp_path / "circuit.json"
+    out = run(capsys, "circuit", *PAIR, "--graph-json", str(path), "--threshold", "0.2", "--method", "eap")
+    doc = json.loads(path.read_text())
+    assert out["latent_graph"] is None and len(doc["edges"]) == len(out["edges"])
+    assert {n["kind"] for n in doc["nodes"]} <= {"embedding", "head", "mlp", "logit"}
