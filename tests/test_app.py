@@ -237,6 +237,8 @@ BAD = [
     ("/api/steer", {"prompt": "w1", "latents": [1], "max_new_tokens": 5000}, "max_new_tokens: expected an integer in 1..64"),
     ("/api/steer", {"prompt": "w1", "latents": [1], "scale": "activation"}, "choose latents from a contrast"),
     ("/api/steer", {"prompt": "w1"}, "give latent ids, or positive and negative texts"),
+    ("/api/steer", {"prompt": " ".join(["w1"] * 40), "latents": [1], "max_new_tokens": 60}, "exceed the model's context of 96"),
+    ("/api/steer", {"prompt": "w1", "positive": ["w1"], "negative": [""]}, "negative[0]: expected a non-empty prompt"),
     ("/api/search", {"text": ""}, "text: expected a non-empty prompt"),
     ("/api/search", ["not", "an", "object"], "must be a JSON object"),
 ]

@@ -117,10 +117,11 @@ class SteerInputs:
 
 
 def check_steer(bench: Workbench, request: dict[str, Any]) -> SteerInputs:
+    from patching.model import tl_compat
+
     index, sae = bench.sae(request.get("sae", 0))
     limits = bench.limits
     prompt = request.get("prompt")
-    checks.prompt_tokens(bench.model, prompt, "prompt", limits)
     method, scale = request.get("method", "add"), request.get("scale", "unit")
     if method not in ("add", "clamp"):
         raise AppInputError(f"method: expected 'add' or 'clamp', got {method!r:.40}")
@@ -141,6 +142,10 @@ def check_steer(bench: Workbench, request: dict[str, Any]) -> SteerInputs:
     else:
         raise AppInputError("latents: give latent ids, or positive and negative texts to contrast")
     new = checks.count(request.get("max_new_tokens", 16), "max_new_tokens", limits.max_new_tokens)
+    length, n_ctx = int(checks.prompt_tokens(bench.model, prompt, "prompt", limits).shape[1]), tl_compat.n_ctx(bench.model)
+    if length + new > n_ctx:
+        raise AppInputError(f"max_new_tokens: the prompt's {length} tokens plus {new} new ones exceed the model's "
+                            f"context of {n_ctx} tokens")
     return SteerInputs(index, prompt, latents, positive, negative, k, method,
                        checks.coefficient(request.get("coefficient", 4.0), limits), scale, new)
 
