@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from sae.errors import SAEFileError
 from sae.files import atomic_write, read_safetensors
+from sae.safe_io import UnsafeFileError, read_bytes, read_text
 from training.parallel.distributed import Collective
 from training.errors import DataSourceError
 from training.activations.sources import ChunkSource, ShuffleBuffer, filtered
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 << 20
+"""Largest cache manifest read (a shard entry is about 150 bytes)."""
+MAX_SHARD_HEADER_BYTES = 1 << 16
+"""Slack over a shard's data for its safetensors header (ours are under 200 bytes)."""
 
 
 class _ShardWriter:
@@ -141,20 +147,31 @@ def _write_shard(folder: Path, name: str, rows: Tensor) -> dict[str, Any]:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """A cache's manifest, read through `sae.safe_io` (a FIFO or a link to /dev/zero in its place is
+    refused at once), with every shard entry checked: a plain file name, a token count, a digest."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DataSourceError(f"{folder} has no {MANIFEST}: not an activation cache, or one never finished")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_text(path, max_bytes=MAX_MANIFEST_BYTES))
         shards, d_in = manifest["shards"], manifest["d_in"]
+        bad = [e for e in shards if not (isinstance(e["file"], str) and Path(e["file"]).name == e["file"]
+                                         and _is_count(e["n_tokens"]) and isinstance(e["sha256"], str))]
+    except UnsafeFileError as err:
+        raise DataSourceError(f"cache manifest {err}") from err
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataSourceError(f"{path} is not a valid cache manifest ({err})") from err
+        raise DataSourceError(f"{path} is not a valid cache manifest ({type(err).__name__}: {err})") from err
     if manifest.get("format_version", 0) > CACHE_FORMAT_VERSION:
         raise DataSourceError(f"{path} has format_version {manifest['format_version']}, newer than "
                               f"{CACHE_FORMAT_VERSION}; upgrade latentpatch")
-    if not shards or not isinstance(d_in, int):
-        raise DataSourceError(f"{path} lists no shards or no d_in")
+    if not shards or not _is_count(d_in) or bad:
+        raise DataSourceError(f"{path} lists no shards, no d_in, or a shard entry without a plain file name, "
+                              f"token count and sha256: {bad[:1]}")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class CachedChunks:
@@ -202,10 +219,12 @@ class CachedChunks:
 
     def _read_shard(self, folder: Path, entry: dict[str, Any]) -> Tensor:
         path = folder / entry["file"]
+        # float32 rows as the manifest counts them, plus the header: a larger file is not this shard.
+        bound = 4 * entry["n_tokens"] * self.d_in + MAX_SHARD_HEADER_BYTES
         try:
-            blob = path.read_bytes()
-        except OSError as err:
-            raise DataSourceError(f"cannot read cache shard {path} ({err})") from err
+            blob = read_bytes(path, max_bytes=bound)
+        except UnsafeFileError as err:
+            raise DataSourceError(f"cannot read cache shard {err}") from err
         if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
             raise DataSourceError(f"cache shard {path}: SHA-256 differs from the manifest (changed or truncated)")
         try:

@@ -26,6 +26,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from sae.atomic import fsync_path
+from sae.files import memory_bytes
+from sae.safe_io import UnsafeFileError, read_bytes, read_text, sha256_file
 from training.errors import CheckpointError
 from training.state import flatten_state, unflatten_state
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 STATE_TENSORS, STATE_JSON, MANIFEST = "state.safetensors", "state.json", "manifest.json"
 CHECKPOINT_FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest checkpoint manifest read (ours are a few hundred bytes)."""
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -112,46 +116,77 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: p.name)
 
 
+def checked_manifest(folder: Path, *, hash_files: bool = True) -> dict[str, Any]:
+    """The manifest of a complete checkpoint whose files match it (`hash_files=False`: the caller
+    hashes what it reads); else `CheckpointError` naming the file and the problem. Every file is read through `sae.safe_io` (a regular file of bounded
+    size, hashed as it streams): a FIFO, a link to /dev/zero or a folder in a checkpoint is refused
+    at once instead of blocking or filling memory."""
+    try:
+        manifest = json.loads(read_text(folder / MANIFEST, max_bytes=MAX_MANIFEST_BYTES))
+        files, step, fingerprint = manifest["files"], manifest["step"], manifest["fingerprint"]
+        if not isinstance(files, dict) or set(files) != {STATE_TENSORS, STATE_JSON}:
+            raise CheckpointError(folder / MANIFEST, f"must list exactly {STATE_TENSORS} and {STATE_JSON}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(fingerprint, str):
+            raise CheckpointError(folder / MANIFEST, f"step {step!r} or fingerprint {fingerprint!r} is not valid")
+        for name, digest in files.items() if hash_files else ():
+            if sha256_file(folder / name, max_bytes=memory_bytes()) != digest:
+                raise CheckpointError(folder / name, "SHA-256 differs from the manifest (changed or truncated)")
+    except UnsafeFileError as err:
+        raise CheckpointError(err.path, err.problem) from err
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(folder / MANIFEST, f"not a valid checkpoint manifest ({type(err).__name__}: {err})") from err
+    return manifest
+
+
 def verify_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The manifest if `folder` is a complete checkpoint whose files match it, else None."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        for name, digest in manifest["files"].items():
-            if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
-                return None
-        return manifest
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return checked_manifest(folder)
+    except CheckpointError:
         return None
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest checkpoint under `root` that verifies; newer broken ones are skipped."""
     for folder in reversed(checkpoint_dirs(root)):
-        if verify_checkpoint(folder) is not None:
+        try:
+            checked_manifest(folder)
             return folder
-        log.warning("skipping incomplete or corrupt checkpoint %s", folder)
+        except CheckpointError as err:
+            log.warning("skipping incomplete or corrupt checkpoint %s (%s)", folder, err)
     return None
 
 
 def load_checkpoint(folder: str | Path, *, fingerprint: str) -> tuple[int, dict[str, Any]]:
     """Read a checkpoint's step and state; refuse one written under a different configuration."""
     folder = Path(folder)
-    manifest = verify_checkpoint(folder)
-    if manifest is None:
-        raise CheckpointError(folder, "incomplete or corrupt (manifest missing or hashes differ)")
+    manifest = checked_manifest(folder, hash_files=False)  # `_read_checked` hashes the bytes it parses
     if manifest.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(folder, f"format_version {manifest['format_version']} is newer than "
                               f"{CHECKPOINT_FORMAT_VERSION}; upgrade latentpatch")
     if manifest["fingerprint"] != fingerprint:
         raise CheckpointError(folder, f"written under another configuration (fingerprint {manifest['fingerprint'][:12]}, "
                               f"now {fingerprint[:12]}): trainer config, SAE configs and data must match to resume")
+    blob = _read_checked(folder / STATE_TENSORS, manifest["files"][STATE_TENSORS])
     try:
-        # safetensors never runs code; the SHA-256 in the manifest was checked just above.
-        tensors = load_safetensors_bytes((folder / STATE_TENSORS).read_bytes())
+        # safetensors never runs code; the bytes were hashed against the manifest as they were read.
+        tensors = load_safetensors_bytes(blob)
     except Exception as err:  # the library's parse errors carry no path
-        raise CheckpointError(folder, f"bad state tensors ({err})") from err
-    tree = json.loads((folder / STATE_JSON).read_text())
+        raise CheckpointError(folder / STATE_TENSORS, f"bad state tensors ({err})") from err
+    tree = json.loads(_read_checked(folder / STATE_JSON, manifest["files"][STATE_JSON]))
     return int(manifest["step"]), unflatten_state(tree, tensors)
+
+
+def _read_checked(path: Path, digest: str) -> bytes:
+    """`path`'s bytes (guarded, at most this machine's memory), checked against `digest` once read:
+    the bytes parsed are the bytes hashed, whatever changed on disk since the manifest was checked."""
+    try:
+        blob = read_bytes(path, max_bytes=memory_bytes())
+    except UnsafeFileError as err:
+        raise CheckpointError(err.path, err.problem) from err
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise CheckpointError(path, "SHA-256 differs from the manifest (changed while resuming)")
+    return blob
 
 
 def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

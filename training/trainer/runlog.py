@@ -16,11 +16,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sae.files import atomic_write
+from sae.safe_io import read_text
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+MAX_LOG_BYTES = 1 << 30
+"""Largest training log read back on resume (a record is a few hundred bytes)."""
 BAR_KEYS = ("mse", "explained_variance", "l0", "dead_fraction")
 BAR_NAMES = {"mse": "mse", "explained_variance": "ev", "l0": "L0", "dead_fraction": "dead"}
 
@@ -60,7 +63,7 @@ class RunLog:
             self.path.write_text("")
             return []
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in read_text(self.path, max_bytes=MAX_LOG_BYTES).splitlines():  # a FIFO or /dev/zero link: refused
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
