@@ -20,10 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from patching.model.hook_names import hook_name
 from patching.model.tl_bridge import BackendUnsupportedError, attach_forward_hook
+from patching.model.tl_readout import readout
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ def _attach(model: Any, name: str, fn: Any, prepend: bool = False) -> Any:
     return attach_forward_hook(model.hook_dict[name], fn, prepend=prepend)
 
 
-def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace: Sequence[tuple[str, Any]] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace: Sequence[tuple[str, Any]] = (),
+                  attention_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward of `tokens`, stopped after the last block: its output (the final residual stream,
     before the final norm), the activations at `hook_names`, with `replace` hooks (name, fn) put first
     on their hook points. Every hook is removed however the run ends."""
@@ -63,7 +66,7 @@ def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace
     handles += [_attach(model, name, keep(name)) for name in dict.fromkeys(hook_names) if name != last]
     handles.append(_attach(model, last, stop))  # the last hook of the last hook point: every other one has fired
     try:
-        model(tokens)
+        model(tokens) if attention_mask is None else model(tokens, attention_mask=attention_mask)
     except _Stop:
         pass
     finally:
@@ -130,3 +133,25 @@ def _writer(rows: slice, residual: Tensor) -> Any:
 
 def is_full_rows(cache: Any) -> bool:
     return isinstance(cache, FullRows)
+
+
+def run_blocks(model: Any, residual: Tensor, start_layer: int) -> Tensor:
+    """Blocks `start_layer..n_layers-1` on `residual` `(rows, pos, d_model)`; the final residual stream.
+
+    The Bridge cannot start at a layer, but a block reads only the residual stream before it and the
+    positions (rotary or none: learned positions are added before block 0), never the tokens: the
+    forward runs placeholder tokens (id 0) and a hook put first on `blocks.{start_layer}.hook_resid_pre`
+    replaces what reached it with `residual` (gradients flow into it). Exact; the blocks before
+    `start_layer` run and are thrown away."""
+    placeholder = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
+    final, _ = _run_to_final(model, placeholder, [], [(hook_name(start_layer, "resid_pre"), lambda x: residual.to(x.dtype))])
+    return final
+
+
+def forward_step(model: Any, tokens: Tensor, attention_mask: Tensor, *, last_only: bool) -> Tensor:
+    """`tl_generation.forward_step` without a key-value cache on the Bridge: the whole sequence,
+    the mask marking left padding (the Bridge derives position ids from it)."""
+    if not last_only:
+        return model(tokens, attention_mask=attention_mask)
+    final, _ = _run_to_final(model, tokens, [], attention_mask=attention_mask)
+    return readout(model, final[:, -1:])

@@ -189,8 +189,18 @@ def run_blocks(model: TLModel, residual: Tensor, start_layer: int, past_kv_cache
     With `past_kv_cache` the residual holds only the positions after the cached prefix. It is made
     contiguous: a block whose MLP reads its input unnormalized (parallel attention and MLP, no norm)
     hands it to TransformerLens's `batch_addmm`, whose `.view` refuses an expanded tensor."""
-    tl_bridge.require_hooked(model, "start_at_layer")
+    if tl_bridge.is_bridge(model) and past_kv_cache is None:
+        return tl_bridge_rows.run_blocks(model, residual, start_layer)
+    tl_bridge.require_hooked(model, "past_kv_cache" if past_kv_cache is not None else "start_at_layer")
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
+
+
+def require_key_value_prefix(model: Any, what: str) -> None:
+    """Refuse a Bridge model before any forward pass where `what` runs rows after a key-value prefix
+    of TransformerLens's (causal tracing's noised rows, path patching's suffixes), which it lacks."""
+    if tl_bridge.is_bridge(model):
+        raise tl_bridge.BackendUnsupportedError(f"{what} on the bridge backend: {tl_bridge.MISSING['past_kv_cache']}; "
+                                                f"load the model with backend='hooked'")
 
 
 def full_rows(model: TLModel) -> bool:

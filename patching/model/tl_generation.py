@@ -26,6 +26,7 @@ from patching.model.tl_readout import readout
 def prefix_cache(model: TLModel, prefix_tokens: Tensor) -> Any:
     """Keys and values of a prompt prefix at every layer, frozen for reuse by many suffix runs
     (one cache row per row of `prefix_tokens`; hooks attached by the caller act on the prefix run)."""
+    tl_bridge.require_hooked(model, "past_kv_cache")
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=prefix_tokens.shape[0])
@@ -238,6 +239,8 @@ def new_kv_cache(model: TLModel, rows: int, prefix: Any = None) -> Any:
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+    if tl_bridge.is_bridge(model) and prefix is None:
+        return None  # the Bridge takes no TransformerLens cache: its decoding runs uncached (slower, same tokens)
     if prefix is None:
         return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=rows)
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1).clone(),
@@ -256,7 +259,12 @@ def forward_step(model: TLModel, tokens: Tensor, attention_mask: Tensor, cache: 
     """Logits of `tokens` (the positions after what `cache` holds, or a whole sequence without a
     cache); `attention_mask` covers exactly `tokens` (0 marks left padding). `last_only`: only the
     last position's, `(batch, 1, vocab)`, so that a prompt pass does not unembed every position
-    (the unembedding is a fifth of the default model's multiply-adds per token)."""
+    (the unembedding is a fifth of the default model's multiply-adds per token). On the Bridge only
+    without a cache (`new_kv_cache` gives it none)."""
+    if tl_bridge.is_bridge(model):
+        if cache is not None:
+            tl_bridge.require_hooked(model, "past_kv_cache")
+        return tl_bridge_rows.forward_step(model, tokens, attention_mask, last_only=last_only)
     if not last_only:
         return model(tokens, return_type="logits", attention_mask=attention_mask, past_kv_cache=cache)
     final = model(tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)

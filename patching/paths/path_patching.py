@@ -77,6 +77,7 @@ def patch_paths(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, 
     has the base run's metric exactly, without a forward pass. Instead of `senders` × `receivers`,
     `edges` names single (sender, receiver) edges (`by="edge"`): only those run, every other cell
     of the grid is NaN."""
+    tl_compat.require_key_value_prefix(model, "path patching")
     config = resolve_config(PathConfig, config, overrides)
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)
