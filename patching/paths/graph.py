@@ -144,7 +144,8 @@ def _jsonable(value: Any) -> Any:
 
 def plot_graph_document(doc: dict[str, Any], path: str | Path) -> Path:
     """A PNG: nodes laid out by layer (y) and position (x; nodes summed over positions spread along x
-    within their layer), size by influence, edges by |weight|, latent and error nodes labelled."""
+    within their layer), size by influence, edges by |weight| (blue positive, red negative), every node
+    labelled (latents by their `label`, e.g. top activating tokens)."""
     nodes, edges = doc["nodes"], doc["edges"]
     xy = _layout(nodes)
     fig, ax = subplots(figsize=(9, 7))
@@ -156,13 +157,14 @@ def plot_graph_document(doc: dict[str, Any], path: str | Path) -> Path:
     top = max([float(n["influence"]) for n in nodes] + [1e-12])
     colors = {"embedding": "tab:gray", "head": "tab:orange", "mlp": "tab:green", "latent": "tab:purple",
               "error": "tab:red", "logit": "black"}
-    for node in nodes:
+    for i, node in enumerate(nodes):
         x, y = xy[node["id"]]
         ax.scatter([x], [y], s=20 + 300 * max(float(node["influence"]), 0) / top, color=colors[node["kind"]], zorder=2)
-        if node["kind"] in ("latent", "error", "logit", "head", "mlp", "embedding"):
-            ax.annotate(str(node["label"])[:28], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        # staggered and tilted, so the labels of a crowded layer stay apart
+        ax.annotate(str(node["label"])[:24], (x, y), fontsize=6, xytext=(3, 3 + 7 * (i % 3)), textcoords="offset points",
+                    rotation=25)
     ax.set_ylabel("layer")
-    ax.set_xlabel("position")
+    ax.set_xlabel("position (nodes summed over positions are spread along their layer)")
     ax.set_title(f"{len(nodes)} nodes, {len(edges)} edges ({doc['metadata']['method']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(Path(path), dpi=120)
