@@ -3,9 +3,9 @@
 `kill PID`, a scheduler ending a job, or `timeout` send SIGTERM, which by default ends Python at
 once: `train` lost the steps since its last checkpoint and left what it was writing. Now training
 finishes the running step, writes a checkpoint and stops with `TrainingInterrupted`, restoring the
-handlers it replaced; the resumed run ends bit-identical to an uninterrupted one. `harvest` stops
-with the tokens in hand and leaves exact caches: the same caches a harvest of that many tokens
-writes.
+handlers it replaced; the resumed run ends bit-identical to an uninterrupted one. `harvest`, on
+SIGTERM or Ctrl-C alike, stops with the tokens in hand and leaves exact caches: the same caches a
+harvest of that many tokens writes.
 """
 
 from __future__ import annotations
@@ -138,22 +138,24 @@ def _harvest(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_sigterm_stops_a_harvest_with_exact_caches(tmp_path, monkeypatch, capsys):
-    """SIGTERM during `harvest` (at its third forward pass) ends it with the tokens in hand: exit 0,
-    `stopped_early`, and caches equal, shard for shard, to a harvest asked for that many tokens."""
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_stops_a_harvest_with_exact_caches(tmp_path, monkeypatch, capsys, number):
+    """SIGTERM or Ctrl-C during `harvest` (at its third forward pass) ends it with the tokens in hand:
+    exit 0, `stopped_early`, and caches equal, shard for shard, to a harvest asked for that many tokens.
+    (Ctrl-C used to abort, leaving shards without a manifest.)"""
     from patching.model import tl_compat
 
     model = worded_model(tmp_path / "tokenizer")
     calls = stub_model_loader(monkeypatch, lambda *args, **kwargs: model)
     text = tmp_path / "words.txt"
     text.write_text("\n\n".join(" ".join(f"w{(7 * d + i) % 47}" for i in range(30)) for d in range(40)) + "\n")
-    before = signal.getsignal(signal.SIGTERM)
+    before = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
     forwards: list[int] = []
 
     def terminate_on_third(act):
         forwards.append(1)
         if len(forwards) == 3:
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(number)
 
     common = ["--sites", "1", "--text", str(text), "--context-size", "8", "--rows-per-chunk", "2"]
     handle = tl_compat.attach_hook(model, "hook_embed", terminate_on_third)
@@ -161,7 +163,7 @@ def test_sigterm_stops_a_harvest_with_exact_caches(tmp_path, monkeypatch, capsys
         stopped = _harvest([*common, "--tokens", "100000", "--out", str(tmp_path / "a")], capsys)
     finally:
         handle.remove()
-    assert calls and signal.getsignal(signal.SIGTERM) is before
+    assert calls and {n: signal.getsignal(n) for n in before} == before
     assert stopped["stopped_early"] and 0 < stopped["tokens_per_site"] < 100000
     again = _harvest([*common, "--tokens", str(stopped["tokens_per_site"]), "--out", str(tmp_path / "b")], capsys)
     assert not again["stopped_early"]

@@ -91,14 +91,21 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     bar = tqdm(total=args.tokens, desc=f"harvesting {len(sites)} sites", unit="tok", disable=args.no_progress,
                mininterval=10, file=sys.stderr)
     stopping: list[int] = []
-    # SIGTERM finishes the caches with the tokens in hand (a background job cannot get SIGINT).
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+
+    def stop_after_chunk(signum: int, frame: Any) -> None:
+        if stopping:  # a second Ctrl-C or SIGTERM stops at once (the caches stay unfinished)
+            raise KeyboardInterrupt
+        stopping.append(signum)
+
+    # Ctrl-C or SIGTERM (a background job cannot get SIGINT) finishes the caches with the tokens in hand.
+    previous = {number: signal.signal(number, stop_after_chunk) for number in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
     try:
         caches = write_activation_caches(chunks, folders, n_tokens=args.tokens, progress=bar,
                                          stop=lambda: bool(stopping))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
     seconds = time.perf_counter() - start
     bar.close()
     tokens = json.loads((next(iter(caches.values())) / "manifest.json").read_text())["n_tokens"]
