@@ -2,15 +2,17 @@
 the same Python call, in the same run (issue 29, target <= 1.2x).
 
 The app runs in this process on a thread (uvicorn on a free 127.0.0.1 port) and is driven over HTTP as
-the page drives it: POST the request, then poll the job every 50 ms until the result is there. Two results:
+the page drives it: POST the request, then long-poll the job (answered at each new result, or after
+0.5 s) until the result is there. Two results:
 
 - sweep: the exact latent sweep's heatmap (the page's first result) against `patch_latents(...)` on the
   same pair (the app also counts the differing latents first, for its progress bar: that is overhead too);
 - steered generation: the whole steered continuation on the page (streamed token by token) against the
   same greedy generation under `steer(...)` in Python. The first streamed token's time is printed too.
 
-Runs are interleaved `--repeats` times so that load from other processes hits both alike; medians are
-reported. The last line printed is one JSON object.
+Runs are interleaved `--repeats` times so that load from other processes hits both alike; medians and
+minimums are reported (on a loaded machine the minimum is the better estimate of each one's own cost).
+The last line printed is one JSON object.
 
     python benchmarks/app_overhead.py [--sae smollm2-135m-res/blocks.5.hook_resid_pre] [--n-layers N] [--repeats 3]
 """
@@ -38,8 +40,8 @@ from patching.splice.generate import generate
 PAIR = {"clean": "The Eiffel Tower is located in the city of", "corrupted": "The Colosseum is located in the city of",
         "answer": " Paris", "wrong": " Rome"}
 PROMPT = "My favourite city is"
-POLL_S = 0.05
-"""The page's polling interval (app.js)."""
+WAIT_S = 0.5
+"""The page's long-poll timeout (app.js)."""
 
 
 def serve(bench: Workbench) -> tuple[str, uvicorn.Server, threading.Thread]:
@@ -60,7 +62,7 @@ def until(client: httpx.Client, url: str, body: dict, seen) -> dict[str, float]:
     times: dict[str, float] = {}
     since = 0
     while True:
-        state = client.get(f"/api/jobs/{job['id']}", params={"since": since}).json()
+        state = client.get(f"/api/jobs/{job['id']}", params={"since": since, "wait": WAIT_S}).json()
         for event in state["events"]:
             name = seen(event)
             if name is not None and name not in times:
@@ -69,7 +71,6 @@ def until(client: httpx.Client, url: str, body: dict, seen) -> dict[str, float]:
         if state["state"] != "running":
             assert state["state"] == "done", state["error"]
             return times
-        time.sleep(POLL_S)
 
 
 def steer_event(event: dict) -> str | None:
@@ -115,14 +116,18 @@ def main() -> None:
     server.should_exit = True
     thread.join(10)
     median = {name: statistics.median(values) for name, values in times.items()}
+    least = {name: min(values) for name, values in times.items()}
     for name, values in times.items():
-        print(f"{name:24s} {median[name]:8.3f} s  (runs: {', '.join(f'{v:.3f}' for v in values)})")
+        print(f"{name:24s} median {median[name]:8.3f} s, min {least[name]:8.3f} s  (runs: {', '.join(f'{v:.3f}' for v in values)})")
     print(json.dumps({
         "benchmark": "app_overhead", "model": tl_compat.model_name(model), "n_layers": tl_compat.n_layers(model),
-        "sae": args.sae, "units": len(result.units), "tokens": args.tokens, "repeats": args.repeats, "poll_s": POLL_S,
+        "sae": args.sae, "units": len(result.units), "tokens": args.tokens, "repeats": args.repeats, "long_poll_s": WAIT_S,
         **{f"{name}_s": round(value, 4) for name, value in median.items()},
+        **{f"{name}_min_s": round(value, 4) for name, value in least.items()},
         "sweep_ratio": round(median["sweep_app"] / median["sweep_python"], 4),
-        "steer_ratio": round(median["steer_app"] / median["steer_python"], 4), "target_ratio": 1.2,
+        "steer_ratio": round(median["steer_app"] / median["steer_python"], 4),
+        "sweep_ratio_min": round(least["sweep_app"] / least["sweep_python"], 4),
+        "steer_ratio_min": round(least["steer_app"] / least["steer_python"], 4), "target_ratio": 1.2,
         "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
     }))
 

@@ -364,3 +364,21 @@ def test_a_cancelled_sweep_leaves_the_model_as_it_was(client, model, monkeypatch
     monkeypatch.setattr(experiments, "differing", counted)
     again = wait(client, client.post("/api/sweep", json=PAIR).json())
     assert again["state"] == "done" and events(again, "heatmap")
+
+
+def test_a_long_poll_answers_at_the_next_result(client, bench):
+    go = threading.Event()
+
+    def slow(job):
+        go.wait(5)
+        job.emit("note", text="ready")
+
+    job = bench.runner.start("test", slow)
+    threading.Timer(0.3, go.set).start()
+    start = time.monotonic()
+    state = client.get(f"/api/jobs/{job.id}", params={"since": 0, "wait": 8}).json()
+    assert 0.25 < time.monotonic() - start < 4 and [e["text"] for e in state["events"]] == ["ready"]
+    assert wait(client, {"id": job.id})["state"] == "done"
+    start = time.monotonic()  # an ended job answers a long poll at once
+    assert client.get(f"/api/jobs/{job.id}", params={"since": 1, "wait": 8}).json()["state"] == "done"
+    assert time.monotonic() - start < 2

@@ -61,11 +61,26 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    """Notified at each event and when the job ends: a long poll (`wait_for`) answers at once."""
 
     def emit(self, kind: str, **data: Any) -> None:
         """Publish one result; appending to a list is atomic under the GIL, so readers need no lock.
         Non-finite numbers become None: strict JSON has no NaN (a Spearman of one unit is NaN)."""
-        self.events.append({"kind": kind, "t": round(time.perf_counter() - self.started, 4), **finite(data)})
+        with self.changed:
+            self.events.append({"kind": kind, "t": round(time.perf_counter() - self.started, 4), **finite(data)})
+            self.changed.notify_all()
+
+    def wait_for(self, since: int, timeout: float) -> None:
+        """Return once there are more than `since` events or the job has ended, or after `timeout` seconds
+        (the page's progress bar refreshes at least that often)."""
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.events) > since or self.state != "running", timeout=timeout)
+
+    def end(self, state: JobState, error: str | None = None) -> None:
+        with self.changed:
+            self.state, self.error, self.finished = state, error, time.perf_counter()
+            self.changed.notify_all()
 
     def set_phase(self, phase: str, expected_rows: int | None = None) -> None:
         self.phase, self.rows, self.expected_rows = phase, 0, expected_rows
@@ -133,20 +148,21 @@ class JobRunner:
         return next((job for job in self.jobs.values() if job.state == "running"), None)
 
     def _run(self, job: Job, work: Callable[[Job], None]) -> None:
+        state: JobState = "failed"
+        error: str | None = "internal error (the server's log has the details)"
         try:
             with watching(self.model, job):
                 work(job)
-            job.state = "done"
+            state, error = "done", None
         except JobCancelled:
-            job.state, job.error = "cancelled", "cancelled at your request"
+            state, error = "cancelled", "cancelled at your request"
         except LatentpatchError as err:  # inputs only the library could judge: its typed message, no trace
-            job.state, job.error = "failed", str(err)
+            error = str(err)
         except Exception:  # a bug: logged with its traceback on the server, one line on the page
             log.exception("job %s failed", job.id)
-            job.state, job.error = "failed", "internal error (the server's log has the details)"
         finally:
-            job.finished = time.perf_counter()
-            self.lock.release()
+            self.lock.release()  # before the job reads as ended: a client told "done" may start the next one
+            job.end(state, error)
 
     def _busy_message(self) -> str:
         job = self.running()

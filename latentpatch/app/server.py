@@ -39,6 +39,8 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-
                     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                                                "frame-ancestors 'none'"}
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "testserver")
+MAX_WAIT_S = 10.0
+"""Longest a long poll of a job waits for news."""
 
 
 def static_files() -> dict[str, tuple[bytes, str]]:
@@ -121,8 +123,13 @@ def create_app(bench: Workbench, *, allowed_hosts: tuple[str, ...] = LOCAL_HOSTS
         return experiments.start_circuit(bench, body).to_dict()
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: str, since: int = 0) -> dict[str, Any]:
-        return bench.runner.get(job_id).to_dict(since=max(since, 0))
+    def job(job_id: str, since: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        """The job's state and its events after the first `since`; with `wait` (seconds, at most
+        `MAX_WAIT_S`) a long poll, answered as soon as there is a new event or the job ends."""
+        found = bench.runner.get(job_id)
+        if wait > 0:
+            found.wait_for(max(since, 0), min(wait, MAX_WAIT_S))
+        return found.to_dict(since=max(since, 0))
 
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict[str, Any]:

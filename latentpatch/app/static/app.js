@@ -81,7 +81,8 @@ async function runJob(url, body, onEvent) {
   let since = 0;
   try {
     for (;;) {
-      const state = await api(`/api/jobs/${started.id}?since=${since}`);
+      // a long poll: answered at the next result, or after 0.5 s to refresh the progress bar
+      const state = await api(`/api/jobs/${started.id}?since=${since}&wait=0.5`);
       state.events.forEach(onEvent);
       since = state.n_events;
       $("phase").textContent = `${state.phase} (${state.seconds.toFixed(1)} s)`;
@@ -91,7 +92,6 @@ async function runJob(url, body, onEvent) {
         document.body.dataset.job = state.state;
         return state;
       }
-      await new Promise((resolve) => setTimeout(resolve, 50));
     }
   } finally {
     $("job").hidden = true;
