@@ -222,3 +222,17 @@ def test_real_brown_heldout_tags_align_with_the_default_tokenizer(default_model_
         position = text.index(piece.strip(), position) + len(piece.strip()) if piece.strip() else position
         if tag is not None:
             assert ends.get(position) == tag, (piece, tag)
+
+
+def test_documents_per_genre_caps_each_genre_and_bad_settings_are_refused(planted):
+    from training.activations.probing import ProbingConfig, brown_probing
+    from training.errors import DataSourceError
+
+    model, sae = planted
+    documents = (_toy_documents(0, 12), _toy_documents(1, 6))
+    result = brown_probing(model, sae, documents=documents, pos_classes=("noun",), genres=(), context_size=16,
+                           documents_per_genre=2, probe=ProbeConfig(ks=(1,), min_per_class=3, max_per_class=100))
+    assert result.provenance["prompts"]["train"] == ["toy/0-0", "toy/0-1", "toy/0-2", "toy/0-3"]
+    for bad in ({"documents_per_genre": 0}, {"pos_classes": ("pronoun",)}, {"context_size": 1}):
+        with pytest.raises(DataSourceError):
+            ProbingConfig(**bad)

@@ -45,6 +45,9 @@ class ProbingConfig:
     """Tagged tokens drawn from the training windows for the token-level tasks."""
     max_test_tokens: int = 2000
     """Tagged tokens drawn from the held-out windows for the token-level tasks."""
+    documents_per_genre: int | None = None
+    """At most this many documents of each genre per split (the first by id); None: every one. A
+    smaller run for a quick check, not for the registry."""
     batch_size: int = 8
     """Windows per forward pass."""
     seed: int = 0
@@ -62,6 +65,8 @@ class ProbingConfig:
             if isinstance(getattr(self, name), bool) or getattr(self, name) < (2 if name == "context_size" else 1):
                 raise DataSourceError(f"ProbingConfig.{name} must be a positive int (context_size >= 2), "
                                       f"got {getattr(self, name)!r}")
+        if self.documents_per_genre is not None and self.documents_per_genre < 1:
+            raise DataSourceError(f"ProbingConfig.documents_per_genre must be >= 1 or None, got {self.documents_per_genre}")
 
 
 def brown_probing(model: Any, sae: Any, *, config: ProbingConfig | None = None,
@@ -74,6 +79,8 @@ def brown_probing(model: Any, sae: Any, *, config: ProbingConfig | None = None,
     site, _ = resolve_site(model, sae, None)  # the SAE is checked against the model before any text is read
     train_docs, test_docs = documents if documents is not None else (
         brown_tagged_documents("train", folder=folder), brown_tagged_documents("heldout", folder=folder))
+    if config.documents_per_genre is not None:
+        train_docs, test_docs = (_per_genre(docs, config.documents_per_genre) for docs in (train_docs, test_docs))
     splits = {}
     generator = torch.Generator().manual_seed(config.seed)
     for name, docs, per_doc, budget in (("train", train_docs, config.train_windows_per_document, config.max_train_tokens),
@@ -94,6 +101,17 @@ def brown_probing(model: Any, sae: Any, *, config: ProbingConfig | None = None,
                         data="Brown (release 1's split): POS tags and cats.txt genres",
                         settings={k: v for k, v in vars(config).items() if k != "probe"} | {"probe": vars(config.probe)})
     return ProbingResult(site.hook_name, tasks, record)
+
+
+def _per_genre(documents: list[TaggedDocument], n: int) -> list[TaggedDocument]:
+    """The first `n` documents of each genre, in their order."""
+    seen: dict[str, int] = {}
+    kept = []
+    for doc in documents:
+        seen[doc.genre] = seen.get(doc.genre, 0) + 1
+        if seen[doc.genre] <= n:
+            kept.append(doc)
+    return kept
 
 
 def _draw_tagged(windows: LabelledWindows, budget: int, generator: torch.Generator) -> list[list[int]]:
