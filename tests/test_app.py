@@ -150,7 +150,9 @@ def test_steer_streams_the_python_generation_and_its_kl(client, model, sae):
     assert final == {"steered": reference.steered[0], "unsteered": reference.unsteered[0]}
     assert final["steered"] != final["unsteered"]
     streamed = [e for e in events(state, "token") if e["column"] == "steered"]
-    assert [e["n"] for e in streamed] == list(range(1, 7)) and streamed[-1]["text"] == final["steered"]
+    assert streamed[0]["n"] == 1 and [e["n"] for e in streamed] == sorted({e["n"] for e in streamed})
+    assert all(final["steered"].startswith(e["text"].rstrip()) for e in streamed)  # each a prefix of the whole
+
     tokens, mask = padded_tokens(model, list(NEUTRAL))
     with torch.inference_mode():
         base = model(tokens)
@@ -158,6 +160,17 @@ def test_steer_streams_the_python_generation_and_its_kl(client, model, sae):
             steered = model(tokens)
     (kl,) = events(state, "kl")
     assert kl["kl"] == pytest.approx(naive_kl(base, steered, mask), rel=1e-4) and kl["kl"] > 0
+
+
+def test_with_no_throttle_every_token_is_streamed(client, monkeypatch):
+    import latentpatch.app.experiments as experiments
+
+    monkeypatch.setattr(experiments, "STREAM_EVERY_S", 0.0)
+    request = {"sae": 0, "prompt": "w1 w2 w3", "latents": [3, 11], "coefficient": 6.0, "max_new_tokens": 6}
+    state = wait(client, client.post("/api/steer", json=request).json())
+    streamed = [e for e in events(state, "token") if e["column"] == "unsteered"]
+    assert [e["n"] for e in streamed] == list(range(1, 7))
+    assert streamed[-1]["text"] == events(state, "continuation")[-1]["text"]
 
 
 def test_steer_from_a_contrast_names_the_contrast_latents(client, model, sae):

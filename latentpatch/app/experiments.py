@@ -12,6 +12,7 @@ The results are the library's own numbers, rounded only by the page.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,16 +179,24 @@ def run_steer(bench: Workbench, inputs: SteerInputs, job: Job) -> None:
     job.emit("kl", kl=neutral_kl(model, sae, target, settings))
 
 
+STREAM_EVERY_S = 0.05
+"""Least time between two published partial continuations after the first token (each wakes the page's
+long poll, whose request then competes with the generating thread for the interpreter)."""
+
+
 def stream(model: Any, tokens: Any, mask: Any, max_new_tokens: int, job: Job, column: str) -> None:
-    """Greedy continuation (as `generate_steered` decodes) with each token published as it is chosen:
-    `observe` sees the logits the greedy choice is the argmax of."""
+    """Greedy continuation (as `generate_steered` decodes) published as it is chosen (the first token at
+    once, then at most every `STREAM_EVERY_S`): `observe` sees the logits the greedy choice is the argmax of."""
     from patching.splice.generate import generate
 
     chosen: list[int] = []
+    last = [0.0]
 
     def observe(step: Any, logits: Any) -> None:
         chosen.append(int(logits[0].argmax(-1)))
-        job.emit("token", column=column, text=decode(model, torch.tensor(chosen)), n=len(chosen))
+        if len(chosen) == 1 or time.perf_counter() - last[0] >= STREAM_EVERY_S:
+            last[0] = time.perf_counter()
+            job.emit("token", column=column, text=decode(model, torch.tensor(chosen)), n=len(chosen))
 
     out = generate(model, tokens, max_new_tokens, attention_mask=mask, observe=observe)
     job.emit("continuation", column=column, text=decode(model, out[0, tokens.shape[1]:]))
