@@ -1,6 +1,6 @@
 """Quality of the shipped SAEs against the old recipe's data, and the harvest's use of the machine.
 
-1. For each shipped SAE (`sae.registry`): its held-out figures (CE loss recovered, KL, explained
+1. (default) For each shipped SAE (`sae.registry`): its held-out figures (CE loss recovered, KL, explained
    variance, L0, dead fraction on the first rows of the real corpora's held-out split, which no
    SAE trains on), next to the same trainer run with the same recorded command on the old data,
    the generated-only corpus, at the same token budget (`--tokens` lowers both budgets together
@@ -11,7 +11,18 @@
    scores included), against the fp32 matmul peak measured in the same run on matmuls of the
    forward's own shapes.
 
+3. With `--architecture l1 topk batchtopk` (issue 26 §4), instead: for the flagship site, each
+   architecture's held-out figures (CE loss recovered, KL, EV with and without massive tokens, L0,
+   dead fraction: `latentpatch.release.evaluate`, the registry's evaluator on its 160 rows), its
+   error share on the Eiffel pair (`pair_set_error_share`) and its sparse-probing accuracies on
+   Brown (`training.brown_probing`); and the trainer's tokens/s for TopK and BatchTopK against L1
+   on the same activation batches in the same run (`train_throughput.objective_throughput`). The
+   SAEs come from `--sae ARCH=PATH`; an architecture without one is trained briefly on
+   `--activations` (activation caches of the site) with `latentpatch train`.
+
 Prints one JSON line last. Run: .venv/bin/python benchmarks/sae_quality.py [--tokens 200000]
+    .venv/bin/python benchmarks/sae_quality.py --architecture l1 topk batchtopk --sae topk=RUN/topk \
+        --activations OUT/acts/blocks.15.hook_resid_pre [--train-tokens 2000000]
 """
 
 from __future__ import annotations
@@ -123,7 +134,96 @@ def baseline_and_shipped(entry: Any, tokens: int | None, work: Path, rows: int) 
             "train_seconds": seconds}
 
 
-def main() -> None:
+ARCHITECTURES = ("l1", "topk", "batchtopk")
+HEADLINE = ("ce_loss_score", "kl_div_with_sae", "explained_variance", "explained_variance_typical", "l0", "frac_dead")
+
+
+def given_saes(specs: list[str], architectures: list[str]) -> dict[str, Path]:
+    """`ARCH=PATH` pairs, checked before anything loads."""
+    given = {}
+    for spec in specs:
+        arch, sep, path = spec.partition("=")
+        if not sep or arch not in architectures or not Path(path).is_dir():
+            raise SystemExit(f"--sae {spec!r}: expected ARCH=FOLDER with ARCH one of {architectures} and an SAE folder")
+        given[arch] = Path(path)
+    return given
+
+
+def train_short(arch: str, args: argparse.Namespace, out: Path) -> Path:
+    """A brief `latentpatch train` of one architecture on the given activation caches."""
+    from latentpatch.cli.entry import main as cli
+
+    sparsity = ["--l1", str(args.l1)] if arch == "l1" else ["--k", str(args.k)]
+    argv = ["train", "--site", args.site, "--architecture", arch, *sparsity, "--d-sae", str(args.d_sae),
+            "--tokens", str(args.train_tokens), "--batch-size", str(args.batch_size), "--activation-cache",
+            *args.activations, "--out", str(out), "--no-progress", "--checkpoint-every", str(10**6)]
+    if cli(argv) != 0:
+        raise RuntimeError(f"training {arch} failed: latentpatch {' '.join(argv)}")
+    return out
+
+
+def probing_config(scale: str) -> Any:
+    from patching.splice.probing import ProbeConfig
+    from training.activations.probing import ProbingConfig
+
+    if scale == "full":
+        return ProbingConfig()
+    # a quick check only: two documents a genre, the news task, a few hundred tokens
+    return ProbingConfig(documents_per_genre=2, train_windows_per_document=2, test_windows_per_document=2,
+                         max_train_tokens=400, max_test_tokens=200, genres=("news",),
+                         probe=ProbeConfig(max_per_class=1000, min_per_class=3))
+
+
+def architecture_quality(model: Any, name: str, sae: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One SAE's held-out figures, Eiffel error share and probing accuracies."""
+    from latentpatch.release import evaluate
+    from patching.safety import named_pairs, pair_set_error_share
+    from training.activations.probing import brown_probing
+
+    start = time.perf_counter()
+    (figures,) = evaluate([Path(name)], n_rows=args.rows, saes=[sae], model=model)
+    share = pair_set_error_share(model, sae, named_pairs(["factual"]))
+    probing = brown_probing(model, sae, config=probing_config(args.probe_scale))
+    return {**{k: figures[k] for k in HEADLINE}, "eiffel_error_share": {k: float(getattr(share, k)[0])
+                                                                        for k in ("latents", "error", "total")},
+            "probing_mean": probing.mean(),
+            "probing": {task: {k: v for k, v in scores.items() if k != "top_latents"}
+                        for task, scores in probing.tasks.items()},
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def compare_architectures(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Part 3 of the module docstring: every named architecture at one site, and the step rates."""
+    from latentpatch.cli.common import parse_site
+    from patching.model.loading import load_model
+    from sae import load_sae
+    from train_throughput import objective_throughput
+    from training.activations.cache import cached_batches
+
+    given = given_saes(args.sae, args.architecture)
+    missing = [arch for arch in args.architecture if arch not in given]
+    if (missing or not args.no_throughput) and not args.activations:
+        raise SystemExit(f"--activations is needed to train {missing} and to time the trainer")
+    site = parse_site(args.site)
+    folders = {arch: given.get(arch) or train_short(arch, args, work / arch) for arch in args.architecture}
+    model = load_model(n_layers=args.n_layers)
+    model.eval()
+    results: dict[str, Any] = {"site": site.hook_name, "rows": args.rows, "architectures": {}}
+    for arch, folder in folders.items():
+        sae = load_sae(folder)
+        if sae.cfg.hook_name != site.hook_name:
+            raise SystemExit(f"{folder} is an SAE at {sae.cfg.hook_name}, not at --site {site.hook_name}")
+        results["architectures"][arch] = {"sae": str(folder), "trained_here": arch not in given, "d_sae": sae.cfg.d_sae,
+                                          **architecture_quality(model, str(folder), sae, args)}
+        print(json.dumps({arch: results["architectures"][arch]}), flush=True)
+    if not args.no_throughput:
+        stream = iter(cached_batches(args.activations, batch_size=args.batch_size))
+        batches = [next(stream) for _ in range(4)]
+        results["trainer_throughput"] = objective_throughput(batches, args.k, d_sae=args.d_sae)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
     from patching import Site
     from patching.model.loading import load_model
     from sae.registry import list_releases, release_entry
@@ -136,7 +236,29 @@ def main() -> None:
     parser.add_argument("--harvest-tokens", type=int, default=16384, help="tokens for the harvest-rate measurement")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--rate-only", action="store_true", help="measure the harvest rate only (no training)")
-    args = parser.parse_args()
+    arch = parser.add_argument_group("architecture comparison (part 3)")
+    arch.add_argument("--architecture", nargs="+", choices=ARCHITECTURES, default=None,
+                      help="compare these architectures at --site instead of parts 1-2")
+    arch.add_argument("--site", default="15", help="the flagship site (default 15: blocks.15.hook_resid_pre)")
+    arch.add_argument("--sae", nargs="*", default=[], metavar="ARCH=FOLDER", help="trained SAEs per architecture")
+    arch.add_argument("--activations", nargs="*", default=[], help="activation caches of the site: short training "
+                                                                    "of the architectures without --sae, and the timing")
+    arch.add_argument("--d-sae", type=int, default=4608, help="width of SAEs trained here and of the timed trainers")
+    arch.add_argument("--k", type=int, default=64, help="k of TopK/BatchTopK trained or timed here (default 64)")
+    arch.add_argument("--l1", type=float, default=5.0, help="L1 coefficient of an L1 SAE trained here")
+    arch.add_argument("--train-tokens", type=int, default=2_000_000, help="tokens of each short training")
+    arch.add_argument("--batch-size", type=int, default=4096, help="training and timing batch (default 4096)")
+    arch.add_argument("--n-layers", type=int, default=None, help="cut the model to this many layers (quick checks; "
+                                                                  "the figures are then of the cut model)")
+    arch.add_argument("--probe-scale", choices=("full", "small"), default="full",
+                      help="probing: the registry's protocol, or a few documents (a quick check)")
+    arch.add_argument("--no-throughput", action="store_true", help="skip timing the trainer")
+    args = parser.parse_args(argv)
+    if args.architecture is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = compare_architectures(args, args.work or Path(tmp))
+        print(json.dumps({"benchmark": "sae_quality_architectures", "threads": torch.get_num_threads(), **result}))
+        return
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "saes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

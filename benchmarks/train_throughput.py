@@ -74,19 +74,21 @@ def step_efficiency(batches: list[torch.Tensor], l1: float, repeats: int = 5) ->
             "step_speedup_vs_saelens": median["saelens"] / median["ours"]}
 
 
-def objective_throughput(batches: list[torch.Tensor], k: int, repeats: int = 5) -> dict[str, object]:
-    """tokens/s of one trainer step per objective, interleaved rounds on the same batches, medians."""
+def objective_throughput(batches: list[torch.Tensor], k: int, repeats: int = 5, *, d_sae: int = D_SAE) -> dict[str, object]:
+    """tokens/s of one trainer step per objective, interleaved rounds on the same batches, medians
+    (d_in and the batch size are the batches'; benchmarks/sae_quality.py reuses it at its SAEs' width)."""
     from sae import SAEConfig, SparseAutoencoder
     from training import Trainer, TrainerConfig
     from training.trainer.objective import SAE_ARCHITECTURE
 
+    batch, d_in = batches[0].shape
     trainers = {}
     for objective in ("l1", "topk", "batchtopk"):
         kind = SAE_ARCHITECTURE[objective]
         cfg = TrainerConfig(total_steps=10**6, architecture=objective, k=None if objective == "l1" else k,
                             normalization="none", init_batches=1, checkpoint_every=None, log_every=10**6,
-                            dead_window_tokens=BATCH, progress_bar=False)
-        sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=kind, k=k if kind == "topk" else None),
+                            dead_window_tokens=batch, progress_bar=False)
+        sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=kind, k=k if kind == "topk" else None),
                                 generator=torch.Generator().manual_seed(0))
         trainers[objective] = Trainer(cfg, sae, iter(batches))
         trainers[objective]._initialise()
@@ -99,9 +101,9 @@ def objective_throughput(batches: list[torch.Tensor], k: int, repeats: int = 5) 
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
     median = {name: sorted(v)[repeats // 2] for name, v in times.items()}
-    dead = {name: t.members[0].firing.dead_fraction(BATCH) for name, t in trainers.items()}
+    dead = {name: t.members[0].firing.dead_fraction(batch) for name, t in trainers.items()}
     return {"k": k, "repeats": repeats,
-            **{f"{name}_tokens_per_s": round(BATCH / median[name], 1) for name in trainers},
+            **{f"{name}_tokens_per_s": round(batch / median[name], 1) for name in trainers},
             **{f"{name}_step_s": round(median[name], 4) for name in trainers},
             "topk_vs_l1": round(median["l1"] / median["topk"], 3),
             "batchtopk_vs_l1": round(median["l1"] / median["batchtopk"], 3),

@@ -16,6 +16,7 @@ start of each document (`windows_per_document` of them, whole windows only).
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -81,7 +82,13 @@ def tagged_document(doc_id: str, genre: str, raw: str) -> TaggedDocument:
 
 
 def brown_tagged_documents(split: Split, *, folder: str | Path | None = None) -> list[TaggedDocument]:
-    """The tagged documents of Brown's `split` (release 1's split), sorted by id."""
+    """The tagged documents of Brown's `split` (release 1's split), sorted by id; parsed once per
+    process (the training split takes seconds, and a comparison probes several SAEs)."""
+    return list(_tagged_documents(split, None if folder is None else str(folder)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tagged_documents(split: Split, folder: str | None) -> tuple[TaggedDocument, ...]:
     tarball = SOURCES["brown"].fetch(folder)
     wanted = {doc.id for doc in release_1_documents("brown", split, folder=folder)}
     raws: dict[str, str] = {}
@@ -95,7 +102,7 @@ def brown_tagged_documents(split: Split, *, folder: str | Path | None = None) ->
                 raws[key] = blob.decode("utf-8", errors="replace")
     if len(raws) != len(wanted) or not set(raws) <= set(genres):
         raise DataSourceError(f"{tarball}: found {len(raws)} of the {len(wanted)} Brown {split} documents with genres")
-    return [tagged_document(f"brown/{key}", genres[key], raws[key]) for key in sorted(raws)]
+    return tuple(tagged_document(f"brown/{key}", genres[key], raws[key]) for key in sorted(raws))
 
 
 def token_tags(offsets: list[tuple[int, int]], words: tuple[tuple[int, int, str], ...]) -> list[str | None]:
