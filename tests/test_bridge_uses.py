@@ -81,15 +81,20 @@ def test_harvest_on_the_bridge_equals_transformers_hidden_states(folder, bridge)
     torch.testing.assert_close(harvest(bridge, SITE, CLEAN), hidden.reshape(-1, 32), atol=1e-5, rtol=0)
 
 
-def test_tracing_and_path_patching_are_refused_before_any_forward(bridge):
-    """Both run rows after a key-value prefix (causal tracing's noised rows, path patching's suffixes)."""
-    from patching import NoiseConfig, causal_trace, patch_paths
+def test_tracing_path_patching_and_the_qk_fix_are_refused_before_any_forward(bridge):
+    """Causal tracing, path patching and find_circuit run rows after a key-value prefix (noised rows,
+    suffixes); the QK fix recomputes attention from HookedTransformer's own weights."""
+    from patching import NoiseConfig, attribute_qk, causal_trace, find_circuit, patch_paths
     from tests.hooks_snapshot import assert_refused_before_any_forward
 
     assert_refused_before_any_forward(bridge, lambda: causal_trace(bridge, CLEAN, [1, 2], 3, noise=NoiseConfig(scale=1.0)),
                                       tl_bridge.BackendUnsupportedError, "causal tracing on the bridge backend")
     assert_refused_before_any_forward(bridge, lambda: patch_paths(bridge, CLEAN, CORRUPTED, METRIC),
                                       tl_bridge.BackendUnsupportedError, "path patching on the bridge backend")
+    assert_refused_before_any_forward(bridge, lambda: find_circuit(bridge, CLEAN, CORRUPTED, METRIC),
+                                      tl_bridge.BackendUnsupportedError, "find_circuit")
+    assert_refused_before_any_forward(bridge, lambda: attribute_qk(bridge, CLEAN, CORRUPTED, METRIC),
+                                      tl_bridge.BackendUnsupportedError, "the QK fix on the bridge backend")
 
 
 def test_key_value_prefixes_are_refused_on_the_bridge(bridge):

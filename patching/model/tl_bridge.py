@@ -106,6 +106,8 @@ class BackendUnsupportedError(LatentpatchError, NotImplementedError):
 MISSING = {
     "start_at_layer": "TransformerBridge cannot start a forward at a layer (HF owns the layer loop)",
     "past_kv_cache": "TransformerBridge takes no TransformerLens key-value cache",
+    "attention_internals": "TransformerBridge's attention wraps Hugging Face's and lacks HookedTransformer's "
+                           "attn_scale and per-head weights, which the QK fix recomputes the softmax with",
 }
 """What the shortcuts of the sweep engine and the generation loop need and the Bridge lacks: rows
 joining at a layer from a cached residual, and key/value prefixes. The sweep engine runs whole rows

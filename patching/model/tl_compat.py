@@ -198,8 +198,14 @@ def run_blocks(model: TLModel, residual: Tensor, start_layer: int, past_kv_cache
 def require_key_value_prefix(model: Any, what: str) -> None:
     """Refuse a Bridge model before any forward pass where `what` runs rows after a key-value prefix
     of TransformerLens's (causal tracing's noised rows, path patching's suffixes), which it lacks."""
+    refuse_bridge(model, what, "past_kv_cache")
+
+
+def refuse_bridge(model: Any, what: str, need: str) -> None:
+    """Refuse a Bridge model before any forward pass, naming `what` and the step it lacks
+    (a key of `tl_bridge.MISSING`)."""
     if tl_bridge.is_bridge(model):
-        raise tl_bridge.BackendUnsupportedError(f"{what} on the bridge backend: {tl_bridge.MISSING['past_kv_cache']}; "
+        raise tl_bridge.BackendUnsupportedError(f"{what} on the bridge backend: {tl_bridge.MISSING[need]}; "
                                                 f"load the model with backend='hooked'")
 
 

@@ -64,7 +64,7 @@ class Faithfulness:
     metric_corrupted: Tensor
     """M of the corrupted run, (pairs,)."""
     n_edges: int
-    """Edges in C."""
+    """Edges in C (nodes, for a latent circuit: `latent_faithfulness`)."""
     ablation: str = "resample"
     """What a missing edge carries: `resample`, `zero`, `mean` or `position_mean`."""
 
@@ -306,6 +306,7 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     clears half the threshold, at most 4k and `max_candidates`), then scored for
     faithfulness and completeness (Marks et al. 2024). Direction is noising: each edge's effect is
     how much of the clean behaviour is lost when it alone carries the corrupted output."""
+    tl_compat.require_key_value_prefix(model, "find_circuit (its exact path patching)")
     config = resolve_config(CircuitConfig, config, overrides)
     senders, receivers = check_graph(model, upstream_nodes(model) if senders is None else senders,
                                      receivers_of(model) if receivers is None else receivers)
