@@ -56,7 +56,8 @@ from patching.attribution import (
 )
 from patching.paths import (
     CircuitConfig, CircuitResult, EdgeConfig, Faithfulness, LatentEdgeConfig, LatentGraph, LatentNode, Node, PathConfig,
-    PathResult, Receiver, attribute_edges, attribute_latent_edges, faithfulness, find_circuit, patch_paths,
+    PathResult, Receiver, attribute_edges, attribute_latent_edges, faithfulness, find_circuit, latent_faithfulness,
+    patch_paths,
     receivers_of, upstream_nodes,
 )
 from patching.tracing import (
@@ -96,7 +97,7 @@ __all__ = [
     "attribute_qk", "cache_root", "causal_trace", "collect_probe_features", "compare_steering", "contrast_latents",
     "decompose", "embedding_std", "error_share", "evaluate_sae", "faithfulness", "find_circuit",
     "find_safety_latents", "generate", "generate_steered", "guided_generate", "inspect_latent", "inspect_latents",
-    "inspect_units", "intervening", "is_refusal", "iter_site_latents", "iter_site_values", "latent_restoration",
+    "inspect_units", "intervening", "is_refusal", "iter_site_latents", "iter_site_values", "latent_faithfulness", "latent_restoration",
     "latents_from_result", "library_version", "load_model", "load_model_for", "logit_effect", "make_pairs",
     "model_flags", "named_pairs", "padded_tokens", "pair_set_error_share", "patch_heads", "patch_latents",
     "patch_paths", "patch_residual", "provenance", "raw_restoration", "readout", "receivers_of", "refusal_directions",
