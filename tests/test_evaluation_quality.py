@@ -83,3 +83,40 @@ class _Model:
 
     def eval(self):
         return self
+
+
+class _Store:
+    """The one method of SAELens's ActivationsStore its evaluation functions call."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def get_batch_tokens(self, n):
+        return self.batches.pop(0)
+
+
+def test_withheld_figures_equal_saelens_own_evaluation_on_the_mails(default_model_4l, tmp_path):
+    """The generalisation block's withheld column is SAELens 6's evaluation of the same SAE on the
+    same held-out mail rows (the register the mix lacks), ignoring the same special tokens."""
+    from sae_lens import SAE
+    from sae_lens.evals import get_downstream_reconstruction_metrics, get_sparsity_and_variance_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from latentpatch.quality import generalisation_block
+    from patching.splice.evaluation import ignored_token_ids
+    from training.data.heldout import heldout_tokens
+
+    model = default_model_4l
+    sae = make_sae(model.cfg.d_model, 64, hook_name="blocks.2.hook_resid_pre", model_name=model.cfg.model_name, seed=4)
+    block = generalisation_block(model, sae, n_rows=4)["withheld"]
+    theirs = SAE.load_from_disk(str(sae.save(tmp_path / "sae")))
+    rows, ignore = heldout_tokens(model, corpus="mail", n_rows=4), ignored_token_ids(model, None)
+    down = get_downstream_reconstruction_metrics(theirs, model, _Store([rows]), ActivationScaler(), compute_kl=True,
+                                                 compute_ce_loss=True, n_batches=1, eval_batch_size_prompts=4,
+                                                 ignore_tokens=ignore)
+    sparse, _ = get_sparsity_and_variance_metrics(
+        theirs, model, _Store([rows]), ActivationScaler(), n_batches=1, compute_l2_norms=True,
+        compute_sparsity_metrics=True, compute_variance_metrics=True, compute_featurewise_density_statistics=True,
+        eval_batch_size_prompts=4, model_kwargs={}, ignore_tokens=ignore)
+    for name in ("ce_loss_score", "kl_div_score", "kl_div_with_sae", "explained_variance", "l0"):
+        assert block[name] == pytest.approx({**down, **sparse}[name], rel=1e-4, abs=1e-5), name
