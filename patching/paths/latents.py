@@ -136,6 +136,14 @@ class LatentGraph(SavedResult):
         return [(self.nodes[self.edges[i][0]].label(), self.nodes[self.edges[i][1]].label(), float(mean[i]))
                 for i in order]
 
+    def circuit(self, threshold: float) -> set[LatentNode]:
+        """The nodes whose |mean node effect| is at least `threshold` (Marks et al.'s node threshold),
+        ready for `latent_faithfulness`."""
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+            raise PatchingError(f"threshold must be a number >= 0, got {threshold!r}")
+        mean = self.node_effect.mean(0)
+        return {node for j, node in enumerate(self.nodes) if abs(float(mean[j])) >= threshold}
+
     def scores(self) -> GraphScores:
         """circuit-tracer's replacement and completeness scores of the whole graph (`graph.py`)."""
         return latent_scores(self)
