@@ -36,6 +36,18 @@ def check_output_folder(path: str | Path, *, option: str = "--out") -> Path:
     return folder
 
 
+def check_output_file(path: str | Path, *, option: str) -> Path:
+    """`path` can be written as a file: nothing, or a regular file, in its place (not a folder, a FIFO
+    or a device), in a folder that exists or can be created and that this process can write to
+    (`check_output_folder`). `circuit --graph-json DIR` failed only after the whole circuit search."""
+    file = Path(path)
+    if os.path.lexists(file) and not file.is_file():
+        kind = "a folder" if file.is_dir() else "not a regular file (a FIFO, a device or a dangling link?)"
+        raise RunPathError(f"{option} {file} is {kind}; expected a file to write")
+    check_output_folder(file.parent, option=f"{option} {file}: its folder")
+    return file
+
+
 def check_input_file(path: str | Path, *, option: str) -> Path:
     """`path` is an existing regular file (not a folder, a FIFO or a device)."""
     file = Path(path)

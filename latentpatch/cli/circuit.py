@@ -72,6 +72,10 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
     if args.direction != "denoise":
         raise PatchingError("circuit measures noising effects itself; leave --direction at its default")
     check_out(args)
+    if args.graph_json is not None:  # written last: checked before the model loads and the search runs
+        from training.paths import check_output_file
+
+        check_output_file(args.graph_json, option="--graph-json")
     saes = [resolve_sae(name) for name in args.sae or []]
     model = load_plain_model(args.model) if not saes else load_model_for(saes[0], args.model if args.model != DEFAULT else None)
     metric, _ = pair_metric(args, model)

@@ -49,10 +49,14 @@ def register(subparsers: Any) -> None:
                                                      "such as brown or sotu, generated: its training split; "
                                                      "`latentpatch corpus` lists the sources), or a .txt/.jsonl file")
     p.add_argument("--out", type=Path, required=True, help="output folder; one cache per site inside it")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per row, BOS included (default 128)")
-    p.add_argument("--rows-per-chunk", type=int, default=32, help="rows per forward pass (default 32)")
-    p.add_argument("--skip-rows", type=int, default=0, help="start after this many rows of the text (continue an "
-                                                          "earlier harvest into a new cache without repeating it)")
+    # Bounded while parsing (before the model loads): --rows-per-chunk 1e14 built rows forever, 0 or a
+    # negative count failed only after the model loaded. The context is checked against the model's.
+    p.add_argument("--context-size", type=bounded_int(2, 1 << 20), default=128,
+                   help="tokens per row, BOS included (default 128)")
+    p.add_argument("--rows-per-chunk", type=bounded_int(1, 1 << 16), default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--skip-rows", type=bounded_int(0, 2 ** 40), default=0,
+                   help="start after this many rows of the text (continue an earlier harvest into a new cache "
+                        "without repeating it)")
     p.add_argument("--keep-special-tokens", action="store_true", help="keep BOS/special-token activations")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -62,6 +66,7 @@ def register(subparsers: Any) -> None:
 def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from patching.model import tl_compat
     from patching.model.loading import load_model
     from training.activations.cache import write_activation_caches
     from latentpatch.cli.common import parse_site, texts_for
@@ -73,6 +78,8 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainingConfigError(f"--tokens must be positive and --skip-rows >= 0, got {args.tokens}, "
                                   f"{args.skip_rows}")
     sites = [parse_site(text) for text in args.sites]
+    if len({site.hook_name for site in sites}) < len(sites):  # refused by the harvester too, but after the model loaded
+        raise TrainingConfigError(f"--sites names a site twice: {[site.hook_name for site in sites]}")
     check_output_folder(args.out)  # before the model loads: a file there failed after it, as NotADirectoryError
     if os.path.lexists(args.out / "harvest.json"):  # a second harvest replaced the first's record
         raise TrainingConfigError(f"{args.out} already holds a harvest (harvest.json); choose another --out")
@@ -83,6 +90,9 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
     opener, description, digest = texts_for(args.text)
     model = load_model(args.model, n_layers=max(site.layer for site in sites) + 1)
     model.eval()
+    if args.context_size > tl_compat.n_ctx(model):
+        raise TrainingConfigError(f"--context-size {args.context_size} is longer than the model's context "
+                                  f"({tl_compat.n_ctx(model)} tokens)")
     rows = TokenRows(model, opener, context_size=args.context_size, description=description)
     if args.skip_rows:
         rows.load_state_dict({"epoch": 0, "rows_in_epoch": args.skip_rows, "rows_served": args.skip_rows})

@@ -101,9 +101,11 @@ def _read_concept(path: Path) -> Any:
     from patching.steering.compare import Concept
     from patching.steering.steer import SteeringError
 
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    from sae.safe_io import read_text
+
+    try:  # guarded: a FIFO blocked here, a link to /dev/zero filled memory
+        raw = json.loads(read_text(path, max_bytes=1 << 20))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnsafeFileError
         raise SteeringError(f"{path}: not a readable concept JSON file ({err})") from err
     fields = {field.name for field in dataclasses.fields(Concept)}
     if not isinstance(raw, dict) or set(raw) != fields:

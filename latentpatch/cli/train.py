@@ -13,12 +13,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from latentpatch.cli.run_config import RunConfig
-from latentpatch.cli.common import SEED_MAX, bounded_int, parse_site, texts_for
+from latentpatch.cli.common import COUNT_MAX, SEED_MAX, bounded_int, parse_site, texts_for
 from sae.files import atomic_write
 from training.errors import TrainingConfigError
 from training.trainer.runlog import LOG_FILE
@@ -86,7 +87,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds a collective may wait for a rank that "
                                                                      "stopped answering before the job fails (default 600)")
     p.add_argument("--lr", type=float, default=4e-4, help="peak Adam learning rate (default 4e-4)")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per harvested row (default 128)")
+    p.add_argument("--context-size", type=bounded_int(2, 1 << 20), default=128, help="tokens per harvested row (default 128)")
     p.add_argument("--buffer-tokens", type=bounded_int(1, 2 ** 24), default=65536, help="shuffle-buffer capacity in activations")
     p.add_argument("--keep-special-tokens", action="store_true", help="train on BOS/special-token activations too")
     p.add_argument("--max-norm-ratio", type=float, default=0.0,
@@ -100,7 +101,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps between evaluations (SAEBench's core figures, as `latentpatch eval --heldout-rows` and "
                         "the release registry compute them) on the real corpus's held-out rows")
-    p.add_argument("--eval-rows", type=int, default=HELDOUT_ROWS,
+    p.add_argument("--eval-rows", type=bounded_int(1, COUNT_MAX), default=HELDOUT_ROWS,
                    help=f"held-out rows each evaluation reads (default {HELDOUT_ROWS}; the registry reads 160)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--wandb-project", default=None, help="also log to this wandb project (WANDB_MODE=offline works)")
@@ -234,7 +235,8 @@ def _train_group(args: argparse.Namespace, site_text: str, group: list[tuple[int
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Counts that must be positive, and the output folder, before anything loads."""
+    """Counts that must be positive, and the output and cache folders, before anything loads."""
+    from training.activations.cache import read_manifest
     from training.paths import check_output_folder
 
     counts = {"--batch-size": [args.batch_size], "--tokens": [args.tokens], "--context-size": [args.context_size],
@@ -248,7 +250,12 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_norm_ratio and not args.max_norm_ratio > 1:
         raise TrainingConfigError(f"--max-norm-ratio must be above 1 (a multiple of the median norm) or 0 (off), "
                                   f"got {args.max_norm_ratio}")
+    if not 0 < args.dist_timeout < float("inf"):
+        raise TrainingConfigError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     check_output_folder(args.out)
+    for folder in args.activation_cache or []:  # a FIFO or a file here failed after the model loaded
+        harvested_into = len(args.activation_cache) == 1 and not os.path.lexists(Path(folder) / "manifest.json")
+        check_output_folder(folder, option="--activation-cache") if harvested_into else read_manifest(folder)
 
 
 def _remove_failed_start(out: Path, created: bool) -> None:
@@ -302,6 +309,20 @@ def _load(run: RunConfig, *, full: bool) -> tuple[Any, Any]:
     return model, site.check(model)
 
 
+def _check_sizes(run: RunConfig, model: Any, site: Any) -> None:
+    """Before anything is allocated: rows within the model's context, and SAEs whose parameters, gradients
+    and Adam moments (four float32 copies) fit in memory (`--d-sae 1e11` asked for terabytes)."""
+    from patching.model import tl_compat
+    from sae.files import memory_bytes
+
+    if run.context_size > tl_compat.n_ctx(model):
+        raise TrainingConfigError(f"--context-size {run.context_size} exceeds the model's context ({tl_compat.n_ctx(model)})")
+    need = sum(16 * (2 * site.width(model) * d_sae + d_sae + site.width(model)) for d_sae in run.d_sae)
+    if need > memory_bytes():
+        raise TrainingConfigError(f"--d-sae {' '.join(map(str, run.d_sae))}: the SAEs and their Adam state need "
+                                  f"{need / 2 ** 30:.1f} GiB, more than this machine's {memory_bytes() / 2 ** 30:.1f} GiB")
+
+
 def _group_ks(args: argparse.Namespace, group: list[tuple[int, float]],
               seed_offsets: list[int] | None) -> tuple[int, ...] | None:
     """The k of each SAE in `group` (None for l1), checked against its width before anything loads."""
@@ -325,6 +346,7 @@ def _new_saes(run: RunConfig, model: Any, site: Any, seed: int, indices: list[in
     from sae import SAEConfig, SparseAutoencoder
     from training.trainer.objective import SAE_ARCHITECTURE
 
+    _check_sizes(run, model, site)
     saes = []
     # Seeded by the SAE's index in the whole sweep: an SAE-parallel rank builds exactly the SAEs
     # a single process would.
