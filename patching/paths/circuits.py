@@ -110,6 +110,7 @@ def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, ci
                  senders: Sequence[Node], receivers: Sequence[Receiver], ablation: str = "resample") -> Faithfulness:
     """Faithfulness of `circuit` and completeness (faithfulness of its complement in the graph of
     `senders` × `receivers`); see the module docstring."""
+    tl_compat.refuse_bridge(model, "faithfulness", "mlp_input")
     senders, receivers = check_graph(model, senders, receivers)
     graph = {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
     values, m_clean, m_corrupted = edge_ablated_metrics(model, clean, corrupted, metric,
