@@ -50,7 +50,7 @@ from patching.splice.splicer import SpliceChecks, resolve_saes, splice
 from patching.sweep.engine import RunCache, normalized_effect, readout_logits, reference_metrics, reference_run
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Direction, PromptPair, Prompts, make_pairs
-from patching.sweep.patch import check_run_settings, provenance_record
+from patching.sweep.patch import check_run_settings, provenance_record, run_lengths
 
 RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 
@@ -207,7 +207,7 @@ def attribute_latent_edges(model: Any, saes: Any, clean: Prompts, corrupted: Pro
     if metric.readout is None:
         raise PatchingError("latent edges need a metric that reads one position (e.g. LogitDiff(position=-1))")
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)
-    check_run_settings(model, metric, len(pairs))
+    check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
     resolved = check_latent_sites(model, saes, checks)
     sites = list(resolved)
     start = min(site.layer for site in sites)
