@@ -140,3 +140,23 @@ def test_default_model_sweeps_agree_between_backends(default_model_4l):
                 lambda m: patch_heads(m, clean, corrupted, metric, kind="z", layers=[0, 3], progress=False)):
         ours, theirs = run(bridge), run(default_model_4l)
         torch.testing.assert_close(ours.metric, theirs.metric, atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.default_model
+@pytest.mark.hooked_only(reason="compares against the hooked backend (HookedTransformer: TransformerLens 3.x)")
+def test_default_model_latent_sweep_and_steering_agree_between_backends():
+    """The shipped layer-5 SAE on the default model cut to 6 layers: the Eiffel latent sweep (all
+    latents at each position) and a steered greedy continuation on both backends."""
+    from patching import generate_steered, load_model
+    from sae import load_release
+
+    sae = load_release("smollm2-135m-res", "blocks.5.hook_resid_pre")
+    hooked, bridge = (load_model(n_layers=6, backend=backend) for backend in ("hooked", "bridge"))
+    clean, corrupted, metric, _, _ = fact_tokens(bridge)
+    ours, theirs = (patch_latents(m, sae, clean, corrupted, metric, units="position", progress=False) for m in (bridge, hooked))
+    assert [u.label() for u in ours.units] == [u.label() for u in theirs.units]
+    torch.testing.assert_close(ours.metric, theirs.metric, atol=5e-4, rtol=1e-4)
+    ours, theirs = (generate_steered(m, sae, [100], clean, max_new_tokens=4, coefficient=8.0) for m in (bridge, hooked))
+    assert torch.equal(ours.steered_tokens, theirs.steered_tokens)
+    assert torch.equal(ours.unsteered_tokens, theirs.unsteered_tokens)
+    assert not torch.equal(ours.steered_tokens, ours.unsteered_tokens)  # the steering changed the text
