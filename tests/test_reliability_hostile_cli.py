@@ -16,6 +16,7 @@ import pytest
 
 import patching.model.loading as loading
 from latentpatch.cli.entry import main
+from patching.model import tl_compat
 from tests.conftest import make_sae, stub_model_loader
 from worded_model import worded_model
 
@@ -101,3 +102,22 @@ def test_sizes_that_need_the_model_are_refused_before_anything_is_allocated(tmp_
                  "--out", str(tmp_path / "c")])
     assert code == 1 and "--context-size 17 is longer than the model's context (16 tokens)" in capsys.readouterr().err
     assert not (tmp_path / "c" / "blocks.1.hook_resid_pre").exists()
+
+
+def test_paths_without_senders_patches_every_upstream_node(tmp_path, tiny_loader, capsys):
+    """`--senders` left out means the embedding and every head and MLP, as --help says: it was
+    passed on as None and refused ("senders must be a non-empty list")."""
+    import json
+
+    from patching.paths import Receiver, patch_paths, upstream_nodes
+    from patching.sweep import LogitDiff
+
+    model, calls = tiny_loader
+    argv = ["paths", "--clean", "w1 w2 w3", "--corrupted", "w1 w2 w5", "--answer", "w4", "--wrong", "w6", "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    answer, wrong = (tl_compat.single_token_id(model, word) for word in ("w4", "w6"))
+    direct = patch_paths(model, "w1 w2 w3", "w1 w2 w5", LogitDiff(answer, wrong), senders=upstream_nodes(model),
+                         receivers=[Receiver("logits")], progress=False)
+    assert calls and printed["senders"] == len(upstream_nodes(model)) == len(direct.senders)
+    assert printed["top"][0]["effect"] == pytest.approx(direct.top(1)[0][2])

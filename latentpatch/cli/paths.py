@@ -60,7 +60,7 @@ def parse_nodes(texts: list[str]) -> list[Any]:
 
 def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     from patching.errors import PatchingError
-    from patching.paths import patch_paths, receivers_of
+    from patching.paths import patch_paths, receivers_of, upstream_nodes
 
     if args.align is not None:
         raise PatchingError("paths needs prompts of equal token length (--align is not supported)")
@@ -69,6 +69,7 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
     model = load_plain_model(args.model)
     metric, _ = pair_metric(args, model)
     receivers = receivers_of(model, args.receiver_layers, kinds=tuple(args.receivers))
+    senders = upstream_nodes(model) if senders is None else senders  # the default --help promises (None was refused)
     result = patch_paths(model, args.clean, args.corrupted, metric, senders=senders, receivers=receivers,
                          direction=args.direction, by=args.by)
     if args.out is not None:
