@@ -219,13 +219,16 @@ def attribute_latent_edges(model: Any, saes: Any, clean: Prompts, corrupted: Pro
         deltas = [{site: _site_delta(pair, base, source, site) for site in sites} for pair, (base, source) in zip(pairs, runs)]
         nodes = _graph_nodes(sites, deltas, config.positions)
         raw_nodes = torch.zeros(len(pairs), len(nodes))
-        passes = []
-        for i, (base, _) in enumerate(runs):
-            passes.append(_GradientPass(model, resolved, base, metric, i, start))
-            raw_nodes[i] = _node_scores(nodes, deltas[i], passes[-1].grads)
+        last = None
+        for i, (base, _) in enumerate(runs):  # one graph held at a time (RELIABILITY.md R12)
+            last = _GradientPass(model, resolved, base, metric, i, start)
+            raw_nodes[i] = _node_scores(nodes, deltas[i], last.grads)
         m_base = m_corrupted if config.direction == "denoise" else m_clean
         node_effect = normalized_effect(m_base[:, None] + raw_nodes, m_clean, m_corrupted, config.direction)
-        edges, raw_edges = _edges(nodes, node_effect.mean(0), passes, deltas, config)
+
+        def gradient_pass(i: int) -> _GradientPass:  # the last pair's graph is still held; the others rerun
+            return last if i == len(runs) - 1 and last is not None else _GradientPass(model, resolved, runs[i][0], metric, i, start)
+        edges, raw_edges = _edges(nodes, node_effect.mean(0), sites, gradient_pass, deltas, config)
     edge_effect = normalized_effect(m_base[:, None] + raw_edges, m_clean, m_corrupted, config.direction)
     extra = {"method": "latent_edges", "k": config.k, "positions": config.positions, "n_nodes": len(nodes),
              "n_edges": len(edges), "checks": (checks or SpliceChecks()).to_dict()}
@@ -320,29 +323,30 @@ def _node_scores(nodes: list[LatentNode], delta: dict[Site, tuple[Tensor, Tensor
     return out
 
 
-def _edges(nodes: list[LatentNode], mean_effect: Tensor, passes: list[_GradientPass],
+def _edges(nodes: list[LatentNode], mean_effect: Tensor, sites: list[Site], gradient_pass: Any,
            deltas: list[dict[Site, tuple[Tensor, Tensor]]], config: LatentEdgeConfig) -> tuple[list[tuple[int, int]], Tensor]:
-    """Every edge from a site's nodes into the k strongest nodes of the next site, (pairs, edges) in metric units."""
-    sites = list(dict.fromkeys(node.site for node in nodes))
-    all_sites = list(passes[0].kept) if passes else []
-    edges: list[tuple[int, int]] = []
-    blocks: list[Tensor] = []
-    for up, down in zip(all_sites, all_sites[1:]):
-        if up not in sites or down not in sites:
-            continue
-        ups = [j for j, node in enumerate(nodes) if node.site == up]
-        downs = [j for j, node in enumerate(nodes) if node.site == down]
-        downs = sorted(downs, key=lambda j: -abs(float(mean_effect[j])))[: config.k]
-        scores = torch.zeros(len(passes), len(downs), len(ups))
-        for i, grad_pass in enumerate(tqdm(passes, desc=f"edges into {down}", disable=not config.progress, leave=False)):
+    """Every edge from a site's nodes into the k strongest nodes of the next site, (pairs, edges) in metric
+    units; `gradient_pass(i)` gives pair i's gradient pass, one pair's graph held at a time."""
+    present = {node.site for node in nodes}
+    plan = []  # (up, down, upstream node indices, downstream node indices)
+    for up, down in zip(sites, sites[1:]):
+        if up in present and down in present:
+            ups = [j for j, node in enumerate(nodes) if node.site == up]
+            downs = sorted([j for j, node in enumerate(nodes) if node.site == down],
+                           key=lambda j: -abs(float(mean_effect[j])))[: config.k]
+            plan.append((up, down, ups, downs))
+    scores = [torch.zeros(len(deltas), len(downs), len(ups)) for _, _, ups, downs in plan]
+    for i in tqdm(range(len(deltas)), desc="latent edges", disable=not config.progress or not plan, leave=False):
+        grad_pass = gradient_pass(i) if plan else None
+        for (up, down, ups, downs), block in zip(plan, scores):
             for lo in range(0, len(downs), config.batch_size):
                 chunk = [nodes[j] for j in downs[lo:lo + config.batch_size]]
                 row_z, row_e = _rows(chunk, grad_pass.grads[down])
                 jz, je = grad_pass.rows_jacobian(down, up, row_z, row_e)
-                scores[i, lo:lo + len(chunk)] = _upstream_scores([nodes[j] for j in ups], jz, je, deltas[i][up])
-        edges += [(u, d) for d in downs for u in ups]
-        blocks.append(scores.flatten(1))
-    return edges, torch.cat(blocks, 1) if blocks else torch.zeros(len(passes), 0)
+                block[i, lo:lo + len(chunk)] = _upstream_scores([nodes[j] for j in ups], jz, je, deltas[i][up])
+        del grad_pass
+    edges = [(u, d) for _, _, ups, downs in plan for d in downs for u in ups]
+    return edges, torch.cat([block.flatten(1) for block in scores], 1) if plan else torch.zeros(len(deltas), 0)
 
 
 def _rows(chunk: list[LatentNode], grads: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
