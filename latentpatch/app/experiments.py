@@ -179,9 +179,10 @@ def run_steer(bench: Workbench, inputs: SteerInputs, job: Job) -> None:
     job.emit("kl", kl=neutral_kl(model, sae, target, settings))
 
 
-STREAM_EVERY_S = 0.05
-"""Least time between two published partial continuations after the first token (each wakes the page's
-long poll, whose request then competes with the generating thread for the interpreter)."""
+STREAM_EVERY_S = 0.2
+"""Least time between two published partial continuations after the first token: each wakes the page's
+long poll, whose request and response (~15 ms of Python on the 2-core test machine) compete with the
+generating thread for the interpreter; five updates a second still read as live text."""
 
 
 def stream(model: Any, tokens: Any, mask: Any, max_new_tokens: int, job: Job, column: str) -> None:
