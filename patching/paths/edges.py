@@ -58,7 +58,7 @@ class EdgeConfig:
     """Points on the path for `eap_ig` (unused by `eap`)."""
     direction: Direction = "denoise"
     """`denoise`: base = corrupted, source = clean; `noise`: the reverse."""
-    intervention: str = "patch"
+    intervention: Literal["patch", "zero", "mean", "mean-positional"] = "patch"
     """What an upstream node is moved to (`interventions.INTERVENTIONS`): `patch` (its source-run
     output), `zero`, `mean` or `mean-positional` (its mean over the source runs)."""
     ig: Literal["inputs", "activations"] = "inputs"
