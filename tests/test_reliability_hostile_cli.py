@@ -121,3 +121,19 @@ def test_paths_without_senders_patches_every_upstream_node(tmp_path, tiny_loader
                          receivers=[Receiver("logits")], progress=False)
     assert calls and printed["senders"] == len(upstream_nodes(model)) == len(direct.senders)
     assert printed["top"][0]["effect"] == pytest.approx(direct.top(1)[0][2])
+
+
+def test_a_layer_or_node_named_twice_counts_once(tiny_loader, capsys):
+    """`circuit --layers 0 0` built every layer-0 node twice, so each edge was scored twice and could
+    enter the circuit twice; `paths` repeated senders and receivers the same way."""
+    import json
+
+    pair = ["--clean", "w1 w2 w3", "--corrupted", "w1 w2 w5", "--answer", "w4", "--wrong", "w6", "--json"]
+    outputs = []
+    for extra in (["circuit", "--layers", "0", "0", "--method", "eap"], ["circuit", "--layers", "0", "--method", "eap"],
+                  ["paths", "--senders", "embed", "L0H1", "embed", "--receivers", "q", "q", "--receiver-layers", "1", "1"],
+                  ["paths", "--senders", "embed", "L0H1", "--receivers", "q", "--receiver-layers", "1"]):
+        assert main([*extra, *pair]) == 0, capsys.readouterr().err
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and outputs[2] == outputs[3]
+    assert outputs[2]["senders"] == 2

@@ -81,8 +81,9 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
     metric, _ = pair_metric(args, model)
     if saes:
         check_latent_sites(model, saes, None)  # before the circuit's forward passes
-    senders = upstream_nodes(model, args.layers)
-    receivers = receivers_of(model, args.layers)
+    layers = list(dict.fromkeys(args.layers)) if args.layers else None  # `--layers 0 0` built every node twice
+    senders = upstream_nodes(model, layers)
+    receivers = receivers_of(model, layers)
     result = find_circuit(model, args.clean, args.corrupted, metric, senders=senders, receivers=receivers,
                           threshold=args.threshold, k=args.k, method=args.method, ablation=args.ablation,
                           max_candidates=args.max_candidates)

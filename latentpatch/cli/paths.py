@@ -64,11 +64,12 @@ def run_paths(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.align is not None:
         raise PatchingError("paths needs prompts of equal token length (--align is not supported)")
-    senders = parse_nodes(args.senders) if args.senders else None
+    senders = list(dict.fromkeys(parse_nodes(args.senders))) if args.senders else None  # each node once
     check_out(args)
     model = load_plain_model(args.model)
     metric, _ = pair_metric(args, model)
-    receivers = receivers_of(model, args.receiver_layers, kinds=tuple(args.receivers))
+    layers = list(dict.fromkeys(args.receiver_layers)) if args.receiver_layers else None  # each layer once
+    receivers = receivers_of(model, layers, kinds=tuple(dict.fromkeys(args.receivers)))
     senders = upstream_nodes(model) if senders is None else senders  # the default --help promises (None was refused)
     result = patch_paths(model, args.clean, args.corrupted, metric, senders=senders, receivers=receivers,
                          direction=args.direction, by=args.by)
