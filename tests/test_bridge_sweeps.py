@@ -156,7 +156,7 @@ def test_default_model_latent_sweep_and_steering_agree_between_backends():
     ours, theirs = (patch_latents(m, sae, clean, corrupted, metric, units="position", progress=False) for m in (bridge, hooked))
     assert [u.label() for u in ours.units] == [u.label() for u in theirs.units]
     torch.testing.assert_close(ours.metric, theirs.metric, atol=5e-4, rtol=1e-4)
-    ours, theirs = (generate_steered(m, sae, [100], clean, max_new_tokens=4, coefficient=8.0) for m in (bridge, hooked))
+    ours, theirs = (generate_steered(m, sae, [100], clean, max_new_tokens=4, coefficient=60.0) for m in (bridge, hooked))
     assert torch.equal(ours.steered_tokens, theirs.steered_tokens)
     assert torch.equal(ours.unsteered_tokens, theirs.unsteered_tokens)
     assert not torch.equal(ours.steered_tokens, ours.unsteered_tokens)  # the steering changed the text
