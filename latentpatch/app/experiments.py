@@ -3,7 +3,7 @@
 - sweep: the exact latent sweep (`patch_latents`, every latent that differs at every position) drawn as
   a heatmap, then AtP (`attribute_latents`) checked against exact patching (`verify`);
 - steer: latents by id or from a contrast of two text sets (`contrast_latents`), steered and unsteered
-  greedy continuations streamed token by token under `steer`, and the KL cost on neutral text;
+  greedy continuations streamed as they generate under `steer`, and the KL cost on neutral text;
 - circuit: `find_circuit`'s edges between heads and MLPs, or the edges between the SAEs' latents
   (`attribute_latent_edges`), drawn from the circuits room's graph document (`latentpatch.graph/1`).
 
