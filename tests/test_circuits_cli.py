@@ -59,7 +59,8 @@ def test_sae_graph_json_equals_the_api(stubbed, sae_folders, capsys, tmp_path):
     folders, saes = sae_folders
     path = tmp_path / "graph.json"
     out = run(capsys, "circuit", *PAIR, "--sae", folders[0], "--sae", folders[1], "--latent-k", "4",
-              "--graph-json", str(path), "--threshold", "0.5", "--method", "eap")
+              "--graph-json", str(path), "--threshold", "0.5", "--method", "eap", "--graph-threshold", "0",
+              "--label-rows", "0")
     metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
     expected = attribute_latent_edges(stubbed, saes, PAIR[1], PAIR[3], metric, k=4, direction="noise", progress=False)
     g = out["latent_graph"]
@@ -79,3 +80,37 @@ def test_without_sae_the_json_is_the_circuit(stubbed, capsys, tmp_path):
     doc = json.loads(path.read_text())
     assert out["latent_graph"] is None and len(doc["edges"]) == len(out["edges"])
     assert {n["kind"] for n in doc["nodes"]} <= {"embedding", "head", "mlp", "logit"}
+
+
+def test_graph_labels_come_from_the_held_out_rows(stubbed, sae_folders, capsys, tmp_path, monkeypatch):
+    import torch
+
+    import training.data.heldout as heldout
+    from patching.paths.labels import latent_labels
+
+    rows = torch.randint(3, 50, (6, 10), generator=torch.Generator().manual_seed(2))
+    asked = []
+    monkeypatch.setattr(heldout, "heldout_tokens", lambda model, **kw: asked.append(kw) or rows)
+    folders, saes = sae_folders
+    path = tmp_path / "graph.json"
+    run(capsys, "circuit", *PAIR, "--sae", folders[0], "--sae", folders[1], "--graph-json", str(path),
+        "--threshold", "0.5", "--method", "eap", "--label-rows", "6", "--graph-threshold", "0.02")
+    assert asked == [{"n_rows": 6, "context_size": 64}]
+    doc = json.loads(path.read_text())
+    metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
+    graph = attribute_latent_edges(stubbed, saes, PAIR[1], PAIR[3], metric, direction="noise", progress=False)
+    nodes = {n.label(): n for n in graph.nodes}
+    latents = [n for n in doc["nodes"] if n["kind"] == "latent"]
+    assert latents and all(abs(e["weight"]) >= 0.02 for e in doc["edges"])
+    expected = latent_labels(stubbed, saes, rows, [nodes[n["id"]] for n in latents])
+    assert [n["label"] for n in latents] == [expected[nodes[n["id"]]] for n in latents]
+    assert any(n["label"] != n["id"] for n in latents)
+
+
+def test_bad_graph_threshold_refused_before_the_model_loads(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    assert main(["circuit", *PAIR, "--graph-threshold", "nan"]) == 1
+    assert "--graph-threshold must be a finite number" in capsys.readouterr().err

@@ -55,6 +55,11 @@ def register(sub: Any) -> None:
                    help="downstream latent nodes per site whose incoming edges are computed (default 32)")
     p.add_argument("--graph-json", type=Path, default=None,
                    help="write the graph (the latent graph with --sae, else the circuit) as JSON here")
+    p.add_argument("--graph-threshold", type=float, default=0.01,
+                   help="latent-graph edges with |effect| at least this go into --graph-json (default 0.01)")
+    p.add_argument("--label-rows", type=bounded_int(0, 4096), default=32,
+                   help="label latents in --graph-json by their top activating tokens over this many held-out rows of "
+                        "64 tokens (default 32; 0 for no labels)")
     p.set_defaults(run=run_circuit, json_output=JSON_OUTPUT, describe=describe_circuit)
 
 
@@ -67,8 +72,9 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.align is not None:
         raise PatchingError("circuit needs prompts of equal token length (--align is not supported)")
-    if not args.threshold >= 0 or args.threshold == float("inf"):
-        raise PatchingError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    for option, value in (("--threshold", args.threshold), ("--graph-threshold", args.graph_threshold)):
+        if not value >= 0 or value == float("inf"):
+            raise PatchingError(f"{option} must be a finite number >= 0, got {value}")
     if args.direction != "denoise":
         raise PatchingError("circuit measures noising effects itself; leave --direction at its default")
     check_out(args)
@@ -81,6 +87,7 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
     metric, _ = pair_metric(args, model)
     if saes:
         check_latent_sites(model, saes, None)  # before the circuit's forward passes
+    label_rows = _label_rows(args, model) if saes and args.graph_json is not None else None
     layers = list(dict.fromkeys(args.layers)) if args.layers else None  # `--layers 0 0` built every node twice
     senders = upstream_nodes(model, layers)
     receivers = receivers_of(model, layers)
@@ -92,8 +99,11 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
         result.plot(args.out / "circuit.png")
     latent = (attribute_latent_edges(model, saes, args.clean, args.corrupted, metric, k=args.latent_k, direction="noise",
                                      progress=False) if saes else None)
-    if args.graph_json is not None:
-        (latent if latent is not None else result).to_graph_json(args.graph_json)
+    if args.graph_json is not None and latent is not None:
+        labels = None if label_rows is None else _labels(model, saes, latent, label_rows, args.graph_threshold)
+        latent.to_graph_json(args.graph_json, threshold=args.graph_threshold, labels=labels)
+    elif args.graph_json is not None:
+        result.to_graph_json(args.graph_json)
     f = result.faithfulness
     edges = [{"sender": u.label(), "receiver": r.label(), "estimate": float(result.estimate[i]),
               "exact": None if result.exact is None else float(result.exact[i])} for i, (u, r) in enumerate(result.edges)]
@@ -101,6 +111,25 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
             "ablation": f.ablation, "metric_clean": f.metric_clean.tolist(), "metric_corrupted": f.metric_corrupted.tolist(),
             "saved_to": str(args.out) if args.out else None, "latent_graph": None if latent is None else _latent_summary(latent),
             "graph_json": str(args.graph_json) if args.graph_json else None}
+
+
+def _label_rows(args: argparse.Namespace, model: Any) -> Any:
+    """The held-out rows latent labels are read from, loaded before the search (None for no labels)."""
+    if args.label_rows == 0:
+        return None
+    from training.data.heldout import heldout_tokens
+
+    return heldout_tokens(model, n_rows=args.label_rows, context_size=64)
+
+
+def _labels(model: Any, saes: list[Any], graph: Any, rows: Any, threshold: float) -> dict[Any, str]:
+    """Top-activating-token labels of the latents the written graph keeps."""
+    from patching.paths.labels import latent_labels
+
+    mean = graph.edge_effect.mean(0)
+    kept = {graph.nodes[i] for e, (u, d) in enumerate(graph.edges) if abs(float(mean[e])) >= threshold for i in (u, d)}
+    kept |= graph.circuit(threshold)
+    return latent_labels(model, saes, rows, sorted(kept, key=lambda n: n.label()))
 
 
 def _latent_summary(graph: Any) -> dict[str, Any]:
