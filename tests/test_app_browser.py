@@ -101,6 +101,18 @@ def test_the_app_in_chromium_shows_the_python_apis_numbers(served, driver, tmp_p
     for page in ("", "latents", "patch", "steer", "circuits"):
         _open(driver, f"{url}/{page}")
         assert "random-l1" in driver.find_element("id", "sae").text
+    _open(driver, f"{url}/latents")
+    _fill(driver, text="The Eiffel Tower is located in Paris")
+    driver.find_element("id", "run").click()
+    assert _finish(driver) == "done"
+    tokens = model.to_tokens("The Eiffel Tower is located in Paris")
+    _, cache = model.run_with_cache(tokens, names_filter=sae.cfg.hook_name)
+    best = sae.encode(cache[sae.cfg.hook_name])[0, 1:].max(0).values  # BOS left out
+    expected = [i for i in torch.argsort(best, descending=True, stable=True).tolist() if best[i] > 0][:20]
+    rows = [[td.text for td in tr.find_elements("tag name", "td")] for tr in driver.find_elements("css selector", "#results tr")[1:]]
+    assert [int(r[0][1:]) for r in rows] == expected
+    assert [float(r[1]) for r in rows] == pytest.approx([float(best[i]) for i in expected], abs=1e-4)
+
     _open(driver, f"{url}/patch")
     _fill(driver, **EIFFEL)
     driver.find_element("id", "run").click()
