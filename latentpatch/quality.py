@@ -98,13 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m latentpatch.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", required=True)
     parser.add_argument("--sae-id", required=True)
-    parser.add_argument("--blocks", nargs="+", choices=QUALITY_BLOCKS, default=list(QUALITY_BLOCKS))
+    parser.add_argument("--blocks", dest="which", nargs="+", choices=QUALITY_BLOCKS, default=list(QUALITY_BLOCKS))
     parser.add_argument("--rows", type=int, default=None, help="held-out rows per corpus for generalisation "
                                                               "(default: the registry's 160)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    entry = record_quality(args.release, args.sae_id, tuple(args.blocks), n_rows=args.rows)
-    log.info("recorded %s", json.dumps({k: entry["heldout"][k] for k in args.blocks})[:2000])
+    entry = record_quality(args.release, args.sae_id, tuple(args.which), n_rows=args.rows)
+    log.info("recorded %s", json.dumps({k: entry["heldout"][k] for k in args.which})[:2000])
 
 
 if __name__ == "__main__":

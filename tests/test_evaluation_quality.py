@@ -120,3 +120,16 @@ def test_withheld_figures_equal_saelens_own_evaluation_on_the_mails(default_mode
         eval_batch_size_prompts=4, model_kwargs={}, ignore_tokens=ignore)
     for name in ("ce_loss_score", "kl_div_score", "kl_div_with_sae", "explained_variance", "l0"):
         assert block[name] == pytest.approx({**down, **sparse}[name], rel=1e-4, abs=1e-5), name
+
+
+def test_the_module_command_records_the_named_blocks(monkeypatch):
+    import latentpatch.quality as quality
+
+    calls = []
+    monkeypatch.setattr(quality, "record_quality", lambda release, sae_id, blocks, n_rows=None: calls.append(
+        (release, sae_id, blocks, n_rows)) or {"heldout": {name: {} for name in blocks}})
+    quality.main(["--release", "r", "--sae-id", "blocks.15.hook_resid_pre", "--blocks", "probing", "error_share",
+                  "--rows", "8"])
+    assert calls == [("r", "blocks.15.hook_resid_pre", ("probing", "error_share"), 8)]
+    with pytest.raises(SystemExit):
+        quality.main(["--release", "r", "--sae-id", "x", "--blocks", "saebench"])
