@@ -100,11 +100,12 @@ def exact_edge(model, saes, base, source, up, down):
     return float(_run(model, base, [(b.hook_name, lambda x, hook: patched_b[None])]) - _run(model, base, []))
 
 
-@pytest.mark.parametrize("positions", [False, True])
-def test_exact_where_affine(affine, prompts, positions):
+@pytest.mark.parametrize("positions, method", [(False, "atp"), (True, "atp"), (False, "ig")])
+def test_exact_where_affine(affine, prompts, positions, method):
     clean, corrupted = prompts
     saes = saes_for(affine, active=True)
-    graph = attribute_latent_edges(affine, saes, clean, corrupted, METRIC, k=None, positions=positions, progress=False)
+    graph = attribute_latent_edges(affine, saes, clean, corrupted, METRIC, k=None, positions=positions, method=method,
+                                   steps=2, progress=False)
     span = graph.metric_clean - graph.metric_corrupted
     assert len(graph.edges) > 20
     checked = 0
@@ -122,13 +123,14 @@ def model(request):
     return learned_or_rotary_gqa(request.param)
 
 
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_node_effects_are_the_attribution_rooms_atp(model, prompts, direction):
+@pytest.mark.parametrize("direction, method", [("denoise", "atp"), ("noise", "atp"), ("noise", "ig")])
+def test_node_effects_are_the_attribution_rooms(model, prompts, direction, method):
     clean, corrupted = prompts
     saes = saes_for(model)
     graph = attribute_latent_edges(model, saes, clean, corrupted, METRIC, positions=True, direction=direction,
-                                   progress=False)
-    atp = attribute_latents(model, saes, clean, corrupted, METRIC, direction=direction, progress=False)
+                                   method=method, steps=3, progress=False)
+    atp = attribute_latents(model, saes, clean, corrupted, METRIC, direction=direction, method=method, steps=3,
+                            progress=False)
     by_unit = {}
     for j, unit in enumerate(atp.units):
         part = unit.parts[0]
@@ -180,6 +182,7 @@ def test_model_left_as_found(model, prompts):
     ("same_stream", {}, "same residual stream"),
     ("ok", dict(k=0), "k must be a positive int"),
     ("ok", dict(batch_size=0), "batch_size must be a positive int"),
+    ("ok", dict(steps=0), "steps must be an int in 1..1024"),
 ])
 def test_bad_input_refused_before_any_forward(model, prompts, saes, kwargs, pattern):
     clean, corrupted = prompts
@@ -237,3 +240,11 @@ def test_latent_labels_are_the_top_activating_tokens(model, prompts):
         assert labels[node] == expected
     with pytest.raises(PatchingError, match="no SAE given"):
         latent_labels(model, {SITES[0]: saes[SITES[0]]}, corpus, nodes)
+
+
+def test_config_checks_its_method():
+    from conftest import construct_unchecked
+    from patching.paths.latents import LatentEdgeConfig
+
+    with pytest.raises(PatchingError, match="method must be 'atp' or 'ig'"):
+        construct_unchecked(LatentEdgeConfig, method="eap")

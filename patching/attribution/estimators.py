@@ -144,7 +144,7 @@ def _estimate(model: Any, state: Splice, method: str, steps: int, pair_index: in
         grads = _gradients(model, state, base, metric, pair_index, start, rows=1, edits=())
         return {site: _score(deltas[site], grads[site]) for site in state.saes}
     if method == "ig":
-        return {site: _score(deltas[site], _path_gradients(model, state, base, metric, pair_index, site, deltas[site], steps))
+        return {site: _score(deltas[site], path_gradients(model, state, base, metric, pair_index, site, deltas[site], steps))
                 for site in state.saes}
     drops = range(start, tl_compat.n_layers(model))
     total = {site: (torch.zeros_like(d[0]), torch.zeros(d[1].shape[0])) for site, d in deltas.items()}
@@ -181,7 +181,7 @@ def _gradients(model: Any, state: Splice, base: RunCache, metric: Metric, pair_i
         state.records.clear()
 
 
-def _path_gradients(model: Any, state: Splice, base: RunCache, metric: Metric, pair_index: int, site: Site,
+def path_gradients(model: Any, state: Splice, base: RunCache, metric: Metric, pair_index: int, site: Site,
                     delta: tuple[Tensor, Tensor], steps: int) -> tuple[Tensor, Tensor]:
     """IG: gradients at the midpoints alpha = (k + 1/2) / steps of base + alpha * delta at `site`."""
     dz, de = delta

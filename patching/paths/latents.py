@@ -21,6 +21,10 @@ chain rule then gives the check the tests make: a node's outgoing edges, summed 
 latent and error node, equal its node effect; and where the model is affine between the sites and
 the downstream latents do not change sign, each edge equals exact edge patching.
 
+With `method="ig"` the node effects and the downstream gradients are averaged along each site's own
+path (the attribution room's integrated gradients, as Marks et al.'s `_pe_ig`), the Jacobian still taken at
+the base run, as their `jvp` does; the outgoing-edges sum then no longer equals the node effect exactly.
+
 Nodes are summed over positions by default (`positions=False`, as Marks et al.'s aggregated graphs)
 or kept per position. Effects come back normalised as every patching result (`normalized_effect`).
 The downstream error must stay differentiable with respect to the upstream nodes, which the
@@ -38,7 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patching.attribution.estimators import frozen_parameters
+from patching.attribution.estimators import frozen_parameters, path_gradients
 from patching.configs import resolve_config
 from patching.errors import PatchingError
 from patching.figures import subplots
@@ -81,6 +85,11 @@ class LatentNode:
 class LatentEdgeConfig:
     """Settings of `attribute_latent_edges`."""
 
+    method: Literal["atp", "ig"] = "atp"
+    """Node effects and the downstream gradients of the edges: at the base run (`atp`), or averaged
+    along each site's own path from base to source values (`ig`, Marks et al. eq. 3; `steps` points)."""
+    steps: int = 8
+    """Points on the path for `ig`."""
     k: int | None = 32
     """Downstream nodes per site whose incoming edges are computed: the k of largest |mean node
     effect| (each costs one row of a batched backward); None for every node."""
@@ -100,6 +109,10 @@ class LatentEdgeConfig:
             raise PatchingError(f"LatentEdgeConfig.batch_size must be a positive int, got {self.batch_size!r}")
         if self.direction not in ("denoise", "noise"):
             raise PatchingError(f"LatentEdgeConfig.direction must be 'denoise' or 'noise', got {self.direction!r}")
+        if self.method not in ("atp", "ig"):
+            raise PatchingError(f"LatentEdgeConfig.method must be 'atp' or 'ig', got {self.method!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 1024:
+            raise PatchingError(f"LatentEdgeConfig.steps must be an int in 1..1024, got {self.steps!r}")
 
 
 @dataclass
@@ -210,27 +223,31 @@ def attribute_latent_edges(model: Any, saes: Any, clean: Prompts, corrupted: Pro
     check_run_settings(model, metric, len(pairs), lengths=run_lengths(pairs))
     resolved = check_latent_sites(model, saes, checks)
     sites = list(resolved)
-    start = min(site.layer for site in sites)
+    start, layers = min(site.layer for site in sites), sorted({site.layer for site in sites})
     with frozen_parameters(model):
-        with splice(model, resolved, checks=checks) as state, torch.no_grad():
-            runs = [(reference_run(model, state, p.base, [start], metric.readout),
-                     reference_run(model, state, p.source, [start], metric.readout)) for p in pairs]
-        metric, m_clean, m_corrupted = reference_metrics(metric, runs, config.direction)
-        deltas = [{site: _site_delta(pair, base, source, site) for site in sites} for pair, (base, source) in zip(pairs, runs)]
+        with splice(model, resolved, checks=checks) as state:
+            with torch.no_grad():
+                runs = [(reference_run(model, state, p.base, layers, metric.readout),
+                         reference_run(model, state, p.source, layers, metric.readout)) for p in pairs]
+            metric, m_clean, m_corrupted = reference_metrics(metric, runs, config.direction)
+            deltas = [{site: _site_delta(pair, base, source, site) for site in sites} for pair, (base, source) in zip(pairs, runs)]
+            ig = [{site: path_gradients(model, state, base, metric, i, site, deltas[i][site], config.steps) for site in sites}
+                  for i, (base, _) in enumerate(runs)] if config.method == "ig" else None
         nodes = _graph_nodes(sites, deltas, config.positions)
         raw_nodes = torch.zeros(len(pairs), len(nodes))
-        last = None
+        last, left = None, []
         for i, (base, _) in enumerate(runs):  # one graph held at a time (RELIABILITY.md R12)
             last = _GradientPass(model, resolved, base, metric, i, start)
-            raw_nodes[i] = _node_scores(nodes, deltas[i], last.grads)
+            left.append(last.grads if ig is None else ig[i])
+            raw_nodes[i] = _node_scores(nodes, deltas[i], left[i])
         m_base = m_corrupted if config.direction == "denoise" else m_clean
         node_effect = normalized_effect(m_base[:, None] + raw_nodes, m_clean, m_corrupted, config.direction)
 
         def gradient_pass(i: int) -> _GradientPass:  # the last pair's graph is still held; the others rerun
             return last if i == len(runs) - 1 and last is not None else _GradientPass(model, resolved, runs[i][0], metric, i, start)
-        edges, raw_edges = _edges(nodes, node_effect.mean(0), sites, gradient_pass, deltas, config)
+        edges, raw_edges = _edges(nodes, node_effect.mean(0), sites, gradient_pass, left, deltas, config)
     edge_effect = normalized_effect(m_base[:, None] + raw_edges, m_clean, m_corrupted, config.direction)
-    extra = {"method": "latent_edges", "k": config.k, "positions": config.positions, "n_nodes": len(nodes),
+    extra = {"method": "latent_edges", "node_method": config.method, "steps": config.steps if ig else None, "k": config.k, "positions": config.positions, "n_nodes": len(nodes),
              "n_edges": len(edges), "checks": (checks or SpliceChecks()).to_dict()}
     clean_runs = [source if config.direction == "denoise" else base for base, source in runs]
     return LatentGraph(sites=sites, nodes=nodes, node_effect=node_effect, edges=edges, edge_effect=edge_effect,
@@ -323,10 +340,11 @@ def _node_scores(nodes: list[LatentNode], delta: dict[Site, tuple[Tensor, Tensor
     return out
 
 
-def _edges(nodes: list[LatentNode], mean_effect: Tensor, sites: list[Site], gradient_pass: Any,
+def _edges(nodes: list[LatentNode], mean_effect: Tensor, sites: list[Site], gradient_pass: Any, left: list[dict[Site, Any]],
            deltas: list[dict[Site, tuple[Tensor, Tensor]]], config: LatentEdgeConfig) -> tuple[list[tuple[int, int]], Tensor]:
     """Every edge from a site's nodes into the k strongest nodes of the next site, (pairs, edges) in metric
-    units; `gradient_pass(i)` gives pair i's gradient pass, one pair's graph held at a time."""
+    units; `gradient_pass(i)` gives pair i's Jacobians (one pair's graph held at a time), `left[i]` its
+    downstream gradients."""
     present = {node.site for node in nodes}
     plan = []  # (up, down, upstream node indices, downstream node indices)
     for up, down in zip(sites, sites[1:]):
@@ -341,7 +359,7 @@ def _edges(nodes: list[LatentNode], mean_effect: Tensor, sites: list[Site], grad
         for (up, down, ups, downs), block in zip(plan, scores):
             for lo in range(0, len(downs), config.batch_size):
                 chunk = [nodes[j] for j in downs[lo:lo + config.batch_size]]
-                row_z, row_e = _rows(chunk, grad_pass.grads[down])
+                row_z, row_e = _rows(chunk, left[i][down])
                 jz, je = grad_pass.rows_jacobian(down, up, row_z, row_e)
                 block[i, lo:lo + len(chunk)] = _upstream_scores([nodes[j] for j in ups], jz, je, deltas[i][up])
         del grad_pass
