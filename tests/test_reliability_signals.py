@@ -74,8 +74,6 @@ SCRIPT = """
 import sys, time
 from pathlib import Path
 from training import Trainer, TrainingInterrupted
-from worded_model import worded_model
-from tests.conftest import stub_model_loader
 from tests.test_training_helpers import fresh_saes, shuffled_batches, small_config
 
 class Slow:
