@@ -107,17 +107,19 @@ def fact_tokens(model):
 @pytest.mark.default_model
 def test_default_model_residual_trace_on_the_bridge_matches_naive_hooks():
     """The default model cut to 4 layers, booted on the Bridge (in either suite): the engine's trace at
-    two layers against one run_with_hooks forward per (layer, position)."""
+    two layers and three positions (the subject's, one after it, the last) against one run_with_hooks
+    forward per (layer, position) (the Bridge's run_with_hooks costs seconds a call on a busy machine)."""
     from patching import load_model
 
     bridge = load_model(n_layers=4, backend="bridge")
     clean, corrupted, metric, answer, wrong = fact_tokens(bridge)
-    result = patch_residual(bridge, clean, corrupted, metric, layers=[1, 3], progress=False)
-    _, cache = bridge.run_with_cache(clean)
     n = clean.shape[1]
+    positions = [int(torch.nonzero(clean[0] != corrupted[0])[0]), n - 3, n - 1]
+    result = patch_residual(bridge, clean, corrupted, metric, layers=[1, 3], positions=positions, progress=False)
+    _, cache = bridge.run_with_cache(clean)
     for i, layer in enumerate([1, 3]):
         name = Site(layer).hook_name
-        for position in range(n):
+        for j, position in enumerate(positions):
             def put(x, hook, position=position, name=name):
                 x = x.clone()
                 x[:, position] = cache[name][:, position]
@@ -125,7 +127,7 @@ def test_default_model_residual_trace_on_the_bridge_matches_naive_hooks():
             with torch.no_grad():
                 logits = bridge.run_with_hooks(corrupted, fwd_hooks=[(name, put)])
             expected = (logits[0, -1, answer] - logits[0, -1, wrong]).item()
-            assert result.metric[0, i * n + position].item() == pytest.approx(expected, abs=2e-4)
+            assert result.metric[0, i * len(positions) + j].item() == pytest.approx(expected, abs=2e-4)
 
 
 @pytest.mark.default_model
