@@ -353,7 +353,9 @@ def test_cli_eval_pairs_prints_the_pair_sets_registry_block(default_model_4l, tm
     direct = pair_set_error_share(model, load_sae(folder), named_pairs(["factual", "ioi"]), span_threshold=0.5)
     assert set(printed["pairs"]) == {"eiffel", "ioi-0", "ioi-1", "ioi-2", "ioi-3", "ioi-4"}
     assert printed["median"] == json.loads(json.dumps(direct.medians()))
-    assert printed["span_threshold"] == 0.5 and (tmp_path / "ev" / "error_share" / "result.json").is_file()
+    assert printed["span_threshold"] == 0.5 and (tmp_path / "ev-pairs" / "result.json").is_file()
+    assert main(args) == 0, "a second run into the same --out replaces both folders"
+    assert json.loads(capsys.readouterr().out)["error_share"]["median"] == printed["median"]
 
 
 def test_cli_eval_pairs_refuses_a_bad_threshold_before_loading_and_names_the_groups(tmp_path, monkeypatch, capsys):

@@ -67,7 +67,8 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--span-threshold", type=float, default=1.0,
                     help="with --pairs: a pair counts in the medians only if M(clean) - M(corrupted) reaches this (default 1)")
     ev.add_argument("--out", type=Path, default=None, help="write eval.json and the two histograms into this folder "
-                                                             "(with --pairs, the pair set's result into OUT/error_share)")
+                                                             "(with --pairs, the pair set's result into the sibling folder OUT-pairs: a result "
+                                                             "folder is replaced whole, so it holds no subfolder)")
     ev.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
     ev.add_argument("--context-size", type=int, default=128, help="truncate each text to this many tokens (default 128)")
     ev.add_argument("--max-tokens", type=int, default=None, help="stop once this many tokens are evaluated (default: all)")
@@ -99,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         save_evaluation(result, args.out, provenance=provenance(model, saes=sae, prompts=described, sae=str(args.sae),
                                                                 config=asdict(config)))
         if shares is not None:
-            shares.save(args.out / "error_share")
+            shares.save(args.out.with_name(f"{args.out.name}-pairs"))
     return {"sae": str(args.sae), **result.to_dict(), "error_share": shares.registry_block() if shares else None,
             "saved_to": str(args.out) if args.out else None}
 
