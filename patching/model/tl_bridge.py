@@ -116,6 +116,19 @@ joining at a layer from a cached residual, and key/value prefixes. The sweep eng
 instead (`tl_bridge_rows`); the functions that need the steps themselves refuse a Bridge model."""
 
 
+def refuse_bridge(model: Any, what: str, need: str) -> None:
+    """Refuse a Bridge model before any forward pass, naming `what` and the step it lacks (a key of
+    `MISSING`); callers outside the model room reach it through `tl_compat`."""
+    if is_bridge(model):
+        raise BackendUnsupportedError(f"{what} on the bridge backend: {MISSING[need]}; load the model with backend='hooked'")
+
+
+def require_key_value_prefix(model: Any, what: str) -> None:
+    """Refuse a Bridge model where `what` runs rows after a TransformerLens key-value prefix (causal
+    tracing's noised rows, path patching's suffixes), which the Bridge takes none of."""
+    refuse_bridge(model, what, "past_kv_cache")
+
+
 def require_hooked(model: Any, need: str) -> None:
     """Refuse a Bridge model, naming the missing step, before any forward pass runs."""
     if is_bridge(model):

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from patching.model.tl_bridge import TLModel
 
 from patching.model import tl_bridge, tl_bridge_rows
+from patching.model.tl_bridge import refuse_bridge, require_key_value_prefix  # noqa: F401  (re-exported: the door)
 from patching.model.checks import check_context
 from patching.model.tl_readout import frozen_final_readout, readout  # noqa: F401  (re-exported: one door to TransformerLens)
 
@@ -193,20 +194,6 @@ def run_blocks(model: TLModel, residual: Tensor, start_layer: int, past_kv_cache
         return tl_bridge_rows.run_blocks(model, residual, start_layer)
     tl_bridge.require_hooked(model, "past_kv_cache" if past_kv_cache is not None else "start_at_layer")
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
-
-
-def require_key_value_prefix(model: Any, what: str) -> None:
-    """Refuse a Bridge model before any forward pass where `what` runs rows after a key-value prefix
-    of TransformerLens's (causal tracing's noised rows, path patching's suffixes), which it lacks."""
-    refuse_bridge(model, what, "past_kv_cache")
-
-
-def refuse_bridge(model: Any, what: str, need: str) -> None:
-    """Refuse a Bridge model before any forward pass, naming `what` and the step it lacks
-    (a key of `tl_bridge.MISSING`)."""
-    if tl_bridge.is_bridge(model):
-        raise tl_bridge.BackendUnsupportedError(f"{what} on the bridge backend: {tl_bridge.MISSING[need]}; "
-                                                f"load the model with backend='hooked'")
 
 
 def full_rows(model: TLModel) -> bool:
