@@ -29,7 +29,7 @@ from typing import Any
 from sae import load_sae
 from sae.files import WEIGHTS_FILE, atomic_write, save_sae
 from sae.registry import REGISTRY_FILE, RELEASES_DIR, config_sha256, half_precision, load_release
-from sae.safe_io import sha256_file
+from sae.safe_io import read_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ EVAL_ROWS = 160
 """Held-out rows of 128 tokens per evaluation: 160 * 127 = 20,320 scored tokens. Fewer rows make a
 noisy figure: about one row in twenty starts on a token that draws a massive activation, and
 those few tokens move SAEBench's explained variance by 0.2 or more."""
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON record read from a run folder, recipe or registry (through `sae.safe_io`: no FIFO or device)."""
 
 
 def evaluate(sae_dirs: list[Path], *, n_rows: int = EVAL_ROWS, corpus: str = "real",
@@ -72,7 +74,7 @@ def _objective_of(folder: Path) -> dict[str, Any]:
     run_config = (folder.parent if several else folder) / "run_config.json"
     if not run_config.is_file():
         return {}
-    trainer = json.loads(run_config.read_text())["trainer"]
+    trainer = json.loads(read_text(run_config, max_bytes=MAX_JSON_BYTES))["trainer"]
     index = int(folder.name.split("-")[1]) if several else 0
     architecture = trainer.get("architecture", "l1")
     key = "l1_coefficient" if architecture == "l1" else "k"
@@ -113,7 +115,7 @@ def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = 
     folder = save_sae(half_precision(sae), root / release / sae_id)
     sha = sha256_file(folder / WEIGHTS_FILE)
     registry_path = root / REGISTRY_FILE
-    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
+    registry = json.loads(read_text(registry_path, max_bytes=MAX_JSON_BYTES)) if registry_path.exists() else {}
     entry = {"path": f"{release}/{sae_id}", "weights_sha256": sha, "config_sha256": config_sha256(load_sae(folder).cfg),
              "recipe": recipe, "heldout": {}}
     registry.setdefault(release, {"model": sae.cfg.model_name, "saes": {}})["saes"][sae_id] = entry
@@ -129,7 +131,7 @@ def reevaluate(release: str, sae_id: str, *, root: Path = RELEASES_DIR, n_rows: 
     (figures,) = evaluate([name or root / release / sae_id], n_rows=n_rows, saes=[shipped])
     figures.pop("sae")
     registry_path = root / REGISTRY_FILE
-    registry = json.loads(registry_path.read_text())
+    registry = json.loads(read_text(registry_path, max_bytes=MAX_JSON_BYTES))
     entry = registry[release]["saes"][sae_id]
     # the quality blocks (`latentpatch.quality`: error_share, probing, generalisation) are measured apart: kept
     entry["heldout"] = {**{k: v for k, v in entry.get("heldout", {}).items() if isinstance(v, dict)}, **figures}
@@ -167,9 +169,9 @@ def build_recipe(train_dir: Path, sae_index: int, train_command: str, harvest_di
     saved as `result.json`)."""
     from latentpatch.cli.common import parse_site
 
-    harvests = [json.loads((folder / "harvest.json").read_text()) for folder in harvest_dirs]
-    run = json.loads((train_dir / "run_config.json").read_text())
-    result = json.loads((train_dir / "result.json").read_text())
+    harvests = [json.loads(read_text(folder / "harvest.json", max_bytes=MAX_JSON_BYTES)) for folder in harvest_dirs]
+    run = json.loads(read_text(train_dir / "run_config.json", max_bytes=MAX_JSON_BYTES))
+    result = json.loads(read_text(train_dir / "result.json", max_bytes=MAX_JSON_BYTES))
     coefficients = run["trainer"]["l1_coefficient"]
     ks = run["trainer"].get("k")
     widths = run["run"]["d_sae"]
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         entry = reevaluate(args.release, args.sae_id, n_rows=args.rows)
         log.info("re-measured %s/%s: %s", args.release, args.sae_id, json.dumps(entry["heldout"]))
     else:
-        entry = export(args.sae, args.release, json.loads(args.recipe.read_text()))
+        entry = export(args.sae, args.release, json.loads(read_text(args.recipe, max_bytes=MAX_JSON_BYTES)))
         log.info("registered %s", json.dumps(entry))
 
 

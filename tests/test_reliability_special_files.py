@@ -161,3 +161,19 @@ def test_a_special_file_in_a_saved_path_result_is_refused_naming_it(path_result,
         PathResult.load(path_result)
     assert str(path_result / name) in str(err.value)
     assert os.path.lexists(path_result / name)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_release_tool_refuses_a_special_run_record(tmp_path, kind):
+    """`python -m latentpatch.release recipe` reads a run's harvest.json, run_config.json and result.json:
+    a FIFO blocked it and a link to /dev/zero filled memory."""
+    from latentpatch.release import build_recipe
+    from sae.errors import SAEFileError
+
+    train, harvest = tmp_path / "train", tmp_path / "harvest"
+    for folder in (train, harvest):
+        folder.mkdir()
+    make_special(harvest / "harvest.json", kind)
+    with guarded(), pytest.raises(SAEFileError, match=KINDS[kind]) as err:
+        build_recipe(train, 0, "latentpatch train ...", [harvest], tmp_path)
+    assert err.value.path == harvest / "harvest.json"
