@@ -76,6 +76,18 @@ def make_sae(d_in: int, d_sae: int, *, hook_name: str | None, model_name: str | 
     return sae
 
 
+def edited_pair(seed: int, rows: int, length: int, edits, vocab: int = 50):
+    """Random clean token rows and a corrupted copy for the path and edge tests: each (row, position,
+    shift) in `edits` adds `shift` (mod `vocab`) to that token; row None edits every row."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (rows, length), generator=g)
+    corrupted = clean.clone()
+    for row, position, shift in edits:
+        index = slice(None) if row is None else row
+        corrupted[index, position] = (corrupted[index, position] + shift) % vocab
+    return clean, corrupted
+
+
 def learned_or_rotary_gqa(kind: str):
     """The two 3-layer random models the head, path and edge tests run on: learned positions, or rotary
     positions with RMS norm, grouped-query attention (2 key/value heads) and a gated SiLU MLP."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import construct_unchecked, unchecked
+from conftest import construct_unchecked, edited_pair, unchecked
 from hooks_snapshot import assert_refused_before_any_forward, snapshot
 from patching.errors import PatchingError
 from patching.model import tl_compat
@@ -27,12 +27,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(7)
-    clean = torch.randint(0, 50, (2, 7), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 1] = (corrupted[:, 1] + 11) % 50
-    corrupted[0, 4] = (corrupted[0, 4] + 5) % 50
-    return clean, corrupted
+    return edited_pair(7, 2, 7, [(None, 1, 11), (0, 4, 5)])
 
 
 def node_scores_by_hooks(model, base, source, senders, alphas):

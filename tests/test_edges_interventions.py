@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import construct_unchecked
+from conftest import construct_unchecked, edited_pair
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.paths import EdgeConfig, attribute_edges, receivers_of, upstream_nodes
@@ -25,12 +25,7 @@ METHODS = [("eap", "inputs"), ("eap_ig", "inputs"), ("eap_ig", "activations")]
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(7)
-    clean = torch.randint(0, 50, (3, 6), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 1] = (corrupted[:, 1] + 11) % 50
-    corrupted[0, 4] = (corrupted[0, 4] + 5) % 50
-    return clean, corrupted
+    return edited_pair(7, 3, 6, [(None, 1, 11), (0, 4, 5)])
 
 
 @pytest.fixture(scope="module")

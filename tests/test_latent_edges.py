@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_sae
+from conftest import edited_pair, make_sae
 from hooks_snapshot import assert_refused_before_any_forward, snapshot
 from patching.attribution import attribute_latents
 from patching.errors import PatchingError
@@ -24,12 +24,7 @@ SITES = (Site(0, "resid_post"), Site(2, "resid_pre"))
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(7)
-    clean = torch.randint(0, 50, (2, 6), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 1] = (corrupted[:, 1] + 11) % 50
-    corrupted[0, 3] = (corrupted[0, 3] + 5) % 50
-    return clean, corrupted
+    return edited_pair(7, 2, 6, [(None, 1, 11), (0, 3, 5)])
 
 
 def saes_for(model, d_sae=12, active=False):

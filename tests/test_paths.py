@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import construct_unchecked, unchecked
+from conftest import construct_unchecked, edited_pair, unchecked
 from hooks_snapshot import CountingHook, assert_refused_before_any_forward, snapshot
 from patching.errors import PatchingError
 from patching.model import tl_compat
@@ -26,12 +26,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(5)
-    clean = torch.randint(0, 50, (2, 8), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = (corrupted[:, 2] + 9) % 50
-    corrupted[1, 5] = (corrupted[1, 5] + 3) % 50
-    return clean, corrupted
+    return edited_pair(5, 2, 8, [(None, 2, 9), (1, 5, 3)])
 
 
 def naive_path_metric(model, base, source, sender, receivers):
