@@ -21,6 +21,7 @@ from patching.model import tl_compat
 from patching.model.tokens import encode_windows, leading_text, text_windows
 from patching.splice.scored_tokens import token_batches
 from training.data.text import TokenRows, file_texts
+from training.errors import DataSourceError
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dogs", "ran", "über", "naïve", "42", "1999", "(x)", "e.g.", "don't",
          "—", "日本", "🙂", "tab\there", "a.b", "!!!"]
@@ -158,3 +159,23 @@ def test_packing_a_huge_line_into_rows_holds_one_window(bpe_model, long_line):
     stream = _whole(bpe_model, text[:20000])
     assert out[0][:, 1:].flatten().tolist() == stream[:8 * 63]
     assert grown < 100 * 1024, f"packing rows from one 6 MB line grew resident memory by {grown / 1024:.0f} MB"
+
+
+def test_starting_past_the_end_of_the_text_is_refused_not_replayed(bpe_model, tmp_path):
+    """`harvest --skip-rows` (and a resumed state) past the text's last row was replayed epoch after
+    epoch: 2**40 rows never ended. It is a typed error naming the text's row count once the replay
+    reaches the end; a position inside the text still resumes exactly."""
+
+    path = tmp_path / "small.txt"
+    path.write_text("\n\n".join(f"document {i} with a few words in it" for i in range(30)) + "\n")
+    rows = TokenRows(bpe_model, file_texts(path), context_size=8, description="small")
+    whole = []
+    while rows.epoch == 0:
+        whole.append(rows.next_rows(1)[0].tolist())
+    n_rows = len(whole) - 1  # the last row read opened epoch 1
+    resumed = TokenRows(bpe_model, file_texts(path), context_size=8, description="small")
+    resumed.load_state_dict({"epoch": 0, "rows_in_epoch": n_rows - 1, "rows_served": n_rows - 1})
+    assert resumed.next_rows(1)[0].tolist() == whole[n_rows - 1]
+    with pytest.raises(DataSourceError, match=f"holds {n_rows} rows"):
+        TokenRows(bpe_model, file_texts(path), context_size=8, description="small").load_state_dict(
+            {"epoch": 0, "rows_in_epoch": 2**40, "rows_served": 2**40})

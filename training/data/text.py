@@ -193,10 +193,17 @@ class TokenRows:
         return {"epoch": self.epoch, "rows_in_epoch": self._rows_in_epoch, "rows_served": self.rows_served}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after `rows_in_epoch` rows of epoch `epoch` (a checkpoint, or `--skip-rows`). A
+        position past the text's end is refused as soon as the replay reaches it (replaying on into
+        later epochs would make a huge `--skip-rows` endless)."""
         self._start_epoch()
-        self.epoch = int(state["epoch"])
-        for _ in range(int(state["rows_in_epoch"])):
+        epoch = self.epoch = int(state["epoch"])
+        for rows_read in range(int(state["rows_in_epoch"])):
             self._next_row()
+            if self.epoch != epoch:
+                raise DataSourceError(f"{self.description}: cannot start after row {state['rows_in_epoch']} of its "
+                                      f"text: the text holds {rows_read} rows of {self.context_size} tokens "
+                                      f"(--skip-rows too large?)")
         self.rows_served = int(state["rows_served"])
         self.epoch = int(state["epoch"])
 
