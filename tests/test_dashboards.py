@@ -119,6 +119,25 @@ def test_a_latent_page_is_its_card_and_escapes_user_text(site_book, tmp_path):
     assert f'id="latent-{latent.latent}"' in card_page and "<mark>&lt;script&gt;" in card_page
 
 
+def test_a_neuron_page_comes_from_its_template_and_escapes_user_text(site_book, tmp_path):
+    """Neuron and direction pages are rendered by the same autoescaped templates as the cards: a hostile
+    context or token stays text in every section (contexts, groups, decomposition)."""
+    import dataclasses
+
+    from patching.inspect.latents import MARK_CLOSE, MARK_OPEN, ActivatingContext
+    from patching.inspect.neuron_cards import UnitReport
+
+    unit = next(r for r in site_book[1] if isinstance(r, UnitReport) and r.groups)
+    payload = "<script>document.title='pwned'</script>"
+    contexts = [c._replace(text=f"{payload} {MARK_OPEN}{payload}{MARK_CLOSE} b") for c in unit.contexts]
+    assert contexts and all(isinstance(c, ActivatingContext) for c in contexts)
+    hostile = dataclasses.replace(unit, contexts=contexts)
+    write_dashboards(tmp_path, [hostile])
+    text = (tmp_path / f"{hostile.label}.html").read_text()
+    assert "<script>" not in text and text.count("<mark>&lt;script&gt;") >= len(contexts) + 1  # table + a group
+    assert "grouped by dominant latent" in text and "Share of the pre-activation" in text
+
+
 def test_tokens_the_plot_font_lacks_draw_without_warnings(tmp_path):
     """Real text holds CJK tokens; the suite turns a warning from our code into an error, and the demo
     printed one per missing glyph."""

@@ -22,10 +22,6 @@ from patching.inspect.neurons import Neuron, token_concentration
 from sae.files import atomic_write
 
 Report = LatentReport | UnitReport
-STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;vertical-align:top}th{background:#f3f3f3}
-mark{background:#ffd54f;font-weight:bold}.ctx{font-family:monospace;white-space:pre-wrap}img{max-width:100%}
-.pos{color:#1565c0}.neg{color:#c62828}"""
 
 
 def slug(report: Report) -> str:
@@ -69,18 +65,18 @@ def write_page(folder: Path, report: Report) -> Path:
         atomic_write(page, render_template("dashboard_page.html", title=_title(report), score=_num(_token_score(report)),
                                            card=card_from_report(report, images[0].name)).encode())
         return page
-    sections = [f"<p>positive on {report.n_active}/{report.n_tokens} tokens ({100 * report.frequency:.2f}%); "
-                f"token concentration of the top contexts: {_num(_token_score(report))}</p>",
-                f"<img src='{images[0].name}' alt='logit effect and activation histogram'>",
-                _effects_table(report.top_tokens, report.bottom_tokens), _contexts_table(report)]
+    decomposition = None
     if isinstance(report, UnitReport):
         images.append(_plot_decomposition(report, folder / f"{stem}_decomposition.png"))
-        sections += [f"<h2>Decomposition through the SAE at {html.escape(report.sae_site.hook_name)}</h2>",
-                     f"<img src='{images[1].name}' alt='variance shares and groups'>", _variance_table(report),
-                     _groups_table(report)]
+        decomposition = _decomposition(report, images[1].name)
+    effects = (None if report.top_tokens is None or report.bottom_tokens is None else
+               [(_effect(a), _effect(b)) for a, b in zip(report.top_tokens, report.bottom_tokens)])
     page = folder / f"{stem}.html"
-    body = f"<p><a href='index.html'>index</a></p><h1>{html.escape(_title(report))}</h1>" + "".join(sections)
-    atomic_write(page, _document(_title(report), body).encode())
+    atomic_write(page, render_template(
+        "unit_page.html", title=_title(report), n_active=report.n_active, n_tokens=report.n_tokens,
+        density=f"{100 * report.frequency:.2f}%", score=_num(_token_score(report)), activity_image=images[0].name,
+        effects=effects, contexts=_contexts(report), has_terms=isinstance(report, UnitReport) and bool(report.terms),
+        decomposition=decomposition).encode())
     return page
 
 
@@ -100,56 +96,46 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _document(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+def split_context(text: str) -> dict[str, str]:
+    """A context's text around its «activating token», for the templates to escape and mark."""
+    before, _, rest = text.partition(MARK_OPEN)
+    token, _, after = rest.partition(MARK_CLOSE)
+    return {"before": before, "token": token, "after": after}
 
 
 def highlight(text: str) -> str:
     """A context's text, escaped, with the «activating token» in a <mark>."""
-    before, _, rest = text.partition(MARK_OPEN)
-    token, _, after = rest.partition(MARK_CLOSE)
-    return f"{html.escape(before)}<mark>{html.escape(token)}</mark>{html.escape(after)}"
+    parts = split_context(text)
+    return f"{html.escape(parts['before'])}<mark>{html.escape(parts['token'])}</mark>{html.escape(parts['after'])}"
 
 
-def _effects_table(top: list[TokenEffect] | None, bottom: list[TokenEffect] | None) -> str:
-    if top is None or bottom is None:
-        return "<p>not residual-width: no direct path to the logits</p>"
-    cells = "".join(f"<tr><td class='pos'>{html.escape(repr(a.token))}</td><td>{a.logit:+.3f}</td>"
-                    f"<td class='neg'>{html.escape(repr(b.token))}</td><td>{b.logit:+.3f}</td></tr>" for a, b in zip(top, bottom))
-    return f"<h2>Direct logit effect</h2><table><tr><th colspan=2>promoted</th><th colspan=2>suppressed</th></tr>{cells}</table>"
+def _effect(effect: TokenEffect) -> dict[str, str]:
+    return {"token": repr(effect.token), "logit": f"{effect.logit:+.3f}"}
 
 
-def _contexts_table(report: Report) -> str:
+def _contexts(report: Report) -> list[dict[str, object]]:
+    """The top contexts as the page's rows; a neuron's or direction's carry its decomposition terms."""
     terms = report.terms if isinstance(report, UnitReport) else []
-    rows = []
+    rows: list[dict[str, object]] = []
     for i, context in enumerate(report.contexts):
-        extra = ""
+        term = None
         if i < len(terms):
             t = terms[i]
-            latents = ", ".join(f"#{latent} {value:+.2f}" for latent, value in t.latents)
-            extra = f"<td>{t.total:+.3f}</td><td>{latents}</td><td>{t.error:+.3f}</td>"
-        rows.append(f"<tr><td>{context.activation:.3f}</td><td class='ctx'>{highlight(context.text)}</td>{extra}</tr>")
-    head = "<th>pre-activation</th><th>top latent contributions</th><th>SAE error</th>" if terms else ""
-    return (f"<h2>Top-activating contexts</h2><table><tr><th>activation</th><th>context</th>{head}</tr>"
-            f"{''.join(rows) or '<tr><td colspan=2>never active in the corpus</td></tr>'}</table>")
+            term = {"total": f"{t.total:+.3f}", "error": f"{t.error:+.3f}",
+                    "latents": ", ".join(f"#{latent} {value:+.2f}" for latent, value in t.latents)}
+        rows.append({"activation": f"{context.activation:.3f}", "term": term, **split_context(context.text)})
+    return rows
 
 
-def _variance_table(report: UnitReport) -> str:
-    rows = "".join(f"<tr><td>#{latent}</td><td>{share:.3f}</td></tr>" for latent, share in report.variance)
-    rows += "".join(f"<tr><td>{html.escape(name)}</td><td>{share:.3f}</td></tr>" for name, share in report.variance_terms.items())
-    return f"<h3>Share of the pre-activation's variance, Cov(term, pre) / Var(pre)</h3><table>{rows}</table>"
-
-
-def _groups_table(report: UnitReport) -> str:
-    rows = []
-    for latent, members in report.groups:
-        shown = [i for i in members if i < len(report.contexts)]
-        texts = "<br>".join(f"<span class='ctx'>{highlight(report.contexts[i].text)}</span>" for i in shown)
-        rows.append(f"<tr><td>#{latent}</td><td>{len(members)}</td><td>{texts}</td></tr>")
-    return (f"<h3>Top {len(report.terms)} contexts grouped by dominant latent (cluster score "
-            f"{_num(report.cluster_score)})</h3><table><tr><th>latent</th><th>contexts</th><th>shown</th></tr>"
-            f"{''.join(rows)}</table>")
+def _decomposition(report: UnitReport, image: str) -> dict[str, object]:
+    """The decomposition sections' data: variance shares and the top contexts grouped by dominant latent."""
+    variance = [(f"#{latent}", f"{share:.3f}") for latent, share in report.variance]
+    variance += [(name, f"{share:.3f}") for name, share in report.variance_terms.items()]
+    groups = [{"latent": latent, "size": len(members),
+               "shown": [split_context(report.contexts[i].text) for i in members if i < len(report.contexts)]}
+              for latent, members in report.groups]
+    return {"site": report.sae_site.hook_name, "image": image, "variance": variance, "n_terms": len(report.terms),
+            "cluster_score": _num(report.cluster_score), "groups": groups}
 
 
 def plot_activity(report: Report, path: Path) -> Path:
