@@ -88,6 +88,20 @@ def edited_pair(seed: int, rows: int, length: int, edits, vocab: int = 50):
     return clean, corrupted
 
 
+def affine_attention_model(n_layers: int):
+    """An attention-only random model whose attention patterns cannot change (zero queries: uniform
+    causal attention), so the residual stream is affine in the embeddings: the toy on which the
+    edge estimators are exact. The unembedding is scaled so that effects are not tiny."""
+    model = tl_compat.random_model(n_layers=n_layers, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
+                                   d_mlp=None, seed=3).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.W_Q.zero_()
+            block.attn.b_Q.zero_()
+        model.unembed.W_U.mul_(30)
+    return model
+
+
 def learned_or_rotary_gqa(kind: str):
     """The two 3-layer random models the head, path and edge tests run on: learned positions, or rotary
     positions with RMS norm, grouped-query attention (2 key/value heads) and a gated SiLU MLP."""

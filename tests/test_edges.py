@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import construct_unchecked, edited_pair, unchecked
+from conftest import affine_attention_model, construct_unchecked, edited_pair, unchecked
 from hooks_snapshot import assert_refused_before_any_forward, snapshot
 from patching.errors import PatchingError
-from patching.model import tl_compat
 from tests.conftest import learned_or_rotary_gqa
 from patching.paths import Node, Receiver, attribute_edges, patch_paths, receivers_of, upstream_nodes
 
@@ -86,14 +85,7 @@ def test_outgoing_edges_sum_to_the_node_score(model, prompts, method, alphas):
 def affine_model():
     """No norms, zero queries (uniform causal attention), attention only: every receiver's input
     enters the metric linearly, so first-order estimates are exact."""
-    model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
-                                   d_mlp=None, seed=3).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.W_Q.zero_()
-            block.attn.b_Q.zero_()
-        model.unembed.W_U.mul_(30)
-    return model
+    return affine_attention_model(3)
 
 
 @pytest.mark.parametrize("method", ["eap", "eap_ig"])

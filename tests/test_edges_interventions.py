@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import construct_unchecked, edited_pair
+from conftest import affine_attention_model, construct_unchecked, edited_pair
 from patching.errors import PatchingError
-from patching.model import tl_compat
 from patching.paths import EdgeConfig, attribute_edges, receivers_of, upstream_nodes
 from patching.paths.interventions import check_intervention
 from patching.paths.nodes import reaches
@@ -30,14 +29,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def affine():
-    model = tl_compat.random_model(n_layers=2, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
-                                   d_mlp=None, seed=3).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.W_Q.zero_()
-            block.attn.b_Q.zero_()
-        model.unembed.W_U.mul_(30)
-    return model
+    return affine_attention_model(2)
 
 
 def outputs(model, tokens):

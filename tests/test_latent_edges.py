@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import edited_pair, make_sae
+from conftest import affine_attention_model, edited_pair, make_sae
 from hooks_snapshot import assert_refused_before_any_forward, snapshot
 from patching.attribution import attribute_latents
 from patching.errors import PatchingError
-from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.paths.latents import LatentGraph, attribute_latent_edges
 from patching.sweep import LogitDiff
@@ -43,14 +42,7 @@ def saes_for(model, d_sae=12, active=False):
 def affine():
     """No norms, zero queries (uniform causal attention), attention only: the stream at the second
     site and the metric are affine in the first site's nodes."""
-    model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
-                                   d_mlp=None, seed=3).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.W_Q.zero_()
-            block.attn.b_Q.zero_()
-        model.unembed.W_U.mul_(30)
-    return model
+    return affine_attention_model(3)
 
 
 def _run(model, tokens, site_hooks):
