@@ -21,48 +21,23 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import stub_model_loader
-from tests.test_training_helpers import fresh_saes, make_trainer, same_run, shuffled_batches, small_config
+from tests.test_training_helpers import SignallingBatches, fresh_saes, make_trainer, same_run, shuffled_batches, small_config
 from training import Trainer, TrainingInterrupted
 from worded_model import worded_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class _Terminating:
-    """Batches that send this process SIGTERM while batch `at` is read (as `kill` would, mid-run)."""
-
-    def __init__(self, batches, at: int):
-        self.batches, self.at, self.count = batches, at, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.count += 1
-        if self.count == self.at:
-            signal.raise_signal(signal.SIGTERM)
-        return next(self.batches)
-
-    def state_dict(self):
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state):
-        self.batches.load_state_dict(state)
-
-    def describe(self):
-        return self.batches.describe()
-
-
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     cfg = small_config(checkpoint_every=None)  # the only checkpoint is the one SIGTERM writes
-    trainer = Trainer(cfg, fresh_saes(), _Terminating(shuffled_batches(), at=cfg.init_batches + 6), out_dir=tmp_path)
+    trainer = Trainer(cfg, fresh_saes(), SignallingBatches(shuffled_batches(), at=cfg.init_batches + 6, signum=signal.SIGTERM), out_dir=tmp_path)
     with pytest.raises(TrainingInterrupted) as err:
         trainer.fit()
     assert err.value.step == 6 and err.value.checkpoint.name == "step-00000006"
     assert {number: signal.getsignal(number) for number in before} == before
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000006"]  # no temporary folder
-    resumed = Trainer(cfg, fresh_saes(), _Terminating(shuffled_batches(), at=-1), out_dir=tmp_path)
+    resumed = Trainer(cfg, fresh_saes(), SignallingBatches(shuffled_batches(), at=-1, signum=signal.SIGTERM), out_dir=tmp_path)
     assert resumed.resume() == 6
     resumed.fit()
     reference = make_trainer(tmp_path / "ref", config=cfg)

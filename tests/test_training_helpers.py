@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,29 @@ def same_run(a: Trainer, b: Trainer) -> bool:
         if not torch.equal(ma.firing.tokens_since_fired, mb.firing.tokens_since_fired):
             return False
     return torch.equal(a.generator.get_state(), b.generator.get_state()) and a.history == b.history
+
+
+class SignallingBatches:
+    """Batches that raise `signum` in this process as the `at`-th batch is read (Ctrl-C or a kill
+    while the data is being read); `at=-1` never signals. Checkpoint state passes through."""
+
+    def __init__(self, batches, at: int, signum: int = signal.SIGINT):
+        self.batches, self.at, self.signum, self.count = batches, at, signum, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.at:
+            signal.raise_signal(self.signum)
+        return next(self.batches)
+
+    def state_dict(self):
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state):
+        self.batches.load_state_dict(state)
+
+    def describe(self):
+        return self.batches.describe()

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from tests.test_training_helpers import (BATCH, D_IN, fresh_saes, make_trainer, same_run, shuffled_batches, small_config,
+from tests.test_training_helpers import (BATCH, D_IN, SignallingBatches, fresh_saes, make_trainer, same_run, shuffled_batches, small_config,
                                          topk_config)
 from training import CheckpointError, NonFiniteError, Trainer, TrainingInterrupted
 from training.errors import TrainingConfigError
@@ -108,39 +108,16 @@ def test_last_two_checkpoints_kept_and_newest_used(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000014"
 
 
-class _Interrupting:
-    def __init__(self, batches, at: int):
-        self.batches, self.at, self.count = batches, at, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.count += 1
-        if self.count == self.at:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the data is being read
-        return next(self.batches)
-
-    def state_dict(self):
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state):
-        self.batches.load_state_dict(state)
-
-    def describe(self):
-        return self.batches.describe()
-
-
 def test_ctrl_c_finishes_step_checkpoints_and_restores_handler(tmp_path):
     before = signal.getsignal(signal.SIGINT)
     cfg = small_config()
-    trainer = Trainer(cfg, fresh_saes(), _Interrupting(shuffled_batches(), at=cfg.init_batches + 6),
+    trainer = Trainer(cfg, fresh_saes(), SignallingBatches(shuffled_batches(), at=cfg.init_batches + 6, signum=signal.SIGINT),
                       out_dir=tmp_path)
     with pytest.raises(TrainingInterrupted) as err:
         trainer.fit()
     assert err.value.step == 6 and err.value.checkpoint.name == "step-00000006"
     assert signal.getsignal(signal.SIGINT) is before
-    resumed = Trainer(cfg, fresh_saes(), _Interrupting(shuffled_batches(), at=-1), out_dir=tmp_path)
+    resumed = Trainer(cfg, fresh_saes(), SignallingBatches(shuffled_batches(), at=-1, signum=signal.SIGINT), out_dir=tmp_path)
     assert resumed.resume() == 6
     resumed.fit()
     reference = make_trainer(tmp_path / "ref")
