@@ -48,6 +48,7 @@ from patching.errors import PatchingError
 from patching.figures import subplots
 from patching.model import tl_compat
 from patching.model.sites import Site
+from patching.paths.nodes import LatentNode
 from patching.paths.graph import GraphScores, latent_document, latent_scores, plot_graph_document, write_graph_json
 from patching.saved import SavedResult
 from patching.splice.splicer import SpliceChecks, resolve_saes, splice
@@ -57,28 +58,6 @@ from patching.sweep.pairs import Direction, PromptPair, Prompts, make_pairs
 from patching.sweep.patch import check_run_settings, provenance_record, run_lengths
 
 RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
-
-
-@dataclass(frozen=True)
-class LatentNode:
-    """One SAE latent (`latent` set) or the error node (`latent=None`) at a residual-stream site,
-    at one position or summed over positions (`pos=None`)."""
-
-    site: Site
-    """Where the SAE is spliced."""
-    latent: int | None = None
-    """Latent index; None for the error node."""
-    pos: int | None = None
-    """Token position; None for every position together."""
-
-    @property
-    def kind(self) -> Literal["latent", "error"]:
-        return "error" if self.latent is None else "latent"
-
-    def label(self) -> str:
-        where = f"L{self.site.layer}.{self.site.kind}"
-        what = "err" if self.latent is None else f"#{self.latent}"
-        return f"{where}/{what}" + ("" if self.pos is None else f"@{self.pos}")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ head (its index counts key/value heads): every query head of its group reads tha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from patching.errors import PatchingError
 from patching.model import tl_compat, tl_paths
+from patching.model.sites import Site
 
 NodeKind = Literal["embed", "head", "mlp"]
 ReceiverKind = Literal["q", "k", "v", "mlp", "logits"]
@@ -133,7 +134,65 @@ class Receiver:
         return f"L{self.layer}H{self.head}.{self.kind}"
 
 
-def reaches(node: Node, receiver: Receiver, model: Any) -> bool:
+STREAM_SLOTS = {"resid_pre": 0.5, "resid_mid": 2.5, "resid_post": 4.5}
+"""Offsets within block L's slots (4L + offset) of the residual stream an SAE site sees: resid_pre L
+after MLP L−1 writes (4L) and before block L's heads read (4L+1); resid_mid after the heads write."""
+
+
+@dataclass(frozen=True)
+class LatentNode:
+    """One SAE latent (`latent` set) or the error node (`latent=None`) at a residual-stream site,
+    at one position or summed over positions (`pos=None`).
+
+    As a sender it writes its change of `f_i · W_dec[i]` (or of the error) into the stream at its
+    site; as a receiver it reads that stream through its SAE's encoder (Marks et al. 2024, §2)."""
+
+    site: Site
+    """Where the SAE is spliced."""
+    latent: int | None = None
+    """Latent index; None for the error node."""
+    pos: int | None = None
+    """Token position; None for every position together."""
+
+    @property
+    def kind(self) -> Literal["latent", "error"]:
+        return "error" if self.latent is None else "latent"
+
+    @property
+    def layer(self) -> int:
+        """The block whose hook reads or writes the site."""
+        return self.site.layer
+
+    @property
+    def write_slot(self) -> float:
+        """Where the site's stream lies among the node slots (`Node.write_slot`, `Receiver.read_slot`)."""
+        return 4 * self.site.layer + STREAM_SLOTS[self.site.kind]
+
+    def read_slot(self, model: Any) -> float:
+        """A latent or error node reads the stream at its site: every write before it reaches it."""
+        return self.write_slot
+
+    def check(self, model: Any, saes: Mapping[Site, Any] | None) -> "LatentNode":
+        """Raise `PatchingError` unless one of `saes` sits at this node's site and has its latent; return self."""
+        if self.site.kind not in STREAM_SLOTS or self.site.head is not None:
+            raise PatchingError(f"{self.label()}: latent nodes sit on the residual stream ({tuple(STREAM_SLOTS)})")
+        if not saes or self.site not in saes:
+            raise PatchingError(f"{self.label()}: no SAE given at {self.site} (saes= holds "
+                                f"{[str(s) for s in (saes or {})]})")
+        for name, value in (("latent", self.latent), ("pos", self.pos)):
+            if value is not None:
+                _check_index(value, name, "LatentNode")
+        if self.latent is not None and self.latent >= saes[self.site].d_sae:
+            raise PatchingError(f"{self.label()}: latent out of range for d_sae={saes[self.site].d_sae}")
+        return self
+
+    def label(self) -> str:
+        where = f"L{self.site.layer}.{self.site.kind}"
+        what = "err" if self.latent is None else f"#{self.latent}"
+        return f"{where}/{what}" + ("" if self.pos is None else f"@{self.pos}")
+
+
+def reaches(node: Node | LatentNode, receiver: Receiver | LatentNode, model: Any) -> bool:
     """Whether `node`'s output is part of the stream `receiver` reads (a direct edge exists)."""
     return node.write_slot < receiver.read_slot(model)
 
@@ -170,15 +229,24 @@ def receivers_of(model: Any, layers: Sequence[int] | None = None,
     return [receiver.check(model) for receiver in out]
 
 
-def check_graph(model: Any, senders: Any, receivers: Any) -> tuple[list[Node], list[Receiver]]:
-    """Validate senders and receivers against the model before any forward pass."""
+def check_graph(model: Any, senders: Any, receivers: Any,
+                saes: Mapping[Site, Any] | None = None) -> tuple[list[Any], list[Any]]:
+    """Validate senders and receivers against the model before any forward pass; with `saes` (by
+    site) `LatentNode`s are senders and receivers too, each checked against its SAE."""
     reason = tl_paths.unsupported_for_paths(model)
     if reason is not None:
         raise PatchingError(f"path patching and edge attribution cannot run on {tl_compat.model_name(model)}: {reason}")
     for name, items, cls in (("senders", senders, Node), ("receivers", receivers, Receiver)):
-        if isinstance(items, (str, Node, Receiver)) or not isinstance(items, Sequence) or not items:
-            raise PatchingError(f"{name} must be a non-empty list of {cls.__name__} values, got {items!r}")
-        bad = [item for item in items if not isinstance(item, cls)]
+        kinds = (cls,) if saes is None else (cls, LatentNode)
+        if isinstance(items, (str, Node, Receiver, LatentNode)) or not isinstance(items, Sequence) or not items:
+            raise PatchingError(f"{name} must be a non-empty list of {' or '.join(k.__name__ for k in kinds)} values, "
+                                f"got {items!r}")
+        bad = [item for item in items if not isinstance(item, kinds)]
         if bad:
-            raise PatchingError(f"{name} must hold {cls.__name__} values, got {type(bad[0]).__name__} ({bad[0]!r})")
-    return [node.check(model) for node in senders], [receiver.check(model) for receiver in receivers]
+            hint = " (pass saes= to use SAE latents and error nodes)" if isinstance(bad[0], LatentNode) else ""
+            raise PatchingError(f"{name} must hold {' or '.join(k.__name__ for k in kinds)} values, got "
+                                f"{type(bad[0]).__name__} ({bad[0]!r}){hint}")
+
+    def checked(item: Any) -> Any:
+        return item.check(model, saes) if isinstance(item, LatentNode) else item.check(model)
+    return [checked(node) for node in senders], [checked(receiver) for receiver in receivers]

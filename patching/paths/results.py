@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from patching.figures import subplots
-from patching.paths.nodes import Node, Receiver
+from patching.paths.nodes import LatentNode, Node, Receiver
 from patching.saved import SavedResult
 
 
@@ -23,9 +23,9 @@ from patching.saved import SavedResult
 class PathResult(SavedResult):
     """Effects of each sender's paths through each receiver group, per prompt pair."""
 
-    senders: list[Node]
-    """Upstream nodes, one per row."""
-    receivers: list[tuple[Receiver, ...]]
+    senders: list[Node | LatentNode]
+    """Upstream nodes, one per row: heads, MLPs, the embedding, SAE latents and error nodes."""
+    receivers: list[tuple[Receiver | LatentNode, ...]]
     """Receiver groups, one per column: patched jointly within a group."""
     effect: Tensor
     """Normalised effect, (pairs, senders, groups): 1 = fully restores (denoise) / destroys (noise)."""

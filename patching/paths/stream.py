@@ -9,6 +9,7 @@ output is `z[head] @ W_O[head]` (its share of `hook_attn_out` without `b_O`, whi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,15 +48,17 @@ def stream_hook_names(model: object) -> list[str]:
     return names
 
 
-def stream_run(model: object, tokens: Tensor, readout: int | None, *, keys_values: bool = False) -> StreamRun:
-    """Run `tokens` (one row) once, keeping what `node_output` and `read_stream` need (and the
-    keys and values, with `keys_values`)."""
+def stream_run(model: object, tokens: Tensor, readout: int | None, *, keys_values: bool = False,
+               extra: Sequence[str] = ()) -> StreamRun:
+    """Run `tokens` (one row) once, keeping what `node_output` and `read_stream` need, the `extra`
+    hook names (SAE sites) and, with `keys_values`, the keys and values."""
     kv = None
+    names = list(dict.fromkeys(stream_hook_names(model) + list(extra)))
     with torch.no_grad():
         if keys_values:
-            final, acts, kv = tl_compat.run_until_end_with_keys_values(model, tokens, stream_hook_names(model))
+            final, acts, kv = tl_compat.run_until_end_with_keys_values(model, tokens, names)
         else:
-            final, acts = tl_compat.run_until_end_with_cache(model, tokens, stream_hook_names(model))
+            final, acts = tl_compat.run_until_end_with_cache(model, tokens, names)
         logits = readout_logits(model, final, readout)[0]
     return StreamRun(logits=logits, final=final[0], acts={name: act[0] for name, act in acts.items()}, keys_values=kv)
 
