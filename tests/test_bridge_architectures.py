@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from patching import ModelFlags, splice
-from patching.model import tl_bridge
+from patching.model import tl_bridge, tl_bridge_blocks, tl_bridge_rows, tl_compat
 from tests.conftest import make_sae
 from tests.test_bridge import TOKENS, tiny_tokenizer
 
@@ -105,3 +105,49 @@ def test_residual_patch_matches_the_same_patch_on_transformers(family, position)
         unpatched = reference(TOKENS[1:]).logits
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected, unpatched, atol=1e-4)  # the patch changed something to compare
+
+
+def test_blocks_from_a_layer_after_a_prefix_equal_the_full_forward(family):
+    """The sweep engine's shortcuts on the Bridge (`tl_bridge_blocks`): rows entering at layer 0 or 1
+    with the full forward's residual, after its keys and values of the first p positions, give the
+    full forward's final residual stream at the positions after p (p = 0 runs every position),
+    rows joining at two layers share one batch, and the hook points inside the blocks see the full
+    forward's tensors."""
+    bridge, _ = family
+    tokens, names = TOKENS[:1], ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"]
+    with torch.no_grad():
+        final, acts, kv = tl_bridge_rows.run_until_end_with_keys_values(bridge, tokens, names)
+        for layer in (0, 1):
+            for p in (0, 3, 8):
+                out = tl_bridge_blocks.run_layers(bridge, [(layer, acts[names[layer]][:, p:])], kv.sliced(p) if p else None)
+                torch.testing.assert_close(out, final[:, p:], atol=1e-5, rtol=0)
+        seen = {}
+        with tl_compat.hooks(bridge, [(names[2], lambda z: seen.setdefault("z", z.clone()))]):
+            out = tl_bridge_blocks.run_layers(bridge, [(0, acts[names[0]][:, 5:]), (1, acts[names[1]][:, 5:].expand(2, -1, -1))],
+                                              kv.sliced(5))
+    torch.testing.assert_close(out, final[:, 5:].expand(3, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen["z"], acts[names[2]][:, 5:].expand(3, -1, -1, -1), atol=1e-5, rtol=0)
+
+
+def test_blocks_after_a_prefix_keep_sliding_windows(tmp_path):
+    """Gemma 3 with a 3-token window on its sliding layers: the mask each layer takes is the full
+    forward's (cut to the rows' positions), so a suffix after the prefix attends as in the full forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = family_config("gemma3")
+    config.sliding_window = 3
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    bridge = tl_bridge.boot_bridge(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32),
+                                   AutoTokenizer.from_pretrained(tmp_path), model_name="tiny", flags=ModelFlags().as_kwargs(),
+                                   n_layers=None, n_ctx=64, device="cpu", dtype=torch.float32).eval()
+    with torch.no_grad():
+        final, acts, kv = tl_bridge_rows.run_until_end_with_keys_values(bridge, TOKENS[:1], ["blocks.1.hook_resid_pre"])
+        out = tl_bridge_blocks.run_layers(bridge, [(1, acts["blocks.1.hook_resid_pre"][:, 6:])], kv.sliced(6))
+        wide, _ = tl_bridge_rows.run_until_end_with_cache(tl_bridge.boot_bridge(
+            AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, sliding_window=64),
+            AutoTokenizer.from_pretrained(tmp_path), model_name="tiny", flags=ModelFlags().as_kwargs(), n_layers=None,
+            n_ctx=64, device="cpu", dtype=torch.float32).eval(), TOKENS[:1], [])
+    torch.testing.assert_close(out, final[:, 6:], atol=1e-5, rtol=0)
+    assert not torch.allclose(wide[:, 6:], final[:, 6:], atol=1e-4)

@@ -153,13 +153,6 @@ def attach_forward_hook(module: torch.nn.Module, fn: Any, *, prepend: bool = Fal
     return module.register_forward_hook(forward_hook, prepend=prepend)
 
 
-def full_rows(model: Any) -> bool:
-    """Whether the sweep engine must run every patched row whole on `model` (a Bridge: no
-    `start_at_layer`, no key-value prefix; see `tl_bridge_rows`), rather than only the positions
-    from its first patched one on."""
-    return is_bridge(model)
-
-
 def has_hooked_transformer() -> bool:
     """Whether this TransformerLens still has `HookedTransformer` (3.x; 4.0 removed it).
 

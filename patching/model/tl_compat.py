@@ -189,17 +189,18 @@ def run_blocks(model: TLModel, residual: Tensor, start_layer: int, past_kv_cache
 
     With `past_kv_cache` the residual holds only the positions after the cached prefix. It is made
     contiguous: a block whose MLP reads its input unnormalized (parallel attention and MLP, no norm)
-    hands it to TransformerLens's `batch_addmm`, whose `.view` refuses an expanded tensor."""
-    if tl_bridge.is_bridge(model) and past_kv_cache is None:
-        return tl_bridge_rows.run_blocks(model, residual, start_layer)
-    tl_bridge.require_hooked(model, "past_kv_cache" if past_kv_cache is not None else "start_at_layer")
+    hands it to TransformerLens's `batch_addmm`, whose `.view` refuses an expanded tensor. On the
+    Bridge its blocks are driven from the layer (`tl_bridge_blocks`)."""
+    if tl_bridge.is_bridge(model):
+        return tl_bridge_rows.run_blocks(model, residual, start_layer, past_kv_cache)
     return model(residual.contiguous(), start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=past_kv_cache)
 
 
 def full_rows(model: TLModel) -> bool:
-    """Whether patched rows run whole on `model` (the Bridge: `tl_bridge_rows`): the sweep engine
-    then starts every row at position 0 instead of at its first patched position."""
-    return tl_bridge.full_rows(model)
+    """Whether patched rows must run whole on `model`, from position 0 and the embedding: on neither
+    backend now (the Bridge's blocks run from a layer after a key-value prefix, `tl_bridge_blocks`).
+    The one place a caller asks, so that a backend without the shortcuts would need no caller changed."""
+    return False
 
 
 def n_heads(model: TLModel) -> int:

@@ -91,7 +91,7 @@ def run_blocks_joining(model: TLModel, joins: Sequence[tuple[int, Tensor]], past
     own layer on, while rows of many start layers share each block's matrix products (a trace's
     one row per layer would otherwise run as thirty small batches). `past_kv_cache` (frozen, or
     None) holds the positions before the residual's: one row shared by every row, or one row per
-    output row. On the Bridge every row runs whole (`tl_bridge_rows.run_rows_joining`)."""
+    output row. On the Bridge its blocks are driven alike (`tl_bridge_blocks.run_layers`)."""
     if tl_bridge.is_bridge(model):
         return tl_bridge_rows.run_rows_joining(model, joins, past_kv_cache)
     layers = [layer for layer, _ in joins]
@@ -121,8 +121,8 @@ def cache_before(cache: Any, n_tokens: int, position: int) -> Any:
     """The keys and values before `position` of a prompt of `n_tokens` tokens, from its whole
     cache; None when that is nothing. Whatever the cache holds before the prompt itself (the
     context of an enclosing `bound_prefix`) is kept, so rows run after it as every forward there does.
-    On the Bridge (a `FullRows` stand-in) only position 0 exists."""
-    if tl_bridge_rows.is_full_rows(cache):
+    On the Bridge the cache is a `BridgeKeysValues`, sliced alike."""
+    if tl_bridge_rows.is_bridge_keys_values(cache):
         return tl_bridge_rows.cache_before(cache, n_tokens, position)
     length = cache_length(cache) - n_tokens + position
     return slice_cache(cache, length) if length > 0 else None

@@ -177,7 +177,7 @@ def evaluate_units(model: Any, state: Splice | None, units: list[PatchUnit], pai
     readout = metric.readout
     last_read = None if readout is None else readout % pair.n_base
     pending: list[tuple[int, int, int, list]] = []
-    suffixes = readout is not None and not tl_compat.full_rows(model)  # the Bridge runs whole rows
+    suffixes = readout is not None and not tl_compat.full_rows(model)
     for i, unit in enumerate(units):
         elements = element_patches(unit, pair, base, source, positions)
         first = min(int(e[2].min()) for e in elements) if elements else None
