@@ -102,6 +102,24 @@ def affine_attention_model(n_layers: int):
     return model
 
 
+def planted_heads_model():
+    """Attention only, no norms, zero queries (so only values and direct paths matter). Heads L0H1
+    and L1H2 write strongly; every other head writes a thousandth as much (the noise): the circuit
+    tests' planted toy."""
+    model = tl_compat.random_model(n_layers=2, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
+                                   d_mlp=None, seed=4).eval()
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            block.attn.W_Q.zero_()
+            block.attn.b_Q.zero_()
+            keep = {0: 1, 1: 2}[layer]
+            scale = torch.full((4, 1, 1), 1e-3)
+            scale[keep] = 4.0
+            block.attn.W_O.mul_(scale)
+        model.unembed.W_U.mul_(30)
+    return model
+
+
 def learned_or_rotary_gqa(kind: str):
     """The two 3-layer random models the head, path and edge tests run on: learned positions, or rotary
     positions with RMS norm, grouped-query attention (2 key/value heads) and a gated SiLU MLP."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import planted_heads_model
 from patching.errors import PatchingError
 from patching.model import tl_compat
 from patching.paths import Node, Receiver, patch_paths, receivers_of, upstream_nodes
@@ -93,20 +94,7 @@ def test_edges_outside_the_graph_refused(model, prompts):
 
 @pytest.fixture(scope="module")
 def planted():
-    """Attention only, no norms, zero queries (so only values and direct paths matter). Heads L0H1
-    and L1H2 write strongly; every other head writes a thousandth as much (the noise)."""
-    model = tl_compat.random_model(n_layers=2, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
-                                   d_mlp=None, seed=4).eval()
-    with torch.no_grad():
-        for layer, block in enumerate(model.blocks):
-            block.attn.W_Q.zero_()
-            block.attn.b_Q.zero_()
-            keep = {0: 1, 1: 2}[layer]
-            scale = torch.full((4, 1, 1), 1e-3)
-            scale[keep] = 4.0
-            block.attn.W_O.mul_(scale)
-        model.unembed.W_U.mul_(30)
-    return model
+    return planted_heads_model()
 
 
 def test_planted_circuit_recovered(planted, prompts, tmp_path):

@@ -34,8 +34,11 @@ from patching.model.sites import Site
 from patching.paths.edges import attribute_edges
 from patching.paths.graph import circuit_document, plot_graph_document, write_graph_json
 from patching.paths.nodes import Node, Receiver, check_graph, reaches, receivers_of, upstream_nodes
+from patching.paths.mixed_circuits import MixedCircuitResult, find_mixed_circuit
 from patching.paths.path_patching import patch_paths
+from patching.paths.results import ABLATIONS, CircuitCurve, Faithfulness, plot_circuit_curve
 from patching.saved import SavedResult
+from patching.splice.splicer import SpliceChecks
 from patching.paths.stream import StreamRun, ablated_outputs, stream_run
 from patching.sweep.engine import RunCache, readout_logits, reference_metrics
 from patching.sweep.objectives import Metric, as_metric
@@ -45,31 +48,6 @@ from patching.sweep.patch import check_run_settings, provenance_record, run_leng
 Edge = tuple[Node, Receiver]
 
 
-@dataclass(frozen=True)
-class Faithfulness:
-    """How much of the clean-vs-corrupted gap a circuit carries, per pair."""
-
-    faithfulness: Tensor
-    """(M(C) − M(∅)) / (M_clean − M(∅)), (pairs,)."""
-    completeness: Tensor
-    """The same for the complement of C in the graph, (pairs,)."""
-    metric_circuit: Tensor
-    """M with only C intact, (pairs,)."""
-    metric_complement: Tensor
-    """M with only the complement intact, (pairs,)."""
-    metric_empty: Tensor
-    """M with every edge of the graph missing, (pairs,)."""
-    metric_clean: Tensor
-    """M of the clean run, (pairs,)."""
-    metric_corrupted: Tensor
-    """M of the corrupted run, (pairs,)."""
-    n_edges: int
-    """Edges in C (nodes, for a latent circuit: `latent_faithfulness`)."""
-    ablation: str = "resample"
-    """What a missing edge carries: `resample`, `zero`, `mean` or `position_mean`."""
-
-
-ABLATIONS: tuple[str, ...] = ("resample", "zero", "mean", "position_mean")
 
 
 def edge_ablated_metrics(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, circuits: Sequence[set[Edge]], *,
@@ -224,20 +202,6 @@ class CircuitConfig:
             raise PatchingError(f"CircuitConfig.curve_points must be an int >= 0, got {self.curve_points!r}")
 
 
-@dataclass(frozen=True)
-class CircuitCurve:
-    """Faithfulness and completeness as the threshold varies (Marks et al. 2024, Fig. 3), means over pairs."""
-
-    threshold: Tensor
-    """|estimate| of the last edge each circuit keeps, (points,)."""
-    n_edges: Tensor
-    """Edges in each circuit, (points,)."""
-    faithfulness: Tensor
-    """(points,)."""
-    completeness: Tensor
-    """(points,): the complement's faithfulness."""
-
-
 @dataclass
 class CircuitResult(SavedResult):
     """The edges kept, their scores, and the circuit's faithfulness and completeness."""
@@ -267,16 +231,7 @@ class CircuitResult(SavedResult):
         """A PNG of faithfulness and completeness against the number of edges kept."""
         if self.curve is None:
             raise PatchingError("this circuit has no threshold curve (find_circuit(..., curve_points=0))")
-        fig, ax = subplots(figsize=(6, 4))
-        ax.plot(self.curve.n_edges.tolist(), self.curve.faithfulness.tolist(), marker="o", label="faithfulness")
-        ax.plot(self.curve.n_edges.tolist(), self.curve.completeness.tolist(), marker="s", label="completeness")
-        ax.set_xscale("log")
-        ax.set_xlabel("edges kept (by |estimate|)")
-        ax.set_ylabel(f"score ({self.faithfulness.ablation} ablation)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(Path(path), dpi=120)
-        return Path(path)
+        return plot_circuit_curve(self.curve, self.faithfulness.ablation, "edges", path)
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -301,14 +256,22 @@ class CircuitResult(SavedResult):
 
 
 def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, senders: Any = None, receivers: Any = None,
-                 config: CircuitConfig | None = None, **overrides: Any) -> CircuitResult:
+                 saes: Any = None, checks: SpliceChecks | None = None, config: CircuitConfig | None = None,
+                 **overrides: Any) -> CircuitResult | MixedCircuitResult:
     """Edges whose noising effect clears the threshold (at most k of them): ranked by EAP or EAP-IG
     over every edge, confirmed by exact path patching of the candidates (every edge whose estimate
     clears half the threshold, at most 4k and `max_candidates`), then scored for
     faithfulness and completeness (Marks et al. 2024). Direction is noising: each edge's effect is
-    how much of the clean behaviour is lost when it alone carries the corrupted output."""
-    tl_compat.require_key_value_prefix(model, "find_circuit (its exact path patching)")
+    how much of the clean behaviour is lost when it alone carries the corrupted output.
+
+    With `saes` the graph is one of nodes — the embedding, heads, MLPs, and every SAE latent and
+    error node at the SAEs' sites — and the result a `MixedCircuitResult` (`mixed_circuits.py`)."""
     config = resolve_config(CircuitConfig, config, overrides)
+    if saes is not None:
+        if senders is not None or receivers is not None:
+            raise PatchingError("a circuit with saes= is a graph of nodes: give no senders= or receivers=")
+        return find_mixed_circuit(model, clean, corrupted, metric, saes=saes, config=config, checks=checks)
+    tl_compat.require_key_value_prefix(model, "find_circuit (its exact path patching)")
     senders, receivers = check_graph(model, upstream_nodes(model) if senders is None else senders,
                                      receivers_of(model) if receivers is None else receivers)
     estimate = attribute_edges(model, clean, corrupted, metric, senders=senders, receivers=receivers, method=config.method,

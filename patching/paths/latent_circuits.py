@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from patching.errors import PatchingError
-from patching.paths.circuits import Faithfulness
+from patching.paths.results import Faithfulness
 from patching.paths.latents import LatentNode, check_latent_sites
 from patching.splice.edits import ErrorPatch, LatentPatch
 from patching.splice.splicer import SpliceChecks, splice

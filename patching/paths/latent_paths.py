@@ -33,10 +33,11 @@ Codes = dict[Site, tuple[Tensor, Tensor]]
 def encode_sites(saes: Mapping[Site, Any], run: StreamRun) -> Codes:
     """Each SAE's latents and error on `run`'s stream at its site (cached by `stream_run(extra=...)`)."""
     out = {}
-    for site, sae in saes.items():
-        x = run.acts[site.hook_name]  # (pos, d_in)
-        z = sae.encode(x)
-        out[site] = (z, x - sae.decode(z).to(x.dtype))
+    with torch.no_grad():
+        for site, sae in saes.items():
+            x = run.acts[site.hook_name]  # (pos, d_in)
+            z = sae.encode(x)
+            out[site] = (z, x - sae.decode(z).to(x.dtype))
     return out
 
 

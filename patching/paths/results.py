@@ -1,4 +1,5 @@
-"""PathResult: effects of paths or edges (exact path patching, or EAP / EAP-IG estimates).
+"""PathResult: effects of paths or edges (exact path patching, or EAP / EAP-IG estimates); and the
+scores every circuit reports (`Faithfulness`, `CircuitCurve`).
 
 One value per (pair, sender, receiver group): a group is one receiver (an edge) or several patched
 together (Wang et al. 2022's "sender → all receivers"). Saved through `patching.saved.SavedResult`
@@ -91,3 +92,58 @@ class PathResult(SavedResult):
         fig.savefig(Path(path), dpi=120)
         return Path(path)
 
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """How much of the clean-vs-corrupted gap a circuit carries, per pair."""
+
+    faithfulness: Tensor
+    """(M(C) − M(∅)) / (M_clean − M(∅)), (pairs,)."""
+    completeness: Tensor
+    """The same for the complement of C in the graph, (pairs,)."""
+    metric_circuit: Tensor
+    """M with only C intact, (pairs,)."""
+    metric_complement: Tensor
+    """M with only the complement intact, (pairs,)."""
+    metric_empty: Tensor
+    """M with every edge of the graph missing, (pairs,)."""
+    metric_clean: Tensor
+    """M of the clean run, (pairs,)."""
+    metric_corrupted: Tensor
+    """M of the corrupted run, (pairs,)."""
+    n_edges: int
+    """Edges in C (nodes, for a latent circuit: `latent_faithfulness`)."""
+    ablation: str = "resample"
+    """What a missing edge carries: `resample`, `zero`, `mean` or `position_mean`."""
+
+
+ABLATIONS: tuple[str, ...] = ("resample", "zero", "mean", "position_mean")
+"""What a missing edge or ablated node carries (`circuits.py`, `mixed_circuits.py`)."""
+
+
+@dataclass(frozen=True)
+class CircuitCurve:
+    """Faithfulness and completeness as the threshold varies (Marks et al. 2024, Fig. 3), means over pairs."""
+
+    threshold: Tensor
+    """|estimate| of the last edge each circuit keeps, (points,)."""
+    n_edges: Tensor
+    """Edges in each circuit, (points,)."""
+    faithfulness: Tensor
+    """(points,)."""
+    completeness: Tensor
+    """(points,): the complement's faithfulness."""
+
+
+def plot_circuit_curve(curve: CircuitCurve, ablation: str, unit: str, path: str | Path) -> Path:
+    """A PNG of faithfulness and completeness against the number of `unit`s (edges, nodes) kept."""
+    fig, ax = subplots(figsize=(6, 4))
+    ax.plot(curve.n_edges.tolist(), curve.faithfulness.tolist(), marker="o", label="faithfulness")
+    ax.plot(curve.n_edges.tolist(), curve.completeness.tolist(), marker="s", label="completeness")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{unit} kept (by |estimate|)")
+    ax.set_ylabel(f"score ({ablation} ablation)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=120)
+    return Path(path)
