@@ -46,23 +46,25 @@ def evaluate(sae_dirs: list[Path], *, n_rows: int = EVAL_ROWS, corpus: str = "re
     """Held-out figures for each SAE folder (or each of `saes`, already loaded, named by `sae_dirs`):
     the one evaluator (`patching.splice.evaluate_sae`, SAEBench's core set under SAELens's names,
     `SAEEvaluation.figures`) on the first `n_rows` rows of `corpus`'s held-out split, configured as
-    the trainer's eval line and `latentpatch eval --heldout-rows` run it. `model`: the default model
-    unless given."""
+    the trainer's eval line and `latentpatch eval --heldout-rows` run it, all SAEs over one pass of
+    the rows (`evaluate_saes`: one clean run per batch; `eval_seconds` is the whole pass's time).
+    `model`: the default model unless given."""
     from patching.model.loading import load_model
-    from patching.splice.evaluation import EvalConfig, evaluate_sae
+    from patching.splice.evaluation import EvalConfig, evaluate_saes
     from training.data.heldout import heldout_tokens
 
     model = load_model() if model is None else model
     model.eval()
     tokens = heldout_tokens(model, corpus=corpus, n_rows=n_rows)
+    loaded = list(saes) if saes is not None else [load_sae(folder) for folder in sae_dirs]
+    start = time.perf_counter()
+    evaluations = evaluate_saes(model, loaded, tokens, config=EvalConfig(progress=False))
+    seconds = round(time.perf_counter() - start, 1)
     results = []
-    for index, folder in enumerate(sae_dirs):
-        sae = saes[index] if saes is not None else load_sae(folder)
-        start = time.perf_counter()
-        figures = evaluate_sae(model, sae, tokens, config=EvalConfig(progress=False)).figures()
+    for folder, sae, evaluation in zip(sae_dirs, loaded, evaluations):
         results.append({"sae": str(folder), "d_sae": sae.cfg.d_sae, "corpus": f"{corpus} (held-out split)",
-                        "n_rows": n_rows, **_objective_of(folder), **figures,
-                        "eval_seconds": round(time.perf_counter() - start, 1)})
+                        "n_rows": n_rows, **_objective_of(folder), **evaluation.figures(),
+                        "eval_seconds": seconds, "evaluated_together": len(loaded)})
         log.info("%s: %s", folder, json.dumps(results[-1]))
     return results
 

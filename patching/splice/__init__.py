@@ -7,7 +7,7 @@ Imports `model` below it."""
 
 from patching.splice.collect import Corpus, iter_site_latents, iter_site_values, resolve_site
 from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
-from patching.splice.evaluation import EvalConfig, SAEEvaluation, evaluate_sae
+from patching.splice.evaluation import EvalConfig, SAEEvaluation, evaluate_sae, evaluate_saes
 from patching.splice.evaluation_files import save_evaluation
 from patching.splice.probing import (ProbeConfig, ProbeSplit, ProbingResult, TaskScores, collect_probe_features,
                                      sparse_probe)
@@ -18,6 +18,6 @@ from patching.splice.splicer import SiteRecord, Splice, SpliceChecks, resolve_sa
 __all__ = [
     "Corpus", "ErrorPatch", "EvalConfig", "Interventions", "LatentEdit", "LatentPatch", "ProbeConfig", "ProbeSplit",
     "ProbingResult", "SAEEvaluation", "Sampling", "SiteRecord", "Splice", "SpliceChecks", "SpliceMetrics", "Step",
-    "TaskScores", "collect_probe_features", "evaluate_sae", "generate", "intervening", "iter_site_latents",
+    "TaskScores", "collect_probe_features", "evaluate_sae", "evaluate_saes", "generate", "intervening", "iter_site_latents",
     "iter_site_values", "resolve_saes", "resolve_site", "save_evaluation", "sparse_probe", "splice", "splice_metrics",
 ]

@@ -42,7 +42,7 @@ Padding of unequal texts never counts (right padding, see `patching.model.tokens
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +54,10 @@ from tqdm.auto import tqdm
 from patching.model import tl_compat
 from patching.model.sites import Site
 from patching.splice.collect import resolve_site
+from patching.splice.eval_runs import batch_runs, starts_at_block
 from patching.splice.decoder_cosine import COSINE_QUANTILES, cosine_summary, max_decoder_cosine
 from patching.splice.scored_tokens import check_right_padding, ignored_token_ids, token_batches
-from patching.splice.splicer import SpliceChecks, splice
+from patching.splice.splicer import SpliceChecks
 from sae.metrics import (
     LEGACY_FIGURE_NAMES,
     MASSIVE_NORM_RATIO,
@@ -70,7 +71,7 @@ from sae.metrics import (
 )
 
 __all__ = ["COSINE_QUANTILES", "EvalConfig", "FIGURE_NAMES", "SAEEvaluation", "check_right_padding", "cosine_summary",
-           "evaluate_sae", "explained_variance_from_sums", "ignored_token_ids", "max_decoder_cosine", "token_batches"]
+           "evaluate_sae", "evaluate_saes", "explained_variance_from_sums", "ignored_token_ids", "max_decoder_cosine", "token_batches"]
 
 FIGURE_NAMES = ("ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_score",
                 "kl_div_with_sae", "kl_div_with_ablation", "explained_variance", "explained_variance_typical",
@@ -281,57 +282,89 @@ def evaluate_sae(model: Any, sae: Any, corpus: Iterable[str] | Int[Tensor, "rows
     EOS, PAD, SEP and decoder-start ids, as SAELens). The SAE is checked against the model as a
     splice checks it, and the mask is checked, before the first forward pass.
     """
+    (evaluation,) = evaluate_saes(model, [sae], corpus, sites=None if site is None else [site], config=config,
+                                  checks=checks, mask=mask)
+    return evaluation
+
+
+def evaluate_saes(model: Any, saes: Sequence[Any], corpus: Iterable[str] | Int[Tensor, "rows pos"], *,
+                  sites: Sequence[Site | None] | None = None, config: EvalConfig | None = None,
+                  checks: SpliceChecks | None = None, mask: Bool[Tensor, "rows pos"] | None = None,
+                  shared: bool | None = None) -> list[SAEEvaluation]:
+    """`evaluate_sae` for several SAEs (at one site or many) over one pass through `corpus`: the
+    same figures, each SAE's as if evaluated alone, with the clean run made once per batch and the
+    spliced and ablated runs of a `resid_pre` site started at its block (`patching.splice.eval_runs`).
+    `shared=False` forces three whole forwards per SAE (the reference the shared runs are tested
+    against); None shares where the backend can. Every SAE is checked before the first forward."""
     config = EvalConfig() if config is None else config
-    site, adapted = resolve_site(model, sae, site, checks=checks)
+    if not saes:
+        raise ValueError("evaluate_saes needs at least one SAE")
+    sites = [None] * len(saes) if sites is None else list(sites)
+    if len(sites) != len(saes):
+        raise ValueError(f"sites names {len(sites)} sites for {len(saes)} SAEs")
+    resolved = [resolve_site(model, sae, site, checks=checks) for sae, site in zip(saes, sites)]
+    shared = starts_at_block(model, [site for site, _ in resolved]) if shared is None else shared
     batches = token_batches(model, corpus, batch_size=config.batch_size, context_size=config.context_size, mask=mask)
     ignored = torch.tensor(ignored_token_ids(model, config.ignore_tokens), dtype=torch.long)
-    sums = _Sums(d_in=adapted.d_in, d_sae=adapted.d_sae, massive_norm_ratio=config.massive_norm_ratio)
-    bar = tqdm(desc=f"eval {site.hook_name}", unit="tok", disable=not config.progress, total=config.max_tokens)
+    sums = [_Sums(d_in=a.d_in, d_sae=a.d_sae, massive_norm_ratio=config.massive_norm_ratio) for _, a in resolved]
+    names = ", ".join(dict.fromkeys(site.hook_name for site, _ in resolved))
+    bar = tqdm(desc=f"eval {names}", unit="tok", disable=not config.progress, total=config.max_tokens)
     with bar:
         for tokens, real in batches:
             device = tl_compat.model_device(model)
             tokens, real = tokens.to(device), real.to(device)
             keep = real & ~torch.isin(tokens, ignored.to(device))
-            before = sums.n
-            _evaluate_batch(model, site, adapted, tokens, real, keep, sums, checks)
-            sums.n_texts += tokens.shape[0]
-            bar.update(sums.n - before)
-            if config.max_tokens is not None and sums.n >= config.max_tokens:
+            before = sums[0].n
+            _evaluate_batch(model, resolved, tokens, real, keep, sums, checks, shared)
+            for s in sums:
+                s.n_texts += tokens.shape[0]
+            bar.update(sums[0].n - before)
+            if config.max_tokens is not None and sums[0].n >= config.max_tokens:
                 break
-    if sums.n == 0 or sums.n_loss == 0:
-        raise ValueError(f"the corpus gave no evaluable tokens at {site.hook_name} ({sums.n_texts} rows read; "
-                         f"ignored ids {ignored.tolist()})")
-    signed = max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk, absolute=False)
-    return _finish(site, sums, max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk), signed, config)
+    out = []
+    for (site, adapted), s in zip(resolved, sums):
+        if s.n == 0 or s.n_loss == 0:
+            raise ValueError(f"the corpus gave no evaluable tokens at {site.hook_name} ({s.n_texts} rows read; "
+                             f"ignored ids {ignored.tolist()})")
+        signed = max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk, absolute=False)
+        out.append(_finish(site, s, max_decoder_cosine(adapted.W_dec, chunk=config.cosine_chunk), signed, config))
+    return out
 
 
 @torch.inference_mode()
-def _evaluate_batch(model: Any, site: Site, sae: Any, tokens: Tensor, real: Tensor, keep: Tensor, sums: _Sums,
-                    checks: SpliceChecks | None) -> None:
-    """Three runs (clean, spliced where kept, zero-ablated everywhere) and the sums of one batch."""
-    logits_clean = tl_compat.forward_logits(model, tokens)
-    with splice(model, {site: sae}, error_term=False, cache=True, checks=checks) as state:
-        # SAELens keeps the original activation at ignored positions: torch.where(mask, sae_out, x)
-        restore = [(site.hook_name, lambda out: torch.where(keep[..., None], out, state.records[site].inputs))]
-        with tl_compat.hooks(model, restore):
-            logits_spliced = tl_compat.forward_logits(model, tokens)
-    record = state.records[site]
-    with tl_compat.hooks(model, [(site.hook_name, torch.zeros_like)]):
-        logits_ablated = tl_compat.forward_logits(model, tokens)
+def _evaluate_batch(model: Any, resolved: list[tuple[Site, Any]], tokens: Tensor, real: Tensor, keep: Tensor,
+                    sums: list[_Sums], checks: SpliceChecks | None, shared: bool) -> None:
+    """Every run of one batch (`eval_runs.batch_runs`: clean, ablated per site, spliced per SAE),
+    each reduced to its sums before the next run is made."""
     # cross_entropy scores target t+1 where mask[t+1]; SAELens drops the prediction made *from* an
     # ignored token, and padding is never a target
     loss_mask = torch.zeros_like(keep)
     loss_mask[:, 1:] = keep[:, :-1] & real[:, 1:]
     n_loss, n_keep = int(loss_mask.sum()), int(keep.sum())
-    if n_loss:
-        for name, logits in (("ce_clean", logits_clean), ("ce_spliced", logits_spliced), ("ce_ablated", logits_ablated)):
-            sums.add(name, cross_entropy(logits, tokens, loss_mask) * n_loss)
-        sums.n_loss += n_loss
-    if n_keep:
-        sums.add("kl_spliced", kl_divergence(logits_clean, logits_spliced, keep) * n_keep)
-        sums.add("kl_ablated", kl_divergence(logits_clean, logits_ablated, keep) * n_keep)
-        x = record.inputs[keep]  # (token, d_in)
-        sums.add_tokens(x, x - record.error[keep], record.latents[keep])
+    logits_clean: Tensor | None = None
+    for run in batch_runs(model, resolved, tokens, keep, checks, shared=shared):
+        if run.kind == "clean":
+            logits_clean = run.logits
+            ce = cross_entropy(run.logits, tokens, loss_mask) * n_loss if n_loss else 0.0
+            for s in sums:
+                s.add("ce_clean", ce)
+            continue
+        assert logits_clean is not None
+        ce = cross_entropy(run.logits, tokens, loss_mask) * n_loss if n_loss else 0.0
+        kl = kl_divergence(logits_clean, run.logits, keep) * n_keep if n_keep else 0.0
+        if run.kind == "ablated":
+            for (site, _), s in zip(resolved, sums):
+                if site == run.index:
+                    s.add("ce_ablated", ce)
+                    s.add("kl_ablated", kl)
+            continue
+        s = sums[run.index]
+        s.add("ce_spliced", ce)
+        s.add("kl_spliced", kl)
+        s.n_loss += n_loss
+        if n_keep:
+            x = run.record.inputs[keep]  # (token, d_in)
+            s.add_tokens(x, x - run.record.error[keep], run.record.latents[keep])
 
 
 def _finish(site: Site, sums: _Sums, max_cos: Tensor, signed: Tensor, config: EvalConfig) -> SAEEvaluation:
