@@ -104,16 +104,13 @@ class BackendUnsupportedError(LatentpatchError, NotImplementedError):
 
 
 MISSING = {
-    "start_at_layer": "TransformerBridge cannot start a forward at a layer (HF owns the layer loop)",
     "past_kv_cache": "TransformerBridge takes no TransformerLens key-value cache",
     "attention_internals": "TransformerBridge's attention wraps Hugging Face's and lacks HookedTransformer's "
                            "attn_scale and per-head weights, which the QK fix recomputes the softmax with",
-    "mlp_input": "TransformerBridge's hook_mlp_in does not carry the MLP's own input (setting it or taking "
-                 "its gradient differs from HookedTransformer's: edges into MLPs moved by up to 0.02, measured)",
 }
-"""What the shortcuts of the sweep engine and the generation loop need and the Bridge lacks: rows
-joining at a layer from a cached residual, and key/value prefixes. The sweep engine runs whole rows
-instead (`tl_bridge_rows`); the functions that need the steps themselves refuse a Bridge model."""
+"""What some steps need and the Bridge lacks; the functions that need them refuse a Bridge model.
+(Rows joining at a layer after a prefix's keys and values, the sweep engine's shortcuts, are built
+for it in `tl_bridge_blocks`.)"""
 
 
 def refuse_bridge(model: Any, what: str, need: str) -> None:

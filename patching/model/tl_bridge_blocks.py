@@ -136,11 +136,12 @@ def _recorded_arguments(model: Any, length: int) -> list[dict[str, Any]]:
         return forward
 
     cfg = model.cfg
-    embedding = torch.zeros(1, length, cfg.d_model, dtype=cfg.dtype, device=next(model.parameters()).device)
+    with torch.inference_mode(False):
+        embedding = torch.zeros(1, length, cfg.d_model, dtype=cfg.dtype, device=next(model.parameters()).device)
     for index, block in enumerate(blocks):
         block.__dict__["forward"] = recorder(index)  # the Bridge's __setattr__ would hand it to the wrapped layer
     try:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: kept for later runs with autograd
             model.original_model.base_model(inputs_embeds=embedding, use_cache=False)
     except _Recorded:
         pass

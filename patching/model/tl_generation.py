@@ -38,6 +38,8 @@ def prefix_cache(model: TLModel, prefix_tokens: Tensor) -> Any:
 
 def expand_cache(cache: Any, rows: int) -> Any:
     """A frozen view of a batch-1 cache broadcast to `rows` rows (no copy)."""
+    if tl_bridge_rows.is_bridge_keys_values(cache):
+        return cache.expanded(rows)
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -48,6 +50,8 @@ def expand_cache(cache: Any, rows: int) -> Any:
 
 def select_cache_rows(cache: Any, index: Tensor) -> Any:
     """A frozen cache whose row i is row `index[i]` of `cache` (a copy: rows may repeat)."""
+    if tl_bridge_rows.is_bridge_keys_values(cache):
+        return cache.select(index)
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -59,6 +63,8 @@ def slice_cache(cache: Any, length: int) -> Any:
     """A frozen view of the first `length` positions of `cache` (no copy). A prompt's keys and
     values before a position depend on nothing after it, so one cache of a whole prompt serves as
     the prefix cache of every position."""
+    if tl_bridge_rows.is_bridge_keys_values(cache):
+        return cache.sliced(length)
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -251,6 +257,8 @@ def new_kv_cache(model: TLModel, rows: int, prefix: Any = None) -> Any:
 
 def cache_length(cache: Any) -> int:
     """Positions a key-value cache holds."""
+    if tl_bridge_rows.is_bridge_keys_values(cache):
+        return cache.length
     return int(cache.previous_attention_mask.shape[1])
 
 

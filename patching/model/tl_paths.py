@@ -16,6 +16,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Literal
 
+import torch
+
+from patching.model import tl_bridge
 from patching.model.hook_names import hook_name, internal_hook_name
 
 
@@ -41,12 +44,25 @@ def node_inputs(model: TLModel, *, mlp: bool = True) -> Iterator[None]:
     model has MLPs); the flags are restored on exit."""
     cfg = model.cfg
     saved = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in)
+    handles = [block.hook_mlp_in.register_forward_pre_hook(_own_copy) for block in model.blocks] \
+        if mlp and tl_bridge.is_bridge(model) and not cfg.attn_only else []
     try:
         cfg.use_split_qkv_input = True
         cfg.use_hook_mlp_in = bool(mlp and not cfg.attn_only)
         yield
     finally:
         cfg.use_split_qkv_input, cfg.use_hook_mlp_in = saved
+        for handle in handles:
+            handle.remove()
+
+
+def _own_copy(module: torch.nn.Module, args: tuple) -> tuple:
+    """The Bridge's `hook_mlp_in` is handed the residual stream tensor itself (the input of `ln2`,
+    the same object the block's residual connection adds the MLP's output to), where
+    HookedTransformer hands it `resid_mid.clone()`: its gradient was then the whole residual's
+    (every later reader's, not only the MLP's: EAP's edges into MLPs moved by up to 0.02) and an
+    in-place write would reach the residual stream. A copy makes it the MLP's own input."""
+    return (args[0].clone(), *args[1:])
 
 
 def unsupported_for_paths(model: TLModel) -> str | None:

@@ -84,7 +84,6 @@ def attribute_edges(model: Any, clean: Prompts, corrupted: Prompts, metric: Any,
                     receivers: Any = None, config: EdgeConfig | None = None, **overrides: Any) -> PathResult:
     """Estimate the effect of every edge from `senders` (default: the embedding, every head and MLP)
     into `receivers` (default: every q, k, v, MLP input and the logits); see the module docstring."""
-    tl_compat.refuse_bridge(model, "edge attribution", "mlp_input")
     config = resolve_config(EdgeConfig, config, overrides)
     metric = as_metric(metric)
     if metric.readout is None:

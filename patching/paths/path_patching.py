@@ -84,7 +84,6 @@ def patch_paths(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
 
     With `saes` (SAEs on residual-stream sites, as `splice` takes them; `checks` waives mismatches)
     `LatentNode`s are senders and receivers too: SAE latents and error nodes (`latent_paths.py`)."""
-    tl_compat.require_key_value_prefix(model, "path patching")
     config = resolve_config(PathConfig, config, overrides)
     metric = as_metric(metric)
     pairs = make_pairs(model, clean, corrupted, direction=config.direction, align=None)

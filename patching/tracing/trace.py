@@ -129,7 +129,6 @@ def causal_trace(model: Any, prompt: str | Tensor, subject: str | Sequence[int],
     together, so at least `n_samples`); a position's restorations at every layer fit the default
     for 10 draws and 30 layers. Raises if noising does not move the answer's probability (nothing
     to restore)."""
-    tl_compat.require_key_value_prefix(model, "causal tracing")
     tokens, subject_pos, answer_id = _check(model, prompt, subject, answer, kind, window, sever, noise, batch_size)
     n_layers = tl_compat.n_layers(model)
     layers = list(range(n_layers)) if layers is None else [Site(layer).check(model).layer for layer in layers]

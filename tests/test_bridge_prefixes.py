@@ -1,0 +1,111 @@
+"""What runs rows after a key-value prefix, and what reads the MLPs' own inputs, on the bridge
+backend (its blocks driven from a layer by `tl_bridge_blocks`): causal tracing, path patching,
+edge attribution, faithfulness and find_circuit, each against the hooked backend on the same weights
+(a HookedTransformer converted from the same Hugging Face folder, so these run in `make test`), and
+the Bridge's `hook_mlp_in` gradient against the MLP-only gradient taken on transformers itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching import (LogitDiff, NoiseConfig, attribute_edges, causal_trace, faithfulness, find_circuit, patch_paths, receivers_of,
+                      upstream_nodes)
+from patching.model import tl_compat, tl_paths
+from tests.test_bridge import boot_tiny, tiny_hf_folder
+
+METRIC = LogitDiff(answer=3, wrong=4)
+CLEAN = torch.randint(3, 64, (1, 7), generator=torch.Generator().manual_seed(5))
+CORRUPTED = CLEAN.clone()
+CORRUPTED[0, 3] = (CLEAN[0, 3] + 13) % 61 + 3
+HOOKED = "converts the folder into a HookedTransformer (TransformerLens 3.x)"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_hf_folder(tmp_path_factory.mktemp("tiny-hf"), n_layers=3)
+
+
+@pytest.fixture(scope="module")
+def bridge(folder):
+    return boot_tiny(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def hooked(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return tl_compat.build_from_local_folder(folder, hf_model, AutoTokenizer.from_pretrained(folder), model_name="tiny",
+                                             flags=dict.fromkeys(tl_compat.PROCESSING_FLAGS, False), n_layers=None,
+                                             n_ctx=64, device="cpu", dtype=torch.float32).eval()
+
+
+def test_mlp_input_gradient_is_the_mlps_own(folder, bridge):
+    """The gradient at the Bridge's `hook_mlp_in` (under `node_inputs`) is the metric's gradient
+    through the MLP alone: on transformers, the same metric with a copy of layer 1's MLP input
+    (`post_attention_layernorm`'s input) made a leaf, every other reader left on the residual."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    norm, leaf = reference.model.layers[1].post_attention_layernorm, {}
+
+    def own_copy(module, args):
+        leaf["x"] = args[0].detach().clone().requires_grad_(True)
+        return (leaf["x"],)
+
+    handle = norm.register_forward_pre_hook(own_copy)
+    try:
+        logits = reference(CLEAN).logits
+    finally:
+        handle.remove()
+    (logits[0, -1, 3] - logits[0, -1, 4]).backward()
+    seen = {}
+
+    def keep(x):
+        x.retain_grad()
+        seen["x"] = x
+
+    with torch.enable_grad(), tl_paths.node_inputs(bridge), tl_compat.hooks(bridge, [("blocks.1.hook_mlp_in", keep)]):
+        logits = bridge(CLEAN)
+        (logits[0, -1, 3] - logits[0, -1, 4]).backward()
+    torch.testing.assert_close(seen["x"].grad, leaf["x"].grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.hooked_only(reason=HOOKED)
+def test_causal_trace_equals_the_hooked_backend(hooked, bridge):
+    """Noised rows joining at every layer after the noised run's keys and values (restored states,
+    and the MLP-severed kind, whose frozen writes sit inside the suffix)."""
+    for kind, sever in (("state", None), ("state", "mlp")):
+        ours, theirs = (causal_trace(m, CLEAN, [1, 2], 3, noise=NoiseConfig(scale=1.0, n_samples=4), kind=kind, sever=sever)
+                        for m in (bridge, hooked))
+        torch.testing.assert_close(ours.prob, theirs.prob, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.hooked_only(reason=HOOKED)
+def test_path_patching_equals_the_hooked_backend(hooked, bridge):
+    """Every sender through every receiver (heads' q/k/v inputs, MLP inputs, the logits), by sender and by edge."""
+    for by in ("sender", "edge"):
+        ours, theirs = (patch_paths(m, CLEAN, CORRUPTED, METRIC, senders=upstream_nodes(m), receivers=receivers_of(m), by=by,
+                                    progress=False) for m in (bridge, hooked))
+        torch.testing.assert_close(ours.metric, theirs.metric, atol=2e-5, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.hooked_only(reason=HOOKED)
+def test_edge_attribution_faithfulness_and_find_circuit_equal_the_hooked_backend(hooked, bridge):
+    """EAP's edges (into MLPs too, through the MLP-only gradient), faithfulness of a circuit, and
+    find_circuit's estimate, exact confirmation and chosen edges."""
+    ours, theirs = (attribute_edges(m, CLEAN, CORRUPTED, METRIC) for m in (bridge, hooked))
+    torch.testing.assert_close(ours.metric, theirs.metric, atol=2e-5, rtol=1e-4, equal_nan=True)
+    found = {"bridge": find_circuit(bridge, CLEAN, CORRUPTED, METRIC, k=6),
+             "hooked": find_circuit(hooked, CLEAN, CORRUPTED, METRIC, k=6)}
+    assert found["bridge"].edges == found["hooked"].edges
+    torch.testing.assert_close(found["bridge"].estimate, found["hooked"].estimate, atol=2e-5, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(found["bridge"].exact, found["hooked"].exact, atol=2e-5, rtol=1e-4, equal_nan=True)
+    circuit = set(found["hooked"].edges[:3])
+    scores = [faithfulness(m, CLEAN, CORRUPTED, METRIC, circuit, senders=upstream_nodes(m), receivers=receivers_of(m))
+              for m in (bridge, hooked)]
+    scores += [found["bridge"].faithfulness, found["hooked"].faithfulness]
+    for field in ("faithfulness", "completeness", "metric_circuit", "metric_complement", "metric_empty"):
+        torch.testing.assert_close(getattr(scores[0], field), getattr(scores[1], field), atol=2e-5, rtol=1e-4, msg=field)
+        torch.testing.assert_close(getattr(scores[2], field), getattr(scores[3], field), atol=2e-5, rtol=1e-4, msg=field)
