@@ -95,7 +95,7 @@ def attribute_qk(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
             if config.method == "atp*":
                 estimates[i] = _grad_drop_scores(model, config, metric, i, base, source, layers, shortest)
             else:
-                grads = _base_gradients(model, metric, i, base, layers)
+                grads = base_gradients(model, metric, i, base, layers)
                 estimates[i] = _unit_scores(config, [_layer_scores(model, config, layer, base, source, grads)[:, :shortest]
                                                      for layer in layers])
     m_base = m_corrupted if config.direction == "denoise" else m_clean
@@ -131,11 +131,11 @@ def _grad_drop_scores(model: Any, config: QKConfig, metric: Metric, pair_index: 
     for drop in range(min(layers) + 1, tl_compat.n_layers(model)):
         before = [layer for layer in layers if layer < drop]
         with drop_block_gradient(model, drop):
-            total += scores(before, _base_gradients(model, metric, pair_index, base, before))
+            total += scores(before, base_gradients(model, metric, pair_index, base, before))
         counts += torch.tensor([float(layer < drop) for layer in layers])
     last = [layer for layer, count in zip(layers, counts.tolist()) if count == 0]
     if last:  # units with no block after them: plain |QK fix|
-        total += scores(last, _base_gradients(model, metric, pair_index, base, last))
+        total += scores(last, base_gradients(model, metric, pair_index, base, last))
         counts[counts == 0] = 1
     return total / counts.repeat_interleave(len(total) // len(layers))  # units are layer-major
 
@@ -152,7 +152,7 @@ def _cached_run(model: Any, tokens: Tensor, names: list[str], readout: int) -> t
     return readout_logits(model, final, readout)[0], {name: act[0] for name, act in acts.items()}
 
 
-def _base_gradients(model: Any, metric: Metric, pair_index: int, base: dict[str, Tensor],
+def base_gradients(model: Any, metric: Metric, pair_index: int, base: dict[str, Tensor],
                     layers: list[int]) -> dict[str, Tensor]:
     """∂M/∂(raw q, raw k, pattern) of each layer at the base run, one forward and one backward."""
     names = [_names(model, layer)[key] for layer in layers for key in ("raw_q", "raw_k", "pattern")]

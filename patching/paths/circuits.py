@@ -36,6 +36,7 @@ from patching.paths.graph import circuit_document, plot_graph_document, write_gr
 from patching.paths.nodes import Node, Receiver, check_graph, reaches, receivers_of, upstream_nodes
 from patching.paths.mixed_circuits import MixedCircuitResult, find_mixed_circuit
 from patching.paths.path_patching import patch_paths
+from patching.paths.qk_edges import atp_star_edges
 from patching.paths.results import ABLATIONS, CircuitCurve, Faithfulness, plot_circuit_curve
 from patching.saved import SavedResult
 from patching.splice.splicer import SpliceChecks
@@ -88,6 +89,7 @@ def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, ci
                  senders: Sequence[Node], receivers: Sequence[Receiver], ablation: str = "resample") -> Faithfulness:
     """Faithfulness of `circuit` and completeness (faithfulness of its complement in the graph of
     `senders` × `receivers`); see the module docstring."""
+    tl_compat.refuse_bridge(model, "faithfulness", "mlp_input")
     senders, receivers = check_graph(model, senders, receivers)
     graph = {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
     values, m_clean, m_corrupted = edge_ablated_metrics(model, clean, corrupted, metric,
@@ -173,7 +175,8 @@ class CircuitConfig:
     k: int | None = None
     """And at most the k of largest |effect| among them; None for no cap."""
     method: str = "eap_ig"
-    """Edge attribution that ranks the candidates: `eap` or `eap_ig`."""
+    """Attribution that ranks the candidates: `eap`, `eap_ig`, or `atp*` (EAP, with every edge into a
+    query or key scored by the QK fix and GradDrop instead: `qk_edges.py`; unsigned there)."""
     steps: int = 8
     """Points on the path for `eap_ig`."""
     confirm: bool = True
@@ -195,6 +198,8 @@ class CircuitConfig:
             raise PatchingError(f"CircuitConfig.k must be a positive int, got {self.k!r}")
         if isinstance(self.max_candidates, bool) or not isinstance(self.max_candidates, int) or self.max_candidates < 1:
             raise PatchingError(f"CircuitConfig.max_candidates must be a positive int, got {self.max_candidates!r}")
+        if self.method not in ("eap", "eap_ig", "atp*"):
+            raise PatchingError(f"CircuitConfig.method must be 'eap', 'eap_ig' or 'atp*', got {self.method!r}")
         if self.ablation not in ABLATIONS:
             raise PatchingError(f"CircuitConfig.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
         if isinstance(self.curve_points, bool) or not isinstance(self.curve_points, int) or self.curve_points < 0:
@@ -270,10 +275,15 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
         if senders is not None or receivers is not None:
             raise PatchingError("a circuit with saes= is a graph of nodes: give no senders= or receivers=")
         return find_mixed_circuit(model, clean, corrupted, metric, saes=saes, config=config, checks=checks)
+    tl_compat.require_key_value_prefix(model, "find_circuit (its exact path patching)")
     senders, receivers = check_graph(model, upstream_nodes(model) if senders is None else senders,
                                      receivers_of(model) if receivers is None else receivers)
-    estimate = attribute_edges(model, clean, corrupted, metric, senders=senders, receivers=receivers, method=config.method,
-                               steps=config.steps, direction="noise", progress=False).mean_effect  # (S, R)
+    estimate = attribute_edges(model, clean, corrupted, metric, senders=senders, receivers=receivers,
+                               method="eap" if config.method == "atp*" else config.method, steps=config.steps,
+                               direction="noise", progress=False).mean_effect  # (S, R)
+    if config.method == "atp*":
+        qk = atp_star_edges(model, clean, corrupted, metric, senders, receivers)
+        estimate = torch.where(torch.isnan(qk), estimate, qk)
     order = torch.argsort(estimate.flatten().abs(), descending=True, stable=True)
     cleared = int((estimate.abs() >= config.threshold / 2).sum())
     n_candidates = min(cleared, config.max_candidates, 4 * config.k if config.k is not None else cleared)
