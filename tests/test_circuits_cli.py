@@ -114,3 +114,72 @@ def test_bad_graph_threshold_refused_before_the_model_loads(monkeypatch, capsys)
     monkeypatch.setattr(loading, "load_model", refuse)
     assert main(["circuit", *PAIR, "--graph-threshold", "nan"]) == 1
     assert "--graph-threshold must be a finite number" in capsys.readouterr().err
+
+
+def test_mixed_circuit_equals_the_api(stubbed, sae_folders, capsys):
+    from patching.paths import find_circuit
+
+    folders, saes = sae_folders
+    out = run(capsys, "circuit", *PAIR, "--sae", folders[0], "--sae", folders[1], "--mixed", "--method", "eap",
+              "--threshold", "0.05", "--latent-k", "2")
+    metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
+    expected = find_circuit(stubbed, PAIR[1], PAIR[3], metric, saes=saes, threshold=0.05, method="eap")
+    assert [n["node"] for n in out["mixed_circuit"]["nodes"]] == [n.label() for n in expected.nodes]
+    assert out["mixed_circuit"]["error_share"] == pytest.approx(expected.error_share, abs=1e-6)
+    assert out["faithfulness"] == pytest.approx(float(expected.faithfulness.faithfulness.mean()), abs=1e-5)
+    assert out["edges"] == [] and out["latent_graph"] is not None and out["mixed_circuit"]["nodes"]
+
+
+def test_atp_star_circuit_equals_the_api(stubbed, capsys):
+    from patching.paths import find_circuit
+
+    out = run(capsys, "circuit", *PAIR, "--method", "atp*", "--threshold", "0.2", "--layers", "1", "2")
+    metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
+    from patching.paths import receivers_of, upstream_nodes
+    expected = find_circuit(stubbed, PAIR[1], PAIR[3], metric, method="atp*", threshold=0.2,
+                            senders=upstream_nodes(stubbed, [1, 2]), receivers=receivers_of(stubbed, [1, 2]))
+    assert [(e["sender"], e["receiver"]) for e in out["edges"]] == [(u.label(), r.label()) for u, r in expected.edges]
+    assert out["mixed_circuit"] is None
+
+
+def test_latent_paths_equal_the_api(stubbed, sae_folders, capsys):
+    from patching.paths import LatentNode, Node, Receiver, patch_paths
+
+    folders, saes = sae_folders
+    up, down = list(saes)
+    out = run(capsys, "paths", *PAIR, "--sae", folders[0], "--sae", folders[1], "--senders", "L1.resid_pre/#3",
+              "L1.resid_pre/err", "L0H1", "L1.resid_pre/#5@2", "--receivers", "logits", "L2.resid_pre/#4", "L2.resid_pre/err",
+              "--by", "edge", "--top", "50")
+    metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
+    expected = patch_paths(stubbed, PAIR[1], PAIR[3], metric, saes=saes, by="edge", progress=False,
+                           senders=[LatentNode(up, 3), LatentNode(up), Node("head", 0, 1), LatentNode(up, 5, 2)],
+                           receivers=[Receiver("logits"), LatentNode(down, 4), LatentNode(down)])
+    assert out["receivers"] == ["logits", "L2.resid_pre/#4", "L2.resid_pre/err"]
+    got = {(e["sender"], e["receivers"]): e["effect"] for e in out["top"]}
+    want = {(s, r): e for s, r, e in expected.top(50)}
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in got)
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["paths", *PAIR, "--senders", "L1.resid_pre/#99", "--sae", "FOLDER0"], "latent out of range"),
+    (["paths", *PAIR, "--senders", "L0.resid_pre/#1", "--sae", "FOLDER0"], "no SAE given"),
+    (["paths", *PAIR, "--senders", "L1.resid_pre/#1"], "pass saes="),
+    (["paths", *PAIR, "--receivers", "L2.resid_pre/#x"], "expected one of logits"),
+    (["paths", *PAIR, "--senders", "L1H0", "--sae", "GPT2"], "gpt2"),
+    (["circuit", *PAIR, "--mixed"], "--mixed needs --sae"),
+])
+def test_hostile_latent_inputs_refused_before_any_forward(tiny, sae_folders, tmp_path, capsys, monkeypatch, argv, pattern):
+    from hooks_snapshot import CountingHook
+
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: tiny)
+    stubbed = tiny
+    folders, _ = sae_folders
+    other = make_sae(stubbed.cfg.d_model, 16, hook_name="blocks.1.hook_resid_pre", model_name="gpt2", seed=0)
+    names = {"FOLDER0": folders[0], "GPT2": str(other.save(tmp_path / "gpt2"))}
+    counter = CountingHook(stubbed)
+    try:
+        code = main([names.get(a, a) for a in argv])
+    finally:
+        counter.remove()
+    assert code != 0 and pattern in capsys.readouterr().err
+    assert counter.count == 0

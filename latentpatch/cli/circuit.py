@@ -8,7 +8,10 @@ with the missing edges ablated (Marks et al. 2024's definitions).
 With `--sae` (repeatable; residual-stream SAEs), the latent graph of Marks et al. is computed too: every
 latent and error node at the SAEs' sites, the edges between consecutive sites into the `--latent-k`
 strongest nodes, and circuit-tracer's replacement and completeness scores. `--graph-json` writes the latent
-graph (with `--sae`) or the head circuit as `latentpatch.graph/1` JSON (docs/guides/paths.md).
+graph (with `--sae`) or the head circuit as `latentpatch.graph/1` JSON (docs/guides/paths.md). With `--sae`
+and `--mixed` the circuit itself is one of nodes (`find_circuit(saes=...)`): the embedding, heads, MLPs and
+every latent and error node at the SAEs' sites, ranked by attribution, confirmed by exact patching. `--method
+atp*` scores edges into queries and keys by AtP*'s QK fix with GradDrop.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ JSON_OUTPUT = {
     "latent_graph": "with --sae: sites, node and edge counts, replacement and completeness scores and the top "
                     "edges (upstream, downstream, mean normalised noising effect); null without --sae",
     "graph_json": "the graph JSON written (--graph-json), or null",
+    "mixed_circuit": "with --mixed: the kept nodes (node, kind, estimate, exact) and the error nodes' share of the SAE "
+                     "nodes' estimated effect (faithfulness and completeness above are then the node circuit's; edges "
+                     "is empty); null without --mixed",
 }
 """The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
 
@@ -42,7 +48,11 @@ def register(sub: Any) -> None:
                          sae=False, description=__doc__.split("\n\n")[1])
     p.add_argument("--threshold", type=float, default=0.05, help="keep edges with |effect| at least this (default 0.05)")
     p.add_argument("--k", type=bounded_int(1, COUNT_MAX), default=None, help="and at most this many edges")
-    p.add_argument("--method", choices=("eap", "eap_ig"), default="eap_ig", help="edge attribution ranking candidates")
+    p.add_argument("--method", choices=("eap", "eap_ig", "atp*"), default="eap_ig",
+                   help="attribution ranking candidates (atp*: edges into queries and keys by the QK fix with GradDrop)")
+    p.add_argument("--mixed", action="store_true",
+                   help="with --sae: a circuit of nodes (embedding, heads, MLPs, SAE latents and error nodes) instead of "
+                        "head/MLP edges")
     p.add_argument("--ablation", choices=("resample", "zero", "mean", "position_mean"), default="resample",
                    help="what missing edges carry (default resample: the corrupted run's output)")
     p.add_argument("--max-candidates", type=bounded_int(1, COUNT_MAX), default=500,
@@ -77,6 +87,8 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
             raise PatchingError(f"{option} must be a finite number >= 0, got {value}")
     if args.direction != "denoise":
         raise PatchingError("circuit measures noising effects itself; leave --direction at its default")
+    if args.mixed and (not args.sae or args.method == "atp*" or args.layers):
+        raise PatchingError("--mixed needs --sae, ranks nodes by eap or eap_ig, and takes every layer (no --layers)")
     check_out(args)
     if args.graph_json is not None:  # written last: checked before the model loads and the search runs
         from training.paths import check_output_file
@@ -89,11 +101,10 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
         check_latent_sites(model, saes, None)  # before the circuit's forward passes
     label_rows = _label_rows(args, model) if saes and args.graph_json is not None else None
     layers = list(dict.fromkeys(args.layers)) if args.layers else None  # `--layers 0 0` built every node twice
-    senders = upstream_nodes(model, layers)
-    receivers = receivers_of(model, layers)
-    result = find_circuit(model, args.clean, args.corrupted, metric, senders=senders, receivers=receivers,
-                          threshold=args.threshold, k=args.k, method=args.method, ablation=args.ablation,
-                          max_candidates=args.max_candidates)
+    graph: dict[str, Any] = ({"saes": saes} if args.mixed else
+                             {"senders": upstream_nodes(model, layers), "receivers": receivers_of(model, layers)})
+    result = find_circuit(model, args.clean, args.corrupted, metric, **graph, threshold=args.threshold, k=args.k,
+                          method=args.method, ablation=args.ablation, max_candidates=args.max_candidates)
     if args.out is not None:
         result.save(args.out)
         result.plot(args.out / "circuit.png")
@@ -105,12 +116,20 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
     elif args.graph_json is not None:
         result.to_graph_json(args.graph_json)
     f = result.faithfulness
-    edges = [{"sender": u.label(), "receiver": r.label(), "estimate": float(result.estimate[i]),
-              "exact": None if result.exact is None else float(result.exact[i])} for i, (u, r) in enumerate(result.edges)]
+    edges = [] if args.mixed else [{"sender": u.label(), "receiver": r.label(), "estimate": float(result.estimate[i]),
+                                    "exact": None if result.exact is None else float(result.exact[i])}
+                                   for i, (u, r) in enumerate(result.edges)]
     return {"edges": edges, "faithfulness": float(f.faithfulness.mean()), "completeness": float(f.completeness.mean()),
             "ablation": f.ablation, "metric_clean": f.metric_clean.tolist(), "metric_corrupted": f.metric_corrupted.tolist(),
             "saved_to": str(args.out) if args.out else None, "latent_graph": None if latent is None else _latent_summary(latent),
-            "graph_json": str(args.graph_json) if args.graph_json else None}
+            "graph_json": str(args.graph_json) if args.graph_json else None,
+            "mixed_circuit": _mixed_summary(result) if args.mixed else None}
+
+
+def _mixed_summary(result: Any) -> dict[str, Any]:
+    return {"nodes": [{"node": n.label(), "kind": n.kind, "estimate": float(result.estimate[i]),
+                       "exact": None if result.exact is None else float(result.exact[i])} for i, n in enumerate(result.nodes)],
+            "error_share": result.error_share}
 
 
 def _label_rows(args: argparse.Namespace, model: Any) -> Any:
@@ -140,12 +159,27 @@ def _latent_summary(graph: Any) -> dict[str, Any]:
 
 
 def describe_circuit(result: dict[str, Any]) -> str:
+    if result["mixed_circuit"] is not None:
+        m = result["mixed_circuit"]
+        lines = [f"A circuit of {len(m['nodes'])} nodes: faithfulness {result['faithfulness']:.3f}, completeness "
+                 f"{result['completeness']:.3f} ({result['ablation']} ablation); error nodes carry {m['error_share']:.2f} "
+                 "of the SAE nodes' estimated effect.", ""]
+        lines.append(table([("node", "kind", "estimate", "exact")] + [
+            (n["node"], n["kind"], f"{n['estimate']:+.3f}", "-" if n["exact"] is None else f"{n['exact']:+.3f}")
+            for n in m["nodes"]]))
+        return "\n".join(lines + _tail(result))
     lines = [f"A circuit of {len(result['edges'])} edges: faithfulness {result['faithfulness']:.3f}, completeness "
              f"{result['completeness']:.3f} (missing edges: {result['ablation']} ablation).", ""]
     rows: list[tuple[Any, ...]] = [("sender", "receiver", "estimate", "exact")]
     rows += [(e["sender"], e["receiver"], f"{e['estimate']:+.3f}", "-" if e["exact"] is None else f"{e['exact']:+.3f}")
              for e in result["edges"]]
     lines.append(table(rows))
+    return "\n".join(lines + _tail(result))
+
+
+def _tail(result: dict[str, Any]) -> list[str]:
+    """The latent graph's summary and where things were written."""
+    lines: list[str] = []
     if result["latent_graph"] is not None:
         g = result["latent_graph"]
         lines += ["", f"Latent graph over {', '.join(g['sites'])}: {g['n_nodes']} nodes, {g['n_edges']} edges; replacement "
@@ -156,4 +190,4 @@ def describe_circuit(result: dict[str, Any]) -> str:
         lines += ["", f"Graph JSON written to {result['graph_json']}."]
     if result["saved_to"]:
         lines += ["", f"Saved to {result['saved_to']}."]
-    return "\n".join(lines)
+    return lines
