@@ -151,3 +151,30 @@ def test_blocks_after_a_prefix_keep_sliding_windows(tmp_path):
             n_ctx=64, device="cpu", dtype=torch.float32).eval(), TOKENS[:1], [])
     torch.testing.assert_close(out, final[:, 6:], atol=1e-5, rtol=0)
     assert not torch.allclose(wide[:, 6:], final[:, 6:], atol=1e-4)
+
+
+def test_a_patch_at_resid_mid_reaches_the_residual_stream(family):
+    """A vector added at `blocks.1.hook_resid_mid` on the Bridge equals, on transformers, the same
+    vector added to the input of the norm before the MLP and to the decoder layer's output: the MLP
+    reads the patched stream and the block goes on with it, as on HookedTransformer (the Bridge
+    alone would add it to the norm's input only: `tl_bridge_residual`)."""
+    bridge, reference = family
+    if "blocks.1.hook_resid_mid" not in bridge.hook_dict or bridge.hook_dict["blocks.1.hook_resid_mid"] is not \
+            getattr(getattr(bridge.blocks[1], "ln2", None), "hook_in", None):
+        pytest.skip("no resid_mid at the input of ln2 in this family")
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    names = {id(m): n.replace("._original_component", "") for n, m in bridge.original_model.named_modules()}
+    norm = reference.get_submodule(names[id(bridge.blocks[1].ln2.original_component)])
+    layer = decoder_layers(reference)[1]
+    handles = [norm.register_forward_pre_hook(lambda module, args: (args[0] + vector, *args[1:])),
+               layer.register_forward_hook(lambda module, args, out: out + vector if isinstance(out, torch.Tensor)
+                                           else (out[0] + vector, *out[1:]))]
+    try:
+        with torch.no_grad():
+            expected = reference(TOKENS).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), tl_compat.hooks(bridge, [("blocks.1.hook_resid_mid", lambda x: x + vector)]):
+        ours = bridge(TOKENS)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from patching.errors import ModelLoadError
+from patching.model.tl_bridge_residual import fix_resid_mid
 from sae.errors import LatentpatchError
 
 BACKENDS = ("hooked", "bridge")
@@ -96,6 +97,7 @@ def boot_bridge(hf_model: torch.nn.Module, tokenizer: Any, *, model_name: str, f
         bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not any(flags.values()), **flags)
     bridge.cfg.model_name = model_name
     bridge.cfg.n_ctx = min(n_ctx, bridge.cfg.n_ctx) if bridge.cfg.n_ctx else n_ctx
+    fix_resid_mid(bridge)  # a patch at hook_resid_mid reaches the residual stream, as on HookedTransformer
     return bridge
 
 
