@@ -1,4 +1,4 @@
-"""Mixed circuits (heads, MLPs, the embedding, SAE latents and error nodes in one graph): ablating one
+"""Mixed circuits (heads, MLPs, SAE latents and error nodes in one graph; the embedding is the input): ablating one
 node equals patching it by hand with TransformerLens hooks; the whole graph is faithful (1) with an
 empty complement (0) under every ablation; on a planted affine toy the attribution estimates equal
 exact patching and `find_circuit(saes=...)` recovers the planted nodes with recall 1."""
@@ -112,7 +112,7 @@ def test_planted_mixed_circuit_recovered(planted, tmp_path):
     corrupted = clean.clone()
     corrupted[:, 1] = (corrupted[:, 1] + 13) % 50
     corrupted[:, 5] = (corrupted[:, 5] + 7) % 50
-    truth = {Node("embed"), Node("head", 0, 1), Node("head", 1, 2), LatentNode(site, 2), LatentNode(site, 5), LatentNode(site)}
+    truth = {Node("head", 0, 1), Node("head", 1, 2), LatentNode(site, 2), LatentNode(site, 5), LatentNode(site)}
     found = find_circuit(toy, clean, corrupted, METRIC, saes=saes, threshold=0.02, method="eap", curve_points=4)
     assert isinstance(found, MixedCircuitResult)
     assert set(found.nodes) == truth  # recall 1 and nothing else at the threshold
@@ -134,6 +134,7 @@ def test_planted_mixed_circuit_recovered(planted, tmp_path):
     (lambda s: [LatentNode(s, 0, pos=7)], "position out of range"),
     (lambda s: [Node("head", 0, 9)], "heads 0..3"),
     (lambda s: ["L0H1"], "Node or LatentNode"),
+    (lambda s: [Node("embed")], "the embedding is the input"),
 ])
 def test_bad_circuits_refused_before_any_forward(model, saes, prompts, circuit, pattern):
     clean, corrupted = prompts

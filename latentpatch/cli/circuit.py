@@ -9,8 +9,8 @@ With `--sae` (repeatable; residual-stream SAEs), the latent graph of Marks et al
 latent and error node at the SAEs' sites, the edges between consecutive sites into the `--latent-k`
 strongest nodes, and circuit-tracer's replacement and completeness scores. `--graph-json` writes the latent
 graph (with `--sae`) or the head circuit as `latentpatch.graph/1` JSON (docs/guides/paths.md). With `--sae`
-and `--mixed` the circuit itself is one of nodes (`find_circuit(saes=...)`): the embedding, heads, MLPs and
-every latent and error node at the SAEs' sites, ranked by attribution, confirmed by exact patching. `--method
+and `--mixed` the circuit itself is one of nodes (`find_circuit(saes=...)`): heads, MLPs and every latent
+and error node at the SAEs' sites, ranked by attribution, confirmed by exact patching. `--method
 atp*` scores edges into queries and keys by AtP*'s QK fix with GradDrop.
 """
 
@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
     p.add_argument("--method", choices=("eap", "eap_ig", "atp*"), default="eap_ig",
                    help="attribution ranking candidates (atp*: edges into queries and keys by the QK fix with GradDrop)")
     p.add_argument("--mixed", action="store_true",
-                   help="with --sae: a circuit of nodes (embedding, heads, MLPs, SAE latents and error nodes) instead of "
+                   help="with --sae: a circuit of nodes (heads, MLPs, SAE latents and error nodes) instead of "
                         "head/MLP edges")
     p.add_argument("--ablation", choices=("resample", "zero", "mean", "position_mean"), default="resample",
                    help="what missing edges carry (default resample: the corrupted run's output)")

@@ -268,8 +268,9 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
     faithfulness and completeness (Marks et al. 2024). Direction is noising: each edge's effect is
     how much of the clean behaviour is lost when it alone carries the corrupted output.
 
-    With `saes` the graph is one of nodes — the embedding, heads, MLPs, and every SAE latent and
-    error node at the SAEs' sites — and the result a `MixedCircuitResult` (`mixed_circuits.py`)."""
+    With `saes` the graph is one of nodes — heads, MLPs, and every SAE latent and error node at the
+    SAEs' sites (the embedding, the input, stays intact) — and the result a `MixedCircuitResult`
+    (`mixed_circuits.py`)."""
     config = resolve_config(CircuitConfig, config, overrides)
     if saes is not None:
         if senders is not None or receivers is not None:

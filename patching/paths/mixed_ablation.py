@@ -1,11 +1,11 @@
-"""Node-ablated runs of a mixed graph: the clean prompt with chosen heads, MLPs, the embedding, SAE
-latents and error nodes ablated, many node sets per forward pass (one batch row each).
+"""Node-ablated runs of a mixed graph: the clean prompt with chosen heads, MLPs, SAE latents and error
+nodes ablated, many node sets per forward pass (one batch row each).
 
 A row is `(nodes, ablate_listed)`: with `ablate_listed` the listed nodes are ablated and every other
 node is live; without it every node of the graph *but* the listed ones is ablated (a circuit run,
-Marks et al. 2024 §3.3). The graph is every node `mixed_nodes` lists. An ablated node's value is
-replaced where the forward pass computes it — a head's `z`, an MLP's output, the embedding's
-residual, a latent (`x + decode(f') − decode(f)`, the splice's error-term mode) or the error (`x − e
+Marks et al. 2024 §3.3). The graph is every node `mixed_nodes` lists; the embedding is the input and
+stays intact (so M(∅) is measured, not assumed). An ablated node's value is replaced where the forward
+pass computes it — a head's `z`, an MLP's output, a latent (`x + decode(f') − decode(f)`, the splice's error-term mode) or the error (`x − e
 + e'`) — so every node downstream computes from the ablated stream.
 """
 
@@ -32,10 +32,9 @@ EMBED = Site(0, "resid_pre").hook_name
 
 
 def run_values(model: Any, saes: dict[Site, Any], run: StreamRun) -> dict[str, Tensor]:
-    """Every node's value in `run`, filed by where it is set: the embedding (pos, d_model), each
-    layer's `z` (pos, heads, d_head) and MLP output (pos, d_model), each site's latents (pos, d_sae)
+    """Every node's value in `run`, filed by where it is set: each layer's `z` (pos, heads, d_head) and MLP output (pos, d_model), each site's latents (pos, d_sae)
     (key `site:z`) and error (pos, d_in) (key `site:e`)."""
-    out = {EMBED: run.acts[EMBED]}
+    out = {}
     for layer in range(tl_compat.n_layers(model)):
         out[Site(layer, "z").hook_name] = run.acts[Site(layer, "z").hook_name]
         if tl_paths.has_mlps(model):
@@ -65,10 +64,10 @@ def ablated_values(model: Any, saes: dict[Site, Any], runs: Sequence[tuple[Strea
 
 
 def row_masks(model: Any, saes: dict[Site, Any], rows: Sequence[Row], n_pos: int) -> dict[str, Tensor]:
-    """Which values each row ablates (keys as `run_values`): (rows,) for the embedding and MLPs,
+    """Which values each row ablates (keys as `run_values`): (rows,) for MLPs,
     (rows, heads) for `z`, (rows, pos, d_sae) for latents, (rows, pos) for errors."""
     n, n_heads = len(rows), tl_compat.n_heads(model)
-    masks = {EMBED: torch.zeros(n, dtype=torch.bool)}
+    masks = {}
     for layer in range(tl_compat.n_layers(model)):
         masks[Site(layer, "z").hook_name] = torch.zeros(n, n_heads, dtype=torch.bool)
         if tl_paths.has_mlps(model):
@@ -92,8 +91,6 @@ def _mark(masks: dict[str, Tensor], row: int, node: Node | LatentNode) -> None:
             masks[f"{node.site.hook_name}:e"][row, where] = True
         else:
             masks[f"{node.site.hook_name}:z"][row, where, node.latent] = True
-    elif node.kind == "embed":
-        masks[EMBED][row] = True
     elif node.kind == "head":
         masks[Site(node.layer, "z").hook_name][row, node.head] = True
     else:

@@ -1,14 +1,16 @@
-"""Mixed circuits: the embedding, attention heads, MLPs, SAE latents at several residual sites and
-their error nodes as the nodes of one graph (Marks et al. 2024, "Sparse Feature Circuits", §2–3).
+"""Mixed circuits: attention heads, MLPs, SAE latents at several residual sites and their error nodes
+as the nodes of one graph (Marks et al. 2024, "Sparse Feature Circuits", §2–3).
 
 With SAEs spliced at residual-stream sites (error-term mode), every head's output (`z[head] @ W_O`),
-every MLP's output, the embedding, and at each site every latent and the error are nodes. A circuit
+every MLP's output, and at each site every latent and the error are nodes. The embedding is the input,
+not a node: it stays intact (ablating it would leave nothing for completeness to measure). A circuit
 is a set of them. The clean prompt runs with every node outside the circuit ablated — its value
 replaced by its value in the pair's corrupted run (`resample`), zero, its mean over the clean prompts
 and positions (`mean`) or per position (`position_mean`) — while the circuit's nodes compute live
 from the ablated stream below them. faithfulness = (M(C) − M(∅)) / (M(full) − M(∅)) and completeness
 is the same score for the complement (Marks et al. §3.3): M(full) is the clean run (nothing ablated),
-M(∅) the run with every node ablated (the corrupted run under `resample`).
+M(∅) the run with every node ablated (the corrupted run under `resample` when an SAE site covers the
+stream before the first head).
 
 `find_mixed_circuit` ranks every node by its attribution estimate of the noising effect
 (`(n_corrupted − n_clean) · ∂M/∂n` at the clean run, Marks et al. eq. 2; with `eap_ig`, the gradient
@@ -49,7 +51,7 @@ from patching.paths.latents import check_latent_sites
 
 @dataclass
 class MixedCircuitResult(SavedResult):
-    """The nodes kept (heads, MLPs, the embedding, SAE latents, error nodes), their scores, and the
+    """The nodes kept (heads, MLPs, SAE latents, error nodes), their scores, and the
     circuit's faithfulness and completeness."""
 
     nodes: list[Node | LatentNode]
@@ -98,10 +100,10 @@ class MixedCircuitResult(SavedResult):
 
 
 def mixed_nodes(model: Any, saes: Any, *, checks: SpliceChecks | None = None) -> list[Node | LatentNode]:
-    """Every node of the mixed graph: the embedding, every head and MLP, and at each SAE site every
-    latent and the error node, in forward order of sites."""
+    """Every node of the mixed graph: every head and MLP, and at each SAE site every latent and the
+    error node, in forward order of sites."""
     resolved = check_latent_sites(model, saes, checks)
-    nodes: list[Node | LatentNode] = list(upstream_nodes(model))
+    nodes: list[Node | LatentNode] = list(upstream_nodes(model, embed=False))
     for site, sae in resolved.items():
         nodes += [LatentNode(site, i) for i in range(sae.d_sae)] + [LatentNode(site)]
     return nodes
@@ -141,6 +143,8 @@ def _check_circuit(model: Any, resolved: dict[Site, Any], circuit: Iterable[Any]
             if node.pos is not None and node.pos >= n_pos:
                 raise PatchingError(f"{node.label()}: position out of range for prompts of {n_pos} tokens")
         elif isinstance(node, Node):
+            if node.kind == "embed":
+                raise PatchingError("the embedding is the input of a mixed circuit, always intact: leave Node('embed') out")
             node.check(model)
         else:
             raise PatchingError(f"circuit nodes must be Node or LatentNode values, got {type(node).__name__} ({node!r})")
@@ -150,7 +154,7 @@ def _check_circuit(model: Any, resolved: dict[Site, Any], circuit: Iterable[Any]
 
 def mixed_faithfulness(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: Any, circuit: Iterable[Any], *,
                        ablation: str = "resample", checks: SpliceChecks | None = None) -> Faithfulness:
-    """Faithfulness and completeness of a circuit of heads, MLPs, the embedding, SAE latents and error
+    """Faithfulness and completeness of a circuit of heads, MLPs, SAE latents and error
     nodes (see the module docstring)."""
     circuit = list(circuit) if not isinstance(circuit, (str, Node, LatentNode)) else [circuit]
     resolved, metric, pairs, runs, m_clean, m_corrupted = _prepare(model, saes, clean, corrupted, metric, checks, ablation,
@@ -173,14 +177,14 @@ def _scores(circuit: Tensor, complement: Tensor, empty: Tensor, m_clean: Tensor,
 
 def node_estimates(model: Any, resolved: dict[Site, Any], metric: Metric, runs: list[tuple[StreamRun, StreamRun]],
                    method: str, steps: int) -> tuple[list[Any], Tensor]:
-    """Every head, MLP, the embedding, every latent that moves between the runs of some pair and each
+    """Every head, MLP, every latent that moves between the runs of some pair and each
     error node, with its attribution estimate in metric units, (pairs, nodes): `(n_corrupted − n_clean)
     · ∂M/∂n` summed over positions, the gradient at the clean run (`eap`) or averaged along the
     embedding path (`eap_ig`, `steps` midpoints)."""
     values = [(run_values(model, resolved, c), run_values(model, resolved, s)) for c, s in runs]
     moving = {site: torch.stack([(s[f"{site.hook_name}:z"] != c[f"{site.hook_name}:z"]).any(0) for c, s in values]).any(0)
               for site in resolved}
-    nodes: list[Any] = list(upstream_nodes(model))
+    nodes: list[Any] = list(upstream_nodes(model, embed=False))
     for site in resolved:
         nodes += [LatentNode(site, int(i)) for i in torch.nonzero(moving[site]).flatten().tolist()] + [LatentNode(site)]
     raw = torch.zeros(len(runs), len(nodes))
@@ -197,8 +201,6 @@ def _node_sum(prod: dict[str, Tensor], node: Node | LatentNode) -> Tensor:
         key = f"{node.site.hook_name}:{'e' if node.latent is None else 'z'}"
         part = prod[key] if node.latent is None else prod[key][:, node.latent]
         return part.sum() if node.pos is None else part[node.pos].sum()
-    if node.kind == "embed":
-        return prod[EMBED].sum()
     if node.kind == "head":
         return prod[Site(node.layer, "z").hook_name][:, node.head].sum()
     return prod[Site(node.layer, "mlp_out").hook_name].sum()

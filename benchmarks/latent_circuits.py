@@ -1,0 +1,146 @@
+"""Benchmark: the default model's latent and mixed circuits across a release's residual-stream SAEs.
+
+For the IOI pair ("When Mary and John went to the store, John gave a drink to" → Mary vs John) and the
+Eiffel Tower → Colosseum pair (Paris vs Rome), with every SAE of `--release` (release v2: blocks 0, 3,
+…, 27 `hook_resid_pre`; release 1: blocks 5 and 15) spliced at once, it reports:
+- the latent graph (`attribute_latent_edges`, noising, IG over `--steps` points): how many latents move,
+  each site's error node share (|error effect| / Σ|node effects| at that site) and the whole graph's
+  error share and circuit-tracer's replacement and completeness scores;
+- the latent circuit's faithfulness and completeness curves (`latent_faithfulness`, `--ablation`) for
+  the top n nodes by |IG effect|, n spaced geometrically up to every node;
+- the mixed circuit (`find_circuit(saes=...)`: the embedding, heads, MLPs, latents and error nodes):
+  its nodes, faithfulness, completeness, the error nodes' share and its threshold curve;
+- the top latents, labelled by their top activating tokens over `--label-rows` held-out rows (0: none).
+Figures are measured here, on this machine; the last line printed is one JSON object.
+
+    python benchmarks/latent_circuits.py                                  # release v2 (when shipped)
+    python benchmarks/latent_circuits.py --release smollm2-135m-res       # release 1's layer-5 and 15 SAEs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from patching import LogitDiff
+from patching.model.loading import load_model_for
+from patching.model.sites import Site
+from patching.paths import attribute_latent_edges, find_circuit, latent_faithfulness
+from sae.registry import list_releases, load_release
+
+PAIRS = {
+    "ioi": ("When Mary and John went to the store, John gave a drink to",
+            "When Mary and John went to the store, Mary gave a drink to", " Mary", " John"),
+    "eiffel": ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome"),
+}
+
+
+def release_saes(release: str, device: str) -> dict[Site, object]:
+    """Every SAE the release ships, by site (refused, naming what exists, when the release is absent)."""
+    shipped = list_releases()
+    if release not in shipped:
+        raise SystemExit(f"release {release!r} is not in the registry (it holds {sorted(shipped)})")
+    return {Site.from_hook_name(sae_id): load_release(release, sae_id, device=device) for sae_id in shipped[release]}
+
+
+def site_shares(graph) -> dict[str, float]:
+    """Per site: |error node effect| / Σ |node effects| (mean over pairs first)."""
+    mean = graph.node_effect.mean(0).abs()
+    out = {}
+    for site in graph.sites:
+        at = [j for j, node in enumerate(graph.nodes) if node.site == site]
+        errors = [j for j in at if graph.nodes[j].latent is None]
+        total = float(mean[at].sum())
+        out[site.hook_name] = float(mean[errors].sum()) / total if total > 0 else 0.0
+    return out
+
+
+def latent_curve(model, saes, clean, corrupted, metric, graph, ablation: str, points: int) -> list[dict]:
+    """Faithfulness and completeness of the top n latent-graph nodes by |IG effect|."""
+    mean = graph.node_effect.mean(0)
+    order = torch.argsort(mean.abs(), descending=True, stable=True).tolist()
+    counts = sorted({max(1, round(len(order) ** (j / max(points - 1, 1)))) for j in range(points)})
+    out = []
+    for n in counts:
+        f = latent_faithfulness(model, saes, clean, corrupted, metric, [graph.nodes[j] for j in order[:n]], ablation=ablation)
+        out.append({"nodes": n, "faithfulness": float(f.faithfulness.mean()), "completeness": float(f.completeness.mean())})
+    return out
+
+
+def labels_for(model, saes, nodes, rows: int) -> dict:
+    if not rows or not nodes:
+        return {}
+    from patching.paths.labels import latent_labels
+    from training.data.heldout import heldout_tokens
+
+    return latent_labels(model, saes, heldout_tokens(model, n_rows=rows, context_size=64), nodes)
+
+
+def one_pair(model, saes, name: str, args) -> dict:
+    clean, corrupted, answer, wrong = PAIRS[name]
+    metric = LogitDiff(model.to_single_token(answer), model.to_single_token(wrong))
+    start = time.perf_counter()
+    graph = attribute_latent_edges(model, saes, clean, corrupted, metric, method="ig", steps=args.steps, k=args.latent_k,
+                                   direction="noise", progress=False)
+    graph_s = time.perf_counter() - start
+    scores = graph.scores()
+    curve = latent_curve(model, saes, clean, corrupted, metric, graph, args.ablation, args.curve_points)
+    start = time.perf_counter()
+    mixed = find_circuit(model, clean, corrupted, metric, saes=saes, method="eap_ig", steps=args.steps, k=args.k,
+                         threshold=args.threshold, ablation=args.ablation, curve_points=args.curve_points)
+    mixed_s = time.perf_counter() - start
+    mean = graph.node_effect.mean(0)
+    top = [graph.nodes[j] for j in torch.argsort(mean.abs(), descending=True, stable=True).tolist()
+           if graph.nodes[j].latent is not None][: args.top]
+    labels = labels_for(model, saes, top, args.label_rows)
+    return {
+        "pair": name, "metric_clean": float(graph.metric_clean[0]), "metric_corrupted": float(graph.metric_corrupted[0]),
+        "latent_graph": {"nodes": len(graph.nodes), "edges": len(graph.edges), "seconds": round(graph_s, 2),
+                         "error_share_by_site": site_shares(graph), "replacement": scores.replacement,
+                         "completeness": scores.completeness, "curve": curve},
+        "top_latents": [{"node": n.label(), "effect": float(mean[graph.nodes.index(n)]), "label": labels.get(n)} for n in top],
+        "mixed_circuit": {"nodes": [{"node": n.label(), "exact": None if mixed.exact is None else float(mixed.exact[i])}
+                                    for i, n in enumerate(mixed.nodes)],
+                          "faithfulness": float(mixed.faithfulness.faithfulness.mean()),
+                          "completeness": float(mixed.faithfulness.completeness.mean()),
+                          "error_share": mixed.error_share, "seconds": round(mixed_s, 2),
+                          "curve": None if mixed.curve is None else {
+                              "nodes": mixed.curve.n_edges.tolist(), "faithfulness": mixed.curve.faithfulness.tolist(),
+                              "completeness": mixed.curve.completeness.tolist()}},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release", default="smollm2-135m-res-v2")
+    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=sorted(PAIRS))
+    parser.add_argument("--steps", type=int, default=10, help="IG points (latent graph and mixed ranking)")
+    parser.add_argument("--latent-k", type=int, default=16, help="downstream nodes per site with incoming edges")
+    parser.add_argument("--k", type=int, default=40, help="at most this many nodes in the mixed circuit")
+    parser.add_argument("--threshold", type=float, default=0.02, help="the mixed circuit's node threshold")
+    parser.add_argument("--ablation", default="resample", choices=("resample", "zero", "mean"))
+    parser.add_argument("--curve-points", type=int, default=6)
+    parser.add_argument("--top", type=int, default=10, help="top latents to label")
+    parser.add_argument("--label-rows", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    saes = release_saes(args.release, args.device)
+    model = load_model_for(next(iter(saes.values())), device=args.device)  # the SAEs' weight processing
+    results = []
+    for name in args.pairs:
+        result = one_pair(model, saes, name, args)
+        m = result["mixed_circuit"]
+        print(f"{name}: latent graph {result['latent_graph']['nodes']} nodes; mixed circuit {len(m['nodes'])} nodes, "
+              f"faithfulness {m['faithfulness']:.3f}, completeness {m['completeness']:.3f}, error share {m['error_share']:.2f}")
+        results.append(result)
+    print(json.dumps({"benchmark": "latent_circuits", "release": args.release, "sites": [s.hook_name for s in saes],
+                      "device": args.device, "machine": platform.machine(), "torch": torch.__version__,
+                      "settings": {k: v for k, v in vars(args).items() if k != "device"}, "pairs": results}))
+
+
+if __name__ == "__main__":
+    main()
