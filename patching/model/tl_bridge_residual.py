@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from patching.model.hook_names import hook_name
+
 _CLASSES: dict[type, type] = {}
 
 
@@ -41,10 +43,10 @@ def _remembering(base: type) -> type:
 def fix_resid_mid(bridge: Any) -> int:
     """Make every block's `hook_resid_mid` (where it is the input of `ln2`) a point of the residual
     stream; the number of blocks changed."""
-    changed = 0
+    changed, points = 0, bridge.hook_dict
     for layer, block in enumerate(bridge.blocks):
         ln2 = getattr(block, "ln2", None)
-        point = bridge.hook_dict.get(f"blocks.{layer}.hook_resid_mid")
+        point = points.get(hook_name(layer, "resid_mid"))
         if ln2 is None or point is None or point is not getattr(ln2, "hook_in", None):
             continue
         point.__class__ = _remembering(type(point))

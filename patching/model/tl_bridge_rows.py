@@ -31,11 +31,6 @@ class _Stop(Exception):
     """Raised by the capture hook on the last block's output: the unembedding is not needed."""
 
 
-def _attach(model: Any, name: str, fn: Any, prepend: bool = False) -> Any:
-    """A forward hook on the hook point `name` that may replace its output (as `tl_compat.attach_hook`)."""
-    return attach_forward_hook(model.hook_dict[name], fn, prepend=prepend)
-
-
 def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace: Sequence[tuple[str, Any]] = (),
                   attention_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward of `tokens`, stopped after the last block: its output (the final residual stream,
@@ -53,9 +48,10 @@ def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace
         captured[last] = activation
         raise _Stop
 
-    handles = [_attach(model, name, fn, prepend=True) for name, fn in replace]
-    handles += [_attach(model, name, keep(name)) for name in dict.fromkeys(hook_names) if name != last]
-    handles.append(_attach(model, last, stop))  # the last hook of the last hook point: every other one has fired
+    points = model.hook_dict  # read once: the Bridge builds it anew on every read
+    handles = [attach_forward_hook(points[name], fn, prepend=True) for name, fn in replace]
+    handles += [attach_forward_hook(points[name], keep(name)) for name in dict.fromkeys(hook_names) if name != last]
+    handles.append(attach_forward_hook(points[last], stop))  # the last hook of the last hook point: every other one has fired
     try:
         model(tokens) if attention_mask is None else model(tokens, attention_mask=attention_mask)
     except _Stop:
