@@ -56,15 +56,14 @@ def _at(node, tensor_shape):
     return mask
 
 
-def naive_path_metric(model, saes, base, source, sender, receivers):
+def naive_path_metric(model, saes, base, source, sender, receivers, caches=None):
     """Step 2: the base run with every head's z and MLP output frozen at the base run's, and the
     sender moved to its source value (a latent through its decoder, the error node by its error);
     record every receiver's input. Step 3: the base run with only the receivers set: q / v / MLP
     pre-activations to step 2's, a latent at the later site to its SAE's encoding of step 2's stream
     (the stream moved by the latent's decoder row), an error node to step 2's error; the logits moved
-    by step 2's change of the final residual."""
-    _, base_cache = model.run_with_cache(base)
-    _, src_cache = model.run_with_cache(source)
+    by step 2's change of the final residual. `caches`: the base and source runs' caches, if run already."""
+    base_cache, src_cache = caches or (model.run_with_cache(base)[1], model.run_with_cache(source)[1])
     hooks = []
     for layer in range(model.cfg.n_layers):
         for name in (f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"):
@@ -138,9 +137,10 @@ def test_latent_edges_equal_naive_freeze_and_patch(model, saes, prompts, directi
     for p in range(2):
         base, source = (corrupted[p:p + 1], clean[p:p + 1]) if direction == "denoise" else (clean[p:p + 1], corrupted[p:p + 1])
         with torch.inference_mode():
+            caches = (model.run_with_cache(base)[1], model.run_with_cache(source)[1])
             for s, sender in enumerate(senders):
                 for g, receiver in enumerate(receivers):
-                    expected = naive_path_metric(model, saes, base, source, sender, [receiver])
+                    expected = naive_path_metric(model, saes, base, source, sender, [receiver], caches)
                     assert ours.metric[p, s, g].item() == pytest.approx(expected, abs=1e-4), (p, sender, receiver)
                     moved += abs(expected - float(base_metric(ours, p, direction))) > 1e-3
     assert moved >= len(senders) * len(receivers) // 2  # the comparison is not between unmoved base metrics
