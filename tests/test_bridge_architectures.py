@@ -178,3 +178,19 @@ def test_a_patch_at_resid_mid_reaches_the_residual_stream(family):
     with torch.no_grad(), tl_compat.hooks(bridge, [("blocks.1.hook_resid_mid", lambda x: x + vector)]):
         ours = bridge(TOKENS)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_the_qk_fix_refuses_what_changes_the_scores(family, request):
+    """The QK fix assumes scores = q · k * scaling plus the mask: read off the Bridge's attention,
+    Gemma 2 soft-caps them and Qwen 3, Gemma 3 and OLMo 2 normalise queries and keys; the others
+    are taken, with the scale their Hugging Face attention multiplies by."""
+    from patching.model import tl_paths
+
+    bridge, reference = family
+    family_name = request.node.callspec.params["family"]
+    expected = {"gemma2": "soft-capped", "qwen3": "QK-norm", "gemma3": "QK-norm", "olmo2": "QK-norm"}.get(family_name)
+    reason = tl_paths.unsupported_for_qk_fix(bridge)
+    assert (reason is None) if expected is None else (expected in reason)
+    attention = next(m for name, m in decoder_layers(reference)[1].named_children() if name in ("self_attn", "attn", "attention"))
+    expected_scale = 1 / attention.scaling if getattr(attention, "scaling", None) else 8 ** 0.5  # d_head 8
+    assert tl_paths.attention_scale(bridge, 1) == pytest.approx(expected_scale)

@@ -109,3 +109,18 @@ def test_edge_attribution_faithfulness_and_find_circuit_equal_the_hooked_backend
     for field in ("faithfulness", "completeness", "metric_circuit", "metric_complement", "metric_empty"):
         torch.testing.assert_close(getattr(scores[0], field), getattr(scores[1], field), atol=2e-5, rtol=1e-4, msg=field)
         torch.testing.assert_close(getattr(scores[2], field), getattr(scores[3], field), atol=2e-5, rtol=1e-4, msg=field)
+
+
+@pytest.mark.hooked_only(reason=HOOKED)
+@pytest.mark.parametrize("kind", ["q", "k"])
+def test_the_qk_fix_equals_the_hooked_backend(hooked, bridge, kind):
+    """The QK fix recomputes each head's softmax from the queries and keys the scores were made
+    of and the attention's scale (on the Bridge, its Hugging Face attention's `scaling`), and
+    GradDrop runs the blocks from layer 0 with a layer's gradient dropped: both equal the hooked
+    backend's, per position and at all positions."""
+    from patching import attribute_qk
+
+    for method, by in (("atp_qk", "position"), ("atp*", "all")):
+        ours, theirs = (attribute_qk(m, CLEAN, CORRUPTED, METRIC, kind=kind, method=method, by=by) for m in (bridge, hooked))
+        assert [u.label() for u in ours.units] == [u.label() for u in theirs.units]
+        torch.testing.assert_close(ours.metric, theirs.metric, atol=2e-5, rtol=1e-4)

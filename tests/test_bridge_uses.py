@@ -81,15 +81,6 @@ def test_harvest_on_the_bridge_equals_transformers_hidden_states(folder, bridge)
     torch.testing.assert_close(harvest(bridge, SITE, CLEAN), hidden.reshape(-1, 32), atol=1e-5, rtol=0)
 
 
-def test_the_qk_fix_is_refused_before_any_forward(bridge):
-    """The QK fix recomputes attention from HookedTransformer's own weights and scale."""
-    from patching import attribute_qk
-    from tests.hooks_snapshot import assert_refused_before_any_forward
-
-    assert_refused_before_any_forward(bridge, lambda: attribute_qk(bridge, CLEAN, CORRUPTED, METRIC),
-                                      tl_bridge.BackendUnsupportedError, "the QK fix on the bridge backend")
-
-
 def test_key_value_prefixes_are_refused_on_the_bridge(bridge):
     """A shared prefix (`bound_prefix`, the safety experiments' few-shot context) needs a
     TransformerLens key-value cache, which the Bridge takes none of."""

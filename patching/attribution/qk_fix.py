@@ -70,7 +70,6 @@ def attribute_qk(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
                  **overrides: Any) -> PatchResult:
     """Estimate the patching effect of every query (or key) head, per position or at all positions;
     see the module docstring. `result.metric` is M_base + estimate, in `patch_heads`'s unit order."""
-    tl_compat.refuse_bridge(model, "the QK fix", "attention_internals")
     config = resolve_config(QKConfig, config, overrides)
     metric = as_metric(metric)
     if metric.readout is None:

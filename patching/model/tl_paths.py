@@ -102,13 +102,35 @@ def attention_hook_names(model: TLModel, layer: int) -> dict[str, str]:
 
 
 def attention_scale(model: TLModel, layer: int) -> float:
-    """What block `layer` divides `q · k` by before the softmax."""
-    return float(model.blocks[layer].attn.attn_scale)
+    """What block `layer` divides `q · k` by before the softmax. The Bridge's attention multiplies
+    by the wrapped Hugging Face attention's `scaling` (`d_head ** -0.5` where it has none), as
+    its reimplemented forward does."""
+    attn = model.blocks[layer].attn
+    if not tl_bridge.is_bridge(model):
+        return float(attn.attn_scale)
+    scaling = getattr(attn.original_component, "scaling", None)
+    return float(model.cfg.d_head) ** 0.5 if scaling is None else 1.0 / float(scaling)
+
+
+def _bridge_attention_extras(model: TLModel) -> str | None:
+    """What the Bridge's attention does to the scores besides `q · k * scaling` and the mask, read
+    off its modules (the Bridge's config does not carry every architecture's)."""
+    for block in model.blocks:
+        attn, hf_attn = block.attn, block.attn.original_component
+        if "q_norm" in (attn.submodules or {}) or "k_norm" in (attn.submodules or {}):
+            return "queries and keys are normalised after hook_q / hook_k (QK-norm)"
+        if getattr(hf_attn, "attn_logit_softcapping", None):
+            return "attention scores are soft-capped"
+        if getattr(hf_attn, "sinks", None) is not None:
+            return "attention sinks join the softmax"
+    return None
 
 
 def unsupported_for_qk_fix(model: TLModel) -> str | None:
     """Why the scores are not `rot_q · rot_k / scale` plus a mask in this model, or None."""
     cfg = model.cfg
+    if tl_bridge.is_bridge(model) and _bridge_attention_extras(model):
+        return _bridge_attention_extras(model)
     if cfg.use_qk_norm:
         return "queries and keys are normalised after hook_q / hook_k (QK-norm)"
     if cfg.attn_scores_soft_cap and cfg.attn_scores_soft_cap > 0:
