@@ -1,0 +1,41 @@
+"""Gemma 3 270M (the offline folder `load_model` converts from the gemma3 extra) on both backends,
+cut to 4 layers: the logits agree within 1e-4, and a residual trace (the sweep engine's rows joining
+at their layer after the base run's keys and values, on the Bridge through `tl_bridge_blocks`, its
+local and global rotary bases and sliding-window masks included) agrees within 1e-4.
+Slow (two real models); `make test` runs it where the extra is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from patching import LogitDiff, load_model, patch_residual
+from patching.model import gemma3
+
+pytestmark = [pytest.mark.gemma3, pytest.mark.slow,
+              pytest.mark.hooked_only(reason="compares the Bridge with HookedTransformer (TransformerLens 3.x)")]
+MISSING = [module for module, _ in gemma3.CHUNKS if importlib.util.find_spec(module) is None]
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """The hooked and the bridge backend on the same 4 layers of Gemma 3 270M."""
+    if MISSING:
+        pytest.skip(f"the gemma3 extra is not installed: {gemma3.PIP_COMMAND}")
+    return {backend: load_model(gemma3.MODEL_NAME, n_layers=4, backend=backend).eval() for backend in ("hooked", "bridge")}
+
+
+def test_gemma3_logits_and_a_trace_agree_between_backends(gemma):
+    hooked, bridge = gemma["hooked"], gemma["bridge"]
+    clean, corrupted = hooked.to_tokens(CLEAN), hooked.to_tokens(CORRUPTED)
+    assert torch.equal(bridge.to_tokens(CLEAN), clean)
+    metric = LogitDiff(hooked.to_single_token(" Mary"), hooked.to_single_token(" John"))
+    with torch.inference_mode():
+        torch.testing.assert_close(bridge(clean), hooked(clean), atol=1e-4, rtol=0)
+    ours, theirs = (patch_residual(m, clean, corrupted, metric, layers=[0, 2, 3], progress=False) for m in (bridge, hooked))
+    torch.testing.assert_close(ours.metric, theirs.metric, atol=1e-4, rtol=0)
+    assert ours.metric.max() - ours.metric.min() > 0.03  # measured 0.062: the patches moved the metric
