@@ -10,7 +10,11 @@ Eiffel Tower → Colosseum pair (Paris vs Rome), with every SAE of `--release` (
   the top n nodes by |IG effect|, n spaced geometrically up to every node;
 - the mixed circuit (`find_circuit(saes=...)`: the embedding, heads, MLPs, latents and error nodes):
   its nodes, faithfulness, completeness, the error nodes' share and its threshold curve;
-- the top latents, labelled by their top activating tokens over `--label-rows` held-out rows (0: none).
+- the top latents, labelled by their top activating tokens over `--label-rows` held-out rows (0: none);
+- exact path patching with latents (`patch_paths(saes=...)`, by edge, noising) from the first site's
+  `--path-senders` strongest nodes to the last site's `--path-receivers` strongest nodes and the logits,
+  against a naive freeze-and-patch written here (two forward passes per edge) in the same run: wall
+  time of each and max |Δ| of the metric.
 Figures are measured here, on this machine; the last line printed is one JSON object.
 
     python benchmarks/latent_circuits.py                                  # release v2 (when shipped)
@@ -71,6 +75,70 @@ def latent_curve(model, saes, clean, corrupted, metric, graph, ablation: str, po
     return out
 
 
+def naive_latent_path(model, saes, base, source, sender, receiver) -> float:
+    """Freeze every head's z and MLP output at the base run, move `sender` (a latent or error node) to
+    its source value; then in a fresh base run set only `receiver` (a later latent or error node, or
+    the logits through the final residual's change) to what that frozen run gave it."""
+    _, base_cache = model.run_with_cache(base)
+    _, src_cache = model.run_with_cache(source)
+    freeze = [(name, lambda x, hook: base_cache[hook.name]) for name in base_cache if name.endswith(("hook_z", "hook_mlp_out"))]
+    sae, name = saes[sender.site], sender.site.hook_name
+
+    def move(x, hook):
+        z, z_src = sae.encode(x), sae.encode(src_cache[name])
+        if sender.latent is None:
+            return sae.decode(z) + (src_cache[name] - sae.decode(z_src))
+        z_new = z.clone()
+        z_new[..., sender.latent] = z_src[..., sender.latent]
+        return x + sae.decode(z_new) - sae.decode(z)
+    with model.hooks(fwd_hooks=freeze + [(name, move)]):
+        _, frozen = model.run_with_cache(base)
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    if receiver == "logits":
+        hooks = [(final, lambda x, hook: x + frozen[final] - base_cache[final])]
+    else:
+        down, target = saes[receiver.site], receiver.site.hook_name
+
+        def set_receiver(x, hook):
+            z, z_frozen = down.encode(x), down.encode(frozen[target])
+            if receiver.latent is None:
+                return down.decode(z) + (frozen[target] - down.decode(z_frozen))
+            z_new = z.clone()
+            z_new[..., receiver.latent] = z_frozen[..., receiver.latent]
+            return x + down.decode(z_new) - down.decode(z)
+        hooks = [(target, set_receiver)]
+    return model.run_with_hooks(base, fwd_hooks=hooks)[0, -1]
+
+
+def path_check(model, saes, graph, clean, corrupted, metric, n_senders: int, n_receivers: int) -> dict:
+    """patch_paths with latent senders and receivers against `naive_latent_path`, timed in the same run."""
+    from patching.paths import LatentNode, Receiver, patch_paths
+
+    mean = graph.node_effect.mean(0).abs()
+
+    def strongest(site, n):
+        at = [j for j, node in enumerate(graph.nodes) if node.site == site]
+        return [graph.nodes[j] for j in sorted(at, key=lambda j: -float(mean[j]))[:n]]
+    senders = strongest(graph.sites[0], n_senders)
+    receivers = strongest(graph.sites[-1], n_receivers) + [Receiver("logits")]
+    start = time.perf_counter()
+    fast = patch_paths(model, clean, corrupted, metric, saes=saes, senders=senders, receivers=receivers, by="edge",
+                       direction="noise", progress=False)
+    fast_s = time.perf_counter() - start
+    base, source = model.to_tokens(clean), model.to_tokens(corrupted)
+    start = time.perf_counter()
+    worst = 0.0
+    with torch.inference_mode():
+        for s, u in enumerate(senders):
+            for g, r in enumerate(receivers):
+                logits = naive_latent_path(model, saes, base, source, u, r if isinstance(r, LatentNode) else "logits")
+                value = float(metric(logits[None], torch.tensor([0]))[0])
+                worst = max(worst, abs(value - float(fast.metric[0, s, g])))
+    naive_s = time.perf_counter() - start
+    return {"senders": len(senders), "receivers": len(receivers), "seconds": round(fast_s, 3), "naive_seconds": round(naive_s, 3),
+            "speedup": round(naive_s / fast_s, 2), "max_abs_delta": worst}
+
+
 def labels_for(model, saes, nodes, rows: int) -> dict:
     if not rows or not nodes:
         return {}
@@ -97,6 +165,8 @@ def one_pair(model, saes, name: str, args) -> dict:
     top = [graph.nodes[j] for j in torch.argsort(mean.abs(), descending=True, stable=True).tolist()
            if graph.nodes[j].latent is not None][: args.top]
     labels = labels_for(model, saes, top, args.label_rows)
+    paths = (path_check(model, saes, graph, clean, corrupted, metric, args.path_senders, args.path_receivers)
+             if args.path_senders and len(saes) > 1 else None)
     return {
         "pair": name, "metric_clean": float(graph.metric_clean[0]), "metric_corrupted": float(graph.metric_corrupted[0]),
         "latent_graph": {"nodes": len(graph.nodes), "edges": len(graph.edges), "seconds": round(graph_s, 2),
@@ -111,6 +181,7 @@ def one_pair(model, saes, name: str, args) -> dict:
                           "curve": None if mixed.curve is None else {
                               "nodes": mixed.curve.n_edges.tolist(), "faithfulness": mixed.curve.faithfulness.tolist(),
                               "completeness": mixed.curve.completeness.tolist()}},
+        "latent_paths": paths,
     }
 
 
@@ -126,6 +197,8 @@ def main() -> None:
     parser.add_argument("--curve-points", type=int, default=6)
     parser.add_argument("--top", type=int, default=10, help="top latents to label")
     parser.add_argument("--label-rows", type=int, default=64)
+    parser.add_argument("--path-senders", type=int, default=8, help="first-site nodes for the path check (0: none)")
+    parser.add_argument("--path-receivers", type=int, default=4, help="last-site nodes for the path check")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     saes = release_saes(args.release, args.device)
