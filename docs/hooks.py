@@ -49,19 +49,41 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
 
 
 def releases_markdown() -> str:
-    """One row per shipped SAE: its recipe's size and the held-out figures the registry records."""
+    """One row per shipped SAE: its recipe's size and the held-out figures the registry records,
+    with the quality blocks' headline figures (`latentpatch.quality`) where they were measured."""
     from sae.registry import list_releases, release_entry
 
-    rows = ["| release | sae_id | d_sae | L1 | training activations | CE loss score | KL (nats) | EV | "
-            "EV without massive tokens | L0 | dead | held-out tokens |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| release | sae_id | d_sae | sparsity | training activations | CE loss score | KL (nats) | EV | "
+            "EV without massive tokens | L0 | dead | error share, latents: factual / IOI / safety | probing: top-5 / residual | "
+            "held-out tokens |", "|" + "---|" * 14]
     for release, sae_ids in list_releases().items():
         for sae_id in sae_ids:
             entry = release_entry(release, sae_id)
             h, r = entry.heldout, entry.recipe
-            rows.append(f"| `{release}` | `{sae_id}` | {r['d_sae']} | {r['l1_coefficient']:g} | {r['train_tokens']:,} | "
+            architecture = r.get("architecture", "l1")
+            sparsity = f"L1 {r['l1_coefficient']:g}" if architecture == "l1" else f"{_ARCH_NAMES[architecture]} k={r['k']}"
+            rows.append(f"| `{release}` | `{sae_id}` | {r['d_sae']} | {sparsity} | {r['train_tokens']:,} | "
                         f"{h['ce_loss_score']:.3f} | {h['kl_div_with_sae']:.3f} | {h['explained_variance']:.3f} | "
-                        f"{h['explained_variance_typical']:.3f} | {h['l0']:.1f} | {h['frac_dead']:.1%} | {h['n_tokens']:,} |")
+                        f"{h['explained_variance_typical']:.3f} | {h['l0']:.1f} | {h['frac_dead']:.1%} | "
+                        f"{_error_share(h)} | {_probing(h)} | {h['n_tokens']:,} |")
     return "\n".join(rows) + "\n"
+
+
+_ARCH_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}
+
+
+def _error_share(heldout: dict) -> str:
+    """The latents' median share of the denoising span per pair group (`error_share` block:
+    factual / IOI / safety), or a dash where it was not measured."""
+    median = heldout.get("error_share", {}).get("median", {})
+    shares = [median.get(g, {}).get("latents") for g in ("factual", "ioi", "safety")]
+    return " / ".join("–" if v is None else f"{v:.2f}" for v in shares) if median else "–"
+
+
+def _probing(heldout: dict) -> str:
+    """Mean held-out probing accuracy of the top-5 latents and of the residual (`probing` block), or a dash."""
+    mean = heldout.get("probing", {}).get("mean", {})
+    return f"{mean['sae_top_5']:.3f} / {mean['residual']:.3f}" if "sae_top_5" in mean and "residual" in mean else "–"
 
 
 def notebook_markdown(name: str) -> str:

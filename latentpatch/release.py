@@ -3,8 +3,9 @@
     python -m latentpatch.release evaluate --sae RUN/sae-0 RUN/sae-1 --out sweep.json [--plot sweep.png]
     python -m latentpatch.release recipe --train-dir RUN --sae-index 1 --train-command "..." --harvest H1 H2 \
         --out-root RUNS --out r.json
-    python -m latentpatch.release export --sae RUN/sae-1 --release smollm2-135m-res --recipe r.json
-    python -m latentpatch.release reevaluate --release smollm2-135m-res --sae-id blocks.5.hook_resid_pre
+    python -m latentpatch.release export --sae RUN/sae-1 [RUN2/sae-0 ...] --release smollm2-135m-res --recipe r.json [r2.json ...] \
+        [--sae-id ID ...]
+    python -m latentpatch.release reevaluate --release smollm2-135m-res --sae-id blocks.5.hook_resid_pre [...]
 
 `evaluate` runs SAEBench's core evaluation (`patching.splice.evaluate_sae`) on the first rows of the
 held-out split of the real corpora (never trained on) and plots L0 against CE loss recovered. `export` writes the SAE in float16
@@ -110,35 +111,61 @@ def plot_sweep(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = RELEASES_DIR,
-           n_rows: int = EVAL_ROWS) -> dict[str, Any]:
-    """Ship `sae_dir` as float16 into `root/<release>/<hook name>/` and register it (module docstring)."""
-    sae = load_sae(sae_dir)
-    sae_id = sae.cfg.hook_name
-    folder = save_sae(half_precision(sae), root / release / sae_id)
-    sha = sha256_file(folder / WEIGHTS_FILE)
-    registry_path = root / REGISTRY_FILE
-    registry = json.loads(read_text(registry_path, max_bytes=MAX_JSON_BYTES)) if registry_path.exists() else {}
-    entry = {"path": f"{release}/{sae_id}", "weights_sha256": sha, "config_sha256": config_sha256(load_sae(folder).cfg),
-             "recipe": recipe, "heldout": {}}
-    registry.setdefault(release, {"model": sae.cfg.model_name, "saes": {}})["saes"][sae_id] = entry
-    atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
-    return reevaluate(release, sae_id, root=root, n_rows=n_rows, name=sae_dir)
+           n_rows: int = EVAL_ROWS, sae_id: str | None = None) -> dict[str, Any]:
+    """Ship `sae_dir` as float16 into `root/<release>/<sae_id>/` and register it (module docstring);
+    `sae_id` is the SAE's hook name unless given (two SAEs of one release at one site need two ids)."""
+    (entry,) = export_many([sae_dir], release, [recipe], root=root, n_rows=n_rows,
+                           sae_ids=None if sae_id is None else [sae_id])
+    return entry
+
+
+def export_many(sae_dirs: list[Path], release: str, recipes: list[dict[str, Any]], *, root: Path = RELEASES_DIR,
+                n_rows: int = EVAL_ROWS, sae_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """`export` for several SAEs of one release, their shipped weights evaluated together
+    (`evaluate_saes`: one pass over the held-out rows)."""
+    ids = list(sae_ids) if sae_ids is not None else [None] * len(sae_dirs)
+    if not (len(sae_dirs) == len(recipes) == len(ids)):
+        raise ValueError(f"{len(sae_dirs)} SAE folders, {len(recipes)} recipes and {len(ids)} sae ids: one of each per SAE")
+    shipped_ids = []
+    for sae_dir, recipe, given in zip(sae_dirs, recipes, ids):
+        sae = load_sae(sae_dir)
+        sae_id = given or sae.cfg.hook_name
+        folder = save_sae(half_precision(sae), root / release / sae_id)
+        sha = sha256_file(folder / WEIGHTS_FILE)
+        registry_path = root / REGISTRY_FILE
+        registry = json.loads(read_text(registry_path, max_bytes=MAX_JSON_BYTES)) if registry_path.exists() else {}
+        entry = {"path": f"{release}/{sae_id}", "weights_sha256": sha,
+                 "config_sha256": config_sha256(load_sae(folder).cfg), "recipe": recipe, "heldout": {}}
+        registry.setdefault(release, {"model": sae.cfg.model_name, "saes": {}})["saes"][sae_id] = entry
+        atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
+        shipped_ids.append(sae_id)
+    return reevaluate_many(release, shipped_ids, root=root, n_rows=n_rows, names=list(sae_dirs))
 
 
 def reevaluate(release: str, sae_id: str, *, root: Path = RELEASES_DIR, n_rows: int = EVAL_ROWS,
                name: Path | None = None) -> dict[str, Any]:
     """Measure a registered SAE's shipped (float16) weights on held-out text, as users load them,
     and record the figures in its registry entry: after export, or when the protocol changes."""
-    shipped = load_release(release, sae_id, root=root)
-    (figures,) = evaluate([name or root / release / sae_id], n_rows=n_rows, saes=[shipped])
-    figures.pop("sae")
+    (entry,) = reevaluate_many(release, [sae_id], root=root, n_rows=n_rows, names=None if name is None else [name])
+    return entry
+
+
+def reevaluate_many(release: str, sae_ids: list[str], *, root: Path = RELEASES_DIR, n_rows: int = EVAL_ROWS,
+                    names: list[Path] | None = None) -> list[dict[str, Any]]:
+    """`reevaluate` for several SAEs of one release, evaluated together; one write of the registry."""
+    shipped = [load_release(release, sae_id, root=root) for sae_id in sae_ids]
+    all_figures = evaluate(names or [root / release / sae_id for sae_id in sae_ids], n_rows=n_rows, saes=shipped)
     registry_path = root / REGISTRY_FILE
     registry = json.loads(read_text(registry_path, max_bytes=MAX_JSON_BYTES))
-    entry = registry[release]["saes"][sae_id]
-    # the quality blocks (`latentpatch.quality`: error_share, probing, generalisation) are measured apart: kept
-    entry["heldout"] = {**{k: v for k, v in entry.get("heldout", {}).items() if isinstance(v, dict)}, **figures}
+    entries = []
+    for sae_id, figures in zip(sae_ids, all_figures):
+        figures.pop("sae")
+        entry = registry[release]["saes"][sae_id]
+        # the quality blocks (`latentpatch.quality`: error_share, probing, generalisation) are measured apart: kept
+        entry["heldout"] = {**{k: v for k, v in entry.get("heldout", {}).items() if isinstance(v, dict)}, **figures}
+        entries.append(entry)
     atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
-    return entry
+    return entries
 
 
 OUT = "$OUT"
@@ -215,13 +242,15 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--out", type=Path, required=True)
     ev.add_argument("--plot", type=Path, default=None)
     ev.add_argument("--rows", type=int, default=EVAL_ROWS)
-    ex = sub.add_parser("export", help="ship one SAE in float16 and register it")
-    ex.add_argument("--sae", type=Path, required=True)
+    ex = sub.add_parser("export", help="ship SAEs in float16 and register them (evaluated together)")
+    ex.add_argument("--sae", type=Path, nargs="+", required=True)
     ex.add_argument("--release", required=True)
-    ex.add_argument("--recipe", type=Path, required=True, help="JSON: commands, corpus, corpus_digest, tokens, ...")
-    re_ = sub.add_parser("reevaluate", help="re-measure a registered SAE's held-out figures and record them")
+    ex.add_argument("--recipe", type=Path, nargs="+", required=True,
+                    help="one JSON per SAE: commands, corpus, corpus_digest, tokens, ...")
+    ex.add_argument("--sae-id", nargs="+", default=None, help="one id per SAE (default: each SAE's hook name)")
+    re_ = sub.add_parser("reevaluate", help="re-measure registered SAEs' held-out figures and record them")
     re_.add_argument("--release", required=True)
-    re_.add_argument("--sae-id", required=True)
+    re_.add_argument("--sae-id", nargs="+", required=True)
     re_.add_argument("--rows", type=int, default=EVAL_ROWS)
     rc = sub.add_parser("recipe", help="write the recipe JSON of one SAE of a `latentpatch train` run")
     rc.add_argument("--train-dir", type=Path, required=True)
@@ -241,11 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         recipe = build_recipe(args.train_dir, args.sae_index, args.train_command, args.harvest, args.out_root)
         atomic_write(args.out, json.dumps(recipe, indent=2).encode())
     elif args.command == "reevaluate":
-        entry = reevaluate(args.release, args.sae_id, n_rows=args.rows)
-        log.info("re-measured %s/%s: %s", args.release, args.sae_id, json.dumps(entry["heldout"]))
+        for sae_id, entry in zip(args.sae_id, reevaluate_many(args.release, args.sae_id, n_rows=args.rows)):
+            log.info("re-measured %s/%s: %s", args.release, sae_id, json.dumps(entry["heldout"]))
     else:
-        entry = export(args.sae, args.release, json.loads(read_text(args.recipe, max_bytes=MAX_JSON_BYTES)))
-        log.info("registered %s", json.dumps(entry))
+        recipes = [json.loads(read_text(path, max_bytes=MAX_JSON_BYTES)) for path in args.recipe]
+        for entry in export_many(args.sae, args.release, recipes, sae_ids=args.sae_id):
+            log.info("registered %s", json.dumps(entry))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,32 @@ def test_reevaluate_measures_the_shipped_weights_and_records_the_figures(release
     recorded = json.loads((root / "registry.json").read_text())["tiny-res"]["saes"]["blocks.1.hook_resid_pre"]
     assert recorded["heldout"] == entry["heldout"] == {"ce_loss_recovered": 0.5, "n_rows": 7}
     assert recorded["weights_sha256"] == entry["weights_sha256"]  # nothing else changed
+
+
+def test_export_many_ships_two_saes_of_one_site_under_their_ids_evaluated_together(tmp_path, monkeypatch):
+    import latentpatch.release as release
+
+    runs = []
+    for seed, width in ((1, 32), (2, 48)):
+        sae = make_sae(16, width, hook_name="blocks.1.hook_resid_pre", model_name="tiny", seed=seed)
+        runs.append((save_sae(sae, tmp_path / f"run{seed}"), sae))
+    calls = []
+
+    def fake_evaluate(dirs, *, n_rows, saes):  # the real one loads the default model: tested elsewhere
+        calls.append([s.cfg.d_sae for s in saes])
+        return [{"sae": str(d), "l0": float(s.cfg.d_sae), "n_rows": n_rows} for d, s in zip(dirs, saes)]
+
+    monkeypatch.setattr(release, "evaluate", fake_evaluate)
+    root = tmp_path / "releases"
+    root.mkdir()
+    entries = release.export_many([runs[0][0], runs[1][0]], "tiny-v2", [{"commands": ["a"]}, {"commands": ["b"]}],
+                                  root=root, n_rows=5, sae_ids=[None, "blocks.1.hook_resid_pre-wide"])
+    assert calls == [[32, 48]]  # one evaluation of both shipped SAEs
+    assert [e["heldout"]["l0"] for e in entries] == [32.0, 48.0]
+    assert list_releases(root=root) == {"tiny-v2": ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_pre-wide"]}
+    wide = load_release("tiny-v2", "blocks.1.hook_resid_pre-wide", root=root)
+    assert wide.cfg.d_sae == 48 and torch.allclose(wide.W_dec, runs[1][1].folded().W_dec.detach().half().float())
+    recorded = json.loads((root / "registry.json").read_text())["tiny-v2"]["saes"]
+    assert recorded["blocks.1.hook_resid_pre"]["recipe"] == {"commands": ["a"]}
+    with pytest.raises(ValueError, match="one of each per SAE"):
+        release.export_many([runs[0][0]], "tiny-v2", [], root=root)
