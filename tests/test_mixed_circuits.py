@@ -148,3 +148,24 @@ def test_find_circuit_with_saes_refuses_edges_and_bad_methods(model, saes, promp
         find_circuit(model, clean, corrupted, METRIC, saes=saes, senders=[Node("embed")])
     with pytest.raises(PatchingError, match="ablation must be one of"):
         unchecked(mixed_faithfulness)(model, saes, clean, corrupted, METRIC, [], ablation="noise")
+
+
+def test_model_left_as_found_after_a_failing_metric(model, saes, prompts):
+    from hooks_snapshot import snapshot
+
+    clean, corrupted = prompts
+    before = snapshot(model), [p.requires_grad for p in model.parameters()]
+    calls = []
+
+    def failing(logits):  # passes the reference runs, fails inside the gradient pass
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("user metric failed")
+        return logits[:, 3] - logits[:, 4]
+
+    from patching.sweep import CallableMetric
+
+    with pytest.raises(RuntimeError, match="user metric failed"):
+        find_circuit(model, clean, corrupted, CallableMetric(failing, readout=-1), saes=saes, method="eap")
+    assert len(calls) > 4  # it failed in the gradient pass, past the reference runs
+    assert (snapshot(model), [p.requires_grad for p in model.parameters()]) == before

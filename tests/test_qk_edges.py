@@ -72,3 +72,13 @@ def test_saturated_softmax_plain_eap_circuit_misses_the_edge_atp_star_keeps():
 def test_circuit_method_checked():
     with pytest.raises(PatchingError, match="method must be 'eap', 'eap_ig' or 'atp\\*'"):
         find_circuit(saturated_model(), torch.tensor([[3, 4, 5]]), torch.tensor([[3, 4, 6]]), METRIC, method="atp+")
+
+
+def test_model_left_as_found():
+    from hooks_snapshot import snapshot
+
+    model = learned_or_rotary_gqa("rotary_gqa")
+    clean, corrupted = prompts_differing_at_the_end()
+    before = snapshot(model), model.cfg.use_split_qkv_input, [p.requires_grad for p in model.parameters()]
+    atp_star_edges(model, clean, corrupted, METRIC, [Node("embed"), Node("head", 0, 1)], receivers_of(model, kinds=("q", "k")))
+    assert (snapshot(model), model.cfg.use_split_qkv_input, [p.requires_grad for p in model.parameters()]) == before
