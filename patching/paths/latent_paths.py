@@ -83,21 +83,31 @@ def latent_receiver_hooks(saes: Mapping[Site, Any], base: StreamRun, reached: Se
 
 def _site_setter(sae: Any, stream: Tensor, deltas: Tensor, mask_z: Tensor, mask_e: Tensor) -> Any:
     """A hook at an SAE site: for row r, latents where `mask_z[r]` take their frozen values
-    `encode(stream + deltas[r])`, and the error where `mask_e[r]` its frozen error; rows beyond those
-    joined so far (`run_blocks_joining` appends rows) hold no receiver here."""
+    `encode(stream + deltas[r])`, and the error where `mask_e[r]` its frozen error. Only the rows with
+    a receiver here are encoded (frozen and live); every other row passes unchanged, as do rows beyond
+    those joined so far (`run_blocks_joining` appends rows)."""
+    rows = torch.nonzero(mask_z.flatten(1).any(1) | mask_e.any(1)).flatten()
+    mask_z, mask_e = mask_z[rows], mask_e[rows]
     with torch.no_grad():
-        frozen = stream[None] + deltas  # (rows, pos, d_in)
+        frozen = stream[None] + deltas[rows]  # (receiving rows, pos, d_in)
         z_frozen = sae.encode(frozen)
         e_frozen = frozen - sae.decode(z_frozen).to(frozen.dtype)
 
     def hook(x: Tensor) -> Tensor:  # (n, pos, d_in)
-        n = x.shape[0]
-        z = sae.encode(x)
-        z_new = torch.where(mask_z[:n], z_frozen[:n].to(z.dtype), z)
-        out = x + sae.decode_delta(z_new, z).to(x.dtype)
-        if bool(mask_e[:n].any()):
-            error = x - sae.decode(z).to(x.dtype)
-            out = out + torch.where(mask_e[:n, :, None], e_frozen[:n].to(x.dtype) - error, torch.zeros((), dtype=x.dtype))
+        joined = rows < x.shape[0]
+        here = rows[joined]
+        if not len(here):
+            return x
+        live = x[here]
+        z = sae.encode(live)
+        z_new = torch.where(mask_z[joined], z_frozen[joined].to(z.dtype), z)
+        shift = sae.decode_delta(z_new, z).to(x.dtype)
+        if bool(mask_e[joined].any()):
+            error = live - sae.decode(z).to(x.dtype)
+            shift = shift + torch.where(mask_e[joined][..., None], e_frozen[joined].to(x.dtype) - error,
+                                        torch.zeros((), dtype=x.dtype))
+        out = x.clone()
+        out[here] = live + shift
         return out
 
     return hook
