@@ -124,3 +124,62 @@ def test_the_qk_fix_equals_the_hooked_backend(hooked, bridge, kind):
         ours, theirs = (attribute_qk(m, CLEAN, CORRUPTED, METRIC, kind=kind, method=method, by=by) for m in (bridge, hooked))
         assert [u.label() for u in ours.units] == [u.label() for u in theirs.units]
         torch.testing.assert_close(ours.metric, theirs.metric, atol=2e-5, rtol=1e-4)
+
+
+P = 3  # CLEAN and CORRUPTED share their first 3 tokens
+
+
+def test_runs_inside_a_bound_prefix_equal_the_whole_prompts(bridge):
+    """Inside `bound_prefix` on the Bridge the tokens passed are the positions after the prefix: a
+    forward, hooks (which see only those positions), the blocks run from a layer, and a residual
+    trace equal the same on the whole prompts at those positions (the trace's units there)."""
+    from patching import Site, patch_residual
+
+    names = [Site(layer).hook_name for layer in range(3)]
+    with torch.no_grad():
+        whole_logits = bridge(CLEAN)
+        whole_final, whole = tl_compat.run_until_end_with_cache(bridge, CLEAN, names)
+    whole_trace = patch_residual(bridge, CLEAN, CORRUPTED, METRIC, progress=False).metric.reshape(3, 7)
+    with tl_compat.bound_prefix(bridge, CLEAN[:, :P]):
+        with torch.no_grad():
+            torch.testing.assert_close(bridge(CLEAN[:, P:]), whole_logits[:, P:], atol=1e-5, rtol=0)
+            final, acts = tl_compat.run_until_end_with_cache(bridge, CLEAN[:, P:], names)
+            for name in names:
+                torch.testing.assert_close(acts[name], whole[name][:, P:], atol=1e-5, rtol=0)
+            torch.testing.assert_close(tl_compat.run_blocks(bridge, whole[names[1]][:, P:], 1), whole_final[:, P:], atol=1e-5, rtol=0)
+        bound_trace = patch_residual(bridge, CLEAN[:, P:], CORRUPTED[:, P:], METRIC, progress=False).metric.reshape(3, 7 - P)
+    torch.testing.assert_close(bound_trace, whole_trace[:, P:], atol=1e-5, rtol=0)
+    assert "forward" not in bridge.__dict__  # the binding is gone
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(CLEAN), whole_logits, atol=0, rtol=0)
+
+
+def test_generation_after_a_shared_prefix_is_refused_on_the_bridge(bridge):
+    """The Bridge's decoding loop runs uncached: after a `SharedPrefix` it would rerun (and
+    intervene on) the prefix at every step, so it is refused by type; the prefix itself is computed."""
+    from patching.model import tl_bridge
+    from patching.splice.generate import SharedPrefix, generate
+
+    prefix = SharedPrefix.of(bridge, CLEAN[0, :P])
+    assert prefix.cache.length == P
+    with pytest.raises(tl_bridge.BackendUnsupportedError, match="generation after a shared prefix"):
+        generate(bridge, CLEAN, max_new_tokens=2, prefix=prefix)
+
+
+@pytest.mark.hooked_only(reason=HOOKED)
+def test_bound_prefix_experiments_equal_the_hooked_backend(hooked, bridge):
+    """The safety experiments' uses of a bound prefix on both backends: refusal directions (mean
+    residuals at the queries' last tokens, which stop the forward early) and AtP on the queries."""
+    from patching import Site, attribute_latents
+    from patching.safety.direction import refusal_directions
+    from tests.conftest import make_sae
+
+    queries = [torch.randint(3, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 4, 5)]
+    sae = make_sae(32, 48, hook_name=Site(1).hook_name, model_name="tiny", seed=4)
+    out = {}
+    for name, m in (("bridge", bridge), ("hooked", hooked)):
+        with tl_compat.bound_prefix(m, CLEAN[:, :P]):
+            out[name] = (refusal_directions(m, queries[:2], queries[1:], [0, 2]),
+                         attribute_latents(m, sae, CLEAN[:, P:], CORRUPTED[:, P:], METRIC, method="atp", progress=False).metric)
+    torch.testing.assert_close(out["bridge"][0], out["hooked"][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out["bridge"][1], out["hooked"][1], atol=2e-5, rtol=1e-4)

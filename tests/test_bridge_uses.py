@@ -1,7 +1,7 @@
 """Attribution, steering with generation, and harvesting on the bridge backend, each against a
 reference computed without the code under test: the Bridge's own full forward pass, a naive
 greedy loop, transformers' hidden states, and (in the hooked suite) the hooked backend on the same
-weights. What the Bridge cannot do (a TransformerLens key-value cache) is refused by type."""
+weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from patching import LogitDiff, Site, attribute_latents, generate_steered
-from patching.model import tl_bridge, tl_compat
+from patching.model import tl_compat
 from tests.conftest import make_sae
 from tests.test_bridge import boot_tiny, tiny_hf_folder
 
@@ -79,16 +79,6 @@ def test_harvest_on_the_bridge_equals_transformers_hidden_states(folder, bridge)
     with torch.no_grad():
         hidden = reference(CLEAN, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(harvest(bridge, SITE, CLEAN), hidden.reshape(-1, 32), atol=1e-5, rtol=0)
-
-
-def test_key_value_prefixes_are_refused_on_the_bridge(bridge):
-    """A shared prefix (`bound_prefix`, the safety experiments' few-shot context) needs a
-    TransformerLens key-value cache, which the Bridge takes none of."""
-    with pytest.raises(tl_bridge.BackendUnsupportedError, match="key-value cache"):
-        tl_compat.prefix_cache(bridge, CLEAN[:, :3])
-    with pytest.raises(tl_bridge.BackendUnsupportedError, match="key-value cache"):
-        with tl_compat.bound_prefix(bridge, CLEAN[:, :3]):
-            pass
 
 
 HOOKED = "converts the folder into a HookedTransformer (TransformerLens 3.x)"

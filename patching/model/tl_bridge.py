@@ -106,7 +106,8 @@ class BackendUnsupportedError(LatentpatchError, NotImplementedError):
 
 
 MISSING = {
-    "past_kv_cache": "TransformerBridge takes no TransformerLens key-value cache",
+    "past_kv_cache": "the bridge backend's decoding loop runs uncached (its key-value prefixes serve rows of a known "
+                     "length: the sweep engine's, tracing's, path patching's, bound_prefix's)",
     "attention_internals": "TransformerBridge's attention wraps Hugging Face's and lacks HookedTransformer's "
                            "attn_scale and per-head weights, which the QK fix recomputes the softmax with",
 }
@@ -120,12 +121,6 @@ def refuse_bridge(model: Any, what: str, need: str) -> None:
     `MISSING`); callers outside the model room reach it through `tl_compat`."""
     if is_bridge(model):
         raise BackendUnsupportedError(f"{what} on the bridge backend: {MISSING[need]}; load the model with backend='hooked'")
-
-
-def require_key_value_prefix(model: Any, what: str) -> None:
-    """Refuse a Bridge model where `what` runs rows after a TransformerLens key-value prefix (causal
-    tracing's noised rows, path patching's suffixes), which the Bridge takes none of."""
-    refuse_bridge(model, what, "past_kv_cache")
 
 
 def require_hooked(model: Any, need: str) -> None:

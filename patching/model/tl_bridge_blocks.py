@@ -98,17 +98,37 @@ class AttentionCaches:
                                 tuple(self.recorded[layer][1] for layer in range(n_layers)))
 
 
+ACTIVE = "_latentpatch_attention_caches"
+"""Where a Bridge keeps the caches its attention is handed now (innermost last)."""
+BOUND = "_latentpatch_bound_prefix"
+"""Where a Bridge keeps the keys and values of the prefix `bound_prefix` binds (one row)."""
+
+
+def bound_keys_values(model: Any) -> BridgeKeysValues | None:
+    """The keys and values every run follows inside `tl_bridge_prefix.bound_prefix`, or None."""
+    return model.__dict__.get(BOUND)
+
+
+def active_caches(model: Any) -> AttentionCaches | None:
+    stack = model.__dict__.get(ACTIVE)
+    return stack[-1] if stack else None
+
+
 @contextlib.contextmanager
 def attention_caches(model: Any, caches: AttentionCaches) -> Iterator[AttentionCaches]:
-    """Hand `caches` to every block's attention as its `past_key_values`, for the block."""
+    """Hand `caches` to every block's attention as its `past_key_values`, for the block (nested
+    blocks: the innermost's)."""
+    stack = model.__dict__.setdefault(ACTIVE, [])
 
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {**kwargs, "past_key_values": caches}
+        return args, {**kwargs, "past_key_values": stack[-1]}
 
-    handles = [block.attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for block in model.blocks]
+    handles = [] if stack else [block.attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for block in model.blocks]
+    stack.append(caches)
     try:
         yield caches
     finally:
+        stack.pop()
         for handle in handles:
             handle.remove()
 
@@ -183,20 +203,26 @@ def layer_arguments(model: Any, start: int, end: int) -> list[dict[str, Any]]:
             for named in memo[end]]
 
 
-def run_layers(model: Any, joins: Sequence[tuple[int, Tensor]], past: BridgeKeysValues | None = None) -> Tensor:
+def run_layers(model: Any, joins: Sequence[tuple[int, Tensor]], past: BridgeKeysValues | None = None, *,
+               stop: int | None = None) -> Tensor:
     """Rows entering at different layers (`joins`: `(layer, residual rows)` in increasing layer order,
-    each residual `(rows, pos, d_model)`), after `past`'s positions; every row's residual stream
-    after the last block (before the final norm), in join order. Rows joining at a layer are
-    appended to the batch before its block, as `tl_generation.run_blocks_joining` does."""
+    each residual `(rows, pos, d_model)`), after `past`'s positions (None: the bound prefix's, if
+    any); every row's residual stream after the last block (before the final norm; with `stop`,
+    before block `stop`), in join order. Rows joining at a layer are appended to the batch before
+    its block, as `tl_generation.run_blocks_joining` does. Inside a recording of these keys and
+    values (`tl_bridge_rows.run_until_end_with_keys_values`) the recorder is the cache."""
     layers = [layer for layer, _ in joins]
     if not layers or layers != sorted(set(layers)):
         raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
+    past = bound_keys_values(model) if past is None else past
+    outer = active_caches(model)
+    caches = outer if outer is not None and outer.past is past else AttentionCaches(past)
     start = 0 if past is None else past.length
     arguments = layer_arguments(model, start, start + joins[0][1].shape[1])
     pending = dict(joins)
     residual = pending.pop(layers[0])
-    with attention_caches(model, AttentionCaches(past)):
-        for layer in range(layers[0], model.cfg.n_layers):
+    with attention_caches(model, caches):
+        for layer in range(layers[0], model.cfg.n_layers if stop is None else stop):
             if layer in pending:
                 residual = torch.cat([residual, pending.pop(layer).to(residual.dtype)])
             output = model.blocks[layer](residual, **arguments[layer])

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from patching.model.hook_names import hook_name
 from patching.model.tl_bridge import BackendUnsupportedError, attach_forward_hook
-from patching.model.tl_bridge_blocks import AttentionCaches, BridgeKeysValues, attention_caches, run_layers
+from patching.model.tl_bridge_blocks import AttentionCaches, BridgeKeysValues, attention_caches, bound_keys_values, run_layers
 from patching.model.tl_readout import readout
 
 
@@ -73,7 +73,7 @@ def run_until_end_with_cache(model: Any, tokens: Tensor, hook_names: list[str]) 
 
 def run_until_end_with_keys_values(model: Any, tokens: Tensor, hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor], BridgeKeysValues]:
     """As `run_until_end_with_cache`, and the keys and values every layer's attention used."""
-    with attention_caches(model, AttentionCaches(None)) as caches:
+    with attention_caches(model, AttentionCaches(bound_keys_values(model))) as caches:  # after a bound prefix's
         final, acts = _run_to_final(model, tokens, hook_names)
     return final, acts, caches.keys_values(model.cfg.n_layers)
 

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from patching.model.tl_bridge import TLModel
 
 from patching.model import tl_bridge, tl_bridge_rows
-from patching.model.tl_bridge import refuse_bridge, require_key_value_prefix  # noqa: F401  (re-exported: the door)
+from patching.model.tl_bridge import refuse_bridge  # noqa: F401  (re-exported: the door)
 from patching.model.checks import check_context
 from patching.model.tl_readout import frozen_final_readout, readout  # noqa: F401  (re-exported: one door to TransformerLens)
 

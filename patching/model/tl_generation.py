@@ -18,15 +18,17 @@ from torch.utils.hooks import RemovableHandle
 from patching.model.tl_bridge import TLModel
 
 from patching.errors import PatchingError
-from patching.model import tl_bridge, tl_bridge_rows
+from patching.model import tl_bridge, tl_bridge_prefix, tl_bridge_rows
 from patching.model.checks import check_context
 from patching.model.tl_readout import readout
 
 
 def prefix_cache(model: TLModel, prefix_tokens: Tensor) -> Any:
     """Keys and values of a prompt prefix at every layer, frozen for reuse by many suffix runs
-    (one cache row per row of `prefix_tokens`; hooks attached by the caller act on the prefix run)."""
-    tl_bridge.require_hooked(model, "past_kv_cache")
+    (one cache row per row of `prefix_tokens`; hooks attached by the caller act on the prefix run).
+    On the Bridge, its `BridgeKeysValues` (`tl_bridge_prefix`)."""
+    if tl_bridge.is_bridge(model):
+        return tl_bridge_prefix.prefix_keys_values(model, prefix_tokens)
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=prefix_tokens.shape[0])
@@ -151,6 +153,10 @@ def bound_prefix(model: TLModel, prefix_tokens: Tensor) -> Iterator[None]:
         raise PatchingError(f"bound_prefix needs one row of token ids, (1, length) or (length,), got "
                             f"{prefix_tokens.dtype} {tuple(prefix_tokens.shape)}")
     check_context(prefix_tokens.shape[-1], model.cfg.n_ctx, "the bound prefix")
+    if tl_bridge.is_bridge(model):
+        with tl_bridge_prefix.bound_prefix(model, prefix_tokens):
+            yield
+        return
     with torch.no_grad():
         cache = prefix_cache(model, prefix_tokens.reshape(1, -1))
     plain = model.__dict__.get("forward")  # an enclosing binding's, or None for the class's own
@@ -245,8 +251,10 @@ def new_kv_cache(model: TLModel, rows: int, prefix: Any = None) -> Any:
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    if tl_bridge.is_bridge(model) and prefix is None:
-        return None  # the Bridge takes no TransformerLens cache: its decoding runs uncached (slower, same tokens)
+    if tl_bridge.is_bridge(model):  # the Bridge's decoding runs uncached (slower, same tokens)
+        if prefix is not None:  # uncached, the shared prefix would be rerun (and intervened on) at every step
+            tl_bridge.refuse_bridge(model, "generation after a shared prefix's keys and values", "past_kv_cache")
+        return None
     if prefix is None:
         return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=rows)
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1).clone(),
