@@ -11,7 +11,8 @@ the logits, it reports:
   edges by |EAP-IG| and 200 random other edges, each set on its own and together: Spearman's rho and
   recall@k (k = 50, the overlap of the k largest |estimate| and |exact|);
 - `find_circuit` at a threshold: edges kept, faithfulness, completeness, the threshold curve and time
-  to the circuit;
+  to the circuit; the same with `method="atp*"` (edges into queries and keys by the QK fix with GradDrop)
+  unless `--skip-atp-star`, and the q/k edges one circuit keeps that the other does not;
 - for query and key heads per position (`patch_heads` units), AtP, AtP with the QK fix and AtP* (QK
   fix + GradDrop, unsigned) against exact patching: Spearman's rho (signed, and of magnitudes, the only
   one AtP* has), recall@20 of magnitudes.
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--n-layers", type=int, default=None, help="cut the default model to its first n layers")
     parser.add_argument("--threshold", type=float, default=0.05, help="find_circuit's threshold (default 0.05)")
     parser.add_argument("--skip-qk", action="store_true", help="skip the query/key comparison")
+    parser.add_argument("--skip-atp-star", action="store_true", help="skip find_circuit(method='atp*')")
     args = parser.parse_args()
 
     model = load_model(n_layers=args.n_layers)
@@ -118,6 +120,19 @@ def main() -> None:
                           "top_edges": [[u.label(), r.label()] for u, r in circuit.edges[:10]]}
     print(f"circuit at {args.threshold}: {len(circuit.edges)} edges, faithfulness {float(f.faithfulness.mean()):.3f}, "
           f"completeness {float(f.completeness.mean()):.3f}, {circuit_s:.1f} s", flush=True)
+
+    if not args.skip_atp_star:
+        star, star_s = timed(lambda: find_circuit(model, clean, corrupted, metric, senders=senders, receivers=receivers,
+                                                  threshold=args.threshold, method="atp*", curve_points=0))
+        qk_only = {e for e in star.edges if e[1].kind in ("q", "k")}
+        qk_eap = {e for e in circuit.edges if e[1].kind in ("q", "k")}
+        figures["circuit_atp_star"] = {"edges": len(star.edges), "seconds": round(star_s, 3),
+                                       "faithfulness": round(float(star.faithfulness.faithfulness.mean()), 4),
+                                       "completeness": round(float(star.faithfulness.completeness.mean()), 4),
+                                       "qk_edges": len(qk_only), "qk_edges_eap_ig": len(qk_eap),
+                                       "qk_edges_only_atp_star": sorted(f"{u.label()}->{r.label()}" for u, r in qk_only - qk_eap)}
+        print(f"atp* circuit at {args.threshold}: {len(star.edges)} edges ({len(qk_only)} into q/k, EAP-IG's {len(qk_eap)}), "
+              f"faithfulness {float(star.faithfulness.faithfulness.mean()):.3f}, {star_s:.1f} s", flush=True)
 
     if not args.skip_qk:
         figures["qk"] = {}
