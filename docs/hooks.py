@@ -65,7 +65,7 @@ def releases_markdown() -> str:
             rows.append(f"| `{release}` | `{sae_id}` | {r['d_sae']} | {sparsity} | {r['train_tokens']:,} | "
                         f"{h['ce_loss_score']:.3f} | {h['kl_div_with_sae']:.3f} | {h['explained_variance']:.3f} | "
                         f"{h['explained_variance_typical']:.3f} | {h['l0']:.1f} | {h['frac_dead']:.1%} | "
-                        f"{_error_share(h)} | {_probing(h)} | {h['n_tokens']:,} |")
+                        f"{_error_share(h)} | {_probing(h)} | {h['n_tokens']:,} of {h.get('corpus', 'real (held-out split)')} |")
     return "\n".join(rows) + "\n"
 
 

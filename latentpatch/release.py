@@ -120,9 +120,9 @@ def export(sae_dir: Path, release: str, recipe: dict[str, Any], *, root: Path = 
 
 
 def export_many(sae_dirs: list[Path], release: str, recipes: list[dict[str, Any]], *, root: Path = RELEASES_DIR,
-                n_rows: int = EVAL_ROWS, sae_ids: list[str] | None = None) -> list[dict[str, Any]]:
+                n_rows: int = EVAL_ROWS, sae_ids: list[str] | None = None, corpus: str = "real") -> list[dict[str, Any]]:
     """`export` for several SAEs of one release, their shipped weights evaluated together
-    (`evaluate_saes`: one pass over the held-out rows)."""
+    (`evaluate_saes`: one pass over the held-out rows of `corpus`, the mix they trained on)."""
     ids = list(sae_ids) if sae_ids is not None else [None] * len(sae_dirs)
     if not (len(sae_dirs) == len(recipes) == len(ids)):
         raise ValueError(f"{len(sae_dirs)} SAE folders, {len(recipes)} recipes and {len(ids)} sae ids: one of each per SAE")
@@ -139,7 +139,7 @@ def export_many(sae_dirs: list[Path], release: str, recipes: list[dict[str, Any]
         registry.setdefault(release, {"model": sae.cfg.model_name, "saes": {}})["saes"][sae_id] = entry
         atomic_write(registry_path, (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode())
         shipped_ids.append(sae_id)
-    return reevaluate_many(release, shipped_ids, root=root, n_rows=n_rows, names=list(sae_dirs))
+    return reevaluate_many(release, shipped_ids, root=root, n_rows=n_rows, names=list(sae_dirs), corpus=corpus)
 
 
 def reevaluate(release: str, sae_id: str, *, root: Path = RELEASES_DIR, n_rows: int = EVAL_ROWS,
@@ -151,10 +151,12 @@ def reevaluate(release: str, sae_id: str, *, root: Path = RELEASES_DIR, n_rows: 
 
 
 def reevaluate_many(release: str, sae_ids: list[str], *, root: Path = RELEASES_DIR, n_rows: int = EVAL_ROWS,
-                    names: list[Path] | None = None) -> list[dict[str, Any]]:
-    """`reevaluate` for several SAEs of one release, evaluated together; one write of the registry."""
+                    names: list[Path] | None = None, corpus: str = "real") -> list[dict[str, Any]]:
+    """`reevaluate` for several SAEs of one release, evaluated together on `corpus`'s held-out rows;
+    one write of the registry."""
     shipped = [load_release(release, sae_id, root=root) for sae_id in sae_ids]
-    all_figures = evaluate(names or [root / release / sae_id for sae_id in sae_ids], n_rows=n_rows, saes=shipped)
+    names = names or [root / release / sae_id for sae_id in sae_ids]
+    all_figures = evaluate(names, n_rows=n_rows, saes=shipped, corpus=corpus)
     registry_path = root / REGISTRY_FILE
     registry = json.loads(read_text(registry_path, max_bytes=MAX_JSON_BYTES))
     entries = []
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--recipe", type=Path, nargs="+", required=True,
                     help="one JSON per SAE: commands, corpus, corpus_digest, tokens, ...")
     ex.add_argument("--sae-id", nargs="+", default=None, help="one id per SAE (default: each SAE's hook name)")
+    ex.add_argument("--corpus", default="real", help="held-out split the figures are measured on (the training mix)")
     re_ = sub.add_parser("reevaluate", help="re-measure registered SAEs' held-out figures and record them")
     re_.add_argument("--release", required=True)
     re_.add_argument("--sae-id", nargs="+", required=True)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             log.info("re-measured %s/%s: %s", args.release, sae_id, json.dumps(entry["heldout"]))
     else:
         recipes = [json.loads(read_text(path, max_bytes=MAX_JSON_BYTES)) for path in args.recipe]
-        for entry in export_many(args.sae, args.release, recipes, sae_ids=args.sae_id):
+        for entry in export_many(args.sae, args.release, recipes, sae_ids=args.sae_id, corpus=args.corpus):
             log.info("registered %s", json.dumps(entry))
 
 

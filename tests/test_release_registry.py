@@ -157,8 +157,9 @@ def test_reevaluate_measures_the_shipped_weights_and_records_the_figures(release
     root, sae = release_root
     seen = {}
 
-    def fake_evaluate(dirs, *, n_rows, saes):  # the real one loads the default model: tested elsewhere
+    def fake_evaluate(dirs, *, n_rows, saes, corpus):  # the real one loads the default model: tested elsewhere
         seen["W_dec"], seen["n_rows"] = saes[0].W_dec, n_rows
+        assert corpus == "real"
         return [{"sae": str(dirs[0]), "ce_loss_recovered": 0.5, "n_rows": n_rows}]
 
     monkeypatch.setattr(release, "evaluate", fake_evaluate)
@@ -178,16 +179,17 @@ def test_export_many_ships_two_saes_of_one_site_under_their_ids_evaluated_togeth
         runs.append((save_sae(sae, tmp_path / f"run{seed}"), sae))
     calls = []
 
-    def fake_evaluate(dirs, *, n_rows, saes):  # the real one loads the default model: tested elsewhere
-        calls.append([s.cfg.d_sae for s in saes])
+    def fake_evaluate(dirs, *, n_rows, saes, corpus):  # the real one loads the default model: tested elsewhere
+        calls.append(([s.cfg.d_sae for s in saes], corpus))
         return [{"sae": str(d), "l0": float(s.cfg.d_sae), "n_rows": n_rows} for d, s in zip(dirs, saes)]
 
     monkeypatch.setattr(release, "evaluate", fake_evaluate)
     root = tmp_path / "releases"
     root.mkdir()
     entries = release.export_many([runs[0][0], runs[1][0]], "tiny-v2", [{"commands": ["a"]}, {"commands": ["b"]}],
-                                  root=root, n_rows=5, sae_ids=[None, "blocks.1.hook_resid_pre-wide"])
-    assert calls == [[32, 48]]  # one evaluation of both shipped SAEs
+                                  root=root, n_rows=5, sae_ids=[None, "blocks.1.hook_resid_pre-wide"],
+                                  corpus="real-no-mail")
+    assert calls == [([32, 48], "real-no-mail")]  # one evaluation of both shipped SAEs, on the named mix
     assert [e["heldout"]["l0"] for e in entries] == [32.0, 48.0]
     assert list_releases(root=root) == {"tiny-v2": ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_pre-wide"]}
     wide = load_release("tiny-v2", "blocks.1.hook_resid_pre-wide", root=root)
