@@ -60,6 +60,8 @@ class DemoConfig:
     """Coefficients (multiples of typical activations) compared in the steering section."""
     steering_tokens: int = 12
     """Tokens sampled per steered continuation."""
+    sweep_positions: tuple[int, ...] | None = None
+    """Base-run positions the denoising sweep patches at (None: every position; tests sweep fewer)."""
     suite_pairs: int | None = 10
     """Use only the first n pairs of the safety suite (None: all 30; `benchmarks/safety.py` runs them all)."""
     seed: int = 0
@@ -199,7 +201,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     timings = {"sae": round(time.perf_counter() - started, 1)}
     steps = {"training": lambda: _training_section(model, sae, config, out, results),
              "splice": lambda: _splice_section(model, sae, results),
-             "sweep": lambda: _sweep_section(model, sae, out, results),
+             "sweep": lambda: _sweep_section(model, sae, config, out, results),
              "attribution": lambda: _attribution_section(model, sae, out, results),
              "steering": lambda: _steering_section(model, sae, config, out, results),
              "safety": lambda: _safety_section(model, sae, config, out, results)}
@@ -308,14 +310,15 @@ def _factual(model: Any) -> tuple[str, str, Any]:
     return clean, corrupted, LogitDiff(*(tl_compat.single_token_id(model, text) for text in (answer, wrong)))
 
 
-def _sweep_section(model: Any, sae: Any, out: Path, results: dict[str, Any]) -> Section:
+def _sweep_section(model: Any, sae: Any, config: DemoConfig, out: Path, results: dict[str, Any]) -> Section:
     from latentpatch.demo_report import by_position, joint_and_error
     from patching import patch_latents
 
     clean, corrupted, metric = _factual(model)
     start = time.perf_counter()
-    sweep = patch_latents(model, sae, clean, corrupted, metric)
+    sweep = patch_latents(model, sae, clean, corrupted, metric, positions=config.sweep_positions)
     seconds = time.perf_counter() - start
+    where = "every position" if config.sweep_positions is None else f"positions {list(config.sweep_positions)}"
     sweep.save(out / "sweep")
     sweep.plot(out / "sweep.png")
     top = [entry._asdict() for entry in sweep.top(10)]
@@ -324,7 +327,7 @@ def _sweep_section(model: Any, sae: Any, out: Path, results: dict[str, Any]) -> 
                         "contrast": f"{FACTUAL[2].strip()} vs {FACTUAL[3].strip()}", "by_position": by_position(sweep),
                         **joint_and_error(model, sae, sweep, clean, corrupted, metric)}
     return Section("Denoising sweep: Eiffel Tower → Colosseum",
-                   f"Every latent that differs between the runs, at every position, set to its clean value in the "
+                   f"Every latent that differs between the runs, at {where}, set to its clean value in the "
                    f"corrupted run; effect 1 restores ' Paris' over ' Rome' fully. {len(sweep.units)} patches in "
                    f"{seconds:.1f} s.", figures={"M_clean": sweep.metric_clean.item(),
                                                  "M_corrupted": sweep.metric_corrupted.item()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from latentpatch.cli.entry import main
@@ -14,14 +15,25 @@ from tests.browser import dom, page_widths, screenshot
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the demo's run: its small ops on 2 cores shared with anything else stall
+    at every OpenMP barrier (the demo test ran over 20 min with two threads beside a harvest)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.default_model
 @pytest.mark.browser
-def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys):
+def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys, one_thread):
     from latentpatch import demo
 
     small = dict(layer=3, d_sae=576, train_tokens=20480, batch_size=512, safety_pairs=1, steering_k=(1, 2),
                  steering_coefficients=(4.0,), steering_tokens=3, suite_pairs=3,
-                 demo_train_tokens=2048, demo_train_steps=8)
+                 demo_train_tokens=2048, demo_train_steps=8, sweep_positions=(4, 10))
+    # The sweep at the subject's last token and the last position: every position costs ~3x the patches.
     monkeypatch.setattr(demo, "DemoConfig", lambda **kw: DemoConfig(**{**kw, **small}))
     out = tmp_path / "report"
     assert main(["demo", "--out", str(out), "--json"]) == 0
@@ -32,6 +44,8 @@ def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys):
     demo_run = results["training_demo"]
     assert demo_run["tokens"] == 2048 and demo_run["history"][-1]["step"] == 8
     assert 0 < demo_run["history"][-1]["l0"] <= 576
+    assert {row["position"] for row in results["sweep"]["by_position"]} == {4, 10}
+    assert results["sweep"]["units"] > 10 and "at positions [4, 10]" in (out / "index.html").read_text()
     page = out / "index.html"
     html = dom(page)
     for image in ("training.png", "sweep.png", "attribution.png", "steering.png"):
