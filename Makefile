@@ -75,7 +75,7 @@ BRIDGE_PY    := $(BRIDGE_VENV)/bin/python
 BRIDGE_STAMP := $(BRIDGE_VENV)/.installed
 BRIDGE_TL    := transformer-lens==4.3.0
 BRIDGE_TESTS := tests/test_bridge.py tests/test_bridge_architectures.py tests/test_bridge_sweeps.py \
-                tests/test_bridge_uses.py tests/test_bridge_saelens_optional.py tests/test_patching.py
+                tests/test_bridge_uses.py tests/test_bridge_prefixes.py tests/test_bridge_saelens_optional.py tests/test_patching.py
 
 $(BRIDGE_STAMP): pyproject.toml
 	python3 -m venv $(BRIDGE_VENV)

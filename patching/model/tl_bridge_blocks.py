@@ -196,11 +196,12 @@ def layer_arguments(model: Any, start: int, end: int) -> list[dict[str, Any]]:
     """For each layer, the keyword arguments (besides the residual stream) that run positions
     `start..end` of a row after the keys and values of positions `0..start`."""
     memo = model.__dict__.setdefault("_latentpatch_layer_arguments", {})
-    if end not in memo:
+    key = (end, model.cfg.dtype, str(next(model.parameters()).device))
+    if key not in memo:
         memo.clear()  # one length kept: a sweep asks for one prompt's many times
-        memo[end] = _recorded_arguments(model, end)
+        memo[key] = _recorded_arguments(model, end)
     return [{name: _sliced(name, value, start, end) for name, value in named.items() if name != "hidden_states"}
-            for named in memo[end]]
+            for named in memo[key]]
 
 
 def run_layers(model: Any, joins: Sequence[tuple[int, Tensor]], past: BridgeKeysValues | None = None, *,
