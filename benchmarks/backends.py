@@ -3,11 +3,14 @@
 In one process, on the same weights: the forward pass of each backend (median of `--repeat`) and the
 largest logit difference between them; the residual trace of the Eiffel Tower -> Colosseum pair
 (`resid_pre`, `--layers` x every position) and the head-z sweep (every head of `--layers`, all
-positions) as the naive one-forward-per-patch loop on each backend and through our sweep engine. On
-the Bridge the engine runs whole rows (it has no `start_at_layer` and no key/value prefix: each
-patched row reruns the prompt from the embedding, `patching/model/tl_bridge_rows.py`), so its gain
-there is batching and skipping the unembedding of unread positions, not skipped layers and
-positions. The last line printed is one JSON object.
+positions) and the Eiffel latent sweep (a seeded random TopK SAE at `--sae-layer`, every differing
+latent at every position; the naive loop timed on `--naive-sample` units and extrapolated) as the
+naive one-forward-per-patch loop on each backend and through our sweep engine. The engine's
+shortcuts (rows joining at their layer from the cached residual, after the base run's keys and
+values) run on both backends: on the Bridge its blocks are driven from the layer
+(`patching/model/tl_bridge_blocks.py`). Each ratio is also given against bare forward passes
+(`*_vs_forwards`: patches x the median forward), since a backend's `run_with_hooks` may cost more
+than its forward. The last line printed is one JSON object.
 
     nice python benchmarks/backends.py --layers 0,10,20,29 --repeat 5
 """
@@ -17,12 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import time
 
 import torch
 
-from patching import LogitDiff, load_model, patch_heads, patch_residual
+from _common import benchmark_sae
+from patch_sweep import naive_sweep
+
+from patching import LogitDiff, Site, load_model, patch_heads, patch_latents, patch_residual
 from patching.model.tl_bridge import BackendUnsupportedError
 
 FACT = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
@@ -76,6 +83,25 @@ def measure_heads(model, args, clean, corrupted, answer, wrong, figures):
         model, clean, corrupted, LogitDiff(answer, wrong), kind="z", layers=args.layers, progress=False), 1)
     figures["engine_heads_vs_naive_max_abs"] = (ours.metric[0].reshape(naive.shape) - naive).abs().max().item()
     figures["engine_heads_speedup"] = figures["naive_heads_s"] / figures["engine_heads_s"]
+    figures["engine_heads_vs_forwards"] = naive.numel() * figures["forward_s"] / figures["engine_heads_s"]
+
+
+def measure_latents(model, args, clean, corrupted, answer, wrong, figures):
+    """The Eiffel latent sweep against the naive loop on a seeded sample of its units (extrapolated)."""
+    sae = benchmark_sae(model, None, args.sae_layer)
+    metric = LogitDiff(answer, wrong)
+    with torch.inference_mode():
+        result, figures["engine_latents_s"] = timed(lambda: patch_latents(model, sae, clean, corrupted, metric,
+                                                                          progress=False), 1)
+        units = result.units
+        sample = sorted(random.Random(0).sample(range(len(units)), min(args.naive_sample, len(units))))
+        naive, sample_s = timed(lambda: naive_sweep(model, sae, Site(args.sae_layer), clean, corrupted,
+                                                    [units[i] for i in sample], metric), 1)
+    figures["latent_units"], figures["naive_latents_sampled"] = len(units), len(sample)
+    figures["naive_latents_s"] = sample_s * len(units) / len(sample)
+    figures["engine_latents_vs_naive_max_abs"] = (naive - result.metric[0, sample]).abs().max().item()
+    figures["engine_latents_speedup"] = figures["naive_latents_s"] / figures["engine_latents_s"]
+    figures["engine_latents_vs_forwards"] = len(units) * figures["forward_s"] / figures["engine_latents_s"]
 
 
 def measure(model, args, clean, corrupted, answer, wrong):
@@ -88,9 +114,11 @@ def measure(model, args, clean, corrupted, answer, wrong):
             model, clean, corrupted, LogitDiff(answer, wrong), layers=args.layers, progress=False), 1)
         figures["engine_vs_naive_max_abs"] = (ours.metric[0].reshape(naive.shape) - naive).abs().max().item()
         figures["engine_speedup"] = figures["naive_trace_s"] / figures["engine_trace_s"]
+        figures["engine_vs_forwards"] = naive.numel() * figures["forward_s"] / figures["engine_trace_s"]
     except BackendUnsupportedError as err:
         figures["engine_trace"] = f"refused: {err}"
     measure_heads(model, args, clean, corrupted, answer, wrong, figures)
+    measure_latents(model, args, clean, corrupted, answer, wrong, figures)
     return logits, naive, figures
 
 
@@ -98,6 +126,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="0,10,20,29", help="resid_pre layers of the trace (comma-separated)")
     parser.add_argument("--repeat", type=int, default=5, help="forward passes timed per backend (median)")
+    parser.add_argument("--sae-layer", type=int, default=15, help="resid_pre layer of the latent sweep's random SAE")
+    parser.add_argument("--naive-sample", type=int, default=24, help="units of the latent sweep the naive loop times")
     args = parser.parse_args()
     args.layers = [int(x) for x in args.layers.split(",")]
     torch.set_num_threads(1)
