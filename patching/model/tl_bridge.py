@@ -147,6 +147,20 @@ def attach_forward_hook(module: torch.nn.Module, fn: Any, *, prepend: bool = Fal
     return module.register_forward_hook(forward_hook, prepend=prepend)
 
 
+def hook_names(bridge: Any) -> set[str]:
+    """A Bridge's hook names. The Bridge builds its `hook_dict` anew, aliases resolved, on every
+    read (6 ms on the default model, read once per checked site): its names are kept while its
+    registry of hook points keeps its size."""
+    registry = getattr(bridge, "_hook_registry", None)
+    if registry is None:
+        return set(bridge.hook_dict)
+    kept = bridge.__dict__.get("_latentpatch_hook_names")
+    if kept is None or kept[0] != len(registry):
+        kept = (len(registry), frozenset(bridge.hook_dict))
+        bridge.__dict__["_latentpatch_hook_names"] = kept
+    return set(kept[1])
+
+
 def has_hooked_transformer() -> bool:
     """Whether this TransformerLens still has `HookedTransformer` (3.x; 4.0 removed it).
 

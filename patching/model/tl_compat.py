@@ -69,17 +69,8 @@ def model_name(model: TLModel) -> str:
 
 
 def hook_names(model: TLModel) -> set[str]:
-    """The model's hook names. The Bridge builds its `hook_dict` anew, aliases resolved, on every
-    read (6 ms on the default model, read once per checked site): its names are kept while its
-    registry of hook points is the same size."""
-    registry = getattr(model, "_hook_registry", None) if tl_bridge.is_bridge(model) else None
-    if registry is None:
-        return set(model.hook_dict)
-    kept = model.__dict__.get("_latentpatch_hook_names")
-    if kept is None or kept[0] != len(registry):
-        kept = (len(registry), frozenset(model.hook_dict))
-        model.__dict__["_latentpatch_hook_names"] = kept
-    return set(kept[1])
+    """The model's hook names (on the Bridge kept between reads: `tl_bridge.hook_names`)."""
+    return tl_bridge.hook_names(model) if tl_bridge.is_bridge(model) else set(model.hook_dict)
 
 
 def hook_module(model: TLModel, hook_name: str) -> torch.nn.Module:
