@@ -183,3 +183,15 @@ def test_bound_prefix_experiments_equal_the_hooked_backend(hooked, bridge):
                          attribute_latents(m, sae, CLEAN[:, P:], CORRUPTED[:, P:], METRIC, method="atp", progress=False).metric)
     torch.testing.assert_close(out["bridge"][0], out["hooked"][0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out["bridge"][1], out["hooked"][1], atol=2e-5, rtol=1e-4)
+
+
+def test_mixed_circuits_are_refused_on_the_bridge_before_any_forward(bridge, monkeypatch):
+    """Mixed circuits (heads, latents and error nodes in one graph) are not yet checked against the
+    hooked backend on the Bridge: a typed refusal, not a KeyError or an unchecked result."""
+    from patching.model import tl_bridge
+    from tests.conftest import make_sae
+
+    sae = make_sae(bridge.cfg.d_model, 8, hook_name="blocks.1.hook_resid_pre", model_name=bridge.cfg.model_name)
+    monkeypatch.setattr(bridge, "forward", lambda *a, **k: pytest.fail("forward before the refusal"))
+    with pytest.raises(tl_bridge.BackendUnsupportedError, match="mixed circuits"):
+        find_circuit(bridge, CLEAN, CORRUPTED, METRIC, saes=[sae])

@@ -89,7 +89,6 @@ def faithfulness(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, ci
                  senders: Sequence[Node], receivers: Sequence[Receiver], ablation: str = "resample") -> Faithfulness:
     """Faithfulness of `circuit` and completeness (faithfulness of its complement in the graph of
     `senders` × `receivers`); see the module docstring."""
-    tl_compat.refuse_bridge(model, "faithfulness", "mlp_input")
     senders, receivers = check_graph(model, senders, receivers)
     graph = {(u, r) for u in senders for r in receivers if reaches(u, r, model)}
     values, m_clean, m_corrupted = edge_ablated_metrics(model, clean, corrupted, metric,
@@ -276,7 +275,6 @@ def find_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *,
         if senders is not None or receivers is not None:
             raise PatchingError("a circuit with saes= is a graph of nodes: give no senders= or receivers=")
         return find_mixed_circuit(model, clean, corrupted, metric, saes=saes, config=config, checks=checks)
-    tl_compat.require_key_value_prefix(model, "find_circuit (its exact path patching)")
     senders, receivers = check_graph(model, upstream_nodes(model) if senders is None else senders,
                                      receivers_of(model) if receivers is None else receivers)
     estimate = attribute_edges(model, clean, corrupted, metric, senders=senders, receivers=receivers,
