@@ -43,7 +43,7 @@ from patching.model import (
 from patching.splice import (
     Corpus, ErrorPatch, EvalConfig, Interventions, LatentEdit, LatentPatch, ProbeConfig, ProbeSplit, ProbingResult,
     SAEEvaluation, Sampling, SiteRecord, Splice, SpliceChecks, SpliceMetrics, Step, TaskScores, collect_probe_features,
-    evaluate_sae, generate, intervening, iter_site_latents, iter_site_values, resolve_saes, resolve_site,
+    evaluate_sae, evaluate_saes, generate, intervening, iter_site_latents, iter_site_values, resolve_saes, resolve_site,
     save_evaluation, sparse_probe, splice, splice_metrics,
 )
 from patching.sweep import (
@@ -55,10 +55,9 @@ from patching.attribution import (
     QKConfig, RestorationCurve, Verification, attribute_latents, attribute_qk, latent_restoration, raw_restoration, verify,
 )
 from patching.paths import (
-    CircuitConfig, CircuitResult, EdgeConfig, Faithfulness, LatentEdgeConfig, LatentGraph, LatentNode, Node, PathConfig,
-    PathResult, Receiver, attribute_edges, attribute_latent_edges, faithfulness, find_circuit, latent_faithfulness,
-    patch_paths,
-    receivers_of, upstream_nodes,
+    CircuitConfig, CircuitResult, EdgeConfig, Faithfulness, LatentEdgeConfig, LatentGraph, LatentNode, MixedCircuitResult,
+    Node, PathConfig, PathResult, Receiver, attribute_edges, attribute_latent_edges, faithfulness, find_circuit,
+    latent_faithfulness, mixed_faithfulness, mixed_nodes, patch_paths, receivers_of, upstream_nodes,
 )
 from patching.tracing import (
     Component, NoiseConfig, RepairResult, TraceResult, causal_trace, embedding_std, self_repair, subject_positions,
@@ -85,7 +84,7 @@ __all__ = [
     "Corpus", "DEFAULT_MODEL", "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "ErrorShare",
     "ErrorShareConfig", "EvalConfig", "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions",
     "KLFromClean", "LatentChoice", "LatentEdgeConfig", "LatentEdit", "LatentGraph", "LatentNode", "LatentPatch",
-    "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "ModelFlags", "ModelLoadError", "ModelOrigin",
+    "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "MixedCircuitResult", "ModelFlags", "ModelLoadError", "ModelOrigin",
     "NamedPair", "Neuron", "NeuronConfig", "NeuronDirection", "Node", "NoiseConfig", "PAIRS", "PairSetConfig",
     "PairSetShares", "PatchResult", "PatchUnit", "PatchingError", "PathConfig", "PathResult", "ProbeConfig",
     "ProbeSplit", "ProbingResult", "PromptPair", "QKConfig", "Receiver", "ReferenceRuns", "RefusalScore",
@@ -95,11 +94,11 @@ __all__ = [
     "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores", "UnitSet",
     "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latent_edges", "attribute_latents",
     "attribute_qk", "cache_root", "causal_trace", "collect_probe_features", "compare_steering", "contrast_latents",
-    "decompose", "embedding_std", "error_share", "evaluate_sae", "faithfulness", "find_circuit",
+    "decompose", "embedding_std", "error_share", "evaluate_sae", "evaluate_saes", "faithfulness", "find_circuit",
     "find_safety_latents", "generate", "generate_steered", "guided_generate", "inspect_latent", "inspect_latents",
     "inspect_units", "intervening", "is_refusal", "iter_site_latents", "iter_site_values", "latent_faithfulness", "latent_restoration",
     "latents_from_result", "library_version", "load_model", "load_model_for", "logit_effect", "make_pairs",
-    "model_flags", "named_pairs", "padded_tokens", "pair_set_error_share", "patch_heads", "patch_latents",
+    "mixed_faithfulness", "mixed_nodes", "model_flags", "named_pairs", "padded_tokens", "pair_set_error_share", "patch_heads", "patch_latents",
     "patch_paths", "patch_residual", "provenance", "raw_restoration", "readout", "receivers_of", "refusal_directions",
     "refusal_rate", "register_unit_kind", "resolve_saes", "resolve_site", "save_evaluation", "self_repair",
     "sparse_probe", "splice", "splice_metrics", "steer", "steering_vector", "subject_positions", "unit_kinds",
