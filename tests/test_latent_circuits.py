@@ -123,15 +123,10 @@ def planted():
     decoder rows are scaled down a thousandfold except latents 3 and 7 at the first site and 2 at the
     second: only those latents, and the error nodes that carry what the small rows leave out, move the
     metric more than noise."""
-    from patching.model import tl_compat
 
-    model = tl_compat.random_model(n_layers=3, d_vocab=50, n_ctx=32, attn_only=True, normalization_type=None,
-                                   d_mlp=None, seed=3).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.W_Q.zero_()
-            block.attn.b_Q.zero_()
-        model.unembed.W_U.mul_(30)
+    from tests.conftest import affine_attention_model
+
+    model = affine_attention_model(3)
     saes = {}
     for seed, (site, keep) in enumerate(zip(SITES, ({3, 7}, {2}))):
         sae = make_sae(model.cfg.d_model, 12, hook_name=site.hook_name, model_name=model.cfg.model_name, seed=seed)
