@@ -78,7 +78,7 @@ def run_pair(model, sae, name, ig_steps):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", help="SAE folder (default: seeded random TopK SAE, k=64, d_sae=4608)")
+    parser.add_argument("--sae", help="SAE folder or release id RELEASE/SAE_ID (default: seeded random TopK SAE, k=64, d_sae=4608)")
     parser.add_argument("--layer", type=int, default=15, help="resid_pre layer of the random SAE (default 15)")
     parser.add_argument("--ig-steps", type=int, default=8, help="integrated-gradients path points (default 8)")
     args = parser.parse_args()

@@ -1,16 +1,19 @@
 """Benchmark: are SAE latents cleaner than MLP neurons, and how many of each does a behaviour need?
 
-On the default model with an SAE at the MLP input (`resid_mid`) of a middle layer (`--sae`):
+On the default model with an SAE at a middle layer (`--sae`: a folder or a release id): at the MLP
+input (`blocks.L.hook_resid_mid`) the neurons compared are MLP L's, which read that site; at a block
+input (`blocks.L.hook_resid_pre`, release v2's sites) they are MLP L-1's, the last MLP that writes into it.
 
 1. Monosemanticity, one formula for both (`patching.inspect.neurons.token_concentration`, 1 - H/log N of
    the tokens at a unit's top N contexts over the scoring text): the median over the top-k
    neurons (`mlp_post`, ranked by their largest activation) against the top-k latents (same
    ranking), and over every unit with N positive contexts. For the top-k neurons also the
-   cluster score: the fraction of their top contexts that share one dominant SAE latent.
+   cluster score (where the SAE reads what the neurons read, `resid_mid`): the fraction of their top
+   contexts that share one dominant SAE latent.
 2. Paris/Rome: clean "The Eiffel Tower is located in the city of", corrupted "The Colosseum is
    located in the city of", metric LogitDiff(" Paris", " Rome"). Units ranked by AtP are
    patched jointly and exactly (denoising) at every position; the smallest n of (position, unit)
-   elements restoring 50% / 90% of the effect, for SAE latents, MLP neurons of the same layer
+   elements restoring 50% / 90% of the effect, for SAE latents, the compared MLP neurons
    and residual dimensions at the SAE's site (`patching.attribution.restoration`); also the latents patched
    together with the SAE's error node at every position (the error carries what the SAE misses).
 
@@ -18,6 +21,7 @@ The last line printed is one JSON object. With `--out DIR` it also writes the re
 and dashboards for the top-5 neurons and latents.
 
     python benchmarks/polysemanticity.py --sae runs/sae-l12-mid [--k 20] [--n-top 20] [--out DIR]
+    python benchmarks/polysemanticity.py --sae smollm2-135m-res-v2/blocks.15.hook_resid_pre
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from patching.attribution.restoration import RestorationCurve, latent_restoratio
 from patching.inspect.neuron_cards import NeuronConfig, inspect_units, unit_scores
 from patching.inspect.neurons import Neuron
 from patching.model import tl_compat
-from sae import load_sae
+from latentpatch.cli.common import resolve_sae
 from sae.metrics import median
 from sae.files import weights_sha256
 
@@ -49,6 +53,18 @@ def top_k_median(scores: torch.Tensor, ranking: torch.Tensor, k: int) -> tuple[f
     eligible = torch.nonzero(~scores.isnan()).flatten()
     chosen = eligible[torch.argsort(ranking[eligible], descending=True)[:k]].tolist()
     return (statistics.median(scores[chosen].tolist()) if chosen else None), chosen
+
+
+def neuron_layer_for(site: Site, mlp_input: str) -> int:
+    """The MLP whose neurons are compared with the SAE's latents: the one reading the site, or for a
+    block input the one writing into it last (then no cluster score: the SAE does not read what the
+    neurons read)."""
+    if site.kind == mlp_input:
+        return site.layer
+    if site.kind == "resid_pre" and site.layer >= 1:
+        return site.layer - 1
+    raise SystemExit(f"the SAE is at {site.hook_name}; compare neurons with an SAE at a block's {mlp_input} "
+                     "or at hook_resid_pre of a block after the first")
 
 
 def nanmedian(values: torch.Tensor) -> float | None:
@@ -87,7 +103,8 @@ def restoration(model, site, sae, layer):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", required=True, help="SAE folder trained at blocks.L.hook_resid_mid of the default model")
+    parser.add_argument("--sae", required=True, help="SAE folder or release id at blocks.L.hook_resid_mid or "
+                                                     "blocks.L.hook_resid_pre (L >= 1) of the default model")
     parser.add_argument("--k", type=int, default=20, help="top-k units compared (default 20)")
     parser.add_argument("--n-top", type=int, default=20, help="top contexts per unit scored (default 20)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the restoration plot and dashboards")
@@ -103,27 +120,30 @@ def main() -> None:
     start = time.perf_counter()
     model = load_model()
     model.eval()
-    sae = load_sae(args.sae)
+    sae = resolve_sae(args.sae)
     site = Site.from_hook_name(sae.cfg.hook_name).check(model)
-    if site.kind != tl_compat.mlp_input_kind(model):
-        raise SystemExit(f"the SAE is at {site.hook_name}; neurons of block {site.layer} read its {tl_compat.mlp_input_kind(model)}")
+    neuron_layer = neuron_layer_for(site, tl_compat.mlp_input_kind(model))
     if args.text == "real":
         texts = heldout_tokens(model, corpus="real", n_rows=args.rows)  # (rows, 128) token rows
         text_name = f"real corpora, held-out split, first {args.rows} rows of 128 tokens"
     else:
         texts = list(default_texts()())
         text_name = f"self-generated corpus, {len(texts)} texts"
-    scores = unit_scores(model, sae, site.layer, texts, k=args.n_top)
+    scores = unit_scores(model, sae, neuron_layer, texts, k=args.n_top)
     neuron_median, top_neurons = top_k_median(scores.neurons, scores.neuron_max, args.k)
     latent_median, top_latents = top_k_median(scores.latents, scores.latent_max, args.k)
-    reports = inspect_units(model, sae, [Neuron(site.layer, i) for i in top_neurons], texts, config=NeuronConfig(k=args.n_top))
+    # The cluster score decomposes a neuron's contexts by the latents of an SAE at the site the neuron
+    # reads; an SAE at a block input sits after the MLP, not before it, so there it is not computed.
+    reads_site = site.kind == tl_compat.mlp_input_kind(model)
+    reports = (inspect_units(model, sae, [Neuron(neuron_layer, i) for i in top_neurons], texts, config=NeuronConfig(k=args.n_top))
+               if reads_site else [])
     clusters = [r.cluster_score for r in reports if r.cluster_score is not None]
-    paris, curves, latent_scores = restoration(model, site, sae, site.layer)
+    paris, curves, latent_scores = restoration(model, site, sae, neuron_layer)
     if args.out is not None:
         write_figures(args.out, model, sae, site, texts, curves, reports[:5], top_latents[:5], text_name)
     result = {
         "benchmark": "polysemanticity", "model": DEFAULT_MODEL, "sae": str(args.sae), "sae_sha256": weights_sha256(sae),
-        "site": site.hook_name, "d_sae": sae.d_sae, "d_mlp": tl_compat.d_mlp(model), "corpus": text_name, "corpus_texts": len(texts),
+        "site": site.hook_name, "neurons": f"blocks.{neuron_layer}.mlp.hook_post", "d_sae": sae.d_sae, "d_mlp": tl_compat.d_mlp(model), "corpus": text_name, "corpus_texts": len(texts),
         "corpus_tokens": scores.n_tokens, "k": args.k, "n_top": args.n_top,
         "median_token_score_top_k_neurons": neuron_median, "median_token_score_top_k_latents": latent_median,
         "median_token_score_all_neurons": nanmedian(scores.neurons), "median_token_score_all_latents": nanmedian(scores.latents),

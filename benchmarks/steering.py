@@ -37,7 +37,7 @@ def timed_generate(model, n_tokens):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", help="SAE folder (default: seeded random SAE, d_sae 4608)")
+    parser.add_argument("--sae", help="SAE folder or release id RELEASE/SAE_ID (default: seeded random SAE, d_sae 4608)")
     parser.add_argument("--layer", type=int, default=15, help="resid_pre layer of the random SAE (default 15)")
     parser.add_argument("--k", type=int, default=8, help="latents steered (default 8)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per run (default 32)")
