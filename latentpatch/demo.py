@@ -1,8 +1,8 @@
 """`latentpatch demo`: the main job on the default model, end to end, into an HTML report.
 
-Uses the shipped release SAE at layer 15 (`smollm2-135m-res`, trained by this project on Brown,
-nlp-corpus and the generated chat corpus; `--train` trains one here instead, as does a layer no
-release covers), measures it spliced, runs a
+Uses the shipped release-v2 flagship SAE at layer 15 (`smollm2-135m-res-v2`: BatchTopK, 4608 latents,
+trained by this project on about a million tokens of real text; `--train` trains one here instead, as
+does a layer no release covers), measures it spliced, runs a
 denoising sweep on a factual pair, attribution checked against exact patching, Top-1 versus
 Top-K steering and a safety restoration curve, and writes `index.html` with its plots and
 `results.json` into the output folder.
@@ -22,7 +22,7 @@ from latentpatch.report import Section, write_report
 
 log = logging.getLogger(__name__)
 
-DEMO_RELEASE = "smollm2-135m-res"
+DEMO_RELEASE = "smollm2-135m-res-v2"
 DEMO_BATCH = 512
 ZERO_ALLOWED = ("layer", "demo_train_tokens")
 FACTUAL = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
@@ -68,7 +68,7 @@ class DemoConfig:
     """Seed of the SAE's initialisation and of the data order."""
     train: bool = False
     """Train the demo SAE here even where the package ships a release SAE at `layer` (`--train`);
-    by default the shipped `smollm2-135m-res` SAE is used and nothing trains on the critical path."""
+    by default the shipped `smollm2-135m-res-v2` SAE is used and nothing trains on the critical path."""
 
     def __post_init__(self) -> None:
         for name in ("layer", "d_sae", "train_tokens", "batch_size", "safety_pairs", "demo_train_tokens", "demo_train_steps"):

@@ -30,7 +30,7 @@ def one_thread():
 def test_small_demo_writes_a_report_that_renders(tmp_path, monkeypatch, capsys, one_thread):
     from latentpatch import demo
 
-    small = dict(layer=3, d_sae=576, train_tokens=20480, batch_size=512, safety_pairs=1, steering_k=(1, 2),
+    small = dict(layer=4, d_sae=576, train_tokens=20480, batch_size=512, safety_pairs=1, steering_k=(1, 2),
                  steering_coefficients=(4.0,), steering_tokens=3, suite_pairs=3,
                  demo_train_tokens=2048, demo_train_steps=8, sweep_positions=(4, 10))
     # The sweep at the subject's last token and the last position: every position costs ~3x the patches.

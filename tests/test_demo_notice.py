@@ -31,7 +31,7 @@ def no_model(monkeypatch, tmp_path):
     monkeypatch.setattr("patching.load_model", stop)
 
 
-@pytest.mark.parametrize("config, why", [(DemoConfig(layer=7), "no smollm2-135m-res SAE covers layer 7"),
+@pytest.mark.parametrize("config, why", [(DemoConfig(layer=7), "no smollm2-135m-res-v2 SAE covers layer 7"),
                                          (DemoConfig(train=True), "--train")])
 def test_training_is_announced_with_its_expected_time_before_any_work(no_model, caplog, config, why):
     with caplog.at_level(logging.INFO, logger="latentpatch"), pytest.raises(_NoModel):
