@@ -56,8 +56,9 @@ from patching.attribution import (
 )
 from patching.paths import (
     CircuitConfig, CircuitResult, EdgeConfig, Faithfulness, LatentEdgeConfig, LatentGraph, LatentNode, MixedCircuitResult,
-    Node, PathConfig, PathResult, Receiver, attribute_edges, attribute_latent_edges, faithfulness, find_circuit,
-    latent_faithfulness, mixed_faithfulness, mixed_nodes, patch_paths, receivers_of, upstream_nodes,
+    MixedEdges, Node, PathConfig, PathResult, Receiver, attribute_edges, attribute_latent_edges, attribute_mixed_edges,
+    faithfulness, find_circuit, latent_faithfulness, mixed_faithfulness, mixed_nodes, patch_paths, receivers_of,
+    upstream_nodes,
 )
 from patching.tracing import (
     Component, NoiseConfig, RepairResult, TraceResult, causal_trace, embedding_std, self_repair, subject_positions,
@@ -84,7 +85,7 @@ __all__ = [
     "Corpus", "DEFAULT_MODEL", "Decomposition", "DirectionReport", "EdgeConfig", "ErrorPatch", "ErrorShare",
     "ErrorShareConfig", "EvalConfig", "Faithfulness", "GuidedGeneration", "InspectConfig", "Interventions",
     "KLFromClean", "LatentChoice", "LatentEdgeConfig", "LatentEdit", "LatentGraph", "LatentNode", "LatentPatch",
-    "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "MixedCircuitResult", "ModelFlags", "ModelLoadError", "ModelOrigin",
+    "LatentReport", "LatentpatchError", "LogitDiff", "Metric", "MixedCircuitResult", "MixedEdges", "ModelFlags", "ModelLoadError", "ModelOrigin",
     "NamedPair", "Neuron", "NeuronConfig", "NeuronDirection", "Node", "NoiseConfig", "PAIRS", "PairSetConfig",
     "PairSetShares", "PatchResult", "PatchUnit", "PatchingError", "PathConfig", "PathResult", "ProbeConfig",
     "ProbeSplit", "ProbingResult", "PromptPair", "QKConfig", "Receiver", "ReferenceRuns", "RefusalScore",
@@ -92,7 +93,7 @@ __all__ = [
     "Site", "SiteError", "SiteRecord", "Splice", "SpliceChecks", "SpliceError", "SpliceMetrics", "SteeredGeneration",
     "Steering", "SteeringComparison", "SteeringConfig", "SteeringError", "Step", "TaskScores", "TokenLogProb",
     "TokenProb", "TopEntry", "TraceResult", "UnitCurve", "UnitPart", "UnitReport", "UnitScores", "UnitSet",
-    "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latent_edges", "attribute_latents",
+    "Verification", "as_metric", "as_site", "attribute_edges", "attribute_latent_edges", "attribute_latents", "attribute_mixed_edges",
     "attribute_qk", "cache_root", "causal_trace", "collect_probe_features", "compare_steering", "contrast_latents",
     "decompose", "embedding_std", "error_share", "evaluate_sae", "evaluate_saes", "faithfulness", "find_circuit",
     "find_safety_latents", "generate", "generate_steered", "guided_generate", "inspect_latent", "inspect_latents",

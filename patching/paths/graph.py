@@ -263,3 +263,30 @@ def _latent_parts(graph: Any, threshold: float, labels: dict[Any, str]) -> tuple
                   "activation": None, "influence": 0.0})
     edges = [{"source": u.label(), "target": "logits" if d is None else d.label(), "weight": w} for u, d, w in kept]
     return nodes, edges
+
+
+def mixed_document(result: Any, *, labels: dict[Any, str] | None = None) -> dict[str, Any]:
+    """The graph of a `MixedCircuitResult`: its kept heads, MLPs, latents and error nodes, the logit
+    node, and the edges between them (weights: their mean normalised noising effects); a latent's label
+    is `labels[node]` where given (its top activating tokens), else its own label."""
+    labels = labels or {}
+    n_layers = int(result.provenance.get("n_layers", 1 + max([n.layer for n in result.nodes] + [0])))
+    activation = result.activation
+    nodes = []
+    for j, node in enumerate(result.nodes):
+        value = None if activation is None or math.isnan(float(activation[j])) else float(activation[j])
+        is_latent = node.kind in ("latent", "error")
+        nodes.append({"id": node.label(), "kind": node.kind, "layer": _site_layer(node.site) if is_latent else node.layer,
+                      "position": node.pos if is_latent else None, "label": labels.get(node, node.label()),
+                      "activation": value, "influence": 0.0, "estimate": float(result.estimate[j]),
+                      "exact": None if result.exact is None else float(result.exact[j])}
+                     | ({"site": node.site.hook_name, "latent": node.latent} if is_latent else {}))
+    nodes.append({"id": "logits", "kind": "logit", "layer": n_layers, "position": None, "label": "metric",
+                  "activation": None, "influence": 0.0})
+    weights = result.edge_estimate if result.edge_estimate is not None else []
+    edges = [{"source": u.label(), "target": "logits" if d.kind == "logits" else d.label(), "weight": float(w)}
+             for (u, d), w in zip(result.edges, weights)]
+    f = result.faithfulness
+    scores = {"faithfulness": float(f.faithfulness.mean()), "completeness": float(f.completeness.mean()),
+              "ablation": f.ablation, "error_share": result.error_share}
+    return graph_document(nodes, edges, _metadata(result.provenance, scores))

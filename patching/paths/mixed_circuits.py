@@ -24,30 +24,31 @@ graphs; a `LatentNode` with a position may still be named in a circuit by hand.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from patching.attribution.estimators import frozen_parameters
 from patching.errors import PatchingError
 from patching.figures import subplots
 from patching.model import tl_compat
 from patching.model.sites import Site
-from patching.paths.mixed_ablation import EMBED, Row, ablated_metrics, run_values
-from patching.paths.nodes import LatentNode, Node, upstream_nodes
+from patching.paths.graph import mixed_document, plot_graph_document, write_graph_json
+from patching.paths.mixed_ablation import Row, ablated_metrics, run_values
+from patching.paths.mixed_edges import MixedEdges, edge_effects
+from patching.paths.mixed_estimates import node_estimates
+from patching.paths.nodes import LatentNode, Node, Receiver, upstream_nodes
 from patching.paths.results import ABLATIONS, CircuitCurve, Faithfulness, plot_circuit_curve
 from patching.paths.stream import StreamRun, stream_run
 from patching.saved import SavedResult
 from patching.splice.splicer import SpliceChecks
-from patching.sweep.engine import check_metric_finite, normalized_effect, readout_logits
+from patching.sweep.engine import normalized_effect
 from patching.sweep.objectives import Metric, as_metric
 from patching.sweep.pairs import Prompts, make_pairs
 from patching.sweep.patch import check_run_settings, provenance_record, run_lengths
 from patching.paths.latents import check_latent_sites
-
 
 @dataclass
 class MixedCircuitResult(SavedResult):
@@ -69,6 +70,23 @@ class MixedCircuitResult(SavedResult):
     """Model, SAEs, prompts, metric and the settings."""
     curve: CircuitCurve | None = None
     """Faithfulness and completeness of the top n nodes by |estimate|, when measured."""
+    edges: list[tuple[Node | LatentNode, Node | LatentNode | Receiver]] = field(default_factory=list)
+    """Edges between the kept nodes and from them into the logits (`Receiver("logits")`), as
+    `mixed_edges` computes them (Marks et al. 2024), in the order of `nodes`."""
+    edge_estimate: Tensor | None = None
+    """Normalised noising effect of each edge (mean over pairs), (edges,); None on results saved before edges."""
+    activation: Tensor | None = None
+    """Each kept node's value on the clean prompts (mean over pairs), (nodes,): a latent summed over
+    positions, an error node's norm summed over positions; NaN for heads and MLPs."""
+
+    def to_graph_json(self, path: str | Path, *, labels: dict[LatentNode, str] | None = None) -> Path:
+        """Write the circuit's nodes and edges in the `latentpatch.graph/1` schema (docs/guides/paths.md);
+        `labels` maps a latent to its label (`labels.latent_labels`: its top activating tokens)."""
+        return write_graph_json(mixed_document(self, labels=labels), path)
+
+    def plot_graph(self, path: str | Path, *, labels: dict[LatentNode, str] | None = None) -> Path:
+        """A PNG drawing of the circuit laid out by layer (`graph.plot_graph_document`)."""
+        return plot_graph_document(mixed_document(self, labels=labels), path)
 
     def to_dataframe(self) -> Any:
         import pandas as pd
@@ -175,80 +193,33 @@ def _scores(circuit: Tensor, complement: Tensor, empty: Tensor, m_clean: Tensor,
                         metric_clean=m_clean, metric_corrupted=m_corrupted, n_edges=n, ablation=ablation)
 
 
-def node_estimates(model: Any, resolved: dict[Site, Any], metric: Metric, runs: list[tuple[StreamRun, StreamRun]],
-                   method: str, steps: int) -> tuple[list[Any], Tensor]:
-    """Every head, MLP, every latent that moves between the runs of some pair and each
-    error node, with its attribution estimate in metric units, (pairs, nodes): `(n_corrupted − n_clean)
-    · ∂M/∂n` summed over positions, the gradient at the clean run (`eap`) or averaged along the
-    embedding path (`eap_ig`, `steps` midpoints)."""
-    values = [(run_values(model, resolved, c), run_values(model, resolved, s)) for c, s in runs]
-    moving = {site: torch.stack([(s[f"{site.hook_name}:z"] != c[f"{site.hook_name}:z"]).any(0) for c, s in values]).any(0)
-              for site in resolved}
-    nodes: list[Any] = list(upstream_nodes(model, embed=False))
-    for site in resolved:
-        nodes += [LatentNode(site, int(i)) for i in torch.nonzero(moving[site]).flatten().tolist()] + [LatentNode(site)]
-    raw = torch.zeros(len(runs), len(nodes))
-    for i, (clean_run, corrupted_run) in enumerate(runs):
-        grads = _gradients(model, resolved, metric, i, clean_run, corrupted_run, method, steps)
-        prod = {key: (values[i][1][key] - values[i][0][key]) * grads[key] for key in grads}
-        raw[i] = torch.stack([_node_sum(prod, node) for node in nodes])
-    return nodes, raw
-
-
-def _node_sum(prod: dict[str, Tensor], node: Node | LatentNode) -> Tensor:
-    """A node's share of the per-value products (keys as `run_values`), summed over positions."""
-    if isinstance(node, LatentNode):
-        key = f"{node.site.hook_name}:{'e' if node.latent is None else 'z'}"
-        part = prod[key] if node.latent is None else prod[key][:, node.latent]
-        return part.sum() if node.pos is None else part[node.pos].sum()
-    if node.kind == "head":
-        return prod[Site(node.layer, "z").hook_name][:, node.head].sum()
-    return prod[Site(node.layer, "mlp_out").hook_name].sum()
-
-
-def _gradients(model: Any, resolved: dict[Site, Any], metric: Metric, pair_index: int, clean_run: StreamRun,
-               corrupted_run: StreamRun, method: str, steps: int) -> dict[str, Tensor]:
-    """∂M/∂value for every node value (keys as `run_values`), through probes added on them, at the
-    clean run or averaged over `steps` points between the clean and corrupted embeddings (one row each)."""
-    start, end = clean_run.acts[EMBED], corrupted_run.acts[EMBED]
-    points = 1 if method == "eap" else steps
-    alphas = (torch.arange(points, dtype=start.dtype) + 0.5) / points if method == "eap_ig" else torch.zeros(1)
-    rows = start[None] + alphas[:, None, None] * (end - start)[None]  # (points, pos, d_model)
-    probes: dict[str, Tensor] = {}
-
-    def probe(key: str) -> Any:
-        def hook(x: Tensor) -> Tensor:
-            probes[key] = torch.zeros_like(x, requires_grad=True)
-            return x + probes[key]
-        return hook
-
-    keys = [key for key in run_values(model, {}, clean_run)]
-    hooks = [(key, probe(key)) for key in keys] + [(site.hook_name, _site_probe(site, sae, probes))
-                                                   for site, sae in resolved.items()]
-    with frozen_parameters(model), torch.enable_grad(), tl_compat.hooks(model, hooks):
-        final = tl_compat.run_blocks(model, rows, 0)
-        value = metric(readout_logits(model, final, metric.readout), torch.full((points,), pair_index))
-        check_metric_finite(value.detach().cpu(), ["gradient run"] * points, pair_index)
-        names = list(probes)
-        grads = torch.autograd.grad(value.sum(), [probes[n] for n in names], allow_unused=True)
-    return {n: (torch.zeros_like(probes[n]) if g is None else g).mean(0).detach() for n, g in zip(names, grads)}
-
-
-def _site_probe(site: Site, sae: Any, probes: dict[str, Tensor]) -> Any:
-    """Probes on a site's latents and error; the stream passes through unchanged (error-term mode)."""
-    def hook(x: Tensor) -> Tensor:
-        z = sae.encode(x)
-        probes[f"{site.hook_name}:z"] = dz = torch.zeros_like(z, requires_grad=True)
-        probes[f"{site.hook_name}:e"] = de = torch.zeros_like(x, requires_grad=True)
-        return x + sae.decode_delta(z + dz, z).to(x.dtype) + de
-    return hook
+def attribute_mixed_edges(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: Any, nodes: Iterable[Any], *,
+                method: str = "eap", steps: int = 8, batch_size: int = 64, checks: SpliceChecks | None = None) -> MixedEdges:
+    """The edges between `nodes` (heads, MLPs, SAE latents and error nodes) and from them into the logits,
+    with their normalised noising effects per pair: `Δu · ∂(g_d · d)/∂u` at the clean run, every node
+    between u and d frozen (Marks et al. 2024; `mixed_edges.py`). `method` `eap_ig` averages the
+    downstream gradients `g_d` along the embeddings' path (`steps` points); `batch_size` is the rows
+    of one batched vector–Jacobian product through an SAE's encoder."""
+    if method not in ("eap", "eap_ig"):
+        raise PatchingError(f"mixed edges take method 'eap' or 'eap_ig', got {method!r}")
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise PatchingError(f"{name} must be a positive int, got {value!r}")
+    nodes = list(nodes) if not isinstance(nodes, (str, Node, LatentNode)) else [nodes]
+    if not nodes:
+        raise PatchingError("nodes must name at least one Node or LatentNode")
+    resolved, metric, _, runs, m_clean, m_corrupted = _prepare(model, saes, clean, corrupted, metric, checks, "resample",
+                                                               nodes)
+    return edge_effects(model, resolved, metric, runs, list(dict.fromkeys(nodes)), m_clean, m_corrupted, method=method,
+                        steps=steps, batch_size=batch_size)
 
 
 def find_mixed_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: Any, *, saes: Any, config: Any,
                        checks: SpliceChecks | None = None) -> MixedCircuitResult:
     """Nodes whose noising effect clears `config.threshold` (at most `config.k`), ranked by attribution,
-    confirmed by exact patching of the candidates, scored for faithfulness and completeness (see the
-    module docstring). `config` is a `CircuitConfig`; `find_circuit(..., saes=...)` calls this."""
+    confirmed by exact patching of the candidates, scored for faithfulness and completeness, and the
+    edges between them (see the module docstring). `config` is a `CircuitConfig`; `find_circuit(...,
+    saes=...)` calls this."""
     if config.method not in ("eap", "eap_ig"):
         raise PatchingError(f"a mixed circuit ranks nodes by 'eap' (AtP) or 'eap_ig', got method={config.method!r}")
     resolved, metric, pairs, runs, m_clean, m_corrupted = _prepare(model, saes, clean, corrupted, metric, checks,
@@ -266,29 +237,55 @@ def find_mixed_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: A
     score = exact if exact is not None else estimate[candidates]
     ranked = torch.argsort(score.abs(), descending=True, stable=True).tolist()
     kept = [j for j in ranked if abs(float(score[j])) >= config.threshold][: config.k]
-    circuit = frozenset(nodes[candidates[j]] for j in kept)
-    counts = _curve_counts(len(nodes), config.curve_points)
-    tops = [frozenset(nodes[j] for j in order[:n]) for n in counts]
+    kept_nodes = [nodes[candidates[j]] for j in kept]
+    f, curve = _measure(model, resolved, metric, runs, frozenset(kept_nodes), [nodes[j] for j in order],
+                        estimate[order], config, m_clean, m_corrupted)
+    edges = edge_effects(model, resolved, metric, runs, kept_nodes, m_clean, m_corrupted,
+                         method="eap" if config.method == "atp*" else config.method, steps=config.steps)
+    extra = {"method": config.method, "steps": config.steps, "threshold": config.threshold, "k": config.k,
+             "confirm": config.confirm, "n_nodes_scored": len(nodes), "n_candidates": len(candidates),
+             "candidates_capped": cleared > n_candidates, "ablation": config.ablation, "graph": "mixed nodes",
+             "n_layers": tl_compat.n_layers(model), "checks": (checks or SpliceChecks()).to_dict()}
+    return MixedCircuitResult(nodes=kept_nodes, estimate=estimate[[candidates[j] for j in kept]],
+                              exact=None if exact is None else exact[kept], faithfulness=f,
+                              error_share=error_share(nodes, estimate), curve=curve, edges=edges.edges,
+                              edge_estimate=edges.effect.mean(0), activation=_activation(model, resolved, runs, kept_nodes),
+                              provenance=provenance_record(model, pairs, metric, "noise", extra, 0, saes=resolved))
+
+
+def _measure(model: Any, resolved: dict[Site, Any], metric: Metric, runs: list[tuple[StreamRun, StreamRun]],
+             circuit: frozenset, ranked: list[Any], ranked_estimate: Tensor, config: Any, m_clean: Tensor,
+             m_corrupted: Tensor) -> tuple[Faithfulness, CircuitCurve | None]:
+    """Faithfulness of `circuit`, and the curve of the top n of `ranked` nodes, in one batch of ablated runs."""
+    counts = _curve_counts(len(ranked), config.curve_points)
+    tops = [frozenset(ranked[:n]) for n in counts]
     rows: list[Row] = [(circuit, False), (circuit, True), *[(t, False) for t in tops], *[(t, True) for t in tops],
                        (frozenset(), False)]
     values = ablated_metrics(model, resolved, metric, runs, rows, config.ablation)
     empty = values[:, -1]
     f = _scores(values[:, 0], values[:, 1], empty, m_clean, m_corrupted, len(circuit), config.ablation)
-    curve = None
-    if counts:
-        span = (m_clean - empty)[:, None]
-        curve = CircuitCurve(threshold=torch.tensor([abs(float(estimate[order[n - 1]])) for n in counts]),
-                             n_edges=torch.tensor(counts),
-                             faithfulness=((values[:, 2:2 + len(counts)] - empty[:, None]) / span).mean(0),
-                             completeness=((values[:, 2 + len(counts):-1] - empty[:, None]) / span).mean(0))
-    extra = {"method": config.method, "steps": config.steps, "threshold": config.threshold, "k": config.k,
-             "confirm": config.confirm, "n_nodes_scored": len(nodes), "n_candidates": len(candidates),
-             "candidates_capped": cleared > n_candidates, "ablation": config.ablation, "graph": "mixed nodes",
-             "checks": (checks or SpliceChecks()).to_dict()}
-    return MixedCircuitResult(nodes=[nodes[candidates[j]] for j in kept], estimate=estimate[[candidates[j] for j in kept]],
-                              exact=None if exact is None else exact[kept], faithfulness=f,
-                              error_share=error_share(nodes, estimate), curve=curve,
-                              provenance=provenance_record(model, pairs, metric, "noise", extra, 0, saes=resolved))
+    if not counts:
+        return f, None
+    span = (m_clean - empty)[:, None]
+    return f, CircuitCurve(threshold=torch.tensor([abs(float(ranked_estimate[n - 1])) for n in counts]),
+                           n_edges=torch.tensor(counts),
+                           faithfulness=((values[:, 2:2 + len(counts)] - empty[:, None]) / span).mean(0),
+                           completeness=((values[:, 2 + len(counts):-1] - empty[:, None]) / span).mean(0))
+
+
+def _activation(model: Any, resolved: dict[Site, Any], runs: list[tuple[StreamRun, StreamRun]],
+                nodes: list[Any]) -> Tensor:
+    """Each node's value on the clean prompts, mean over pairs: a latent summed over positions (or at its
+    own), an error node's norm likewise; NaN for heads and MLPs, whose output has no one value."""
+    out = torch.full((len(runs), len(nodes)), float("nan"))
+    for i, (clean_run, _) in enumerate(runs):
+        values = run_values(model, resolved, clean_run)
+        for j, node in enumerate(nodes):
+            if isinstance(node, LatentNode):
+                key = f"{node.site.hook_name}:{'e' if node.latent is None else 'z'}"
+                per_pos = values[key].norm(dim=-1) if node.latent is None else values[key][:, node.latent]
+                out[i, j] = per_pos.sum() if node.pos is None else per_pos[node.pos]
+    return out.mean(0)
 
 
 def _curve_counts(n_nodes: int, points: int) -> list[int]:
