@@ -169,3 +169,40 @@ def test_model_left_as_found_after_a_failing_metric(model, saes, prompts):
         find_circuit(model, clean, corrupted, CallableMetric(failing, readout=-1), saes=saes, method="eap")
     assert len(calls) > 4  # it failed in the gradient pass, past the reference runs
     assert (snapshot(model), [p.requires_grad for p in model.parameters()]) == before
+
+
+def test_planted_circuit_edges_and_graph_json(planted, tmp_path):
+    """The kept nodes' edges are `attribute_mixed_edges` of those nodes; the graph JSON holds them in the
+    `latentpatch.graph/1` schema (checked by the head/MLP graph's own checker), latents labelled by
+    their top activating tokens; save/load keeps the edges."""
+    import json
+
+    from patching.paths import attribute_mixed_edges
+    from patching.paths.graph import check_graph_document
+    from patching.paths.labels import latent_labels
+
+    toy, saes = planted
+    site = next(iter(saes))
+    clean, corrupted = edited_pair(11, 2, 6, [(None, 1, 13), (None, 5, 7)])
+    found = find_circuit(toy, clean, corrupted, METRIC, saes=saes, threshold=0.02, method="eap", curve_points=0)
+    alone = attribute_mixed_edges(toy, saes, clean, corrupted, METRIC, found.nodes)
+    assert found.edges == alone.edges and len(found.edges) > 0
+    torch.testing.assert_close(found.edge_estimate, alone.effect.mean(0))
+    assert (Node("head", 0, 1), LatentNode(site, 2)) in found.edges  # L0H1 writes the stream the site encodes
+    corpus = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2))
+    labels = latent_labels(toy, saes, corpus, [n for n in found.nodes if isinstance(n, LatentNode)])
+    doc = json.loads(found.to_graph_json(tmp_path / "graph.json", labels=labels).read_text())
+    check_graph_document(doc)
+    kinds = {node["id"]: node["kind"] for node in doc["nodes"]}
+    assert kinds == {**{n.label(): n.kind for n in found.nodes}, "logits": "logit"}
+    by_id = {node["id"]: node for node in doc["nodes"]}
+    assert by_id[LatentNode(site, 2).label()]["label"] == labels[LatentNode(site, 2)] != LatentNode(site, 2).label()
+    assert by_id["L0H1"]["activation"] is None and by_id[LatentNode(site, 2).label()]["activation"] >= 0
+    assert by_id[LatentNode(site, 2).label()]["layer"] == 1 and by_id["L1H2"]["layer"] == 1
+    weights = {(e["source"], e["target"]): e["weight"] for e in doc["edges"]}
+    assert weights == pytest.approx({(u.label(), "logits" if d.kind == "logits" else d.label()): float(w)
+                                     for (u, d), w in zip(found.edges, found.edge_estimate)})
+    assert doc["metadata"]["scores"]["faithfulness"] == pytest.approx(float(found.faithfulness.faithfulness.mean()))
+    assert found.plot_graph(tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
+    loaded = MixedCircuitResult.load(found.save(tmp_path / "saved"))
+    assert loaded.edges == found.edges and torch.equal(loaded.edge_estimate, found.edge_estimate)

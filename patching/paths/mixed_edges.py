@@ -90,9 +90,10 @@ def edge_effects(model: Any, saes: dict[Site, Any], metric: Metric, runs: Sequen
     for i, (clean_run, corrupted_run) in enumerate(runs):
         grads = node_gradients(model, saes, metric, i, clean_run, corrupted_run, method, steps)
         codes = (encode_sites(saes, clean_run), encode_sites(saes, corrupted_run))
-        deltas = torch.stack([_delta(model, saes, codes, clean_run, corrupted_run, u) for u in up_index])  # (U, pos, d)
         reads = _reader_vectors(model, saes, metric, i, clean_run, grads, list(down_index), batch_size)  # (D, pos, d)
-        dots = torch.einsum("upd,vpd->uv", deltas.float(), reads.float())
+        with torch.no_grad():  # W_O is a parameter: a head's delta would otherwise carry a graph
+            deltas = torch.stack([_delta(model, saes, codes, clean_run, corrupted_run, u) for u in up_index])  # (U, pos, d)
+            dots = torch.einsum("upd,vpd->uv", deltas.float(), reads.float())
         raw[i] = torch.stack([dots[up_index[u], down_index[d]] for u, d in pairs])
     effect = normalized_effect(m_clean[:, None] + raw, m_clean, m_corrupted, "noise")
     return MixedEdges(edges=pairs, effect=effect)
