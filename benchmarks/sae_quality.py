@@ -13,7 +13,7 @@
 
 3. With `--architecture l1 topk batchtopk` (issue 26 §4), instead: for the flagship site, each
    architecture's held-out figures (CE loss recovered, KL, EV with and without massive tokens, L0,
-   dead fraction: `latentpatch.release.evaluate`, the registry's evaluator on its 160 rows), its
+   dead fraction: `latentpatch.release.evaluate`, the registry's evaluator on its 160 rows of `--corpus`), its
    error share on the Eiffel pair (`pair_set_error_share`) and its sparse-probing accuracies on
    Brown (`training.brown_probing`); and the trainer's tokens/s for TopK and BatchTopK against L1
    on the same activation batches in the same run (`train_throughput.objective_throughput`). The
@@ -181,7 +181,7 @@ def architecture_quality(model: Any, name: str, sae: Any, args: argparse.Namespa
     from training.activations.probing import brown_probing
 
     start = time.perf_counter()
-    (figures,) = evaluate([Path(name)], n_rows=args.rows, saes=[sae], model=model)
+    (figures,) = evaluate([Path(name)], n_rows=args.rows, corpus=args.corpus, saes=[sae], model=model)
     share = pair_set_error_share(model, sae, named_pairs(["factual"]))
     probing = brown_probing(model, sae, config=probing_config(args.probe_scale))
     return {**{k: figures[k] for k in HEADLINE}, "eiffel_error_share": {k: float(getattr(share, k)[0])
@@ -208,7 +208,7 @@ def compare_architectures(args: argparse.Namespace, work: Path) -> dict[str, Any
     folders = {arch: given.get(arch) or train_short(arch, args, work / arch) for arch in args.architecture}
     model = load_model(n_layers=args.n_layers)
     model.eval()
-    results: dict[str, Any] = {"site": site.hook_name, "rows": args.rows, "architectures": {}}
+    results: dict[str, Any] = {"site": site.hook_name, "rows": args.rows, "corpus": args.corpus, "architectures": {}}
     for arch, folder in folders.items():
         sae = load_sae(folder)
         if sae.cfg.hook_name != site.hook_name:
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     arch = parser.add_argument_group("architecture comparison (part 3)")
     arch.add_argument("--architecture", nargs="+", choices=ARCHITECTURES, default=None,
                       help="compare these architectures at --site instead of parts 1-2")
+    arch.add_argument("--corpus", default="real-no-mail", help="held-out split the figures are measured on (default "
+                                                               "real-no-mail: release v2's training mix)")
     arch.add_argument("--site", default="15", help="the flagship site (default 15: blocks.15.hook_resid_pre)")
     arch.add_argument("--sae", nargs="*", default=[], metavar="ARCH=FOLDER", help="trained SAEs per architecture")
     arch.add_argument("--activations", nargs="*", default=[], help="activation caches of the site: short training "

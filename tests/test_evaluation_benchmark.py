@@ -51,6 +51,7 @@ def test_architecture_comparison_runs_on_a_tiny_setting(default_model_4l, cache,
                 "--n-layers", "4", "--probe-scale", "small", "--work", str(tmp_path)])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["benchmark"] == "sae_quality_architectures" and last["site"] == "blocks.2.hook_resid_pre"
+    assert last["corpus"] == "real-no-mail"  # release v2's training mix, as the registry measures it
     assert set(last["architectures"]) == {"l1", "topk", "batchtopk"} and loads
     for arch, row in last["architectures"].items():
         assert row["trained_here"] and row["d_sae"] == 64
