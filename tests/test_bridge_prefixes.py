@@ -154,16 +154,49 @@ def test_runs_inside_a_bound_prefix_equal_the_whole_prompts(bridge):
         torch.testing.assert_close(bridge(CLEAN), whole_logits, atol=0, rtol=0)
 
 
-def test_generation_after_a_shared_prefix_is_refused_on_the_bridge(bridge):
-    """The Bridge's decoding loop runs uncached: after a `SharedPrefix` it would rerun (and
-    intervene on) the prefix at every step, so it is refused by type; the prefix itself is computed."""
-    from patching.model import tl_bridge
-    from patching.splice.generate import SharedPrefix, generate
+def _steered_generation(model, prefix=None, use_kv_cache=True):
+    """Four greedy tokens after CLEAN under a hook adding a vector at absolute position 5 of
+    `blocks.1.hook_resid_pre` (a fixed random vector); the tokens, each step's logits and the absolute positions the hook saw."""
+    from patching import Site
+    from patching.splice.generate import Interventions, generate
+
+    logits, seen = [], set()
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+
+    def steer(x, step):
+        seen.update(step.positions)
+        x = x.clone()
+        x[:, [i for i, p in enumerate(step.positions) if p == 5]] += vector
+        return x
+
+    with torch.no_grad():
+        tokens = generate(model, CLEAN, 4, use_kv_cache=use_kv_cache, prefix=prefix, observe=lambda s, out: logits.append(out),
+                          interventions=Interventions(hooks={Site(1): steer}))
+    return tokens, torch.stack(logits), seen
+
+
+def test_generation_after_a_shared_prefix_equals_the_whole_prompts(bridge):
+    """KV-cached decoding after a `SharedPrefix` on the Bridge (`tl_bridge_decode`): the prefix runs
+    once, is never intervened on (the hook sees no position before it), and the tokens and logits
+    equal the uncached loop over the whole prompt (1e-4) under the same steering."""
+    from patching.splice.generate import SharedPrefix
 
     prefix = SharedPrefix.of(bridge, CLEAN[0, :P])
     assert prefix.cache.length == P
-    with pytest.raises(tl_bridge.BackendUnsupportedError, match="generation after a shared prefix"):
-        generate(bridge, CLEAN, max_new_tokens=2, prefix=prefix)
+    cached, uncached = _steered_generation(bridge, prefix), _steered_generation(bridge, use_kv_cache=False)
+    assert min(cached[2]) == P and min(uncached[2]) == 0
+    assert torch.equal(cached[0], uncached[0])
+    torch.testing.assert_close(cached[1], uncached[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.hooked_only(reason=HOOKED)
+def test_cached_generation_after_a_prefix_equals_the_hooked_backend(hooked, bridge):
+    """The same steered generation after the same `SharedPrefix` on both backends (same weights)."""
+    from patching.splice.generate import SharedPrefix
+
+    ours, theirs = (_steered_generation(m, SharedPrefix.of(m, CLEAN[0, :P])) for m in (bridge, hooked))
+    assert torch.equal(ours[0], theirs[0]) and ours[2] == theirs[2]
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.hooked_only(reason=HOOKED)

@@ -104,14 +104,20 @@ def fact_tokens(model):
     return clean, corrupted, LogitDiff(answer, wrong), answer, wrong
 
 
+@pytest.fixture(scope="module")
+def bridge_4l():
+    """The default model cut to 4 layers on the Bridge (one load for this module's tests)."""
+    from patching import load_model
+
+    return load_model(n_layers=4, backend="bridge")
+
+
 @pytest.mark.default_model
-def test_default_model_residual_trace_on_the_bridge_matches_naive_hooks():
+def test_default_model_residual_trace_on_the_bridge_matches_naive_hooks(bridge_4l):
     """The default model cut to 4 layers, booted on the Bridge (in either suite): the engine's trace at
     two layers and three positions (the subject's, one after it, the last) against one run_with_hooks
     forward per (layer, position) (the Bridge's run_with_hooks costs seconds a call on a busy machine)."""
-    from patching import load_model
-
-    bridge = load_model(n_layers=4, backend="bridge")
+    bridge = bridge_4l
     clean, corrupted, metric, answer, wrong = fact_tokens(bridge)
     n = clean.shape[1]
     positions = [int(torch.nonzero(clean[0] != corrupted[0])[0]), n - 3, n - 1]
@@ -132,16 +138,40 @@ def test_default_model_residual_trace_on_the_bridge_matches_naive_hooks():
 
 @pytest.mark.default_model
 @pytest.mark.hooked_only(reason="compares against the hooked backend (HookedTransformer: TransformerLens 3.x)")
-def test_default_model_sweeps_agree_between_backends(default_model_4l):
+def test_default_model_sweeps_agree_between_backends(default_model_4l, bridge_4l):
     """The Eiffel residual trace and head-z sweep on both backends (4 layers, same weights)."""
-    from patching import load_model
-
-    bridge = load_model(n_layers=4, backend="bridge")
+    bridge = bridge_4l
     clean, corrupted, metric, _, _ = fact_tokens(bridge)
     for run in (lambda m: patch_residual(m, clean, corrupted, metric, progress=False),
                 lambda m: patch_heads(m, clean, corrupted, metric, kind="z", layers=[0, 3], progress=False)):
         ours, theirs = run(bridge), run(default_model_4l)
         torch.testing.assert_close(ours.metric, theirs.metric, atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.default_model
+@pytest.mark.hooked_only(reason="compares against the hooked backend (HookedTransformer: TransformerLens 3.x)")
+def test_default_model_cached_steered_generation_agrees_between_backends(default_model_4l, bridge_4l):
+    """KV-cached greedy generation (the Bridge's through `tl_bridge_decode`) under a steering hook on
+    `blocks.2.hook_resid_pre` at the prompt's last position, on both backends: the same tokens, and
+    every step's logits within 1e-4."""
+    from patching.splice.generate import Interventions, generate
+
+    clean, *_ = fact_tokens(bridge_4l)
+    last = clean.shape[1] - 1
+    vector = 4.0 * torch.randn(bridge_4l.cfg.d_model, generator=torch.Generator().manual_seed(0))
+
+    def steer(x, step):
+        return x + vector * torch.tensor([p == last for p in step.positions], dtype=x.dtype)[:, None]
+
+    out = {}
+    for name, model in (("bridge", bridge_4l), ("hooked", default_model_4l)):
+        logits = []
+        with torch.no_grad():
+            tokens = generate(model, clean, 6, interventions=Interventions(hooks={Site(2): steer}),
+                              observe=lambda step, x: logits.append(x))
+        out[name] = tokens, torch.stack(logits)
+    assert torch.equal(out["bridge"][0], out["hooked"][0])
+    torch.testing.assert_close(out["bridge"][1], out["hooked"][1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.default_model

@@ -115,9 +115,9 @@ def active_caches(model: Any) -> AttentionCaches | None:
 
 
 @contextlib.contextmanager
-def attention_caches(model: Any, caches: AttentionCaches) -> Iterator[AttentionCaches]:
-    """Hand `caches` to every block's attention as its `past_key_values`, for the block (nested
-    blocks: the innermost's)."""
+def attention_caches(model: Any, caches: Any) -> Iterator[Any]:
+    """Hand `caches` (an `AttentionCaches`, or a `transformers` cache while decoding) to every
+    block's attention as its `past_key_values`, for the block (nested blocks: the innermost's)."""
     stack = model.__dict__.setdefault(ACTIVE, [])
 
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -217,7 +217,7 @@ def run_layers(model: Any, joins: Sequence[tuple[int, Tensor]], past: BridgeKeys
         raise ValueError(f"joins must come in strictly increasing layer order, got layers {layers}")
     past = bound_keys_values(model) if past is None else past
     outer = active_caches(model)
-    caches = outer if outer is not None and outer.past is past else AttentionCaches(past)
+    caches = outer if isinstance(outer, AttentionCaches) and outer.past is past else AttentionCaches(past)
     start = 0 if past is None else past.length
     arguments = layer_arguments(model, start, start + joins[0][1].shape[1])
     pending = dict(joins)

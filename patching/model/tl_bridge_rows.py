@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from patching.model.hook_names import hook_name
-from patching.model.tl_bridge import BackendUnsupportedError, attach_forward_hook
+from patching.model.tl_bridge import BackendUnsupportedError, attach_forward_hook, hook_points
 from patching.model.tl_bridge_blocks import AttentionCaches, BridgeKeysValues, attention_caches, bound_keys_values, run_layers
 from patching.model.tl_readout import readout
 
@@ -31,11 +31,13 @@ class _Stop(Exception):
     """Raised by the capture hook on the last block's output: the unembedding is not needed."""
 
 
-def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace: Sequence[tuple[str, Any]] = (),
-                  attention_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace: Sequence[tuple[str, Any]] = (),
+                 attention_mask: Tensor | None = None,
+                 forward_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward of `tokens`, stopped after the last block: its output (the final residual stream,
     before the final norm), the activations at `hook_names`, with `replace` hooks (name, fn) put first
-    on their hook points. Every hook is removed however the run ends."""
+    on their hook points (`forward_kwargs`: more keywords for the Bridge's forward, e.g. a decoding
+    cache). Every hook is removed however the run ends."""
     last = hook_name(model.cfg.n_layers - 1, "resid_post")
     captured: dict[str, Tensor] = {}
 
@@ -48,12 +50,12 @@ def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace
         captured[last] = activation
         raise _Stop
 
-    points = model.hook_dict  # read once: the Bridge builds it anew on every read
+    points = hook_points(model)  # the Bridge builds its hook_dict anew on every read: kept
     handles = [attach_forward_hook(points[name], fn, prepend=True) for name, fn in replace]
     handles += [attach_forward_hook(points[name], keep(name)) for name in dict.fromkeys(hook_names) if name != last]
     handles.append(attach_forward_hook(points[last], stop))  # the last hook of the last hook point: every other one has fired
     try:
-        model(tokens) if attention_mask is None else model(tokens, attention_mask=attention_mask)
+        model(tokens, **({} if attention_mask is None else {"attention_mask": attention_mask}), **(forward_kwargs or {}))
     except _Stop:
         pass
     finally:
@@ -68,13 +70,13 @@ def _run_to_final(model: Any, tokens: Tensor, hook_names: Sequence[str], replace
 def run_until_end_with_cache(model: Any, tokens: Tensor, hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """The final residual stream (before the final norm) and the named activations; the Bridge's
     unembedding never runs (`stop_at_layer=n_layers` would return logits there instead)."""
-    return _run_to_final(model, tokens, hook_names)
+    return run_to_final(model, tokens, hook_names)
 
 
 def run_until_end_with_keys_values(model: Any, tokens: Tensor, hook_names: list[str]) -> tuple[Tensor, dict[str, Tensor], BridgeKeysValues]:
     """As `run_until_end_with_cache`, and the keys and values every layer's attention used."""
     with attention_caches(model, AttentionCaches(bound_keys_values(model))) as caches:  # after a bound prefix's
-        final, acts = _run_to_final(model, tokens, hook_names)
+        final, acts = run_to_final(model, tokens, hook_names)
     return final, acts, caches.keys_values(model.cfg.n_layers)
 
 
@@ -109,5 +111,5 @@ def forward_step(model: Any, tokens: Tensor, attention_mask: Tensor, *, last_onl
     the mask marking left padding (the Bridge derives position ids from it)."""
     if not last_only:
         return model(tokens, attention_mask=attention_mask)
-    final, _ = _run_to_final(model, tokens, [], attention_mask=attention_mask)
+    final, _ = run_to_final(model, tokens, [], attention_mask=attention_mask)
     return readout(model, final[:, -1:])

@@ -69,12 +69,12 @@ def model_name(model: TLModel) -> str:
 
 
 def hook_names(model: TLModel) -> set[str]:
-    """The model's hook names (on the Bridge kept between reads: `tl_bridge.hook_names`)."""
-    return tl_bridge.hook_names(model) if tl_bridge.is_bridge(model) else set(model.hook_dict)
+    """The model's hook names (on the Bridge kept between reads: `tl_bridge.hook_points`)."""
+    return set(tl_bridge.hook_points(model))
 
 
 def hook_module(model: TLModel, hook_name: str) -> torch.nn.Module:
-    return model.hook_dict[hook_name]
+    return tl_bridge.hook_points(model)[hook_name]
 
 
 def attach_hook(model: TLModel, hook_name: str, fn: HookFn, *, prepend: bool = False) -> RemovableHandle:
@@ -95,7 +95,7 @@ def hooks(model: TLModel, pairs: Sequence[tuple[str, HookFn]], *, prepend: bool 
     """Forward hooks `(hook_name, fn)` attached for the block (see `attach_hook`) and removed when
     it is left, however it is left: the one place that holds R5 for every caller. Every name is
     checked before the first hook is attached."""
-    points = model.hook_dict  # read once: the Bridge builds it anew on every read (6 ms on the default model)
+    points = tl_bridge.hook_points(model)  # the Bridge builds its hook_dict anew on every read: kept
     unknown = [name for name, _ in pairs if name not in points]
     if unknown:
         raise KeyError(f"no hook point named {unknown} in the model")

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from patching.model.tl_bridge import TLModel
 
 from patching.errors import PatchingError
-from patching.model import tl_bridge, tl_bridge_prefix, tl_bridge_rows
+from patching.model import tl_bridge, tl_bridge_blocks, tl_bridge_decode, tl_bridge_prefix, tl_bridge_rows
 from patching.model.checks import check_context
 from patching.model.tl_readout import readout
 
@@ -201,10 +201,13 @@ def attach_block_pre_hook(model: TLModel, layer: int, fn: Callable[[int, int], N
     `generate` (which calls `forward` directly), so the hook fires on every path.
     """
 
+    bridge = tl_bridge.is_bridge(model)
+
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         entry = kwargs.get("past_kv_cache_entry")
-        past = 0 if entry is None else int(entry.past_keys.shape[1])
-        fn(int(args[0].shape[1]), past)
+        past = tl_bridge_decode.decoding_past(model) if bridge else 0 if entry is None else int(entry.past_keys.shape[1])
+        residual = args[0] if args else kwargs["hidden_states"]
+        fn(int(residual.shape[1]), past)
 
     return model.blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
 
@@ -251,10 +254,12 @@ def new_kv_cache(model: TLModel, rows: int, prefix: Any = None) -> Any:
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    if tl_bridge.is_bridge(model):  # the Bridge's decoding runs uncached (slower, same tokens)
-        if prefix is not None:  # uncached, the shared prefix would be rerun (and intervened on) at every step
-            tl_bridge.refuse_bridge(model, "generation after a shared prefix's keys and values", "past_kv_cache")
-        return None
+    if tl_bridge.is_bridge(model):  # a transformers cache carried through the Bridge's blocks
+        if tl_bridge_blocks.bound_keys_values(model) is not None:
+            if prefix is not None:  # uncached, the shared prefix would be rerun (and intervened on) at every step
+                tl_bridge.refuse_bridge(model, "generation after a shared prefix inside a bound prefix", "past_kv_cache")
+            return None  # inside bound_prefix the Bridge decodes uncached (every step reruns the positions after it)
+        return tl_bridge_decode.new_decoding_cache(model, rows, prefix)
     if prefix is None:
         return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=rows)
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(rows, -1, -1, -1).clone(),
@@ -265,7 +270,7 @@ def new_kv_cache(model: TLModel, rows: int, prefix: Any = None) -> Any:
 
 def cache_length(cache: Any) -> int:
     """Positions a key-value cache holds."""
-    if tl_bridge_rows.is_bridge_keys_values(cache):
+    if tl_bridge_rows.is_bridge_keys_values(cache) or isinstance(cache, tl_bridge_decode.BridgeDecodingCache):
         return cache.length
     return int(cache.previous_attention_mask.shape[1])
 
@@ -275,11 +280,11 @@ def forward_step(model: TLModel, tokens: Tensor, attention_mask: Tensor, cache: 
     """Logits of `tokens` (the positions after what `cache` holds, or a whole sequence without a
     cache); `attention_mask` covers exactly `tokens` (0 marks left padding). `last_only`: only the
     last position's, `(batch, 1, vocab)`, so that a prompt pass does not unembed every position
-    (the unembedding is a fifth of the default model's multiply-adds per token). On the Bridge only
-    without a cache (`new_kv_cache` gives it none)."""
+    (the unembedding is a fifth of the default model's multiply-adds per token). On the Bridge the
+    cache is `new_kv_cache`'s `BridgeDecodingCache` (`tl_bridge_decode`)."""
     if tl_bridge.is_bridge(model):
         if cache is not None:
-            tl_bridge.require_hooked(model, "past_kv_cache")
+            return tl_bridge_decode.forward_step(model, tokens, attention_mask, cache, last_only=last_only)
         return tl_bridge_rows.forward_step(model, tokens, attention_mask, last_only=last_only)
     if not last_only:
         return model(tokens, return_type="logits", attention_mask=attention_mask, past_kv_cache=cache)
