@@ -110,8 +110,6 @@ MISSING = {
                      "positions after the bound prefix), so a SharedPrefix there would be rerun and intervened on",
     "attention_internals": "TransformerBridge's attention wraps Hugging Face's and lacks HookedTransformer's "
                            "attn_scale and per-head weights, which the QK fix recomputes the softmax with",
-    "mixed_graph": "mixed circuits (heads, MLPs, SAE latents and error nodes in one graph) are not yet checked "
-                   "against the hooked backend there",
 }
 """What some steps need and the Bridge lacks; the functions that need them refuse a Bridge model.
 (Rows joining at a layer after a prefix's keys and values, the sweep engine's shortcuts, are built

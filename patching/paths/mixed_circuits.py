@@ -133,7 +133,6 @@ def _prepare(model: Any, saes: Any, clean: Prompts, corrupted: Prompts, metric: 
     """Checked SAEs, metric, pairs (base = clean) and `circuit`, then each pair's clean and corrupted runs."""
     if ablation not in ABLATIONS:
         raise PatchingError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    tl_compat.refuse_bridge(model, "mixed circuits", "mixed_graph")
     metric = as_metric(metric)
     if metric.readout is None:
         raise PatchingError("mixed circuits need a metric that reads one position (e.g. LogitDiff(position=-1))")
