@@ -19,6 +19,11 @@ Hanna et al. 2024's "inputs" form), confirms the top candidates by exact patchin
 that node alone set to its corrupted value: one batch row each), keeps those whose |effect| clears the
 threshold, and scores the kept set. Nodes are summed over positions, as Marks et al.'s aggregated
 graphs; a `LatentNode` with a position may still be named in a circuit by hand.
+
+The kept nodes' edges — between them and into the logits — come with the result
+(`attribute_mixed_edges`, `mixed_edges.py`: Marks et al.'s `Δu · ∂(g_d · d)/∂u` with every node
+between frozen), and `to_graph_json` writes nodes and edges in the `latentpatch.graph/1` schema.
+With `method="atp*"` the nodes are ranked by AtP* instead (`mixed_qk.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from patching.paths.graph import mixed_document, plot_graph_document, write_grap
 from patching.paths.mixed_ablation import Row, ablated_metrics, run_values
 from patching.paths.mixed_edges import MixedEdges, edge_effects
 from patching.paths.mixed_estimates import node_estimates
+from patching.paths.mixed_qk import atp_star_node_scores
 from patching.paths.nodes import LatentNode, Node, Receiver, upstream_nodes
 from patching.paths.results import ABLATIONS, CircuitCurve, Faithfulness, plot_circuit_curve
 from patching.paths.stream import StreamRun, stream_run
@@ -219,12 +225,16 @@ def find_mixed_circuit(model: Any, clean: Prompts, corrupted: Prompts, metric: A
     confirmed by exact patching of the candidates, scored for faithfulness and completeness, and the
     edges between them (see the module docstring). `config` is a `CircuitConfig`; `find_circuit(...,
     saes=...)` calls this."""
-    if config.method not in ("eap", "eap_ig"):
-        raise PatchingError(f"a mixed circuit ranks nodes by 'eap' (AtP) or 'eap_ig', got method={config.method!r}")
+    if config.method not in ("eap", "eap_ig", "atp*"):
+        raise PatchingError(f"a mixed circuit ranks nodes by 'eap' (AtP), 'eap_ig' or 'atp*', got method={config.method!r}")
     resolved, metric, pairs, runs, m_clean, m_corrupted = _prepare(model, saes, clean, corrupted, metric, checks,
                                                                    config.ablation)
-    nodes, raw = node_estimates(model, resolved, metric, runs, config.method, config.steps)
-    estimate = normalized_effect(m_clean[:, None] + raw, m_clean, m_corrupted, "noise").mean(0)
+    if config.method == "atp*":  # unsigned: |normalised effect| per pair (mixed_qk.py)
+        nodes, scores = atp_star_node_scores(model, resolved, metric, pairs, runs, m_clean, m_corrupted)
+        estimate = scores.mean(0)
+    else:
+        nodes, raw = node_estimates(model, resolved, metric, runs, config.method, config.steps)
+        estimate = normalized_effect(m_clean[:, None] + raw, m_clean, m_corrupted, "noise").mean(0)
     order = torch.argsort(estimate.abs(), descending=True, stable=True).tolist()
     cleared = int((estimate.abs() >= config.threshold / 2).sum())
     n_candidates = min(cleared, config.max_candidates, 4 * config.k if config.k is not None else cleared)

@@ -92,14 +92,14 @@ def edge_effects(model: Any, saes: dict[Site, Any], metric: Metric, runs: Sequen
         codes = (encode_sites(saes, clean_run), encode_sites(saes, corrupted_run))
         reads = _reader_vectors(model, saes, metric, i, clean_run, grads, list(down_index), batch_size)  # (D, pos, d)
         with torch.no_grad():  # W_O is a parameter: a head's delta would otherwise carry a graph
-            deltas = torch.stack([_delta(model, saes, codes, clean_run, corrupted_run, u) for u in up_index])  # (U, pos, d)
+            deltas = torch.stack([term_delta(model, saes, codes, clean_run, corrupted_run, u) for u in up_index])  # (U, pos, d)
             dots = torch.einsum("upd,vpd->uv", deltas.float(), reads.float())
         raw[i] = torch.stack([dots[up_index[u], down_index[d]] for u, d in pairs])
     effect = normalized_effect(m_clean[:, None] + raw, m_clean, m_corrupted, "noise")
     return MixedEdges(edges=pairs, effect=effect)
 
 
-def _delta(model: Any, saes: dict[Site, Any], codes: tuple[Any, Any], clean: StreamRun, corrupted: StreamRun,
+def term_delta(model: Any, saes: dict[Site, Any], codes: tuple[Any, Any], clean: StreamRun, corrupted: StreamRun,
            node: Upstream) -> Tensor:
     """Corrupted minus clean of the term `node` writes to the stream, (pos, d_model)."""
     if isinstance(node, LatentNode):
