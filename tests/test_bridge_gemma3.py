@@ -1,7 +1,8 @@
 """Gemma 3 270M (the offline folder `load_model` converts from the gemma3 extra) on both backends,
 cut to 4 layers: the logits agree within 1e-4, and a residual trace (the sweep engine's rows joining
 at their layer after the base run's keys and values, on the Bridge through `tl_bridge_blocks`, its
-local and global rotary bases and sliding-window masks included) agrees within 1e-4.
+local and global rotary bases and sliding-window masks included), a head-z sweep and a latent sweep
+agree within 1e-4.
 Slow (two real models); `make test` runs it where the extra is installed."""
 
 from __future__ import annotations
@@ -39,3 +40,23 @@ def test_gemma3_logits_and_a_trace_agree_between_backends(gemma):
     ours, theirs = (patch_residual(m, clean, corrupted, metric, layers=[0, 2, 3], progress=False) for m in (bridge, hooked))
     torch.testing.assert_close(ours.metric, theirs.metric, atol=1e-4, rtol=0)
     assert ours.metric.max() - ours.metric.min() > 0.03  # measured 0.062: the patches moved the metric
+
+
+def test_gemma3_head_and_latent_sweeps_agree_between_backends(gemma):
+    """A head-z sweep (every head of layers 1 and 3: its query heads over GQA key/value heads, local and
+    global attention) and a latent sweep (a seeded random SAE at `blocks.2.hook_resid_pre`, every
+    differing latent at each position) agree between the backends within 1e-4."""
+    from patching import patch_heads, patch_latents
+    from tests.conftest import make_sae
+
+    hooked, bridge = gemma["hooked"], gemma["bridge"]
+    clean, corrupted = hooked.to_tokens(CLEAN), hooked.to_tokens(CORRUPTED)
+    metric = LogitDiff(hooked.to_single_token(" Mary"), hooked.to_single_token(" John"))
+    ours, theirs = (patch_heads(m, clean, corrupted, metric, kind="z", layers=[1, 3], progress=False) for m in (bridge, hooked))
+    assert ours.metric.shape == (1, 2 * hooked.cfg.n_heads)
+    torch.testing.assert_close(ours.metric, theirs.metric, atol=1e-4, rtol=0)
+    assert ours.metric.max() - ours.metric.min() > 0.01  # the heads moved the metric
+    sae = make_sae(hooked.cfg.d_model, 256, hook_name="blocks.2.hook_resid_pre", model_name=hooked.cfg.model_name, seed=3)
+    ours, theirs = (patch_latents(m, sae, clean, corrupted, metric, units="position", progress=False) for m in (bridge, hooked))
+    assert [u.label() for u in ours.units] == [u.label() for u in theirs.units] and len(ours.units) > 0
+    torch.testing.assert_close(ours.metric, theirs.metric, atol=1e-4, rtol=0)
