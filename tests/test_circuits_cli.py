@@ -128,6 +128,37 @@ def test_mixed_circuit_equals_the_api(stubbed, sae_folders, capsys):
     assert out["mixed_circuit"]["error_share"] == pytest.approx(expected.error_share, abs=1e-6)
     assert out["faithfulness"] == pytest.approx(float(expected.faithfulness.faithfulness.mean()), abs=1e-5)
     assert out["edges"] == [] and out["latent_graph"] is not None and out["mixed_circuit"]["nodes"]
+    got = [(e["upstream"], e["downstream"], e["estimate"]) for e in out["mixed_circuit"]["edges"]]
+    assert got == [(u.label(), d.label(), pytest.approx(float(w), abs=1e-6))
+                   for (u, d), w in zip(expected.edges, expected.edge_estimate)] and got
+
+
+def test_mixed_atp_star_and_its_graph_json_equal_the_api(stubbed, sae_folders, capsys, tmp_path, monkeypatch):
+    import torch
+
+    import training.data.heldout as heldout
+    from patching.paths import find_circuit
+    from patching.paths.labels import latent_labels
+
+    rows = torch.randint(3, 50, (4, 10), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(heldout, "heldout_tokens", lambda model, **kw: rows)
+    folders, saes = sae_folders
+    path = tmp_path / "mixed.json"
+    out = run(capsys, "circuit", *PAIR, "--sae", folders[0], "--sae", folders[1], "--mixed", "--method", "atp*",
+              "--threshold", "0.05", "--latent-k", "2", "--graph-json", str(path), "--label-rows", "4")
+    metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
+    expected = find_circuit(stubbed, PAIR[1], PAIR[3], metric, saes=saes, threshold=0.05, method="atp*")
+    assert [n["node"] for n in out["mixed_circuit"]["nodes"]] == [n.label() for n in expected.nodes]
+    assert out["graph_json"] == str(path)
+    latents = [n for n in expected.nodes if getattr(n, "latent", None) is not None]
+    labels = latent_labels(stubbed, saes, rows, latents) if latents else None
+    with open(path) as handle:
+        doc = json.load(handle)
+    want = json.loads(expected.to_graph_json(tmp_path / "want.json", labels=labels).read_text())
+    assert [n["id"] for n in doc["nodes"]] == [n["id"] for n in want["nodes"]]
+    assert [n["label"] for n in doc["nodes"]] == [n["label"] for n in want["nodes"]]
+    assert [(e["source"], e["target"]) for e in doc["edges"]] == [(e["source"], e["target"]) for e in want["edges"]]
+    assert doc["metadata"]["method"] == "atp*" and any(n["kind"] == "latent" and n["label"] != n["id"] for n in doc["nodes"])
 
 
 def test_atp_star_circuit_equals_the_api(stubbed, capsys):

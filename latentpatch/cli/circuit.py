@@ -10,8 +10,10 @@ latent and error node at the SAEs' sites, the edges between consecutive sites in
 strongest nodes, and circuit-tracer's replacement and completeness scores. `--graph-json` writes the latent
 graph (with `--sae`) or the head circuit as `latentpatch.graph/1` JSON (docs/guides/paths.md). With `--sae`
 and `--mixed` the circuit itself is one of nodes (`find_circuit(saes=...)`): heads, MLPs and every latent
-and error node at the SAEs' sites, ranked by attribution, confirmed by exact patching. `--method
-atp*` scores edges into queries and keys by AtP*'s QK fix with GradDrop.
+and error node at the SAEs' sites, ranked by attribution, confirmed by exact patching, with the edges
+between the kept nodes (Marks et al.); `--graph-json` then writes that circuit's graph. `--method
+atp*` scores edges into queries and keys by AtP*'s QK fix with GradDrop (with `--mixed`: every node,
+its share through the queries and keys of the heads reading it QK-fixed).
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ JSON_OUTPUT = {
     "saved_to": "the result folder (--out), or null",
     "latent_graph": "with --sae: sites, node and edge counts, replacement and completeness scores and the top "
                     "edges (upstream, downstream, mean normalised noising effect); null without --sae",
-    "graph_json": "the graph JSON written (--graph-json), or null",
-    "mixed_circuit": "with --mixed: the kept nodes (node, kind, estimate, exact) and the error nodes' share of the SAE "
-                     "nodes' estimated effect (faithfulness and completeness above are then the node circuit's; edges "
-                     "is empty); null without --mixed",
+    "graph_json": "the graph JSON written (--graph-json: the mixed circuit's with --mixed, else the latent graph's with "
+                  "--sae, else the circuit's), or null",
+    "mixed_circuit": "with --mixed: the kept nodes (node, kind, estimate, exact), the edges between them and into the "
+                     "logits (upstream, downstream, estimate: mean normalised noising effect) and the error nodes' share "
+                     "of the SAE nodes' estimated effect (faithfulness and completeness above are then the node "
+                     "circuit's; edges is empty); null without --mixed",
 }
 """The top-level keys of `--json`, documented on the docs' CLI page; a test holds the output to them."""
 
@@ -87,8 +91,8 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
             raise PatchingError(f"{option} must be a finite number >= 0, got {value}")
     if args.direction != "denoise":
         raise PatchingError("circuit measures noising effects itself; leave --direction at its default")
-    if args.mixed and (not args.sae or args.method == "atp*" or args.layers):
-        raise PatchingError("--mixed needs --sae, ranks nodes by eap or eap_ig, and takes every layer (no --layers)")
+    if args.mixed and (not args.sae or args.layers):
+        raise PatchingError("--mixed needs --sae and takes every layer (no --layers)")
     check_out(args)
     if args.graph_json is not None:  # written last: checked before the model loads and the search runs
         from training.paths import check_output_file
@@ -110,7 +114,11 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
         result.plot(args.out / "circuit.png")
     latent = (attribute_latent_edges(model, saes, args.clean, args.corrupted, metric, k=args.latent_k, direction="noise",
                                      progress=False) if saes else None)
-    if args.graph_json is not None and latent is not None:
+    if args.graph_json is not None and args.mixed:
+        nodes = [n for n in result.nodes if getattr(n, "latent", None) is not None]
+        labels = None if label_rows is None or not nodes else _latent_labels(model, saes, label_rows, nodes)
+        result.to_graph_json(args.graph_json, labels=labels)
+    elif args.graph_json is not None and latent is not None:
         labels = None if label_rows is None else _labels(model, saes, latent, label_rows, args.graph_threshold)
         latent.to_graph_json(args.graph_json, threshold=args.graph_threshold, labels=labels)
     elif args.graph_json is not None:
@@ -129,6 +137,8 @@ def run_circuit(args: argparse.Namespace) -> dict[str, Any]:
 def _mixed_summary(result: Any) -> dict[str, Any]:
     return {"nodes": [{"node": n.label(), "kind": n.kind, "estimate": float(result.estimate[i]),
                        "exact": None if result.exact is None else float(result.exact[i])} for i, n in enumerate(result.nodes)],
+            "edges": [{"upstream": u.label(), "downstream": d.label(), "estimate": float(w)}
+                      for (u, d), w in zip(result.edges, [] if result.edge_estimate is None else result.edge_estimate)],
             "error_share": result.error_share}
 
 
@@ -143,12 +153,16 @@ def _label_rows(args: argparse.Namespace, model: Any) -> Any:
 
 def _labels(model: Any, saes: list[Any], graph: Any, rows: Any, threshold: float) -> dict[Any, str]:
     """Top-activating-token labels of the latents the written graph keeps."""
-    from patching.paths.labels import latent_labels
-
     mean = graph.edge_effect.mean(0)
     kept = {graph.nodes[i] for e, (u, d) in enumerate(graph.edges) if abs(float(mean[e])) >= threshold for i in (u, d)}
     kept |= graph.circuit(threshold)
-    return latent_labels(model, saes, rows, sorted(kept, key=lambda n: n.label()))
+    return _latent_labels(model, saes, rows, sorted(kept, key=lambda n: n.label()))
+
+
+def _latent_labels(model: Any, saes: list[Any], rows: Any, nodes: list[Any]) -> dict[Any, str]:
+    from patching.paths.labels import latent_labels
+
+    return latent_labels(model, saes, rows, nodes)
 
 
 def _latent_summary(graph: Any) -> dict[str, Any]:
@@ -161,12 +175,17 @@ def _latent_summary(graph: Any) -> dict[str, Any]:
 def describe_circuit(result: dict[str, Any]) -> str:
     if result["mixed_circuit"] is not None:
         m = result["mixed_circuit"]
-        lines = [f"A circuit of {len(m['nodes'])} nodes: faithfulness {result['faithfulness']:.3f}, completeness "
+        lines = [f"A circuit of {len(m['nodes'])} nodes and {len(m['edges'])} edges: faithfulness {result['faithfulness']:.3f}, completeness "
                  f"{result['completeness']:.3f} ({result['ablation']} ablation); error nodes carry {m['error_share']:.2f} "
                  "of the SAE nodes' estimated effect.", ""]
         lines.append(table([("node", "kind", "estimate", "exact")] + [
             (n["node"], n["kind"], f"{n['estimate']:+.3f}", "-" if n["exact"] is None else f"{n['exact']:+.3f}")
             for n in m["nodes"]]))
+        if m["edges"]:
+            top = sorted(m["edges"], key=lambda e: -abs(e["estimate"]))[:10]
+            lines += ["", f"Strongest of its {len(m['edges'])} edges:", ""]
+            lines.append(table([("upstream", "downstream", "estimate")]
+                               + [(e["upstream"], e["downstream"], f"{e['estimate']:+.3f}") for e in top]))
         return "\n".join(lines + _tail(result))
     lines = [f"A circuit of {len(result['edges'])} edges: faithfulness {result['faithfulness']:.3f}, completeness "
              f"{result['completeness']:.3f} (missing edges: {result['ablation']} ablation).", ""]
