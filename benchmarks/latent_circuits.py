@@ -8,8 +8,10 @@ Eiffel Tower → Colosseum pair (Paris vs Rome), with every SAE of `--release` (
   error share and circuit-tracer's replacement and completeness scores;
 - the latent circuit's faithfulness and completeness curves (`latent_faithfulness`, `--ablation`) for
   the top n nodes by |IG effect|, n spaced geometrically up to every node;
-- the mixed circuit (`find_circuit(saes=...)`: the embedding, heads, MLPs, latents and error nodes):
-  its nodes, faithfulness, completeness, the error nodes' share and its threshold curve;
+- the mixed circuit (`find_circuit(saes=...)`: heads, MLPs, latents and error nodes; the embedding is the
+  input): its nodes, faithfulness, completeness, the error nodes' share and its threshold curve, and its
+  edges (`MixedCircuitResult.edges`, Marks et al.'s): how many, the share of their Σ|weight| on edges with
+  an error node at either end, and the strongest;
 - the top latents, labelled by their top activating tokens over `--label-rows` held-out rows (0: none);
 - exact path patching with latents (`patch_paths(saes=...)`, by edge, noising) from the first site's
   `--path-senders` strongest nodes to the last site's `--path-receivers` strongest nodes and the logits,
@@ -19,6 +21,7 @@ Figures are measured here, on this machine; the last line printed is one JSON ob
 
     python benchmarks/latent_circuits.py                                  # release v2 (when shipped)
     python benchmarks/latent_circuits.py --release smollm2-135m-res       # release 1's layer-5 and 15 SAEs
+    python benchmarks/latent_circuits.py --pairs eiffel --mixed-only       # the mixed circuit and its edges alone
 """
 
 from __future__ import annotations
@@ -148,6 +151,37 @@ def labels_for(model, saes, nodes, rows: int) -> dict:
     return latent_labels(model, saes, heldout_tokens(model, n_rows=rows, context_size=64), nodes)
 
 
+def mixed_summary(mixed, seconds: float) -> dict:
+    """The mixed circuit's nodes, scores, curve and edges (count, error-node share of Σ|weight|, strongest)."""
+    weights = mixed.edge_estimate if mixed.edge_estimate is not None else torch.zeros(0)
+    touches_error = torch.tensor([any(getattr(n, "kind", None) == "error" for n in edge) for edge in mixed.edges],
+                                 dtype=torch.bool)
+    total = float(weights.abs().sum())
+    order = torch.argsort(weights.abs(), descending=True, stable=True)[:10].tolist()
+    return {"nodes": [{"node": n.label(), "exact": None if mixed.exact is None else float(mixed.exact[i])}
+                      for i, n in enumerate(mixed.nodes)],
+            "faithfulness": float(mixed.faithfulness.faithfulness.mean()),
+            "completeness": float(mixed.faithfulness.completeness.mean()),
+            "error_share": mixed.error_share, "seconds": round(seconds, 2),
+            "edges": len(mixed.edges),
+            "edge_error_share": float(weights.abs()[touches_error].sum()) / total if total > 0 else None,
+            "top_edges": [{"upstream": mixed.edges[e][0].label(), "downstream": mixed.edges[e][1].label(),
+                           "weight": float(weights[e])} for e in order],
+            "curve": None if mixed.curve is None else {
+                "nodes": mixed.curve.n_edges.tolist(), "faithfulness": mixed.curve.faithfulness.tolist(),
+                "completeness": mixed.curve.completeness.tolist()}}
+
+
+def one_mixed(model, saes, name: str, args) -> dict:
+    """The mixed circuit alone (`--mixed-only`)."""
+    clean, corrupted, answer, wrong = PAIRS[name]
+    metric = LogitDiff(model.to_single_token(answer), model.to_single_token(wrong))
+    start = time.perf_counter()
+    mixed = find_circuit(model, clean, corrupted, metric, saes=saes, method=args.method, steps=args.steps, k=args.k,
+                         threshold=args.threshold, ablation=args.ablation, curve_points=args.curve_points)
+    return {"pair": name, "mixed_circuit": mixed_summary(mixed, time.perf_counter() - start)}
+
+
 def one_pair(model, saes, name: str, args) -> dict:
     clean, corrupted, answer, wrong = PAIRS[name]
     metric = LogitDiff(model.to_single_token(answer), model.to_single_token(wrong))
@@ -158,7 +192,7 @@ def one_pair(model, saes, name: str, args) -> dict:
     scores = graph.scores()
     curve = latent_curve(model, saes, clean, corrupted, metric, graph, args.ablation, args.curve_points)
     start = time.perf_counter()
-    mixed = find_circuit(model, clean, corrupted, metric, saes=saes, method="eap_ig", steps=args.steps, k=args.k,
+    mixed = find_circuit(model, clean, corrupted, metric, saes=saes, method=args.method, steps=args.steps, k=args.k,
                          threshold=args.threshold, ablation=args.ablation, curve_points=args.curve_points)
     mixed_s = time.perf_counter() - start
     mean = graph.node_effect.mean(0)
@@ -173,14 +207,7 @@ def one_pair(model, saes, name: str, args) -> dict:
                          "error_share_by_site": site_shares(graph), "replacement": scores.replacement,
                          "completeness": scores.completeness, "curve": curve},
         "top_latents": [{"node": n.label(), "effect": float(mean[graph.nodes.index(n)]), "label": labels.get(n)} for n in top],
-        "mixed_circuit": {"nodes": [{"node": n.label(), "exact": None if mixed.exact is None else float(mixed.exact[i])}
-                                    for i, n in enumerate(mixed.nodes)],
-                          "faithfulness": float(mixed.faithfulness.faithfulness.mean()),
-                          "completeness": float(mixed.faithfulness.completeness.mean()),
-                          "error_share": mixed.error_share, "seconds": round(mixed_s, 2),
-                          "curve": None if mixed.curve is None else {
-                              "nodes": mixed.curve.n_edges.tolist(), "faithfulness": mixed.curve.faithfulness.tolist(),
-                              "completeness": mixed.curve.completeness.tolist()}},
+        "mixed_circuit": mixed_summary(mixed, mixed_s),
         "latent_paths": paths,
     }
 
@@ -199,16 +226,20 @@ def main() -> None:
     parser.add_argument("--label-rows", type=int, default=64)
     parser.add_argument("--path-senders", type=int, default=8, help="first-site nodes for the path check (0: none)")
     parser.add_argument("--path-receivers", type=int, default=4, help="last-site nodes for the path check")
+    parser.add_argument("--method", default="eap_ig", choices=("eap", "eap_ig", "atp*"), help="the mixed circuit's ranking")
+    parser.add_argument("--mixed-only", action="store_true", help="only the mixed circuit and its edges")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     saes = release_saes(args.release, args.device)
     model = load_model_for(next(iter(saes.values())), device=args.device)  # the SAEs' weight processing
     results = []
     for name in args.pairs:
-        result = one_pair(model, saes, name, args)
+        result = one_mixed(model, saes, name, args) if args.mixed_only else one_pair(model, saes, name, args)
         m = result["mixed_circuit"]
-        print(f"{name}: latent graph {result['latent_graph']['nodes']} nodes; mixed circuit {len(m['nodes'])} nodes, "
-              f"faithfulness {m['faithfulness']:.3f}, completeness {m['completeness']:.3f}, error share {m['error_share']:.2f}")
+        graph = "" if args.mixed_only else f"latent graph {result['latent_graph']['nodes']} nodes; "
+        print(f"{name}: {graph}mixed circuit {len(m['nodes'])} nodes, {m['edges']} edges (error-node share of edge "
+              f"weight {m['edge_error_share']}), faithfulness {m['faithfulness']:.3f}, completeness "
+              f"{m['completeness']:.3f}, error share {m['error_share']:.2f}")
         results.append(result)
     print(json.dumps({"benchmark": "latent_circuits", "release": args.release, "sites": [s.hook_name for s in saes],
                       "device": args.device, "machine": platform.machine(), "torch": torch.__version__,

@@ -122,6 +122,8 @@ def test_planted_mixed_circuit_recovered(planted, tmp_path):
     assert 0 < found.error_share < 1
     ig = find_circuit(toy, clean, corrupted, METRIC, saes=saes, threshold=0.02, method="eap_ig", steps=3, curve_points=0)
     torch.testing.assert_close(ig.estimate, found.estimate, atol=1e-4, rtol=0)  # a constant gradient: IG = AtP
+    assert ig.edges == found.edges and len(found.edges) > 0  # and so for the edges' downstream gradients
+    torch.testing.assert_close(ig.edge_estimate, found.edge_estimate, atol=1e-4, rtol=0)
     loaded = MixedCircuitResult.load(found.save(tmp_path / "mixed"))
     assert loaded.nodes == found.nodes and loaded.error_share == found.error_share
     assert found.plot_curve(tmp_path / "curve.png").stat().st_size > 0
