@@ -51,7 +51,9 @@ def release_saes(release: str, device: str) -> dict[Site, object]:
     shipped = list_releases()
     if release not in shipped:
         raise SystemExit(f"release {release!r} is not in the registry (it holds {sorted(shipped)})")
-    return {Site.from_hook_name(sae_id): load_release(release, sae_id, device=device) for sae_id in shipped[release]}
+    # an id with a suffix (`blocks.15.hook_resid_pre-l1`) is a second SAE at a site the plain id covers
+    return {Site.from_hook_name(sae_id): load_release(release, sae_id, device=device) for sae_id in shipped[release]
+            if "-" not in sae_id}
 
 
 def site_shares(graph) -> dict[str, float]:
