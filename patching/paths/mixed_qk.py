@@ -101,34 +101,41 @@ def _grad_drop(model: Any, saes: dict[Site, Any], metric: Metric, pair_index: in
     return total
 
 
-def _pattern_changes(model: Any, base: StreamRun, nodes: list[Any], deltas: list[Tensor],
-                     reads: list[list[int]]) -> dict[tuple[int, int], Tensor]:
+def _pattern_changes(model: Any, base: StreamRun, nodes: list[Any], deltas: list[Tensor], reads: list[list[int]],
+                     batch_size: int = 32) -> dict[tuple[int, int], Tensor]:
     """For each (node j, block that reads it directly): block's pattern change (heads, T, S) with every
-    query input moved by the node's delta, plus the change with every key input moved."""
+    query input moved by the node's delta, plus the change with every key input moved; `batch_size`
+    nodes (two rows each) per run."""
     out: dict[tuple[int, int], Tensor] = {}
     for layer in sorted({layer for r in reads for layer in r}):
         members = [j for j, r in enumerate(reads) if layer in r and bool(deltas[j].any())]
-        if not members:
-            continue
-        q = [Receiver("q", layer, h) for h in range(tl_compat.n_heads(model))]
-        k = [Receiver("k", layer, h) for h in range(tl_compat.n_kv_heads(model))]
-        rows = [(layer, r, 0, group) for r in range(len(members)) for group in (q, k)]
-        shift = torch.stack([deltas[j] for j in members for _ in (q, k)])  # (rows, pos, d_model)
-        name = tl_paths.attention_hook_names(model, layer)["pattern"]
-        captured: dict[str, Tensor] = {}
-
-        def capture(x: Tensor) -> Tensor:
-            captured["pattern"] = x
-            raise _PatternReady
-
-        start = base.acts[Site(layer, "resid_pre").hook_name][None].expand(len(rows), -1, -1)
-        with torch.inference_mode(), tl_paths.node_inputs(model), \
-                tl_compat.hooks(model, receiver_hooks(model, base, rows, shift, 0) + [(name, capture)]):
-            with contextlib.suppress(_PatternReady):
-                tl_compat.run_blocks(model, start, layer)
-        change = (captured["pattern"] - base.acts[name][None]).view(len(members), 2, *captured["pattern"].shape[1:])
-        out.update({(j, layer): change[m].sum(0) for m, j in enumerate(members)})
+        for lo in range(0, len(members), batch_size):
+            chunk = members[lo:lo + batch_size]
+            change = _layer_changes(model, base, layer, torch.stack([deltas[j] for j in chunk]))
+            out.update({(j, layer): change[m] for m, j in enumerate(chunk)})
     for j, r in enumerate(reads):
         for layer in r:
             out.setdefault((j, layer), torch.zeros(()))
     return out
+
+
+def _layer_changes(model: Any, base: StreamRun, layer: int, shifts: Tensor) -> Tensor:
+    """Block `layer`'s pattern change (n, heads, T, S) when every query input moves by `shifts[n]` (one
+    row) plus the change when every key input does (another row); TransformerLens's attention, stopped there."""
+    q = [Receiver("q", layer, h) for h in range(tl_compat.n_heads(model))]
+    k = [Receiver("k", layer, h) for h in range(tl_compat.n_kv_heads(model))]
+    rows = [(layer, r, 0, group) for r in range(len(shifts)) for group in (q, k)]
+    name = tl_paths.attention_hook_names(model, layer)["pattern"]
+    captured: dict[str, Tensor] = {}
+
+    def capture(x: Tensor) -> Tensor:
+        captured["pattern"] = x
+        raise _PatternReady
+
+    start = base.acts[Site(layer, "resid_pre").hook_name][None].expand(len(rows), -1, -1)
+    hooks = receiver_hooks(model, base, rows, shifts.repeat_interleave(2, 0), 0) + [(name, capture)]
+    with torch.inference_mode(), tl_paths.node_inputs(model), tl_compat.hooks(model, hooks):
+        with contextlib.suppress(_PatternReady):
+            tl_compat.run_blocks(model, start, layer)
+    change = captured["pattern"] - base.acts[name][None]  # (2n, heads, T, S)
+    return change.view(len(shifts), 2, *change.shape[1:]).sum(1)
