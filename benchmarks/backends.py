@@ -10,7 +10,9 @@ shortcuts (rows joining at their layer from the cached residual, after the base 
 values) run on both backends: on the Bridge its blocks are driven from the layer
 (`patching/model/tl_bridge_blocks.py`). Each ratio is also given against bare forward passes
 (`*_vs_forwards`: patches x the median forward), since a backend's `run_with_hooks` may cost more
-than its forward. The last line printed is one JSON object.
+than its forward. Times are this process's CPU time by default (`--clock wall` for elapsed time):
+with torch on one thread that is the time the benchmark computed, which other jobs on a shared
+machine do not inflate. The last line printed is one JSON object.
 
     nice python benchmarks/backends.py --layers 0,10,20,29 --repeat 5
 """
@@ -35,13 +37,19 @@ from patching.model.tl_bridge import BackendUnsupportedError
 FACT = ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome")
 
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+"""`--clock`: this process's CPU time (torch on one thread, so the time it computed: a shared
+machine's other jobs do not enter it) or wall time."""
+CLOCK = CLOCKS["cpu"]
+
+
 def timed(fn, repeat):
-    """The last result and the median wall time of `repeat` calls."""
+    """The last result and the median time (`--clock`) of `repeat` calls."""
     times, result = [], None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = CLOCK()
         result = fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return result, statistics.median(times)
 
 
@@ -128,10 +136,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="forward passes timed per backend (median)")
     parser.add_argument("--sae-layer", type=int, default=15, help="resid_pre layer of the latent sweep's random SAE")
     parser.add_argument("--naive-sample", type=int, default=24, help="units of the latent sweep the naive loop times")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="what the times measure (cpu: this "
+                        "process's CPU time, which a busy machine's other jobs leave out; wall: elapsed time)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     args.layers = [int(x) for x in args.layers.split(",")]
     torch.set_num_threads(1)
-    results, logits, traces = {"torch_threads": 1, "machine": platform.processor() or platform.machine()}, {}, {}
+    results, logits, traces = {"torch_threads": 1, "clock": args.clock, "layers": args.layers,
+                               "machine": platform.processor() or platform.machine()}, {}, {}
     for backend in ("hooked", "bridge"):
         model = load_model(backend=backend)
         clean, corrupted = (model.to_tokens(text) for text in FACT[:2])
