@@ -198,6 +198,9 @@ def test_latent_paths_equal_the_api(stubbed, sae_folders, capsys):
     (["paths", *PAIR, "--receivers", "L2.resid_pre/#x"], "expected one of logits"),
     (["paths", *PAIR, "--senders", "L1H0", "--sae", "GPT2"], "gpt2"),
     (["circuit", *PAIR, "--mixed"], "--mixed needs --sae"),
+    (["circuit", *PAIR, "--mixed", "--sae", "FOLDER0", "--layers", "1", "--method", "atp*"], "takes every layer"),
+    (["circuit", *PAIR, "--mixed", "--sae", "FOLDER0", "--method", "atp*", "--graph-json", "FOLDER0", "--label-rows", "0"],
+     "--graph-json"),
 ])
 def test_hostile_latent_inputs_refused_before_any_forward(tiny, sae_folders, tmp_path, capsys, monkeypatch, argv, pattern):
     from hooks_snapshot import CountingHook
