@@ -2,7 +2,8 @@
 cut to 4 layers: the logits agree within 1e-4, and a residual trace (the sweep engine's rows joining
 at their layer after the base run's keys and values, on the Bridge through `tl_bridge_blocks`, its
 local and global rotary bases and sliding-window masks included), a head-z sweep and a latent sweep
-agree within 1e-4.
+agree within 1e-4; AtP and integrated gradients agree, and KV-cached steered generation gives the
+same tokens.
 Slow (two real models); `make test` runs it where the extra is installed."""
 
 from __future__ import annotations
@@ -60,3 +61,31 @@ def test_gemma3_head_and_latent_sweeps_agree_between_backends(gemma):
     ours, theirs = (patch_latents(m, sae, clean, corrupted, metric, units="position", progress=False) for m in (bridge, hooked))
     assert [u.label() for u in ours.units] == [u.label() for u in theirs.units] and len(ours.units) > 0
     torch.testing.assert_close(ours.metric, theirs.metric, atol=1e-4, rtol=0)
+
+
+def test_gemma3_attribution_and_cached_steered_generation_agree_between_backends(gemma):
+    """AtP and integrated gradients over a random SAE's latents and error nodes agree within 1e-4 plus 1e-3
+    relative (normalised effects reach 1.9 here; the largest difference measured, 2.6e-4 on an error
+    node, is fp32 gradients through two differently built graphs: 1.7e-4 of the largest), and
+    greedy generation steered by its four contrast latents (the KV-cached loop on both backends:
+    the Bridge's through `tl_bridge_decode`) gives the same tokens, steered and unsteered."""
+    from patching import attribute_latents
+    from patching.steering.choice import contrast_latents
+    from patching.steering.steer import SteeringConfig, generate_steered
+    from tests.conftest import make_sae
+
+    hooked, bridge = gemma["hooked"], gemma["bridge"]
+    metric = LogitDiff(hooked.to_single_token(" Mary"), hooked.to_single_token(" John"))
+    sae = make_sae(hooked.cfg.d_model, 256, hook_name="blocks.2.hook_resid_pre", model_name=hooked.cfg.model_name, seed=3)
+    for method in ("atp", "ig"):
+        ours, theirs = (attribute_latents(m, sae, CLEAN, CORRUPTED, metric, method=method, progress=False) for m in (bridge, hooked))
+        assert [u.label() for u in ours.units] == [u.label() for u in theirs.units]
+        torch.testing.assert_close(ours.mean_effect, theirs.mean_effect, atol=1e-4, rtol=1e-3)
+        assert ours.mean_effect.abs().max() > 1e-3  # the estimates are not all zero
+    paris, rome = ["We walked along the Seine in Paris."], ["We walked along the Tiber in Rome."]
+    choices = [contrast_latents(m, sae, paris, rome, k=4) for m in (bridge, hooked)]
+    assert choices[0].latents == choices[1].latents
+    runs = [generate_steered(m, sae, choice, "My favourite city to visit is", config=SteeringConfig(method="add", coefficient=8.0),
+                             max_new_tokens=6) for m, choice in zip((bridge, hooked), choices)]
+    assert torch.equal(runs[0].steered_tokens, runs[1].steered_tokens)
+    assert torch.equal(runs[0].unsteered_tokens, runs[1].unsteered_tokens)
