@@ -95,7 +95,8 @@ def test_graph_labels_come_from_the_held_out_rows(stubbed, sae_folders, capsys, 
     path = tmp_path / "graph.json"
     run(capsys, "circuit", *PAIR, "--sae", folders[0], "--sae", folders[1], "--graph-json", str(path),
         "--threshold", "0.5", "--method", "eap", "--label-rows", "6", "--graph-threshold", "0.02")
-    assert asked == [{"n_rows": 6, "context_size": 64}]
+    assert stubbed.cfg.n_ctx < 64  # rows as long as the model's context where it is shorter than 64 tokens
+    assert asked == [{"n_rows": 6, "context_size": stubbed.cfg.n_ctx}]
     doc = json.loads(path.read_text())
     metric = LogitDiff(stubbed.to_single_token("w6"), stubbed.to_single_token("w7"))
     graph = attribute_latent_edges(stubbed, saes, PAIR[1], PAIR[3], metric, direction="noise", progress=False)

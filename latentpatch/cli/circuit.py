@@ -73,7 +73,7 @@ def register(sub: Any) -> None:
                    help="latent-graph edges with |effect| at least this go into --graph-json (default 0.01)")
     p.add_argument("--label-rows", type=bounded_int(0, 4096), default=32,
                    help="label latents in --graph-json by their top activating tokens over this many held-out rows of "
-                        "64 tokens (default 32; 0 for no labels)")
+                        "64 tokens, or the model's context where shorter (default 32; 0 for no labels)")
     p.set_defaults(run=run_circuit, json_output=JSON_OUTPUT, describe=describe_circuit)
 
 
@@ -146,9 +146,11 @@ def _label_rows(args: argparse.Namespace, model: Any) -> Any:
     """The held-out rows latent labels are read from, loaded before the search (None for no labels)."""
     if args.label_rows == 0:
         return None
+    from patching.model import tl_compat
     from training.data.heldout import heldout_tokens
 
-    return heldout_tokens(model, n_rows=args.label_rows, context_size=64)
+    # Rows of 64 tokens, or the model's whole context where it is shorter (a tiny model's 16).
+    return heldout_tokens(model, n_rows=args.label_rows, context_size=min(64, tl_compat.n_ctx(model)))
 
 
 def _labels(model: Any, saes: list[Any], graph: Any, rows: Any, threshold: float) -> dict[Any, str]:
