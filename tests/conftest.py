@@ -120,6 +120,13 @@ def planted_heads_model():
     return model
 
 
+def saes_at(model, sites, d_sae: int = 10) -> dict:
+    """A seeded random SAE of `d_sae` latents at each of `sites` (seed = the site's index), keyed by site:
+    the two-site SAE sets the path, mixed-circuit and mixed-edge tests share."""
+    return {site: make_sae(model.cfg.d_model, d_sae, hook_name=site.hook_name, model_name=model.cfg.model_name, seed=seed)
+            for seed, site in enumerate(sites)}
+
+
 def learned_or_rotary_gqa(kind: str):
     """The two 3-layer random models the head, path and edge tests run on: learned positions, or rotary
     positions with RMS norm, grouped-query attention (2 key/value heads) and a gated SiLU MLP."""

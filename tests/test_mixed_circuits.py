@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import edited_pair, make_sae, planted_heads_model, unchecked
+from conftest import edited_pair, make_sae, planted_heads_model, saes_at, unchecked
 from hooks_snapshot import assert_refused_before_any_forward
 from patching.errors import PatchingError
 from patching.model.sites import Site
@@ -29,8 +29,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def saes(model):
-    return {site: make_sae(model.cfg.d_model, 10, hook_name=site.hook_name, model_name=model.cfg.model_name, seed=seed)
-            for seed, site in enumerate(SITES)}
+    return saes_at(model, SITES)
 
 
 @pytest.fixture(scope="module")

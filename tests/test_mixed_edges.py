@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import edited_pair, learned_or_rotary_gqa, make_sae
+from conftest import edited_pair, learned_or_rotary_gqa, saes_at
 from hooks_snapshot import assert_refused_before_any_forward
 from patching.errors import PatchingError
 from patching.model.sites import Site
@@ -32,8 +32,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def saes(model):
-    return {site: make_sae(model.cfg.d_model, 10, hook_name=site.hook_name, model_name=model.cfg.model_name, seed=seed)
-            for seed, site in enumerate(SITES)}
+    return saes_at(model, SITES)
 
 
 @pytest.fixture(scope="module")
