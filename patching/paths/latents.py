@@ -338,7 +338,7 @@ def _edges(nodes: list[LatentNode], mean_effect: Tensor, sites: list[Site], grad
         for (up, down, ups, downs), block in zip(plan, scores):
             for lo in range(0, len(downs), config.batch_size):
                 chunk = [nodes[j] for j in downs[lo:lo + config.batch_size]]
-                row_z, row_e = _rows(chunk, left[i][down])
+                row_z, row_e = downstream_rows(chunk, left[i][down])
                 jz, je = grad_pass.rows_jacobian(down, up, row_z, row_e)
                 block[i, lo:lo + len(chunk)] = _upstream_scores([nodes[j] for j in ups], jz, je, deltas[i][up])
         del grad_pass
@@ -346,7 +346,7 @@ def _edges(nodes: list[LatentNode], mean_effect: Tensor, sites: list[Site], grad
     return edges, torch.cat([block.flatten(1) for block in scores], 1) if plan else torch.zeros(len(deltas), 0)
 
 
-def _rows(chunk: list[LatentNode], grads: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def downstream_rows(chunk: list[LatentNode], grads: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     """The left vectors of the downstream nodes: ∂M/∂n_d placed on node d's entries, zero elsewhere."""
     gz, ge = grads
     row_z = torch.zeros(len(chunk), *gz.shape)

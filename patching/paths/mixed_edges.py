@@ -38,6 +38,7 @@ from patching.attribution.estimators import frozen_parameters
 from patching.model import tl_compat, tl_paths
 from patching.model.sites import Site
 from patching.paths.latent_paths import encode_sites, latent_delta
+from patching.paths.latents import downstream_rows
 from patching.paths.mixed_ablation import EMBED
 from patching.paths.mixed_estimates import node_gradients
 from patching.paths.nodes import LatentNode, Node, Receiver
@@ -184,14 +185,7 @@ def _model_reader_vectors(model: Any, metric: Metric, pair_index: int, clean: St
 def _site_vectors(sae: Any, x: Tensor, grad_z: Tensor, grad_e: Tensor, chunk: list[LatentNode]) -> Tensor:
     """`v_d` of latents and error nodes at one site, (rows, pos, d_in): `g_d · d` differentiated
     through the encoder (a latent) or `x − decode(encode(x))` (the error) alone."""
-    row_z = torch.zeros(len(chunk), *grad_z.shape)
-    row_e = torch.zeros(len(chunk), *grad_e.shape)
-    for r, node in enumerate(chunk):
-        where = slice(None) if node.pos is None else node.pos
-        if node.latent is None:
-            row_e[r, where] = grad_e[where]
-        else:
-            row_z[r, where, node.latent] = grad_z[where, node.latent]
+    row_z, row_e = downstream_rows(chunk, (grad_z, grad_e))
     with torch.enable_grad():
         leaf = x.clone().requires_grad_(True)  # a copy: the cached runs are inference tensors
         z = sae.encode(leaf)
