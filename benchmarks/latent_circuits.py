@@ -13,6 +13,10 @@ Eiffel Tower → Colosseum pair (Paris vs Rome), with every SAE of `--release` (
   edges (`MixedCircuitResult.edges`, Marks et al.'s): how many, the share of their Σ|weight| on edges with
   an error node at either end, and the strongest;
 - the top latents, labelled by their top activating tokens over `--label-rows` held-out rows (0: none);
+- the latent graph's cost in forward-equivalents (AtP and IG; one plain forward of the pair timed here)
+  and the agreement of both with exact edge patching (`patch_paths(saes=..., edges=...)`, noising) on the
+  top `--agreement` edges by |IG| and as many random others: Spearman's rho and recall@50, each set
+  alone and together;
 - exact path patching with latents (`patch_paths(saes=...)`, by edge, noising) from the first site's
   `--path-senders` strongest nodes to the last site's `--path-receivers` strongest nodes and the logits,
   against a naive freeze-and-patch written here (two forward passes per edge) in the same run: wall
@@ -144,6 +148,46 @@ def path_check(model, saes, graph, clean, corrupted, metric, n_senders: int, n_r
             "speedup": round(naive_s / fast_s, 2), "max_abs_delta": worst}
 
 
+def edge_agreement(model, saes, clean, corrupted, metric, graphs: dict, n: int) -> dict:
+    """AtP and IG edge effects against exact edge patching on IG's top `n` edges and `n` random others."""
+    from patching.attribution.verify import spearman
+    from patching.paths import patch_paths
+
+    ig = graphs["ig"]
+    flat = ig.edge_effect.mean(0)
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    rest = order[n:]
+    chosen = torch.cat([order[:n], rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:n]]])
+    pairs = [(ig.nodes[ig.edges[i][0]], ig.nodes[ig.edges[i][1]]) for i in chosen.tolist()]
+    start = time.perf_counter()
+    result = patch_paths(model, clean, corrupted, metric, saes=saes, edges=pairs, by="edge", direction="noise", progress=False)
+    seconds = time.perf_counter() - start
+    columns = [group[0] for group in result.receivers]
+    exact = torch.tensor([float(result.mean_effect[result.senders.index(u), columns.index(d)]) for u, d in pairs])
+    out = {"n": len(pairs), "exact_seconds": round(seconds, 2)}
+    n_top = min(n, len(order))
+    for method, graph in graphs.items():  # the AtP graph may keep other downstream nodes: compare where it has the edge
+        by_label = {(graph.nodes[u].label(), graph.nodes[d].label()): float(v)
+                    for (u, d), v in zip(graph.edges, graph.edge_effect.mean(0).tolist())}
+        have = [j for j, (u, d) in enumerate(pairs) if (u.label(), d.label()) in by_label]
+        estimate = torch.tensor([by_label[(pairs[j][0].label(), pairs[j][1].label())] for j in have])
+        truth = exact[have]
+        row = {"edges_compared": len(have), "spearman": round(spearman(estimate, truth), 4),
+               "recall_at_50": recall_at(estimate, truth, 50), "max_abs_error": round(float((estimate - truth).abs().max()), 4)}
+        for name, part in (("top", [i for i, j in enumerate(have) if j < n_top]), ("random", [i for i, j in enumerate(have) if j >= n_top])):
+            if len(part) > 50:
+                row[name] = {"spearman": round(spearman(estimate[part], truth[part]), 4),
+                             "recall_at_50": recall_at(estimate[part], truth[part], 50)}
+        out[method] = row
+    return out
+
+
+def recall_at(estimate: torch.Tensor, exact: torch.Tensor, k: int) -> float:
+    top_estimate = set(torch.argsort(estimate.abs(), descending=True, stable=True)[:k].tolist())
+    top_exact = set(torch.argsort(exact.abs(), descending=True, stable=True)[:k].tolist())
+    return len(top_estimate & top_exact) / k
+
+
 def labels_for(model, saes, nodes, rows: int) -> dict:
     if not rows or not nodes:
         return {}
@@ -184,6 +228,12 @@ def one_mixed(model, saes, name: str, args) -> dict:
     return {"pair": name, "mixed_circuit": mixed_summary(mixed, time.perf_counter() - start)}
 
 
+def timed_forward(model, tokens) -> float:
+    start = time.perf_counter()
+    model(tokens)
+    return time.perf_counter() - start
+
+
 def one_pair(model, saes, name: str, args) -> dict:
     clean, corrupted, answer, wrong = PAIRS[name]
     metric = LogitDiff(model.to_single_token(answer), model.to_single_token(wrong))
@@ -191,6 +241,16 @@ def one_pair(model, saes, name: str, args) -> dict:
     graph = attribute_latent_edges(model, saes, clean, corrupted, metric, method="ig", steps=args.steps, k=args.latent_k,
                                    direction="noise", progress=False)
     graph_s = time.perf_counter() - start
+    start = time.perf_counter()
+    atp = attribute_latent_edges(model, saes, clean, corrupted, metric, method="atp", k=args.latent_k, direction="noise",
+                                 progress=False)
+    atp_s = time.perf_counter() - start
+    with torch.inference_mode():
+        tokens = model.to_tokens(corrupted)
+        model(tokens)
+        forward_s = min(timed_forward(model, tokens) for _ in range(5))
+    agreement = (edge_agreement(model, saes, clean, corrupted, metric, {"atp": atp, "ig": graph}, args.agreement)
+                 if args.agreement else None)
     scores = graph.scores()
     curve = latent_curve(model, saes, clean, corrupted, metric, graph, args.ablation, args.curve_points)
     start = time.perf_counter()
@@ -206,6 +266,9 @@ def one_pair(model, saes, name: str, args) -> dict:
     return {
         "pair": name, "metric_clean": float(graph.metric_clean[0]), "metric_corrupted": float(graph.metric_corrupted[0]),
         "latent_graph": {"nodes": len(graph.nodes), "edges": len(graph.edges), "seconds": round(graph_s, 2),
+                         "forward_s": round(forward_s, 4), "ig_forward_equivalents": round(graph_s / forward_s, 1),
+                         "atp_seconds": round(atp_s, 2), "atp_forward_equivalents": round(atp_s / forward_s, 1),
+                         "agreement": agreement,
                          "error_share_by_site": site_shares(graph), "replacement": scores.replacement,
                          "completeness": scores.completeness, "curve": curve},
         "top_latents": [{"node": n.label(), "effect": float(mean[graph.nodes.index(n)]), "label": labels.get(n)} for n in top],
@@ -226,6 +289,7 @@ def main() -> None:
     parser.add_argument("--curve-points", type=int, default=6)
     parser.add_argument("--top", type=int, default=10, help="top latents to label")
     parser.add_argument("--label-rows", type=int, default=64)
+    parser.add_argument("--agreement", type=int, default=200, help="top and random edges checked by exact patching (0: none)")
     parser.add_argument("--path-senders", type=int, default=8, help="first-site nodes for the path check (0: none)")
     parser.add_argument("--path-receivers", type=int, default=4, help="last-site nodes for the path check")
     parser.add_argument("--method", default="eap_ig", choices=("eap", "eap_ig", "atp*"), help="the mixed circuit's ranking")
