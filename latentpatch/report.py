@@ -78,7 +78,11 @@ def quality_sentence(metrics: Mapping[str, Any]) -> str:
     if isinstance(metrics.get("l0"), (int, float)):
         words.append(f"L0 {metrics['l0']:.0f} latents per token")
     if isinstance(metrics.get("frac_dead"), (int, float)):
-        words.append(f"{100 * metrics['frac_dead']:.1f}% dead")
+        # On a few sentences a latent that never fires is not dead, only silent there (a 4608-latent SAE at
+        # L0 64 leaves a third silent on the demo's 140 tokens); the registry measures dead latents on 20k tokens.
+        tokens = metrics.get("n_tokens")
+        words.append(f"{100 * metrics['frac_dead']:.1f}% of latents silent on these {tokens:,} tokens"
+                     if isinstance(tokens, int) else f"{100 * metrics['frac_dead']:.1f}% dead")
     return "Spliced into the model on held-out sentences: " + ", ".join(words) + "." if words else ""
 
 

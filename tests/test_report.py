@@ -49,6 +49,9 @@ def test_summary_sentences_are_computed_from_the_results():
     assert "top 10 latents patched jointly restore 27%" in text and "error node alone restores 41%" in text
     assert "Spearman 0.91" in text and "4.2 min" in text
     assert "2 of AtP's 10 largest units are SAE error nodes" in text
+    assert "1.2% dead" in text  # no token count: the evaluator's own word
+    counted = quality_sentence({"frac_dead": 0.356, "n_tokens": 1043})
+    assert counted.endswith("35.6% of latents silent on these 1,043 tokens.")  # a few sentences cannot show dead latents
     results["sweep"]["top"][1]["effect"] = 0.75
     assert "Latent 3465 alone restores 75%" in " ".join(demo_summary(results))
     assert quality_sentence({}) == "" and demo_summary({}) == []
