@@ -26,3 +26,10 @@ def benchmark_sae(model: Any, path: str | None, layer: int, *, topk: int | None 
     cfg = SAEConfig(d_in=site.width(model), d_sae=8 * site.width(model), hook_name=site.hook_name,
                     model_name=model.cfg.model_name, **architecture)
     return SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(0))
+
+
+def recall_at(estimate: torch.Tensor, exact: torch.Tensor, k: int) -> float:
+    """The overlap of the k largest |estimate| and the k largest |exact|, as a fraction of k."""
+    top_estimate = set(torch.argsort(estimate.abs(), descending=True, stable=True)[:k].tolist())
+    top_exact = set(torch.argsort(exact.abs(), descending=True, stable=True)[:k].tolist())
+    return len(top_estimate & top_exact) / k

@@ -32,6 +32,7 @@ import statistics
 import time
 
 import torch
+from _common import recall_at
 
 from patching import LogitDiff, load_model
 from patching.attribution import attribute_qk
@@ -48,12 +49,6 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
-
-
-def recall_at(estimate: torch.Tensor, exact: torch.Tensor, k: int) -> float:
-    top_estimate = set(torch.argsort(estimate.abs(), descending=True, stable=True)[:k].tolist())
-    top_exact = set(torch.argsort(exact.abs(), descending=True, stable=True)[:k].tolist())
-    return len(top_estimate & top_exact) / k
 
 
 def main() -> None:

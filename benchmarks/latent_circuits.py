@@ -36,6 +36,7 @@ import platform
 import time
 
 import torch
+from _common import recall_at
 
 from patching import LogitDiff
 from patching.model.loading import load_model_for
@@ -180,12 +181,6 @@ def edge_agreement(model, saes, clean, corrupted, metric, graphs: dict, n: int) 
                              "recall_at_50": recall_at(estimate[part], truth[part], 50)}
         out[method] = row
     return out
-
-
-def recall_at(estimate: torch.Tensor, exact: torch.Tensor, k: int) -> float:
-    top_estimate = set(torch.argsort(estimate.abs(), descending=True, stable=True)[:k].tolist())
-    top_exact = set(torch.argsort(exact.abs(), descending=True, stable=True)[:k].tolist())
-    return len(top_estimate & top_exact) / k
 
 
 def labels_for(model, saes, nodes, rows: int) -> dict:
