@@ -112,6 +112,29 @@ def measure_latents(model, args, clean, corrupted, answer, wrong, figures):
     figures["engine_latents_vs_forwards"] = len(units) * figures["forward_s"] / figures["engine_latents_s"]
 
 
+def measure_bound_generation(model, new_tokens, figures):
+    """Greedy decoding of one safety request after the suite's few-shot chat context bound as a
+    prefix (`bound_prefix`): KV-cached (one position a step) against uncached (every step reruns the
+    positions after the prefix), in tokens per second of `--clock` time; both must give the same tokens."""
+    from patching.model import tl_compat
+    from patching.safety.prompts import SafetySuite
+    from patching.safety.score import query_start, tokenize_chat
+    from patching.splice.generate import generate
+
+    suite = SafetySuite()
+    (tokens,), start = tokenize_chat(model, suite, [suite.pairs[0][0]]), query_start(model, suite)
+    out = {}
+    with torch.inference_mode(), tl_compat.bound_prefix(model, tokens[:, :start]):
+        for cached in (True, False):
+            out[cached], seconds = timed(lambda cached=cached: generate(model, tokens[:, start:], new_tokens,
+                                                                        use_kv_cache=cached), 1)
+            figures[f"bound_{'cached' if cached else 'uncached'}_tokens_per_s"] = new_tokens / seconds
+    figures["bound_prefix_tokens"], figures["bound_query_tokens"] = start, tokens.shape[1] - start
+    figures["bound_cached_vs_uncached"] = (figures["bound_cached_tokens_per_s"]
+                                           / figures["bound_uncached_tokens_per_s"])
+    figures["bound_same_tokens"] = bool(torch.equal(out[True], out[False]))
+
+
 def measure(model, args, clean, corrupted, answer, wrong):
     figures = {}
     with torch.inference_mode():

@@ -246,3 +246,32 @@ def generate_plain(bridge, tokens, mask):
     with torch.no_grad():
         generate(bridge, tokens, 5, attention_mask=mask, observe=lambda step, out: logits.append(out))
     return torch.stack(logits)
+
+
+def test_cached_generation_inside_a_bound_prefix_equals_uncached_and_the_whole_prompts(family):
+    """Inside `bound_prefix` the Bridge's decoding cache starts from the bound prefix's keys and
+    values (`tl_bridge_decode`), so each step runs one position. Under a steering hook at absolute
+    position 5: the same greedy tokens and every step's logits within 1e-4 of the uncached loop
+    inside the binding (every step rerunning the positions after the prefix) and of the uncached
+    loop on the whole prompts outside it (the independent reference); the hook sees the same
+    activation at each absolute position, never one of the prefix's. A `SharedPrefix` made inside
+    the binding runs after it once, and is never intervened on either."""
+    from patching.splice.generate import SharedPrefix
+
+    bridge, _ = family
+    P = 3
+    whole = torch.cat([TOKENS[:1, :P].expand(2, -1), TOKENS[:, P:7]], dim=1)
+    whole[:, P:P + 2] = TOKENS[0, P:P + 2]  # both rows share two tokens after the prefix, for the SharedPrefix
+    reference = _greedy(bridge, whole, None, use_kv_cache=False, position=5)
+    with tl_compat.bound_prefix(bridge, whole[:1, :P]):
+        runs = [_greedy(bridge, whole[:, P:], None, use_kv_cache=use, position=5) for use in (True, False)]
+        shared = SharedPrefix.of(bridge, whole[:1, P:P + 2])
+        runs.append(_greedy(bridge, whole[:, P:], None, use_kv_cache=True, prefix=shared, position=5))
+    assert shared.cache.length == P + 2 and "forward" not in bridge.__dict__
+    for run, first in zip(runs, (P, P, P + 2), strict=True):
+        assert torch.equal(run[0], reference[0][:, P:])
+        torch.testing.assert_close(run[1], reference[1], atol=1e-4, rtol=0)
+        assert sorted(run[2]) == list(range(first, 11))
+        for p in run[2]:
+            torch.testing.assert_close(run[2][p], reference[2][p], atol=1e-4, rtol=0)
+    assert not torch.allclose(generate_plain(bridge, whole, torch.ones_like(whole)), reference[1], atol=1e-3)

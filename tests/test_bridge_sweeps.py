@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from patching import LogitDiff, Site, patch_heads, patch_latents, patch_residual
+from patching.model import tl_compat
 from tests.conftest import make_sae
 from tests.test_bridge import boot_tiny, tiny_hf_folder
 
@@ -172,6 +173,35 @@ def test_default_model_cached_steered_generation_agrees_between_backends(default
         out[name] = tokens, torch.stack(logits)
     assert torch.equal(out["bridge"][0], out["hooked"][0])
     torch.testing.assert_close(out["bridge"][1], out["hooked"][1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.default_model
+@pytest.mark.hooked_only(reason="compares against the hooked backend (HookedTransformer: TransformerLens 3.x)")
+def test_default_model_cached_generation_inside_a_bound_prefix_agrees_between_backends(default_model_4l, bridge_4l):
+    """Inside `bound_prefix` (the prompt's first 4 tokens), KV-cached greedy generation under a
+    steering hook at the prompt's last absolute position: the Bridge's cache starts from the bound
+    prefix (`tl_bridge_decode`), the hooked binding fills its empty cache with it; the same tokens,
+    every step's logits within 1e-4, and the same absolute positions seen by the hook."""
+    from patching.splice.generate import Interventions, generate
+
+    clean, *_ = fact_tokens(bridge_4l)
+    last = clean.shape[1] - 1
+    vector = 4.0 * torch.randn(bridge_4l.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, model in (("bridge", bridge_4l), ("hooked", default_model_4l)):
+        logits, seen = [], []
+
+        def steer(x, step):
+            seen.append(tuple(step.positions))
+            return x + vector * torch.tensor([p == last for p in step.positions], dtype=x.dtype)[:, None]
+
+        with torch.no_grad(), tl_compat.bound_prefix(model, clean[:, :4]):
+            tokens = generate(model, clean[:, 4:], 6, interventions=Interventions(hooks={Site(2): steer}),
+                              observe=lambda step, x: logits.append(x))
+        out[name] = tokens, torch.stack(logits), seen
+    assert torch.equal(out["bridge"][0], out["hooked"][0])
+    torch.testing.assert_close(out["bridge"][1], out["hooked"][1], atol=1e-4, rtol=0)
+    assert out["bridge"][2] == out["hooked"][2] and out["bridge"][2][1] == (clean.shape[1],)  # one position a step
 
 
 @pytest.mark.default_model

@@ -106,8 +106,6 @@ class BackendUnsupportedError(LatentpatchError, NotImplementedError):
 
 
 MISSING = {
-    "past_kv_cache": "inside bound_prefix the bridge backend's decoding loop runs uncached (every step reruns the "
-                     "positions after the bound prefix), so a SharedPrefix there would be rerun and intervened on",
     "attention_internals": "TransformerBridge's attention wraps Hugging Face's and lacks HookedTransformer's "
                            "attn_scale and per-head weights, which the QK fix recomputes the softmax with",
 }

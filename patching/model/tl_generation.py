@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from patching.model.tl_bridge import TLModel
 
 from patching.errors import PatchingError
-from patching.model import tl_bridge, tl_bridge_blocks, tl_bridge_decode, tl_bridge_prefix, tl_bridge_rows
+from patching.model import tl_bridge, tl_bridge_decode, tl_bridge_prefix, tl_bridge_rows
 from patching.model.checks import check_context
 from patching.model.tl_readout import readout
 
@@ -250,15 +250,13 @@ def generate(model: TLModel, inputs: Tensor | str | list[str], *, max_new_tokens
 
 def new_kv_cache(model: TLModel, rows: int, prefix: Any = None) -> Any:
     """An empty, growing key-value cache for `rows` rows; with `prefix` (a frozen batch-1 cache
-    from `prefix_cache`), a growing copy of it broadcast to `rows` rows."""
+    from `prefix_cache`), a growing copy of it broadcast to `rows` rows. Inside `bound_prefix` it
+    holds the bound prefix before anything else on both backends (the hooked binding fills an empty
+    cache on the first forward; the Bridge's starts from it)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    if tl_bridge.is_bridge(model):  # a transformers cache carried through the Bridge's blocks
-        if tl_bridge_blocks.bound_keys_values(model) is not None:
-            if prefix is not None:  # uncached, the shared prefix would be rerun (and intervened on) at every step
-                tl_bridge.refuse_bridge(model, "generation after a shared prefix inside a bound prefix", "past_kv_cache")
-            return None  # inside bound_prefix the Bridge decodes uncached (every step reruns the positions after it)
+    if tl_bridge.is_bridge(model):  # a transformers cache carried through the Bridge's blocks (a bound prefix's first)
         return tl_bridge_decode.new_decoding_cache(model, rows, prefix)
     if prefix is None:
         return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=rows)
