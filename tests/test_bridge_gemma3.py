@@ -2,8 +2,9 @@
 cut to 4 layers: the logits agree within 1e-4, and a residual trace (the sweep engine's rows joining
 at their layer after the base run's keys and values, on the Bridge through `tl_bridge_blocks`, its
 local and global rotary bases and sliding-window masks included), a head-z sweep and a latent sweep
-agree within 1e-4; AtP and integrated gradients agree, and KV-cached steered generation gives the
-same tokens.
+agree within 1e-4; AtP and integrated gradients agree, KV-cached steered generation gives the
+same tokens, harvesting (the forward stopped at the deepest site) equals the full forward, and the
+safety search's curves stage (bound few-shot prefix, refusal score, direction, unit curves) agrees.
 Slow (two real models); `make test` runs it where the extra is installed."""
 
 from __future__ import annotations
@@ -133,3 +134,61 @@ def test_gemma3_harvesting_equals_the_full_forward_and_the_hooked_backend(gemma)
     for name in names:
         torch.testing.assert_close(multi[name], full[name].reshape(-1, hooked.cfg.d_model)[keep], atol=1e-5, rtol=0)
         torch.testing.assert_close(multi[name], theirs[name], atol=1e-4, rtol=1e-5)
+
+
+GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+              "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+"""Gemma's turn markup (the system message as a user turn): the 270M base folder has no chat template."""
+
+
+def test_gemma3_safety_curves_agree_between_backends(gemma):
+    """The safety search's core (`find_safety_latents`' curves stage): the suite's few-shot chat context
+    bound as a prefix (`bound_prefix`), the refusal direction at layer 2 from the queries' mean
+    residuals, and one pair's restoration curves (a random SAE's latents at `blocks.2.hook_resid_pre`,
+    MLP neurons at one and every layer, residual dimensions, the direction) under the refusal score,
+    on both backends: the refusal scores' spans within 1e-3 nats, the direction within 1e-3 of its
+    norm, and every curve point as a restored score (the fraction times the pair's span) within 2e-3
+    nats plus 1e-3 relative (measured: spans 1.7e-5, direction 1.1e-4 of its norm, restored scores
+    8.4e-4 nats on scores up to 8 nats: this 4-layer cut's spans are small, 0.12 nats at most)."""
+    from patching import Site
+    from patching.model import tl_compat
+    from patching.safety.direction import refusal_directions
+    from patching.safety.prompts import SafetySuite
+    from patching.safety.score import RefusalScore, query_start, tokenize_chat
+    from patching.safety.units import pair_curves
+    from tests.conftest import make_sae
+
+    hooked, bridge = gemma["hooked"], gemma["bridge"]
+    templates = [tl_compat.tokenizer(m).chat_template for m in (hooked, bridge)]
+    for m in (hooked, bridge):
+        tl_compat.tokenizer(m).chat_template = GEMMA_CHAT
+    try:
+        suite, metric = SafetySuite(), RefusalScore.for_model(hooked)
+        harmful, harmless = (tokenize_chat(bridge, suite, [pair[i] for pair in suite.pairs[:3]]) for i in (0, 1))
+        start = query_start(bridge, suite)
+    finally:
+        for m, template in zip((hooked, bridge), templates):
+            tl_compat.tokenizer(m).chat_template = template
+    site = Site(2)
+    sae = make_sae(hooked.cfg.d_model, 256, hook_name=site.hook_name, model_name=hooked.cfg.model_name, seed=3)
+    out = {}
+    for name, m in (("bridge", bridge), ("hooked", hooked)):
+        with tl_compat.bound_prefix(m, harmful[0][:, :start]):
+            with torch.inference_mode():
+                score = [[metric(tl_compat.forward_logits(m, t[:, start:])[:, -1], torch.zeros(1, dtype=torch.long))
+                          for t in prompts] for prompts in (harmful, harmless)]
+            spans = [float(h - s) for h, s in zip(*score)]
+            direction = refusal_directions(m, [h[:, start:] for h in harmful], [s[:, start:] for s in harmless], [2]).float()[0]
+            pair = max(range(len(spans)), key=lambda i: abs(spans[i]))
+            curves = pair_curves(m, {site: sae}, harmful[pair][:, start:], harmless[pair][:, start:], metric, 0, 2,
+                                 (20.0,), direction)
+        out[name] = spans, direction, pair, curves
+    ours, theirs = out["bridge"], out["hooked"]
+    torch.testing.assert_close(torch.tensor(ours[0]), torch.tensor(theirs[0]), atol=1e-3, rtol=0)
+    assert ours[2] == theirs[2] and abs(theirs[0][theirs[2]]) > 0.05  # the pair with the widest span, on both
+    assert (ours[1] - theirs[1]).norm() <= 1e-3 * theirs[1].norm()
+    assert ours[3].keys() == theirs[3].keys() and len(ours[3]) == 5
+    span = theirs[0][theirs[2]]
+    for kind, (fraction, active) in theirs[3].items():
+        assert ours[3][kind][1] == active
+        torch.testing.assert_close(ours[3][kind][0] * span, fraction * span, atol=2e-3, rtol=1e-3, msg=kind)
