@@ -12,9 +12,12 @@ values) run on both backends: on the Bridge its blocks are driven from the layer
 (`*_vs_forwards`: patches x the median forward), since a backend's `run_with_hooks` may cost more
 than its forward. Times are this process's CPU time by default (`--clock wall` for elapsed time):
 with torch on one thread that is the time the benchmark computed, which other jobs on a shared
-machine do not inflate. The last line printed is one JSON object.
+machine do not inflate. `--count-flops` also counts the residual trace's FLOPs on each side and
+prints its ceiling (`measure_flops`); `--bound-generation N` times KV-cached against uncached greedy
+decoding inside a bound few-shot prefix. The last line printed is one JSON object.
 
     nice python benchmarks/backends.py --layers 0,10,20,29 --repeat 5
+    nice python benchmarks/backends.py --layers $(seq -s, 0 29) --count-flops --bound-generation 16
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 
 import torch
 
-from _common import benchmark_sae
+from _common import benchmark_sae, count_flops, matmul_rate
 from patch_sweep import naive_sweep
 
 from patching import LogitDiff, Site, load_model, patch_heads, patch_latents, patch_residual
@@ -135,6 +138,22 @@ def measure_bound_generation(model, new_tokens, figures):
     figures["bound_same_tokens"] = bool(torch.equal(out[True], out[False]))
 
 
+def measure_flops(model, args, clean, corrupted, answer, wrong, figures):
+    """`--count-flops`: the residual trace's matrix-multiply FLOPs on each side (untimed reruns) and
+    a bare matmul of the model's widths at M=2000 on the same clock: the FLOP ratio (naive / engine)
+    and the ceiling, the ratio the engine would reach if its FLOPs ran at the bare-matmul rate
+    (FLOP ratio x bare rate / naive rate = naive time / (engine FLOPs / bare rate))."""
+    with torch.inference_mode():
+        naive = count_flops(lambda: naive_trace(model, clean, corrupted, args.layers, answer, wrong))
+    engine = count_flops(lambda: patch_residual(model, clean, corrupted, LogitDiff(answer, wrong), layers=args.layers,
+                                                progress=False))
+    rate = matmul_rate(model, rows=2000, clock=CLOCK)
+    naive_rate, engine_rate = naive / figures["naive_trace_s"], engine / figures["engine_trace_s"]
+    figures.update({"naive_trace_gflop": naive / 1e9, "engine_trace_gflop": engine / 1e9, "trace_flop_ratio": naive / engine,
+                    "naive_trace_gflop_per_s": naive_rate / 1e9, "engine_trace_gflop_per_s": engine_rate / 1e9,
+                    "bare_matmul_gflop_per_s": rate / 1e9, "trace_ceiling_ratio": naive / engine * rate / naive_rate})
+
+
 def measure(model, args, clean, corrupted, answer, wrong):
     figures = {}
     with torch.inference_mode():
@@ -146,6 +165,8 @@ def measure(model, args, clean, corrupted, answer, wrong):
         figures["engine_vs_naive_max_abs"] = (ours.metric[0].reshape(naive.shape) - naive).abs().max().item()
         figures["engine_speedup"] = figures["naive_trace_s"] / figures["engine_trace_s"]
         figures["engine_vs_forwards"] = naive.numel() * figures["forward_s"] / figures["engine_trace_s"]
+        if args.count_flops:
+            measure_flops(model, args, clean, corrupted, answer, wrong, figures)
     except BackendUnsupportedError as err:
         figures["engine_trace"] = f"refused: {err}"
     measure_heads(model, args, clean, corrupted, answer, wrong, figures)
@@ -161,6 +182,10 @@ def main() -> None:
     parser.add_argument("--naive-sample", type=int, default=24, help="units of the latent sweep the naive loop times")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="what the times measure (cpu: this "
                         "process's CPU time, which a busy machine's other jobs leave out; wall: elapsed time)")
+    parser.add_argument("--count-flops", action="store_true", help="also count the residual trace's FLOPs on each "
+                        "side (untimed reruns) and print its FLOP ratio, GFLOP/s, the bare-matmul rate and the ceiling")
+    parser.add_argument("--bound-generation", type=int, default=0, metavar="N", help="also time N greedy tokens "
+                        "after the safety suite's few-shot context bound as a prefix, KV-cached against uncached")
     args = parser.parse_args()
     global CLOCK
     CLOCK = CLOCKS[args.clock]
@@ -173,6 +198,8 @@ def main() -> None:
         clean, corrupted = (model.to_tokens(text) for text in FACT[:2])
         answer, wrong = (model.to_single_token(text) for text in FACT[2:])
         logits[backend], traces[backend], results[backend] = measure(model, args, clean, corrupted, answer, wrong)
+        if args.bound_generation:
+            measure_bound_generation(model, args.bound_generation, results[backend])
         del model
     results["logits_max_abs_difference"] = (logits["bridge"] - logits["hooked"]).abs().max().item()
     results["trace_max_abs_difference"] = (traces["bridge"] - traces["hooked"]).abs().max().item()

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from _common import count_flops, matmul_rate
 from patching import Site, load_model
 from patching.tracing import NoiseConfig, causal_trace, embedding_std, window_layers
 from patching.tracing.trace import noise_hook
@@ -52,30 +53,6 @@ def naive_trace(model, tokens, subject, answer, noise, kind, layers, window=10):
             logits = model.run_with_hooks(batch, fwd_hooks=[add] + [(name, restore) for name in names])
             prob[layer, p] = torch.softmax(logits[:, -1], -1)[:, answer].mean()
     return prob
-
-
-def count_flops(fn) -> int:
-    """Matrix-multiply FLOPs of one call of `fn` (mm, addmm, bmm, attention), counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_rate(model, rows=1000, repeats=5) -> float:
-    """FLOP/s of a bare (rows × d_model) @ (d_model × d_mlp) matmul, the model's widest block product."""
-    width = model.cfg.d_mlp or 4 * model.cfg.d_model
-    a, b = torch.randn(rows, model.cfg.d_model), torch.randn(model.cfg.d_model, width)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / 10)
-    return 2 * rows * model.cfg.d_model * width / best
 
 
 def describe(result, subject):
