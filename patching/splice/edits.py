@@ -123,9 +123,13 @@ class LatentPatch:
         if self.latents.numel() and int(self.latents.max()) >= d_sae:
             raise SpliceError(f"{self.site}: latent index {int(self.latents.max())} out of range for d_sae={d_sae}")
 
-    def apply_(self, z: Float[Tensor, "batch pos d_sae"]) -> None:
-        _check_bounds(self.site, z.shape[:2], self.batch, self.positions)
-        z[self.batch, self.positions, self.latents] = self.values.to(z.dtype)
+    def apply_(self, z: Float[Tensor, "batch pos d_sae"], at: tuple[Tensor, Tensor] | None = None) -> None:
+        """Assign the elements in `z` in place; `at`: their (rows, positions) in `z` when `z` holds
+        only some tokens (the splicer's touched tokens), instead of `batch` and `positions`."""
+        if at is None:
+            check_bounds(self.site, z.shape[:2], self.batch, self.positions)
+        rows, positions = (self.batch, self.positions) if at is None else at
+        z[rows, positions, self.latents] = self.values.to(z.dtype)
 
 
 @dataclass(frozen=True)
@@ -152,11 +156,13 @@ class ErrorPatch:
     def check_latents(self, d_sae: int) -> None:
         """Errors carry no latent index (present so that every edit is validated alike)."""
 
-    def delta(self, error: Float[Tensor, "batch pos d_in"]) -> Float[Tensor, "batch pos d_in"]:
-        """`values - e` at the patched elements, zero elsewhere."""
-        _check_bounds(self.site, error.shape[:2], self.batch, self.positions)
+    def delta(self, error: Float[Tensor, "batch pos d_in"], at: tuple[Tensor, Tensor] | None = None) -> Float[Tensor, "batch pos d_in"]:
+        """`values - e` at the patched elements, zero elsewhere; `at` as in `LatentPatch.apply_`."""
+        if at is None:
+            check_bounds(self.site, error.shape[:2], self.batch, self.positions)
+        rows, positions = (self.batch, self.positions) if at is None else at
         out = torch.zeros_like(error)
-        out[self.batch, self.positions] = self.values.to(error.dtype) - error[self.batch, self.positions]
+        out[rows, positions] = self.values.to(error.dtype) - error[rows, positions]
         return out
 
 
@@ -175,7 +181,7 @@ def _check_coordinates(edit: object, names: tuple[str, ...]) -> None:
         raise SpliceError(f"{type(edit).__name__}.values must hold {n} finite entries, got shape {tuple(values.shape)}")
 
 
-def _check_bounds(site: Site, shape: tuple[int, ...], batch: Tensor, positions: Tensor) -> None:
+def check_bounds(site: Site, shape: tuple[int, ...], batch: Tensor, positions: Tensor) -> None:
     for name, index, size in (("batch", batch, shape[0]), ("positions", positions, shape[1])):
         if index.numel() and int(index.max()) >= size:
             raise SpliceError(f"{site}: {name} index {int(index.max())} out of range for size {size}")

@@ -26,7 +26,7 @@ from patching.errors import SpliceError
 from patching.model import tl_compat
 from patching.model.loading import model_flags
 from patching.model.sites import Site, as_site
-from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch
+from patching.splice.edits import ErrorPatch, LatentEdit, LatentPatch, check_bounds
 from sae.protocol import SAELike, as_sae
 
 Edit = LatentEdit | LatentPatch | ErrorPatch
@@ -97,6 +97,8 @@ class Splice:
         if self.error_term and not (edits or self.cache or self.track_grads):
             return x  # exact identity, nothing to compute
         sae = self.saes[site]
+        if self.error_term and not (self.cache or self.track_grads) and all(isinstance(e, ELEMENTWISE) for e in edits):
+            return elementwise_output(sae, x, edits)
         z = sae.encode(x)
         latent_edits = [edit for edit in edits if not isinstance(edit, ErrorPatch)]
         error_edits = [edit for edit in edits if isinstance(edit, ErrorPatch)]
@@ -125,6 +127,44 @@ class Splice:
             error = x.detach() - sae.decode(z.detach()).to(x.dtype)
             self.records[site] = SiteRecord(keep(z), keep(z_edit), x.detach(), error, latents_node, error_node)
         return out
+
+
+ELEMENTWISE = (LatentPatch, ErrorPatch)
+"""Edits that name each element they touch (the sweeps' patches)."""
+
+
+def elementwise_output(sae: SAELike, x: Tensor, edits: Sequence[LatentPatch | ErrorPatch]) -> Tensor:
+    """The error-term output under element-wise edits, the SAE run on the tokens they touch only.
+
+    Every other token's latents are unedited, so `decode_delta` is exactly zero there and its output
+    is `x` itself; the touched tokens are encoded as a `(tokens, 1, d_in)` batch and get
+    `x + decode_delta(z', z)` and the error patches' `values - e`, as the full computation gives
+    them. A sweep's row patches one position of the suffix it runs, so the SAE's work on the
+    other positions of every row is spared."""
+    n_pos = x.shape[1]
+    for edit in edits:
+        check_bounds(edit.site, x.shape[:2], edit.batch, edit.positions)
+    keys = [edit.batch * n_pos + edit.positions for edit in edits]
+    tokens, where = torch.unique(torch.cat(keys), return_inverse=True)
+    if not tokens.numel():
+        return x
+    rows, positions = tokens // n_pos, tokens % n_pos
+    inputs = x[rows, positions][:, None]
+    z = sae.encode(inputs)
+    z_edit, errors = z.clone(), []
+    for edit, at in zip(edits, where.split([key.numel() for key in keys])):
+        at = (at, torch.zeros_like(at))
+        if isinstance(edit, LatentPatch):
+            edit.apply_(z_edit, at)
+        else:
+            errors.append((edit, at))
+    delta = sae.decode_delta(z_edit, z).to(x.dtype)
+    if errors:
+        error_now = inputs - sae.decode(z).to(x.dtype)
+        delta = delta + sum(edit.delta(error_now, at) for edit, at in errors)
+    out = x.clone(memory_format=torch.contiguous_format)
+    out[rows, positions] = (inputs + delta)[:, 0]
+    return out
 
 
 def _site_hook(state: Splice, site: Site, x: Tensor) -> Tensor:
