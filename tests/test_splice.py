@@ -209,7 +209,7 @@ def test_position_out_of_range_names_it(tiny_model, tiny_sae, tiny_tokens):
 def test_elementwise_edits_computed_on_touched_tokens_equal_the_full_computation(architecture, k):
     """The sweeps' edits (LatentPatch, ErrorPatch) encode only the tokens they touch: against the full
     encode and decode of every token by hand, with rows that repeat (an expanded, stride-0 input),
-    two patches of one token (the later wins) and an error patch beside a latent patch."""
+    two edits of one token's latent (the later edit wins) and an error patch beside latent patches."""
     from patching import ErrorPatch, LatentPatch
     from patching.splice.splicer import elementwise_output
 
@@ -217,8 +217,8 @@ def test_elementwise_edits_computed_on_touched_tokens_equal_the_full_computation
     sae = make_sae(16, 40, hook_name=site.hook_name, model_name=None, architecture=architecture, k=k)
     x = torch.randn(1, 7, 16, generator=g).expand(4, -1, -1)
     long = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    edits = [LatentPatch(site, long(0, 2, 2), long(3, 5, 5), long(7, 1, 1), torch.tensor([2.0, 0.5, -1.0])),
-             LatentPatch(site, long(2), long(5), long(9), torch.tensor([4.0])),
+    edits = [LatentPatch(site, long(0, 2), long(3, 5), long(7, 1), torch.tensor([2.0, 0.5])),
+             LatentPatch(site, long(2, 2), long(5, 5), long(9, 1), torch.tensor([4.0, -1.0])),  # (2, 5, 1) again
              ErrorPatch(site, long(3, 0), long(6, 3), torch.randn(2, 16, generator=g))]
     out = elementwise_output(sae, x, edits)
 
