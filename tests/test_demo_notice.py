@@ -8,9 +8,11 @@ import logging
 import re
 
 import pytest
+import torch
 
 from latentpatch.cli.entry import main
-from latentpatch.demo import DemoConfig, demo_sae
+from latentpatch.demo import DemoConfig, demo_sae, demo_sae_id, release_covers
+from sae import load_release
 
 
 class _NoModel(Exception):
@@ -47,7 +49,15 @@ def test_a_layer_the_release_covers_trains_nothing(no_model, caplog):
     with caplog.at_level(logging.INFO, logger="latentpatch"):
         sae = demo_sae(DemoConfig(layer=15))
     assert sae.cfg.hook_name == "blocks.15.hook_resid_pre"
+    full = load_release("smollm2-135m-res-v2", "blocks.15.hook_resid_pre-full")
+    assert torch.equal(sae.W_dec, full.W_dec)  # the full-split SAE, where the release ships one
     assert not [r for r in caplog.records if "training" in r.getMessage()]
+
+
+def test_the_demo_takes_the_full_split_sae_where_the_release_ships_one():
+    assert demo_sae_id(15) == "blocks.15.hook_resid_pre-full"
+    assert demo_sae_id(3) == "blocks.3.hook_resid_pre"
+    assert demo_sae_id(7) is None and not release_covers(7)
 
 
 @pytest.mark.parametrize("argv, refused", [
