@@ -11,7 +11,6 @@ Top-K steering and a safety restoration curve, and writes `index.html` with its 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import time
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from latentpatch.report import Section, write_report
-
-log = logging.getLogger(__name__)
 
 DEMO_RELEASE = "smollm2-135m-res-v2"
 DEMO_BATCH = 512
@@ -86,13 +83,6 @@ class DemoConfig:
                 f"-c{CorpusConfig().digest()}")
 
 
-TRAINER_TOKENS_PER_S = 11_338
-"""The trainer's measured rate on a 576 x 4608 SAE (docs/benchmarks.md, `benchmarks/train_throughput.py`,
-quiet 2-core machine); the time scales with d_sae (the encoder and decoder matmuls dominate)."""
-CORPUS_SECONDS = 100
-"""Generating the default corpus's chat texts with the model on a fresh cache (reused afterwards)."""
-
-
 DEMO_PREFERRED_SUFFIX = "-full"
 """Where the release ships a site's SAE twice, the demo takes the one trained on every token of the
 split (`blocks.15.hook_resid_pre-full`: held-out CE loss recovered 0.994, KL 0.142, against the
@@ -114,20 +104,6 @@ def release_covers(layer: int) -> bool:
     return demo_sae_id(layer) is not None
 
 
-def training_notice(config: DemoConfig, folder: Path) -> str:
-    """What the demo says before it trains an SAE: why, and about how long it takes."""
-    from sae import list_releases
-
-    training = config.train_tokens / TRAINER_TOKENS_PER_S * config.d_sae / 4608
-    covered = ", ".join(list_releases().get(DEMO_RELEASE, [])) or "nothing"
-    why = ("--train asks for it" if config.train
-           else f"no {DEMO_RELEASE} SAE covers layer {config.layer}; the release ships {covered}")
-    return (f"training the demo SAE at layer {config.layer} here ({why}): {config.train_tokens:,} activations at "
-            f"d_sae {config.d_sae}, about {round((training + CORPUS_SECONDS) / 60)} min on 2 CPU cores ({training:.0f} s "
-            f"at the trainer's measured {TRAINER_TOKENS_PER_S:,} tokens/s, plus up to {CORPUS_SECONDS} s generating "
-            f"the default corpus on a fresh cache); later runs reuse it from {folder}")
-
-
 def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
     """Where the demo's SAE is cached (under the model cache), trained on first use."""
     from patching.model.loading import cache_root
@@ -135,62 +111,33 @@ def demo_sae_dir(config: DemoConfig = DemoConfig()) -> Path:
     return cache_root() / "demo-saes" / config.sae_key()
 
 
+def shipped_sae_id(config: DemoConfig) -> str | None:
+    """The id of the release SAE the demo uses (`demo_sae_id`), or None when `config.train` asks
+    for a fresh one or no release covers its layer."""
+    return None if config.train else demo_sae_id(config.layer)
+
+
+def sae_used(config: DemoConfig) -> str:
+    """The demo's SAE in words, for its report."""
+    sae_id = shipped_sae_id(config)
+    return "the SAE trained for them" if sae_id is None else f"the release SAE `{DEMO_RELEASE}/{sae_id}`"
+
+
 def shipped_sae(config: DemoConfig) -> Any | None:
-    """The release SAE at the demo's layer (`sae.load_release`), or None when `config.train` asks
-    for a fresh one or no release covers that layer."""
+    """The release SAE the demo uses (`sae.load_release`), or None (`shipped_sae_id`)."""
     from sae import load_release
 
-    sae_id = None if config.train else demo_sae_id(config.layer)
+    sae_id = shipped_sae_id(config)
     return None if sae_id is None else load_release(DEMO_RELEASE, sae_id)
 
 
 def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
-    """The demo SAE: loaded from the cache, or trained now on the default corpus.
-
-    The corpus is harvested once (the forward pass stops at the site's layer) and the SAE trains
-    for several epochs over those activations in memory: re-running the model every epoch would
-    cost far more than the training itself.
-    """
-    import torch
-
-    from patching import Site, load_model
-    from patching.model import tl_compat
-    from patching.model.loading import model_flags
-    from sae import SAEConfig, SAEFileError, SparseAutoencoder, load_sae
-    from training import TensorBatches, Trainer, TrainerConfig
-    from training.data.generated import default_texts
-    from training.activations.harvest import HarvestChunks
-    from training.data.text import TokenRows
+    """The demo SAE: the release's (`shipped_sae`), or one trained here on the default corpus
+    (`demo_training.trained_sae`: reused from the cache, or trained now and announced first)."""
+    from latentpatch.demo_training import trained_sae
 
     release = shipped_sae(config)
-    if release is not None:
-        return release
-    folder = demo_sae_dir(config)
-    try:
-        sae = load_sae(folder)
-        log.info("using the demo SAE trained earlier at layer %d (%s)", config.layer, folder)
-        return sae
-    except SAEFileError:
-        log.warning(training_notice(config, folder))  # before any work: this is the slow path
-    model = load_model(n_layers=config.layer + 1)
-    site = Site(config.layer).check(model)
-    rows = TokenRows(model, default_texts(), context_size=128, description="default corpus")
-    chunks = HarvestChunks(model, site, rows, rows_per_chunk=16)
-    acts = [chunks.next_chunk()]
-    while rows.epoch == 0:
-        acts.append(chunks.next_chunk())
-    activations = torch.cat(acts)
-    sae = SparseAutoencoder(SAEConfig(d_in=site.width(model), d_sae=config.d_sae, hook_name=site.hook_name,
-                                      model_name=tl_compat.model_name(model), context_size=128,
-                                      dataset_path="default corpus", model_from_pretrained_kwargs=model_flags(model)),
-                            generator=torch.Generator().manual_seed(config.seed))
-    trainer_config = TrainerConfig(total_steps=max(1, config.train_tokens // config.batch_size), l1_coefficient=config.l1,
-                                   checkpoint_every=200, log_every=50, seed=config.seed)
-    trainer = Trainer(trainer_config, sae, TensorBatches(activations, config.batch_size, seed=config.seed), out_dir=folder)
-    if (folder / "checkpoints").is_dir():
-        trainer.resume()
-    trainer.fit()
-    return load_sae(folder)
+    return release if release is not None else trained_sae(config, demo_sae_dir(config))
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
@@ -225,7 +172,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     cards = latent_cards(model, sae, mentioned_latents(results), out)
     timings["cards"] = round(time.perf_counter() - start, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    sae_id = None if config.train else demo_sae_id(config.layer)
+    sae_id = shipped_sae_id(config)
     record = provenance(model, saes=sae, release="trained here" if sae_id is None else f"{DEMO_RELEASE}/{sae_id}")
     results["report"] = str(write_report(out, sections, "latentpatch demo: SmolLM2-135M-Instruct", results,
                                          summary=demo_summary(results), cards=cards, provenance=record))
@@ -275,8 +222,7 @@ def _training_section(model: Any, sae: Any, config: DemoConfig, out: Path, resul
     return Section("The trainer at work (a demonstration, not the SAE used below)",
                    f"A fresh SAE trained for {config.demo_train_steps} steps ({train_s:.0f} s) on {len(activations):,} "
                    f"activations of {described} reaches explained variance {last['explained_variance']:.2f} at L0 "
-                   f"{last['l0']:.0f}; the sections below use the release SAE `{DEMO_RELEASE}/{demo_sae_id(config.layer)}` (or the one `--train` trained), "
-                   "not this one.", images=["training.png"])
+                   f"{last['l0']:.0f}; the sections below use {sae_used(config)}, not this one.", images=["training.png"])
 
 
 def _fresh_sae_like(sae: Any, site: Any, seed: int) -> Any:

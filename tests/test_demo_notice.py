@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from latentpatch.cli.entry import main
-from latentpatch.demo import DemoConfig, demo_sae, demo_sae_id, release_covers
+from latentpatch.demo import DemoConfig, demo_sae, demo_sae_id, release_covers, sae_used
 from sae import load_release
 
 
@@ -58,6 +58,9 @@ def test_the_demo_takes_the_full_split_sae_where_the_release_ships_one():
     assert demo_sae_id(15) == "blocks.15.hook_resid_pre-full"
     assert demo_sae_id(3) == "blocks.3.hook_resid_pre"
     assert demo_sae_id(7) is None and not release_covers(7)
+    assert sae_used(DemoConfig(layer=15)) == "the release SAE `smollm2-135m-res-v2/blocks.15.hook_resid_pre-full`"
+    assert sae_used(DemoConfig(layer=3)) == "the release SAE `smollm2-135m-res-v2/blocks.3.hook_resid_pre`"
+    assert sae_used(DemoConfig(layer=7)) == sae_used(DemoConfig(train=True)) == "the SAE trained for them"
 
 
 @pytest.mark.parametrize("argv, refused", [
@@ -83,7 +86,7 @@ def test_the_help_says_which_sae_the_demo_uses(capsys):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Train (or reuse)" not in text and "shipped release SAE" in text
-    from latentpatch.demo import CORPUS_SECONDS, TRAINER_TOKENS_PER_S
+    from latentpatch.demo_training import CORPUS_SECONDS, TRAINER_TOKENS_PER_S
 
     defaults = DemoConfig()
     expected = round((defaults.train_tokens / TRAINER_TOKENS_PER_S * defaults.d_sae / 4608 + CORPUS_SECONDS) / 60)
