@@ -137,7 +137,7 @@ def demo_sae(config: DemoConfig = DemoConfig()) -> Any:
     from latentpatch.demo_training import trained_sae
 
     release = shipped_sae(config)
-    return release if release is not None else trained_sae(config, demo_sae_dir(config))
+    return release if release is not None else trained_sae(config, demo_sae_dir(config), DEMO_RELEASE)
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:

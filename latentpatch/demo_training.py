@@ -1,15 +1,12 @@
 """The demo's own SAE where no release covers its layer, or with `--train`: trained on the default
-corpus at the demo's settings, cached under the model cache, and announced with its expected time
-before any work (`training_notice`)."""
+corpus at the demo's settings (`config`: a `latentpatch.demo.DemoConfig`, which imports this module),
+cached under the model cache, and announced with its expected time before any work (`training_notice`)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from latentpatch.demo import DemoConfig
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +17,24 @@ CORPUS_SECONDS = 100
 """Generating the default corpus's chat texts with the model on a fresh cache (reused afterwards)."""
 
 
-def training_notice(config: DemoConfig, folder: Path) -> str:
-    """What the demo says before it trains an SAE: why, and about how long it takes."""
-    from latentpatch.demo import DEMO_RELEASE
+def training_notice(config: Any, folder: Path, release: str) -> str:
+    """What the demo says before it trains an SAE: why (`release` has none at its layer, or
+    `--train`), and about how long it takes."""
     from sae import list_releases
 
     training = config.train_tokens / TRAINER_TOKENS_PER_S * config.d_sae / 4608
-    covered = ", ".join(list_releases().get(DEMO_RELEASE, [])) or "nothing"
+    covered = ", ".join(list_releases().get(release, [])) or "nothing"
     why = ("--train asks for it" if config.train
-           else f"no {DEMO_RELEASE} SAE covers layer {config.layer}; the release ships {covered}")
+           else f"no {release} SAE covers layer {config.layer}; the release ships {covered}")
     return (f"training the demo SAE at layer {config.layer} here ({why}): {config.train_tokens:,} activations at "
             f"d_sae {config.d_sae}, about {round((training + CORPUS_SECONDS) / 60)} min on 2 CPU cores ({training:.0f} s "
             f"at the trainer's measured {TRAINER_TOKENS_PER_S:,} tokens/s, plus up to {CORPUS_SECONDS} s generating "
             f"the default corpus on a fresh cache); later runs reuse it from {folder}")
 
 
-def trained_sae(config: DemoConfig, folder: Path) -> Any:
-    """The SAE trained here for `config`: loaded from `folder`, or trained now into it.
+def trained_sae(config: Any, folder: Path, release: str) -> Any:
+    """The SAE trained here for `config`: loaded from `folder`, or trained now into it (announced
+    first, `training_notice`, with `release` the one the demo would have used).
 
     The corpus is harvested once (the forward pass stops at the site's layer) and the SAE trains
     for several epochs over those activations in memory: re-running the model every epoch would
@@ -58,7 +56,7 @@ def trained_sae(config: DemoConfig, folder: Path) -> Any:
         log.info("using the demo SAE trained earlier at layer %d (%s)", config.layer, folder)
         return sae
     except SAEFileError:
-        log.warning(training_notice(config, folder))  # before any work: this is the slow path
+        log.warning(training_notice(config, folder, release))  # before any work: this is the slow path
     model = load_model(n_layers=config.layer + 1)
     site = Site(config.layer).check(model)
     rows = TokenRows(model, default_texts(), context_size=128, description="default corpus")
