@@ -49,13 +49,19 @@ machine's other jobs do not enter it) or wall time."""
 CLOCK = CLOCKS["cpu"]
 
 
-def timed(fn, repeat):
-    """The last result and the median time (`--clock`) of `repeat` calls."""
+def timings(fn, repeat):
+    """The last result and the times (`--clock`) of `repeat` calls."""
     times, result = [], None
     for _ in range(repeat):
         start = CLOCK()
         result = fn()
         times.append(CLOCK() - start)
+    return result, times
+
+
+def timed(fn, repeat):
+    """The last result and the median time of `repeat` calls."""
+    result, times = timings(fn, repeat)
     return result, statistics.median(times)
 
 
@@ -63,11 +69,7 @@ def timed_engine(fn, args, figures, key):
     """Our engine's last result; `figures[key]`: the median time of `--engine-repeat` calls, and
     `figures[key without _s + "_first_s"]`: the first call's, one-time costs and all (the naive
     loops run once: their hundreds of forwards amortise theirs)."""
-    times, result = [], None
-    for _ in range(args.engine_repeat):
-        start = CLOCK()
-        result = fn()
-        times.append(CLOCK() - start)
+    result, times = timings(fn, args.engine_repeat)
     figures[key], figures[key[:-2] + "_first_s"] = statistics.median(times), times[0]
     return result
 
